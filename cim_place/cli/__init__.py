@@ -1,0 +1,1 @@
+"""The `cim-place` command line (Typer)."""

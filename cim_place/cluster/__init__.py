@@ -1,0 +1,1 @@
+"""NATS wiring: envelope, subjects, agent, controller process, block exchange, leader election."""

@@ -1,0 +1,1 @@
+"""Replication policies: the YAML schema, validation, selectors and the policy store (NATS KV)."""
