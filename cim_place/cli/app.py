@@ -7,12 +7,34 @@ from __future__ import annotations
 
 import typer
 
+from cim_place import __version__
+from cim_place.cli import objects
+
 app = typer.Typer(
     name="cim-place",
     help="Distributed object placement and replication for CIM domains.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cim-place {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Distributed object placement and replication for CIM domains."""
+
+
+objects.register(app)
 
 
 def main() -> None:

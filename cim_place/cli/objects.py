@@ -1,0 +1,283 @@
+"""Local object-store commands: cid, add, cat, export, import, pins, gc.
+
+These work on a store directory on this machine and need no NATS. The store defaults to
+``$CIM_PLACE_STORE`` or ``./.cim-place/store`` (beside the state ``cim-place up`` keeps).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, BinaryIO
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TransferSpeedColumn,
+)
+
+from cim_place.cli._output import handles_errors, print_json
+from cim_place.errors import StoreError
+from cim_place.interfaces import Pin
+from cim_place.objectstore import cid as cids
+from cim_place.objectstore.store import ObjectStore
+from cim_place.objectstore.unixfs import DEFAULT_PROFILE, get_profile, import_file
+
+DEFAULT_STORE = Path(".cim-place") / "store"
+
+StoreOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--store",
+        help="Store directory [default: $CIM_PLACE_STORE or ./.cim-place/store].",
+        show_default=False,
+    ),
+]
+ProfileOption = Annotated[
+    str, typer.Option("--profile", "-p", help="UnixFS profile: unixfs-v1-2025 or unixfs-v0-2015.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def store_path(store: Path | None) -> Path:
+    if store is not None:
+        return store
+    env = os.environ.get("CIM_PLACE_STORE")
+    return Path(env) if env else DEFAULT_STORE
+
+
+def open_store(store: Path | None) -> ObjectStore:
+    return ObjectStore(store_path(store))
+
+
+def open_store_for_reading(store: Path | None) -> ObjectStore:
+    """Open an existing store; reading from a store that was never created is a user error."""
+    path = store_path(store)
+    if not path.exists():
+        raise StoreError(
+            f"no object store at {path}: add content first (`cim-place add FILE`) "
+            "or pass --store DIR / set CIM_PLACE_STORE"
+        )
+    return ObjectStore(path)
+
+
+def pin_json(pin: Pin) -> dict[str, object]:
+    return {
+        "cid": cids.to_str(pin.root),
+        "name": pin.name,
+        "size": pin.size,
+        "blocks": pin.blocks,
+        "owner": pin.owner,
+        "metadata": dict(pin.metadata),
+        "pinned_at": pin.pinned_at,
+    }
+
+
+@contextmanager
+def open_input(path: str) -> Iterator[tuple[BinaryIO, int | None]]:
+    """The file to import (``-`` for stdin) and its size when known, with a clear error."""
+    if path == "-":
+        yield sys.stdin.buffer, None
+        return
+    source = Path(path)
+    if source.is_dir():
+        raise StoreError(f"{path} is a directory; cim-place adds files (one at a time)")
+    try:
+        handle = source.open("rb")
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with handle:
+        yield handle, os.fstat(handle.fileno()).st_size
+
+
+@contextmanager
+def progress_bar(total: int | None, label: str) -> Iterator[Callable[[int], None] | None]:
+    """A byte progress bar on stderr when it is a terminal; otherwise no callback at all."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        transient=True,
+        console=None,
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def parse_metadata(pairs: list[str]) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise StoreError(f"metadata {pair!r} is not KEY=VALUE (example: --meta type=invoice)")
+        metadata[key] = value
+    return metadata
+
+
+def register(app: typer.Typer) -> None:
+    """Add the local object-store commands to the top-level app."""
+    app.command("cid")(cid_command)
+    app.command("add")(add_command)
+    app.command("cat")(cat_command)
+    app.command("export")(export_command)
+    app.command("import")(import_command)
+    app.add_typer(pins_app, name="pins")
+    app.command("gc")(gc_command)
+
+
+@handles_errors
+def cid_command(
+    file: Annotated[str, typer.Argument(help="File to hash, or - for standard input.")],
+    profile: ProfileOption = DEFAULT_PROFILE,
+) -> None:
+    """Print the root CID FILE would get, storing nothing."""
+    chosen = get_profile(profile)
+    with open_input(file) as (stream, size), progress_bar(size, "hashing") as progress:
+        result = import_file(stream, None, chosen, progress=progress)
+    typer.echo(cids.to_str(result.root))
+
+
+@handles_errors
+def add_command(
+    file: Annotated[str, typer.Argument(help="File to add, or - for standard input.")],
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Pin name.")] = None,
+    profile: ProfileOption = DEFAULT_PROFILE,
+    owner: Annotated[str, typer.Option("--owner", help="Owner recorded on the pin.")] = "",
+    meta: Annotated[
+        list[str] | None, typer.Option("--meta", "-m", help="Metadata KEY=VALUE (repeatable).")
+    ] = None,
+    store: StoreOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Store FILE in the local object store, pin it, and print its CID."""
+    get_profile(profile)
+    metadata = parse_metadata(meta or [])
+    with (
+        open_input(file) as (stream, size),
+        open_store(store) as objects,
+        progress_bar(size, "adding") as progress,
+    ):
+        pin = objects.add(
+            stream, name=name, profile=profile, owner=owner, metadata=metadata, progress=progress
+        )
+    if json_out:
+        print_json(pin_json(pin))
+    else:
+        typer.echo(cids.to_str(pin.root))
+
+
+@handles_errors
+def cat_command(
+    ref: Annotated[str, typer.Argument(help="CID or pin name.")],
+    offset: Annotated[int, typer.Option("--offset", min=0, help="First byte to read.")] = 0,
+    length: Annotated[
+        int | None, typer.Option("--length", min=0, help="Bytes to read [default: to the end].")
+    ] = None,
+    store: StoreOption = None,
+) -> None:
+    """Write a stored file (or a byte range of it) to standard output, verifying every block."""
+    out = sys.stdout.buffer
+    with open_store_for_reading(store) as objects:
+        root = objects.resolve(ref)
+        for chunk in objects.cat(root, offset, length):
+            out.write(chunk)
+    out.flush()
+
+
+@handles_errors
+def export_command(
+    ref: Annotated[str, typer.Argument(help="CID or pin name.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="CAR file to write.")],
+    store: StoreOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Export a DAG as a CAR v1 file, readable by the IPFS tools."""
+    with open_store_for_reading(store) as objects:
+        root = objects.resolve(ref)
+        partial = output.with_name(output.name + ".partial")
+        try:
+            with partial.open("wb") as out:
+                written = objects.export_car(root, out)
+            partial.replace(output)
+        finally:
+            partial.unlink(missing_ok=True)
+    if json_out:
+        print_json({"cid": cids.to_str(root), "car": str(output), "bytes": written})
+    else:
+        typer.echo(f"{cids.to_str(root)} -> {output} ({written} bytes)")
+
+
+@handles_errors
+def import_command(
+    car: Annotated[Path, typer.Argument(help="CAR v1 file to import.")],
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Pin name for the root.")] = None,
+    owner: Annotated[str, typer.Option("--owner", help="Owner recorded on the pins.")] = "",
+    store: StoreOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Import a CAR file, verifying every block; imports nothing if any block is bad."""
+    try:
+        handle = car.open("rb")
+    except OSError as exc:
+        raise StoreError(f"cannot read {car}: {exc.strerror or exc}") from None
+    with handle, open_store(store) as objects:
+        pins = objects.import_car(handle, name=name, owner=owner)
+    if json_out:
+        print_json([pin_json(pin) for pin in pins])
+    else:
+        for pin in pins:
+            typer.echo(cids.to_str(pin.root))
+
+
+pins_app = typer.Typer(help="List and remove pins in the local object store.", no_args_is_help=True)
+
+
+@pins_app.command("ls")
+@handles_errors
+def pins_ls(store: StoreOption = None, json_out: JsonOption = False) -> None:
+    """List pinned roots."""
+    path = store_path(store)
+    pins: list[Pin] = []
+    if path.exists():
+        with ObjectStore(path) as objects:
+            pins = objects.pins.list()
+    if json_out:
+        print_json([pin_json(pin) for pin in pins])
+        return
+    for pin in pins:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pin.pinned_at))
+        typer.echo(f"{cids.to_str(pin.root)}  {pin.size:>12}  {when}  {pin.name or '-'}")
+
+
+@pins_app.command("rm")
+@handles_errors
+def pins_rm(
+    ref: Annotated[str, typer.Argument(help="CID or pin name.")],
+    store: StoreOption = None,
+) -> None:
+    """Unpin a root. Its blocks stay until `cim-place gc`."""
+    with open_store_for_reading(store) as objects:
+        pin = objects.unpin(ref)
+    typer.echo(f"unpinned {cids.to_str(pin.root)}")
+
+
+@handles_errors
+def gc_command(store: StoreOption = None, json_out: JsonOption = False) -> None:
+    """Delete every block that no pinned root references."""
+    with open_store_for_reading(store) as objects:
+        result = objects.gc()
+    if json_out:
+        print_json({"blocks_removed": result.blocks_removed, "bytes_freed": result.bytes_freed})
+    else:
+        typer.echo(f"removed {result.blocks_removed} blocks, freed {result.bytes_freed} bytes")
+

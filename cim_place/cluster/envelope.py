@@ -1,0 +1,152 @@
+"""The message envelope every cim-place message travels in.
+
+An envelope carries ``id`` (unique), ``correlation_id`` (the conversation it belongs to),
+``causation_id`` (the message that caused it), ``owner``, string ``metadata``, and ``content``: an
+Event, Command or Query with a ``type`` and a body. The stream ``sequence`` is not part of the
+encoded bytes: JetStream assigns it, and :func:`from_jetstream` fills it in on receipt.
+
+Encoding is DAG-CBOR (CIDs in bodies are real links, tag 42). The id also goes into
+``Nats-Msg-Id`` so JetStream drops duplicates, and correlation, causation, owner and type go into
+headers so tools can filter without decoding.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from cim_place.errors import TransportError
+from cim_place.objectstore import dagcbor
+from cim_place.objectstore.dagcbor import Value
+
+Kind = Literal["event", "command", "query"]
+KINDS: tuple[Kind, ...] = ("event", "command", "query")
+
+MSG_ID = "Nats-Msg-Id"
+CORRELATION = "Cim-Correlation-Id"
+CAUSATION = "Cim-Causation-Id"
+OWNER = "Cim-Owner"
+TYPE = "Cim-Type"
+
+
+class EnvelopeError(TransportError):
+    """Bytes on a cim-place subject that are not a valid envelope (garbage, foreign, incomplete)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    kind: Kind
+    type: str
+    body: Mapping[str, Value] = field(default_factory=dict)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    id: str
+    correlation_id: str
+    causation_id: str | None
+    owner: str
+    content: Content
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    sequence: int | None = None
+
+    @classmethod
+    def new(
+        cls, content: Content, *, owner: str, metadata: Mapping[str, str] | None = None
+    ) -> Envelope:
+        """A message that starts a conversation: it is its own correlation."""
+        message_id = new_id()
+        return cls(message_id, message_id, None, owner, content, dict(metadata or {}))
+
+    def caused(
+        self,
+        content: Content,
+        *,
+        owner: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Envelope:
+        """A message caused by this one: same correlation, causation = this message's id."""
+        return Envelope(
+            new_id(),
+            self.correlation_id,
+            self.id,
+            self.owner if owner is None else owner,
+            content,
+            dict(metadata or {}),
+        )
+
+    def with_sequence(self, sequence: int) -> Envelope:
+        return replace(self, sequence=sequence)
+
+    def headers(self) -> dict[str, str]:
+        headers = {
+            MSG_ID: self.id,
+            CORRELATION: self.correlation_id,
+            OWNER: self.owner,
+            TYPE: self.content.type,
+        }
+        if self.causation_id is not None:
+            headers[CAUSATION] = self.causation_id
+        return headers
+
+    def encode(self) -> bytes:
+        return dagcbor.encode(
+            {
+                "id": self.id,
+                "correlation_id": self.correlation_id,
+                "causation_id": self.causation_id,
+                "owner": self.owner,
+                "metadata": dict(self.metadata),
+                "content": {
+                    "kind": self.content.kind,
+                    "type": self.content.type,
+                    "body": dict(self.content.body),
+                },
+            }
+        )
+
+
+def _text(doc: Mapping[str, Value], key: str, where: str, *, optional: bool = False) -> str | None:
+    value = doc.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or (not value and key != "owner"):
+        raise EnvelopeError(f"envelope {where}{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def decode(data: bytes, *, sequence: int | None = None) -> Envelope:
+    """Decode and validate an envelope; raises EnvelopeError naming the first problem."""
+    try:
+        doc = dagcbor.decode(data)
+    except dagcbor.DagCborError as exc:
+        raise EnvelopeError(f"not a DAG-CBOR envelope: {exc}") from None
+    if not isinstance(doc, dict):
+        raise EnvelopeError("envelope is not a map")
+    content = doc.get("content")
+    if not isinstance(content, dict):
+        raise EnvelopeError("envelope content must be a map with kind, type and body")
+    kind = content.get("kind")
+    if kind not in KINDS:
+        raise EnvelopeError(f"envelope content.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    body = content.get("body", {})
+    if not isinstance(body, dict):
+        raise EnvelopeError("envelope content.body must be a map")
+    metadata = doc.get("metadata", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise EnvelopeError("envelope metadata must map strings to strings")
+    return Envelope(
+        id=_text(doc, "id", "") or "",
+        correlation_id=_text(doc, "correlation_id", "") or "",
+        causation_id=_text(doc, "causation_id", "", optional=True),
+        owner=_text(doc, "owner", "") or "",
+        content=Content(kind, _text(content, "type", "content.") or "", body),
+        metadata={key: str(value) for key, value in metadata.items()},
+        sequence=sequence,
+    )
