@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from cim_place.errors import TransportError
+from cim_place.errors import CimPlaceError, TransportError
 from cim_place.objectstore import dagcbor
 from cim_place.objectstore.dagcbor import Value
 
@@ -125,7 +125,8 @@ def decode(data: bytes, *, sequence: int | None = None) -> Envelope:
     """Decode and validate an envelope; raises EnvelopeError naming the first problem."""
     try:
         doc = dagcbor.decode(data)
-    except dagcbor.DagCborError as exc:
+    except (ValueError, RecursionError, CimPlaceError) as exc:
+        # Bytes on our subjects come from anyone; whatever the codec trips on is "not ours".
         raise EnvelopeError(f"not a DAG-CBOR envelope: {exc}") from None
     if not isinstance(doc, dict):
         raise EnvelopeError("envelope is not a map")

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeAlias
 
+from cim_place.errors import InvalidCidError
 from cim_place.objectstore.cid import Cid, split
 
 
@@ -25,7 +26,9 @@ class Link:
     cid: Cid
 
 
-Value = Union[None, bool, int, float, str, bytes, Link, list["Value"], dict[str, "Value"]]
+Value: TypeAlias = (
+    bool | int | float | str | bytes | Link | list["Value"] | dict[str, "Value"] | None
+)
 
 
 class DagCborError(ValueError):
@@ -174,7 +177,7 @@ class _Reader:
                 raise DagCborError("tag 42 must hold a byte string starting with 0x00")
             try:
                 split(raw[1:])
-            except ValueError as exc:
+            except (ValueError, InvalidCidError) as exc:
                 raise DagCborError(f"tag 42 holds an invalid CID: {exc}") from None
             return Link(raw[1:])
         if major == 7:
