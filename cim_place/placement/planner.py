@@ -1,0 +1,394 @@
+"""The planner: where an object's replicas should be. A pure, deterministic function.
+
+Steps of :func:`plan` (see DESIGN.md, "The control loop", for the simulation behind the choice):
+
+1. Hard constraints first: excluded nodes, down and draining volumes, required tags, label
+   requirements. What fails them is refused with the constraint that failed.
+2. Score every eligible volume with weighted rendezvous hashing (straw2): ``ln(u) / w``, ``u``
+   from a splitmix64 mix of the object key xor the volume's seed, ``w`` the capacity weight times
+   the matching soft preferences. Rank by score, ties by volume id.
+3. Bounded load: a volume without room for the object, or whose used bytes exceed
+   ``(1 + eps)`` times its fair share, takes no new replica. Existing copies are exempt.
+4. Locality: the first ``min_local`` copies go to the eligible volumes nearest the consumer.
+5. Walk the ranking, existing valid copies first (minimal churn), taking a volume when its
+   failure domain is still unused; when domains run out, walk again one level narrower (zone,
+   then host, then volume), so replicas spread as far apart as the topology allows. Two
+   replicas never share a volume.
+6. Report a reason for every volume, and a degraded message when fewer copies than desired fit.
+
+The flat walk (not a per-zone choice first) is what keeps movement minimal: a volume's arrival
+or departure only changes the objects for which it ranks first in its domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from cim_place.errors import PlacementError
+from cim_place.placement.model import (
+    FAR,
+    DomainKey,
+    NodeMap,
+    PlacedObject,
+    Placement,
+    PlacementRule,
+    Reason,
+    SpreadLevel,
+    Verdict,
+    Volume,
+    VolumeId,
+    VolumeState,
+)
+
+U64 = npt.NDArray[np.uint64]
+F64 = npt.NDArray[np.float64]
+
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_ONE_BITS = np.uint64(0x3FF0000000000000)  # the float64 exponent bits of [1, 2)
+_ONE_MINUS_HALF_ULP = 1.0 - 2.0**-53
+
+
+def straw2_draws(
+    keys: U64, seeds: U64, weights: F64, *, work: tuple[U64, U64] | None = None
+) -> F64:
+    """Straw2 draws of ``keys`` (objects) against volumes: a ``len(keys) x len(seeds)`` matrix.
+
+    The larger draw wins. This one function serves the scalar and the batch planner, so both see
+    bit-identical scores (the same numpy kernels on contiguous float64 arrays). ``work``: two
+    uint64 buffers of the result's shape to compute in (the result is a float64 view of the
+    first); reusing them across batches saves allocating and faulting in fresh pages.
+    """
+    shape = (len(keys), len(seeds))
+    if work is None:
+        z, t = np.empty(shape, dtype=np.uint64), np.empty(shape, dtype=np.uint64)
+    else:
+        z, t = work
+    np.bitwise_xor(keys[:, None], seeds[None, :], out=z)
+    # splitmix64 finaliser: every input bit affects every output bit.
+    for shift, multiplier in ((30, _MIX1), (27, _MIX2)):
+        np.right_shift(z, np.uint64(shift), out=t)
+        z ^= t
+        z *= multiplier
+    np.right_shift(z, np.uint64(31), out=t)
+    z ^= t
+    # u = (top 52 bits + 0.5) / 2**52, in (0, 1), never 0 or 1, so ln(u) is finite and < 0.
+    # Built as the float 1 + m/2**52 from its bits, minus (1 - 2**-53): Sterbenz's lemma makes
+    # the subtraction exact, and it avoids the slow uint64 -> float64 conversion.
+    z >>= np.uint64(12)
+    z |= _ONE_BITS
+    u = z.view(np.float64)
+    u -= _ONE_MINUS_HALF_ULP
+    np.log(u, out=u)
+    u /= weights[None, :]
+    return u
+
+
+@dataclass(frozen=True, slots=True)
+class Eligibility:
+    """What a rule leaves of a node map, computed once and shared by many plans.
+
+    ``eligible`` are the volumes passing every hard constraint, in id order; the arrays are
+    aligned with it. ``refused`` holds the hard-constraint verdict of every other volume.
+    """
+
+    rule: PlacementRule
+    node_map: NodeMap
+    eligible: tuple[Volume, ...]
+    refused: dict[VolumeId, tuple[Verdict, str]]
+    seeds: U64
+    weights: F64
+    """Rendezvous weights: capacity weight times matching preference factors."""
+    used: F64
+    free: npt.NDArray[np.int64]
+    cap_factor: F64 | None
+    """``(1 + eps) * w_v / sum(w)`` per volume: the load cap is ``cap_factor * total bytes``."""
+    used_total: int
+    domains: dict[SpreadLevel, list[DomainKey]]
+    """Failure domain of each eligible volume at each level."""
+
+    @classmethod
+    def of(cls, rule: PlacementRule, node_map: NodeMap) -> Eligibility:
+        eligible: list[Volume] = []
+        refused: dict[VolumeId, tuple[Verdict, str]] = {}
+        for volume in node_map.volumes:
+            verdict = _hard_refusal(volume, rule)
+            if verdict is None:
+                eligible.append(volume)
+            else:
+                refused[volume.id] = verdict
+        base = np.array([v.base_weight for v in eligible], dtype=np.float64)
+        total_weight = float(base.sum()) if eligible else 0.0
+        cap_factor: F64 | None = None
+        if rule.load_cap is not None and total_weight > 0:
+            cap_factor = (1.0 + rule.load_cap) * (base / total_weight)
+        return cls(
+            rule=rule,
+            node_map=node_map,
+            eligible=tuple(eligible),
+            refused=refused,
+            seeds=np.array([v.seed for v in eligible], dtype=np.uint64),
+            weights=np.array(
+                [v.base_weight * rule.preference_factor(v) for v in eligible], dtype=np.float64
+            ),
+            used=np.array([float(v.used) for v in eligible], dtype=np.float64),
+            free=np.array([v.free for v in eligible], dtype=np.int64),
+            cap_factor=cap_factor,
+            used_total=sum(v.used for v in eligible),
+            domains={level: [v.domain(level) for v in eligible] for level in SpreadLevel},
+        )
+
+    def load_total(self, size: int) -> float:
+        """The bytes the fair shares divide: what is stored plus this object's replicas."""
+        return float(self.used_total + size * self.rule.replicas)
+
+
+def _hard_refusal(volume: Volume, rule: PlacementRule) -> tuple[Verdict, str] | None:
+    if volume.node in rule.excluded_nodes:
+        return (Verdict.EXCLUDED, f"node {volume.node} is excluded by the policy")
+    if volume.state is VolumeState.DOWN:
+        return (Verdict.DOWN, "")
+    if volume.state is VolumeState.DRAINING:
+        return (Verdict.DRAINING, "")
+    missing = rule.required_tags - volume.tags
+    if missing:
+        return (Verdict.CONSTRAINT, f"missing tag {', '.join(sorted(missing))}")
+    for requirement in rule.requirements:
+        if not requirement.matches(volume):
+            return (Verdict.CONSTRAINT, f"needs {requirement}")
+    if volume.base_weight <= 0:
+        return (Verdict.NO_WEIGHT, "")
+    return None
+
+
+def plan(
+    obj: PlacedObject,
+    rule: PlacementRule,
+    node_map: NodeMap | Iterable[Volume],
+    current: Collection[VolumeId] = frozenset(),
+    *,
+    keep_current: bool = True,
+    eligibility: Eligibility | None = None,
+    explain: bool = True,
+) -> Placement:
+    """The desired volumes for ``obj`` under ``rule``, with a reason for every volume.
+
+    ``node_map``: a :class:`NodeMap`, or the volumes to build one from (in any order).
+
+    ``current``: volumes holding a confirmed copy. With ``keep_current`` (the default, for
+    reconcile and repair) a copy on an up, eligible volume is kept while the rule allows it;
+    ``keep_current=False`` gives the balanced ideal that a rebalance moves towards. Pass an
+    ``eligibility`` computed by :meth:`Eligibility.of` for the same rule and map to plan many
+    objects without recomputing it. ``explain=False`` skips the per-volume reasons (most of the
+    cost of a plan) when only ``desired`` and ``degraded`` are needed.
+    """
+    return plan_key(
+        obj.key,
+        obj.size,
+        rule,
+        node_map,
+        current,
+        keep_current=keep_current,
+        eligibility=eligibility,
+        explain=explain,
+    )
+
+
+def plan_key(
+    key: int,
+    size: int,
+    rule: PlacementRule,
+    node_map: NodeMap | Iterable[Volume],
+    current: Collection[VolumeId] = frozenset(),
+    *,
+    keep_current: bool = True,
+    eligibility: Eligibility | None = None,
+    explain: bool = True,
+) -> Placement:
+    """:func:`plan` for an object given by its 64-bit key (:func:`model.object_key`)."""
+    if not isinstance(node_map, NodeMap):
+        node_map = NodeMap(node_map)
+    el = eligibility if eligibility is not None else Eligibility.of(rule, node_map)
+    if el.node_map is not node_map or (el.rule is not rule and el.rule != rule):
+        raise PlacementError(
+            "the eligibility passed to the planner was computed for another rule or node map; "
+            "compute it with Eligibility.of(rule, node_map) for the same inputs"
+        )
+    walk = _Walk(el, key, size, frozenset(current) if keep_current else frozenset())
+    walk.run()
+    return walk.placement(explain)
+
+
+_NEARNESS = {0: "at the consumer", 1: "in the consumer's zone", 2: "in the consumer's region"}
+
+
+class _Walk:
+    """One object's walk over the ranking (step 4-6 of the module docstring)."""
+
+    def __init__(self, el: Eligibility, key: int, size: int, current: frozenset[VolumeId]) -> None:
+        self.el = el
+        self.rule = el.rule
+        self.size = size
+        vols = el.eligible
+        n = len(vols)
+        if n:
+            draws = straw2_draws(np.array([key], dtype=np.uint64), el.seeds, el.weights)[0]
+            # A stable sort of the negated draws: ties stay in id order.
+            order = np.argsort(-draws, kind="stable")
+            rank = np.empty(n, dtype=np.intp)
+            rank[order] = np.arange(1, n + 1)
+            self.ranking: list[int] = order.tolist()
+            self.rank: list[int] = rank.tolist()
+        else:
+            self.ranking = []
+            self.rank = []
+        self.kept = [v.id in current for v in vols]
+        self.full = [False] * n
+        self.over_cap = [False] * n
+        cap = el.cap_factor
+        total = el.load_total(size)
+        used = el.used.tolist()
+        free = el.free.tolist()
+        cap_list = cap.tolist() if cap is not None else None
+        for i in range(n):
+            if self.kept[i]:
+                continue  # an existing copy needs no room and adds no load
+            if free[i] < size:
+                self.full[i] = True
+            elif cap_list is not None and used[i] > total * cap_list[i]:
+                self.over_cap[i] = True
+        self.chosen: list[int] = []
+        self.chosen_set: set[int] = set()
+        self.verdict: dict[int, Verdict] = {}
+        self.counts: dict[SpreadLevel, dict[DomainKey, int]] = {level: {} for level in SpreadLevel}
+        self.local_shortfall = 0
+        self.local_count = 0
+
+    def available(self, i: int) -> bool:
+        return not (self.full[i] or self.over_cap[i])
+
+    def admissible(self, i: int, level: SpreadLevel) -> bool:
+        if i in self.chosen_set:
+            return False
+        domains = self.el.domains
+        if level is not SpreadLevel.VOLUME and self.counts[level].get(domains[level][i], 0):
+            return False
+        limit = self.rule.max_per_domain
+        spread = self.rule.spread
+        return limit is None or self.counts[spread].get(domains[spread][i], 0) < limit
+
+    def take(self, i: int, verdict: Verdict) -> None:
+        self.chosen.append(i)
+        self.chosen_set.add(i)
+        self.verdict[i] = Verdict.KEPT if self.kept[i] else verdict
+        for level, domains in self.el.domains.items():
+            counts = self.counts[level]
+            domain = domains[i]
+            counts[domain] = counts.get(domain, 0) + 1
+
+    def fill(self, order: Sequence[int], target: int, verdict: Verdict) -> int:
+        """Take from ``order`` until ``target`` volumes are chosen, widest domains first."""
+        taken = 0
+        for level in self.rule.spread_levels():
+            for i in order:
+                if len(self.chosen) >= target:
+                    return taken
+                if self.admissible(i, level):
+                    self.take(i, verdict)
+                    taken += 1
+        return taken
+
+    def run(self) -> None:
+        rule = self.rule
+        replicas = rule.replicas
+        candidates = [i for i in self.ranking if self.available(i)]
+        locality = rule.locality
+        if locality is not None and locality.min_local > 0:
+            distance = {i: locality.distance(self.el.eligible[i]) for i in candidates}
+            near = [i for i in candidates if distance[i] < FAR]
+            near.sort(key=lambda i: (not self.kept[i], distance[i], self.rank[i]))
+            self.local_count = self.fill(near, locality.min_local, Verdict.LOCAL)
+            if locality.hard:
+                self.local_shortfall = locality.min_local - self.local_count
+        # Existing copies first: among volumes the rule allows, keeping one moves no data.
+        order = [i for i in candidates if self.kept[i]] + [
+            i for i in candidates if not self.kept[i]
+        ]
+        self.fill(order, replicas - self.local_shortfall, Verdict.RANKED)
+
+    def placement(self, explain: bool) -> Placement:
+        el = self.el
+        vols = el.eligible
+        if not explain:
+            desired = tuple(vols[i].id for i in self.chosen)
+            return Placement(desired=desired, reasons=(), degraded=self._degraded())
+        reasons: list[Reason] = []
+        locality = self.rule.locality
+        for i in self.chosen:
+            detail = ""
+            if locality is not None and self.verdict[i] in (Verdict.LOCAL, Verdict.KEPT):
+                detail = _NEARNESS.get(locality.distance(vols[i]), "")
+            reasons.append(Reason(vols[i].id, True, self.verdict[i], detail, self.rank[i]))
+        worst_taken = max((self.rank[i] for i in self.chosen), default=0)
+        spread_domains = el.domains[self.rule.spread]
+        spread_counts = self.counts[self.rule.spread]
+        limit = self.rule.max_per_domain
+        for i in self.ranking:
+            if i in self.chosen_set:
+                continue
+            volume = vols[i]
+            rank = self.rank[i]
+            if self.full[i]:
+                verdict, detail = Verdict.FULL, f"{volume.free} bytes free, object is {self.size}"
+            elif self.over_cap[i]:
+                verdict, detail = Verdict.OVER_CAP, f"{volume.used} bytes used"
+            else:
+                used_here = spread_counts.get(spread_domains[i], 0)
+                if limit is not None and used_here >= limit:
+                    verdict, detail = Verdict.DOMAIN_FULL, self._domain_name(i)
+                elif used_here and rank < worst_taken:
+                    verdict, detail = Verdict.DOMAIN_USED, self._domain_name(i)
+                else:
+                    verdict, detail = Verdict.NOT_NEEDED, ""
+                if self.kept[i]:
+                    verdict, detail = Verdict.SURPLUS, verdict.value
+            reasons.append(Reason(volume.id, False, verdict, detail, rank))
+        for volume_id, (verdict, detail) in sorted(el.refused.items()):
+            reasons.append(Reason(volume_id, False, verdict, detail))
+        return Placement(
+            desired=tuple(vols[i].id for i in self.chosen),
+            reasons=tuple(reasons),
+            degraded=self._degraded(),
+        )
+
+    def _domain_name(self, i: int) -> str:
+        spread = self.rule.spread
+        return f"{spread.name.lower()} {'/'.join(self.el.domains[spread][i])}"
+
+    def _degraded(self) -> tuple[str, ...]:
+        out: list[str] = []
+        rule = self.rule
+        if self.local_shortfall:
+            assert rule.locality is not None
+            wanted = rule.locality.min_local
+            near = ", ".join(str(r) for r in rule.locality.requirements) or "anywhere"
+            out.append(
+                f"locality: only {self.local_count} of {wanted} local copies fit near the "
+                f"consumer ({near}); hard locality leaves the rest unplaced"
+            )
+        placed = len(self.chosen)
+        if placed < rule.replicas:
+            n_full = sum(self.full)
+            n_cap = sum(self.over_cap)
+            out.append(
+                f"only {placed} of {rule.replicas} replicas can be placed: "
+                f"{len(self.el.eligible)} volumes pass the hard constraints "
+                f"({len(self.el.refused)} refused), {n_full} lack room, {n_cap} are over the "
+                f"load cap; add volumes that match the policy or relax its constraints"
+                + (f" (below the policy minimum of {rule.min})" if placed < rule.min else "")
+            )
+        return tuple(out)
