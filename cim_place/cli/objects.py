@@ -35,7 +35,7 @@ StoreOption = Annotated[
     Path | None,
     typer.Option(
         "--store",
-        help="Store directory [default: $CIM_PLACE_STORE or ./.cim-place/store].",
+        help="Store directory (default: $CIM_PLACE_STORE or ./.cim-place/store).",
         show_default=False,
     ),
 ]
@@ -181,7 +181,7 @@ def cat_command(
     ref: Annotated[str, typer.Argument(help="CID or pin name.")],
     offset: Annotated[int, typer.Option("--offset", min=0, help="First byte to read.")] = 0,
     length: Annotated[
-        int | None, typer.Option("--length", min=0, help="Bytes to read [default: to the end].")
+        int | None, typer.Option("--length", min=0, help="Bytes to read (default: to the end).")
     ] = None,
     store: StoreOption = None,
 ) -> None:
@@ -280,4 +280,3 @@ def gc_command(store: StoreOption = None, json_out: JsonOption = False) -> None:
         print_json({"blocks_removed": result.blocks_removed, "bytes_freed": result.bytes_freed})
     else:
         typer.echo(f"removed {result.blocks_removed} blocks, freed {result.bytes_freed} bytes")
-

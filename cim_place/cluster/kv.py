@@ -1,0 +1,60 @@
+"""The KV buckets of a cim-place domain: their names, and creating them idempotently.
+
+Every bucket lives in the hub's JetStream domain. Keeping the names here, in one module, means the
+controller, the agents and the CLI can never disagree on where state is kept.
+"""
+
+from __future__ import annotations
+
+import nats.js.errors
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+
+from cim_place.errors import TransportError
+
+POLICIES = "cim-place-policies"
+"""Replication policies: the applied set under one key (revision history kept)."""
+NODES = "cim-place-nodes"
+"""Node heartbeats: labels, tags, volumes, capacity, free bytes."""
+NAMES = "cim-place-names"
+"""Domain-wide names pointing at CIDs (history kept)."""
+LOCATIONS = "cim-place-locations"
+"""Where each CID is held, per volume and state."""
+LEADER = "cim-place-leader"
+"""The controller's leadership lease (bucket TTL; renewed with compare-and-set)."""
+
+ALL_BUCKETS = (POLICIES, NODES, NAMES, LOCATIONS, LEADER)
+
+MAX_HISTORY = 64
+"""JetStream keeps at most 64 revisions per key in a KV bucket."""
+
+
+async def ensure_bucket(
+    js: JetStreamContext, name: str, *, history: int = 1, ttl: float | None = None
+) -> KeyValue:
+    """Return the KV bucket ``name``, creating it with ``history`` and ``ttl`` when absent.
+
+    Idempotent and safe when several processes race to create the same bucket: an existing
+    bucket is opened as it is (its configuration is not changed).
+    """
+    if not 1 <= history <= MAX_HISTORY:
+        raise ValueError(f"KV history must be between 1 and {MAX_HISTORY}, got {history}")
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    except nats.errors.Error as exc:
+        raise TransportError(f"could not open KV bucket {name}: {exc}") from exc
+    config = api.KeyValueConfig(bucket=name, history=history, ttl=ttl)
+    try:
+        return await js.create_key_value(config=config)
+    except nats.js.errors.APIError:
+        # Another process created it between our look-up and our create (possibly with a slightly
+        # different configuration): use the bucket that exists.
+        try:
+            return await js.key_value(name)
+        except nats.errors.Error as exc:
+            raise TransportError(f"could not create KV bucket {name}: {exc}") from exc
+    except nats.errors.Error as exc:
+        raise TransportError(f"could not create KV bucket {name}: {exc}") from exc

@@ -1,0 +1,163 @@
+"""Node registration and heartbeats in KV ``cim-place-nodes``.
+
+Each agent writes one key (its node id) every heartbeat interval: labels, tags, volumes with
+capacity/used/free bytes, version, started-at and the time of this beat. The bucket has a TTL, so a
+node whose heartbeats stop expires from the bucket by itself and is seen as down; a node that
+is merely late still shows its last beat, and the controller applies its own grace period.
+A graceful stop does not delete the key: a restart for an upgrade is not a departure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import nats.errors
+import nats.js.errors
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+
+from cim_place.cluster import kv
+from cim_place.errors import TransportError
+
+NODE_TTL = 30.0
+"""Seconds after its last heartbeat that a node's record expires (the bucket's TTL)."""
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeStatus:
+    name: str
+    capacity: int
+    used: int
+    free: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    node: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    volumes: tuple[VolumeStatus, ...] = ()
+    version: str = ""
+    started_at: float = 0.0
+    heartbeat_at: float = 0.0
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "node": self.node,
+                "labels": dict(self.labels),
+                "tags": list(self.tags),
+                "volumes": [
+                    {"name": v.name, "capacity": v.capacity, "used": v.used, "free": v.free}
+                    for v in self.volumes
+                ],
+                "version": self.version,
+                "started_at": self.started_at,
+                "heartbeat_at": self.heartbeat_at,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> NodeRecord:
+        """Parse a record; raises ValueError (with what was wrong) for anything malformed."""
+        try:
+            doc = json.loads(data)
+            return cls(
+                node=str(doc["node"]),
+                labels={str(k): str(v) for k, v in doc.get("labels", {}).items()},
+                tags=tuple(str(t) for t in doc.get("tags", [])),
+                volumes=tuple(
+                    VolumeStatus(str(v["name"]), int(v["capacity"]), int(v["used"]), int(v["free"]))
+                    for v in doc.get("volumes", [])
+                ),
+                version=str(doc.get("version", "")),
+                started_at=float(doc.get("started_at", 0.0)),
+                heartbeat_at=float(doc.get("heartbeat_at", 0.0)),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed node record: {exc!r}") from None
+
+
+async def nodes_bucket(js_hub: JetStreamContext) -> KeyValue:
+    return await kv.ensure_bucket(js_hub, kv.NODES, history=1, ttl=NODE_TTL)
+
+
+async def list_nodes(js_hub: JetStreamContext) -> list[NodeRecord]:
+    """Every node whose heartbeat has not expired, by node id; malformed records are skipped."""
+    bucket = await nodes_bucket(js_hub)
+    try:
+        keys = await bucket.keys()
+    except nats.js.errors.NoKeysError:
+        return []
+    records = []
+    for key in sorted(keys):
+        try:
+            entry = await bucket.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            continue
+        if entry.value:
+            try:
+                records.append(NodeRecord.decode(entry.value))
+            except ValueError as exc:
+                _log.warning("skipping node record %s: %s", key, exc)
+    return records
+
+
+class Heartbeat:
+    """Writes this node's record now and every ``interval`` seconds until stopped."""
+
+    def __init__(
+        self,
+        js_hub: JetStreamContext,
+        record: Callable[[], NodeRecord],
+        *,
+        interval: float = 5.0,
+    ) -> None:
+        self._js = js_hub
+        self._record = record
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self.beats = 0
+        self.failures = 0
+
+    async def beat(self) -> None:
+        """Write one heartbeat; raises TransportError when the hub cannot be reached."""
+        record = self._record()
+        try:
+            bucket = await nodes_bucket(self._js)
+            await bucket.put(record.node, record.encode())
+        except nats.errors.Error as exc:
+            raise TransportError(f"heartbeat of {record.node} not written: {exc}") from exc
+        self.beats += 1
+
+    async def start(self) -> None:
+        """Register (first beat, best effort: the hub may be away) and keep beating."""
+        self._task = asyncio.create_task(self._run(), name="cim-place-heartbeat")
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.beat()
+            except (TransportError, TimeoutError) as exc:
+                # A leaf cut off from the hub keeps working; its record expires, as it should.
+                self.failures += 1
+                _log.debug("%s", exc)
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(max(0.0, self._interval - elapsed))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
