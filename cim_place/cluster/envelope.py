@@ -135,7 +135,8 @@ def decode(data: bytes, *, sequence: int | None = None) -> Envelope:
         raise EnvelopeError("envelope content must be a map with kind, type and body")
     kind = content.get("kind")
     if kind not in KINDS:
-        raise EnvelopeError(f"envelope content.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        allowed = ", ".join(KINDS)
+        raise EnvelopeError(f"envelope content.kind must be one of {allowed}, got {kind!r}")
     body = content.get("body", {})
     if not isinstance(body, dict):
         raise EnvelopeError("envelope content.body must be a map")

@@ -71,3 +71,12 @@ class Subjects:
 
     def api(self, name: str) -> str:
         return f"{self.prefix}.api.{name}"
+
+    def agent_add(self, node: str) -> str:
+        """Where ``node``'s agent takes uploads of new content (cim_place.cluster.upload)."""
+        return f"{self.prefix}.agent.{check_node_id(node)}.add"
+
+    @property
+    def has(self) -> str:
+        """Who-has queries, answered by every agent holding a root (cim_place.cluster.holders)."""
+        return f"{self.prefix}.has"

@@ -148,6 +148,12 @@ def decode_unixfs(buf: bytes) -> UnixFSData:
             filesize = value
         elif number == 4 and isinstance(value, int):
             blocksizes.append(value)
+        elif number == 4 and isinstance(value, bytes):
+            # Protobuf readers must also accept a repeated scalar in packed form.
+            pos = 0
+            while pos < len(value):
+                size, pos = read_varint(value, pos)
+                blocksizes.append(size)
         # hashType, fanout, mode and mtime are not needed to read file bytes.
     if type_ is None:
         raise ValueError("UnixFS data without a type")
