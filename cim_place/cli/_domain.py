@@ -1,0 +1,53 @@
+"""Which JetStream domain a CLI command talks to when the user did not say.
+
+Domain-wide state (names, policies, nodes) lives in the hub's domain. A CLI may be pointed at a
+hub server or at a leaf server; from either, ``$JS.hub.API`` reaches the hub when the topology has
+one. A lone development server has no hub domain; there the server's own JetStream is the domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import nats.errors
+from nats.aio.client import Client
+
+__all__ = ["HUB_DOMAIN", "choose_domain"]
+
+HUB_DOMAIN = "hub"
+_PROBE_TIMEOUT = 2.0
+
+
+async def choose_domain(
+    nc: Client,
+    requested: str | None = None,
+    *,
+    preferred: str = HUB_DOMAIN,
+    on_fallback: Callable[[str], None] | None = None,
+) -> str | None:
+    """The JetStream domain to use: ``requested`` when given; else ``preferred`` when the
+    connected server reaches a JetStream of that domain; else None (the server's own domain).
+
+    ``on_fallback`` receives a one-line note when the fallback lands on a server that has a
+    domain of its own (a leaf cut off from its hub looks exactly like that), so a command never
+    reads or writes a leaf's local state without saying so. A lone server without a domain
+    falls back quietly.
+    """
+    if requested:
+        return requested
+    info = nc._server_info or {}
+    own = info.get("domain")
+    if own == preferred:
+        return preferred
+    try:
+        # The account info request is cheap, and only a server of that domain answers it.
+        await nc.request(f"$JS.{preferred}.API.INFO", b"", timeout=_PROBE_TIMEOUT)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        if own and on_fallback is not None:
+            server = info.get("server_name") or "the server"
+            on_fallback(
+                f"note: JetStream domain {preferred!r} is not reachable from {server}; using "
+                f"its own domain {own!r} (pass --domain to choose)"
+            )
+        return None
+    return preferred
