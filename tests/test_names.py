@@ -342,7 +342,7 @@ def test_cli_checks_names_and_cids_before_connecting() -> None:
     assert code == 1 and err.startswith("error: 'bafy-nope' is not a valid CID")
 
 
-def test_cli_on_a_leaf_cut_from_its_hub_says_which_domain_it_uses(
+def test_cli_on_a_leaf_cut_from_its_hub_refuses_to_use_the_leafs_domain(
     hub1: Hub, leaf_factory: LeafFactory
 ) -> None:
     leaf = leaf_factory("leaf3", via_proxy=True)
@@ -353,7 +353,6 @@ def test_cli_on_a_leaf_cut_from_its_hub_says_which_domain_it_uses(
     code, out, err = cli("get", "site", "--server", leaf.url)
     assert code == 1 and out == ""
     assert err.splitlines() == [
-        "note: JetStream domain 'hub' is not reachable from leaf3; using its own domain 'leaf3' "
-        "(pass --domain to choose)",
-        "error: no name `site`; list names with `cim-place name ls`",
+        "error: JetStream domain 'hub' is not reachable from leaf3 (domain 'leaf3'): its link "
+        "to the hub may be down; connect to a hub server, or pass --domain"
     ]

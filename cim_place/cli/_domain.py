@@ -12,6 +12,8 @@ from collections.abc import Callable
 import nats.errors
 from nats.aio.client import Client
 
+from cim_place.errors import TransportError
+
 __all__ = ["HUB_DOMAIN", "choose_domain"]
 
 HUB_DOMAIN = "hub"
@@ -28,10 +30,10 @@ async def choose_domain(
     """The JetStream domain to use: ``requested`` when given; else ``preferred`` when the
     connected server reaches a JetStream of that domain; else None (the server's own domain).
 
-    ``on_fallback`` receives a one-line note when the fallback lands on a server that has a
-    domain of its own (a leaf cut off from its hub looks exactly like that), so a command never
-    reads or writes a leaf's local state without saying so. A lone server without a domain
-    falls back quietly.
+    A server with a domain of its own that cannot reach the hub is a leaf cut off from it: domain
+    state must never be read from or written to a leaf's local JetStream by mistake, so that is
+    an error naming the server, not a silent fallback. A lone server without a domain (a
+    development server) is its own domain. ``on_fallback`` is kept for callers that want a note.
     """
     if requested:
         return requested
@@ -43,11 +45,13 @@ async def choose_domain(
         # The account info request is cheap, and only a server of that domain answers it.
         await nc.request(f"$JS.{preferred}.API.INFO", b"", timeout=_PROBE_TIMEOUT)
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-        if own and on_fallback is not None:
+        if own:
             server = info.get("server_name") or "the server"
-            on_fallback(
-                f"note: JetStream domain {preferred!r} is not reachable from {server}; using "
-                f"its own domain {own!r} (pass --domain to choose)"
-            )
+            raise TransportError(
+                f"JetStream domain {preferred!r} is not reachable from {server} (domain {own!r}): "
+                "its link to the hub may be down; connect to a hub server, or pass --domain"
+            ) from None
+        if on_fallback is not None:
+            on_fallback(f"note: no {preferred!r} domain; using the server's own JetStream")
         return None
     return preferred

@@ -58,7 +58,7 @@ DomainOption = Annotated[
     str | None,
     typer.Option(
         "--domain",
-        help="JetStream domain holding the policies (default: the server's own, i.e. the hub).",
+        help="JetStream domain holding the policies (default: hub when reachable).",
         show_default=False,
     ),
 ]
@@ -97,11 +97,13 @@ def _with_store(
     create: bool,
 ) -> T:
     # Imported here so `validate` and `schema` work without the NATS client loaded.
+    from cim_place.cli._domain import choose_domain
     from cim_place.cluster.connection import connected, jetstream
 
     async def run() -> T:
         async with connected(server, creds=creds) as nc:
-            store = await PolicyStore.open(jetstream(nc, domain), create=create)
+            chosen = await choose_domain(nc, domain)
+            store = await PolicyStore.open(jetstream(nc, chosen), create=create)
             return await action(store)
 
     return asyncio.run(run())
