@@ -284,7 +284,7 @@ async def test_failing_task_is_retried_with_backoff(hub1: Hub, leaf_factory: Lea
         assert worker.stats.retried == 2
         [event] = d.events.events
         assert event.content.type == TASK_COMPLETED
-        assert event.content.body["attempt"] == 3
+        assert event.content.body["attempts"] == 3
         assert await queued(d.hub_js) == 0
 
 
@@ -335,7 +335,7 @@ async def test_permanent_failure_does_not_retry(hub1: Hub, leaf_factory: LeafFac
         await until(lambda: worker.stats.failed == 2)
 
         assert sorted(calls) == ["fetch", "verify"]
-        reasons = {e.content.body["kind"]: e.content.body["reason"] for e in d.events.events}
+        reasons = {e.content.body["action"]: e.content.body["reason"] for e in d.events.events}
         assert reasons["fetch"] == "StoreFullError: volume disk1 is full (10 GiB limit)"
         assert reasons["verify"] == "root codec not supported"
         assert all(e.content.body["permanent"] is True for e in d.events.events)

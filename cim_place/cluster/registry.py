@@ -121,8 +121,10 @@ class Heartbeat:
         record: Callable[[], NodeRecord],
         *,
         interval: float = 5.0,
+        on_restored: Callable[[], None] | None = None,
     ) -> None:
         self._js = js_hub
+        self._on_restored = on_restored
         self._record = record
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
@@ -144,6 +146,7 @@ class Heartbeat:
         self._task = asyncio.create_task(self._run(), name="cim-place-heartbeat")
 
     async def _run(self) -> None:
+        failing = False
         while True:
             started = time.monotonic()
             try:
@@ -151,7 +154,17 @@ class Heartbeat:
             except (TransportError, TimeoutError) as exc:
                 # A leaf cut off from the hub keeps working; its record expires, as it should.
                 self.failures += 1
+                failing = True
                 _log.debug("%s", exc)
+            except Exception:
+                # A heartbeat must outlive any one bad beat (a volume read failing, say).
+                self.failures += 1
+                failing = True
+                _log.exception("heartbeat failed")
+            else:
+                if failing and self._on_restored is not None:
+                    self._on_restored()
+                failing = False
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.0, self._interval - elapsed))
 

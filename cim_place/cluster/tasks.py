@@ -69,6 +69,7 @@ from cim_place.cluster.envelope import (
     EnvelopeError,
     decode,
 )
+from cim_place.cluster.events import TaskCompleted, TaskFailed
 from cim_place.cluster.subjects import TASKS_STREAM, InvalidNameError, Subjects, check_node_id
 from cim_place.errors import CimPlaceError, StoreFullError, TransportError
 from cim_place.objectstore import cid as cids
@@ -181,6 +182,10 @@ class Task:
     reason: str = ""
     created_by: str = ""
     attempt: int = 1
+    name: str | None = None
+    """For fetch: the object's name, owner and metadata, recorded on the new replica's pin."""
+    owner: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -194,6 +199,9 @@ class Task:
         volume: str | None = None,
         reason: str = "",
         created_by: str = "",
+        name: str | None = None,
+        owner: str = "",
+        metadata: Mapping[str, str] | None = None,
     ) -> Task:
         """A task with its deterministic id (see :func:`task_id`)."""
         return cls(
@@ -206,6 +214,9 @@ class Task:
             generation=generation,
             reason=reason,
             created_by=created_by,
+            name=name,
+            owner=owner,
+            metadata=dict(metadata or {}),
         )
 
     @property
@@ -223,6 +234,9 @@ class Task:
             "generation": self.generation,
             "reason": self.reason,
             "created_by": self.created_by,
+            "name": self.name,
+            "owner": self.owner,
+            "metadata": dict(self.metadata),
         }
 
 
@@ -272,6 +286,13 @@ def decode_task(envelope: Envelope) -> Task:
     generation = _field(body, "generation", int, optional=True) or 0
     reason = _field(body, "reason", str, optional=True) or ""
     created_by = _field(body, "created_by", str, optional=True) or ""
+    name = _field(body, "name", str, optional=True)
+    owner = _field(body, "owner", str, optional=True) or ""
+    metadata = _field(body, "metadata", dict, optional=True) or {}
+    assert name is None or isinstance(name, str)
+    assert isinstance(owner, str) and isinstance(metadata, dict)
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise TaskFormatError("task metadata must map strings to strings")
     assert isinstance(node, str) and isinstance(root, Link) and isinstance(holders, list)
     assert volume is None or isinstance(volume, str)
     assert isinstance(generation, int) and isinstance(reason, str) and isinstance(created_by, str)
@@ -299,6 +320,9 @@ def decode_task(envelope: Envelope) -> Task:
         generation=generation,
         reason=reason,
         created_by=created_by,
+        name=name,
+        owner=owner,
+        metadata={str(k): str(v) for k, v in metadata.items()},
     )
 
 
@@ -796,21 +820,32 @@ class TaskWorker:
         ``permanent`` (in TaskFailed) tells a failure retrying cannot fix from one that ran out of
         attempts, so the controller knows whether the same work elsewhere may succeed.
         """
-        duration = time.monotonic() - started
-        body: dict[str, Value] = {
-            "task_id": task.id,
-            "kind": task.kind,
-            "node": task.node,
-            "root": Link(task.root),
-            "volume": task.volume,
-            "attempt": task.attempt,
-            "duration": round(duration, 6),
-        }
+        duration = round(time.monotonic() - started, 6)
+        report: TaskCompleted | TaskFailed
         if event_type == TASK_COMPLETED:
-            body["result"] = dict(outcome.result)
+            report = TaskCompleted(
+                task_id=task.id,
+                action=task.kind,
+                node=task.node,
+                root=task.root,
+                volume=task.volume,
+                attempts=task.attempt,
+                duration=duration,
+                result=dict(outcome.result),
+            )
         else:
-            body["reason"] = outcome.reason[:_MAX_REASON]
-            body["permanent"] = permanent
+            report = TaskFailed(
+                task_id=task.id,
+                action=task.kind,
+                node=task.node,
+                root=task.root,
+                volume=task.volume,
+                attempts=task.attempt,
+                reason=outcome.reason[:_MAX_REASON],
+                permanent=permanent,
+                duration=duration,
+            )
+        body = report.body()
         event = _event(envelope, event_type, body, msg)
         try:
             await self._publish_event(event)
@@ -873,12 +908,16 @@ class TaskWorker:
         )
         cause = _readable_cause(msg, self.node)
         if cause is not None:
-            body: dict[str, Value] = {
-                "task_id": cause.id,
-                "node": self.node,
-                "reason": f"malformed task message: {reason}"[:_MAX_REASON],
-                "permanent": True,
-            }
+            body = TaskFailed(
+                task_id=cause.id,
+                action=None,
+                node=self.node,
+                root=None,
+                volume=None,
+                attempts=1,
+                reason=f"malformed task message: {reason}"[:_MAX_REASON],
+                permanent=True,
+            ).body()
             try:
                 await self._publish_event(_event(cause, TASK_FAILED, body, msg))
             except Exception as exc:

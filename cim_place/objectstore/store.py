@@ -128,6 +128,47 @@ class ObjectStore:
                 self.pins.add(pin)
         return pins
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold off gc while blocks arrive outside :meth:`add` (a fetch from other nodes).
+
+        Blocks may wait for it: gc holds the lock exclusively while it deletes.
+        """
+        with self._gc_lock(fcntl.LOCK_SH):
+            yield
+
+    def pin_complete(
+        self,
+        root: Cid,
+        *,
+        name: str | None = None,
+        owner: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> Pin:
+        """Pin a root whose DAG was stored block by block (a fetch).
+
+        Refuses with StoreError naming the first absent block unless the whole DAG is present,
+        so a pin always means "complete here". Idempotent: pinning again refreshes the record.
+        """
+        with self._gc_lock(fcntl.LOCK_SH):
+            absent = dag.missing(self.blocks, root)
+            if absent:
+                raise StoreError(
+                    f"cannot pin {to_str(root)} in {self.path}: {len(absent)} block(s) of its DAG "
+                    f"are absent, the first {to_str(absent[0])}; fetch it again"
+                )
+            pin = Pin(
+                root=root,
+                size=self._content_size(root),
+                blocks=sum(1 for _ in dag.walk_cids(self.blocks, root)),
+                name=name,
+                owner=owner,
+                metadata=dict(metadata or {}),
+                pinned_at=time.time(),
+            )
+            self.pins.add(pin)
+        return pin
+
     def unpin(self, ref: str) -> Pin:
         """Forget a pin (by CID or name); its blocks stay until :meth:`gc`."""
         root = self.resolve(ref)
