@@ -1,0 +1,513 @@
+"""The block exchange wire format, and the BlockServer that answers block requests.
+
+This module owns how blocks travel between agents: a holder serves its blocks by request/reply on
+``Subjects.block_get(node)`` (``cim.place.blk.<node>.get``); ``cim_place.cluster.fetch`` is the
+other side. The data path is a compact binary framing, not DAG-CBOR, so that a block's bytes are
+copied once into a message and never re-encoded.
+
+Request (one message)::
+
+    0xCB 0x01 0x10  varint(max_reply)  varint(count)  (varint(len) cid)*count
+
+``max_reply`` is the largest reply message the requester's own server accepts (0: no opinion);
+the holder answers with messages no larger than the smaller of that and its own server's
+``max_payload``, because a reply crosses both servers.
+
+Reply: a *stream* of messages to the request's reply subject, each::
+
+    0xCB 0x01 varint(seq) record*
+
+with ``seq`` counting the stream's messages from 0, and records::
+
+    0x01 PART     varint(len) cid  varint(total)  varint(offset)  varint(n)  n bytes
+    0x02 MISSING  varint(len) cid
+    0x03 END      varint(messages)  varint(status)  varint(len) utf-8 reason
+
+A block travels as one PART when it fits, else as several PARTs in consecutive messages (a 1 MiB
+raw leaf does not fit in a 1 MiB message with its framing). Records are packed back to back, so
+every message but the last is filled to the limit: a stream of 1 MiB blocks costs no extra
+messages. An unknown CID, and a block whose local copy is corrupt (it is never served), is a
+MISSING record, not an error. END closes every stream; ``messages`` lets the requester notice a
+lost message (core NATS is at most once), and a non-zero ``status`` says why a request was
+refused (malformed, too large). The server never raises on bad input: it counts, logs, answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from cim_place.cluster.subjects import Subjects
+from cim_place.errors import BlockNotFoundError, CorruptBlockError, InvalidCidError
+from cim_place.interfaces import BlockSource
+from cim_place.objectstore.cid import Cid, read_varint, split, to_str, varint
+
+__all__ = [
+    "MAX_BLOCK_SIZE",
+    "MAX_REQUEST_BYTES",
+    "MAX_REQUEST_CIDS",
+    "BlockServer",
+    "End",
+    "Missing",
+    "Part",
+    "ProtocolError",
+    "ServeStats",
+    "Status",
+    "VolumeSet",
+    "decode_reply",
+    "decode_request",
+    "encode_request",
+]
+
+_log = logging.getLogger(__name__)
+
+MAGIC = 0xCB
+VERSION = 1
+_KIND_GET = 0x10
+_REC_PART = 0x01
+_REC_MISSING = 0x02
+_REC_END = 0x03
+
+MAX_REQUEST_CIDS = 1024
+"""The most CIDs one request may name; a larger request is refused (status TOO_LARGE)."""
+MAX_REQUEST_BYTES = 128 * 1024
+"""The largest request accepted (1024 CIDs of the longest common form fit easily)."""
+MAX_BLOCK_SIZE = 4 << 20
+"""The largest block a requester accepts: IPFS limits blocks to 2 MiB, dag-pb roots stay small."""
+_MAX_CID_BYTES = 128
+_MIN_REPLY = 1024
+"""Below this a reply message could not even hold a PART header with a few data bytes."""
+# Framing of a PART header at most: record tag, cid length + cid, three 10-byte varints.
+_PART_OVERHEAD = 1 + 2 + _MAX_CID_BYTES + 3 * 10
+
+
+class Status(IntEnum):
+    """Outcome of a request, carried in the END record."""
+
+    OK = 0
+    MALFORMED = 1
+    """The request could not be decoded (garbage, wrong kind, bad CID)."""
+    TOO_LARGE = 2
+    """The request names more CIDs, or has more bytes, than a holder accepts."""
+    SERVER_ERROR = 3
+    """The holder failed while answering (its store raised something unexpected)."""
+
+
+class ProtocolError(ValueError):
+    """A request or reply message that does not follow the block exchange framing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """Bytes ``[offset, offset + len(data))`` of block ``cid``, which has ``total`` bytes."""
+
+    cid: Cid
+    total: int
+    offset: int
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    """The holder does not have ``cid`` (or only a corrupt copy of it)."""
+
+    cid: Cid
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The last record of a reply stream."""
+
+    messages: int
+    status: Status
+    reason: str = ""
+
+
+Record = Part | Missing | End
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+def encode_request(cids: Sequence[Cid], *, max_reply: int = 0) -> bytes:
+    """The request message for ``cids``; ``max_reply`` is the requester's max payload."""
+    if len(cids) > MAX_REQUEST_CIDS:
+        raise ValueError(f"{len(cids)} CIDs in one request; at most {MAX_REQUEST_CIDS}")
+    out = bytearray((MAGIC, VERSION, _KIND_GET))
+    out += varint(max_reply)
+    out += varint(len(cids))
+    for cid in cids:
+        out += varint(len(cid))
+        out += cid
+    return bytes(out)
+
+
+def decode_request(data: bytes) -> tuple[list[Cid], int]:
+    """(cids, max_reply) of a request; raises ProtocolError saying what is wrong."""
+    if len(data) > MAX_REQUEST_BYTES:
+        raise _TooLarge(f"request of {len(data)} bytes; at most {MAX_REQUEST_BYTES}")
+    if len(data) < 3 or data[0] != MAGIC:
+        raise ProtocolError("not a cim-place block request (bad magic byte)")
+    if data[1] != VERSION:
+        raise ProtocolError(f"block request version {data[1]}; this holder speaks {VERSION}")
+    if data[2] != _KIND_GET:
+        raise ProtocolError(f"unknown block request kind 0x{data[2]:02x}")
+    try:
+        max_reply, pos = read_varint(data, 3)
+        count, pos = read_varint(data, pos)
+        if count > MAX_REQUEST_CIDS:
+            raise _TooLarge(f"request names {count} CIDs; at most {MAX_REQUEST_CIDS}")
+        cids: list[Cid] = []
+        for _ in range(count):
+            size, pos = read_varint(data, pos)
+            if size == 0 or size > _MAX_CID_BYTES or pos + size > len(data):
+                raise ProtocolError(f"CID #{len(cids)} has an impossible length {size}")
+            cid = bytes(data[pos : pos + size])
+            pos += size
+            split(cid)
+            cids.append(cid)
+    except ProtocolError:
+        raise
+    except ValueError as exc:
+        raise ProtocolError(f"truncated block request: {exc}") from None
+    except InvalidCidError as exc:
+        raise ProtocolError(f"block request names an invalid CID: {exc}") from None
+    if pos != len(data):
+        raise ProtocolError(f"{len(data) - pos} trailing bytes after the request")
+    return cids, max_reply
+
+
+class _TooLarge(ProtocolError):
+    pass
+
+
+# -- replies -------------------------------------------------------------------------------------
+
+
+def decode_reply(data: bytes | memoryview) -> tuple[int, list[Record]]:
+    """(seq, records) of one reply message. PART data are views into ``data`` (no copy)."""
+    view = memoryview(data)
+    if len(view) < 3 or view[0] != MAGIC or view[1] != VERSION:
+        raise ProtocolError("not a cim-place block reply (bad magic or version)")
+    records: list[Record] = []
+    try:
+        seq, pos = read_varint(view, 2)
+        end = len(view)
+        while pos < end:
+            tag = view[pos]
+            pos += 1
+            if tag == _REC_END:
+                messages, pos = read_varint(view, pos)
+                code, pos = read_varint(view, pos)
+                size, pos = read_varint(view, pos)
+                reason = bytes(view[pos : pos + size]).decode("utf-8", "replace")
+                pos += size
+                try:
+                    status = Status(code)
+                except ValueError:
+                    status = Status.SERVER_ERROR
+                records.append(End(messages, status, reason))
+                continue
+            size, pos = read_varint(view, pos)
+            if size == 0 or size > _MAX_CID_BYTES or pos + size > end:
+                raise ProtocolError(f"record with an impossible CID length {size}")
+            cid = bytes(view[pos : pos + size])
+            pos += size
+            if tag == _REC_MISSING:
+                records.append(Missing(cid))
+            elif tag == _REC_PART:
+                total, pos = read_varint(view, pos)
+                offset, pos = read_varint(view, pos)
+                n, pos = read_varint(view, pos)
+                if pos + n > end or offset + n > total:
+                    raise ProtocolError(
+                        f"part of {to_str(cid)} overruns its message or block "
+                        f"(offset {offset}, {n} bytes, block {total}, message {end})"
+                    )
+                records.append(Part(cid, total, offset, view[pos : pos + n]))
+                pos += n
+            else:
+                raise ProtocolError(f"unknown reply record 0x{tag:02x}")
+    except ValueError as exc:
+        if isinstance(exc, ProtocolError):
+            raise
+        raise ProtocolError(f"truncated block reply: {exc}") from None
+    return seq, records
+
+
+class _ReplyWriter:
+    """Packs records into messages of at most ``limit`` bytes and yields each full message.
+
+    A message is kept as a list of pieces (block data as views) and joined once when cut, so
+    block bytes are copied once here.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.messages = 0
+        self._pieces: list[bytes | memoryview] = []
+        self._size = 0
+        self._start()
+
+    def _start(self) -> None:
+        head = bytes((MAGIC, VERSION)) + varint(self.messages)
+        self._pieces = [head]
+        self._size = len(head)
+
+    def _add(self, piece: bytes | memoryview) -> None:
+        self._pieces.append(piece)
+        self._size += len(piece)
+
+    def _cut(self) -> bytes:
+        message = b"".join(self._pieces)
+        self.messages += 1
+        self._start()
+        return message
+
+    def _room(self) -> int:
+        return self.limit - self._size
+
+    def missing(self, cid: Cid) -> Iterator[bytes]:
+        record = bytes((_REC_MISSING,)) + varint(len(cid)) + cid
+        if len(record) > self._room():
+            yield self._cut()
+        self._add(record)
+
+    def block(self, cid: Cid, data: bytes) -> Iterator[bytes]:
+        total = len(data)
+        offset = 0
+        head = bytes((_REC_PART,)) + varint(len(cid)) + cid + varint(total)
+        view = memoryview(data)
+        while True:
+            # Header with the largest possible varints, so the data length fits what is left.
+            room = self._room() - len(head) - 2 * len(varint(max(total, 1)))
+            if room <= 0 or (room < total - offset and room < 64):
+                # Not worth starting a part in the last few bytes of a message.
+                yield self._cut()
+                continue
+            n = min(room, total - offset)
+            self._add(head + varint(offset) + varint(n))
+            self._add(view[offset : offset + n])
+            offset += n
+            if offset >= total:
+                return
+
+    def end(self, status: Status = Status.OK, reason: str = "") -> Iterator[bytes]:
+        text = reason.encode("utf-8")[:512]
+        # messages counts this last message too; its varint is at most 10 bytes.
+        if len(text) + 1 + 30 > self._room():
+            yield self._cut()
+        self._add(
+            bytes((_REC_END,))
+            + varint(self.messages + 1)
+            + varint(int(status))
+            + varint(len(text))
+            + text
+        )
+        yield self._cut()
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
+class VolumeSet:
+    """A BlockSource over all of a node's volumes: each block is read from the first volume
+    that has it, so one BlockServer serves every volume of its agent.
+
+    A corrupt copy in one volume does not hide a good copy in another: the next one is tried,
+    and the corruption is still raised when no volume has a good copy.
+    """
+
+    def __init__(self, volumes: Sequence[BlockSource]) -> None:
+        self.volumes = list(volumes)
+
+    def has(self, cid: Cid) -> bool:
+        return any(volume.has(cid) for volume in self.volumes)
+
+    def get(self, cid: Cid) -> bytes:
+        corrupt: CorruptBlockError | None = None
+        for volume in self.volumes:
+            if not volume.has(cid):
+                continue
+            try:
+                return volume.get(cid)
+            except CorruptBlockError as exc:
+                corrupt = exc
+            except BlockNotFoundError:
+                continue  # removed between has and get
+        if corrupt is not None:
+            raise corrupt
+        raise BlockNotFoundError(to_str(cid))
+
+
+@dataclass(slots=True)
+class ServeStats:
+    """Counters of a BlockServer, for metrics (monotonic since start)."""
+
+    requests: int = 0
+    blocks_served: int = 0
+    bytes_served: int = 0
+    messages_sent: int = 0
+    missing: int = 0
+    """CIDs asked for that this holder does not have (corrupt ones included)."""
+    corrupt: int = 0
+    """Local blocks that failed verification when read (reported as missing, never served)."""
+    malformed: int = 0
+    """Requests refused as garbage, oversized or of the wrong kind, or without a reply subject."""
+    errors: int = 0
+    """Requests that failed on the holder's side, and blocks it could not read (I/O errors)."""
+    corrupt_cids: list[Cid] = field(default_factory=list)
+    """The most recent corrupt local blocks (the last 100), for a repair task."""
+
+
+class BlockServer:
+    """Serves the blocks of one node's store on ``Subjects.block_get(node)``.
+
+    Usage::
+
+        server = BlockServer(nc, node="leaf-a", store=volume_store)
+        await server.start()
+        ...
+        await server.stop()
+
+    ``store.get`` must verify (every BlockStore does): a corrupt block is reported as missing
+    to the requester, counted in ``stats.corrupt`` and logged. Requests are answered
+    concurrently, at most ``concurrency`` at a time; reads run in a worker thread so that disk
+    and hashing overlap with sending. Blocking reads of a large store never stall the event loop.
+    """
+
+    def __init__(
+        self,
+        nc: Any,
+        node: str,
+        store: BlockSource,
+        *,
+        subjects: Subjects | None = None,
+        concurrency: int = 8,
+        queue: str | None = None,
+    ) -> None:
+        self.nc = nc
+        self.node = node
+        self.store = store
+        self.subjects = subjects if subjects is not None else Subjects()
+        self.subject = self.subjects.block_get(node)
+        self.queue = queue
+        self.stats = ServeStats()
+        self._slots = asyncio.Semaphore(max(1, concurrency))
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sub: Any = None
+
+    @property
+    def active(self) -> int:
+        """Requests being answered right now."""
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        """Subscribe; blocks are served from now until ``stop``. Idempotent."""
+        if self._sub is not None:
+            return
+        kwargs: dict[str, Any] = {"cb": self._on_request}
+        if self.queue:
+            kwargs["queue"] = self.queue
+        self._sub = await self.nc.subscribe(self.subject, **kwargs)
+        # The local server knows the interest when this returns; other leaves learn it through
+        # the hub a moment later (``fetch.wait_for_holder`` waits for that).
+        await self.nc.flush()
+
+    async def stop(self) -> None:
+        """Stop taking requests and wait for those being answered."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _on_request(self, msg: Any) -> None:
+        # The subscription delivers one message at a time: take a slot, answer in a task.
+        await self._slots.acquire()
+        task = asyncio.create_task(self._answer(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, msg: Any) -> None:
+        try:
+            await self._serve(msg)
+        except Exception:
+            self.stats.errors += 1
+            _log.exception("block request on %s failed", self.subject)
+        finally:
+            self._slots.release()
+
+    def _reply_limit(self, asked: int) -> int:
+        limit = int(getattr(self.nc, "max_payload", 0) or (1 << 20))
+        if asked:
+            limit = min(limit, asked)
+        return max(limit, _MIN_REPLY)
+
+    async def _serve(self, msg: Any) -> None:
+        self.stats.requests += 1
+        reply = msg.reply
+        if not reply:
+            self.stats.malformed += 1
+            _log.warning("block request on %s without a reply subject: ignored", self.subject)
+            return
+        try:
+            cids, asked = decode_request(msg.data)
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            status = Status.TOO_LARGE if isinstance(exc, _TooLarge) else Status.MALFORMED
+            _log.warning("malformed block request on %s: %s", self.subject, exc)
+            await self._send(reply, _ReplyWriter(self._reply_limit(0)).end(status, str(exc)))
+            return
+        writer = _ReplyWriter(self._reply_limit(asked))
+        # Read ahead one block in a thread while the previous one is being sent.
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future[tuple[bytes | None, str]] | None = None
+        for index, cid in enumerate(cids):
+            if pending is None:
+                pending = loop.run_in_executor(None, self._read, cid)
+            data, problem = await pending
+            pending = None
+            if index + 1 < len(cids):
+                pending = loop.run_in_executor(None, self._read, cids[index + 1])
+            if data is None:
+                self._count_unservable(cid, problem)
+                await self._send(reply, writer.missing(cid))
+                continue
+            await self._send(reply, writer.block(cid, data))
+            self.stats.blocks_served += 1
+            self.stats.bytes_served += len(data)
+        await self._send(reply, writer.end())
+
+    def _read(self, cid: Cid) -> tuple[bytes | None, str]:
+        """(block, "") or (None, why): runs in a worker thread, so it only reads."""
+        try:
+            return self.store.get(cid), ""
+        except BlockNotFoundError:
+            return None, "absent"
+        except CorruptBlockError as exc:
+            return None, f"corrupt: {exc}"
+        except Exception as exc:
+            # One unreadable block (I/O error, permissions) must not fail the whole request.
+            return None, f"unreadable: {exc}"
+
+    def _count_unservable(self, cid: Cid, problem: str) -> None:
+        self.stats.missing += 1
+        if problem.startswith("corrupt"):
+            self.stats.corrupt += 1
+            self.stats.corrupt_cids = [*self.stats.corrupt_cids[-99:], cid]
+            _log.error("not serving block %s: %s", to_str(cid), problem)
+        elif problem != "absent":
+            self.stats.errors += 1
+            _log.error("cannot read block %s to serve it: %s", to_str(cid), problem)
+
+    async def _send(self, reply: str, messages: Iterator[bytes]) -> None:
+        for message in messages:
+            await self.nc.publish(reply, message)
+            self.stats.messages_sent += 1
