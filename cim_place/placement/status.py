@@ -1,0 +1,203 @@
+"""Where an object is and whether it is healthy: the status the controller materialises.
+
+One :class:`ObjectStatus` per CID is written to KV ``cim-place-locations`` (key: the CID text), so
+``cim-place status CID`` is a single lookup and never asks the nodes. Its JSON form is the
+documented schema of ``cim-place status --json``:
+
+    {"cid": str, "name": str | null, "owner": str, "size": int, "metadata": {str: str},
+     "policy": str, "desired": int, "state": "placed" | "progressing" | "degraded" | "lost",
+     "locations": [{"node": str, "volume": str, "zone": str, "state": str}],
+     "conditions": [{"type": str, "status": bool, "reason": str, "message": str,
+                     "last_transition": float}],
+     "updated_at": float}
+
+Replica states: ``pinned`` (confirmed by an ObjectStored event), ``fetching`` (a fetch task is in
+flight), ``dropping`` (a drop task is in flight), ``late`` (pinned on a node whose heartbeat is
+overdue but within the repair grace), ``lost`` (pinned on a node that is down past the grace).
+Conditions follow the Kubernetes habit: ``last_transition`` moves only when ``status`` flips.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+ObjectState = Literal["placed", "progressing", "degraded", "lost"]
+OBJECT_STATES: tuple[ObjectState, ...] = ("placed", "progressing", "degraded", "lost")
+ReplicaState = Literal["pinned", "fetching", "dropping", "late", "lost"]
+REPLICA_STATES: tuple[ReplicaState, ...] = ("pinned", "fetching", "dropping", "late", "lost")
+CONDITION_TYPES = ("Placed", "Progressing", "Degraded")
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    node: str
+    volume: str
+    zone: str = ""
+    state: ReplicaState = "pinned"
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    type: str
+    status: bool
+    reason: str = ""
+    message: str = ""
+    last_transition: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectStatus:
+    cid: str
+    state: ObjectState
+    locations: tuple[Location, ...] = ()
+    desired: int = 0
+    policy: str = ""
+    name: str | None = None
+    owner: str = ""
+    size: int = 0
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    conditions: tuple[Condition, ...] = ()
+    updated_at: float = 0.0
+
+    @property
+    def pinned(self) -> int:
+        return sum(1 for location in self.locations if location.state == "pinned")
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "cid": self.cid,
+            "name": self.name,
+            "owner": self.owner,
+            "size": self.size,
+            "metadata": dict(self.metadata),
+            "policy": self.policy,
+            "desired": self.desired,
+            "state": self.state,
+            "locations": [
+                {"node": loc.node, "volume": loc.volume, "zone": loc.zone, "state": loc.state}
+                for loc in self.locations
+            ],
+            "conditions": [
+                {
+                    "type": c.type,
+                    "status": c.status,
+                    "reason": c.reason,
+                    "message": c.message,
+                    "last_transition": c.last_transition,
+                }
+                for c in self.conditions
+            ],
+            "updated_at": self.updated_at,
+        }
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ObjectStatus:
+        """Parse a stored status; raises ValueError naming what is malformed."""
+        try:
+            doc = json.loads(data)
+            state = doc["state"]
+            if state not in OBJECT_STATES:
+                raise ValueError(f"unknown object state {state!r}")
+            locations = []
+            for loc in doc.get("locations", []):
+                if loc["state"] not in REPLICA_STATES:
+                    raise ValueError(f"unknown replica state {loc['state']!r}")
+                locations.append(
+                    Location(
+                        str(loc["node"]), str(loc["volume"]), str(loc.get("zone", "")), loc["state"]
+                    )
+                )
+            return cls(
+                cid=str(doc["cid"]),
+                state=state,
+                locations=tuple(locations),
+                desired=int(doc.get("desired", 0)),
+                policy=str(doc.get("policy", "")),
+                name=doc.get("name"),
+                owner=str(doc.get("owner", "")),
+                size=int(doc.get("size", 0)),
+                metadata={str(k): str(v) for k, v in doc.get("metadata", {}).items()},
+                conditions=tuple(
+                    Condition(
+                        str(c["type"]),
+                        bool(c["status"]),
+                        str(c.get("reason", "")),
+                        str(c.get("message", "")),
+                        float(c.get("last_transition", 0.0)),
+                    )
+                    for c in doc.get("conditions", [])
+                ),
+                updated_at=float(doc.get("updated_at", 0.0)),
+            )
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"malformed object status: {exc!r}") from None
+
+
+def merge_conditions(
+    previous: Sequence[Condition], current: Sequence[Condition], now: float
+) -> tuple[Condition, ...]:
+    """``current`` with ``last_transition`` carried over from ``previous`` unless status flipped."""
+    before = {c.type: c for c in previous}
+    merged = []
+    for condition in current:
+        old = before.get(condition.type)
+        if old is not None and old.status == condition.status:
+            merged.append(replace(condition, last_transition=old.last_transition))
+        else:
+            merged.append(replace(condition, last_transition=now))
+    return tuple(merged)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Domain-wide counts, written by the controller under one key so the summary is one read."""
+
+    objects: int = 0
+    by_state: Mapping[str, int] = field(default_factory=dict)
+    under_replicated: int = 0
+    total_bytes: int = 0
+    nodes_up: int = 0
+    nodes_down: int = 0
+    nodes_draining: int = 0
+    updated_at: float = 0.0
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "objects": self.objects,
+                "by_state": dict(self.by_state),
+                "under_replicated": self.under_replicated,
+                "bytes": self.total_bytes,
+                "nodes": {
+                    "up": self.nodes_up,
+                    "down": self.nodes_down,
+                    "draining": self.nodes_draining,
+                },
+                "updated_at": self.updated_at,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Summary:
+        try:
+            doc = json.loads(data)
+            nodes = doc.get("nodes", {})
+            return cls(
+                objects=int(doc["objects"]),
+                by_state={str(k): int(v) for k, v in doc.get("by_state", {}).items()},
+                under_replicated=int(doc.get("under_replicated", 0)),
+                total_bytes=int(doc.get("bytes", 0)),
+                nodes_up=int(nodes.get("up", 0)),
+                nodes_down=int(nodes.get("down", 0)),
+                nodes_draining=int(nodes.get("draining", 0)),
+                updated_at=float(doc.get("updated_at", 0.0)),
+            )
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"malformed summary: {exc!r}") from None
