@@ -7,14 +7,30 @@ one. A lone development server has no hub domain; there the server's own JetStre
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import getpass
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 
 import nats.errors
+import typer
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from cim_place.errors import TransportError
 
-__all__ = ["HUB_DOMAIN", "choose_domain"]
+__all__ = [
+    "HUB_DOMAIN",
+    "CredsOption",
+    "DomainOption",
+    "ServerOption",
+    "actor",
+    "choose_domain",
+    "run_in_domain",
+]
+
+T = TypeVar("T")
 
 HUB_DOMAIN = "hub"
 _PROBE_TIMEOUT = 2.0
@@ -55,3 +71,53 @@ async def choose_domain(
             on_fallback(f"note: no {preferred!r} domain; using the server's own JetStream")
         return None
     return preferred
+
+
+ServerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        "-s",
+        envvar="CIM_PLACE_SERVER",
+        help="NATS server(s), comma separated: a hub or leaf server "
+        "(default: nats://127.0.0.1:4222).",
+        show_default=False,
+    ),
+]
+CredsOption = Annotated[
+    str | None, typer.Option("--creds", help="NATS credentials file.", show_default=False)
+]
+DomainOption = Annotated[
+    str | None,
+    typer.Option(
+        "--domain",
+        help="JetStream domain holding domain state (default: hub when reachable).",
+        show_default=False,
+    ),
+]
+
+
+def actor() -> str:
+    """Who is acting, recorded with changes: user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def run_in_domain(
+    server: str | None,
+    creds: str | None,
+    domain: str | None,
+    action: Callable[[Client, JetStreamContext], Awaitable[T]],
+) -> T:
+    """Connect, pick the domain (:func:`choose_domain`), run ``action(nc, js)``, disconnect."""
+    from cim_place.cluster.connection import connected, jetstream
+
+    async def run() -> T:
+        async with connected(server, creds=creds) as nc:
+            chosen = await choose_domain(nc, domain)
+            return await action(nc, jetstream(nc, chosen))
+
+    return asyncio.run(run())

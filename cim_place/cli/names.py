@@ -6,14 +6,12 @@ reached through the server given with ``--server`` (a hub server or a leaf serve
 
 from __future__ import annotations
 
-import asyncio
-import getpass
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 import typer
 
+from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, actor, run_in_domain
 from cim_place.cli._output import handles_errors, print_json
 from cim_place.cluster.names import NameRecord, NameRegistry, UnknownNameError, check_name
 from cim_place.objectstore import cid as cids
@@ -32,38 +30,7 @@ NameArgument = Annotated[
         show_default=False,
     ),
 ]
-ServerOption = Annotated[
-    str | None,
-    typer.Option(
-        "--server",
-        "-s",
-        envvar="CIM_PLACE_SERVER",
-        help="NATS server(s), comma separated: a hub or leaf server "
-        "(default: nats://127.0.0.1:4222).",
-        show_default=False,
-    ),
-]
-CredsOption = Annotated[
-    str | None, typer.Option("--creds", help="NATS credentials file.", show_default=False)
-]
-DomainOption = Annotated[
-    str | None,
-    typer.Option(
-        "--domain",
-        help="JetStream domain holding the names (default: hub when reachable, else the "
-        "server's own).",
-        show_default=False,
-    ),
-]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-
-
-def _actor() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 def _with_registry(
@@ -72,19 +39,7 @@ def _with_registry(
     domain: str | None,
     action: Callable[[NameRegistry], Awaitable[T]],
 ) -> T:
-    from cim_place.cli._domain import choose_domain
-    from cim_place.cluster.connection import connected, jetstream
-
-    async def run() -> T:
-        async with connected(server, creds=creds) as nc:
-            chosen = await choose_domain(nc, domain, on_fallback=_note)
-            return await action(NameRegistry(jetstream(nc, chosen)))
-
-    return asyncio.run(run())
-
-
-def _note(message: str) -> None:
-    typer.echo(message, err=True)
+    return run_in_domain(server, creds, domain, lambda _nc, js: action(NameRegistry(js)))
 
 
 def _line(record: NameRecord) -> str:
@@ -120,7 +75,7 @@ def set_name(
         server,
         creds,
         domain,
-        lambda names: names.set(name, cid, by=_actor(), note=note, expect_revision=expect_revision),
+        lambda names: names.set(name, cid, by=actor(), note=note, expect_revision=expect_revision),
     )
     typer.echo(f"{name} -> {cids.to_str(target)} (revision {revision})")
 
@@ -215,6 +170,6 @@ def remove(
         server,
         creds,
         domain,
-        lambda names: names.rm(name, by=_actor(), expect_revision=expect_revision),
+        lambda names: names.rm(name, by=actor(), expect_revision=expect_revision),
     )
     typer.echo(f"removed {name} (revision {revision})")

@@ -6,17 +6,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import getpass
 import json
-import socket
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
+from nats.js import JetStreamContext
 
+from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, actor, run_in_domain
 from cim_place.cli._output import handles_errors, print_json
 from cim_place.cluster.policystore import PolicyStore, StoredSet
 from cim_place.errors import InvalidCidError, PolicyError
@@ -41,27 +40,6 @@ FilesArgument = Annotated[
     list[Path],
     typer.Argument(help="Policy files (YAML), or directories of *.yaml files.", show_default=False),
 ]
-ServerOption = Annotated[
-    str | None,
-    typer.Option(
-        "--server",
-        "-s",
-        envvar="CIM_PLACE_SERVER",
-        help="NATS server(s) of the hub, comma separated (default: nats://127.0.0.1:4222).",
-        show_default=False,
-    ),
-]
-CredsOption = Annotated[
-    str | None, typer.Option("--creds", help="NATS credentials file.", show_default=False)
-]
-DomainOption = Annotated[
-    str | None,
-    typer.Option(
-        "--domain",
-        help="JetStream domain holding the policies (default: hub when reachable).",
-        show_default=False,
-    ),
-]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
@@ -80,14 +58,6 @@ def _load(files: list[Path]) -> LoadedPolicies:
         return load_paths(str(f) for f in files)
 
 
-def _actor() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
 def _with_store(
     server: str | None,
     creds: str | None,
@@ -96,17 +66,10 @@ def _with_store(
     *,
     create: bool,
 ) -> T:
-    # Imported here so `validate` and `schema` work without the NATS client loaded.
-    from cim_place.cli._domain import choose_domain
-    from cim_place.cluster.connection import connected, jetstream
+    async def run(_nc: object, js: JetStreamContext) -> T:
+        return await action(await PolicyStore.open(js, create=create))
 
-    async def run() -> T:
-        async with connected(server, creds=creds) as nc:
-            chosen = await choose_domain(nc, domain)
-            store = await PolicyStore.open(jetstream(nc, chosen), create=create)
-            return await action(store)
-
-    return asyncio.run(run())
+    return run_in_domain(server, creds, domain, run)
 
 
 @app.command()
@@ -147,7 +110,7 @@ def apply(
         server,
         creds,
         domain,
-        lambda store: store.apply(loaded, dry_run=dry_run, actor=_actor()),
+        lambda store: store.apply(loaded, dry_run=dry_run, actor=actor()),
         create=not dry_run,
     )
     if as_json:
@@ -311,7 +274,7 @@ def remove(
 ) -> None:
     """Remove one policy from the applied set (a new revision; history keeps the old one)."""
     result = _with_store(
-        server, creds, domain, lambda s: s.remove(name, actor=_actor()), create=True
+        server, creds, domain, lambda s: s.remove(name, actor=actor()), create=True
     )
     typer.echo(result.diff.render())
     typer.echo(f"applied: revision {result.revision}")
