@@ -8,7 +8,7 @@ from __future__ import annotations
 import typer
 
 from cim_place import __version__
-from cim_place.cli import names, objects, policy
+from cim_place.cli import agent, names, objects, policy
 
 app = typer.Typer(
     name="cim-place",
@@ -35,6 +35,7 @@ def root(
 
 
 objects.register(app)
+agent.register(app)
 app.add_typer(policy.app, name="policy")
 app.add_typer(names.app, name="name")
 

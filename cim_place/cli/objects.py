@@ -6,6 +6,7 @@ These work on a store directory on this machine and need no NATS. The store defa
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
@@ -157,11 +158,48 @@ def add_command(
         list[str] | None, typer.Option("--meta", "-m", help="Metadata KEY=VALUE (repeatable).")
     ] = None,
     store: StoreOption = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            "-s",
+            help="Add through the agent of a running domain (a leaf's NATS URL) instead of "
+            "a local store.",
+            show_default=False,
+        ),
+    ] = None,
+    node: Annotated[
+        str | None,
+        typer.Option("--node", help="With --server: the node whose agent stores it."),
+    ] = None,
+    creds: Annotated[str | None, typer.Option("--creds", help="NATS credentials file.")] = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Store FILE in the local object store, pin it, and print its CID."""
+    """Store FILE, pin it, and print its CID: locally, or through a running agent (--server)."""
     get_profile(profile)
     metadata = parse_metadata(meta or [])
+    if server is not None or node is not None:
+        from cim_place.cli.agent import add_remote
+
+        with open_input(file) as (stream, size):
+            result = asyncio.run(
+                add_remote(
+                    server,
+                    creds,
+                    node,
+                    stream,
+                    size,
+                    name=name,
+                    profile=profile,
+                    owner=owner,
+                    metadata=metadata,
+                )
+            )
+        if json_out:
+            print_json({"cid": result.cid_text, "size": result.size, "blocks": result.blocks})
+        else:
+            typer.echo(result.cid_text)
+        return
     with (
         open_input(file) as (stream, size),
         open_store(store) as objects,

@@ -1,0 +1,223 @@
+"""`cim-place agent` (run a leaf agent) and the commands that go through the domain: `add --server`
+(through a running agent) and `get` (from whichever nodes hold the content, verified).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, BinaryIO
+
+import typer
+from nats.aio.client import Client
+
+from cim_place.cli._domain import CredsOption, ServerOption, choose_domain
+from cim_place.cli._output import handles_errors
+from cim_place.cluster.agent import describe, run_agent
+from cim_place.cluster.agent_config import AgentConfig, VolumeConfig, load_agent_config
+from cim_place.cluster.connection import DEFAULT_SERVER, connected, jetstream
+from cim_place.cluster.fetch import fetch_dag
+from cim_place.cluster.holders import find_holders
+from cim_place.cluster.names import NameRegistry
+from cim_place.cluster.registry import list_nodes
+from cim_place.cluster.subjects import check_node_id
+from cim_place.cluster.upload import UploadResult, upload
+from cim_place.errors import BlockNotFoundError, CimPlaceError, InvalidCidError, StoreError
+from cim_place.objectstore import cid as cids
+from cim_place.objectstore.blockstore import FsBlockStore
+from cim_place.objectstore.unixfs import read_file
+from cim_place.policies.quantities import parse_size
+
+
+def _volume_flag(text: str, index: int) -> VolumeConfig:
+    """``PATH`` or ``PATH:CAPACITY`` (e.g. /data/disk0:500GiB)."""
+    path, sep, capacity = text.rpartition(":")
+    if not sep:
+        path, capacity = text, ""
+    try:
+        size = parse_size(capacity) if capacity else None
+    except ValueError as exc:
+        raise CimPlaceError(f"--volume {text}: {exc} (write PATH or PATH:CAPACITY)") from None
+    return VolumeConfig(f"v{index}", Path(path), size)
+
+
+def agent_command(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Agent configuration (YAML).")
+    ] = None,
+    node: Annotated[str | None, typer.Option("--node", help="Node id (without --config).")] = None,
+    server: Annotated[
+        str | None,
+        typer.Option("--server", "-s", help="The leaf's NATS server(s), comma separated."),
+    ] = None,
+    creds: CredsOption = None,
+    volume: Annotated[
+        list[str] | None, typer.Option("--volume", help="PATH or PATH:CAPACITY (repeatable).")
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="KEY=VALUE, e.g. zone=eu-1 (repeatable).")
+    ] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag, e.g. ssd.")] = None,
+    metrics: Annotated[
+        str | None, typer.Option("--metrics", help="host:port for Prometheus metrics.")
+    ] = None,
+) -> None:
+    """Run a leaf agent until interrupted: store, announce, serve and fetch content."""
+    with contextlib.suppress(KeyboardInterrupt):
+        _run_agent(_agent_config(config, node, server, creds, volume, label, tag, metrics))
+
+
+@handles_errors
+def _agent_config(
+    config: Path | None,
+    node: str | None,
+    server: str | None,
+    creds: str | None,
+    volume: list[str] | None,
+    label: list[str] | None,
+    tag: list[str] | None,
+    metrics: str | None,
+) -> AgentConfig:
+    if config is not None:
+        return load_agent_config(config)
+    if node is None or not volume:
+        raise CimPlaceError(
+            "give --config FILE, or at least --node ID and --volume PATH "
+            "(see `cim-place agent --help`)"
+        )
+    labels = {}
+    for pair in label or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise CimPlaceError(f"--label {pair!r} is not KEY=VALUE (example: --label zone=eu-1)")
+        labels[key] = value
+    return AgentConfig(
+        node=check_node_id(node),
+        volumes=tuple(_volume_flag(v, i) for i, v in enumerate(volume)),
+        servers=tuple((server or DEFAULT_SERVER).split(",")),
+        creds=creds,
+        labels=labels,
+        tags=tuple(tag or ()),
+        metrics=metrics,
+    )
+
+
+@handles_errors
+def _run_agent(config: AgentConfig) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        typer.echo(describe(config), err=True)
+        await run_agent(config, stop)
+
+    asyncio.run(main())
+
+
+async def _target_node(nc: Client, node: str | None) -> str:
+    """The node whose agent takes an upload: --node, else the leaf the client is connected to."""
+    if node is not None:
+        return check_node_id(node)
+    info = nc._server_info or {}
+    own = info.get("domain")
+    domain = await choose_domain(nc, None)
+    if own and own != domain:
+        return str(own)  # connected to a leaf: its JetStream domain is its node id
+    nodes = [record.node for record in await list_nodes(jetstream(nc, domain))]
+    if len(nodes) == 1:
+        return nodes[0]
+    known = ", ".join(nodes) or "none running"
+    raise CimPlaceError(
+        f"which node should store it? The server is not a leaf; pass --node (nodes: {known})"
+    )
+
+
+async def add_remote(
+    server: str | None,
+    creds: str | None,
+    node: str | None,
+    stream: BinaryIO,
+    size: int | None,
+    *,
+    name: str | None,
+    profile: str,
+    owner: str,
+    metadata: dict[str, str],
+) -> UploadResult:
+    """Store a file through a running agent (the one of ``node``, or of the leaf connected to)."""
+    async with connected(server, creds=creds) as nc:
+        target = await _target_node(nc, node)
+        return await upload(
+            nc,
+            target,
+            stream,
+            name=name,
+            owner=owner,
+            metadata=metadata,
+            profile=profile,
+            size=size,
+        )
+
+
+def get_command(
+    ref: Annotated[str, typer.Argument(help="CID or domain-wide name.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+    server: ServerOption = None,
+    creds: CredsOption = None,
+) -> None:
+    """Fetch content from whichever nodes hold it, verifying every block."""
+    _get(ref, output, server, creds)
+
+
+@handles_errors
+def _get(ref: str, output: Path | None, server: str | None, creds: str | None) -> None:
+    async def main() -> None:
+        async with connected(server, creds=creds) as nc:
+            try:
+                root = cids.parse(ref)
+            except InvalidCidError:
+                root = await NameRegistry(jetstream(nc, await choose_domain(nc, None))).resolve(ref)
+            holders = await find_holders(nc, root)
+            if not holders:
+                raise BlockNotFoundError(cids.to_str(root))
+            with tempfile.TemporaryDirectory(prefix="cim-place-get-") as tmp:
+                blocks = FsBlockStore(Path(tmp), fsync="none")
+                try:
+                    await fetch_dag(nc, root, holders, blocks)
+                    _write(read_file(blocks, root), output)
+                finally:
+                    blocks.close()
+
+    asyncio.run(main())
+
+
+def _write(chunks: Iterator[bytes], output: Path | None) -> None:
+    if output is None:
+        out = sys.stdout.buffer
+        for chunk in chunks:
+            out.write(chunk)
+        out.flush()
+        return
+    partial = output.with_name(output.name + ".partial")
+    try:
+        with partial.open("wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+        partial.replace(output)
+    except OSError as exc:
+        raise StoreError(f"cannot write {output}: {exc.strerror or exc}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("agent")(agent_command)
+    app.command("get")(get_command)
