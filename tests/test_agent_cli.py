@@ -1,4 +1,4 @@
-"""`cim-place agent`, `add --server` and `get`, as an operator runs them: real processes, real servers."""
+"""`cim-place agent`, `add --server` and `get` as an operator runs them, on real servers."""
 
 from __future__ import annotations
 
