@@ -1,0 +1,127 @@
+"""pytest fixtures that run real nats-server topologies (load with ``pytest_plugins``).
+
+Fixtures (function scoped unless noted):
+
+- ``nats_server``: one standalone JetStream server (no domain), a ``NatsServer``.
+- ``hub1``: the development topology: a 1-server hub, JetStream domain ``hub``, accepting leaves.
+- ``hub``: a fresh 3-server clustered hub, JetStream domain ``hub``; use it when a test stops,
+  restarts or otherwise mutates hub members.
+- ``hub_cluster`` (module scoped): a shared 3-server hub; tests may add streams and buckets with
+  unique names but must not stop members or assume it is empty.
+- ``leaf_factory``: ``leaf_factory(name, *, hub=None, via_proxy=False) -> NatsServer`` starts a
+  leaf (JetStream domain = name) on ``hub`` (default: ``hub1``) and stops it at teardown.
+- ``nats_client``: the ``connected`` helper: ``async with nats_client(url) as nc``. Test code can
+  also import ``connected`` from here.
+
+Every server is stopped at teardown whether or not the test failed; ``nats_server_children()``
+lists the nats-server processes still running under this process (the no-leak check).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+from nats.aio.client import Client
+
+from cim_place.cluster.connection import connected
+from cim_place.cluster.servers import Hub, NatsServer, add_leaf, start_hub, start_single
+
+__all__ = ["ClientFactory", "LeafFactory", "connected", "nats_server_children"]
+
+
+class LeafFactory(Protocol):
+    """Starts a leaf named ``name`` (its JetStream domain too) on ``hub`` (default: ``hub1``)."""
+
+    def __call__(
+        self, name: str, *, hub: Hub | None = None, via_proxy: bool = False
+    ) -> NatsServer: ...
+
+
+def nats_server_children(parent: int | None = None) -> list[int]:
+    """PIDs of nats-server processes whose parent is ``parent`` (default: this process)."""
+    parent = os.getpid() if parent is None else parent
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Format: "pid (comm) state ppid ..."; comm may contain spaces, so split after ')'.
+        comm = stat[stat.find("(") + 1 : stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if comm == "nats-server" and int(fields[1]) == parent:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = start_single(tmp_path / "nats")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def hub1(tmp_path: Path) -> Iterator[Hub]:
+    hub = start_hub(tmp_path / "hub1", size=1)
+    try:
+        yield hub
+    finally:
+        hub.stop()
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    cluster = start_hub(tmp_path / "hub", size=3)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def hub_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    cluster = start_hub(tmp_path_factory.mktemp("hub-cluster"), size=3)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def leaf_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LeafFactory]:
+    leaves: list[NatsServer] = []
+
+    def make(name: str, *, hub: Hub | None = None, via_proxy: bool = False) -> NatsServer:
+        target: Hub = hub if hub is not None else request.getfixturevalue("hub1")
+        leaf = add_leaf(target, tmp_path / "leaves" / name, name, via_proxy=via_proxy)
+        leaves.append(leaf)
+        return leaf
+
+    try:
+        yield make
+    finally:
+        for leaf in reversed(leaves):
+            leaf.stop()
+
+
+class ClientFactory(Protocol):
+    """``async with nats_client(url) as nc``: a fail-fast client, closed on exit."""
+
+    def __call__(
+        self, servers: str | list[str] | None = None, *, name: str = ...
+    ) -> AbstractAsyncContextManager[Client]: ...
+
+
+@pytest.fixture
+def nats_client() -> ClientFactory:
+    return connected
