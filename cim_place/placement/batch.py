@@ -93,7 +93,13 @@ def plan_batch(
     sizes = np.ascontiguousarray(sizes, dtype=np.int64)
     cols = _Columns(el)
     groups = len(cols.starts)
-    vectorisable = groups >= r and (rule.locality is None or rule.locality.min_local == 0)
+    # One replica per spread domain respects any cap at the same or a narrower level (nested
+    # domains); a cap at a wider level is left to the scalar walk.
+    vectorisable = (
+        groups >= r
+        and (rule.locality is None or rule.locality.min_local == 0)
+        and rule.cap_domain_level >= rule.spread
+    )
     rows = min(batch_rows, len(keys))
     work = (
         np.empty((rows, len(el.eligible)), dtype=np.uint64),

@@ -170,31 +170,43 @@ class NodeMap:
 class LabelOp(enum.StrEnum):
     IN = "in"
     NOT_IN = "not_in"
+    EXISTS = "exists"
+    """The volume has the label (any value; ``values`` is ignored)."""
+    NOT_EXISTS = "not_exists"
+    """The volume lacks the label (``values`` is ignored)."""
 
 
 @dataclass(frozen=True, slots=True)
 class LabelRequirement:
-    """``key in {values}`` or ``key not in {values}``. A volume without the label fails ``in`` and
-    passes ``not_in``."""
+    """``key in {values}``, ``key not in {values}``, ``key`` exists or ``key`` does not exist. A
+    volume without the label fails ``in`` and passes ``not_in``."""
 
     key: str
     op: LabelOp
-    values: frozenset[str]
+    values: frozenset[str] = frozenset()
 
     def matches(self, volume: Volume) -> bool:
         value = volume.label(self.key)
+        if self.op is LabelOp.EXISTS:
+            return value is not None
+        if self.op is LabelOp.NOT_EXISTS:
+            return value is None
         inside = value is not None and value in self.values
         return inside if self.op is LabelOp.IN else not inside
 
     def __str__(self) -> str:
+        if self.op is LabelOp.EXISTS:
+            return f"{self.key} exists"
+        if self.op is LabelOp.NOT_EXISTS:
+            return f"{self.key} does not exist"
         op = "in" if self.op is LabelOp.IN else "not in"
         return f"{self.key} {op} {{{', '.join(sorted(self.values))}}}"
 
 
 @dataclass(frozen=True, slots=True)
 class Preference:
-    """A soft preference: volumes with ``tag`` (or with label ``key=value``) have their
-    rendezvous weight multiplied by ``weight``.
+    """A soft preference: volumes with ``tag`` (or with label ``key=value``, or meeting the label
+    ``requirement``) have their rendezvous weight multiplied by ``weight``.
 
     Straw2 picks a volume first with probability proportional to its weight, so ``weight=2``
     makes a matching volume twice as likely to be chosen as an equal non-matching one, ``0.5``
@@ -206,10 +218,14 @@ class Preference:
     weight: float
     tag: str | None = None
     label: tuple[str, str] | None = None
+    requirement: LabelRequirement | None = None
 
     def __post_init__(self) -> None:
-        if (self.tag is None) == (self.label is None):
-            raise PlacementError("a preference names exactly one of a tag or a label=value")
+        named = sum(x is not None for x in (self.tag, self.label, self.requirement))
+        if named != 1:
+            raise PlacementError(
+                "a preference names exactly one of a tag, a label=value or a label requirement"
+            )
         if not self.weight > 0:
             raise PlacementError(
                 f"preference weight {self.weight} must be > 0 (to exclude volumes use a "
@@ -219,12 +235,17 @@ class Preference:
     def matches(self, volume: Volume) -> bool:
         if self.tag is not None:
             return self.tag in volume.tags
+        if self.requirement is not None:
+            return self.requirement.matches(volume)
         assert self.label is not None
         return volume.label(self.label[0]) == self.label[1]
 
     def sort_key(self) -> tuple[str, str, str, float]:
         if self.tag is not None:
             return ("tag", self.tag, "", self.weight)
+        if self.requirement is not None:
+            r = self.requirement
+            return ("requirement", r.key, f"{r.op.value}:{','.join(sorted(r.values))}", self.weight)
         assert self.label is not None
         return ("label", self.label[0], self.label[1], self.weight)
 
@@ -277,15 +298,18 @@ class PlacementRule:
     ``replicas`` copies are desired; ``min`` is the floor the reconciler never drops below (the
     planner only reports it). Spread: replicas go to distinct ``spread`` domains; when there are
     fewer such domains than replicas, to distinct domains one level lower, down to distinct
-    volumes. ``max_per_domain`` (optional) is a hard cap of replicas per ``spread`` domain that
-    even that fallback respects. ``load_cap`` is the epsilon of bounded load: a volume whose used
-    bytes exceed ``(1 + load_cap)`` times its fair share takes no new replica (``None``: no cap).
+    volumes. ``max_per_domain`` (optional) is a hard cap of replicas per ``cap_level`` domain
+    (default: the ``spread`` level) that even that fallback respects; a policy that spreads as far
+    apart as possible but caps copies per zone says ``spread=REGION, cap_level=ZONE``.
+    ``load_cap`` is the epsilon of bounded load: a volume whose used bytes exceed
+    ``(1 + load_cap)`` times its fair share takes no new replica (``None``: no cap).
     """
 
     replicas: int
     min: int = 1
     spread: SpreadLevel = SpreadLevel.ZONE
     max_per_domain: int | None = None
+    cap_level: SpreadLevel | None = None
     required_tags: frozenset[str] = frozenset()
     requirements: tuple[LabelRequirement, ...] = ()
     excluded_nodes: frozenset[str] = frozenset()
@@ -315,6 +339,11 @@ class PlacementRule:
         object.__setattr__(
             self, "preferences", tuple(sorted(self.preferences, key=Preference.sort_key))
         )
+
+    @property
+    def cap_domain_level(self) -> SpreadLevel:
+        """The level at which ``max_per_domain`` counts replicas."""
+        return self.spread if self.cap_level is None else self.cap_level
 
     def spread_levels(self) -> tuple[SpreadLevel, ...]:
         """The fallback chain: the spread level, then each narrower level down to volume."""

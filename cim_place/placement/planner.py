@@ -278,8 +278,8 @@ class _Walk:
         if level is not SpreadLevel.VOLUME and self.counts[level].get(domains[level][i], 0):
             return False
         limit = self.rule.max_per_domain
-        spread = self.rule.spread
-        return limit is None or self.counts[spread].get(domains[spread][i], 0) < limit
+        cap = self.rule.cap_domain_level
+        return limit is None or self.counts[cap].get(domains[cap][i], 0) < limit
 
     def take(self, i: int, verdict: Verdict) -> None:
         self.chosen.append(i)
@@ -336,6 +336,8 @@ class _Walk:
         worst_taken = max((self.rank[i] for i in self.chosen), default=0)
         spread_domains = el.domains[self.rule.spread]
         spread_counts = self.counts[self.rule.spread]
+        cap_domains = el.domains[self.rule.cap_domain_level]
+        cap_counts = self.counts[self.rule.cap_domain_level]
         limit = self.rule.max_per_domain
         for i in self.ranking:
             if i in self.chosen_set:
@@ -348,8 +350,9 @@ class _Walk:
                 verdict, detail = Verdict.OVER_CAP, f"{volume.used} bytes used"
             else:
                 used_here = spread_counts.get(spread_domains[i], 0)
-                if limit is not None and used_here >= limit:
-                    verdict, detail = Verdict.DOMAIN_FULL, self._domain_name(i)
+                if limit is not None and cap_counts.get(cap_domains[i], 0) >= limit:
+                    level = self.rule.cap_domain_level
+                    verdict, detail = Verdict.DOMAIN_FULL, self._domain_name(i, level)
                 elif used_here and rank < worst_taken:
                     verdict, detail = Verdict.DOMAIN_USED, self._domain_name(i)
                 else:
@@ -365,9 +368,9 @@ class _Walk:
             degraded=self._degraded(),
         )
 
-    def _domain_name(self, i: int) -> str:
-        spread = self.rule.spread
-        return f"{spread.name.lower()} {'/'.join(self.el.domains[spread][i])}"
+    def _domain_name(self, i: int, level: SpreadLevel | None = None) -> str:
+        level = self.rule.spread if level is None else level
+        return f"{level.name.lower()} {'/'.join(self.el.domains[level][i])}"
 
     def _degraded(self) -> tuple[str, ...]:
         out: list[str] = []
