@@ -1,0 +1,125 @@
+"""The locations store (KV ``cim-place-locations``) against a real hub server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.js import JetStreamContext
+
+from cim_place.cluster.connection import connected, jetstream
+from cim_place.cluster.kv import LOCATIONS
+from cim_place.cluster.locations import SUMMARY_KEY, LocationStore
+from cim_place.cluster.servers import Hub
+from cim_place.errors import TransportError
+from cim_place.objectstore.cid import RAW, make_cid, to_str
+from cim_place.placement.status import Condition, Location, ObjectStatus, Summary
+
+
+def status(n: int, state: str = "placed", updated_at: float = 1.0) -> ObjectStatus:
+    return ObjectStatus(
+        cid=to_str(make_cid(RAW, n.to_bytes(4, "big"))),
+        state=state,  # type: ignore[arg-type]
+        locations=(Location("n1", "v1", "z1"), Location("n2", "v1", "z2", "fetching")),
+        desired=2,
+        policy="two",
+        name=f"object-{n}",
+        owner="alice",
+        size=1024,
+        metadata={"team": "web"},
+        conditions=(Condition("Placed", True, "DesiredMet", "2 of 2 copies", 1.0),),
+        updated_at=updated_at,
+    )
+
+
+@pytest.fixture
+async def js_hub(hub1: Hub) -> AsyncIterator[JetStreamContext]:
+    async with connected(hub1.urls) as nc:
+        yield jetstream(nc, "hub")
+
+
+async def test_round_trip(js_hub: JetStreamContext) -> None:
+    store = await LocationStore(js_hub).open()
+    record = status(1)
+    assert await store.get(record.cid) is None
+    assert await store.put(record)
+    assert await store.get(record.cid) == record
+    assert await store.get(make_cid(RAW, (1).to_bytes(4, "big"))) == record  # binary CID too
+    await store.delete(record.cid)
+    assert await store.get(record.cid) is None
+    await store.delete(record.cid)  # absent: fine
+
+
+async def test_an_unchanged_status_is_not_rewritten(js_hub: JetStreamContext) -> None:
+    store = await LocationStore(js_hub).open()
+    bucket = store.bucket
+    record = status(2)
+    assert await store.put(record)
+    revision = (await bucket.get(record.cid)).revision
+    for _ in range(3):
+        assert not await store.put(status(2))
+    assert (store.writes, store.skipped) == (1, 3)
+    assert (await bucket.get(record.cid)).revision == revision
+    # A change is written; going back is a change too.
+    assert await store.put(status(2, "progressing"))
+    assert await store.put(record)
+    assert store.writes == 3
+    # After a delete the same status is written again.
+    await store.delete(record.cid)
+    assert await store.put(record)
+    assert store.writes == 4
+
+
+async def test_summary_round_trip(js_hub: JetStreamContext) -> None:
+    store = await LocationStore(js_hub).open()
+    assert await store.summary() is None
+    summary = Summary(
+        objects=3,
+        by_state={"placed": 2, "degraded": 1},
+        under_replicated=1,
+        total_bytes=3072,
+        nodes_up=4,
+        updated_at=5.0,
+    )
+    await store.put_summary(summary)
+    assert await store.summary() == summary
+
+
+async def test_list_filters_by_state_and_skips_the_summary(js_hub: JetStreamContext) -> None:
+    store = await LocationStore(js_hub).open()
+    assert [s async for s in store.list()] == []
+    for n in range(10):
+        await store.put(status(n, "degraded" if n % 3 == 0 else "placed"))
+    await store.put_summary(Summary(objects=10))
+    await store.delete(status(9).cid)
+    listed = [s async for s in store.list()]
+    assert sorted(s.cid for s in listed) == sorted(status(n).cid for n in range(9))
+    degraded = [s async for s in store.list("degraded")]
+    assert sorted(s.cid for s in degraded) == sorted(status(n).cid for n in (0, 3, 6))
+
+
+async def test_garbage_values_are_skipped_and_counted(js_hub: JetStreamContext) -> None:
+    store = await LocationStore(js_hub).open()
+    bucket = store.bucket
+    good = status(1)
+    await store.put(good)
+    await bucket.put("bafkgarbage1", b"\xff\xfe not json")
+    await bucket.put("bafkgarbage2", b'{"cid": "x", "state": "exploded"}')
+    await bucket.put("bafkgarbage3", b"[1, 2, 3]")
+    await bucket.put(SUMMARY_KEY, b'{"objects": "many"}')
+    assert await store.get("bafkgarbage1") is None
+    assert store.garbage == 1
+    assert [s async for s in store.list()] == [good]
+    assert store.garbage == 4
+    assert await store.summary() is None
+    assert store.garbage == 5
+    assert await store.get("not a valid key!") is None
+
+
+async def test_a_reader_without_the_bucket_is_told_what_to_do(js_hub: JetStreamContext) -> None:
+    with pytest.raises(TransportError, match="no controller"):
+        await LocationStore(js_hub).open(create=False)
+    await LocationStore(js_hub).open()
+    reader = await LocationStore(js_hub).open(create=False)
+    assert reader.bucket is not None
+    assert (await js_hub.key_value(LOCATIONS)) is not None
