@@ -18,6 +18,7 @@ import typer
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from cim_place.cli.context import server_default
 from cim_place.errors import TransportError
 
 __all__ = [
@@ -80,8 +81,9 @@ ServerOption = Annotated[
         "-s",
         envvar="CIM_PLACE_SERVER",
         help="NATS server(s), comma separated: a hub or leaf server "
-        "(default: nats://127.0.0.1:4222).",
+        "(default: the domain `cim-place up` runs here, else nats://127.0.0.1:4222).",
         show_default=False,
+        callback=server_default,
     ),
 ]
 CredsOption = Annotated[

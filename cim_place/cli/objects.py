@@ -180,6 +180,9 @@ def add_command(
     metadata = parse_metadata(meta or [])
     if server is not None or node is not None:
         from cim_place.cli.agent import add_remote
+        from cim_place.cli.context import server_default
+
+        server = server_default(server)  # --node alone: the domain `cim-place up` runs here
 
         with open_input(file) as (stream, size):
             result = asyncio.run(

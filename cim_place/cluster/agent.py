@@ -44,6 +44,7 @@ from cim_place.cluster.fetch import BandwidthLimit, Holder, Labels, fetch_dag
 from cim_place.cluster.holders import HolderResponder, find_holders
 from cim_place.cluster.metrics import AgentMetrics
 from cim_place.cluster.registry import Heartbeat, NodeRecord, VolumeStatus, list_nodes
+from cim_place.cluster.security import ReadAccess, identity_of
 from cim_place.cluster.tasks import Task, TaskOutcome, TaskResult, TaskWorker
 from cim_place.cluster.upload import UploadService
 from cim_place.errors import CimPlaceError, StoreError, StoreFullError, TransportError
@@ -107,10 +108,12 @@ class Agent:
         self.publisher = EventPublisher(js_leaf, self.node, subjects=self.subjects)
 
         stores = list(self.volumes.values())
+        blocks = VolumeSet([s.blocks for s in stores])
+        # Object access is enforced once the domain authenticates its users (the agent's own
+        # server URL names its user); in an open domain every requester is anonymous.
+        access = ReadAccess(self._pin_of, blocks) if identity_of(config.servers) else None
         self._services = [
-            BlockServer(
-                nc, self.node, VolumeSet([s.blocks for s in stores]), subjects=self.subjects
-            ),
+            BlockServer(nc, self.node, blocks, subjects=self.subjects, access=access),
             HolderResponder(
                 nc,
                 self.node,
@@ -225,6 +228,10 @@ class Agent:
             if pin is not None:
                 return name, pin
         return None
+
+    def _pin_of(self, root: bytes) -> Pin | None:
+        located = self.pinned_on(root)
+        return located[1] if located is not None else None
 
     def _volume_for(self, size: int | None) -> ObjectStore:
         """The volume with the most free space; StoreFullError when none has room for ``size``."""

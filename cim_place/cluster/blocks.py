@@ -8,6 +8,12 @@ copied once into a message and never re-encoded.
 Request (one message)::
 
     0xCB 0x01 0x10  varint(max_reply)  varint(count)  (varint(len) cid)*count
+    0xCB 0x01 0x11  varint(len) root  varint(max_reply)  varint(count)  (varint(len) cid)*count
+
+The second form names the root the blocks are fetched for, so that a holder enforcing object
+access (``cim_place.cluster.security.ReadAccess``) can check that the requester may read it and
+that every CID lies under it. The requester is who NATS says it is: the user whose inbox prefix
+the reply subject carries (``security.requester_of``), never a field of the request.
 
 ``max_reply`` is the largest reply message the requester's own server accepts (0: no opinion);
 the holder answers with messages no larger than the smaller of that and its own server's
@@ -29,7 +35,8 @@ every message but the last is filled to the limit: a stream of 1 MiB blocks cost
 messages. An unknown CID, and a block whose local copy is corrupt (it is never served), is a
 MISSING record, not an error. END closes every stream; ``messages`` lets the requester notice a
 lost message (core NATS is at most once), and a non-zero ``status`` says why a request was
-refused (malformed, too large). The server never raises on bad input: it counts, logs, answers.
+refused (malformed, too large, not allowed). The server never raises on bad input: it counts,
+logs, answers.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from cim_place.cluster.security import ReadAccess, requester_of
 from cim_place.cluster.subjects import Subjects
 from cim_place.errors import BlockNotFoundError, CorruptBlockError, InvalidCidError
 from cim_place.interfaces import BlockSource
@@ -61,6 +69,7 @@ __all__ = [
     "VolumeSet",
     "decode_reply",
     "decode_request",
+    "decode_request_for",
     "encode_request",
 ]
 
@@ -69,6 +78,7 @@ _log = logging.getLogger(__name__)
 MAGIC = 0xCB
 VERSION = 1
 _KIND_GET = 0x10
+_KIND_GET_FOR = 0x11
 _REC_PART = 0x01
 _REC_MISSING = 0x02
 _REC_END = 0x03
@@ -96,6 +106,8 @@ class Status(IntEnum):
     """The request names more CIDs, or has more bytes, than a holder accepts."""
     SERVER_ERROR = 3
     """The holder failed while answering (its store raised something unexpected)."""
+    NOT_ALLOWED = 4
+    """The requester may not read the root it names (or named none, or a CID outside it)."""
 
 
 class ProtocolError(ValueError):
@@ -134,11 +146,15 @@ Record = Part | Missing | End
 # -- requests ------------------------------------------------------------------------------------
 
 
-def encode_request(cids: Sequence[Cid], *, max_reply: int = 0) -> bytes:
-    """The request message for ``cids``; ``max_reply`` is the requester's max payload."""
+def encode_request(cids: Sequence[Cid], *, max_reply: int = 0, root: Cid | None = None) -> bytes:
+    """The request message for ``cids``; ``max_reply`` is the requester's max payload, ``root``
+    the root they are fetched for (needed by holders that enforce object access)."""
     if len(cids) > MAX_REQUEST_CIDS:
         raise ValueError(f"{len(cids)} CIDs in one request; at most {MAX_REQUEST_CIDS}")
-    out = bytearray((MAGIC, VERSION, _KIND_GET))
+    out = bytearray((MAGIC, VERSION, _KIND_GET if root is None else _KIND_GET_FOR))
+    if root is not None:
+        out += varint(len(root))
+        out += root
     out += varint(max_reply)
     out += varint(len(cids))
     for cid in cids:
@@ -149,16 +165,31 @@ def encode_request(cids: Sequence[Cid], *, max_reply: int = 0) -> bytes:
 
 def decode_request(data: bytes) -> tuple[list[Cid], int]:
     """(cids, max_reply) of a request; raises ProtocolError saying what is wrong."""
+    cids, max_reply, _ = decode_request_for(data)
+    return cids, max_reply
+
+
+def decode_request_for(data: bytes) -> tuple[list[Cid], int, Cid | None]:
+    """(cids, max_reply, root) of a request (root None: the request names none)."""
     if len(data) > MAX_REQUEST_BYTES:
         raise _TooLarge(f"request of {len(data)} bytes; at most {MAX_REQUEST_BYTES}")
     if len(data) < 3 or data[0] != MAGIC:
         raise ProtocolError("not a cim-place block request (bad magic byte)")
     if data[1] != VERSION:
         raise ProtocolError(f"block request version {data[1]}; this holder speaks {VERSION}")
-    if data[2] != _KIND_GET:
+    if data[2] not in (_KIND_GET, _KIND_GET_FOR):
         raise ProtocolError(f"unknown block request kind 0x{data[2]:02x}")
+    root: Cid | None = None
     try:
-        max_reply, pos = read_varint(data, 3)
+        pos = 3
+        if data[2] == _KIND_GET_FOR:
+            size, pos = read_varint(data, pos)
+            if size == 0 or size > _MAX_CID_BYTES or pos + size > len(data):
+                raise ProtocolError(f"the root CID has an impossible length {size}")
+            root = bytes(data[pos : pos + size])
+            pos += size
+            split(root)
+        max_reply, pos = read_varint(data, pos)
         count, pos = read_varint(data, pos)
         if count > MAX_REQUEST_CIDS:
             raise _TooLarge(f"request names {count} CIDs; at most {MAX_REQUEST_CIDS}")
@@ -179,7 +210,7 @@ def decode_request(data: bytes) -> tuple[list[Cid], int]:
         raise ProtocolError(f"block request names an invalid CID: {exc}") from None
     if pos != len(data):
         raise ProtocolError(f"{len(data) - pos} trailing bytes after the request")
-    return cids, max_reply
+    return cids, max_reply, root
 
 
 class _TooLarge(ProtocolError):
@@ -361,6 +392,8 @@ class ServeStats:
     """Requests refused as garbage, oversized or of the wrong kind, or without a reply subject."""
     errors: int = 0
     """Requests that failed on the holder's side, and blocks it could not read (I/O errors)."""
+    refused: int = 0
+    """Requests refused by object access control (the requester may not read the root)."""
     corrupt_cids: list[Cid] = field(default_factory=list)
     """The most recent corrupt local blocks (the last 100), for a repair task."""
 
@@ -390,6 +423,7 @@ class BlockServer:
         subjects: Subjects | None = None,
         concurrency: int = 8,
         queue: str | None = None,
+        access: ReadAccess | None = None,
     ) -> None:
         self.nc = nc
         self.node = node
@@ -397,6 +431,8 @@ class BlockServer:
         self.subjects = subjects if subjects is not None else Subjects()
         self.subject = self.subjects.block_get(node)
         self.queue = queue
+        # None: every block is served to anyone who can reach the subject (an open domain).
+        self.access = access
         self.stats = ServeStats()
         self._slots = asyncio.Semaphore(max(1, concurrency))
         self._tasks: set[asyncio.Task[None]] = set()
@@ -458,7 +494,7 @@ class BlockServer:
             _log.warning("block request on %s without a reply subject: ignored", self.subject)
             return
         try:
-            cids, asked = decode_request(msg.data)
+            cids, asked, root = decode_request_for(msg.data)
         except ProtocolError as exc:
             self.stats.malformed += 1
             status = Status.TOO_LARGE if isinstance(exc, _TooLarge) else Status.MALFORMED
@@ -466,6 +502,8 @@ class BlockServer:
             await self._send(reply, _ReplyWriter(self._reply_limit(0)).end(status, str(exc)))
             return
         writer = _ReplyWriter(self._reply_limit(asked))
+        if self.access is not None and await self._refused(msg.reply, root, cids, writer):
+            return
         # Read ahead one block in a thread while the previous one is being sent.
         loop = asyncio.get_running_loop()
         pending: asyncio.Future[tuple[bytes | None, str]] | None = None
@@ -484,6 +522,29 @@ class BlockServer:
             self.stats.blocks_served += 1
             self.stats.bytes_served += len(data)
         await self._send(reply, writer.end())
+
+    async def _refused(
+        self, reply: str, root: Cid | None, cids: list[Cid], writer: _ReplyWriter
+    ) -> bool:
+        """Answer a request that access control refuses; False when it is allowed."""
+        assert self.access is not None
+        requester = requester_of(reply)
+        if root is not None and self.access.pin_of(root) is None:
+            # Not pinned here: its readers are unknown on this node, so it is not served from
+            # here; MISSING sends the requester on to the next holder.
+            for cid in cids:
+                self.stats.missing += 1
+                await self._send(reply, writer.missing(cid))
+            await self._send(reply, writer.end())
+            return True
+        # Checking DAG membership reads blocks: off the event loop.
+        reason = await asyncio.to_thread(self.access.check, requester, root, cids)
+        if reason is None:
+            return False
+        self.stats.refused += 1
+        _log.info("refused block request on %s: %s", self.subject, reason)
+        await self._send(reply, writer.end(Status.NOT_ALLOWED, reason))
+        return True
 
     def _read(self, cid: Cid) -> tuple[bytes | None, str]:
         """(block, "") or (None, why): runs in a worker thread, so it only reads."""

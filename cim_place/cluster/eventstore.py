@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -681,6 +682,16 @@ class EventPublisher:
 # -- reading --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as the hub stored it: the envelope (with its stream sequence), the node that
+    published it (the ``<prefix>.evt.<node>.<Type>`` subject token) and when it was stored."""
+
+    envelope: Envelope
+    node: str
+    stored_at: float
+
+
 class EventReader:
     """Decoded envelopes of ``CIM_PLACE_EVENTS`` in stream order, with their stream sequence.
 
@@ -741,6 +752,13 @@ class EventReader:
 
         Returns an empty list when nothing arrives in time. Acknowledges the previous batch.
         """
+        return [stored.envelope for stored in await self.fetch_stored(max_messages, timeout)]
+
+    async def fetch_stored(
+        self, max_messages: int | None = None, timeout: float = 1.0
+    ) -> list[StoredEvent]:
+        """Like :meth:`fetch`, with the publishing node (the subject's node token) and the time
+        the hub stored each event."""
         await self.commit()
         sub = await self._subscription()
         loop = asyncio.get_running_loop()
@@ -763,13 +781,22 @@ class EventReader:
                 await asyncio.sleep(_LEADER_RETRY)
             except nats.errors.Error as error:
                 raise _unreachable(f"reading {EVENTS_STREAM}", error) from error
-        envelopes: list[Envelope] = []
+        envelopes: list[StoredEvent] = []
         for msg in messages:
             sequence = msg.metadata.sequence.stream
             self.last_sequence = sequence
             self._unacked = msg
             try:
-                envelopes.append(decode(msg.data, sequence=sequence))
+                envelope = decode(msg.data, sequence=sequence)
+                tokens = msg.subject.split(".")
+                stored_at = msg.metadata.timestamp
+                envelopes.append(
+                    StoredEvent(
+                        envelope,
+                        tokens[-2] if len(tokens) >= 2 else envelope.owner,
+                        stored_at.timestamp() if stored_at is not None else time.time(),
+                    )
+                )
             except EnvelopeError as error:
                 self.malformed += 1
                 _log.warning(

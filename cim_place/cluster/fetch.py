@@ -16,7 +16,8 @@ The steps:
    join the walk. A holder that serves a block whose bytes do not match is skipped for the rest of
    the fetch and reported. A CID a holder does not have goes to the next holder.
 4. Return when the whole DAG is present; raise ``BlockUnavailableError`` naming the first CID
-   that no holder could supply.
+   that no holder could supply, or ``AccessDeniedError`` at once when a holder says that this
+   requester may not read the root (every request names the root it fetches for).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from cim_place.cluster.blocks import (
     decode_reply,
     encode_request,
 )
+from cim_place.cluster.security import AccessDeniedError
 from cim_place.cluster.subjects import Subjects
 from cim_place.errors import CorruptBlockError, StoreError, TransportError
 from cim_place.interfaces import BlockStore
@@ -49,6 +51,7 @@ from cim_place.objectstore.cid import DAG_PB, RAW, Cid, codec_of, matches, to_st
 from cim_place.objectstore.dagpb import decode_node
 
 __all__ = [
+    "AccessDeniedError",
     "BandwidthLimit",
     "BlockUnavailableError",
     "FetchResult",
@@ -233,6 +236,7 @@ class _Batch:
     children: list[Cid] = field(default_factory=list)
     failed: str = ""
     corrupt: bool = False
+    denied: str = ""
 
 
 class _Fetch:
@@ -444,6 +448,10 @@ class _Fetch:
     def _settle(self, batch: _Batch) -> None:
         stats = self.result.holders[batch.holder.node]
         stats.requests += 1
+        if batch.denied:
+            # Access is the object's policy, not this holder's state: another holder would
+            # refuse as well, so the fetch ends here with the holder's reason.
+            raise AccessDeniedError(f"{batch.denied} (refused by node {batch.holder.node})")
         stats.missing += len(batch.missing)
         for cid in batch.children:
             self.walk.append(cid)
@@ -482,7 +490,7 @@ class _Fetch:
         try:
             await self.nc.publish(
                 self.subjects.block_get(batch.holder.node),
-                encode_request(batch.cids, max_reply=max_reply),
+                encode_request(batch.cids, max_reply=max_reply, root=self.root),
                 reply=reply,
             )
             await self._receive(batch, queue)
@@ -514,7 +522,10 @@ class _Fetch:
             expected += 1
             for record in records:
                 if isinstance(record, End):
-                    if record.status != Status.OK:
+                    if record.status == Status.NOT_ALLOWED:
+                        batch.denied = record.reason or "not allowed"
+                        batch.failed = f"request refused (NOT_ALLOWED: {record.reason})"
+                    elif record.status != Status.OK:
                         batch.failed = f"request refused ({record.status.name}: {record.reason})"
                     elif record.messages != expected:
                         batch.failed = f"reply of {record.messages} messages, got {expected}"
@@ -637,7 +648,8 @@ async def fetch_dag(
     each stored block.
 
     Returns once every block is present (the caller pins the root then). Raises
-    ``BlockUnavailableError`` when some block has no holder left, ``StoreFullError`` from the
+    ``BlockUnavailableError`` when some block has no holder left, ``AccessDeniedError`` when a
+    holder refuses this requester the root, ``StoreFullError`` from the
     store, ``StoreError`` for a DAG that is not UnixFS. Blocks stored before an error or a
     cancellation stay, so a new call fetches only what is still absent.
     """

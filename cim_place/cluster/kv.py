@@ -23,6 +23,8 @@ LOCATIONS = "cim-place-locations"
 """Where each CID is held, per volume and state."""
 LEADER = "cim-place-leader"
 """The controller's leadership lease (bucket TTL; renewed with compare-and-set)."""
+SETTINGS = "cim-place-settings"
+"""Domain-wide settings, one key each (e.g. the comms offload threshold, cim_place.comms)."""
 
 ALL_BUCKETS = (POLICIES, NODES, NAMES, LOCATIONS, LEADER)
 
@@ -31,9 +33,14 @@ MAX_HISTORY = 64
 
 
 async def ensure_bucket(
-    js: JetStreamContext, name: str, *, history: int = 1, ttl: float | None = None
+    js: JetStreamContext,
+    name: str,
+    *,
+    history: int = 1,
+    ttl: float | None = None,
+    replicas: int = 1,
 ) -> KeyValue:
-    """Return the KV bucket ``name``, creating it with ``history`` and ``ttl`` when absent.
+    """Return the KV bucket ``name``, creating it with ``history``, ``ttl``, ``replicas`` if absent.
 
     Idempotent and safe when several processes race to create the same bucket: an existing
     bucket is opened as it is (its configuration is not changed).
@@ -46,7 +53,7 @@ async def ensure_bucket(
         pass
     except nats.errors.Error as exc:
         raise TransportError(f"could not open KV bucket {name}: {exc}") from exc
-    config = api.KeyValueConfig(bucket=name, history=history, ttl=ttl)
+    config = api.KeyValueConfig(bucket=name, history=history, ttl=ttl, replicas=replicas)
     try:
         return await js.create_key_value(config=config)
     except nats.js.errors.APIError:

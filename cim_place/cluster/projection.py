@@ -60,6 +60,7 @@ from cim_place.policies.model import PolicySet
 
 __all__ = [
     "FailureKey",
+    "LastFailure",
     "ObjectView",
     "Projection",
     "Replica",
@@ -103,6 +104,15 @@ class TaskInFlight:
     root: Cid
     volume: str | None
     enqueued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LastFailure:
+    """The most recent TaskFailed of one (kind, node, volume) of a CID."""
+
+    at: float
+    permanent: bool
+    reason: str
 
 
 def _node_signature(record: NodeRecord) -> tuple[object, ...]:
@@ -151,6 +161,7 @@ class Projection:
         self._tasks: dict[str, TaskInFlight] = {}
         self._tasks_by_cid: dict[bytes, set[str]] = {}
         self._failures: dict[bytes, dict[FailureKey, int]] = {}
+        self._last_failure: dict[bytes, dict[FailureKey, LastFailure]] = {}
         self._inventories: dict[Replica, InventoryDigest] = {}
         self.nodes: dict[str, NodeRecord] = {}
         """Nodes with a live heartbeat, by id."""
@@ -248,9 +259,14 @@ class Projection:
         """
         return self._failures.get(cid, {}).get((kind, node, volume), 0)
 
+    def last_failure(self, cid: Cid, key: FailureKey) -> LastFailure | None:
+        """When the last failure of that task happened, whether it was permanent, and why."""
+        return self._last_failure.get(cid, {}).get(key)
+
     def clear_failures(self, cid: Cid) -> None:
         """Forget the failures of ``cid`` (for example once it is placed again)."""
         self._failures.pop(cid, None)
+        self._last_failure.pop(cid, None)
 
     def inventory(self, node: str, volume: str) -> InventoryDigest | None:
         """The last InventoryDigest that ``node`` published for ``volume``."""
@@ -309,7 +325,7 @@ class Projection:
                 return {event.root}
             return set()
         if isinstance(event, TaskCompleted | TaskFailed):
-            return self._task_ended(event, envelope, sequence)
+            return self._task_ended(event, envelope, sequence, time.time() if at is None else at)
         if isinstance(event, InventoryDigest):
             self._inventories[(publisher, event.volume)] = event
         # NodeJoined / NodeLeft: the heartbeats in KV are the source of truth for nodes.
@@ -346,7 +362,7 @@ class Projection:
         return True
 
     def _task_ended(
-        self, event: TaskCompleted | TaskFailed, envelope: Envelope, sequence: int
+        self, event: TaskCompleted | TaskFailed, envelope: Envelope, sequence: int, at: float
     ) -> set[Cid]:
         task = self._tasks.pop(event.task_id, None)
         if task is None and envelope.causation_id is not None:
@@ -369,6 +385,9 @@ class Projection:
                 key: FailureKey = (kind, event.node, volume)
                 per_cid = self._failures.setdefault(root, {})
                 per_cid[key] = per_cid.get(key, 0) + 1
+                self._last_failure.setdefault(root, {})[key] = LastFailure(
+                    at, event.permanent, event.reason
+                )
         slot = self._slot.get(root)
         if slot is not None and sequence:
             self._sequence[slot] = sequence
@@ -469,7 +488,7 @@ class Projection:
         for k in range(_WIDTH):
             self._rep[base + k] = _EMPTY
         self._rep_more.pop(slot, None)
-        self._failures.pop(cid, None)
+        self.clear_failures(cid)
         self._free.append(slot)
 
     # -- internals --------------------------------------------------------------------------------
