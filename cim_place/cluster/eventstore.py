@@ -54,6 +54,7 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
+from cim_place.cluster import kv as kv_names
 from cim_place.cluster.envelope import Envelope, EnvelopeError, decode
 from cim_place.cluster.events import AnyEvent, event_envelope
 from cim_place.cluster.kv import ensure_bucket
@@ -83,7 +84,7 @@ _DEFAULT_SUBJECTS = Subjects()
 DEFAULT_DUPLICATE_WINDOW = 120.0
 """Seconds within which a repeated ``Nats-Msg-Id`` is dropped (outbox and hub stream)."""
 
-SOURCES_LOCK_BUCKET = "cim-place-event-sources"
+SOURCES_LOCK_BUCKET = kv_names.EVENT_SOURCES
 """Hub KV bucket holding the lock that serialises changes to the event store's source list."""
 _LOCK_KEY = "lock"
 # A holder that dies keeps the lock at most this long (the bucket's max age).

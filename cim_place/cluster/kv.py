@@ -23,6 +23,11 @@ LOCATIONS = "cim-place-locations"
 """Where each CID is held, per volume and state."""
 LEADER = "cim-place-leader"
 """The controller's leadership lease (bucket TTL; renewed with compare-and-set)."""
+DRAIN = "cim-place-drain"
+"""Nodes an operator asked to drain (``cim-place node drain``): key ``drain.<node>``."""
+EVENT_SOURCES = "cim-place-event-sources"
+"""The lock serialising changes to the event store's sources (bucket TTL 30 s; created by
+cim_place.cluster.eventstore only: created with other settings it would not work as a lock)."""
 SETTINGS = "cim-place-settings"
 """Domain-wide settings, one key each (e.g. the comms offload threshold, cim_place.comms)."""
 
