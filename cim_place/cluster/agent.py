@@ -42,6 +42,7 @@ from cim_place.cluster.events import (
 from cim_place.cluster.eventstore import EventPublisher, attach_leaf, ensure_outbox, nudge_sources
 from cim_place.cluster.fetch import BandwidthLimit, Holder, Labels, fetch_dag
 from cim_place.cluster.holders import HolderResponder, find_holders
+from cim_place.cluster.lifecycle import cancel_and_wait
 from cim_place.cluster.metrics import AgentMetrics
 from cim_place.cluster.registry import Heartbeat, NodeRecord, VolumeStatus, list_nodes
 from cim_place.cluster.security import ReadAccess, identity_of
@@ -167,11 +168,7 @@ class Agent:
         if self._worker is not None:
             await self._worker.stop(grace=grace)
             self._worker = None
-        for task in self._background:
-            task.cancel()
-        for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._background)
         self._background = []
         if self._heartbeat is not None:
             await self._heartbeat.stop()
@@ -184,8 +181,10 @@ class Agent:
             await self.publisher.close()
             self.publisher = None
         if self.nc is not None:
+            # Everything that publishes was awaited above; close rather than drain, which waits
+            # for subscriptions nobody reads any more (the KV watchers) until its 30 s limit.
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await self.nc.close()
             self.nc = None
         for store in self.volumes.values():
             store.close()
@@ -339,7 +338,7 @@ class Agent:
             except (CimPlaceError, nats.errors.Error, TimeoutError) as exc:
                 _log.debug("event store attach of %s: %s", self.node, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, 5.0)
 
     def hub_link_restored(self) -> None:
         """The hub answers again after heartbeats failed: nudge the event-store source."""

@@ -10,7 +10,6 @@ A graceful stop does not delete the key: a restart for an upgrade is not a depar
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -23,6 +22,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from cim_place.cluster import kv
+from cim_place.cluster.lifecycle import cancel_and_wait
 from cim_place.errors import TransportError
 
 NODE_TTL = 30.0
@@ -128,6 +128,7 @@ class Heartbeat:
         self._record = record
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.beats = 0
         self.failures = 0
 
@@ -147,7 +148,7 @@ class Heartbeat:
 
     async def _run(self) -> None:
         failing = False
-        while True:
+        while not self._stopping:
             started = time.monotonic()
             try:
                 await self.beat()
@@ -169,8 +170,8 @@ class Heartbeat:
             await asyncio.sleep(max(0.0, self._interval - elapsed))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        await cancel_and_wait([task])

@@ -1,0 +1,195 @@
+"""The context file: how later commands find the domain that `cim-place up` started.
+
+``cim-place up`` writes ``<dir>/context.json`` once its domain is ready and removes it when the
+domain stops. It names the hub's client URL, a client URL per leaf node, the pid of the process
+that runs the domain and when it started. Commands run afterwards in the same working directory
+(or below it) find it without flags: the nearest ``.cim-place/context.json`` walking up from the
+working directory, or ``$CIM_PLACE_DIR/context.json``. ``--server`` and ``$CIM_PLACE_SERVER``
+always win over it.
+
+This module is imported by every command that takes ``--server``, so it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cim_place.errors import CimPlaceError
+
+__all__ = [
+    "CONTEXT_FILE",
+    "DEFAULT_DIR",
+    "DIR_ENV",
+    "DomainContext",
+    "NodeEntry",
+    "find_context",
+    "pid_alive",
+    "read_context",
+    "remove_context",
+    "server_default",
+    "write_context",
+]
+
+CONTEXT_FILE = "context.json"
+DEFAULT_DIR = ".cim-place"
+DIR_ENV = "CIM_PLACE_DIR"
+FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEntry:
+    """One leaf node of a local domain: its id, client URL, zone and volume directory."""
+
+    node: str
+    url: str
+    zone: str
+    volume: str
+
+
+@dataclass(frozen=True, slots=True)
+class DomainContext:
+    """What ``context.json`` holds (plus where it was read from)."""
+
+    hub_url: str
+    nodes: tuple[NodeEntry, ...]
+    pid: int
+    started_at: float
+    hub_domain: str = "hub"
+    controller: bool = False
+    notes: tuple[str, ...] = ()
+    path: Path | None = field(default=None, compare=False)
+
+    def leaf_url(self, node: str) -> str | None:
+        for entry in self.nodes:
+            if entry.node == node:
+                return entry.url
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "server": self.hub_url,
+            "hub_domain": self.hub_domain,
+            "leaves": {e.node: e.url for e in self.nodes},
+            "nodes": [
+                {"node": e.node, "url": e.url, "zone": e.zone, "volume": e.volume}
+                for e in self.nodes
+            ],
+            "pid": self.pid,
+            "started_at": self.started_at,
+            "controller": self.controller,
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Any, path: Path | None = None) -> DomainContext:
+        try:
+            return cls(
+                hub_url=str(doc["server"]),
+                nodes=tuple(
+                    NodeEntry(str(n["node"]), str(n["url"]), str(n["zone"]), str(n["volume"]))
+                    for n in doc.get("nodes", [])
+                ),
+                pid=int(doc["pid"]),
+                started_at=float(doc["started_at"]),
+                hub_domain=str(doc.get("hub_domain", "hub")),
+                controller=bool(doc.get("controller", False)),
+                notes=tuple(str(n) for n in doc.get("notes", [])),
+                path=path,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            where = path or CONTEXT_FILE
+            raise CimPlaceError(
+                f"{where} is not a cim-place context file ({exc!r}); remove it, or start the "
+                "domain again with `cim-place up`"
+            ) from None
+
+
+def write_context(directory: Path, context: DomainContext) -> Path:
+    """Write ``<directory>/context.json`` atomically (readers never see half a file)."""
+    path = Path(directory) / CONTEXT_FILE
+    partial = path.with_name(CONTEXT_FILE + ".partial")
+    partial.write_text(json.dumps(context.to_dict(), indent=2, sort_keys=True) + "\n")
+    partial.replace(path)
+    return path
+
+
+def read_context(directory: Path) -> DomainContext | None:
+    """The context in ``directory``, or None when there is none."""
+    path = Path(directory) / CONTEXT_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CimPlaceError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise CimPlaceError(
+            f"{path} is not valid JSON ({exc}); remove it, or start the domain again with "
+            "`cim-place up`"
+        ) from None
+    return DomainContext.from_dict(doc, path)
+
+
+def remove_context(directory: Path, *, pid: int | None = None) -> None:
+    """Remove the context file (only if it still names ``pid``, when given)."""
+    path = Path(directory) / CONTEXT_FILE
+    if pid is not None:
+        with contextlib.suppress(CimPlaceError):
+            current = read_context(directory)
+            if current is not None and current.pid != pid:
+                return  # a newer domain wrote it
+    path.unlink(missing_ok=True)
+
+
+def find_context(start: Path | None = None) -> DomainContext | None:
+    """The context commands use by default: ``$CIM_PLACE_DIR``'s, else the nearest
+    ``.cim-place/context.json`` in the working directory or one of its parents."""
+    env = os.environ.get(DIR_ENV)
+    if env:
+        return read_context(Path(env))
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        candidate = directory / DEFAULT_DIR
+        if (candidate / CONTEXT_FILE).is_file():
+            return read_context(candidate)
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (and is not a zombie)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill(0)
+    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
+
+
+def server_default(value: str | None) -> str | None:
+    """The ``--server`` value when none was given: the hub URL of the context, if any.
+
+    A Typer callback of the shared ``--server`` option; ``--server`` and ``$CIM_PLACE_SERVER``
+    arrive here as ``value`` and are returned unchanged.
+    """
+    if value:
+        return value
+    try:
+        context = find_context()
+    except CimPlaceError:
+        return None  # a broken context file: the command reports the default URL it tried
+    return context.hub_url if context is not None else None

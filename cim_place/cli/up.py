@@ -1,0 +1,316 @@
+"""`cim-place up` and `cim-place down`: a whole domain on this machine, started and stopped.
+
+``up`` runs the domain (:class:`cim_place.cluster.domain.LocalDomain`) in the foreground until
+Ctrl-C, or with ``--detach`` in a background process (its output in ``<dir>/up.log``) and returns
+once it is ready. Either way it writes ``<dir>/context.json`` (see :mod:`cim_place.cli.context`)
+so later commands in this directory find the domain, and removes it when the domain stops.
+``down`` signals the process named in the context file and waits until it has stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from cim_place.cli._output import fail, handles_errors, print_json
+from cim_place.cli.context import (
+    CONTEXT_FILE,
+    DEFAULT_DIR,
+    DomainContext,
+    NodeEntry,
+    pid_alive,
+    read_context,
+    remove_context,
+    write_context,
+)
+from cim_place.errors import CimPlaceError
+
+if TYPE_CHECKING:
+    from cim_place.cluster.domain import LocalDomain
+
+LOG_FILE = "up.log"
+_DETACH_TIMEOUT = 180.0
+_DOWN_TIMEOUT = 60.0
+_POLL = 0.05
+
+DirOption = Annotated[
+    Path,
+    typer.Option("--dir", "-d", help="Where the domain keeps its servers, volumes and context."),
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
+
+
+def _running_context(directory: Path) -> DomainContext | None:
+    """The context of a domain running from ``directory``; a stale one is removed."""
+    context = read_context(directory)
+    if context is None:
+        return None
+    if pid_alive(context.pid):
+        return context
+    remove_context(directory, pid=context.pid)
+    typer.echo(
+        f"note: removed a stale {directory / CONTEXT_FILE} (process {context.pid} is gone)",
+        err=True,
+    )
+    return None
+
+
+def up_command(
+    leaves: Annotated[
+        int, typer.Option("--leaves", "-n", min=1, max=64, help="Number of leaf nodes.")
+    ] = 3,
+    zones: Annotated[
+        int, typer.Option("--zones", "-z", min=1, max=64, help="Zones, assigned round robin.")
+    ] = 3,
+    directory: DirOption = Path(DEFAULT_DIR),
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Run in the background; return once it is ready.")
+    ] = False,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", min=1, max=65535, help="Client port of the hub (default: free)."),
+    ] = None,
+    quiet: QuietOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a hub, leaf nodes with agents and a controller on this machine (Ctrl-C stops)."""
+    _up(leaves, zones, directory, detach, port, quiet, as_json)
+
+
+@handles_errors
+def _up(
+    leaves: int,
+    zones: int,
+    directory: Path,
+    detach: bool,
+    port: int | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    directory = directory.resolve()
+    running = _running_context(directory)
+    if running is not None:
+        raise CimPlaceError(
+            f"a domain is already running from {directory} (pid {running.pid}, hub "
+            f"{running.hub_url}); stop it with `cim-place down --dir {directory}` first"
+        )
+    if detach:
+        context = _detach(leaves, zones, directory, port)
+    else:
+        _foreground(leaves, zones, directory, port, quiet, as_json)
+        return
+    if as_json:
+        print_json(context.to_dict())
+    elif not quiet:
+        _print_summary(context, directory, detached=True)
+
+
+def _foreground(
+    leaves: int, zones: int, directory: Path, port: int | None, quiet: bool, as_json: bool
+) -> None:
+    from cim_place.cluster.domain import LocalDomain
+
+    domain = LocalDomain(directory, leaves=leaves, zones=zones, hub_port=port)
+
+    def progress(message: str) -> None:
+        if not quiet and not as_json:
+            typer.echo(f"{message}...", err=True)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        me = asyncio.current_task()
+        started = False
+
+        def on_signal() -> None:
+            # Before the domain is up, a signal abandons the start (which stops what started).
+            if started:
+                stop.set()
+            elif me is not None:
+                me.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await domain.start(progress)
+            context = _context_of(domain)
+            write_context(directory, context)
+            started = True
+            if as_json:
+                print_json(context.to_dict())
+            elif not quiet:
+                _print_summary(context, directory, detached=False)
+            sys.stdout.flush()
+            await stop.wait()
+            if not quiet and not as_json:
+                typer.echo("stopping...", err=True)
+        finally:
+            remove_context(directory, pid=os.getpid())
+            await domain.stop()
+            if started and not quiet and not as_json:
+                typer.echo("stopped", err=True)
+
+    try:
+        asyncio.run(main())
+    except asyncio.CancelledError:
+        raise fail("interrupted while starting; everything that had started was stopped") from None
+
+
+def _context_of(domain: LocalDomain) -> DomainContext:
+    return DomainContext(
+        hub_url=domain.hub_url,
+        nodes=tuple(NodeEntry(n.node, n.url, n.zone, str(n.volume)) for n in domain.nodes),
+        pid=os.getpid(),
+        started_at=domain.started_at,
+        controller=domain.controller is not None,
+        notes=tuple(domain.notes),
+    )
+
+
+def _detach(leaves: int, zones: int, directory: Path, port: int | None) -> DomainContext:
+    """Run ``up`` in a new session with its output in ``<dir>/up.log``; wait until it is ready."""
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = directory / LOG_FILE
+    command = [
+        sys.executable,
+        "-m",
+        "cim_place.cli",
+        "up",
+        "--leaves",
+        str(leaves),
+        "--zones",
+        str(zones),
+        "--dir",
+        str(directory),
+        "--quiet",
+    ]
+    if port is not None:
+        command += ["--port", str(port)]
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + _DETACH_TIMEOUT
+    while True:
+        code = process.poll()
+        if code is not None:
+            raise CimPlaceError(
+                f"the domain did not start (exit code {code}); {log_path} ends with:\n"
+                f"{_tail(log_path)}"
+            )
+        with contextlib.suppress(CimPlaceError):
+            context = read_context(directory)
+            if context is not None and context.pid == process.pid:
+                return context
+        if time.monotonic() > deadline:
+            process.terminate()
+            raise CimPlaceError(
+                f"the domain was not ready after {_DETACH_TIMEOUT:.0f} s and was stopped; "
+                f"see {log_path}"
+            )
+        time.sleep(_POLL)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _print_summary(context: DomainContext, directory: Path, *, detached: bool) -> None:
+    from rich.table import Table
+
+    from cim_place.cli.status import make_console
+
+    table = Table(title=f"cim-place domain in {directory}", title_justify="left")
+    for column in ("node", "role", "url", "zone", "volume"):
+        table.add_column(column)
+    table.add_row(
+        "hub",
+        "hub (JetStream domain hub)" + (", controller" if context.controller else ""),
+        context.hub_url,
+        "",
+        "",
+    )
+    for entry in context.nodes:
+        table.add_row(entry.node, "leaf + agent", entry.url, entry.zone, entry.volume)
+    console = make_console()
+    console.print(table)
+    for note in context.notes:
+        console.print(f"note: {note}", markup=False)
+    how = "`cim-place down`" if detached else "Ctrl-C or `cim-place down`"
+    console.print(
+        f"ready (pid {context.pid}); commands run here find it through "
+        f"{directory / CONTEXT_FILE}; stop it with {how}",
+        markup=False,
+    )
+
+
+def down_command(
+    directory: DirOption = Path(DEFAULT_DIR),
+    quiet: QuietOption = False,
+) -> None:
+    """Stop the domain that `cim-place up` runs from this directory, and wait until it has."""
+    _down(directory, quiet)
+
+
+@handles_errors
+def _down(directory: Path, quiet: bool) -> None:
+    directory = directory.resolve()
+    context = read_context(directory)
+    if context is None:
+        raise CimPlaceError(
+            f"no domain is running from {directory} (no {CONTEXT_FILE}); nothing to stop "
+            "(pass --dir if it was started with one)"
+        )
+    if not pid_alive(context.pid):
+        remove_context(directory, pid=context.pid)
+        if not quiet:
+            typer.echo(f"the domain (pid {context.pid}) was not running; removed its context")
+        return
+    if not _is_cim_place(context.pid):
+        remove_context(directory, pid=context.pid)
+        raise CimPlaceError(
+            f"process {context.pid} named in {directory / CONTEXT_FILE} is not cim-place "
+            "(the domain ended without cleaning up); removed the stale context, nothing signalled"
+        )
+    os.kill(context.pid, signal.SIGTERM)
+    deadline = time.monotonic() + _DOWN_TIMEOUT
+    while pid_alive(context.pid):
+        if time.monotonic() > deadline:
+            raise CimPlaceError(
+                f"the domain (pid {context.pid}) did not stop within {_DOWN_TIMEOUT:.0f} s; "
+                f"see {directory / LOG_FILE}, or kill it: kill -9 {context.pid}"
+            )
+        time.sleep(_POLL)
+    remove_context(directory, pid=context.pid)
+    if not quiet:
+        typer.echo(f"stopped the domain in {directory} (pid {context.pid})")
+
+
+def _is_cim_place(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: trust the context file
+    return b"cim_place" in cmdline or b"cim-place" in cmdline
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up_command)
+    app.command("down")(down_command)
