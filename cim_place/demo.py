@@ -1,27 +1,32 @@
-"""`make demo`: the local object store, end to end, through the real `cim-place` commands.
+"""`make demo`: a whole cim-place domain on this machine, through the real `cim-place` commands.
 
-Generates a sample file, adds it to a fresh store, prints its CID, reads it back (whole and a byte
-range), exports a CAR, imports that CAR into a second store, and checks every byte on the way. Each
-command is printed before it runs, so the demo doubles as a tour of the CLI.
+Starts a domain (a hub, four leaves with agents in three zones, a controller) with `cim-place up`,
+adds a generated file on one leaf, watches the controller place it on three leaves in three
+zones, reads it back from the domain (every block verified), shows the nodes, and stops the
+domain. Each command is printed before it runs, so the demo doubles as a tour of the CLI.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from cim_place.objectstore.testdata import chacha_stream
 
 SAMPLE_BYTES = 24 * 1024 * 1024 + 12345  # several chunks, and a partial last one
+PLACE_TIMEOUT = 120.0
 
 
-def run(*args: str, cwd: Path, capture: bool = True) -> bytes:
+def run(*args: str, cwd: Path, capture: bool = True, echo: bool = True) -> bytes:
     """Run one cim-place command as an operator would, echoing it first."""
-    print(f"$ cim-place {shlex.join(args)}", flush=True)
+    if echo:
+        print(f"$ cim-place {shlex.join(args)}", flush=True)
     done = subprocess.run(
         [sys.executable, "-m", "cim_place.cli", *args],
         cwd=cwd,
@@ -33,46 +38,72 @@ def run(*args: str, cwd: Path, capture: bool = True) -> bytes:
     return done.stdout or b""
 
 
+def wait_placed(work: Path) -> dict[str, object]:
+    """Poll `status sample --json` until the controller reports it placed."""
+    print("$ cim-place status sample --json   (polled until placed)", flush=True)
+    deadline = time.monotonic() + PLACE_TIMEOUT
+    last: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        done = subprocess.run(
+            [sys.executable, "-m", "cim_place.cli", "status", "sample", "--json"],
+            cwd=work,
+            check=False,
+            capture_output=True,
+        )
+        if done.returncode == 0:
+            last = json.loads(done.stdout)
+            if last.get("state") == "placed":
+                return last
+        time.sleep(0.5)
+    raise SystemExit(f"demo failed: the sample was not placed within {PLACE_TIMEOUT:.0f} s: {last}")
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cim-place-demo-") as tmp:
         work = Path(tmp)
-        sample = work / "sample.bin"
-        with sample.open("wb") as out:
-            stream = chacha_stream("cim-place demo", SAMPLE_BYTES)
-            while chunk := stream.read(1 << 20):
-                out.write(chunk)
-        expected = hashlib.sha256(sample.read_bytes()).hexdigest()
-        print(f"generated {sample.name}: {SAMPLE_BYTES} bytes, sha256 {expected[:16]}...\n")
+        print(f"working in {work}\n")
+        run("up", "--leaves", "4", "--zones", "3", "--detach", cwd=work, capture=False)
+        try:
+            tour(work)
+        finally:
+            print()
+            run("down", cwd=work, capture=False)
+        print("\ndemo done: content-addressed, placed by policy, verified on every read.")
 
-        print(f"working in {work}")
-        store, second = "store", "store-b"
-        cid = run("cid", sample.name, cwd=work).decode().strip()
-        print(cid)
-        added = (
-            run("add", sample.name, "--name", "sample", "--store", store, cwd=work).decode().strip()
-        )
-        print(added)
-        if added != cid:
-            raise SystemExit(f"demo failed: add printed {added}, cid printed {cid}")
-        run("pins", "ls", "--store", store, cwd=work, capture=False)
 
-        back = run("cat", "sample", "--store", store, cwd=work)
-        same = hashlib.sha256(back).hexdigest() == expected
-        print(f"read back {len(back)} bytes, identical: {same}")
-        part = run("cat", cid, "--offset", "1048570", "--length", "16", "--store", store, cwd=work)
-        print(f"bytes 1048570..1048586 (across a chunk boundary): {part.hex()}")
+def tour(work: Path) -> None:
+    sample = work / "sample.bin"
+    with sample.open("wb") as out:
+        stream = chacha_stream("cim-place demo", SAMPLE_BYTES)
+        while chunk := stream.read(1 << 20):
+            out.write(chunk)
+    expected = hashlib.sha256(sample.read_bytes()).hexdigest()
+    print(f"\ngenerated {sample.name}: {SAMPLE_BYTES} bytes, sha256 {expected[:16]}...")
 
-        car = "sample.car"
-        run("export", cid, "-o", car, "--store", store, cwd=work, capture=False)
-        run("import", car, "--name", "sample", "--store", second, cwd=work, capture=False)
-        copy = run("cat", cid, "--store", second, cwd=work)
-        if hashlib.sha256(copy).hexdigest() != expected:
-            raise SystemExit("demo failed: the imported copy differs")
-        print("the CAR imported into a second store reads back identical\n")
+    cid = run("cid", sample.name, cwd=work).decode().strip()
+    print(cid)
+    added = run("add", sample.name, "--node", "leaf-1", "--name", "sample", cwd=work)
+    print(added.decode().strip())
+    run("name", "set", "sample", cid, cwd=work, capture=False)
 
-        v0 = run("cid", sample.name, "--profile", "unixfs-v0-2015", cwd=work).decode().strip()
-        print(f"the same file under the legacy profile unixfs-v0-2015: {v0}")
-        print("\ndemo done: content-addressed, verified on every read, portable as CAR.")
+    status = wait_placed(work)
+    locations = status.get("locations", [])
+    assert isinstance(locations, list)
+    pinned = [loc for loc in locations if isinstance(loc, dict) and loc.get("state") == "pinned"]
+    zones = sorted({str(loc.get("zone")) for loc in pinned})
+    nodes = sorted(str(loc.get("node")) for loc in pinned)
+    print(f"placed: {len(pinned)} copies on {', '.join(nodes)} in zones {', '.join(zones)}")
+    run("status", "sample", cwd=work, capture=False)
+
+    copy = work / "copy.bin"
+    run("get", "sample", "-o", copy.name, cwd=work)
+    same = hashlib.sha256(copy.read_bytes()).hexdigest() == expected
+    print(f"read back from the domain: {copy.stat().st_size} bytes, identical: {same}")
+    if not same:
+        raise SystemExit("demo failed: the copy read back differs")
+
+    run("nodes", cwd=work, capture=False)
+    run("status", cwd=work, capture=False)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import typer
 
 from cim_place import __version__
-from cim_place.cli import agent, names, objects, policy, security, status, up
+from cim_place.cli import agent, controller, names, objects, policy, security, status, up
 
 app = typer.Typer(
     name="cim-place",
@@ -36,6 +36,7 @@ def root(
 
 objects.register(app)
 agent.register(app)
+controller.register(app)
 up.register(app)
 status.register(app)
 app.add_typer(policy.app, name="policy")

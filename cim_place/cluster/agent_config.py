@@ -35,14 +35,14 @@ FAILURE_DOMAIN_LABELS = ("region", "zone", "host")
 
 
 class AgentConfigError(CimPlaceError):
-    """The agent's configuration is invalid; the agent did not start."""
+    """A configuration file (agent or controller) is invalid; nothing was started."""
 
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems = tuple(sorted(problems))
         lines = "\n".join(f"  {p}" for p in self.problems)
         count = len(self.problems)
         super().__init__(
-            f"{count} problem{'s' if count != 1 else ''} in the agent configuration:\n{lines}"
+            f"{count} problem{'s' if count != 1 else ''} in the configuration:\n{lines}"
         )
 
 
@@ -102,7 +102,7 @@ _TOP_KEYS = {
 }
 
 
-class _Checker:
+class ConfigChecker:
     """Walks the plain values of one document, collecting problems with positions."""
 
     def __init__(self, loaded: YamlFile) -> None:
@@ -154,7 +154,7 @@ class _Checker:
             return None
 
 
-def _check(document: object, checker: _Checker) -> AgentConfig | None:
+def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
     root: YamlPath = (0,)
     doc = checker.mapping(document, root, _TOP_KEYS)
     node = None
@@ -310,7 +310,7 @@ def _from_loaded(loaded: YamlFile) -> AgentConfig:
         raise AgentConfigError(
             [Problem(loaded.source, 1, 1, "expected exactly one YAML document", "remove the ---")]
         )
-    config = _check(loaded.documents[0], _Checker(loaded))
+    config = _check(loaded.documents[0], ConfigChecker(loaded))
     if config is None:
         raise AgentConfigError(loaded.problems)
     return config

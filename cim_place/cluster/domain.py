@@ -11,16 +11,15 @@
 
 Start-up is readiness-driven, never timed: servers answer ``/healthz``, leaves are linked, the
 event store and task stream exist, every agent has written a heartbeat, the default policy is
-applied when none is, and the controller (when ``cim_place.cluster.controller`` is importable)
-runs. Stopping reverses it. Starting again over the same directory resumes the same state: the
-servers' stores and the volumes are kept, and the previous ports are reused when free.
+applied when none is, and the controller runs. Stopping reverses it. Starting again over the
+same directory resumes the same state: the servers' stores and the volumes are kept, and the
+previous ports are reused when free.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import socket
@@ -29,13 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from nats.aio.client import Client
 
 from cim_place.cluster.agent import Agent
 from cim_place.cluster.agent_config import AgentConfig, VolumeConfig
 from cim_place.cluster.connection import connect, jetstream
+from cim_place.cluster.controller import Controller, ControllerConfig
 from cim_place.cluster.eventstore import ensure_event_store
 from cim_place.cluster.policystore import PolicyStore
 from cim_place.cluster.registry import list_nodes
@@ -53,10 +52,7 @@ STATE_FILE = "domain.json"
 VOLUME = "v0"
 _READY_TIMEOUT = 60.0
 _POLL = 0.05
-_CONTROLLER_MODULE = "cim_place.cluster.controller"
 CONTROLLER_IDENTITY = "cim-place-up"
-# Seconds a stopping controller gets before its connection is closed under it.
-_CONTROLLER_STOP = 3.0
 
 # The default policy when deploy/policies/default.yaml is not beside the package (an installed
 # wheel): the same three copies in different zones.
@@ -163,7 +159,7 @@ class LocalDomain:
         self.hub: Hub | None = None
         self.nodes: list[DomainNode] = []
         self.agents: list[Agent] = []
-        self.controller: Any = None
+        self.controller: Controller | None = None
         self.policy_applied = False
         self.started_at = 0.0
         self._nc: Client | None = None
@@ -253,7 +249,7 @@ class LocalDomain:
     async def stop(self) -> None:
         """Stop the controller, the agents, then the servers. Safe to call twice."""
         if self.controller is not None:
-            await self._stop_controller(self.controller)
+            await self.controller.stop()
             self.controller = None
         agents, self.agents = self.agents, []
         if agents:
@@ -270,18 +266,6 @@ class LocalDomain:
         self.nodes = []
         self.hub = None
         await asyncio.to_thread(self._stop_servers, spawned)
-
-    @staticmethod
-    async def _stop_controller(controller: Any) -> None:
-        """Stop the controller, bounded: a connection drain that hangs must not hold up `down`."""
-        try:
-            await asyncio.wait_for(controller.stop(), _CONTROLLER_STOP)
-        except Exception as error:
-            _log.warning("the controller did not stop cleanly (%s); closing its connection", error)
-            nc = getattr(controller, "nc", None)
-            if nc is not None:
-                with contextlib.suppress(Exception):
-                    await nc.close()
 
     @staticmethod
     def _stop_servers(servers: list[NatsServer]) -> None:
@@ -419,23 +403,13 @@ class LocalDomain:
             )
 
     async def _start_controller(self, say: Callable[[str], None]) -> None:
-        try:
-            module = importlib.import_module(_CONTROLLER_MODULE)
-        except ModuleNotFoundError as error:
-            if error.name != _CONTROLLER_MODULE:
-                raise
-            self.notes.append(
-                "no controller in this build (cim_place.cluster.controller is missing): "
-                "objects are stored and served, but not replicated"
-            )
-            return
         assert self.hub is not None
         say("starting the controller")
         # A stable identity: the controller of a resumed domain is the same one coming back.
-        config = module.ControllerConfig(
+        config = ControllerConfig(
             servers=(self.hub.url,), hub_domain=HUB_DOMAIN, identity=CONTROLLER_IDENTITY
         )
-        controller = module.Controller(config)
+        controller = Controller(config)
         await controller.start()
         self.controller = controller
 

@@ -1,0 +1,146 @@
+"""`cim-place controller` (run a placement controller) and `cim-place node drain|undrain`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, run_in_domain
+from cim_place.cli._output import handles_errors
+from cim_place.cluster.connection import server_urls
+from cim_place.cluster.controller import ControllerConfig, run_controller, set_drain
+from cim_place.cluster.controller_config import load_controller_config
+from cim_place.cluster.locations import LocationStore
+from cim_place.cluster.subjects import check_node_id
+from cim_place.errors import CimPlaceError
+
+
+def controller_command(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Controller configuration (YAML).")
+    ] = None,
+    server: ServerOption = None,
+    creds: CredsOption = None,
+    identity: Annotated[
+        str | None, typer.Option("--identity", help="Unique name of this controller.")
+    ] = None,
+    metrics: Annotated[
+        str | None, typer.Option("--metrics", help="host:port for Prometheus metrics.")
+    ] = None,
+) -> None:
+    """Run a placement controller until interrupted (several may run: one leads)."""
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(_config(config, server, creds, identity, metrics))
+
+
+@handles_errors
+def _config(
+    path: Path | None,
+    server: str | None,
+    creds: str | None,
+    identity: str | None,
+    metrics: str | None,
+) -> ControllerConfig:
+    config = ControllerConfig()
+    if path is not None:
+        config = load_controller_config(path, config)
+    changes: dict[str, object] = {}
+    if server is not None or path is None:
+        changes["servers"] = tuple(server_urls(server))
+    if creds is not None:
+        changes["creds"] = creds
+    if identity is not None:
+        changes["identity"] = identity
+    if metrics is not None:
+        changes["metrics"] = metrics
+    return replace(config, **changes)  # type: ignore[arg-type]
+
+
+@handles_errors
+def _run(config: ControllerConfig) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        typer.echo(f"controller on {', '.join(config.servers)}", err=True)
+        await run_controller(config, stop)
+
+    asyncio.run(main())
+
+
+node_app = typer.Typer(help="Operate on one node: drain, undrain.", no_args_is_help=True)
+
+
+@node_app.command("drain")
+@handles_errors
+def drain(
+    node: Annotated[str, typer.Argument(help="Node id.")],
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait until the node holds nothing, then report.")
+    ] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait at most.")] = 3600,
+    server: ServerOption = None,
+    creds: CredsOption = None,
+    domain: DomainOption = None,
+) -> None:
+    """Move every copy off NODE (copy first, then drop), then report it drained."""
+    check_node_id(node)
+
+    async def action(_nc: Client, js: JetStreamContext) -> None:
+        await set_drain(js, node, True)
+        typer.echo(f"draining {node}: its copies are being moved elsewhere")
+        if not wait:
+            return
+        locations = await LocationStore(js).open(create=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            held = await _copies_on(locations, node)
+            if held == 0:
+                typer.echo(f"{node} is drained: it holds no copy")
+                return
+            await asyncio.sleep(1.0)
+        raise CimPlaceError(
+            f"{node} still holds copies after {timeout:.0f} s; see `cim-place status`"
+        )
+
+    run_in_domain(server, creds, domain, action)
+
+
+async def _copies_on(locations: LocationStore, node: str) -> int:
+    count = 0
+    async for status in locations.list():
+        count += sum(1 for location in status.locations if location.node == node)
+    return count
+
+
+@node_app.command("undrain")
+@handles_errors
+def undrain(
+    node: Annotated[str, typer.Argument(help="Node id.")],
+    server: ServerOption = None,
+    creds: CredsOption = None,
+    domain: DomainOption = None,
+) -> None:
+    """Let NODE receive copies again."""
+    check_node_id(node)
+
+    async def action(_nc: Client, js: JetStreamContext) -> None:
+        await set_drain(js, node, False)
+        typer.echo(f"{node} may receive copies again")
+
+    run_in_domain(server, creds, domain, action)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("controller")(controller_command)
+    app.add_typer(node_app, name="node")
