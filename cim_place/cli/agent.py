@@ -11,27 +11,22 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, BinaryIO
+from typing import TYPE_CHECKING, Annotated, BinaryIO
 
 import typer
 from nats.aio.client import Client
 
 from cim_place.cli._domain import CredsOption, ServerOption, choose_domain
 from cim_place.cli._output import handles_errors
-from cim_place.cluster.agent import describe, run_agent
 from cim_place.cluster.agent_config import AgentConfig, VolumeConfig, load_agent_config
 from cim_place.cluster.connection import DEFAULT_SERVER, connected, jetstream
-from cim_place.cluster.fetch import fetch_dag
-from cim_place.cluster.holders import find_holders
-from cim_place.cluster.names import NameRegistry
-from cim_place.cluster.registry import list_nodes
 from cim_place.cluster.subjects import check_node_id
-from cim_place.cluster.upload import UploadResult, upload
 from cim_place.errors import BlockNotFoundError, CimPlaceError, InvalidCidError, StoreError
 from cim_place.objectstore import cid as cids
-from cim_place.objectstore.blockstore import FsBlockStore
-from cim_place.objectstore.unixfs import read_file
 from cim_place.policies.quantities import parse_size
+
+if TYPE_CHECKING:
+    from cim_place.cluster.upload import UploadResult
 
 
 def _volume_flag(text: str, index: int) -> VolumeConfig:
@@ -109,6 +104,9 @@ def _agent_config(
 
 @handles_errors
 def _run_agent(config: AgentConfig) -> None:
+    # Imported here: the agent pulls in every service module, which other commands do not need.
+    from cim_place.cluster.agent import describe, run_agent
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -122,6 +120,8 @@ def _run_agent(config: AgentConfig) -> None:
 
 async def _target_node(nc: Client, node: str | None) -> str:
     """The node whose agent takes an upload: --node, else the leaf the client is connected to."""
+    from cim_place.cluster.registry import list_nodes
+
     if node is not None:
         return check_node_id(node)
     info = nc._server_info or {}
@@ -151,6 +151,8 @@ async def add_remote(
     metadata: dict[str, str],
 ) -> UploadResult:
     """Store a file through a running agent (the one of ``node``, or of the leaf connected to)."""
+    from cim_place.cluster.upload import upload
+
     async with connected(server, creds=creds) as nc:
         target = await _target_node(nc, node)
         return await upload(
@@ -179,6 +181,13 @@ def get_command(
 
 @handles_errors
 def _get(ref: str, output: Path | None, server: str | None, creds: str | None) -> None:
+    # The data path is imported only by the commands that move data.
+    from cim_place.cluster.fetch import fetch_dag
+    from cim_place.cluster.holders import find_holders
+    from cim_place.cluster.names import NameRegistry
+    from cim_place.objectstore.blockstore import FsBlockStore
+    from cim_place.objectstore.unixfs import read_file
+
     async def main() -> None:
         async with connected(server, creds=creds) as nc:
             try:

@@ -8,7 +8,7 @@ import signal
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from nats.aio.client import Client
@@ -17,11 +17,12 @@ from nats.js import JetStreamContext
 from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, run_in_domain
 from cim_place.cli._output import handles_errors
 from cim_place.cluster.connection import server_urls
-from cim_place.cluster.controller import ControllerConfig, run_controller, set_drain
-from cim_place.cluster.controller_config import load_controller_config
 from cim_place.cluster.locations import LocationStore
 from cim_place.cluster.subjects import check_node_id
 from cim_place.errors import CimPlaceError
+
+if TYPE_CHECKING:
+    from cim_place.cluster.controller import ControllerConfig
 
 
 def controller_command(
@@ -50,6 +51,10 @@ def _config(
     identity: str | None,
     metrics: str | None,
 ) -> ControllerConfig:
+    # Imported here: the controller pulls in the planner and numpy, which other commands skip.
+    from cim_place.cluster.controller import ControllerConfig
+    from cim_place.cluster.controller_config import load_controller_config
+
     config = ControllerConfig()
     if path is not None:
         config = load_controller_config(path, config)
@@ -67,6 +72,8 @@ def _config(
 
 @handles_errors
 def _run(config: ControllerConfig) -> None:
+    from cim_place.cluster.controller import run_controller
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -95,6 +102,8 @@ def drain(
 ) -> None:
     """Move every copy off NODE (copy first, then drop), then report it drained."""
     check_node_id(node)
+
+    from cim_place.cluster.controller import set_drain
 
     async def action(_nc: Client, js: JetStreamContext) -> None:
         await set_drain(js, node, True)
@@ -133,6 +142,8 @@ def undrain(
 ) -> None:
     """Let NODE receive copies again."""
     check_node_id(node)
+
+    from cim_place.cluster.controller import set_drain
 
     async def action(_nc: Client, js: JetStreamContext) -> None:
         await set_drain(js, node, False)

@@ -1,33 +1,9 @@
-"""The planner (a pure function of object, policy and node map) and the reconciler. No NATS here."""
+"""The planner (a pure function of object, policy and node map) and the reconciler. No NATS here.
 
-from cim_place.placement.batch import plan_batch
-from cim_place.placement.model import (
-    LabelRequirement,
-    Locality,
-    NodeMap,
-    PlacedObject,
-    Placement,
-    PlacementRule,
-    Preference,
-    Reason,
-    Verdict,
-    Volume,
-    VolumeState,
-)
-from cim_place.placement.planner import plan
-
-__all__ = [
-    "LabelRequirement",
-    "Locality",
-    "NodeMap",
-    "PlacedObject",
-    "Placement",
-    "PlacementRule",
-    "Preference",
-    "Reason",
-    "Verdict",
-    "Volume",
-    "VolumeState",
-    "plan",
-    "plan_batch",
-]
+Modules: :mod:`~cim_place.placement.model` (volumes, rules, placements),
+:mod:`~cim_place.placement.planner` (one object), :mod:`~cim_place.placement.batch` (a million,
+vectorised), :mod:`~cim_place.placement.rules` (policy -> rule, heartbeats -> node map),
+:mod:`~cim_place.placement.reconciler` (what to do for one object) and
+:mod:`~cim_place.placement.status` (what ``cim-place status`` shows). Nothing is imported here:
+the status model is read by every CLI command, which should not pay for numpy.
+"""
