@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +157,31 @@ async def test_three_copies_in_three_zones(domain: Domain) -> None:
     await until(lambda: len(domain.holders(cid)) == 3)
     assert status.desired == 3 and status.policy == "three-zones"
     assert cids.to_str(cid) == status.cid
+
+    # `policy explain` against the domain shows the planner's choice and a reason per volume.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cim_place.cli",
+        "policy",
+        "explain",
+        status.cid,
+        "--server",
+        domain.hub.url,
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    explained = json.loads(out)
+    placement = explained["placement"]
+    assert placement["policy"] == "three-zones"
+    assert sorted(placement["desired"]) == sorted(placement["current"])
+    verdicts = {v["volume"]: v for v in placement["volumes"]}
+    assert len(verdicts) == 4
+    [refused] = [v for v in verdicts.values() if not v["taken"]]
+    assert refused["verdict"]
 
 
 async def test_a_lost_node_is_repaired_and_never_below_one_copy(domain: Domain) -> None:

@@ -10,7 +10,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from nats.js import JetStreamContext
@@ -21,12 +21,15 @@ from cim_place.cluster.policystore import PolicyStore, StoredSet
 from cim_place.errors import InvalidCidError, PolicyError
 from cim_place.objectstore import cid as cids
 from cim_place.policies.codec import consumers_to_dict, policy_to_dict
+from cim_place.policies.explain import Explanation, render, summarize
 from cim_place.policies.explain import explain as explain_object
-from cim_place.policies.explain import render, summarize
 from cim_place.policies.problems import PolicyValidationError
 from cim_place.policies.schema import policy_file_schema
 from cim_place.policies.selectors import ObjectFacts
 from cim_place.policies.validate import LoadedPolicies, load_paths
+
+if TYPE_CHECKING:
+    from cim_place.cli.placing import Placing
 
 app = typer.Typer(
     help="Replication policies: validate, apply (atomic, all or none), diff, ls, show, history, "
@@ -309,17 +312,34 @@ def explain(
     domain: DomainOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Explain which policy applies to an object, and why."""
+    """Explain which policy applies to an object and why; against a running domain, also where
+    the planner places it and why each volume was taken or refused."""
     facts = _object_facts(ref, name, owner, meta or [], size, content_type, store)
     from_files = files is not None and len(files) > 0
-    policy_set = (
-        _load(files or []).policy_set if from_files else _read(server, creds, domain).policy_set
-    )
-    explanation = explain_object(policy_set, facts)
+    if from_files:
+        explanation = explain_object(_load(files or []).policy_set, facts)
+        if as_json:
+            print_json(explanation.to_dict())
+        else:
+            typer.echo(render(explanation))
+        return
+
+    async def in_domain(_nc: object, js: JetStreamContext) -> tuple[Explanation, Placing | None]:
+        from cim_place.cli.placing import place_in_domain
+
+        stored = await (await PolicyStore.open(js, create=False)).load()
+        found = await place_in_domain(js, ref, facts, stored.policy_set)
+        return explain_object(stored.policy_set, found.facts), found.placing
+
+    explanation, placing = run_in_domain(server, creds, domain, in_domain)
     if as_json:
-        print_json(explanation.to_dict())
-    else:
-        typer.echo(render(explanation))
+        doc = explanation.to_dict()
+        doc["placement"] = placing.to_dict() if placing is not None else None
+        print_json(doc)
+        return
+    typer.echo(render(explanation))
+    if placing is not None:
+        typer.echo(placing.render())
 
 
 @app.command()
