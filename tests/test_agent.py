@@ -24,6 +24,7 @@ from cim_place.cluster.registry import list_nodes
 from cim_place.cluster.servers import Hub
 from cim_place.cluster.tasks import Task, TaskQueue, ensure_task_stream
 from cim_place.cluster.upload import upload
+from cim_place.errors import StoreFullError
 from cim_place.objectstore.testdata import chacha_stream
 from cim_place.testing import LeafFactory
 
@@ -125,7 +126,7 @@ async def test_add_fetch_drop_through_agents(
         # The next heartbeat reports the fetched bytes on node-b's volume.
         for _ in range(100):
             nodes = {record.node: record for record in await list_nodes(js_hub)}
-            if nodes["node-b"].volumes[0].used >= SIZE:
+            if "node-b" in nodes and nodes["node-b"].volumes[0].used >= SIZE:
                 break
             await asyncio.sleep(0.1)
         assert set(nodes) == {"node-a", "node-b"}
@@ -144,3 +145,31 @@ async def test_fetch_task_is_idempotent(domain: tuple[Hub, Agent, Agent]) -> Non
         again = await agent_b.run_task(task)
         assert outcome.status == "completed" and again.status == "completed"
         assert agent_b.pinned_on(result.cid) is not None
+
+
+async def test_a_full_volume_fails_the_fetch_and_pins_nothing(
+    hub1: Hub, leaf_factory: LeafFactory, tmp_path: Path
+) -> None:
+    leaf_a, leaf_b = leaf_factory("full-a"), leaf_factory("full-b")
+    small = AgentConfig(
+        node="full-b",
+        volumes=(VolumeConfig("v0", tmp_path / "full-b", capacity=100_000),),
+        servers=(leaf_b.url,),
+        heartbeat=0.5,
+        inventory=3600,
+    )
+    async with (
+        Agent(config("full-a", leaf_a.url, tmp_path, "z1"), fsync="none") as agent_a,
+        Agent(small, fsync="none") as agent_b,
+        connected(hub1.url) as nc,
+    ):
+        assert await wait_for_holder(nc, "full-a", timeout=10)
+        data = chacha_stream("too-big", 300_000).read()
+        result = await upload(nc, "full-a", io.BytesIO(data))
+        task = Task.create("fetch", "full-b", result.cid, generation=1, holders=["full-a"])
+        with pytest.raises(StoreFullError, match="capacity"):
+            await agent_b.run_task(task)
+        assert agent_b.pinned_on(result.cid) is None
+        agent_a.record()  # the heartbeat carries the services' counters into the metrics
+        served = agent_a.metrics.registry.get_sample_value("cim_place_blocks_served_total")
+        assert served is not None and served > 0

@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,10 @@ from cim_place.cluster.upload import upload
 from cim_place.objectstore import cid as cids
 from cim_place.objectstore.cid import Cid
 from cim_place.objectstore.testdata import chacha_stream
+from cim_place.placement.model import PlacedObject
+from cim_place.placement.planner import plan
 from cim_place.placement.status import ObjectStatus
+from cim_place.policies.selectors import ObjectFacts
 from cim_place.policies.validate import load_text
 from cim_place.testing import LeafFactory
 
@@ -250,3 +254,39 @@ async def test_standby_takes_over_and_no_copy_is_dropped_twice(domain: Domain) -
     await until(lambda: len(domain.holders(cid)) == 3)
     drops = [t for t in standby.projection.tasks_for(cid) if t.kind == "drop"]
     assert drops == []
+
+
+async def test_a_new_leaf_receives_what_the_planner_says_copy_then_drop(
+    domain: Domain, leaf_factory: LeafFactory
+) -> None:
+    objects = [await add(domain, "n1", f"rebalance-{i}", size=50_000) for i in range(6)]
+    for cid in objects:
+        await wait_status(domain.hub, cid, "placed", 3)
+        await until(lambda cid=cid: len(domain.holders(cid)) == 3)
+
+    domain.leaves["n5"] = leaf_factory("n5")
+    domain.agents["n5"] = domain.make_agent("n5", "z5")
+    await domain.agents["n5"].start()
+    controller = domain.controllers[0]
+    ideal = {}
+    lowest = {cid: 3 for cid in objects}
+
+    def settled() -> bool:
+        node_map = controller.node_map(time.time())
+        if len(node_map.volumes) < 5:
+            return False
+        for cid in objects:
+            held = domain.holders(cid)
+            lowest[cid] = min(lowest[cid], len(held))
+            rule = controller.policy_for(ObjectFacts(cid=cids.to_str(cid))).rule
+            wanted = plan(PlacedObject(cid, 50_000), rule, node_map, keep_current=False).desired
+            ideal[cid] = {vid.split("/")[0] for vid in wanted}
+            if held != ideal[cid]:
+                return False
+        return True
+
+    await until(settled, timeout=120)
+    assert any("n5" in ideal[cid] for cid in objects), "the planner sends nothing to n5"
+    assert all(count >= 3 for count in lowest.values()), lowest  # copy first, then drop
+    for cid in objects:
+        await wait_status(domain.hub, cid, "placed", 3)

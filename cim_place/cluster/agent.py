@@ -92,6 +92,10 @@ class Agent:
         self._gc_wanted = asyncio.Event()
         self._reconnected = asyncio.Event()
         self._fetching = 0
+        self._synced: dict[str, int] = {}
+        self._blocks: BlockServer | None = None
+        self._holders: HolderResponder | None = None
+        self._uploads: UploadService | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -113,19 +117,14 @@ class Agent:
         # Object access is enforced once the domain authenticates its users (the agent's own
         # server URL names its user); in an open domain every requester is anonymous.
         access = ReadAccess(self._pin_of, blocks) if identity_of(config.servers) else None
-        self._services = [
-            BlockServer(nc, self.node, blocks, subjects=self.subjects, access=access),
-            HolderResponder(
-                nc,
-                self.node,
-                [s.pins for s in stores],
-                labels=config.labels,
-                subjects=self.subjects,
-            ),
-            UploadService(
-                nc, self.node, self._volume_for, subjects=self.subjects, on_pinned=self._uploaded
-            ),
-        ]
+        self._blocks = BlockServer(nc, self.node, blocks, subjects=self.subjects, access=access)
+        self._holders = HolderResponder(
+            nc, self.node, [s.pins for s in stores], labels=config.labels, subjects=self.subjects
+        )
+        self._uploads = UploadService(
+            nc, self.node, self._volume_for, subjects=self.subjects, on_pinned=self._uploaded
+        )
+        self._services = [self._blocks, self._holders, self._uploads]
         for service in self._services:
             await service.start()
 
@@ -206,8 +205,36 @@ class Agent:
             statuses.append(VolumeStatus(name, used + free, used, free))
         return statuses
 
+    def _sync_service_metrics(self) -> None:
+        """Carry the services' own counters into the Prometheus counters (by difference)."""
+        current: dict[str, int] = {}
+        if self._blocks is not None:
+            stats = self._blocks.stats
+            current.update(
+                served_blocks=stats.blocks_served,
+                served_bytes=stats.bytes_served,
+                corrupt=stats.corrupt,
+                malformed_blocks=stats.malformed,
+            )
+        if self._holders is not None:
+            current["malformed_has"] = self._holders.stats.malformed
+        if self._uploads is not None:
+            current["malformed_upload"] = self._uploads.stats.malformed
+        if self._worker is not None:
+            current["malformed_tasks"] = self._worker.stats.malformed
+        delta = {key: max(0, value - self._synced.get(key, 0)) for key, value in current.items()}
+        self._synced = current
+        self.metrics.blocks_served.inc(delta.get("served_blocks", 0))
+        self.metrics.bytes_served.inc(delta.get("served_bytes", 0))
+        self.metrics.verification_failures.inc(delta.get("corrupt", 0))
+        for service in ("blocks", "has", "upload", "tasks"):
+            self.metrics.malformed_messages.labels(service).inc(
+                delta.get(f"malformed_{service}", 0)
+            )
+
     def record(self) -> NodeRecord:
-        """This node as the heartbeat reports it (and refreshes the volume gauges)."""
+        """This node as the heartbeat reports it (and refreshes the metrics)."""
+        self._sync_service_metrics()
         statuses = self.volume_status()
         for status in statuses:
             self.metrics.observe_volume(status, len(self.volumes[status.name].pins.list()))

@@ -107,6 +107,10 @@ class ControllerConfig:
     """Seconds without a heartbeat after which a node is down (its copies are lost once the
     policy's repair grace has passed too)."""
     max_tasks_per_node: int = 16
+    max_bytes_per_node: int = 4 << 30
+    """Bytes of fetches in flight to one node (the first fetch always passes, whatever its size)."""
+    max_tasks: int = 1024
+    """Tasks in flight in the whole domain."""
     task_timeout: float = 1800.0
     """Seconds after which a task with no report is forgotten (and its work re-planned)."""
     rebalance_per_pass: int = 100
@@ -532,13 +536,14 @@ class Controller:
         previous = await self.locations.get(cid)
         inp = _with_previous(inp, previous)
         result = reconcile(inp)
-        per_node = self.projection.tasks_per_node()
+        budget = self._budget()
         postponed = False
         view = self.projection.object(cid)
+        size = view.size if view else 0
         for action in result.actions:
             if not self._acting:
                 return result  # deposed: not one more task
-            if per_node.get(action.node, 0) >= self.config.max_tasks_per_node:
+            if not budget.allows(action.node, action.kind, size):
                 postponed = True
                 continue
             task = Task.create(
@@ -558,7 +563,7 @@ class Controller:
                 continue
             await self._queue.enqueue(task)
             self.projection.task_enqueued(task, now)
-            per_node[action.node] = per_node.get(action.node, 0) + 1
+            budget.take(action.node, action.kind, size)
             self.metrics.tasks_queued.labels(action.kind).inc()
         if self._acting:
             await self.locations.put(result.status)
@@ -571,6 +576,13 @@ class Controller:
         elif result.requeue_after is not None:
             self._requeue(cid, max(0.05, result.requeue_after))
         return result
+
+    def _budget(self) -> _Budget:
+        budget = _Budget(self.config)
+        for task in self.projection.in_flight():
+            view = self.projection.object(task.root)
+            budget.take(task.node, task.kind, view.size if view else 0)
+        return budget
 
     def _note_state(self, cid: Cid, result: ReconcileResult) -> None:
         self._states[cid] = result.status.state
@@ -646,6 +658,31 @@ class Controller:
             nodes_draining=len(self.projection.draining),
             updated_at=time.time(),
         )
+
+
+class _Budget:
+    """Tasks in flight per node and in the domain, and bytes of fetches per node: what the
+    rate limits of :class:`ControllerConfig` allow next."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.tasks: dict[str, int] = {}
+        self.fetch_bytes: dict[str, int] = {}
+        self.total = 0
+
+    def allows(self, node: str, kind: str, size: int) -> bool:
+        if self.total >= self.config.max_tasks:
+            return False
+        if self.tasks.get(node, 0) >= self.config.max_tasks_per_node:
+            return False
+        pending = self.fetch_bytes.get(node, 0)
+        return kind != "fetch" or pending == 0 or pending + size <= self.config.max_bytes_per_node
+
+    def take(self, node: str, kind: str, size: int) -> None:
+        self.total += 1
+        self.tasks[node] = self.tasks.get(node, 0) + 1
+        if kind == "fetch":
+            self.fetch_bytes[node] = self.fetch_bytes.get(node, 0) + size
 
 
 def _state_of(liveness: NodeLiveness | None) -> str:

@@ -10,7 +10,9 @@ Every key is optional; servers usually come from ``CIM_PLACE_SERVER`` (credentia
     full_pass: 60s                  # every object is looked at again this often
     late_after: 15s                 # a node without heartbeat this long is late (not acted on)
     down_after: 30s                 # ... and this long, down (repair after the policy's grace)
-    max_tasks_per_node: 16
+    max_tasks_per_node: 16          # tasks in flight per node ...
+    max_bytes_per_node: 4GiB        # ... and bytes of fetches in flight per node
+    max_tasks: 1024                 # tasks in flight in the whole domain
     rebalance_per_pass: 100
     metrics: 127.0.0.1:9470
 
@@ -34,14 +36,19 @@ _DURATIONS = {
     "late_after": "late_after",
     "down_after": "down_after",
 }
-_COUNTS = {"max_tasks_per_node": "max_tasks_per_node", "rebalance_per_pass": "rebalance_per_pass"}
+_COUNTS = {
+    "max_tasks_per_node": "max_tasks_per_node",
+    "max_tasks": "max_tasks",
+    "rebalance_per_pass": "rebalance_per_pass",
+}
+_SIZES = {"max_bytes_per_node": "max_bytes_per_node"}
 _TEXTS = {
     "creds": "creds",
     "hub_domain": "hub_domain",
     "identity": "identity",
     "metrics": "metrics",
 }
-_KEYS = {"servers", *_DURATIONS, *_COUNTS, *_TEXTS}
+_KEYS = {"servers", *_DURATIONS, *_COUNTS, *_SIZES, *_TEXTS}
 
 
 def load_controller_config(path: Path, base: ControllerConfig | None = None) -> ControllerConfig:
@@ -73,6 +80,9 @@ def load_controller_config(path: Path, base: ControllerConfig | None = None) -> 
     for key, attribute in _COUNTS.items():
         if key in doc:
             changes[attribute] = checker.positive(doc[key], (*root, key), key)
+    for key, attribute in _SIZES.items():
+        if key in doc:
+            changes[attribute] = checker.size(doc[key], (*root, key), key)
     for key, attribute in _TEXTS.items():
         if key in doc:
             changes[attribute] = checker.text(doc[key], (*root, key), key)

@@ -243,12 +243,9 @@ class Projection:
     def task(self, task_id: str) -> TaskInFlight | None:
         return self._tasks.get(task_id)
 
-    def tasks_per_node(self) -> dict[str, int]:
-        """Tasks in flight per node (for the controller's per-node rate limit)."""
-        counts: dict[str, int] = {}
-        for task in self._tasks.values():
-            counts[task.node] = counts.get(task.node, 0) + 1
-        return counts
+    def in_flight(self) -> Iterator[TaskInFlight]:
+        """Every task in flight (for the controller's rate limits)."""
+        return iter(self._tasks.values())
 
     @property
     def tasks_in_flight(self) -> int:
