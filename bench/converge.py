@@ -149,7 +149,7 @@ class WatchedController(Controller):
 
 
 def payload(i: int) -> bytes:
-    return random.Random(i).randbytes(OBJECT_SIZE)
+    return random.Random(f"object-{i}").randbytes(OBJECT_SIZE)
 
 
 async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

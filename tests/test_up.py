@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -240,10 +239,10 @@ class RecordingController:
 async def test_library_starts_agents_policy_and_controller(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake = types.ModuleType("cim_place.cluster.controller")
-    fake.Controller = RecordingController  # type: ignore[attr-defined]
-    fake.ControllerConfig = lambda **kwargs: kwargs  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "cim_place.cluster.controller", fake)
+    import cim_place.cluster.domain as domain_module
+
+    monkeypatch.setattr(domain_module, "Controller", RecordingController)
+    monkeypatch.setattr(domain_module, "ControllerConfig", lambda **kwargs: kwargs)
     RecordingController.instances.clear()
 
     domain = LocalDomain(workdir / "domain", leaves=2, zones=2)

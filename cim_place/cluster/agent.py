@@ -324,7 +324,7 @@ class Agent:
     async def _inventory_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.inventory)
-            with contextlib.suppress(CimPlaceError, nats.errors.Error):
+            with contextlib.suppress(CimPlaceError, nats.errors.Error, TimeoutError):
                 await self.publish_inventory()
 
     async def publish_inventory(self) -> None:

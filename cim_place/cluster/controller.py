@@ -293,14 +293,15 @@ class Controller:
         while True:
             try:
                 batch = await reader.fetch_stored(timeout=0.5)
-            except TransportError as exc:
-                _log.warning("reading events: %s", exc)
+            except Exception as exc:
+                # The projection is the controller's whole view: its reader must outlive any
+                # error (the hub restarting, a slow reply); it resumes after the last event.
+                _log.warning("reading events: %s; retrying", exc or type(exc).__name__)
                 await asyncio.sleep(1.0)
                 continue
-            if not batch and not self.caught_up.is_set():
-                with contextlib.suppress(TransportError):
-                    if await reader.pending() == 0:
-                        self.caught_up.set()
+            if not batch:
+                # A fetch that waited and found nothing: history is read, for now.
+                self.caught_up.set()
             for stored in batch:
                 envelope = stored.envelope
                 self.mark(
@@ -321,8 +322,8 @@ class Controller:
             try:
                 async for stored in watch_policies(self.js):
                     self._set_policies(stored.policy_set)
-            except (CimPlaceError, nats.errors.Error) as exc:
-                _log.warning("watching policies: %s", exc)
+            except Exception as exc:
+                _log.warning("watching policies: %s; retrying", exc or type(exc).__name__)
             await asyncio.sleep(1.0)
 
     def _set_policies(self, policies: PolicySet) -> None:
@@ -343,8 +344,8 @@ class Controller:
             await asyncio.sleep(1.0)
             try:
                 self._sync_nodes(await list_nodes(self.js))
-            except (CimPlaceError, nats.errors.Error) as exc:
-                _log.debug("reading nodes: %s", exc)
+            except Exception as exc:
+                _log.debug("reading nodes: %s", exc or type(exc).__name__)
 
     def _sync_nodes(self, records: list[NodeRecord]) -> None:
         now = time.time()
@@ -377,8 +378,8 @@ class Controller:
                     draining = entry.operation is None
                     self.mark(self.projection.set_draining(node, draining))
                     self._node_map = None
-            except (nats.errors.Error, CimPlaceError) as exc:
-                _log.debug("watching drains: %s", exc)
+            except Exception as exc:
+                _log.debug("watching drains: %s", exc or type(exc).__name__)
             await asyncio.sleep(1.0)
 
     # -- liveness -------------------------------------------------------------------------------
@@ -631,8 +632,10 @@ class Controller:
             await asyncio.sleep(self.config.summary_every)
             if not self._acting or self.locations is None:
                 continue
-            with contextlib.suppress(CimPlaceError, nats.errors.Error):
+            try:
                 await self.locations.put_summary(self.summary())
+            except Exception as exc:
+                _log.debug("writing the summary: %s", exc or type(exc).__name__)
 
     def summary(self) -> Summary:
         counts: dict[str, int] = dict.fromkeys(OBJECT_STATES, 0)

@@ -768,7 +768,7 @@ class EventReader:
             try:
                 messages = await sub.fetch(max_messages or self._batch, timeout=timeout)
                 break
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py's fetch also raises the bare asyncio one
                 return []
             except nats.js.errors.NotFoundError:
                 # The ephemeral consumer was removed (a long outage): open a new one where we were.

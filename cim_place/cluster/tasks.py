@@ -693,8 +693,8 @@ class TaskWorker:
             return
         try:
             messages = await self._sub.fetch(free, timeout=self._fetch_wait)
-        except nats.errors.TimeoutError:
-            return  # nothing to do right now
+        except TimeoutError:  # also nats-py's bare asyncio one: nothing to do right now
+            return
         if self._troubled:
             self._troubled = False
             _log.info("node %s: fetching tasks again", self.node)
