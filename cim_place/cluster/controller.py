@@ -85,6 +85,8 @@ _log = logging.getLogger(__name__)
 logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 DRAIN_PREFIX = "drain."
+_EVENT_BATCH = 256
+"""Events per pull while the projection reads a backlog."""
 
 
 def default_identity() -> str:
@@ -290,15 +292,21 @@ class Controller:
     async def _read_events(self) -> None:
         assert self.js is not None
         reader = EventReader(self.js, start_sequence=1, subjects=self.subjects)
+        size = _EVENT_BATCH
         while True:
             try:
-                batch = await reader.fetch_stored(timeout=0.5)
+                batch = await reader.fetch_stored(size, timeout=0.5)
             except Exception as exc:
                 # The projection is the controller's whole view: its reader must outlive any
                 # error (the hub restarting, a slow reply); it resumes after the last event.
                 _log.warning("reading events: %s; retrying", exc or type(exc).__name__)
                 await asyncio.sleep(1.0)
                 continue
+            # At the head of the stream, pull one event at a time: a pull of n > 1 that meets
+            # the late status of the previous, expired pull waits for all n until its expiry
+            # (nats-py), which held single events back by up to 0.5 s (bench/converge.py).
+            # A full batch means a backlog: read it in big batches.
+            size = _EVENT_BATCH if len(batch) == size else 1
             if not batch:
                 # A fetch that waited and found nothing: history is read, for now.
                 self.caught_up.set()

@@ -126,10 +126,10 @@ def _action(body: Mapping[str, Value], key: str, event: str) -> TaskAction:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ObjectStored:
-    """A root was pinned on a volume of the publishing node, its whole DAG present and verified."""
+class _ObjectEvent:
+    """What ObjectStored and ObjectRemoved both say about one root on one volume."""
 
-    TYPE: ClassVar[str] = "ObjectStored"
+    TYPE: ClassVar[str] = ""
     root: Cid
     size: int
     """Bytes of content (the file size for UnixFS), not of the encoded blocks."""
@@ -165,41 +165,17 @@ class ObjectStored:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ObjectRemoved:
+class ObjectStored(_ObjectEvent):
+    """A root was pinned on a volume of the publishing node, its whole DAG present and verified."""
+
+    TYPE: ClassVar[str] = "ObjectStored"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObjectRemoved(_ObjectEvent):
     """A root was unpinned from a volume of the publishing node (its blocks may be collected)."""
 
     TYPE: ClassVar[str] = "ObjectRemoved"
-    root: Cid
-    size: int
-    blocks: int
-    volume: str
-    owner: str
-    name: str | None = None
-    metadata: Mapping[str, str] = field(default_factory=dict)
-
-    def body(self) -> Body:
-        return {
-            "root": Link(self.root),
-            "size": self.size,
-            "blocks": self.blocks,
-            "volume": self.volume,
-            "owner": self.owner,
-            "name": self.name,
-            "metadata": dict(self.metadata),
-        }
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Value]) -> Self:
-        t = cls.TYPE
-        return cls(
-            root=_cid(body, "root", t),
-            size=_count(body, "size", t),
-            blocks=_count(body, "blocks", t),
-            volume=_str(body, "volume", t),
-            owner=_str(body, "owner", t),
-            name=_opt_str(body, "name", t),
-            metadata=_str_map(body, "metadata", t),
-        )
 
 
 def inventory_digest(roots: Iterable[Cid]) -> bytes:
