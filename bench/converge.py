@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
@@ -131,9 +132,9 @@ class WatchedAgent(Agent):
 
     watch: Watch
 
-    async def _announce_stored(self, pin: Pin, volume: str, cause: Any = None) -> None:
+    async def _announce_stored(self, pin: Pin, volume: str) -> None:
         self.watch.pinned(pin.root)
-        await super()._announce_stored(pin, volume, cause)
+        await super()._announce_stored(pin, volume)
 
 
 class WatchedController(Controller):
@@ -193,7 +194,13 @@ async def baselines(hub: Hub, leaf: NatsServer, samples: int = 200) -> dict[str,
 
         await leaf_nc.subscribe("bench.echo", cb=echo)
         await leaf_nc.flush()
-        await hub_nc.request("bench.echo", b"", timeout=2.0)
+        # The leaf forwards the new interest to the hub asynchronously: retry until it is there.
+        for _ in range(100):
+            try:
+                await hub_nc.request("bench.echo", b"", timeout=2.0)
+                break
+            except nats.errors.NoRespondersError:
+                await asyncio.sleep(0.02)
         times = []
         for _ in range(samples):
             started = time.perf_counter()

@@ -85,6 +85,8 @@ _log = logging.getLogger(__name__)
 logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 DRAIN_PREFIX = "drain."
+DEGRADED_RETRY = 5.0
+"""Seconds after which a degraded or lost object is reconciled again without any event."""
 _EVENT_BATCH = 256
 """Events per pull while the projection reads a backlog."""
 
@@ -584,6 +586,11 @@ class Controller:
             self._requeue(cid, 1.0)
         elif result.requeue_after is not None:
             self._requeue(cid, max(0.05, result.requeue_after))
+        elif result.status.state in ("degraded", "lost"):
+            # Level-triggered: what kept it short (a node not yet placeable, a heartbeat not yet
+            # seen) may pass without any event about this object; look again soon, not at the
+            # next full pass.
+            self._requeue(cid, DEGRADED_RETRY)
         return result
 
     def _budget(self) -> _Budget:

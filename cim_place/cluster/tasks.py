@@ -568,6 +568,7 @@ class TaskWorker:
         self._heartbeat = ack_wait / 3
         self._fetch_wait = fetch_wait
         self._retry_wait = retry_wait
+        self._backlog = False
         self._on_result = on_result
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -691,10 +692,16 @@ class TaskWorker:
             await asyncio.wait({*self._in_flight, stop}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
             return
+        # With nothing queued, pull one task at a time: a pull of n > 1 that meets the late expiry
+        # of the previous pull can hold a lone task back until it expires (nats-py). A pull that
+        # came back full means a backlog: then pull as many as there are free slots.
+        want = free if self._backlog else 1
         try:
-            messages = await self._sub.fetch(free, timeout=self._fetch_wait)
+            messages = await self._sub.fetch(want, timeout=self._fetch_wait)
         except TimeoutError:  # also nats-py's bare asyncio one: nothing to do right now
+            self._backlog = False
             return
+        self._backlog = len(messages) >= want
         if self._troubled:
             self._troubled = False
             _log.info("node %s: fetching tasks again", self.node)
