@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
@@ -19,6 +19,9 @@ from cim_place.errors import CimPlaceError
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+"""The --json switch every command with structured output takes."""
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

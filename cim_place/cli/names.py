@@ -12,7 +12,7 @@ from typing import Annotated, TypeVar
 import typer
 
 from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, actor, run_in_domain
-from cim_place.cli._output import handles_errors, print_json
+from cim_place.cli._output import JsonOption, handles_errors, print_json
 from cim_place.cluster.names import NameRecord, NameRegistry, UnknownNameError, check_name
 from cim_place.objectstore import cid as cids
 
@@ -30,7 +30,6 @@ NameArgument = Annotated[
         show_default=False,
     ),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
 def _with_registry(

@@ -23,7 +23,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from cim_place.cli._output import handles_errors, print_json
+from cim_place.cli._output import JsonOption, handles_errors, print_json
 from cim_place.errors import StoreError
 from cim_place.interfaces import Pin
 from cim_place.objectstore import cid as cids
@@ -43,7 +43,6 @@ StoreOption = Annotated[
 ProfileOption = Annotated[
     str, typer.Option("--profile", "-p", help="UnixFS profile: unixfs-v1-2025 or unixfs-v0-2015.")
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
 def store_path(store: Path | None) -> Path:

@@ -16,7 +16,7 @@ import typer
 from nats.js import JetStreamContext
 
 from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, actor, run_in_domain
-from cim_place.cli._output import handles_errors, print_json
+from cim_place.cli._output import JsonOption, handles_errors, print_json
 from cim_place.cluster.policystore import PolicyStore, StoredSet
 from cim_place.errors import InvalidCidError, PolicyError
 from cim_place.objectstore import cid as cids
@@ -43,7 +43,6 @@ FilesArgument = Annotated[
     list[Path],
     typer.Argument(help="Policy files (YAML), or directories of *.yaml files.", show_default=False),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
 @contextmanager
