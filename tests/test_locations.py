@@ -1,4 +1,4 @@
-"""The locations store (KV ``cim-place-locations``) against a real hub server."""
+"""The locations store (KV ``cim-place-locations`` and its shards) against a real hub server."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 import pytest
 from nats.js import JetStreamContext
 
+from cim_place.cluster import kv
 from cim_place.cluster.connection import connected, jetstream
 from cim_place.cluster.kv import LOCATIONS
-from cim_place.cluster.locations import SUMMARY_KEY, LocationStore
+from cim_place.cluster.locations import LAYOUT_KEY, SUMMARY_KEY, LocationStore, shard_of
 from cim_place.cluster.servers import Hub
 from cim_place.errors import TransportError
 from cim_place.objectstore.cid import RAW, make_cid, to_str
@@ -52,8 +53,8 @@ async def test_round_trip(js_hub: JetStreamContext) -> None:
 
 async def test_an_unchanged_status_is_not_rewritten(js_hub: JetStreamContext) -> None:
     store = await LocationStore(js_hub).open()
-    bucket = store.bucket
     record = status(2)
+    bucket = await store.shard(record.cid)
     assert await store.put(record)
     revision = (await bucket.get(record.cid)).revision
     for _ in range(3):
@@ -100,13 +101,15 @@ async def test_list_filters_by_state_and_skips_the_summary(js_hub: JetStreamCont
 
 async def test_garbage_values_are_skipped_and_counted(js_hub: JetStreamContext) -> None:
     store = await LocationStore(js_hub).open()
-    bucket = store.bucket
     good = status(1)
     await store.put(good)
-    await bucket.put("bafkgarbage1", b"\xff\xfe not json")
-    await bucket.put("bafkgarbage2", b'{"cid": "x", "state": "exploded"}')
-    await bucket.put("bafkgarbage3", b"[1, 2, 3]")
-    await bucket.put(SUMMARY_KEY, b'{"objects": "many"}')
+    for key, value in (
+        ("bafkgarbage1", b"\xff\xfe not json"),
+        ("bafkgarbage2", b'{"cid": "x", "state": "exploded"}'),
+        ("bafkgarbage3", b"[1, 2, 3]"),
+    ):
+        await (await store.shard(key)).put(key, value)
+    await store.bucket.put(SUMMARY_KEY, b'{"objects": "many"}')
     assert await store.get("bafkgarbage1") is None
     assert store.garbage == 1
     assert [s async for s in store.list()] == [good]
@@ -123,3 +126,47 @@ async def test_a_reader_without_the_bucket_is_told_what_to_do(js_hub: JetStreamC
     reader = await LocationStore(js_hub).open(create=False)
     assert reader.bucket is not None
     assert (await js_hub.key_value(LOCATIONS)) is not None
+
+
+async def test_statuses_spread_over_the_shards_and_readers_find_them(
+    js_hub: JetStreamContext,
+) -> None:
+    writer = await LocationStore(js_hub).open()
+    records = [status(n) for n in range(64)]
+    for record in records:
+        await writer.put(record)
+    used = {shard_of(r.cid) for r in records}
+    assert len(used) > kv.LOCATION_SHARDS // 2  # 64 CIDs land in most of the 16 shards
+    for record in records[:5]:
+        held = await js_hub.key_value(kv.location_shard(shard_of(record.cid)))
+        assert (await held.get(record.cid)).value == record.encode()
+    reader = await LocationStore(js_hub).open(create=False)
+    assert reader.shard_count == kv.LOCATION_SHARDS
+    for record in records:
+        assert await reader.get(record.cid) == record
+    assert sorted([s.cid async for s in reader.list()]) == sorted(r.cid for r in records)
+
+
+async def test_an_unsharded_bucket_is_emptied_and_laid_out(js_hub: JetStreamContext) -> None:
+    """Statuses written into the base bucket by an older controller are dropped (the controller
+    rewrites every status from its projection); the layout key says how many shards."""
+    old = await kv.ensure_bucket(js_hub, LOCATIONS)
+    await old.put(status(1).cid, status(1).encode())
+    await old.put(SUMMARY_KEY, Summary(objects=1).encode())
+    store = await LocationStore(js_hub).open()
+    assert await store.get(status(1).cid) is None
+    assert await store.summary() is None
+    layout = await store.bucket.get(LAYOUT_KEY)
+    assert layout.value == b'{"shards": 16}'
+    await LocationStore(js_hub).open()  # a second controller finds the layout as it is
+    assert (await store.bucket.get(LAYOUT_KEY)).revision == layout.revision
+
+
+async def test_a_damaged_layout_is_named(js_hub: JetStreamContext) -> None:
+    store = await LocationStore(js_hub).open()
+    await store.bucket.put(LAYOUT_KEY, b"{}")
+    with pytest.raises(TransportError, match=f"delete key {LAYOUT_KEY}"):
+        await LocationStore(js_hub).open(create=False)
+    await store.bucket.put(LAYOUT_KEY, b'{"shards": 4}')
+    with pytest.raises(TransportError, match="4 shards"):
+        await LocationStore(js_hub).open()

@@ -20,7 +20,8 @@ NODES = "cim-place-nodes"
 NAMES = "cim-place-names"
 """Domain-wide names pointing at CIDs (history kept)."""
 LOCATIONS = "cim-place-locations"
-"""Where each CID is held, per volume and state."""
+"""The domain summary and the layout of the locations; each CID's status (where it is held, per
+volume and state) lives in one of the :data:`LOCATION_SHARDS` shard buckets."""
 LEADER = "cim-place-leader"
 """The controller's leadership lease (bucket TTL; renewed with compare-and-set)."""
 DRAIN = "cim-place-drain"
@@ -31,7 +32,18 @@ cim_place.cluster.eventstore only: created with other settings it would not work
 SETTINGS = "cim-place-settings"
 """Domain-wide settings, one key each (e.g. the comms offload threshold, cim_place.comms)."""
 
-ALL_BUCKETS = (POLICIES, NODES, NAMES, LOCATIONS, LEADER)
+LOCATION_SHARDS = 16
+"""How many buckets the per-CID statuses are spread over (see cim_place.cluster.locations)."""
+
+
+def location_shard(index: int) -> str:
+    """The name of shard ``index`` of the locations: ``cim-place-locations-07``."""
+    return f"{LOCATIONS}-{index:02d}"
+
+
+LOCATION_SHARD_BUCKETS = tuple(location_shard(i) for i in range(LOCATION_SHARDS))
+
+ALL_BUCKETS = (POLICIES, NODES, NAMES, LOCATIONS, *LOCATION_SHARD_BUCKETS, LEADER)
 
 MAX_HISTORY = 64
 """JetStream keeps at most 64 revisions per key in a KV bucket."""
