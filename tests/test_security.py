@@ -122,14 +122,6 @@ def test_cli_gen_writes_private_files_and_keeps_existing_ones(tmp_path: Path) ->
 # -- a secured domain ------------------------------------------------------------------------------
 
 
-@dataclass(kw_only=True)
-class _Secured(ServerSpec):
-    extra: str = ""
-
-    def render(self) -> str:
-        return super().render() + self.extra
-
-
 @dataclass
 class Domain:
     plan: DomainPlan
@@ -155,7 +147,7 @@ def _start_leaf(
         'account: "CIM" } ] }\n' + render_accounts(plan.leaves[node])
     )
     server_name = name or node
-    spec = _Secured(
+    spec = ServerSpec(
         server_name=server_name,
         store_dir=directory / server_name / "js",
         domain=server_name,
@@ -171,7 +163,7 @@ def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Domain]:
     directory = tmp_path_factory.mktemp("secured")
     plan = plan_domain(["a", "b"], readers={"alice": "a", "bob": None})
     hub = NatsServer(
-        _Secured(
+        ServerSpec(
             server_name="hub",
             store_dir=directory / "hub" / "js",
             domain="hub",
@@ -323,7 +315,7 @@ async def test_a_seized_leaf_is_confined_to_its_own_node(domain: Domain) -> None
     rogue_dir = domain.directory / "rogue"
     assert domain.hub.leaf_url is not None
     rogue = NatsServer(
-        _Secured(
+        ServerSpec(
             server_name="rogue",
             store_dir=rogue_dir / "js",
             domain="rogue",

@@ -112,6 +112,8 @@ class ServerSpec:
     # behind a LinkProxy must not find its way around the proxy.
     leaf_ignore_discovered: bool = False
     max_payload: int | None = None
+    # Configuration text appended as it is (accounts and users, say).
+    extra: str = ""
 
     def render(self) -> str:
         """Return the nats-server configuration text for this spec."""
@@ -149,7 +151,7 @@ class ServerSpec:
             leaf.append(f"remotes: [ {{ urls: [{urls}]{ignore} }} ]")
         if leaf:
             lines.append("leafnodes {\n  " + "\n  ".join(leaf) + "\n}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + self.extra
 
 
 class _PortTakenError(TransportError):

@@ -1,0 +1,89 @@
+"""Who owns an upload in a domain that authenticates its users: the requester NATS vouches for.
+
+One server runs the accounts ``cim-place security gen`` produces; an agent's upload service takes
+uploads on it as the agent's own user.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from cim_place.cluster.connection import connect
+from cim_place.cluster.security import AccessDeniedError, User, plan_domain, render_accounts
+from cim_place.cluster.servers import NatsServer, ServerSpec
+from cim_place.cluster.upload import UploadService, upload
+from cim_place.objectstore.store import ObjectStore
+
+NODE = "a"
+
+
+@dataclass
+class Domain:
+    server: NatsServer
+    users: dict[str, User]
+
+    def url(self, user: str) -> str:
+        return f"nats://{user}:{self.users[user].password}@127.0.0.1:{self.server.port}"
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Domain]:
+    plan = plan_domain([NODE], readers={"alice": None, "bob": None})
+    users = [*plan.hub, *plan.leaves[NODE]]
+    directory = tmp_path_factory.mktemp("owners")
+    spec = ServerSpec(
+        server_name="owners",
+        store_dir=directory / "js",
+        domain="hub",
+        extra=render_accounts(users),
+    )
+    server = NatsServer(spec, directory).start().wait_ready()
+    try:
+        yield Domain(server, {user.name: user for user in users})
+    finally:
+        server.stop()
+
+
+@pytest_asyncio.fixture
+async def store(domain: Domain, tmp_path: Path) -> AsyncIterator[ObjectStore]:
+    store = ObjectStore(tmp_path / "volume")
+    agent = await connect(domain.url(f"agent-{NODE}"), for_service=True)
+    service = UploadService(agent, NODE, store, authenticated=True)
+    await service.start()
+    try:
+        yield store
+    finally:
+        await service.stop()
+        await agent.close()
+        store.close()
+
+
+async def _upload(domain: Domain, store: ObjectStore, user: str, owner: str) -> str:
+    """Upload as ``user`` claiming ``owner``; the owner the agent recorded on the pin."""
+    nc = await connect(domain.url(user))
+    try:
+        result = await upload(nc, NODE, io.BytesIO(b"x" * 5000 + user.encode()), owner=owner)
+    finally:
+        await nc.close()
+    pin = store.pins.get(result.cid)
+    assert pin is not None
+    return pin.owner
+
+
+async def test_the_owner_is_the_authenticated_requester(domain: Domain, store: ObjectStore) -> None:
+    assert await _upload(domain, store, "alice", "") == "alice"
+    assert await _upload(domain, store, "alice", "alice") == "alice"
+
+
+async def test_claiming_another_owner_is_refused_and_pins_nothing(
+    domain: Domain, store: ObjectStore
+) -> None:
+    with pytest.raises(AccessDeniedError, match="alice may not upload as owner 'bob'"):
+        await _upload(domain, store, "alice", "bob")
+    assert store.pins.list() == []
