@@ -20,6 +20,12 @@ The protocol, one session per upload:
    the end of the file, pins the root, calls ``on_pinned(pin)`` (the agent publishes
    ObjectStored there) and sends ``done`` with the CID, size and block count.
 
+Owner: in a domain that authenticates its users (the agent itself connects with credentials),
+the owner of the new pin is the requester NATS vouches for (``security.requester_of`` of the
+open request's reply subject), never a field the client sends: an empty ``owner`` becomes the
+requester, a different one is refused with ``not-allowed``, and so is an anonymous requester.
+In an open domain (no users) the client's ``owner`` is taken as it is.
+
 Either side may end a session early: the client with **abort**, the agent with **error** (a full
 volume, a lost chunk, an idle timeout, the agent stopping). The importer pins only at the very
 end, so a session that ends early leaves no pin; the blocks it wrote are unreferenced and go at
@@ -47,6 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from cim_place.cluster.security import AccessDeniedError, requester_of
 from cim_place.cluster.subjects import Subjects
 from cim_place.errors import StoreError, StoreFullError, TransportError
 from cim_place.interfaces import Pin
@@ -114,6 +121,9 @@ STORE = "store"
 """The store failed (I/O error); StoreError on the client."""
 MALFORMED = "malformed"
 """A message that does not follow this protocol."""
+NOT_ALLOWED = "not-allowed"
+"""In a domain that authenticates its users: an anonymous upload, or one claiming another
+owner (AccessDeniedError on the client)."""
 
 
 class UploadError(TransportError):
@@ -399,10 +409,13 @@ class UploadService:
         window: int = DEFAULT_WINDOW,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         headroom: int = DEFAULT_HEADROOM,
+        authenticated: bool = False,
     ) -> None:
         self.nc = nc
         self.node = node
         self._store = store
+        self.authenticated = authenticated
+        """Owners come from the requester's identity (see the module docstring)."""
         self.subjects = subjects if subjects is not None else Subjects()
         self.subject = self.subjects.agent_add(node)
         self.on_pinned = on_pinned
@@ -509,6 +522,7 @@ class UploadService:
         size = _count(body, "size")
         client_max = _count(body, "max_payload") or 0
         try:
+            owner = self._owner(requester_of(msg.reply), _text(body, "owner"))
             store = self._admit(body, size)
         except _Refused as refused:
             self.stats.refused += 1
@@ -527,7 +541,7 @@ class UploadService:
             id=session_id,
             inbox=inbox,
             name=name if isinstance(name, str) else None,
-            owner=_text(body, "owner"),
+            owner=owner,
             metadata={key: str(value) for key, value in metadata.items()},
             profile=_text(body, "profile", DEFAULT_PROFILE),
             pipe=ChunkPipe(consumed),
@@ -547,6 +561,24 @@ class UploadService:
                 },
             ),
         )
+
+    def _owner(self, requester: str | None, claimed: str) -> str:
+        """The owner of the new pin; raises _Refused (see the module docstring)."""
+        if not self.authenticated:
+            return claimed
+        if requester is None:
+            raise _Refused(
+                NOT_ALLOWED,
+                f"not allowed: the agent of {self.node} takes uploads only from authenticated "
+                "users; connect with your user's credentials",
+            )
+        if claimed and claimed != requester:
+            raise _Refused(
+                NOT_ALLOWED,
+                f"not allowed: {requester} may not upload as owner {claimed!r}; leave the "
+                f"owner out (it is you) or connect as {claimed}",
+            )
+        return requester
 
     def _admit(self, body: Mapping[str, dagcbor.Value], size: int | None) -> ObjectStore:
         """The volume that takes this upload; raises _Refused when it cannot be served."""
@@ -784,6 +816,8 @@ def _raise_error(node: str, body: Mapping[str, dagcbor.Value]) -> None:
         raise StoreFullError(text)
     if code in (INVALID, STORE):
         raise StoreError(text)
+    if code == NOT_ALLOWED:
+        raise AccessDeniedError(text)
     raise UploadError(code, text)
 
 
