@@ -2,7 +2,8 @@
 
 The requester's identity is the NATS user whose inbox its reply subject names; permissions let
 each user subscribe under its own inbox only, so a claimed identity gets no data. A holder refuses
-a requester the root's owner and readers do not include, with a clear "not allowed".
+a requester the root's owner and readers do not include, with a clear "not allowed". The holder
+runs a block stream too: its grants are checked the same way, and fetches use it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
-from cim_place.cluster.blocks import BlockServer, End, Status, decode_reply, encode_request
+from cim_place.cluster.blocks import (
+    BlockServer,
+    End,
+    Grant,
+    Status,
+    decode_reply,
+    encode_grant_request,
+    encode_request,
+)
+from cim_place.cluster.blockstream import Block, BlockStreamServer, StreamClient
 from cim_place.cluster.connection import connect
 from cim_place.cluster.fetch import AccessDeniedError, Holder, fetch_dag
 from cim_place.cluster.holders import HolderResponder
@@ -101,8 +111,12 @@ async def holding(domain: Domain, tmp_path: Path) -> AsyncIterator[Holding]:
     def pin_of(root: bytes) -> Pin | None:
         return store.pins.get(root)
 
-    services: list[BlockServer | HolderResponder] = [
-        BlockServer(agent, NODE, store.blocks, access=ReadAccess(pin_of, store.blocks)),
+    access = ReadAccess(pin_of, store.blocks)
+    stream = BlockStreamServer(store.blocks, access=access)
+    blocks = BlockServer(agent, NODE, store.blocks, access=access, stream=stream)
+    services: list[BlockServer | HolderResponder | BlockStreamServer] = [
+        stream,
+        blocks,
         HolderResponder(agent, NODE, store.pins),
     ]
     for service in services:
@@ -121,6 +135,8 @@ async def _fetch(domain: Domain, user: str, root: bytes, into: Path) -> int:
     blocks = FsBlockStore(into, fsync="none")
     try:
         result = await fetch_dag(nc, root, [Holder(NODE)], blocks, timeout=3.0)
+        # Every block came over the holder's block stream, granted on NATS.
+        assert result.holders[NODE].stream_blocks == result.blocks_fetched
         return result.blocks_fetched
     finally:
         blocks.close()
@@ -257,3 +273,33 @@ async def test_cli_get_says_not_allowed_or_writes_the_content(
     code, err = await get("alice", tmp_path / "alice.bin")
     assert code == 0, err
     assert (tmp_path / "alice.bin").read_bytes() == CONTENT
+
+
+async def test_stream_grants_follow_the_read_rule(domain: Domain, holding: Holding) -> None:
+    """bob gets no grant for alice's root; his grant for his own root opens only its blocks."""
+    nc = await connect(domain.url("bob"))
+    try:
+        msg = await nc.request(
+            f"cim.place.blk.{NODE}.get", encode_grant_request(holding.owned.root), timeout=3
+        )
+        records = decode_reply(msg.data)[1]
+        assert not any(isinstance(r, Grant) for r in records)
+        ends = [r for r in records if isinstance(r, End)]
+        assert ends[0].status is Status.NOT_ALLOWED
+        assert "not allowed: bob may not read" in ends[0].reason
+
+        msg = await nc.request(
+            f"cim.place.blk.{NODE}.get", encode_grant_request(holding.other.root), timeout=3
+        )
+        grants = [r for r in decode_reply(msg.data)[1] if isinstance(r, Grant)]
+        assert len(grants) == 1
+        client = await StreamClient.open(grants[0].address, grants[0].token, timeout=3.0)
+        try:
+            client.send_get([holding.owned.root, holding.other.root])
+            records_ = [await client.read(3.0) for _ in range(3)]
+        finally:
+            await client.close()
+        assert [type(r).__name__ for r in records_] == ["Missing", "Block", "End"]
+        assert isinstance(records_[1], Block) and records_[1].cid == holding.other.root
+    finally:
+        await nc.close()

@@ -100,6 +100,10 @@ async def test_add_fetch_drop_through_agents(
         located = agent_b.pinned_on(result.cid)
         assert located is not None
         assert located[1].owner == "alice" and located[1].size == SIZE
+        # The blocks came over node-a's bulk block stream (on by default, on loopback).
+        stream = agent_a.block_stream
+        assert stream is not None and stream.stats.connections == 1
+        assert stream.stats.bytes >= SIZE
         copy = b"".join(agent_b.volumes["v0"].cat(result.cid))
         assert copy == data
 
@@ -131,6 +135,7 @@ async def test_add_fetch_drop_through_agents(
             await asyncio.sleep(0.1)
         assert set(nodes) == {"node-a", "node-b"}
         assert nodes["node-b"].labels["zone"] == "z2"
+        assert nodes["node-a"].block_stream == stream.address
         assert nodes["node-b"].volumes[0].used >= SIZE
 
 

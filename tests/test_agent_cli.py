@@ -136,3 +136,23 @@ def test_no_domain_reachable_names_the_url(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert env_url.encode() in done.stderr
     assert b"cim-place up" in done.stderr
+
+
+def test_stream_flags_are_checked_like_the_config_file(tmp_path: Path) -> None:
+    volume = str(tmp_path / "v0")
+    done = run("agent", "--node", "a", "--volume", volume, "--stream-listen", "nope", check=False)
+    assert done.returncode == 1
+    assert b"--stream-listen: 'nope' is not host:port" in done.stderr
+    done = run(
+        "agent", "--node", "a", "--volume", volume, "--stream-listen", "0.0.0.0:4250", check=False
+    )
+    assert done.returncode == 1
+    assert b"add --stream-advertise" in done.stderr
+
+
+def test_stream_flags_reach_the_agent_config() -> None:
+    from cim_place.cli.agent import _Stream
+
+    assert _Stream(None, None).checked() == ("127.0.0.1:0", None)
+    assert _Stream("off", None).checked() == (None, None)
+    assert _Stream("0.0.0.0:4250", "web1:4250").checked() == ("0.0.0.0:4250", "web1:4250")

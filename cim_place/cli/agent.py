@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, BinaryIO
 
@@ -18,7 +19,13 @@ from nats.aio.client import Client
 
 from cim_place.cli._domain import CredsOption, ServerOption, choose_domain
 from cim_place.cli._output import handles_errors
-from cim_place.cluster.agent_config import AgentConfig, VolumeConfig, load_agent_config
+from cim_place.cluster.agent_config import (
+    AgentConfig,
+    VolumeConfig,
+    load_agent_config,
+    stream_address_problems,
+)
+from cim_place.cluster.blockstream import DEFAULT_LISTEN
 from cim_place.cluster.connection import DEFAULT_SERVER, connected, jetstream
 from cim_place.cluster.subjects import check_node_id
 from cim_place.errors import BlockNotFoundError, CimPlaceError, InvalidCidError, StoreError
@@ -61,10 +68,56 @@ def agent_command(
     metrics: Annotated[
         str | None, typer.Option("--metrics", help="host:port for Prometheus metrics.")
     ] = None,
+    stream_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--stream-listen",
+            help="host:port of the bulk block stream (default 127.0.0.1:0: a free port on "
+            "loopback); off: blocks travel over NATS only.",
+        ),
+    ] = None,
+    stream_advertise: Annotated[
+        str | None,
+        typer.Option(
+            "--stream-advertise",
+            help="host or host:port peers dial for the block stream (default: the listen "
+            "address; needed when listening on 0.0.0.0).",
+        ),
+    ] = None,
 ) -> None:
     """Run a leaf agent until interrupted: store, announce, serve and fetch content."""
     with contextlib.suppress(KeyboardInterrupt):
-        _run_agent(_agent_config(config, node, server, creds, volume, label, tag, metrics))
+        _run_agent(
+            _agent_config(
+                config,
+                node,
+                server,
+                creds,
+                volume,
+                label,
+                tag,
+                metrics,
+                _Stream(stream_listen, stream_advertise),
+            )
+        )
+
+
+@dataclass(frozen=True)
+class _Stream:
+    listen: str | None
+    advertise: str | None
+
+    def given(self) -> bool:
+        return self.listen is not None or self.advertise is not None
+
+    def checked(self) -> tuple[str | None, str | None]:
+        """(listen, advertise) for AgentConfig; raises CimPlaceError naming the bad flag."""
+        listen = None if self.listen == "off" else (self.listen or DEFAULT_LISTEN)
+        for key, message, hint in stream_address_problems(listen, self.advertise):
+            flag = "--" + key.replace("_", "-")
+            hint = hint.replace("stream_advertise: ", "--stream-advertise ")
+            raise CimPlaceError(f"{flag}: {message} ({hint})")
+        return listen, self.advertise
 
 
 @handles_errors
@@ -77,14 +130,21 @@ def _agent_config(
     label: list[str] | None,
     tag: list[str] | None,
     metrics: str | None,
+    stream: _Stream,
 ) -> AgentConfig:
     if config is not None:
+        if stream.given():
+            raise CimPlaceError(
+                "--stream-listen/--stream-advertise go with the flags, not with --config; "
+                "set blocks: {stream_listen, stream_advertise} in the file instead"
+            )
         return load_agent_config(config)
     if node is None or not volume:
         raise CimPlaceError(
             "give --config FILE, or at least --node ID and --volume PATH "
             "(see `cim-place agent --help`)"
         )
+    listen, advertise = stream.checked()
     labels = {}
     for pair in label or []:
         key, sep, value = pair.partition("=")
@@ -99,6 +159,8 @@ def _agent_config(
         labels=labels,
         tags=tuple(tag or ()),
         metrics=metrics,
+        stream_listen=listen,
+        stream_advertise=advertise,
     )
 
 

@@ -7,8 +7,8 @@ An agent owns the volumes of its node and, connected to its leaf's nats-server:
 2. announces every pin and unpin (``ObjectStored`` / ``ObjectRemoved``) and, periodically, an
    inventory digest of what it holds, so a controller can detect drift;
 3. heartbeats its labels, tags and volume usage into KV ``cim-place-nodes``;
-4. serves blocks to its peers, answers who-has queries, and accepts uploads (``cim-place add
-   --server``);
+4. serves blocks to its peers (on NATS, and in bulk on its block stream), answers who-has
+   queries, and accepts uploads (``cim-place add --server``);
 5. runs the fetch / drop / verify tasks the controller queues for it.
 
 Everything here is wiring: each service lives in its own module and is tested there.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ from nats.aio.client import Client
 from cim_place import __version__
 from cim_place.cluster.agent_config import AgentConfig
 from cim_place.cluster.blocks import BlockServer, VolumeSet
+from cim_place.cluster.blockstream import BlockStreamServer, client_tls, server_tls
 from cim_place.cluster.connection import connect, jetstream
 from cim_place.cluster.envelope import Envelope
 from cim_place.cluster.events import (
@@ -83,6 +85,14 @@ class Agent:
             host=config.labels.get("host", ""),
         )
         self.bandwidth = BandwidthLimit(config.bandwidth) if config.bandwidth else None
+        # How this agent verifies peers' TLS block streams (plain streams need nothing).
+        try:
+            self.stream_client_tls = client_tls(config.stream_tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise CimPlaceError(
+                f"cannot load the CA file {config.stream_tls_ca} for peers' block streams: {exc}; "
+                "check blocks.tls.ca in the agent configuration"
+            ) from None
         self.nc: Client | None = None
         self.publisher: EventPublisher | None = None
         self._services: list[Any] = []
@@ -94,6 +104,7 @@ class Agent:
         self._fetching = 0
         self._synced: dict[str, int] = {}
         self._blocks: BlockServer | None = None
+        self._stream: BlockStreamServer | None = None
         self._holders: HolderResponder | None = None
         self._uploads: UploadService | None = None
 
@@ -118,13 +129,35 @@ class Agent:
         # server URL names its user); in an open domain every requester is anonymous.
         access = ReadAccess(self._pin_of, blocks) if identity_of(config.servers) else None
         self._blocks = BlockServer(nc, self.node, blocks, subjects=self.subjects, access=access)
+        self._stream = None
+        if config.stream_listen is not None:
+            # Bulk blocks go over a direct TCP stream; grants (and access checks) stay on NATS.
+            # Its blocks count in the BlockServer's stats, so metrics cover both paths.
+            self._stream = BlockStreamServer(
+                blocks,
+                listen=config.stream_listen,
+                advertise=config.stream_advertise,
+                access=access,
+                serve_stats=self._blocks.stats,
+                tls=self._stream_server_tls(),
+            )
+            await self._stream.start()
+            self._blocks.stream = self._stream
         self._holders = HolderResponder(
             nc, self.node, [s.pins for s in stores], labels=config.labels, subjects=self.subjects
         )
         self._uploads = UploadService(
-            nc, self.node, self._volume_for, subjects=self.subjects, on_pinned=self._uploaded
+            nc,
+            self.node,
+            self._volume_for,
+            subjects=self.subjects,
+            on_pinned=self._uploaded,
+            # Owners come from who NATS says uploads, once the domain authenticates users.
+            authenticated=access is not None,
         )
         self._services = [self._blocks, self._holders, self._uploads]
+        if self._stream is not None:
+            self._services.insert(0, self._stream)
         for service in self._services:
             await service.start()
 
@@ -163,6 +196,18 @@ class Agent:
         )
         _log.info("agent %s started with %d volume(s)", self.node, len(self.volumes))
 
+    def _stream_server_tls(self) -> ssl.SSLContext | None:
+        cert, key = self.config.stream_tls_cert, self.config.stream_tls_key
+        if cert is None or key is None:
+            return None
+        try:
+            return server_tls(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise CimPlaceError(
+                f"cannot load the block stream's TLS certificate {cert} and key {key}: {exc}; "
+                "check blocks.tls in the agent configuration (PEM files readable by the agent)"
+            ) from None
+
     async def stop(self, grace: float = 10.0) -> None:
         if self._worker is not None:
             await self._worker.stop(grace=grace)
@@ -196,6 +241,11 @@ class Agent:
         await self.stop()
 
     # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def block_stream(self) -> BlockStreamServer | None:
+        """The node's bulk block stream while running (None: disabled or not started)."""
+        return self._stream
 
     def volume_status(self) -> list[VolumeStatus]:
         statuses = []
@@ -246,6 +296,7 @@ class Agent:
             version=__version__,
             started_at=self.started_at,
             heartbeat_at=time.time(),
+            block_stream=self._stream.address if self._stream is not None else "",
         )
 
     def pinned_on(self, root: bytes) -> tuple[str, Pin] | None:
@@ -433,6 +484,7 @@ class Agent:
                 subjects=self.subjects,
                 near=self.near,
                 bandwidth=self.bandwidth,
+                stream_tls=self.stream_client_tls,
             )
         finally:
             lock.__exit__(None, None, None)

@@ -12,6 +12,7 @@ Example (``deploy/agent.yaml`` holds a commented one)::
     volumes:
       - {name: disk0, path: /var/lib/cim-place/disk0, capacity: 500GiB}
     metrics: 127.0.0.1:9464
+    blocks: {stream_listen: 0.0.0.0:4250, stream_advertise: web1.example.net:4250}
     tasks: {concurrency: 4, max_attempts: 5, bandwidth: 200MiB}
     heartbeat: 5s
     inventory: 5m
@@ -23,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cim_place.cluster.blockstream import DEFAULT_LISTEN
 from cim_place.cluster.connection import DEFAULT_SERVER
 from cim_place.cluster.subjects import DEFAULT_PREFIX, Subjects, check_node_id
 from cim_place.errors import CimPlaceError
@@ -72,6 +74,15 @@ class AgentConfig:
     """Bytes/s for fetches; None = unlimited."""
     heartbeat: float = 5.0
     inventory: float = 300.0
+    stream_listen: str | None = DEFAULT_LISTEN
+    """host:port of the bulk block stream (port 0: a free one); None = no stream (NATS only)."""
+    stream_advertise: str | None = None
+    """host or host:port peers connect to; None = the listen address."""
+    stream_tls_cert: str | None = None
+    """PEM certificate (chain) of this node's block stream; with the key, the stream uses TLS."""
+    stream_tls_key: str | None = None
+    stream_tls_ca: str | None = None
+    """PEM CA file to verify peers' TLS streams with; None = the system's (``SSL_CERT_FILE``)."""
 
     @property
     def subjects(self) -> Subjects:
@@ -99,7 +110,9 @@ _TOP_KEYS = {
     "heartbeat",
     "inventory",
     "subject_prefix",
+    "blocks",
 }
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 
 
 class ConfigChecker:
@@ -267,6 +280,8 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
         except CimPlaceError as exc:
             checker.problem((*root, "subject_prefix"), str(exc))
 
+    stream_listen, stream_advertise, tls = _check_blocks(doc.get("blocks", {}), checker, root)
+
     if checker.loaded.problems or node is None or concurrency is None or attempts is None:
         return None
     return AgentConfig(
@@ -284,12 +299,91 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
         bandwidth=bandwidth,
         heartbeat=heartbeat or 5.0,
         inventory=inventory or 300.0,
+        stream_listen=stream_listen,
+        stream_advertise=stream_advertise,
+        stream_tls_cert=tls.get("cert"),
+        stream_tls_key=tls.get("key"),
+        stream_tls_ca=tls.get("ca"),
     )
 
 
-def _is_host_port(text: str) -> bool:
+def _check_blocks(
+    value: object, checker: ConfigChecker, root: YamlPath
+) -> tuple[str | None, str | None, dict[str, str]]:
+    """(stream_listen, stream_advertise, tls files) of the ``blocks`` section."""
+    at: YamlPath = (*root, "blocks")
+    blocks = checker.mapping(value, at, {"stream_listen", "stream_advertise", "tls"})
+    tls: dict[str, str] = {}
+    if "tls" in blocks:
+        raw_tls = checker.mapping(blocks["tls"], (*at, "tls"), {"cert", "key", "ca"})
+        for key, what in (("cert", "certificate file"), ("key", "key file"), ("ca", "CA file")):
+            if key in raw_tls:
+                text = checker.text(raw_tls[key], (*at, "tls", key), f"tls {what}")
+                if text:
+                    tls[key] = text
+        if ("cert" in tls) != ("key" in tls):
+            checker.problem(
+                (*at, "tls"),
+                "tls needs both `cert` and `key` to serve the stream over TLS",
+                "e.g. tls: {cert: /etc/cim-place/tls/agent.pem, key: .../agent-key.pem}",
+            )
+    listen: str | None = DEFAULT_LISTEN
+    raw = blocks.get("stream_listen", DEFAULT_LISTEN)
+    # YAML 1.1 reads a bare `off` as false.
+    if raw is False or raw is None or raw == "off":
+        listen = None
+    else:
+        listen = checker.text(raw, (*at, "stream_listen"), "stream_listen (host:port or off)")
+    advertise = None
+    if "stream_advertise" in blocks:
+        advertise = checker.text(
+            blocks["stream_advertise"], (*at, "stream_advertise"), "stream_advertise"
+        )
+    for key, message, hint in stream_address_problems(listen, advertise):
+        checker.problem((*at, key), message, hint)
+    return listen, advertise, tls
+
+
+def stream_address_problems(
+    listen: str | None, advertise: str | None
+) -> list[tuple[str, str, str]]:
+    """(key, what is wrong, hint) for each problem of a block stream's listen/advertise pair.
+
+    One rule for the configuration file and the command-line flags.
+    """
+    problems = []
+    if listen and not _is_host_port(listen, allow_zero=True):
+        problems.append(
+            (
+                "stream_listen",
+                f"{listen!r} is not host:port",
+                "e.g. 127.0.0.1:0 (a free port), 0.0.0.0:4250, or off",
+            )
+        )
+    if advertise and ":" in advertise and not _is_host_port(advertise):
+        problems.append(
+            (
+                "stream_advertise",
+                f"{advertise!r} is not host or host:port",
+                "e.g. web1.example.net:4250",
+            )
+        )
+    if listen and advertise is None and listen.rpartition(":")[0] in _WILDCARD_HOSTS:
+        problems.append(
+            (
+                "stream_listen",
+                f"stream_listen {listen!r} listens on every interface, so peers need to be "
+                "told where to connect",
+                "add stream_advertise: <this host's name or address>:<port>",
+            )
+        )
+    return problems
+
+
+def _is_host_port(text: str, *, allow_zero: bool = False) -> bool:
     host, sep, port = text.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+    lowest = 0 if allow_zero else 1
+    return bool(sep and host and port.isdigit() and lowest <= int(port) < 65536)
 
 
 def parse_agent_config(text: str, source: str = "<agent config>") -> AgentConfig:

@@ -10,6 +10,10 @@ Request (one message)::
     0xCB 0x01 0x10  varint(max_reply)  varint(count)  (varint(len) cid)*count
     0xCB 0x01 0x11  varint(len) root  varint(max_reply)  varint(count)  (varint(len) cid)*count
 
+The third form asks for a *stream grant* (``cim_place.cluster.blockstream``)::
+
+    0xCB 0x01 0x12  varint(len) root
+
 The second form names the root the blocks are fetched for, so that a holder enforcing object
 access (``cim_place.cluster.security.ReadAccess``) can check that the requester may read it and
 that every CID lies under it. The requester is who NATS says it is: the user whose inbox prefix
@@ -28,6 +32,13 @@ with ``seq`` counting the stream's messages from 0, and records::
     0x01 PART     varint(len) cid  varint(total)  varint(offset)  varint(n)  n bytes
     0x02 MISSING  varint(len) cid
     0x03 END      varint(messages)  varint(status)  varint(len) utf-8 reason
+    0x04 GRANT    varint(len) address  varint(len) token  varint(lifetime in ms)
+
+A grant request is answered by one message: GRANT then END OK when the holder runs a block
+stream and the requester may read the root (checked as for a block request); END OK alone when
+it has no stream or does not hold the root pinned (the requester uses the NATS path); END
+NOT_ALLOWED with the reason when the requester may not read the root. A holder of a version
+without streams answers END MALFORMED (unknown kind), which the requester treats as "no stream".
 
 A block travels as one PART when it fits, else as several PARTs in consecutive messages (a 1 MiB
 raw leaf does not fit in a 1 MiB message with its framing). Records are packed back to back, so
@@ -47,7 +58,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, Protocol
 
 from cim_place.cluster.security import ReadAccess, requester_of
 from cim_place.cluster.subjects import Subjects
@@ -61,6 +72,7 @@ __all__ = [
     "MAX_REQUEST_CIDS",
     "BlockServer",
     "End",
+    "Grant",
     "Missing",
     "Part",
     "ProtocolError",
@@ -70,6 +82,7 @@ __all__ = [
     "decode_reply",
     "decode_request",
     "decode_request_for",
+    "encode_grant_request",
     "encode_request",
 ]
 
@@ -79,9 +92,11 @@ MAGIC = 0xCB
 VERSION = 1
 _KIND_GET = 0x10
 _KIND_GET_FOR = 0x11
+_KIND_GRANT = 0x12
 _REC_PART = 0x01
 _REC_MISSING = 0x02
 _REC_END = 0x03
+_REC_GRANT = 0x04
 
 MAX_REQUEST_CIDS = 1024
 """The most CIDs one request may name; a larger request is refused (status TOO_LARGE)."""
@@ -140,7 +155,25 @@ class End:
     reason: str = ""
 
 
-Record = Part | Missing | End
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Permission to read one root's blocks on the holder's block stream at ``address``.
+
+    ``token`` is presented once, within ``lifetime_ms`` of the grant.
+    """
+
+    address: str
+    token: bytes
+    lifetime_ms: int
+
+
+class StreamGranter(Protocol):
+    """What a BlockServer needs of a block stream server: tokens for checked requesters."""
+
+    def grant(self, root: Cid, requester: str | None) -> Grant: ...
+
+
+Record = Part | Missing | End | Grant
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -161,6 +194,34 @@ def encode_request(cids: Sequence[Cid], *, max_reply: int = 0, root: Cid | None 
         out += varint(len(cid))
         out += cid
     return bytes(out)
+
+
+def encode_grant_request(root: Cid) -> bytes:
+    """The request for a stream grant for ``root``."""
+    return bytes((MAGIC, VERSION, _KIND_GRANT)) + varint(len(root)) + root
+
+
+def is_grant_request(data: bytes) -> bool:
+    return len(data) >= 3 and data[0] == MAGIC and data[1] == VERSION and data[2] == _KIND_GRANT
+
+
+def decode_grant_request(data: bytes) -> Cid:
+    """The root of a grant request; raises ProtocolError saying what is wrong."""
+    if not is_grant_request(data) or len(data) > MAX_REQUEST_BYTES:
+        raise ProtocolError("not a cim-place stream grant request")
+    try:
+        size, pos = read_varint(data, 3)
+        if size == 0 or size > _MAX_CID_BYTES or pos + size != len(data):
+            raise ProtocolError(f"the root CID has an impossible length {size}")
+        root = bytes(data[pos : pos + size])
+        split(root)
+    except ProtocolError:
+        raise
+    except ValueError as exc:
+        raise ProtocolError(f"truncated grant request: {exc}") from None
+    except InvalidCidError as exc:
+        raise ProtocolError(f"grant request names an invalid CID: {exc}") from None
+    return root
 
 
 def decode_request(data: bytes) -> tuple[list[Cid], int]:
@@ -243,6 +304,18 @@ def decode_reply(data: bytes | memoryview) -> tuple[int, list[Record]]:
                 except ValueError:
                     status = Status.SERVER_ERROR
                 records.append(End(messages, status, reason))
+                continue
+            if tag == _REC_GRANT:
+                size, pos = read_varint(view, pos)
+                address = bytes(view[pos : pos + size]).decode("utf-8", "replace")
+                pos += size
+                size, pos = read_varint(view, pos)
+                token = bytes(view[pos : pos + size])
+                pos += size
+                lifetime, pos = read_varint(view, pos)
+                if pos > end:
+                    raise ProtocolError("truncated GRANT record")
+                records.append(Grant(address, token, lifetime))
                 continue
             size, pos = read_varint(view, pos)
             if size == 0 or size > _MAX_CID_BYTES or pos + size > end:
@@ -327,6 +400,20 @@ class _ReplyWriter:
             offset += n
             if offset >= total:
                 return
+
+    def grant(self, grant: Grant) -> Iterator[bytes]:
+        address = grant.address.encode("utf-8")
+        record = (
+            bytes((_REC_GRANT,))
+            + varint(len(address))
+            + address
+            + varint(len(grant.token))
+            + grant.token
+            + varint(grant.lifetime_ms)
+        )
+        if len(record) > self._room():
+            yield self._cut()
+        self._add(record)
 
     def end(self, status: Status = Status.OK, reason: str = "") -> Iterator[bytes]:
         text = reason.encode("utf-8")[:512]
@@ -424,6 +511,7 @@ class BlockServer:
         concurrency: int = 8,
         queue: str | None = None,
         access: ReadAccess | None = None,
+        stream: StreamGranter | None = None,
     ) -> None:
         self.nc = nc
         self.node = node
@@ -433,6 +521,8 @@ class BlockServer:
         self.queue = queue
         # None: every block is served to anyone who can reach the subject (an open domain).
         self.access = access
+        # None: no block stream; grant requests are answered "use NATS".
+        self.stream = stream
         self.stats = ServeStats()
         self._slots = asyncio.Semaphore(max(1, concurrency))
         self._tasks: set[asyncio.Task[None]] = set()
@@ -493,6 +583,9 @@ class BlockServer:
             self.stats.malformed += 1
             _log.warning("block request on %s without a reply subject: ignored", self.subject)
             return
+        if is_grant_request(msg.data):
+            await self._serve_grant(msg)
+            return
         try:
             cids, asked, root = decode_request_for(msg.data)
         except ProtocolError as exc:
@@ -522,6 +615,38 @@ class BlockServer:
             self.stats.blocks_served += 1
             self.stats.bytes_served += len(data)
         await self._send(reply, writer.end())
+
+    async def _serve_grant(self, msg: Any) -> None:
+        writer = _ReplyWriter(self._reply_limit(0))
+        try:
+            root = decode_grant_request(msg.data)
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            _log.warning("malformed grant request on %s: %s", self.subject, exc)
+            await self._send(msg.reply, writer.end(Status.MALFORMED, str(exc)))
+            return
+        if self.stream is None:
+            await self._send(msg.reply, writer.end(Status.OK, "no block stream on this node"))
+            return
+        requester = requester_of(msg.reply)
+        if self.access is not None:
+            if self.access.pin_of(root) is None:
+                # As for block requests: not pinned here, so its readers are unknown here.
+                await self._send(msg.reply, writer.end(Status.OK, "not pinned on this node"))
+                return
+            reason = await asyncio.to_thread(self.access.check, requester, root, [])
+            if reason is not None:
+                self.stats.refused += 1
+                _log.info("refused stream grant on %s: %s", self.subject, reason)
+                await self._send(msg.reply, writer.end(Status.NOT_ALLOWED, reason))
+                return
+        elif not await asyncio.to_thread(self.store.has, root):
+            # The stream serves only what lies under the root in the local DAG; without the
+            # root here it would serve nothing, while the NATS path serves what this node has.
+            await self._send(msg.reply, writer.end(Status.OK, "the root is not on this node"))
+            return
+        await self._send(msg.reply, writer.grant(self.stream.grant(root, requester)))
+        await self._send(msg.reply, writer.end())
 
     async def _refused(
         self, reply: str, root: Cid | None, cids: list[Cid], writer: _ReplyWriter

@@ -1,7 +1,8 @@
 """Node registration and heartbeats in KV ``cim-place-nodes``.
 
 Each agent writes one key (its node id) every heartbeat interval: labels, tags, volumes with
-capacity/used/free bytes, version, started-at and the time of this beat. The bucket has a TTL, so a
+capacity/used/free bytes, version, started-at, the time of this beat and, when the node runs one,
+the address of its bulk block stream. The bucket has a TTL, so a
 node whose heartbeats stop expires from the bucket by itself and is seen as down; a node that
 is merely late still shows its last beat, and the controller applies its own grace period.
 A graceful stop does not delete the key: a restart for an upgrade is not a departure.
@@ -48,10 +49,17 @@ class NodeRecord:
     version: str = ""
     started_at: float = 0.0
     heartbeat_at: float = 0.0
+    block_stream: str = ""
+    """host:port of the node's bulk block stream ("" = none); fetchers get it from a grant."""
 
     def encode(self) -> bytes:
+        extra: dict[str, str] = {}
+        if self.block_stream:
+            # Only when set: records of nodes without a stream stay as they were.
+            extra["block_stream"] = self.block_stream
         return json.dumps(
             {
+                **extra,
                 "node": self.node,
                 "labels": dict(self.labels),
                 "tags": list(self.tags),
@@ -82,6 +90,7 @@ class NodeRecord:
                 version=str(doc.get("version", "")),
                 started_at=float(doc.get("started_at", 0.0)),
                 heartbeat_at=float(doc.get("heartbeat_at", 0.0)),
+                block_stream=str(doc.get("block_stream", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed node record: {exc!r}") from None
