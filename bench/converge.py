@@ -17,11 +17,17 @@ in the same run:
    objects that do not exist, published with ``EventPublisher.publish_many`` into the 4 leaf
    outboxes and sourced into the hub's event store; then a fresh :class:`Controller` starts and
    the rate at which its projection applies the backlog is measured (``projection.applied``,
-   polled every 2 ms; also start to ``caught_up``). Beside it: the raw pipelined
-   ``js.publish_async`` rate of one publisher, same payloads and headers, into a scratch stream
-   on the same hub. Target: ingest >= the publish rate of one publisher.
+   polled every 2 ms, from the first event applied to the last; also start to ``caught_up``).
+   Beside it: the raw pipelined ``js.publish_async`` rate of one publisher, same payloads and
+   headers, into a scratch stream on the same hub. Target: ingest >= the publish rate of one
+   publisher.
 
-Usage: ``.venv/bin/python bench/converge.py [--objects 200] [--events 20000] [--concurrency 1]``
+Part 2 runs ``--rounds`` times on the same backlog (each round: the raw publisher into a new
+scratch stream, then a new controller), and reports the median of the rounds' ratios, which a
+machine shared with other work disturbs less than a single pair of figures.
+
+Usage: ``.venv/bin/python bench/converge.py [--objects 200] [--events 20000] [--concurrency 1]
+[--rounds 3]``
 """
 
 from __future__ import annotations
@@ -338,23 +344,110 @@ async def timed(action: Awaitable[object]) -> float:
 
 
 async def raw_publish(
-    js: JetStreamContext, messages: list[tuple[str, bytes, dict[str, str]]]
+    js: JetStreamContext, stream: str, messages: list[tuple[str, bytes, dict[str, str]]]
 ) -> None:
     futures = [
-        await js.publish_async(subject, data, stream=SCRATCH, headers=headers)
+        await js.publish_async(subject, data, stream=stream, headers=headers)
         for subject, data, headers in messages
     ]
     await asyncio.gather(*futures)
 
 
-async def bench_ingest(tmp: Path, events: int) -> None:
+@dataclass
+class IngestRound:
+    """One round of part 2: the raw publisher's rate, then a fresh controller's ingest."""
+
+    raw_rate: float
+    ingest: float
+    caught_up: float
+    start: float
+    load: str
+    raw_cpu: float
+    """Events per CPU-second of this process while publishing raw (the publisher's own cost)."""
+    ingest_cpu: float
+    """Events per CPU-second of this process (the controller) from first event to last."""
+
+    @property
+    def ratio(self) -> float:
+        return self.ingest / self.raw_rate
+
+
+async def ingest_round(
+    js_hub: JetStreamContext,
+    hub: Hub,
+    messages: list[tuple[str, bytes, dict[str, str]]],
+    total: int,
+    index: int,
+) -> IngestRound:
+    """Raw publish into a new scratch stream, then a new controller reads the whole backlog."""
+    load = load_average()
+    # Baseline: one publisher, the same payloads and headers, into a scratch stream on the hub
+    # (file storage, deduplication by Nats-Msg-Id as in the outboxes). A new stream per round,
+    # or the duplicate window would turn every publish of a later round into a cheap duplicate.
+    scratch = f"{SCRATCH}_{index}"
+    await js_hub.add_stream(
+        StreamConfig(
+            name=scratch,
+            subjects=[f"bench.scratch{index}.>"],
+            storage=StorageType.FILE,
+            duplicate_window=120.0,
+        )
+    )
+    ours = [
+        (f"bench.scratch{index}.{subject}", data, headers) for subject, data, headers in messages
+    ]
+    await raw_publish(js_hub, scratch, ours[:100])  # warm-up: inboxes, stream files
+    cpu = time.process_time()
+    raw_seconds = await timed(raw_publish(js_hub, scratch, ours[100:] + ours[:100]))
+    raw_cpu = time.process_time() - cpu
+    await js_hub.delete_stream(scratch)
+
+    controller = Controller(ControllerConfig(servers=(hub.url,), identity=f"bench-ingest-{index}"))
+    projection = controller.projection
+    first = 0.0
+    first_cpu = 0.0
+    applied = 0
+
+    async def watch() -> float:
+        # Polls from before start(): events already flow while start() finishes its setup.
+        nonlocal first, first_cpu, applied
+        while projection.applied < total:
+            if not first and projection.applied:
+                first, first_cpu = time.perf_counter(), time.process_time()
+                applied = projection.applied
+            await asyncio.sleep(0.002)
+        return time.perf_counter()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        started = time.perf_counter()
+        await controller.start()
+        ready = time.perf_counter()
+        applied_at = await watcher
+        ingest_cpu = time.process_time() - first_cpu
+        await controller.caught_up.wait()
+        caught_up_at = time.perf_counter()
+    finally:
+        watcher.cancel()
+        await controller.stop()
+    return IngestRound(
+        raw_rate=total / raw_seconds,
+        ingest=total / (applied_at - first),
+        caught_up=caught_up_at - started,
+        start=ready - started,
+        load=load,
+        raw_cpu=total / raw_cpu,
+        ingest_cpu=(total - applied) / ingest_cpu,
+    )
+
+
+async def bench_ingest(tmp: Path, events: int, rounds: int) -> None:
     print(
-        f"== ingest: {events} ObjectStored events over {len(NODES)} leaf outboxes (load "
-        f"{load_average()})"
+        f"== ingest: {events} ObjectStored events over {len(NODES)} leaf outboxes, {rounds} "
+        f"round(s) (load {load_average()})"
     )
     hub = start_hub(tmp / "hub", size=1)
     leaves: dict[str, NatsServer] = {}
-    controller: Controller | None = None
     subjects = Subjects()
     try:
         for name in NODES:
@@ -371,24 +464,6 @@ async def bench_ingest(tmp: Path, events: int) -> None:
             }
             total = per_node * len(NODES)
 
-            # Baseline: one publisher, the same payloads and headers, into a scratch stream on
-            # the hub (file storage, deduplication by Nats-Msg-Id as in the outboxes).
-            await js_hub.add_stream(
-                StreamConfig(
-                    name=SCRATCH,
-                    subjects=["bench.scratch.>"],
-                    storage=StorageType.FILE,
-                    duplicate_window=120.0,
-                )
-            )
-            messages = [
-                (f"bench.scratch.{name}.ObjectStored", e.encode(), e.headers())
-                for name, batch in batches.items()
-                for e in batch
-            ]
-            await raw_publish(js_hub, messages[:100])  # warm-up: inboxes, stream files
-            raw_seconds = await timed(raw_publish(js_hub, messages[100:] + messages[:100]))
-
             publish_seconds = 0.0
             for name in NODES:
                 async with connected(leaves[name].url) as leaf_nc:
@@ -403,38 +478,49 @@ async def bench_ingest(tmp: Path, events: int) -> None:
                 await asyncio.sleep(0.05)
             sourced = time.perf_counter() - began
 
-            controller = Controller(ControllerConfig(servers=(hub.url,), identity="bench-ingest"))
-            projection = controller.projection
-            started = time.perf_counter()
-            await controller.start()
-            ready = time.perf_counter()
-            first = 0.0
-            while projection.applied < total:
-                if not first and projection.applied:
-                    first = time.perf_counter()
-                await asyncio.sleep(0.002)
-            applied_at = time.perf_counter()
-            await controller.caught_up.wait()
-            caught_up_at = time.perf_counter()
+            messages = [
+                (f"{name}.ObjectStored", e.encode(), e.headers())
+                for name, batch in batches.items()
+                for e in batch
+            ]
+            results = []
+            for index in range(rounds):
+                result = await ingest_round(js_hub, hub, messages, total, index)
+                results.append(result)
+                print(
+                    f"round {index + 1}: controller ingest (first event -> all applied) "
+                    f"{result.ingest:7.0f} events/s, raw js.publish_async {result.raw_rate:7.0f} "
+                    f"events/s: {result.ratio:.2f}x; start() -> caught_up {result.caught_up:.2f} s "
+                    f"(start() {result.start:.2f} s); load {result.load}; per CPU-second of "
+                    f"this process: ingest {result.ingest_cpu:.0f}, raw publish "
+                    f"{result.raw_cpu:.0f} events"
+                )
 
-        ingest = total / (applied_at - first)
-        raw_rate = total / raw_seconds
+        ratio = statistics.median(r.ratio for r in results)
         print(
-            f"controller ingest (first event -> all applied) {ingest:9.0f} events/s  "
-            f"({ingest / raw_rate:.2f}x the raw publisher; target >= 1x)"
+            f"controller ingest, median of {rounds}      "
+            f"{statistics.median(r.ingest for r in results):9.0f} events/s  "
+            f"({ratio:.2f}x the raw publisher, median of the rounds' ratios; target >= 1x)"
         )
         print(
-            f"  start() -> caught_up {caught_up_at - started:6.2f} s (start() itself "
-            f"{ready - started:.2f} s; caught_up waits one empty fetch of 0.5 s)"
+            f"baseline: raw js.publish_async, one publisher  "
+            f"{statistics.median(r.raw_rate for r in results):9.0f} events/s (median)"
         )
-        print(f"baseline: raw js.publish_async, one publisher  {raw_rate:9.0f} events/s")
+        print(
+            f"  per CPU-second of the bench process (median): ingest "
+            f"{statistics.median(r.ingest_cpu for r in results):.0f} events, raw publisher "
+            f"{statistics.median(r.raw_cpu for r in results):.0f} events (less disturbed by "
+            "other load than the rates)"
+        )
+        print(
+            f"  start() -> caught_up {statistics.median(r.caught_up for r in results):6.2f} s "
+            "(median; caught_up once the event that left nothing pending is applied)"
+        )
         print(
             f"for reference: EventPublisher.publish_many      {total / publish_seconds:9.0f} "
             f"events/s; sourcing into {EVENTS_STREAM} done {sourced:.2f} s after the last ack"
         )
     finally:
-        if controller is not None:
-            await controller.stop()
         for leaf in leaves.values():
             leaf.stop()
         hub.stop()
@@ -445,6 +531,9 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=200, help="objects to converge")
     parser.add_argument("--concurrency", type=int, default=1, help="objects in flight at once")
     parser.add_argument("--events", type=int, default=20000, help="events for the ingest rate")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="ingest rounds (raw publish, then a new controller)"
+    )
     parser.add_argument("--skip-convergence", action="store_true")
     parser.add_argument("--skip-ingest", action="store_true")
     args = parser.parse_args()
@@ -453,7 +542,7 @@ def main() -> None:
         if not args.skip_convergence:
             asyncio.run(bench_convergence(Path(tmp) / "converge", args.objects, args.concurrency))
         if not args.skip_ingest:
-            asyncio.run(bench_ingest(Path(tmp) / "ingest", args.events))
+            asyncio.run(bench_ingest(Path(tmp) / "ingest", args.events, args.rounds))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from cim_place.cluster import envelope
 from cim_place.cluster.envelope import Content, Envelope, EnvelopeError
 from cim_place.cluster.subjects import InvalidNameError, Subjects, outbox_stream
 from cim_place.objectstore import cid as cids
+from cim_place.objectstore import dagcbor
 from cim_place.objectstore.dagcbor import Link
 
 bodies = st.dictionaries(
@@ -76,6 +77,40 @@ def test_garbage_is_an_envelope_error(garbage: bytes) -> None:
     [
         b"\xa0",  # empty map
         b"\x01",  # not a map
+        # content.kind unhashable, metadata not strings, body not a map, id empty:
+        dagcbor.encode(
+            {
+                "id": "a",
+                "correlation_id": "a",
+                "owner": "",
+                "content": {"kind": ["event"], "type": "T"},
+            }
+        ),
+        dagcbor.encode(
+            {
+                "id": "a",
+                "correlation_id": "a",
+                "owner": "",
+                "metadata": {"k": 1},
+                "content": {"kind": "event", "type": "T"},
+            }
+        ),
+        dagcbor.encode(
+            {
+                "id": "a",
+                "correlation_id": "a",
+                "owner": "",
+                "content": {"kind": "event", "type": "T", "body": []},
+            }
+        ),
+        dagcbor.encode(
+            {
+                "id": "",
+                "correlation_id": "a",
+                "owner": "",
+                "content": {"kind": "event", "type": "T"},
+            }
+        ),
     ],
 )
 def test_missing_fields_are_refused(doc: bytes) -> None:

@@ -314,3 +314,22 @@ def test_a_redelivered_event_is_not_applied_twice(projection: Projection) -> Non
     projection.apply_events([add, drop])
     assert projection.apply_events([add, drop]) == set()
     assert projection.replayed == 2 and projection.replicas(A) == frozenset()
+
+
+def test_total_size_follows_stored_events_and_forgetting(projection: Projection) -> None:
+    def with_size(root: Cid, size: int, volume: str = "v1") -> ObjectStored:
+        return ObjectStored(root=root, size=size, blocks=1, volume=volume, owner="alice", name=None)
+
+    projection.apply_event(envelope(with_size(A, 100), "n1"))
+    projection.apply_event(envelope(with_size(A, 100, "v2"), "n2"))  # a second replica
+    projection.apply_event(envelope(with_size(B, 7), "n1"))
+    assert projection.total_size == 107
+    projection.apply_event(envelope(with_size(B, 9), "n1"))  # the size is the latest said
+    assert projection.total_size == 109
+    projection.forget(A)
+    assert projection.total_size == 9
+    projection.apply_event(envelope(with_size(C, 5), "n1"))  # reuses A's slot
+    assert projection.total_size == 14
+    assert projection.total_size == sum(
+        view.size for cid in projection.cids() if (view := projection.object(cid)) is not None
+    )

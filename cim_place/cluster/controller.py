@@ -41,9 +41,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from cim_place.cluster import kv
 from cim_place.cluster.connection import DEFAULT_SERVER, connect, jetstream
-from cim_place.cluster.events import TaskCompleted
+from cim_place.cluster.events import TaskCompleted, TaskFailed
 from cim_place.cluster.eventstore import (
-    EventReader,
+    EventFeed,
+    StoredEvent,
     ensure_event_store,
     hub_size,
     nudge_sources,
@@ -87,8 +88,6 @@ logging.getLogger("apscheduler").setLevel(logging.WARNING)
 DRAIN_PREFIX = "drain."
 DEGRADED_RETRY = 5.0
 """Seconds after which a degraded or lost object is reconciled again without any event."""
-_EVENT_BATCH = 256
-"""Events per pull while the projection reads a backlog."""
 
 
 def default_identity() -> str:
@@ -293,38 +292,40 @@ class Controller:
 
     async def _read_events(self) -> None:
         assert self.js is not None
-        reader = EventReader(self.js, start_sequence=1, subjects=self.subjects)
-        size = _EVENT_BATCH
+        # The projection's reader: the hub pushes the whole history, then each new event as it
+        # is stored (an ordered push consumer; a pull per batch held the ingest to a third of
+        # the publish rate, bench/converge.py). The feed recreates its consumer after a gap or
+        # a hub restart by itself; only opening it is retried here.
+        feed = EventFeed(self.js, self._apply_stored, subjects=self.subjects)
         while True:
             try:
-                batch = await reader.fetch_stored(size, timeout=0.5)
+                await feed.start()
+                break
             except Exception as exc:
-                # The projection is the controller's whole view: its reader must outlive any
-                # error (the hub restarting, a slow reply); it resumes after the last event.
-                _log.warning("reading events: %s; retrying", exc or type(exc).__name__)
+                # The projection is the controller's whole view: keep trying until the hub answers.
+                _log.warning("opening the event feed: %s; retrying", exc or type(exc).__name__)
                 await asyncio.sleep(1.0)
-                continue
-            # At the head of the stream, pull one event at a time: a pull of n > 1 that meets
-            # the late status of the previous, expired pull waits for all n until its expiry
-            # (nats-py), which held single events back by up to 0.5 s (bench/converge.py).
-            # A full batch means a backlog: read it in big batches.
-            size = _EVENT_BATCH if len(batch) == size else 1
-            if not batch:
-                # A fetch that waited and found nothing: history is read, for now.
-                self.caught_up.set()
-            for stored in batch:
-                envelope = stored.envelope
-                self.mark(
-                    self.projection.apply_event(envelope, node=stored.node, at=stored.stored_at)
-                )
-                if envelope.content.type == TaskCompleted.TYPE:
-                    result = envelope.content.body.get("result")
-                    if isinstance(result, dict):
-                        moved = result.get("bytes_fetched")
-                        if isinstance(moved, int):
-                            self.metrics.bytes_moved.inc(moved)
-                elif envelope.content.type == "TaskFailed":
-                    self.metrics.tasks_failed.inc()
+        try:
+            await feed.caught_up.wait()
+            self.caught_up.set()
+            await asyncio.Event().wait()  # delivery goes on in the feed until cancelled
+        finally:
+            await feed.stop()
+
+    def _apply_stored(self, stored: StoredEvent) -> None:
+        envelope = stored.envelope
+        dirty = self.projection.apply_event(envelope, node=stored.node, at=stored.stored_at)
+        if dirty:
+            self.mark(dirty)
+        kind = envelope.content.type
+        if kind == TaskCompleted.TYPE:
+            result = envelope.content.body.get("result")
+            if isinstance(result, dict):
+                moved = result.get("bytes_fetched")
+                if isinstance(moved, int):
+                    self.metrics.bytes_moved.inc(moved)
+        elif kind == TaskFailed.TYPE:
+            self.metrics.tasks_failed.inc()
 
     async def _watch_policies(self) -> None:
         assert self.js is not None
@@ -659,11 +660,7 @@ class Controller:
         for state, count in counts.items():
             self.metrics.objects.labels(state).set(count)
         self.metrics.under_replicated.set(len(self._under))
-        total = 0
-        for cid in self.projection.cids():
-            view = self.projection.object(cid)
-            if view is not None:
-                total += view.size
+        total = self.projection.total_size
         liveness = self._liveness
         up = sum(1 for state in liveness.values() if state.state == Liveness.UP)
         return Summary(

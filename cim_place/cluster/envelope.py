@@ -15,7 +15,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, cast
 
 from cim_place.errors import CimPlaceError, TransportError
 from cim_place.objectstore import dagcbor
@@ -116,7 +116,7 @@ def _text(doc: Mapping[str, Value], key: str, where: str, *, optional: bool = Fa
     value = doc.get(key)
     if value is None and optional:
         return None
-    if not isinstance(value, str) or (not value and key != "owner"):
+    if type(value) is not str or (not value and key != "owner"):
         raise EnvelopeError(f"envelope {where}{key} must be a non-empty string, got {value!r}")
     return value
 
@@ -128,27 +128,54 @@ def decode(data: bytes, *, sequence: int | None = None) -> Envelope:
     except (ValueError, RecursionError, CimPlaceError) as exc:
         # Bytes on our subjects come from anyone; whatever the codec trips on is "not ours".
         raise EnvelopeError(f"not a DAG-CBOR envelope: {exc}") from None
-    if not isinstance(doc, dict):
+    # The codec returns plain dicts, lists and str (never subclasses), so exact type tests
+    # suffice; this runs for every event the controller reads.
+    if type(doc) is not dict:
         raise EnvelopeError("envelope is not a map")
     content = doc.get("content")
-    if not isinstance(content, dict):
+    if type(content) is not dict:
         raise EnvelopeError("envelope content must be a map with kind, type and body")
     kind = content.get("kind")
-    if kind not in KINDS:
+    if kind not in KINDS:  # a tuple: compared by equality, so an unhashable kind is refused too
         allowed = ", ".join(KINDS)
         raise EnvelopeError(f"envelope content.kind must be one of {allowed}, got {kind!r}")
     body = content.get("body", {})
-    if not isinstance(body, dict):
+    if type(body) is not dict:
         raise EnvelopeError("envelope content.body must be a map")
     metadata = doc.get("metadata", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    if type(metadata) is not dict:
         raise EnvelopeError("envelope metadata must map strings to strings")
+    for value in metadata.values():
+        if type(value) is not str:
+            raise EnvelopeError("envelope metadata must map strings to strings")
+    message_id = doc.get("id")
+    correlation = doc.get("correlation_id")
+    causation = doc.get("causation_id")
+    owner = doc.get("owner")
+    content_type = content.get("type")
+    if not (
+        type(message_id) is str
+        and message_id
+        and type(correlation) is str
+        and correlation
+        and (causation is None or (type(causation) is str and causation))
+        and type(owner) is str
+        and type(content_type) is str
+        and content_type
+    ):
+        # Name the first field that is wrong, in the order the envelope lists them.
+        _text(doc, "id", "")
+        _text(doc, "correlation_id", "")
+        _text(doc, "causation_id", "", optional=True)
+        _text(doc, "owner", "")
+        _text(content, "type", "content.")
+        raise EnvelopeError("envelope fields are not all non-empty strings")  # not reached
     return Envelope(
-        id=_text(doc, "id", "") or "",
-        correlation_id=_text(doc, "correlation_id", "") or "",
-        causation_id=_text(doc, "causation_id", "", optional=True),
-        owner=_text(doc, "owner", "") or "",
-        content=Content(kind, _text(content, "type", "content.") or "", body),
-        metadata={key: str(value) for key, value in metadata.items()},
-        sequence=sequence,
+        message_id,
+        correlation,
+        causation,
+        owner,
+        Content(kind, content_type, body),
+        cast(dict[str, str], metadata),
+        sequence,
     )

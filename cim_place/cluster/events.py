@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Self, TypeAlias
+from typing import ClassVar, Literal, Self, TypeAlias, cast
 
 from cim_place.cluster.envelope import Content, Envelope, EnvelopeError
 from cim_place.objectstore.cid import Cid
@@ -30,6 +30,7 @@ __all__ = [
     "InventoryDigest",
     "NodeJoined",
     "NodeLeft",
+    "ObjectFields",
     "ObjectRemoved",
     "ObjectStored",
     "TaskAction",
@@ -38,6 +39,7 @@ __all__ = [
     "event_content",
     "event_envelope",
     "inventory_digest",
+    "object_fields",
     "parse_event",
 ]
 
@@ -100,6 +102,14 @@ def _opt_cid(body: Mapping[str, Value], key: str, event: str) -> Cid | None:
     return _cid(body, key, event)
 
 
+def _all_str(mapping: dict[str, Value]) -> bool:
+    # A loop, not all() over a generator: this runs for every object event the controller reads.
+    for value in mapping.values():  # noqa: SIM110
+        if type(value) is not str:
+            return False
+    return True
+
+
 def _str_map(body: Mapping[str, Value], key: str, event: str) -> dict[str, str]:
     value = body.get(key, {})
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
@@ -152,6 +162,19 @@ class _ObjectEvent:
 
     @classmethod
     def from_body(cls, body: Mapping[str, Value]) -> Self:
+        fields = object_fields(body)
+        if fields is not None:
+            root, size, blocks, volume, owner, name, metadata = fields
+            return cls(
+                root=root,
+                size=size,
+                blocks=blocks,
+                volume=volume,
+                owner=owner,
+                name=name,
+                metadata=metadata,
+            )
+        # Something is missing or of the wrong type: the field readers name it.
         t = cls.TYPE
         return cls(
             root=_cid(body, "root", t),
@@ -162,6 +185,40 @@ class _ObjectEvent:
             name=_opt_str(body, "name", t),
             metadata=_str_map(body, "metadata", t),
         )
+
+
+ObjectFields: TypeAlias = tuple[Cid, int, int, str, str, str | None, Mapping[str, str]]
+"""``(root, size, blocks, volume, owner, name, metadata)`` of an object event's body."""
+
+
+def object_fields(body: Mapping[str, Value]) -> ObjectFields | None:
+    """The fields of a well-formed ObjectStored / ObjectRemoved body, read in one pass.
+
+    None when a field is missing or of the wrong type (:meth:`ObjectStored.from_body` then says
+    which). Exact types, as the codec returns them: the controller reads every object event
+    through here, and its projection takes the tuple without building the event.
+    """
+    root = body.get("root")
+    size = body.get("size")
+    blocks = body.get("blocks")
+    volume = body.get("volume")
+    owner = body.get("owner")
+    name = body.get("name")
+    metadata = body.get("metadata")
+    if (
+        type(root) is Link
+        and type(size) is int
+        and size >= 0
+        and type(blocks) is int
+        and blocks >= 0
+        and type(volume) is str
+        and type(owner) is str
+        and (name is None or type(name) is str)
+        and type(metadata) is dict
+        and _all_str(metadata)
+    ):
+        return root.cid, size, blocks, volume, owner, name, cast(Mapping[str, str], metadata)
+    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

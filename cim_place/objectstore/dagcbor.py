@@ -5,6 +5,18 @@ path; this codec handles the subset cim-place uses (None, bool, int, float, str,
 with string keys, and CIDs as tag 42) and produces byte-identical output, which the tests check
 against ``dag_cbor``. CIDs are represented by :class:`Link` so that they stay bytes on hot paths.
 
+Decoding has two paths with one answer. :func:`decode_reference` is the strict pure-Python decoder
+(about 25-35 us for an event envelope). :func:`decode` first lets ``cbor2``'s C decoder read the
+bytes (about 9 us with the checks) and keeps its result only when it is provably what the
+reference returns: re-encoding it with ``cbor2`` gives back exactly the input bytes (so integer
+widths, lengths, definite lengths, trailing bytes and duplicate keys are as DAG-CBOR demands, and
+no tag but 42 is left in a form the walk below would take for a plain value), then one walk
+checks that it holds only None, bool, 64-bit int, str, bytes, lists and maps with string keys in
+canonical order, and tag 42 around a valid CID (which it turns into a :class:`Link`). Anything
+else, valid or not (floats included), goes to the reference, which decodes it or raises
+:class:`DagCborError` naming the problem. Encoding is ours alone: :func:`encode` is the
+reference.
+
 Canonical form (the DAG-CBOR spec): shortest integer encodings, map keys sorted by length then
 bytewise, floats always 64-bit, no indefinite lengths, tag 42 only.
 """
@@ -13,7 +25,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
+
+import cbor2
 
 from cim_place.errors import InvalidCidError
 from cim_place.objectstore.cid import Cid, split
@@ -189,13 +203,123 @@ class _Reader:
                 return None
             if n == 27:
                 value: float = struct.unpack(">d", self.take(8))[0]
+                if value != value or value in (float("inf"), float("-inf")):
+                    raise DagCborError("DAG-CBOR forbids NaN and infinities")
                 return value
         raise DagCborError(f"unsupported CBOR simple value or float width ({major}, {n})")
 
 
-def decode(buf: bytes) -> Value:
+def decode_reference(buf: bytes) -> Value:
+    """The strict pure-Python decoder: the definition of what :func:`decode` accepts."""
     reader = _Reader(buf)
     value = reader.value()
     if reader.pos != len(buf):
         raise DagCborError(f"{len(buf) - reader.pos} trailing bytes after the DAG-CBOR value")
     return value
+
+
+# -- the fast path ------------------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    """The fast path cannot vouch for this input; the reference decides."""
+
+
+_MIN_INT = -(1 << 64)
+_MAX_INT = (1 << 64) - 1
+
+# Map key tuples known to be in canonical order (the envelope's and events' keys, a few metadata
+# key sets); bounded so that foreign input cannot grow it without limit.
+_CANONICAL_KEYS: set[tuple[str, ...]] = set()
+_CANONICAL_KEYS_MAX = 4096
+
+
+def _check_order(keys: tuple[Any, ...]) -> None:
+    previous: tuple[int, bytes] | None = None
+    for key in keys:
+        if type(key) is not str:
+            raise _Refused
+        raw = key.encode("utf-8")
+        order = (len(raw), raw)
+        if previous is not None and order <= previous:
+            raise _Refused
+        previous = order
+    if len(_CANONICAL_KEYS) < _CANONICAL_KEYS_MAX:
+        _CANONICAL_KEYS.add(keys)
+
+
+def _link(tag: cbor2.CBORTag) -> Link:
+    value = tag.value
+    if tag.tag != 42 or type(value) is not bytes or not value or value[0] != 0:
+        raise _Refused
+    cid = value[1:]
+    # A CIDv1 whose codec, hash code and digest length are one-byte varints (every CID cim-place
+    # makes) is valid when the digest has that length; anything else is checked by split().
+    size = len(cid)
+    if size > 4 and cid[0] == 1 and cid[1] < 0x80 and cid[2] < 0x80 and size == 4 + cid[3]:
+        return Link(cid)
+    try:
+        split(cid)
+    except (ValueError, InvalidCidError):
+        raise _Refused from None
+    return Link(cid)
+
+
+def _check_map(mapping: dict[Any, Any]) -> None:
+    keys = tuple(mapping)
+    if keys not in _CANONICAL_KEYS:
+        _check_order(keys)
+    for key, item in mapping.items():
+        kind = type(item)
+        if kind is str or kind is bytes or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not _MIN_INT <= item <= _MAX_INT:  # a bignum (tag 2 or 3) decoded by cbor2
+                raise _Refused
+        elif kind is dict:
+            _check_map(item)
+        elif kind is list:
+            _check_list(item)
+        elif kind is cbor2.CBORTag:
+            mapping[key] = _link(item)  # same key: the dict's size does not change
+        else:
+            raise _Refused
+
+
+def _check_list(items: list[Any]) -> None:
+    for index, item in enumerate(items):
+        kind = type(item)
+        if kind is str or kind is bytes or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not _MIN_INT <= item <= _MAX_INT:
+                raise _Refused
+        elif kind is dict:
+            _check_map(item)
+        elif kind is list:
+            _check_list(item)
+        elif kind is cbor2.CBORTag:
+            items[index] = _link(item)
+        else:
+            raise _Refused
+
+
+def decode(buf: bytes) -> Value:
+    """Decode DAG-CBOR ``buf``; raises DagCborError if it is not canonical DAG-CBOR of the subset.
+
+    Same result as :func:`decode_reference`, about three times faster on what cim-place sends.
+    """
+    try:
+        # max_depth below the reference's limit (64), so that nothing deeper is accepted here.
+        value = cbor2.loads(buf, max_depth=32)
+        # cbor2 writes the shortest heads and definite lengths, and keeps the decoded key order:
+        # equal bytes mean the input was complete, free of duplicate keys and canonical except,
+        # possibly, for the key order and the kinds of values, which the walk checks.
+        if cbor2.dumps(value) == buf:
+            holder = [value]
+            _check_list(holder)
+            result: Value = holder[0]
+            return result
+    except (_Refused, cbor2.CBORError, ValueError, TypeError, RecursionError):
+        pass
+    return decode_reference(buf)
