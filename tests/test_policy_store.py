@@ -159,3 +159,15 @@ async def test_watch_policies_sees_every_apply(hub1: Hub) -> None:
         # The bucket lives in the hub's JetStream domain.
         info = await js.stream_info(f"KV_{POLICIES}")
         assert info.config.name == f"KV_{POLICIES}"
+
+
+async def test_buckets_get_three_replicas_on_a_three_server_hub(hub_cluster: Hub) -> None:
+    """The policies, names and nodes survive the loss of one hub server; a standalone server
+    (the other tests here) gets one replica without being asked."""
+    async with connected(hub_cluster.urls) as nc:
+        js = jetstream(nc, "hub")
+        bucket = await ensure_bucket(js, "cim-place-test-replicas")
+        info = await js.stream_info("KV_cim-place-test-replicas")
+        assert info.config.num_replicas == 3
+        assert (await ensure_bucket(js, "cim-place-test-replicas"))._name == bucket._name
+        await js.delete_stream("KV_cim-place-test-replicas")

@@ -203,7 +203,7 @@ class Controller:
         await ensure_task_stream(js, replicas, subjects=self.subjects)
         with contextlib.suppress(CimPlaceError, nats.errors.Error):
             await nudge_sources(js)
-        self.locations = await LocationStore(js).open()
+        self.locations = await LocationStore(js).open(replicas=replicas)
         self._queue = TaskQueue(js, subjects=self.subjects)
         self._drain = await kv.ensure_bucket(js, kv.DRAIN, history=1)
         await self._load_drains()

@@ -48,6 +48,11 @@ ALL_BUCKETS = (POLICIES, NODES, NAMES, LOCATIONS, *LOCATION_SHARD_BUCKETS, LEADE
 MAX_HISTORY = 64
 """JetStream keeps at most 64 revisions per key in a KV bucket."""
 
+DEFAULT_REPLICAS = 3
+"""Replicas of a bucket created without an explicit count: a 3-server hub survives the loss of
+one server with every bucket readable and writable; a standalone server gets 1."""
+_NOT_CLUSTERED = 10074  # JetStream: "replicas > 1 not supported in non-clustered mode"
+
 
 async def ensure_bucket(
     js: JetStreamContext,
@@ -55,7 +60,7 @@ async def ensure_bucket(
     *,
     history: int = 1,
     ttl: float | None = None,
-    replicas: int = 1,
+    replicas: int | None = None,
 ) -> KeyValue:
     """Return the KV bucket ``name``, creating it with ``history``, ``ttl``, ``replicas`` if absent.
 
@@ -70,15 +75,26 @@ async def ensure_bucket(
         pass
     except nats.errors.Error as exc:
         raise TransportError(f"could not open KV bucket {name}: {exc}") from exc
-    config = api.KeyValueConfig(bucket=name, history=history, ttl=ttl, replicas=replicas)
+    config = api.KeyValueConfig(
+        bucket=name, history=history, ttl=ttl, replicas=replicas or DEFAULT_REPLICAS
+    )
     try:
-        return await js.create_key_value(config=config)
-    except nats.js.errors.APIError:
-        # Another process created it between our look-up and our create (possibly with a slightly
-        # different configuration): use the bucket that exists.
+        try:
+            return await js.create_key_value(config=config)
+        except nats.js.errors.APIError as error:
+            if replicas is not None or error.err_code != _NOT_CLUSTERED:
+                raise
+            # A standalone hub server (`cim-place up`, development): one replica is all it has.
+            config.replicas = 1
+            return await js.create_key_value(config=config)
+    except nats.js.errors.APIError as refused:
+        # Another process may have created it between our look-up and our create (possibly with
+        # a slightly different configuration): use the bucket that exists.
         try:
             return await js.key_value(name)
-        except nats.errors.Error as exc:
-            raise TransportError(f"could not create KV bucket {name}: {exc}") from exc
+        except nats.errors.Error:
+            raise TransportError(
+                f"could not create KV bucket {name} with {config.replicas} replicas: {refused}"
+            ) from refused
     except nats.errors.Error as exc:
         raise TransportError(f"could not create KV bucket {name}: {exc}") from exc

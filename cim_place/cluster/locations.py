@@ -96,8 +96,9 @@ class LocationStore:
         self.garbage = 0
         """Values that did not decode and were skipped."""
 
-    async def open(self, *, create: bool = True, replicas: int = 1) -> LocationStore:
-        """Open the buckets (creating them, history 1, ``replicas``, when ``create``); returns self.
+    async def open(self, *, create: bool = True, replicas: int | None = None) -> LocationStore:
+        """Open the buckets (creating them, history 1, ``replicas`` or as the hub allows, when
+        ``create``); returns self.
 
         With ``create=False`` (a reader such as ``cim-place status``) a missing bucket or layout
         raises TransportError saying that no controller has written locations yet; shard buckets
