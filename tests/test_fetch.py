@@ -190,10 +190,15 @@ async def test_interrupted_fetch_resumes_without_refetching(
             await task
         have = sum(1 for _ in volume.cids())
         assert 30 <= have < total
-        # The holder finishes the batches it was answering when B gave up; B dropped those.
-        while server.active:
-            await asyncio.sleep(0.01)
-        served_before = server.stats.blocks_served
+        # The holder finishes the batches it was answering when B gave up; B dropped those. A
+        # request B sent just before it gave up may still be crossing the hub, so wait until the
+        # holder is idle and stays so.
+        served_before = -1
+        while served_before != server.stats.blocks_served:
+            served_before = server.stats.blocks_served
+            await asyncio.sleep(0.3)
+            while server.active:
+                await asyncio.sleep(0.01)
 
         result = await fetch_dag(nc_b, root, [Holder("leaf-a")], volume)
     finally:
