@@ -280,6 +280,8 @@ async def test_offloaded_content_is_placed_by_policy_and_shows_in_status(
     async with connected(domain.hub.url) as nc:
         store = await PolicyStore.open(jetstream(nc, "hub"), create=True)
         await store.apply(load_text(TWO_ZONES, "two-zones.yaml"), actor="test")
+    # An application event shares the event store; the controller does not even read it.
+    await domain.alice.send(event("DocumentNoted", {"n": 1}))
     controller = Controller(
         ControllerConfig(servers=(domain.hub.url,), identity="ctl", lease=3.0, summary_every=0.5)
     )
@@ -303,6 +305,7 @@ async def test_offloaded_content_is_placed_by_policy_and_shows_in_status(
         assert status.policy == "two-zones" and status.owner == "alice"
         assert {loc.node for loc in status.locations if loc.state == "pinned"} == set(NODES)
         assert status.metadata["content_type"] == "application/octet-stream"
+        assert controller.projection.rejected == 0
     finally:
         await controller.stop()
 

@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from cim_place.cluster import kv
 from cim_place.cluster.connection import DEFAULT_SERVER, connect, jetstream
-from cim_place.cluster.events import TaskCompleted, TaskFailed
+from cim_place.cluster.events import EVENT_TYPES, TaskCompleted, TaskFailed
 from cim_place.cluster.eventstore import (
     EventFeed,
     StoredEvent,
@@ -296,7 +296,13 @@ class Controller:
         # is stored (an ordered push consumer; a pull per batch held the ingest to a third of
         # the publish rate, bench/converge.py). The feed recreates its consumer after a gap or
         # a hub restart by itself; only opening it is retried here.
-        feed = EventFeed(self.js, self._apply_stored, subjects=self.subjects)
+        feed = EventFeed(
+            self.js,
+            self._apply_stored,
+            # The event types the projection applies: application events share the store.
+            filter_subject=[self.subjects.events_of_type(t) for t in EVENT_TYPES],
+            subjects=self.subjects,
+        )
         while True:
             try:
                 await feed.start()

@@ -897,14 +897,20 @@ class EventFeed:
         handler: Callable[[StoredEvent], None],
         *,
         start_sequence: int = 1,
-        filter_subject: str | None = None,
+        filter_subject: str | Sequence[str] | None = None,
         subjects: Subjects = _DEFAULT_SUBJECTS,
         idle_heartbeat: float = 2.0,
     ) -> None:
         self._js = js_hub
         self._nc: Client = js_hub._nc
         self._handler = handler
-        self.filter_subject = filter_subject or subjects.all_events
+        # One subject, or several (the controller reads only the event types it applies, not the
+        # application events that share the store).
+        self.filter_subjects = (
+            [filter_subject]
+            if isinstance(filter_subject, str)
+            else list(filter_subject or [subjects.all_events])
+        )
         self._idle_heartbeat = idle_heartbeat
         self._sub: Subscription | None = None
         self._consumer: str | None = None
@@ -964,7 +970,8 @@ class EventFeed:
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=self.last_sequence + 1,
             ack_policy=AckPolicy.NONE,
-            filter_subject=self.filter_subject,
+            filter_subject=self.filter_subjects[0] if len(self.filter_subjects) == 1 else None,
+            filter_subjects=self.filter_subjects if len(self.filter_subjects) > 1 else None,
             flow_control=True,
             idle_heartbeat=self._idle_heartbeat,
             mem_storage=True,

@@ -59,6 +59,11 @@ class Subjects:
     def all_events(self) -> str:
         return f"{self.prefix}.evt.>"
 
+    def events_of_type(self, event_type: str) -> str:
+        """Every node's events of one type (``<prefix>.evt.*.<type>``); application events
+        (``<prefix>.evt.<node>.app.<type>``) never match."""
+        return f"{self.prefix}.evt.*.{event_type}"
+
     def task(self, node: str) -> str:
         return f"{self.prefix}.task.{check_node_id(node)}"
 
