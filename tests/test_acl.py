@@ -51,16 +51,6 @@ NODE = "a"
 CONTENT = os.urandom(3 * (1 << 20) + 12345)  # a root node and four leaves
 
 
-@dataclass(kw_only=True)
-class _Secured(ServerSpec):
-    """A single server whose accounts are the generated ones."""
-
-    accounts: str = ""
-
-    def render(self) -> str:
-        return super().render() + self.accounts
-
-
 @dataclass
 class Domain:
     server: NatsServer
@@ -76,11 +66,11 @@ def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Domain]:
     # One server holds every user here: the rules are the same on a leaf.
     users = [*plan.hub, *plan.leaves[NODE]]
     directory = tmp_path_factory.mktemp("acl")
-    spec = _Secured(
+    spec = ServerSpec(
         server_name="acl-hub",
         store_dir=directory / "js",
         domain="hub",
-        accounts=render_accounts(users),
+        extra=render_accounts(users),
     )
     server = NatsServer(spec, directory).start().wait_ready()
     try:

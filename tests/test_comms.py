@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,14 +28,11 @@ from cim_place.cluster.fetch import wait_for_holder
 from cim_place.cluster.holders import HolderResponder
 from cim_place.cluster.projection import Projection
 from cim_place.cluster.security import (
-    Permissions,
     ReadAccess,
-    User,
     plan_domain,
     render_accounts,
 )
 from cim_place.cluster.servers import Hub, NatsServer, ServerSpec
-from cim_place.cluster.subjects import Subjects
 from cim_place.cluster.tasks import ensure_task_stream
 from cim_place.cluster.upload import UploadService
 from cim_place.comms import (
@@ -361,38 +358,17 @@ async def test_events_persist_and_replay_to_a_durable_listener(domain: Domain) -
     assert await message.read("pdf") == pdf
 
 
-@dataclass(kw_only=True)
-class _Secured(ServerSpec):
-    """A server whose accounts are generated cim-place users."""
-
-    accounts: str = ""
-
-    def render(self) -> str:
-        return super().render() + self.accounts
-
-
-def _with_app_messaging(user: User, subjects: Subjects) -> User:
-    # Readers as generated today may fetch and upload, not exchange application messages.
-    app = f"{subjects.prefix}.app.>"
-    permissions = Permissions((*user.permissions.publish, app), (*user.permissions.subscribe, app))
-    return replace(user, permissions=permissions)
-
-
 @pytest.fixture
 async def secured(tmp_path: Path) -> AsyncIterator[Callable[[str], str]]:
     """A secured single server (users alice, bob, carol) with agent-a's storage services."""
-    subjects = Subjects()
     plan = plan_domain(["a"], readers={"alice": None, "bob": None, "carol": None})
-    users = [
-        _with_app_messaging(u, subjects) if u.role == "reader" else u
-        for u in (*plan.hub, *plan.leaves["a"])
-    ]
+    users = [*plan.hub, *plan.leaves["a"]]
     passwords = {user.name: user.password for user in users}
-    spec = _Secured(
+    spec = ServerSpec(
         server_name="comms-secured",
         store_dir=tmp_path / "js",
         domain="hub",
-        accounts=render_accounts(users),
+        extra=render_accounts(users),
     )
     server = NatsServer(spec, tmp_path / "secured").start().wait_ready()
 

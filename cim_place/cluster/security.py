@@ -409,21 +409,27 @@ def operator_permissions(subjects: Subjects, hub_domain: str) -> Permissions:
 def reader_permissions(
     user: str, subjects: Subjects, hub_domain: str, home: str | None = None
 ) -> Permissions:
-    """A person or application: fetch content, find holders, upload, resolve names.
+    """A person or application: fetch content, find holders, upload, resolve names, and exchange
+    application commands and queries (``<prefix>.app.>``, cim_place.comms).
 
     A reader homed on a leaf uploads through that leaf's agent only, so the leaf's link never
-    carries uploads meant for other nodes.
+    carries uploads meant for other nodes. Application events (stored in a node's outbox) and
+    their consumers are not granted here: they belong to a node's identity.
     """
     uploads = subjects.agent_add(home) if home else f"{subjects.prefix}.agent.*.add"
+    app = f"{subjects.prefix}.app.>"
     publish = [
         f"{subjects.prefix}.blk.*.get",
         subjects.has,
         uploads,
+        app,
         *_kv_read(hub_domain, kv.NAMES),
         *_kv_read(hub_domain, kv.NODES),
+        # The offload threshold of application messages (cim_place.comms).
+        *_kv_read(hub_domain, kv.SETTINGS),
         *_both(hub_domain, _JS_INFO),
     ]
-    subscribe = [f"{inbox_prefix(user)}.>"]
+    subscribe = [f"{inbox_prefix(user)}.>", app]
     return Permissions(tuple(_unique(publish)), tuple(subscribe))
 
 
