@@ -13,6 +13,10 @@ Fixtures (function scoped unless noted):
 - ``nats_client``: the ``connected`` helper: ``async with nats_client(url) as nc``. Test code can
   also import ``connected`` from here.
 
+Helper: ``secured_server(directory, users, name)`` starts one hub server (domain ``hub``) whose
+accounts are the given generated users (``cim_place.cluster.security``); ``.url(user)`` gives a
+client URL with that user's credentials.
+
 Every server is stopped at teardown whether or not the test failed; ``nats_server_children()``
 lists the nats-server processes still running under this process (the no-leak check).
 """
@@ -20,8 +24,9 @@ lists the nats-server processes still running under this process (the no-leak ch
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -29,9 +34,24 @@ import pytest
 from nats.aio.client import Client
 
 from cim_place.cluster.connection import connected
-from cim_place.cluster.servers import Hub, NatsServer, add_leaf, start_hub, start_single
+from cim_place.cluster.security import User, render_accounts
+from cim_place.cluster.servers import (
+    Hub,
+    NatsServer,
+    ServerSpec,
+    add_leaf,
+    start_hub,
+    start_single,
+)
 
-__all__ = ["ClientFactory", "LeafFactory", "connected", "nats_server_children"]
+__all__ = [
+    "ClientFactory",
+    "LeafFactory",
+    "SecuredServer",
+    "connected",
+    "nats_server_children",
+    "secured_server",
+]
 
 
 class LeafFactory(Protocol):
@@ -125,3 +145,26 @@ class ClientFactory(Protocol):
 @pytest.fixture
 def nats_client() -> ClientFactory:
     return connected
+
+
+@dataclass
+class SecuredServer:
+    """One hub server running the accounts of ``users``; stop it with :meth:`stop`."""
+
+    server: NatsServer
+    users: dict[str, User]
+
+    def url(self, user: str) -> str:
+        return f"nats://{user}:{self.users[user].password}@127.0.0.1:{self.server.port}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def secured_server(directory: Path, users: Sequence[User], name: str) -> SecuredServer:
+    """Start a single hub server (JetStream domain ``hub``) with ``users`` as its accounts."""
+    spec = ServerSpec(
+        server_name=name, store_dir=directory / "js", domain="hub", extra=render_accounts(users)
+    )
+    server = NatsServer(spec, directory).start().wait_ready()
+    return SecuredServer(server, {user.name: user for user in users})

@@ -36,47 +36,33 @@ from cim_place.cluster.fetch import AccessDeniedError, Holder, fetch_dag
 from cim_place.cluster.holders import HolderResponder
 from cim_place.cluster.security import (
     ReadAccess,
-    User,
     inbox_prefix,
     plan_domain,
-    render_accounts,
 )
-from cim_place.cluster.servers import NatsServer, ServerSpec
 from cim_place.interfaces import Pin
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.cid import to_str
 from cim_place.objectstore.store import ObjectStore
+from cim_place.testing import SecuredServer, secured_server
 
 NODE = "a"
 CONTENT = os.urandom(3 * (1 << 20) + 12345)  # a root node and four leaves
 
 
-@dataclass
-class Domain:
-    server: NatsServer
-    users: dict[str, User]
-
-    def url(self, user: str) -> str:
-        return f"nats://{user}:{self.users[user].password}@127.0.0.1:{self.server.port}"
+Domain = SecuredServer
 
 
 @pytest.fixture(scope="module")
 def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Domain]:
     plan = plan_domain([NODE], readers={"alice": None, "bob": None, "carol": None})
     # One server holds every user here: the rules are the same on a leaf.
-    users = [*plan.hub, *plan.leaves[NODE]]
-    directory = tmp_path_factory.mktemp("acl")
-    spec = ServerSpec(
-        server_name="acl-hub",
-        store_dir=directory / "js",
-        domain="hub",
-        extra=render_accounts(users),
+    domain = secured_server(
+        tmp_path_factory.mktemp("acl"), [*plan.hub, *plan.leaves[NODE]], "acl-hub"
     )
-    server = NatsServer(spec, directory).start().wait_ready()
     try:
-        yield Domain(server, {user.name: user for user in users})
+        yield domain
     finally:
-        server.stop()
+        domain.stop()
 
 
 @dataclass

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from exchange import LyingStore, MiB, content
+from exchange import import_into as _import_into
 from memstore import MemoryBlockStore
 
 from cim_place.cluster.agent_config import AgentConfigError, parse_agent_config
@@ -36,42 +38,15 @@ from cim_place.cluster.blockstream import (
 )
 from cim_place.cluster.fetch import Holder, Labels, fetch_dag, wait_for_holder
 from cim_place.cluster.registry import NodeRecord
-from cim_place.cluster.servers import NatsServer
 from cim_place.cluster.subjects import Subjects
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.cid import RAW, Cid, codec_of
 from cim_place.objectstore.dag import walk_cids
-from cim_place.objectstore.testdata import chacha_stream
-from cim_place.objectstore.unixfs import import_file, read_file
-from cim_place.testing import LeafFactory, connected
-
-MiB = 1 << 20
+from cim_place.objectstore.unixfs import read_file
 
 
 def import_into(store: Any, size: int, profile: str, seed: str = "stream") -> Cid:
-    return import_file(chacha_stream(seed, size), store, profile).root
-
-
-def content(seed: str, size: int) -> bytes:
-    return chacha_stream(seed, size).read()
-
-
-class LyingStore(MemoryBlockStore):
-    """A holder's store that serves wrong bytes for some blocks."""
-
-    def __init__(self, lies: set[Cid]) -> None:
-        super().__init__()
-        self.lies = lies
-
-    def get(self, cid: Cid) -> bytes:
-        data = super().get(cid)
-        return b"x" + data[1:] if cid in self.lies else data
-
-
-@dataclass
-class Pair:
-    a: NatsServer
-    b: NatsServer
+    return _import_into(store, size, profile, seed)
 
 
 @dataclass
@@ -82,23 +57,6 @@ class Holding:
     async def stop(self) -> None:
         await self.blocks.stop()
         await self.stream.stop()
-
-
-@pytest.fixture
-def pair(leaf_factory: LeafFactory) -> Pair:
-    return Pair(leaf_factory("leaf-a"), leaf_factory("leaf-b"))
-
-
-@pytest.fixture
-def volume(tmp_path: Path) -> Iterator[FsBlockStore]:
-    with FsBlockStore(tmp_path / "volume-b", fsync="none") as store:
-        yield store
-
-
-@pytest.fixture
-async def clients(pair: Pair) -> AsyncIterator[tuple[Any, Any]]:
-    async with connected(pair.a.url) as nc_a, connected(pair.b.url) as nc_b:
-        yield nc_a, nc_b
 
 
 async def streaming(nc: Any, node: str, store: Any) -> Holding:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from exchange import (
+    LyingStore,
+    MiB,
+    Pair,
+    content,
+    import_into,
+)
 from memstore import MemoryBlockStore
 
 from cim_place.cluster.blocks import BlockServer
@@ -25,64 +31,18 @@ from cim_place.cluster.fetch import (
 from cim_place.cluster.servers import Hub, NatsServer, add_leaf, start_hub
 from cim_place.cluster.subjects import Subjects
 from cim_place.errors import CorruptBlockError
-from cim_place.interfaces import BlockSink
 from cim_place.objectstore.blockstore import FsBlockStore
-from cim_place.objectstore.cid import RAW, Cid, codec_of
+from cim_place.objectstore.cid import RAW, codec_of
 from cim_place.objectstore.dag import walk_cids
 from cim_place.objectstore.testdata import chacha_stream
 from cim_place.objectstore.unixfs import import_file, read_file
-from cim_place.testing import LeafFactory, connected
-
-MiB = 1 << 20
-
-
-def import_into(store: BlockSink, size: int, profile: str, seed: str = "fetch") -> Cid:
-    return import_file(chacha_stream(seed, size), store, profile).root
-
-
-def content(seed: str, size: int) -> bytes:
-    return chacha_stream(seed, size).read()
-
-
-class LyingStore(MemoryBlockStore):
-    """A holder's store that serves wrong bytes for some blocks (a bad disk or a bad actor)."""
-
-    def __init__(self, lies: set[Cid]) -> None:
-        super().__init__()
-        self.lies = lies
-
-    def get(self, cid: Cid) -> bytes:
-        data = super().get(cid)
-        return b"x" + data[1:] if cid in self.lies else data
-
-
-@dataclass
-class Pair:
-    a: NatsServer
-    b: NatsServer
-
-
-@pytest.fixture
-def pair(leaf_factory: LeafFactory) -> Pair:
-    return Pair(leaf_factory("leaf-a"), leaf_factory("leaf-b"))
-
-
-@pytest.fixture
-def volume(tmp_path: Path) -> Iterator[FsBlockStore]:
-    with FsBlockStore(tmp_path / "volume-b", fsync="none") as store:
-        yield store
+from cim_place.testing import connected
 
 
 async def serving(nc: Any, node: str, store: Any) -> BlockServer:
     server = BlockServer(nc, node, store)
     await server.start()
     return server
-
-
-@pytest.fixture
-async def clients(pair: Pair) -> AsyncIterator[tuple[Any, Any]]:
-    async with connected(pair.a.url) as nc_a, connected(pair.b.url) as nc_b:
-        yield nc_a, nc_b
 
 
 def test_holders_are_ordered_nearest_first() -> None:

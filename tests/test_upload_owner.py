@@ -8,50 +8,33 @@ from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 from cim_place.cluster.connection import connect
-from cim_place.cluster.security import AccessDeniedError, User, plan_domain, render_accounts
-from cim_place.cluster.servers import NatsServer, ServerSpec
+from cim_place.cluster.security import AccessDeniedError, plan_domain
 from cim_place.cluster.upload import UploadService, upload
 from cim_place.objectstore.store import ObjectStore
+from cim_place.testing import SecuredServer, secured_server
 
 NODE = "a"
 
 
-@dataclass
-class Domain:
-    server: NatsServer
-    users: dict[str, User]
-
-    def url(self, user: str) -> str:
-        return f"nats://{user}:{self.users[user].password}@127.0.0.1:{self.server.port}"
-
-
 @pytest.fixture(scope="module")
-def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Domain]:
+def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredServer]:
     plan = plan_domain([NODE], readers={"alice": None, "bob": None})
-    users = [*plan.hub, *plan.leaves[NODE]]
     directory = tmp_path_factory.mktemp("owners")
-    spec = ServerSpec(
-        server_name="owners",
-        store_dir=directory / "js",
-        domain="hub",
-        extra=render_accounts(users),
-    )
-    server = NatsServer(spec, directory).start().wait_ready()
+    domain = secured_server(directory, [*plan.hub, *plan.leaves[NODE]], "owners")
     try:
-        yield Domain(server, {user.name: user for user in users})
+        yield domain
     finally:
-        server.stop()
+        domain.stop()
 
 
 @pytest_asyncio.fixture
-async def store(domain: Domain, tmp_path: Path) -> AsyncIterator[ObjectStore]:
+async def store(domain: SecuredServer, tmp_path: Path) -> AsyncIterator[ObjectStore]:
     store = ObjectStore(tmp_path / "volume")
     agent = await connect(domain.url(f"agent-{NODE}"), for_service=True)
     service = UploadService(agent, NODE, store, authenticated=True)
@@ -64,7 +47,7 @@ async def store(domain: Domain, tmp_path: Path) -> AsyncIterator[ObjectStore]:
         store.close()
 
 
-async def _upload(domain: Domain, store: ObjectStore, user: str, owner: str) -> str:
+async def _upload(domain: SecuredServer, store: ObjectStore, user: str, owner: str) -> str:
     """Upload as ``user`` claiming ``owner``; the owner the agent recorded on the pin."""
     nc = await connect(domain.url(user))
     try:
@@ -76,13 +59,15 @@ async def _upload(domain: Domain, store: ObjectStore, user: str, owner: str) -> 
     return pin.owner
 
 
-async def test_the_owner_is_the_authenticated_requester(domain: Domain, store: ObjectStore) -> None:
+async def test_the_owner_is_the_authenticated_requester(
+    domain: SecuredServer, store: ObjectStore
+) -> None:
     assert await _upload(domain, store, "alice", "") == "alice"
     assert await _upload(domain, store, "alice", "alice") == "alice"
 
 
 async def test_claiming_another_owner_is_refused_and_pins_nothing(
-    domain: Domain, store: ObjectStore
+    domain: SecuredServer, store: ObjectStore
 ) -> None:
     with pytest.raises(AccessDeniedError, match="alice may not upload as owner 'bob'"):
         await _upload(domain, store, "alice", "bob")
