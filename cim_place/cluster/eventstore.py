@@ -686,6 +686,18 @@ class EventPublisher:
 # -- reading --------------------------------------------------------------------------------------
 
 
+def _skipped(sequence: int, subject: str, so_far: int, error: Exception) -> None:
+    """Log a message of the event store that is not an envelope (it is counted, never raised)."""
+    _log.warning(
+        "skipped malformed message %d on %s in %s (%d so far): %s",
+        sequence,
+        subject,
+        EVENTS_STREAM,
+        so_far,
+        error,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     """An event as the hub stored it: the envelope (with its stream sequence), the node that
@@ -803,14 +815,7 @@ class EventReader:
                 )
             except EnvelopeError as error:
                 self.malformed += 1
-                _log.warning(
-                    "skipped malformed message %d on %s in %s (%d so far): %s",
-                    sequence,
-                    msg.subject,
-                    EVENTS_STREAM,
-                    self.malformed,
-                    error,
-                )
+                _skipped(sequence, msg.subject, self.malformed, error)
         self.delivered += len(envelopes)
         return envelopes
 
@@ -1003,14 +1008,7 @@ class EventFeed:
             envelope = decode(msg.data, sequence=sequence)
         except EnvelopeError as error:
             self.malformed += 1
-            _log.warning(
-                "skipped malformed message %d on %s in %s (%d so far): %s",
-                sequence,
-                msg.subject,
-                EVENTS_STREAM,
-                self.malformed,
-                error,
-            )
+            _skipped(sequence, msg.subject, self.malformed, error)
         else:
             tokens = msg.subject.rsplit(".", 2)
             node = tokens[-2] if len(tokens) >= 2 else envelope.owner

@@ -124,17 +124,24 @@ class LocationStore:
         self.shard_count = shards
         return self
 
-    async def _read_layout(self) -> int | None:
+    async def _get_base(self, key: str, what: str) -> bytes | None:
+        """The value of ``key`` in the base bucket, None if absent."""
         try:
-            entry = await self.bucket.get(LAYOUT_KEY)
+            entry = await self.bucket.get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
         except nats.errors.Error as error:
             raise TransportError(
-                f"could not read the layout from KV {kv.LOCATIONS}: {error}"
+                f"could not read the {what} from KV {kv.LOCATIONS}: {error}"
             ) from error
+        return entry.value or b""
+
+    async def _read_layout(self) -> int | None:
+        value = await self._get_base(LAYOUT_KEY, "layout")
+        if value is None:
+            return None
         try:
-            shards = json.loads(entry.value or b"")["shards"]
+            shards = json.loads(value)["shards"]
             if not isinstance(shards, int) or not 1 <= shards <= 1024:
                 raise ValueError(f"shard count {shards!r} out of range")
         except (ValueError, KeyError, TypeError) as error:
@@ -254,16 +261,11 @@ class LocationStore:
 
     async def summary(self) -> Summary | None:
         """The last summary the controller wrote, or None (none yet, or not decodable)."""
-        try:
-            entry = await self.bucket.get(SUMMARY_KEY)
-        except nats.js.errors.KeyNotFoundError:
+        value = await self._get_base(SUMMARY_KEY, "summary")
+        if value is None:
             return None
-        except nats.errors.Error as error:
-            raise TransportError(
-                f"could not read the summary from KV {kv.LOCATIONS}: {error}"
-            ) from error
         try:
-            return Summary.decode(entry.value or b"")
+            return Summary.decode(value)
         except ValueError as error:
             self.garbage += 1
             _log.warning("skipping the summary in %s: %s", kv.LOCATIONS, error)
