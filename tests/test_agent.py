@@ -17,8 +17,9 @@ from cim_place.cluster.agent import Agent
 from cim_place.cluster.agent_config import AgentConfig, VolumeConfig
 from cim_place.cluster.connection import connected, jetstream
 from cim_place.cluster.envelope import Envelope
+from cim_place.cluster.eventreaders import EventReader
 from cim_place.cluster.events import ObjectRemoved, ObjectStored, TaskCompleted, parse_event
-from cim_place.cluster.eventstore import EventReader, ensure_event_store
+from cim_place.cluster.eventstore import ensure_event_store
 from cim_place.cluster.fetch import wait_for_holder
 from cim_place.cluster.registry import list_nodes
 from cim_place.cluster.servers import Hub

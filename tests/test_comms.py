@@ -22,8 +22,9 @@ from cim_place.cluster.agent_config import AgentConfig, VolumeConfig
 from cim_place.cluster.blocks import BlockServer
 from cim_place.cluster.connection import connect, connected, jetstream
 from cim_place.cluster.envelope import Content, Envelope
+from cim_place.cluster.eventreaders import EventReader
 from cim_place.cluster.events import ObjectStored, parse_event
-from cim_place.cluster.eventstore import EventReader, ensure_event_store
+from cim_place.cluster.eventstore import ensure_event_store
 from cim_place.cluster.fetch import wait_for_holder
 from cim_place.cluster.holders import HolderResponder
 from cim_place.cluster.projection import Projection

@@ -17,6 +17,7 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from cim_place.cluster.connection import DomainJetStream, connected, jetstream
 from cim_place.cluster.envelope import Content, Envelope, decode
+from cim_place.cluster.eventreaders import EventFeed, EventReader, StoredEvent, subscribe_events
 from cim_place.cluster.events import (
     EVENT_TYPES,
     AnyEvent,
@@ -33,18 +34,14 @@ from cim_place.cluster.events import (
     parse_event,
 )
 from cim_place.cluster.eventstore import (
-    EventFeed,
     EventPublisher,
-    EventReader,
     SourceKeeper,
-    StoredEvent,
     attach_leaf,
     detach_leaf,
     ensure_event_store,
     ensure_outbox,
     hub_size,
     nudge_sources,
-    subscribe_events,
 )
 from cim_place.cluster.servers import Hub, NatsServer
 from cim_place.cluster.subjects import EVENTS_STREAM, Subjects

@@ -509,8 +509,8 @@ async def _queue(js: JetStreamContext) -> tuple[dict[str, dict[str, int]], str |
 
 async def _failed(js: JetStreamContext, limit: int) -> tuple[list[dict[str, Any]], str | None]:
     """The last ``limit`` TaskFailed events, oldest first."""
+    from cim_place.cluster.eventreaders import EventReader
     from cim_place.cluster.events import TaskFailed
-    from cim_place.cluster.eventstore import EventReader
     from cim_place.cluster.subjects import Subjects
     from cim_place.cluster.tasks import TASK_FAILED
     from cim_place.objectstore import cid as cids

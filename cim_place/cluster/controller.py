@@ -41,14 +41,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from cim_place.cluster import kv
 from cim_place.cluster.connection import DEFAULT_SERVER, connect, jetstream
+from cim_place.cluster.eventreaders import EventFeed, StoredEvent
 from cim_place.cluster.events import EVENT_TYPES, TaskCompleted, TaskFailed
-from cim_place.cluster.eventstore import (
-    EventFeed,
-    StoredEvent,
-    ensure_event_store,
-    hub_size,
-    nudge_sources,
-)
+from cim_place.cluster.eventstore import ensure_event_store, hub_size, nudge_sources
 from cim_place.cluster.leader import LeaderElection
 from cim_place.cluster.lifecycle import cancel_and_wait
 from cim_place.cluster.locations import LocationStore

@@ -31,7 +31,7 @@ from nats.aio.subscription import Subscription
 
 from cim_place.cluster.connection import connect, jetstream
 from cim_place.cluster.envelope import KINDS, Content, Envelope, EnvelopeError, Kind, decode
-from cim_place.cluster.eventstore import EventSubscription, subscribe_events
+from cim_place.cluster.eventreaders import EventSubscription, subscribe_events
 from cim_place.cluster.fetch import Labels
 from cim_place.cluster.security import identity_of
 from cim_place.cluster.subjects import Subjects, check_node_id, outbox_stream
