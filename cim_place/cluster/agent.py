@@ -363,6 +363,8 @@ class Agent:
             )
         )
         self.metrics.events_published.labels(event.TYPE).inc()
+        if self._heartbeat is not None:
+            self._heartbeat.soon()  # the volume's usage changed: tell the domain now
 
     async def _inventory_loop(self) -> None:
         while True:

@@ -11,6 +11,7 @@ A graceful stop does not delete the key: a restart for an upgrade is not a depar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -122,7 +123,14 @@ async def list_nodes(js_hub: JetStreamContext) -> list[NodeRecord]:
 
 
 class Heartbeat:
-    """Writes this node's record now and every ``interval`` seconds until stopped."""
+    """Writes this node's record now and every ``interval`` seconds until stopped.
+
+    :meth:`soon` asks for an early beat (the agent calls it when a pin changes its volume usage),
+    so ``cim-place nodes`` shows new usage within about a second rather than an interval; early
+    beats are at least ``MIN_GAP`` seconds apart, however often they are asked for.
+    """
+
+    MIN_GAP = 1.0
 
     def __init__(
         self,
@@ -138,8 +146,13 @@ class Heartbeat:
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._soon = asyncio.Event()
         self.beats = 0
         self.failures = 0
+
+    def soon(self) -> None:
+        """Beat early (within ``MIN_GAP`` seconds of the last beat) instead of at the interval."""
+        self._soon.set()
 
     async def beat(self) -> None:
         """Write one heartbeat; raises TransportError when the hub cannot be reached."""
@@ -159,6 +172,7 @@ class Heartbeat:
         failing = False
         while not self._stopping:
             started = time.monotonic()
+            self._soon.clear()  # a change during this beat asks for the next one
             try:
                 await self.beat()
             except (TransportError, TimeoutError) as exc:
@@ -175,8 +189,14 @@ class Heartbeat:
                 if failing and self._on_restored is not None:
                     self._on_restored()
                 failing = False
-            elapsed = time.monotonic() - started
-            await asyncio.sleep(max(0.0, self._interval - elapsed))
+            # Until the interval ends, or an early beat is asked for (but not within MIN_GAP).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._soon.wait(), max(0.0, self._interval - (time.monotonic() - started))
+                )
+            gap = min(self.MIN_GAP, self._interval) - (time.monotonic() - started)
+            if gap > 0:
+                await asyncio.sleep(gap)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
