@@ -74,6 +74,11 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+
+STREAM_CONNECT_TIMEOUT = 3.0
+"""Seconds to connect to a holder's block stream and be welcomed: the holder just granted on
+NATS, so it is alive; an address a firewall drops costs this long before that holder falls
+back to NATS, not the whole fetch timeout."""
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -564,7 +569,10 @@ class _Fetch:
                     why = "it offers no block stream for this root"
                 else:
                     client = await StreamClient.open(
-                        grant.address, grant.token, timeout=self.timeout, tls=self.stream_tls
+                        grant.address,
+                        grant.token,
+                        timeout=min(self.timeout, STREAM_CONNECT_TIMEOUT),
+                        tls=self.stream_tls,
                     )
                     session = _Session(client)
             except AccessDeniedError:
