@@ -20,8 +20,6 @@ costs one small directory listing, not a walk over every shard.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import errno
 import fcntl
@@ -36,7 +34,7 @@ from types import TracebackType
 from typing import Literal
 
 from cim_place.errors import BlockNotFoundError, CorruptBlockError, StoreError, StoreFullError
-from cim_place.objectstore.cid import Cid, matches, to_str
+from cim_place.objectstore.cid import Cid, b32decode, b32encode, matches, to_str
 
 FsyncPolicy = Literal["none", "file", "full"]
 """"none": rely on the OS; "file": fsync each block file; "full": also fsync its directory."""
@@ -52,15 +50,14 @@ _NO_LINK_ERRNOS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, er
 
 def block_name(cid: Cid) -> str:
     """The file-system-safe name of a block: base32 lower case of its binary CID."""
-    return base64.b32encode(cid).decode("ascii").rstrip("=").lower()
+    return b32encode(cid)
 
 
 def cid_of_name(name: str) -> Cid | None:
     """The binary CID a block file name encodes, or None when it is not one of ours."""
-    body = name.upper()
     try:
-        return base64.b32decode(body + "=" * (-len(body) % 8))
-    except (binascii.Error, ValueError):
+        return b32decode(name)
+    except ValueError:  # binascii.Error is one
         return None
 
 
@@ -69,6 +66,14 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _read_checked(cid: Cid, path: Path) -> bytes:
+    """The bytes of the block file ``path``, refused unless they hash to ``cid``."""
+    data = path.read_bytes()
+    if not matches(cid, data):
+        raise CorruptBlockError(to_str(cid), str(path))
+    return data
 
 
 def _fsync_dir(path: Path) -> None:
@@ -127,14 +132,10 @@ class FsBlockStore:
         return self._path_of(cid).exists()
 
     def get(self, cid: Cid) -> bytes:
-        path = self._path_of(cid)
         try:
-            data = path.read_bytes()
+            return _read_checked(cid, self._path_of(cid))
         except FileNotFoundError:
             raise BlockNotFoundError(to_str(cid)) from None
-        if not matches(cid, data):
-            raise CorruptBlockError(to_str(cid), str(path))
-        return data
 
     def put(self, cid: Cid, data: bytes) -> bool:
         final = self._path_of(cid)
@@ -143,9 +144,7 @@ class FsBlockStore:
         if self.capacity is not None:
             used = self.used_bytes()
             if used + len(data) > self.capacity:
-                raise self._full_error(
-                    len(data), f"capacity {self.capacity} bytes reached, {used} bytes used"
-                )
+                raise self._full_error(len(data), used)
         tmp = self._write_temp(self._tmp, data)
         try:
             return self._commit(cid, tmp, len(data))
@@ -168,13 +167,10 @@ class FsBlockStore:
         return True
 
     def cids(self) -> Iterator[Cid]:
-        for shard in self._shards():
-            with os.scandir(shard) as entries:
-                for entry in entries:
-                    if entry.name.endswith(_SUFFIX):
-                        cid = cid_of_name(entry.name[: -len(_SUFFIX)])
-                        if cid is not None:
-                            yield cid
+        for entry in self._block_files():
+            cid = cid_of_name(entry.name[: -len(_SUFFIX)])
+            if cid is not None:
+                yield cid
 
     def used_bytes(self) -> int:
         with self._usage_locked():
@@ -277,7 +273,20 @@ class FsBlockStore:
             shards = [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
         yield from sorted(shards)
 
-    def _full_error(self, need: int, cause: str) -> StoreFullError:
+    def _block_files(self) -> Iterator[os.DirEntry[str]]:
+        for shard in self._shards():
+            with os.scandir(shard) as entries:
+                for entry in entries:
+                    if entry.name.endswith(_SUFFIX):
+                        yield entry
+
+    def _full_error(self, need: int, used: int | None = None) -> StoreFullError:
+        """The volume cannot take ``need`` more bytes: over capacity with ``used`` bytes used,
+        or (``used`` None) the disk itself is full."""
+        if used is None:
+            cause = "no space left on the disk"
+        else:
+            cause = f"capacity {self.capacity} bytes reached, {used} bytes used"
         return StoreFullError(
             f"volume {self.path} is full ({cause}; block of {need} bytes not stored): "
             "free space with `cim-place gc`, raise the volume's capacity, or add a volume"
@@ -297,7 +306,7 @@ class FsBlockStore:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             if exc.errno in _FULL_ERRNOS:
-                raise self._full_error(len(data), "no space left on the disk") from None
+                raise self._full_error(len(data)) from None
             raise StoreError(
                 f"cannot write a block in volume {self.path}: {exc.strerror or exc}"
             ) from None
@@ -312,14 +321,12 @@ class FsBlockStore:
             if self.capacity is not None and used + size > self.capacity:
                 if final.exists():
                     return False
-                raise self._full_error(
-                    size, f"capacity {self.capacity} bytes reached, {used} bytes used"
-                )
+                raise self._full_error(size, used)
             try:
                 added = self._link(tmp, final)
             except OSError as exc:
                 if exc.errno in _FULL_ERRNOS:
-                    raise self._full_error(size, "no space left on the disk") from None
+                    raise self._full_error(size) from None
                 raise StoreError(
                     f"cannot store block {to_str(cid)} in volume {self.path}: {exc.strerror or exc}"
                 ) from None
@@ -353,13 +360,10 @@ class FsBlockStore:
 
     def _scan(self) -> tuple[int, int]:
         used = count = 0
-        for shard in self._shards():
-            with os.scandir(shard) as entries:
-                for entry in entries:
-                    if entry.name.endswith(_SUFFIX):
-                        with contextlib.suppress(FileNotFoundError):
-                            used += entry.stat().st_size
-                            count += 1
+        for entry in self._block_files():
+            with contextlib.suppress(FileNotFoundError):
+                used += entry.stat().st_size
+                count += 1
         return used, count
 
     @contextlib.contextmanager
@@ -403,7 +407,7 @@ class Staging:
         return len(self._staged)
 
     def put(self, cid: Cid, data: bytes) -> bool:
-        if cid in self._staged or self._store.has(cid):
+        if self.has(cid):
             return False
         self._staged[cid] = (self._store._write_temp(self._dir, data), len(data))
         return True
@@ -415,13 +419,7 @@ class Staging:
         staged = self._staged.get(cid)
         if staged is None:
             return self._store.get(cid)
-        data = staged[0].read_bytes()
-        if not matches(cid, data):
-            raise CorruptBlockError(to_str(cid), str(staged[0]))
-        return data
-
-    def staged_bytes(self) -> int:
-        return sum(size for _, size in self._staged.values())
+        return _read_checked(cid, staged[0])
 
     def commit(self) -> list[Cid]:
         """Make every staged block addressable; returns those that were new to the store."""

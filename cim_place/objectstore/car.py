@@ -158,7 +158,7 @@ def _cid_length(section: bytes, offset: int) -> int:
     return pos + length
 
 
-def _sections(reader: _Reader, verify: bool) -> Iterator[tuple[Cid, bytes]]:
+def _sections(reader: _Reader) -> Iterator[tuple[Cid, bytes]]:
     while True:
         start = reader.offset
         length = reader.varint("a block section length", eof_ok=True)
@@ -173,26 +173,23 @@ def _sections(reader: _Reader, verify: bool) -> Iterator[tuple[Cid, bytes]]:
         section = reader.exactly(length, "a block section")
         n = _cid_length(section, body_at)
         cid, data = section[:n], section[n:]
-        if verify:
-            try:
-                ok = matches(cid, data)
-            except InvalidCidError as exc:
-                raise CarError(f"CAR block at byte {start}: {exc}") from None
-            if not ok:
-                raise CarError(
-                    f"CAR block {to_str(cid)} at byte {start} does not match its CID "
-                    "(the file is damaged); nothing was imported"
-                )
+        try:
+            ok = matches(cid, data)
+        except InvalidCidError as exc:
+            raise CarError(f"CAR block at byte {start}: {exc}") from None
+        if not ok:
+            raise CarError(
+                f"CAR block {to_str(cid)} at byte {start} does not match its CID "
+                "(the file is damaged); nothing was imported"
+            )
         yield cid, data
 
 
-def read_car(
-    stream: BinaryIO, *, verify: bool = True
-) -> tuple[list[Cid], Iterator[tuple[Cid, bytes]]]:
+def read_car(stream: BinaryIO) -> tuple[list[Cid], Iterator[tuple[Cid, bytes]]]:
     """Read a CAR v1: its roots now, its blocks lazily as (cid, data).
 
-    Raises CarError, naming the byte offset, on a truncated or malformed file; with ``verify``
-    (the default) also on a block whose bytes do not hash to its CID.
+    Raises CarError, naming the byte offset, on a truncated or malformed file or a block whose
+    bytes do not hash to its CID.
     """
     reader = _Reader(stream)
     length = reader.varint("the header length", eof_ok=True)
@@ -203,7 +200,7 @@ def read_car(
             f"CAR file is garbage at byte 0: a header of {length} bytes; not a CAR file?"
         )
     roots = _header_roots(reader.exactly(length, "the header"))
-    return roots, _sections(reader, verify)
+    return roots, _sections(reader)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,11 +243,7 @@ def import_car(
         dag_blocks: dict[Cid, int] = {}
         for root in roots:
             try:
-                absent = dag.missing(staging, root)
-                if not absent:
-                    dag_blocks[root] = sum(1 for _ in dag.walk_cids(staging, root))
-            except CarError:
-                raise
+                absent, dag_blocks[root] = dag.survey(staging, root)
             except StoreError as exc:
                 raise CarError(
                     f"cannot check the DAG of root {to_str(root)} in the CAR file: {exc}; "

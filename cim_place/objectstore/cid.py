@@ -61,13 +61,15 @@ def read_varint(buf: bytes | memoryview, pos: int = 0) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def sha256_multihash(data: bytes | memoryview) -> bytes:
-    return b"\x12\x20" + hashlib.sha256(data).digest()
-
-
 def make_cid(codec: int, data: bytes | memoryview, version: int = 1) -> Cid:
     """The CID of ``data`` under ``codec``: CIDv0 only exists for dag-pb."""
-    mh = sha256_multihash(data)
+    return cid_of_digest(codec, hashlib.sha256(data).digest(), version)
+
+
+def cid_of_digest(codec: int, digest: bytes, version: int = 1) -> Cid:
+    """The CID of a block under ``codec`` from its sha2-256 ``digest`` (for a caller that hashed
+    the block in pieces, never holding it whole)."""
+    mh = b"\x12\x20" + digest
     if version == 0:
         if codec != DAG_PB:
             raise InvalidCidError("CIDv0 can only address dag-pb blocks")
@@ -135,11 +137,22 @@ def b58decode(text: str) -> bytes:
     return b"\x00" * pad + body
 
 
+def b32encode(data: bytes) -> str:
+    """RFC 4648 base32, lower case, without padding (multibase ``b`` without its prefix)."""
+    return base64.b32encode(data).decode("ascii").rstrip("=").lower()
+
+
+def b32decode(text: str) -> bytes:
+    """The inverse of :func:`b32encode`; raises ValueError on anything else."""
+    body = text.upper()
+    return base64.b32decode(body + "=" * (-len(body) % 8))
+
+
 def to_str(cid: Cid) -> str:
     """The canonical text form: base58btc for CIDv0, base32 lower case for CIDv1."""
     if len(cid) == 34 and cid[0] == SHA2_256 and cid[1] == _SHA2_256_LEN:
         return b58encode(cid)
-    return "b" + base64.b32encode(cid).decode("ascii").rstrip("=").lower()
+    return "b" + b32encode(cid)
 
 
 def parse(text: str) -> Cid:
@@ -152,8 +165,7 @@ def parse(text: str) -> Cid:
         if len(text) == 46 and text.startswith("Qm"):
             cid = b58decode(text)
         elif text[0] == "b":
-            body = text[1:].upper()
-            cid = base64.b32decode(body + "=" * (-len(body) % 8))
+            cid = b32decode(text[1:])
         else:
             from multiformats import CID
 

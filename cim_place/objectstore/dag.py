@@ -7,7 +7,7 @@ blocks are understood; a block of another codec stops the walk with a StoreError
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from cim_place.errors import StoreError
 from cim_place.interfaces import BlockSource
@@ -22,26 +22,16 @@ def _children(cid: Cid, block: bytes) -> list[Cid]:
         raise StoreError(f"cannot follow the links of block {to_str(cid)}: {exc}") from None
 
 
-def walk(source: BlockSource, root: Cid) -> Iterator[tuple[Cid, bytes]]:
-    """(cid, block) of every block of the DAG under ``root``, once each, root first.
-
-    Raises BlockNotFoundError (from ``source``) at the first absent block; see ``missing``.
-    """
-    seen: set[Cid] = set()
-    stack = [root]
-    while stack:
-        cid = stack.pop()
-        if cid in seen:
-            continue
-        seen.add(cid)
-        block = source.get(cid)
-        yield cid, block
-        stack.extend(reversed(_children(cid, block)))
+def _links(source: BlockSource, cid: Cid) -> list[Cid]:
+    """The children of ``cid``; a raw block has none, so it is not read."""
+    if codec_of(cid) == RAW:
+        return []
+    return _children(cid, source.get(cid))
 
 
-def walk_cids(source: BlockSource, root: Cid) -> Iterator[Cid]:
-    """The CIDs of ``walk``, in the same order. Raw blocks have no links, so they are named
-    without being read (nor checked for presence); only dag-pb blocks are fetched."""
+def _depth_first(root: Cid, expand: Callable[[Cid], list[Cid]]) -> Iterator[Cid]:
+    """Every CID below ``root`` once, in walk order. ``expand`` gives a CID's children; it is
+    called only once the caller has taken that CID (so the caller may read the block first)."""
     seen: set[Cid] = set()
     stack = [root]
     while stack:
@@ -50,8 +40,40 @@ def walk_cids(source: BlockSource, root: Cid) -> Iterator[Cid]:
             continue
         seen.add(cid)
         yield cid
-        if codec_of(cid) != RAW:
-            stack.extend(reversed(_children(cid, source.get(cid))))
+        stack.extend(reversed(expand(cid)))
+
+
+def walk(source: BlockSource, root: Cid) -> Iterator[tuple[Cid, bytes]]:
+    """(cid, block) of every block of the DAG under ``root``, once each, root first.
+
+    Raises BlockNotFoundError (from ``source``) at the first absent block; see ``missing``.
+    """
+    # A block read for the caller waits here until the walk expands its CID, right after.
+    read: dict[Cid, bytes] = {}
+    for cid in _depth_first(root, lambda cid: _children(cid, read.pop(cid))):
+        read[cid] = source.get(cid)
+        yield cid, read[cid]
+
+
+def walk_cids(source: BlockSource, root: Cid) -> Iterator[Cid]:
+    """The CIDs of ``walk``, in the same order. Raw blocks have no links, so they are named
+    without being read (nor checked for presence); only dag-pb blocks are fetched."""
+    return _depth_first(root, lambda cid: _links(source, cid))
+
+
+def survey(source: BlockSource, root: Cid) -> tuple[list[Cid], int]:
+    """(``missing(source, root)``, distinct blocks of the DAG) in one walk; the count is that
+    of ``walk_cids`` when nothing is missing (below an absent block nothing is counted)."""
+    absent: list[Cid] = []
+
+    def present_links(cid: Cid) -> list[Cid]:
+        if source.has(cid):
+            return _links(source, cid)
+        absent.append(cid)
+        return []
+
+    count = sum(1 for _ in _depth_first(root, present_links))
+    return absent, count
 
 
 def missing(source: BlockSource, root: Cid) -> list[Cid]:
@@ -60,16 +82,4 @@ def missing(source: BlockSource, root: Cid) -> list[Cid]:
     Below an absent block nothing is known, so only the absent block itself is listed; fetch
     it and ask again to learn what lies beneath.
     """
-    absent: list[Cid] = []
-    seen: set[Cid] = set()
-    stack = [root]
-    while stack:
-        cid = stack.pop()
-        if cid in seen:
-            continue
-        seen.add(cid)
-        if not source.has(cid):
-            absent.append(cid)
-        elif codec_of(cid) != RAW:
-            stack.extend(reversed(_children(cid, source.get(cid))))
-    return absent
+    return survey(source, root)[0]

@@ -101,7 +101,8 @@ def _encode(value: Value, out: bytearray) -> None:
         for key in value:
             if not isinstance(key, str):
                 raise DagCborError(f"map key {key!r} is not a string")
-            keys.append((len(key.encode("utf-8")), key.encode("utf-8"), key))
+            encoded = key.encode("utf-8")
+            keys.append((len(encoded), encoded, key))
         keys.sort()
         _head(5, len(keys), out)
         for _, raw, key in keys:
@@ -121,6 +122,10 @@ def encode(value: Value) -> bytes:
     out = bytearray()
     _encode(value, out)
     return bytes(out)
+
+
+_ARG_BYTES = {24: 1, 25: 2, 26: 4, 27: 8}
+"""Bytes of the argument that follows a head, by additional info."""
 
 
 class _Reader:
@@ -145,11 +150,10 @@ class _Reader:
             return major, info
         if info == 27 and major == 7:
             return major, info
-        sizes = {24: 1, 25: 2, 26: 4, 27: 8}
-        if info not in sizes:
+        if info not in _ARG_BYTES:
             raise DagCborError(f"unsupported CBOR additional info {info}")
-        n = int.from_bytes(self.take(sizes[info]), "big")
-        if (info == 24 and n < 24) or (info > 24 and n < 1 << (8 * sizes[info - 1])):
+        n = int.from_bytes(self.take(_ARG_BYTES[info]), "big")
+        if (info == 24 and n < 24) or (info > 24 and n < 1 << (8 * _ARG_BYTES[info - 1])):
             raise DagCborError("non-canonical integer encoding")
         return major, n
 
@@ -177,7 +181,8 @@ class _Reader:
                 key = self.value(depth + 1)
                 if not isinstance(key, str):
                     raise DagCborError("map key is not a string")
-                order = (len(key.encode("utf-8")), key.encode("utf-8"))
+                raw_key = key.encode("utf-8")
+                order = (len(raw_key), raw_key)
                 if previous is not None and order <= previous:
                     raise DagCborError("map keys not in canonical order or duplicated")
                 previous = order

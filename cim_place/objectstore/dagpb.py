@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cim_place.objectstore.cid import Cid, read_varint, varint
+from cim_place.objectstore.cid import DAG_PB, RAW, Cid, read_varint, varint
 
 UNIXFS_RAW = 0
 UNIXFS_DIRECTORY = 1
@@ -162,8 +162,6 @@ def decode_unixfs(buf: bytes) -> UnixFSData:
 
 def links_of(codec: int, block: bytes | memoryview) -> list[Cid]:
     """The CIDs a block links to (dag-pb links; raw blocks have none)."""
-    from cim_place.objectstore.cid import DAG_PB, RAW
-
     if codec == RAW:
         return []
     if codec == DAG_PB:

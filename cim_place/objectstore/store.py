@@ -151,7 +151,9 @@ class ObjectStore:
         so a pin always means "complete here". Idempotent: pinning again refreshes the record.
         """
         with self._gc_lock(fcntl.LOCK_SH):
-            absent = dag.missing(self.blocks, root)
+            # One walk answers both "complete?" and "how many blocks?" (a second would read
+            # every dag-pb block again).
+            absent, blocks = dag.survey(self.blocks, root)
             if absent:
                 raise StoreError(
                     f"cannot pin {to_str(root)} in {self.path}: {len(absent)} block(s) of its DAG "
@@ -160,7 +162,7 @@ class ObjectStore:
             pin = Pin(
                 root=root,
                 size=self._content_size(root),
-                blocks=sum(1 for _ in dag.walk_cids(self.blocks, root)),
+                blocks=blocks,
                 name=name,
                 owner=owner,
                 metadata=dict(metadata or {}),

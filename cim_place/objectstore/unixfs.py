@@ -25,6 +25,7 @@ from cim_place.objectstore.cid import (
     DAG_PB,
     RAW,
     Cid,
+    cid_of_digest,
     codec_of,
     make_cid,
     read_varint,
@@ -90,8 +91,6 @@ class Readable(Protocol):
 
 # A pending link of the layout: (cid, tsize = serialized subtree bytes, file bytes below it).
 _Link = tuple[Cid, int, int]
-
-_SHA256_V1_RAW = b"\x01\x55\x12\x20"
 
 
 class _Layout:
@@ -173,7 +172,7 @@ class _LeafCoder:
         """(cid, serialized size, block bytes if ``keep``) of the leaf holding ``chunk``."""
         if self.raw:
             # Raw blocks only exist as CIDv1, even under a CIDv0 root (as kubo does).
-            cid = _SHA256_V1_RAW + hashlib.sha256(chunk).digest()
+            cid = make_cid(RAW, chunk)
             if not keep:
                 return cid, len(chunk), None
             return cid, len(chunk), chunk if isinstance(chunk, bytes) else bytes(chunk)
@@ -182,8 +181,7 @@ class _LeafCoder:
         hasher = hashlib.sha256(head)
         hasher.update(chunk)
         hasher.update(tail)
-        digest = hasher.digest()
-        cid = b"\x12\x20" + digest if self.version == 0 else b"\x01\x70\x12\x20" + digest
+        cid = cid_of_digest(DAG_PB, hasher.digest(), self.version)
         block = b"".join((head, chunk, tail)) if keep else None
         return cid, len(head) + len(chunk) + len(tail), block
 
