@@ -37,41 +37,33 @@ HUB_DOMAIN = "hub"
 _PROBE_TIMEOUT = 2.0
 
 
-async def choose_domain(
-    nc: Client,
-    requested: str | None = None,
-    *,
-    preferred: str = HUB_DOMAIN,
-    on_fallback: Callable[[str], None] | None = None,
-) -> str | None:
-    """The JetStream domain to use: ``requested`` when given; else ``preferred`` when the
-    connected server reaches a JetStream of that domain; else None (the server's own domain).
+async def choose_domain(nc: Client, requested: str | None = None) -> str | None:
+    """The JetStream domain to use: ``requested`` when given; else the hub's when the connected
+    server reaches it; else None (the server's own domain).
 
     A server with a domain of its own that cannot reach the hub is a leaf cut off from it: domain
     state must never be read from or written to a leaf's local JetStream by mistake, so that is
     an error naming the server, not a silent fallback. A lone server without a domain (a
-    development server) is its own domain. ``on_fallback`` is kept for callers that want a note.
+    development server) is its own domain.
     """
     if requested:
         return requested
     info = nc._server_info or {}
     own = info.get("domain")
-    if own == preferred:
-        return preferred
+    if own == HUB_DOMAIN:
+        return HUB_DOMAIN
     try:
         # The account info request is cheap, and only a server of that domain answers it.
-        await nc.request(f"$JS.{preferred}.API.INFO", b"", timeout=_PROBE_TIMEOUT)
+        await nc.request(f"$JS.{HUB_DOMAIN}.API.INFO", b"", timeout=_PROBE_TIMEOUT)
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
         if own:
             server = info.get("server_name") or "the server"
             raise TransportError(
-                f"JetStream domain {preferred!r} is not reachable from {server} (domain {own!r}): "
+                f"JetStream domain {HUB_DOMAIN!r} is not reachable from {server} (domain {own!r}): "
                 "its link to the hub may be down; connect to a hub server, or pass --domain"
             ) from None
-        if on_fallback is not None:
-            on_fallback(f"note: no {preferred!r} domain; using the server's own JetStream")
         return None
-    return preferred
+    return HUB_DOMAIN
 
 
 ServerOption = Annotated[
@@ -112,14 +104,14 @@ def run_in_domain(
     server: str | None,
     creds: str | None,
     domain: str | None,
-    action: Callable[[Client, JetStreamContext], Awaitable[T]],
+    action: Callable[[JetStreamContext], Awaitable[T]],
 ) -> T:
-    """Connect, pick the domain (:func:`choose_domain`), run ``action(nc, js)``, disconnect."""
+    """Connect, pick the domain (:func:`choose_domain`), run ``action(js)``, disconnect."""
     from cim_place.cluster.connection import connected, jetstream
 
     async def run() -> T:
         async with connected(server, creds=creds) as nc:
             chosen = await choose_domain(nc, domain)
-            return await action(nc, jetstream(nc, chosen))
+            return await action(jetstream(nc, chosen))
 
     return asyncio.run(run())

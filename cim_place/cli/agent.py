@@ -229,6 +229,7 @@ async def add_remote(
         )
 
 
+@handles_errors
 def get_command(
     ref: Annotated[str, typer.Argument(help="CID or domain-wide name.")],
     output: Annotated[
@@ -238,11 +239,6 @@ def get_command(
     creds: CredsOption = None,
 ) -> None:
     """Fetch content from whichever nodes hold it, verifying every block."""
-    _get(ref, output, server, creds)
-
-
-@handles_errors
-def _get(ref: str, output: Path | None, server: str | None, creds: str | None) -> None:
     # The data path is imported only by the commands that move data.
     from cim_place.cluster.fetch import fetch_dag
     from cim_place.cluster.holders import find_holders

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, run_in_domain
@@ -105,7 +104,7 @@ def drain(
 
     from cim_place.cluster.controller import set_drain
 
-    async def action(_nc: Client, js: JetStreamContext) -> None:
+    async def action(js: JetStreamContext) -> None:
         await set_drain(js, node, True)
         typer.echo(f"draining {node}: its copies are being moved elsewhere")
         if not wait:
@@ -145,7 +144,7 @@ def undrain(
 
     from cim_place.cluster.controller import set_drain
 
-    async def action(_nc: Client, js: JetStreamContext) -> None:
+    async def action(js: JetStreamContext) -> None:
         await set_drain(js, node, False)
         typer.echo(f"{node} may receive copies again")
 

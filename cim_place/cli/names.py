@@ -38,7 +38,7 @@ def _with_registry(
     domain: str | None,
     action: Callable[[NameRegistry], Awaitable[T]],
 ) -> T:
-    return run_in_domain(server, creds, domain, lambda _nc, js: action(NameRegistry(js)))
+    return run_in_domain(server, creds, domain, lambda js: action(NameRegistry(js)))
 
 
 def _line(record: NameRecord) -> str:

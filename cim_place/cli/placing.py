@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from nats.js import JetStreamContext
 
+from cim_place.cli.status import LATE_AFTER
 from cim_place.cluster.controller import draining_nodes
 from cim_place.cluster.locations import LocationStore
 from cim_place.cluster.names import NameRegistry, UnknownNameError
@@ -22,9 +23,6 @@ from cim_place.placement.planner import plan
 from cim_place.placement.rules import compile_policy, node_map_from
 from cim_place.policies.model import PolicySet
 from cim_place.policies.selectors import ObjectFacts, match_policy
-
-LATE_AFTER = 15.0
-"""The controller's default: a node silent this long is late."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,7 +68,7 @@ def _with_store(
     *,
     create: bool,
 ) -> T:
-    async def run(_nc: object, js: JetStreamContext) -> T:
+    async def run(js: JetStreamContext) -> T:
         return await action(await PolicyStore.open(js, create=create))
 
     return run_in_domain(server, creds, domain, run)
@@ -323,7 +323,7 @@ def explain(
             typer.echo(render(explanation))
         return
 
-    async def in_domain(_nc: object, js: JetStreamContext) -> tuple[Explanation, Placing | None]:
+    async def in_domain(js: JetStreamContext) -> tuple[Explanation, Placing | None]:
         from cim_place.cli.placing import place_in_domain
 
         stored = await (await PolicyStore.open(js, create=False)).load()

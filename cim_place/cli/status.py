@@ -20,10 +20,10 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from functools import partial
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import typer
-from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, run_in_domain
@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from cim_place.placement.status import ObjectStatus
 
 LATE_AFTER = 15.0
-"""Seconds without a heartbeat after which a node shows as ``late`` (3 beats at the default 5 s);
-its record expires from the bucket after 30 s, and it is then no longer listed."""
+"""Seconds without a heartbeat after which a node shows as ``late`` (the controller's default
+``late_after``: 3 beats at the default 5 s); its record expires from the bucket after 30 s, and it
+is then no longer listed."""
 WATCH_INTERVAL = 1.0
 _DRAIN_PREFIX = "drain."
 """Keys of KV ``cim-place-drain`` (``cim_place.cluster.controller.DRAIN_PREFIX``)."""
@@ -54,27 +55,34 @@ WatchOption = Annotated[
 # -- shared ---------------------------------------------------------------------------------------
 
 
+class _Show(Protocol):
+    """Prints what a view rendered: JSON, the bare minimum (``quiet``) or tables."""
+
+    def __call__(self, rendered: Any, /, *, as_json: bool, quiet: bool) -> None: ...
+
+
 def _run(
     server: str | None,
     creds: str | None,
     domain: str | None,
-    render: Callable[[Client, JetStreamContext], Awaitable[Any]],
-    show: Callable[[Any], None],
+    render: Callable[[JetStreamContext], Awaitable[Any]],
+    show: _Show,
     *,
     watch: bool,
     as_json: bool,
+    quiet: bool,
 ) -> None:
     """Connect once; render and show once, or every second until Ctrl-C with ``watch``."""
 
-    async def once(nc: Client, js: JetStreamContext) -> None:
-        show(await render(nc, js))
+    async def once(js: JetStreamContext) -> None:
+        show(await render(js), as_json=as_json, quiet=quiet)
 
-    async def repeatedly(nc: Client, js: JetStreamContext) -> None:
+    async def repeatedly(js: JetStreamContext) -> None:
         while True:
-            rendered = await render(nc, js)
+            rendered = await render(js)
             if not as_json:  # JSON: one document per refresh, for tools that follow a stream
                 sys.stdout.write(_CLEAR if sys.stdout.isatty() else "\n")
-            show(rendered)
+            show(rendered, as_json=as_json, quiet=quiet)
             await asyncio.sleep(WATCH_INTERVAL)
 
     if not watch:
@@ -161,12 +169,8 @@ async def _object_status(js: JetStreamContext, ref: str) -> ObjectStatus:
 
 async def _summary(js: JetStreamContext) -> dict[str, Any]:
     from cim_place.cluster.locations import LocationStore
-    from cim_place.cluster.registry import list_nodes
 
-    records = await list_nodes(js)
-    draining = await _draining(js)
-    now = time.time()
-    states = [node_state(r, now, draining) for r in records]
+    states = [node["state"] for node in await _nodes(js)]
     summary = None
     note = ""
     try:
@@ -286,6 +290,7 @@ def _show_listing(statuses: list[ObjectStatus], *, as_json: bool, quiet: bool) -
     console.print(f"{len(statuses)} object(s)", markup=False)
 
 
+@handles_errors
 def status_command(
     ref: Annotated[
         str | None, typer.Argument(help="A CID or a domain-wide name (none: the summary).")
@@ -313,64 +318,13 @@ def status_command(
     if ref is not None and filter_state is not None:
         typer.echo("error: give a CID or NAME, or --filter STATE, not both", err=True)
         raise typer.Exit(EXIT_USAGE)
-    _status(ref, watch, filter_state, as_json, quiet, server, creds, domain)
-
-
-@handles_errors
-def _status(
-    ref: str | None,
-    watch: bool,
-    filter_state: str | None,
-    as_json: bool,
-    quiet: bool,
-    server: str | None,
-    creds: str | None,
-    domain: str | None,
-) -> None:
+    render: Callable[[JetStreamContext], Awaitable[Any]] = _summary
+    show: _Show = _show_summary
     if ref is not None:
-        name = ref
-
-        async def one(_nc: Client, js: JetStreamContext) -> ObjectStatus:
-            return await _object_status(js, name)
-
-        _run(
-            server,
-            creds,
-            domain,
-            one,
-            lambda s: _show_object(s, as_json=as_json, quiet=quiet),
-            watch=watch,
-            as_json=as_json,
-        )
+        render, show = partial(_object_status, ref=ref), _show_object
     elif filter_state is not None:
-        state = filter_state
-
-        async def listing(_nc: Client, js: JetStreamContext) -> list[ObjectStatus]:
-            return await _listing(js, state)
-
-        _run(
-            server,
-            creds,
-            domain,
-            listing,
-            lambda s: _show_listing(s, as_json=as_json, quiet=quiet),
-            watch=watch,
-            as_json=as_json,
-        )
-    else:
-
-        async def summary(_nc: Client, js: JetStreamContext) -> dict[str, Any]:
-            return await _summary(js)
-
-        _run(
-            server,
-            creds,
-            domain,
-            summary,
-            lambda d: _show_summary(d, as_json=as_json, quiet=quiet),
-            watch=watch,
-            as_json=as_json,
-        )
+        render, show = partial(_listing, state=filter_state), _show_listing
+    _run(server, creds, domain, render, show, watch=watch, as_json=as_json, quiet=quiet)
 
 
 # -- nodes ----------------------------------------------------------------------------------------
@@ -436,6 +390,7 @@ def _show_nodes(nodes: list[dict[str, Any]], *, as_json: bool, quiet: bool) -> N
         console.print("no node heartbeats: start agents (`cim-place up` or `cim-place agent`)")
 
 
+@handles_errors
 def nodes_command(
     watch: WatchOption = False,
     as_json: JsonOption = False,
@@ -445,30 +400,7 @@ def nodes_command(
     domain: DomainOption = None,
 ) -> None:
     """Nodes with labels, volumes, used and free bytes, state and last heartbeat."""
-    _nodes_cli(watch, as_json, quiet, server, creds, domain)
-
-
-@handles_errors
-def _nodes_cli(
-    watch: bool,
-    as_json: bool,
-    quiet: bool,
-    server: str | None,
-    creds: str | None,
-    domain: str | None,
-) -> None:
-    async def render(_nc: Client, js: JetStreamContext) -> list[dict[str, Any]]:
-        return await _nodes(js)
-
-    _run(
-        server,
-        creds,
-        domain,
-        render,
-        lambda n: _show_nodes(n, as_json=as_json, quiet=quiet),
-        watch=watch,
-        as_json=as_json,
-    )
+    _run(server, creds, domain, _nodes, _show_nodes, watch=watch, as_json=as_json, quiet=quiet)
 
 
 # -- tasks ----------------------------------------------------------------------------------------
@@ -594,6 +526,7 @@ def _show_tasks(doc: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
         console.print(f"note: {note}", markup=False, style="yellow")
 
 
+@handles_errors
 def tasks_command(
     limit: Annotated[
         int, typer.Option("--limit", min=1, help="How many recent failures to show.")
@@ -606,31 +539,8 @@ def tasks_command(
     domain: DomainOption = None,
 ) -> None:
     """Queued, running and failed tasks (with reasons)."""
-    _tasks_cli(limit, watch, as_json, quiet, server, creds, domain)
-
-
-@handles_errors
-def _tasks_cli(
-    limit: int,
-    watch: bool,
-    as_json: bool,
-    quiet: bool,
-    server: str | None,
-    creds: str | None,
-    domain: str | None,
-) -> None:
-    async def render(_nc: Client, js: JetStreamContext) -> dict[str, Any]:
-        return await _tasks(js, limit)
-
-    _run(
-        server,
-        creds,
-        domain,
-        render,
-        lambda d: _show_tasks(d, as_json=as_json, quiet=quiet),
-        watch=watch,
-        as_json=as_json,
-    )
+    render = partial(_tasks, limit=limit)
+    _run(server, creds, domain, render, _show_tasks, watch=watch, as_json=as_json, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

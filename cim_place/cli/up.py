@@ -65,6 +65,7 @@ def _running_context(directory: Path) -> DomainContext | None:
     return None
 
 
+@handles_errors
 def up_command(
     leaves: Annotated[
         int, typer.Option("--leaves", "-n", min=1, max=64, help="Number of leaf nodes.")
@@ -84,19 +85,6 @@ def up_command(
     as_json: JsonOption = False,
 ) -> None:
     """Start a hub, leaf nodes with agents and a controller on this machine (Ctrl-C stops)."""
-    _up(leaves, zones, directory, detach, port, quiet, as_json)
-
-
-@handles_errors
-def _up(
-    leaves: int,
-    zones: int,
-    directory: Path,
-    detach: bool,
-    port: int | None,
-    quiet: bool,
-    as_json: bool,
-) -> None:
     directory = directory.resolve()
     running = _running_context(directory)
     if running is not None:
@@ -261,16 +249,12 @@ def _print_summary(context: DomainContext, directory: Path, *, detached: bool) -
     )
 
 
+@handles_errors
 def down_command(
     directory: DirOption = Path(DEFAULT_DIR),
     quiet: QuietOption = False,
 ) -> None:
     """Stop the domain that `cim-place up` runs from this directory, and wait until it has."""
-    _down(directory, quiet)
-
-
-@handles_errors
-def _down(directory: Path, quiet: bool) -> None:
     directory = directory.resolve()
     context = read_context(directory)
     if context is None:

@@ -121,7 +121,8 @@ class Comms:
         self.subjects = subjects if subjects is not None else Subjects()
         self.routes = Routes(self.subjects)
         self.request_timeout = request_timeout
-        self.threshold = ThresholdCache(jetstream(nc, hub_domain), fixed=threshold)
+        self._js_hub = jetstream(nc, hub_domain)
+        self.threshold = ThresholdCache(self._js_hub, fixed=threshold)
         self.offloader = Offloader(
             nc, self.node, owner=owner, subjects=self.subjects, timeout=upload_timeout
         )
@@ -129,7 +130,6 @@ class Comms:
             nc, subjects=self.subjects, local=local, cache_dir=cache_dir, near=near
         )
         self._js_leaf = nc.jetstream()
-        self._js_hub = jetstream(nc, hub_domain)
         self._outbox = outbox_stream(self.node)
         self._owns_connection = False
         self._subscriptions: list[AppSubscription] = []
@@ -222,7 +222,7 @@ class Comms:
         """
         envelope = await self.envelope(content, cause=cause, metadata=metadata, readers=readers)
         if envelope.content.kind == "event":
-            await self._persist(envelope)
+            await self._persist(envelope, self._encode(envelope))
             return envelope
         subject = self.routes.of(envelope.content.kind, envelope.content.type, self.node)
         try:
@@ -234,12 +234,13 @@ class Comms:
             ) from error
         return envelope
 
-    async def _persist(self, envelope: Envelope) -> None:
+    async def _persist(self, envelope: Envelope, data: bytes) -> None:
+        """Store the event ``envelope`` (encoded as ``data``) in this leaf's outbox."""
         subject = self.routes.of("event", envelope.content.type, self.node)
         try:
             await self._js_leaf.publish(
                 subject,
-                self._encode(envelope),
+                data,
                 stream=self._outbox,
                 headers=envelope.headers(),
             )
@@ -394,7 +395,7 @@ class Comms:
                 await self._reply(reply_to, envelope, HANDLED, {})
             return
         try:
-            await self._persist(answer)
+            await self._persist(answer, data)
         except CimPlaceError as error:
             # The requester still gets its answer; the event store misses this one event.
             _log.error("event %s caused by %s not persisted: %s", answer.id, envelope.id, error)

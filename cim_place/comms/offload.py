@@ -120,19 +120,16 @@ class Offloader:
         if isinstance(value, bytes):
             if len(value) <= threshold:
                 return value
-            source: BinaryIO = io.BytesIO(value)
-            ref = await self._store(source, len(value), OCTET_STREAM, None, message_type, result)
-            result.offloaded[path] = ref
-            return ref.to_value()
+            return await self._store(
+                io.BytesIO(value), len(value), OCTET_STREAM, None, path, message_type, result
+            )
         if isinstance(value, str):
             raw = value.encode("utf-8")
             if len(raw) <= threshold:
                 return value
-            ref = await self._store(
-                io.BytesIO(raw), len(raw), TEXT_PLAIN, "utf-8", message_type, result
+            return await self._store(
+                io.BytesIO(raw), len(raw), TEXT_PLAIN, "utf-8", path, message_type, result
             )
-            result.offloaded[path] = ref
-            return ref.to_value()
         if isinstance(value, Attachment):
             return await self._attachment(value, path, threshold, message_type, result)
         if isinstance(value, Mapping):
@@ -170,17 +167,13 @@ class Offloader:
         source = attachment.source
         if size <= threshold:
             return source.read_bytes() if not isinstance(source, bytes) else source
+        content_type = attachment.content_type
         if isinstance(source, bytes):
-            ref = await self._store(
-                io.BytesIO(source), size, attachment.content_type, None, message_type, result
+            return await self._store(
+                io.BytesIO(source), size, content_type, None, path, message_type, result
             )
-        else:
-            with source.open("rb") as stream:
-                ref = await self._store(
-                    stream, size, attachment.content_type, None, message_type, result
-                )
-        result.offloaded[path] = ref
-        return ref.to_value()
+        with source.open("rb") as stream:
+            return await self._store(stream, size, content_type, None, path, message_type, result)
 
     async def _store(
         self,
@@ -188,9 +181,11 @@ class Offloader:
         size: int,
         content_type: str,
         encoding: str | None,
+        path: FieldPath,
         message_type: str,
         result: OffloadResult,
-    ) -> ContentRef:
+    ) -> Value:
+        """Upload ``stream``, record it in ``result`` as offloaded from ``path``; the link value."""
         metadata = {CONTENT_TYPE_METADATA: content_type, READERS_KEY: result.readers}
         if message_type:
             metadata[MESSAGE_TYPE_METADATA] = message_type
@@ -204,4 +199,6 @@ class Offloader:
             subjects=self.subjects,
             timeout=self.timeout,
         )
-        return ContentRef(stored.cid, stored.size, content_type, encoding)
+        ref = ContentRef(stored.cid, stored.size, content_type, encoding)
+        result.offloaded[path] = ref
+        return ref.to_value()
