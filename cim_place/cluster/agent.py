@@ -43,7 +43,7 @@ from cim_place.cluster.events import (
 )
 from cim_place.cluster.eventstore import EventPublisher, attach_leaf, ensure_outbox, nudge_sources
 from cim_place.cluster.fetch import BandwidthLimit, Holder, Labels, fetch_dag
-from cim_place.cluster.holders import HolderResponder, find_holders
+from cim_place.cluster.holders import HolderResponder, find_holders, holder_of
 from cim_place.cluster.lifecycle import cancel_and_wait
 from cim_place.cluster.metrics import AgentMetrics
 from cim_place.cluster.registry import Heartbeat, NodeRecord, VolumeStatus, list_nodes
@@ -101,7 +101,6 @@ class Agent:
         self._worker: TaskWorker | None = None
         self._gc_wanted = asyncio.Event()
         self._reconnected = asyncio.Event()
-        self._fetching = 0
         self._synced: dict[str, int] = {}
         self._blocks: BlockServer | None = None
         self._stream: BlockStreamServer | None = None
@@ -329,12 +328,6 @@ class Agent:
 
     # -- announcing -----------------------------------------------------------------------------
 
-    def _volume_name(self, store: ObjectStore) -> str:
-        for name, candidate in self.volumes.items():
-            if candidate is store:
-                return name
-        return next(iter(self.volumes))
-
     async def _uploaded(self, pin: Pin) -> None:
         located = self.pinned_on(pin.root)
         volume = located[0] if located else next(iter(self.volumes))
@@ -443,12 +436,7 @@ class Agent:
             nodes = await list_nodes(jetstream(self.nc, self.config.hub_domain))
             labels = {record.node: record.labels for record in nodes}
         holders = {
-            node: Holder(
-                node,
-                region=labels.get(node, {}).get("region", ""),
-                zone=labels.get(node, {}).get("zone", ""),
-                host=labels.get(node, {}).get("host", ""),
-            )
+            node: holder_of(node, labels.get(node, {}))
             for node in task.holders
             if node != self.node
         }
@@ -474,7 +462,6 @@ class Agent:
         if not holders:
             return TaskOutcome.retry(f"no holder of {to_str(task.root)} answers")
         assert self.nc is not None
-        self._fetching += 1
         lock = store.writing()
         await asyncio.to_thread(lock.__enter__)
         try:
@@ -490,7 +477,6 @@ class Agent:
             )
         finally:
             lock.__exit__(None, None, None)
-            self._fetching -= 1
         self.metrics.blocks_fetched.inc(result.blocks_fetched)
         self.metrics.bytes_fetched.inc(result.bytes_fetched)
         for node in result.corrupt_holders:

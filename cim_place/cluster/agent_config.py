@@ -327,7 +327,7 @@ def _check_blocks(
                 "tls needs both `cert` and `key` to serve the stream over TLS",
                 "e.g. tls: {cert: /etc/cim-place/tls/agent.pem, key: .../agent-key.pem}",
             )
-    listen: str | None = DEFAULT_LISTEN
+    listen: str | None
     raw = blocks.get("stream_listen", DEFAULT_LISTEN)
     # YAML 1.1 reads a bare `off` as false.
     if raw is False or raw is None or raw == "off":

@@ -84,6 +84,7 @@ __all__ = [
     "decode_request_for",
     "encode_grant_request",
     "encode_request",
+    "read_served",
 ]
 
 _log = logging.getLogger(__name__)
@@ -205,16 +206,25 @@ def is_grant_request(data: bytes) -> bool:
     return len(data) >= 3 and data[0] == MAGIC and data[1] == VERSION and data[2] == _KIND_GRANT
 
 
+def _cid_at(data: bytes, pos: int, what: str) -> tuple[Cid, int]:
+    """The length-prefixed CID at ``pos`` and the position after it; raises ProtocolError for an
+    impossible length, ValueError for a truncated varint, InvalidCidError for a bad CID."""
+    size, pos = read_varint(data, pos)
+    if size == 0 or size > _MAX_CID_BYTES or pos + size > len(data):
+        raise ProtocolError(f"{what} has an impossible length {size}")
+    cid = bytes(data[pos : pos + size])
+    split(cid)
+    return cid, pos + size
+
+
 def decode_grant_request(data: bytes) -> Cid:
     """The root of a grant request; raises ProtocolError saying what is wrong."""
     if not is_grant_request(data) or len(data) > MAX_REQUEST_BYTES:
         raise ProtocolError("not a cim-place stream grant request")
     try:
-        size, pos = read_varint(data, 3)
-        if size == 0 or size > _MAX_CID_BYTES or pos + size != len(data):
-            raise ProtocolError(f"the root CID has an impossible length {size}")
-        root = bytes(data[pos : pos + size])
-        split(root)
+        root, pos = _cid_at(data, 3, "the root CID")
+        if pos != len(data):
+            raise ProtocolError(f"{len(data) - pos} trailing bytes after the grant request")
     except ProtocolError:
         raise
     except ValueError as exc:
@@ -244,24 +254,14 @@ def decode_request_for(data: bytes) -> tuple[list[Cid], int, Cid | None]:
     try:
         pos = 3
         if data[2] == _KIND_GET_FOR:
-            size, pos = read_varint(data, pos)
-            if size == 0 or size > _MAX_CID_BYTES or pos + size > len(data):
-                raise ProtocolError(f"the root CID has an impossible length {size}")
-            root = bytes(data[pos : pos + size])
-            pos += size
-            split(root)
+            root, pos = _cid_at(data, pos, "the root CID")
         max_reply, pos = read_varint(data, pos)
         count, pos = read_varint(data, pos)
         if count > MAX_REQUEST_CIDS:
             raise _TooLarge(f"request names {count} CIDs; at most {MAX_REQUEST_CIDS}")
         cids: list[Cid] = []
         for _ in range(count):
-            size, pos = read_varint(data, pos)
-            if size == 0 or size > _MAX_CID_BYTES or pos + size > len(data):
-                raise ProtocolError(f"CID #{len(cids)} has an impossible length {size}")
-            cid = bytes(data[pos : pos + size])
-            pos += size
-            split(cid)
+            cid, pos = _cid_at(data, pos, f"CID #{len(cids)}")
             cids.append(cid)
     except ProtocolError:
         raise
@@ -484,6 +484,34 @@ class ServeStats:
     corrupt_cids: list[Cid] = field(default_factory=list)
     """The most recent corrupt local blocks (the last 100), for a repair task."""
 
+    def count_unservable(self, cid: Cid, problem: str) -> None:
+        """Count (and log) a block ``read_served`` could not serve, with its ``problem``."""
+        self.missing += 1
+        if problem.startswith("corrupt"):
+            self.corrupt += 1
+            self.corrupt_cids = [*self.corrupt_cids[-99:], cid]
+            _log.error("not serving block %s: %s", to_str(cid), problem)
+        elif problem != "absent":
+            self.errors += 1
+            _log.error("cannot read block %s to serve it: %s", to_str(cid), problem)
+
+
+def read_served(store: BlockSource, cid: Cid) -> tuple[bytes | None, str]:
+    """(block, "") or (None, why) for a block about to be served, on either path.
+
+    Runs in a worker thread, so it only reads; a verified read (every BlockStore verifies) means
+    a corrupt copy is never served.
+    """
+    try:
+        return store.get(cid), ""
+    except BlockNotFoundError:
+        return None, "absent"
+    except CorruptBlockError as exc:
+        return None, f"corrupt: {exc}"
+    except Exception as exc:
+        # One unreadable block (I/O error, permissions) must not fail the whole request.
+        return None, f"unreadable: {exc}"
+
 
 class BlockServer:
     """Serves the blocks of one node's store on ``Subjects.block_get(node)``.
@@ -602,13 +630,13 @@ class BlockServer:
         pending: asyncio.Future[tuple[bytes | None, str]] | None = None
         for index, cid in enumerate(cids):
             if pending is None:
-                pending = loop.run_in_executor(None, self._read, cid)
+                pending = loop.run_in_executor(None, read_served, self.store, cid)
             data, problem = await pending
             pending = None
             if index + 1 < len(cids):
-                pending = loop.run_in_executor(None, self._read, cids[index + 1])
+                pending = loop.run_in_executor(None, read_served, self.store, cids[index + 1])
             if data is None:
-                self._count_unservable(cid, problem)
+                self.stats.count_unservable(cid, problem)
                 await self._send(reply, writer.missing(cid))
                 continue
             await self._send(reply, writer.block(cid, data))
@@ -670,28 +698,6 @@ class BlockServer:
         _log.info("refused block request on %s: %s", self.subject, reason)
         await self._send(reply, writer.end(Status.NOT_ALLOWED, reason))
         return True
-
-    def _read(self, cid: Cid) -> tuple[bytes | None, str]:
-        """(block, "") or (None, why): runs in a worker thread, so it only reads."""
-        try:
-            return self.store.get(cid), ""
-        except BlockNotFoundError:
-            return None, "absent"
-        except CorruptBlockError as exc:
-            return None, f"corrupt: {exc}"
-        except Exception as exc:
-            # One unreadable block (I/O error, permissions) must not fail the whole request.
-            return None, f"unreadable: {exc}"
-
-    def _count_unservable(self, cid: Cid, problem: str) -> None:
-        self.stats.missing += 1
-        if problem.startswith("corrupt"):
-            self.stats.corrupt += 1
-            self.stats.corrupt_cids = [*self.stats.corrupt_cids[-99:], cid]
-            _log.error("not serving block %s: %s", to_str(cid), problem)
-        elif problem != "absent":
-            self.stats.errors += 1
-            _log.error("cannot read block %s to serve it: %s", to_str(cid), problem)
 
     async def _send(self, reply: str, messages: Iterator[bytes]) -> None:
         for message in messages:

@@ -58,11 +58,12 @@ from cim_place.cluster.blocks import (
     ProtocolError,
     ServeStats,
     Status,
+    read_served,
 )
 from cim_place.cluster.security import ReadAccess
-from cim_place.errors import BlockNotFoundError, CorruptBlockError, InvalidCidError, StoreError
+from cim_place.errors import InvalidCidError, StoreError
 from cim_place.interfaces import BlockSource
-from cim_place.objectstore.cid import DAG_PB, Cid, codec_of, split, to_str
+from cim_place.objectstore.cid import DAG_PB, Cid, codec_of, split
 from cim_place.objectstore.dagpb import decode_node
 
 __all__ = [
@@ -402,14 +403,14 @@ class BlockStreamServer:
         queue = deque(cid for cid in cids if cid in members)
         for cid in cids:
             while queue and len(reads) < _READ_AHEAD:
-                reads.append(loop.run_in_executor(None, self._read, queue.popleft()))
+                reads.append(loop.run_in_executor(None, read_served, self.store, queue.popleft()))
             if cid not in members:
                 stats.missing += 1
                 writer.write(_HEADER.pack(TAG_MISSING, len(cid), 0) + cid)
                 continue
             data, problem = await reads.popleft()
             if data is None:
-                self._count_unservable(cid, problem)
+                stats.count_unservable(cid, problem)
                 writer.write(_HEADER.pack(TAG_MISSING, len(cid), 0) + cid)
                 continue
             writer.write(_HEADER.pack(TAG_BLOCK, len(cid), len(data)) + cid)
@@ -421,27 +422,6 @@ class BlockStreamServer:
             await writer.drain()
         writer.write(_frame(TAG_END, Status.OK))
         await writer.drain()
-
-    def _read(self, cid: Cid) -> tuple[bytes | None, str]:
-        try:
-            return self.store.get(cid), ""
-        except BlockNotFoundError:
-            return None, "absent"
-        except CorruptBlockError as exc:
-            return None, f"corrupt: {exc}"
-        except Exception as exc:
-            return None, f"unreadable: {exc}"
-
-    def _count_unservable(self, cid: Cid, problem: str) -> None:
-        stats = self.serve_stats
-        stats.missing += 1
-        if problem.startswith("corrupt"):
-            stats.corrupt += 1
-            stats.corrupt_cids = [*stats.corrupt_cids[-99:], cid]
-            _log.error("not serving block %s: %s", to_str(cid), problem)
-        elif problem != "absent":
-            stats.errors += 1
-            _log.error("cannot read block %s to serve it: %s", to_str(cid), problem)
 
     async def _members_of(self, root: Cid) -> frozenset[Cid]:
         """The CIDs under ``root`` in the local store; cached once the local DAG is complete."""

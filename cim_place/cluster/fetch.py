@@ -373,7 +373,7 @@ class _Fetch:
                 self.wanted.append(cid)
                 continue
             self.result.blocks_present += 1
-            self._add_children(cid, block)
+            self.walk.extend(self._new_children(cid, block))
 
     def _look_up(self, cids: list[Cid]) -> list[tuple[Cid, bytes | None]]:
         """(cid, block) per CID: None when absent, b"" for a present raw block (not read)."""
@@ -392,9 +392,6 @@ class _Fetch:
                     self.store.delete(cid)
                     found.append((cid, None))
         return found
-
-    def _add_children(self, cid: Cid, block: bytes | memoryview) -> None:
-        self.walk.extend(self._new_children(cid, block))
 
     def _new_children(self, cid: Cid, block: bytes | memoryview) -> list[Cid]:
         """The children of a block not seen before, now marked seen, with their sizes noted."""
@@ -593,10 +590,7 @@ class _Fetch:
                 subject, encode_grant_request(self.root), timeout=self.timeout
             )
             _, records = decode_reply(msg.data)
-        except (TimeoutError, ProtocolError) as exc:
-            _log.debug("stream grant from %s: %r", holder.node, exc)
-            return None
-        except Exception as exc:  # no responders and the like: the NATS path says it better
+        except Exception as exc:  # timeouts, garbage, no responders: the NATS path says it better
             _log.debug("stream grant from %s: %r", holder.node, exc)
             return None
         grant: Grant | None = None

@@ -147,6 +147,9 @@ class Heartbeat:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._soon = asyncio.Event()
+        # Opened on the first beat and kept: a beat is then one put, not a bucket look-up and a
+        # put. Forgotten after a failed beat, so the next one opens (or re-creates) it again.
+        self._bucket: KeyValue | None = None
         self.beats = 0
         self.failures = 0
 
@@ -158,9 +161,11 @@ class Heartbeat:
         """Write one heartbeat; raises TransportError when the hub cannot be reached."""
         record = self._record()
         try:
-            bucket = await nodes_bucket(self._js)
-            await bucket.put(record.node, record.encode())
+            if self._bucket is None:
+                self._bucket = await nodes_bucket(self._js)
+            await self._bucket.put(record.node, record.encode())
         except nats.errors.Error as exc:
+            self._bucket = None
             raise TransportError(f"heartbeat of {record.node} not written: {exc}") from exc
         self.beats += 1
 

@@ -299,7 +299,7 @@ def decode_task(envelope: Envelope) -> Task:
     try:
         check_node_id(node)
         cids.split(root.cid)
-    except (InvalidNameError, CimPlaceError) as exc:
+    except CimPlaceError as exc:  # an invalid node id or CID
         raise TaskFormatError(f"task {envelope.id}: {exc}") from None
     if len(holders) > _MAX_HOLDERS:
         raise TaskFormatError(f"task names {len(holders)} holders; at most {_MAX_HOLDERS} allowed")

@@ -375,8 +375,8 @@ class _Session:
     last_activity: float = field(default_factory=time.monotonic)
     acked: int = 0
     ack_target: int = 0
-    acking: bool = False
     ack_task: asyncio.Task[None] | None = None
+    """The task that sends acknowledgements; None or done when none is being sent."""
     task: asyncio.Task[None] | None = None
 
 
@@ -754,18 +754,14 @@ class UploadService:
             return
         session.last_activity = time.monotonic()
         session.ack_target = max(session.ack_target, consumed)
-        if not session.acking and not session.ended:
-            session.acking = True
+        if not session.ended and (session.ack_task is None or session.ack_task.done()):
             session.ack_task = asyncio.create_task(self._send_acks(session))
 
     async def _send_acks(self, session: _Session) -> None:
         # One ack covers every chunk consumed by the time it is sent (acks are cumulative).
-        try:
-            while session.acked < session.ack_target and not session.ended:
-                session.acked = session.ack_target
-                await self._tell(session, _control(_ACK, {"acked": session.acked}))
-        finally:
-            session.acking = False
+        while session.acked < session.ack_target and not session.ended:
+            session.acked = session.ack_target
+            await self._tell(session, _control(_ACK, {"acked": session.acked}))
 
     async def _watch_idle(self) -> None:
         interval = max(0.05, min(1.0, self.idle_timeout / 4))
@@ -854,6 +850,7 @@ async def upload(
 
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, cb=on_reply, pending_msgs_limit=0, pending_bytes_limit=0)
+    own_max = int(getattr(nc, "max_payload", 0) or 0)
     session: bytes | None = None
     reading: asyncio.Future[tuple[bytearray, int]] | None = None
     done = False
@@ -869,7 +866,7 @@ async def upload(
                 "profile": profile,
                 "size": size,
                 "inbox": inbox,
-                "max_payload": int(getattr(nc, "max_payload", 0) or 0),
+                "max_payload": own_max,
             },
             timeout,
         )
@@ -878,7 +875,6 @@ async def upload(
         agent_window = _count(opened, "window") or 1
         if chunk_size < _MIN_CHUNK:
             raise UploadError(MALFORMED, f"the agent of {node} offered chunks of {chunk_size} B")
-        own_max = int(getattr(nc, "max_payload", 0) or 0)
         if own_max:
             chunk_size = min(chunk_size, own_max - DEFAULT_HEADROOM)
         limit = max(1, min(agent_window, window or agent_window))
