@@ -29,7 +29,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import nats.errors
 import nats.js.errors
@@ -37,7 +37,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cim_place.cluster import kv
 from cim_place.cluster.connection import DEFAULT_SERVER, connect, jetstream
@@ -47,6 +47,7 @@ from cim_place.cluster.eventstore import ensure_event_store, hub_size, nudge_sou
 from cim_place.cluster.leader import LeaderElection
 from cim_place.cluster.lifecycle import cancel_and_wait
 from cim_place.cluster.locations import LocationStore
+from cim_place.cluster.metrics import serve_metrics
 from cim_place.cluster.policystore import watch_policies
 from cim_place.cluster.projection import Projection
 from cim_place.cluster.registry import NODE_TTL, NodeRecord, list_nodes
@@ -166,6 +167,8 @@ class Controller:
         self._queue: TaskQueue | None = None
         self._drain: KeyValue | None = None
         self._compiled: dict[str, CompiledPolicy] = {}
+        # What an object gets while its policy is not compiled (none loaded yet, or it failed).
+        self._fallback = compile_policy(BUILTIN_DEFAULT)
         self._dirty: set[Cid] = set()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -227,8 +230,7 @@ class Controller:
         )
         self._scheduler.start()
         if config.metrics:
-            host, _, port = config.metrics.rpartition(":")
-            start_http_server(int(port), addr=host or "127.0.0.1", registry=self.metrics.registry)
+            serve_metrics(self.metrics.registry, config.metrics)
         await self.election.start()
         _log.info("controller %s started", self.identity)
 
@@ -476,10 +478,7 @@ class Controller:
     def policy_for(self, facts: ObjectFacts) -> CompiledPolicy:
         policies = self.projection.policies.policies
         chosen: Policy = match_policy(policies, facts)[0]
-        compiled = self._compiled.get(chosen.name)
-        if compiled is None:
-            compiled = compile_policy(BUILTIN_DEFAULT)
-        return compiled
+        return self._compiled.get(chosen.name, self._fallback)
 
     def reconcile_input(
         self, cid: Cid, now: float, *, rebalance: bool = False
@@ -546,17 +545,15 @@ class Controller:
         inp = self.reconcile_input(cid, now, rebalance=rebalance)
         if inp is None:
             return None
-        previous = await self.locations.get(cid)
-        inp = _with_previous(inp, previous)
+        inp = replace(inp, previous=await self.locations.get(cid))
         result = reconcile(inp)
         budget = self._budget()
         postponed = False
-        view = self.projection.object(cid)
-        size = view.size if view else 0
+        obj = inp.obj
         for action in result.actions:
             if not self._acting:
                 return result  # deposed: not one more task
-            if not budget.allows(action.node, action.kind, size):
+            if not budget.allows(action.node, action.kind, obj.size):
                 postponed = True
                 continue
             task = Task.create(
@@ -568,15 +565,15 @@ class Controller:
                 holders=getattr(action, "holders", ()),
                 reason=action.reason,
                 created_by=self.identity,
-                name=view.name if view else None,
-                owner=view.owner if view else "",
-                metadata=view.metadata if view else None,
+                name=obj.name,
+                owner=obj.owner,
+                metadata=obj.metadata,
             )
             if self.projection.task(task.id) is not None:
                 continue
             await self._queue.enqueue(task)
             self.projection.task_enqueued(task, now)
-            budget.take(action.node, action.kind, size)
+            budget.take(action.node, action.kind, obj.size)
             self.metrics.tasks_queued.labels(action.kind).inc()
         if self._acting:
             await self.locations.put(result.status)
@@ -598,8 +595,7 @@ class Controller:
     def _budget(self) -> _Budget:
         budget = _Budget(self.config)
         for task in self.projection.in_flight():
-            view = self.projection.object(task.root)
-            budget.take(task.node, task.kind, view.size if view else 0)
+            budget.take(task.node, task.kind, self.projection.size(task.root))
         return budget
 
     def _note_state(self, cid: Cid, result: ReconcileResult) -> None:
@@ -638,7 +634,7 @@ class Controller:
             budget = self.config.rebalance_per_pass - started
             if budget <= 0:
                 break
-            policy = self._compiled.get(name) or compile_policy(BUILTIN_DEFAULT)
+            policy = self._compiled.get(name, self._fallback)
             for placed in rebalance_candidates(objects, policy.rule, node_map, limit=budget):
                 await self.reconcile_one(placed.cid, rebalance=True)
                 started += 1
@@ -703,14 +699,6 @@ class _Budget:
 
 def _state_of(liveness: NodeLiveness | None) -> str:
     return "absent" if liveness is None else str(liveness.state)
-
-
-def _with_previous(inp: ReconcileInput, previous: object) -> ReconcileInput:
-    from dataclasses import replace
-
-    from cim_place.placement.status import ObjectStatus
-
-    return replace(inp, previous=previous if isinstance(previous, ObjectStatus) else None)
 
 
 def _hub_replicas(nc: Client, hub_domain: str) -> int:

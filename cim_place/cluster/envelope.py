@@ -3,7 +3,7 @@
 An envelope carries ``id`` (unique), ``correlation_id`` (the conversation it belongs to),
 ``causation_id`` (the message that caused it), ``owner``, string ``metadata``, and ``content``: an
 Event, Command or Query with a ``type`` and a body. The stream ``sequence`` is not part of the
-encoded bytes: JetStream assigns it, and :func:`from_jetstream` fills it in on receipt.
+encoded bytes: JetStream assigns it, and a reader passes it to :func:`decode` on receipt.
 
 Encoding is DAG-CBOR (CIDs in bodies are real links, tag 42). The id also goes into
 ``Nats-Msg-Id`` so JetStream drops duplicates, and correlation, causation, owner and type go into

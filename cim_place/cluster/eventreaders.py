@@ -64,6 +64,12 @@ def _skipped(sequence: int, subject: str, so_far: int, error: Exception) -> None
     )
 
 
+def _publisher(subject: str, envelope: Envelope) -> str:
+    """The node token of ``<prefix>.evt.<node>.<Type>``; the envelope's owner if there is none."""
+    tokens = subject.rsplit(".", 2)
+    return tokens[-2] if len(tokens) >= 2 else envelope.owner
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     """An event as the hub stored it: the envelope (with its stream sequence), the node that
@@ -170,12 +176,11 @@ class EventReader:
             self._unacked = msg
             try:
                 envelope = decode(msg.data, sequence=sequence)
-                tokens = msg.subject.split(".")
                 stored_at = msg.metadata.timestamp
                 envelopes.append(
                     StoredEvent(
                         envelope,
-                        tokens[-2] if len(tokens) >= 2 else envelope.owner,
+                        _publisher(msg.subject, envelope),
                         stored_at.timestamp() if stored_at is not None else time.time(),
                     )
                 )
@@ -376,11 +381,11 @@ class EventFeed:
             self.malformed += 1
             _skipped(sequence, msg.subject, self.malformed, error)
         else:
-            tokens = msg.subject.rsplit(".", 2)
-            node = tokens[-2] if len(tokens) >= 2 else envelope.owner
             self.delivered += 1
             try:
-                self._handler(StoredEvent(envelope, node, stored_ns / 1e9))
+                self._handler(
+                    StoredEvent(envelope, _publisher(msg.subject, envelope), stored_ns / 1e9)
+                )
             except Exception:
                 # A bug in the handler costs this event, never the feed.
                 self.handler_errors += 1

@@ -184,14 +184,9 @@ async def _create_event_store(
     )
     try:
         return await js_hub.add_stream(config)
-    except nats.js.errors.BadRequestError as error:
+    except nats.js.errors.APIError as error:
         if error.err_code == 10058:  # stream name already in use: another process won the race
             return await js_hub.stream_info(EVENTS_STREAM)
-        raise TransportError(
-            f"could not create the event store {EVENTS_STREAM} with {replicas} replica(s): "
-            f"{error.description}; the replica count must not exceed the hub's size"
-        ) from error
-    except nats.js.errors.APIError as error:
         raise TransportError(
             f"could not create the event store {EVENTS_STREAM} with {replicas} replica(s): "
             f"{error.description}; the replica count must not exceed the hub's size"
@@ -326,11 +321,21 @@ async def _event_store_info(js_hub: JetStreamContext) -> StreamInfo:
 
 
 def _has_source(info: StreamInfo, node: str) -> bool:
-    wanted = _source_for(node)
+    name, api = outbox_stream(node), source_api(node)
     return any(
-        s.name == wanted.name and s.external is not None and s.external.api == source_api(node)
+        s.name == name and s.external is not None and s.external.api == api
         for s in info.config.sources or []
     )
+
+
+def _without_source(sources: list[StreamSource] | None, node: str) -> list[StreamSource]:
+    name = outbox_stream(node)
+    return [s for s in sources or [] if s.name != name]
+
+
+def _with_source(sources: list[StreamSource] | None, node: str) -> list[StreamSource]:
+    """``sources`` with ``node``'s outbox as it should be (replacing a stale entry of that name)."""
+    return [*_without_source(sources, node), _source_for(node)]
 
 
 async def attach_leaf(js_hub: JetStreamContext, node: str) -> bool:
@@ -345,8 +350,7 @@ async def attach_leaf(js_hub: JetStreamContext, node: str) -> bool:
         info = await _event_store_info(js_hub)
         if _has_source(info, node):
             return False
-        others = [s for s in info.config.sources or [] if s.name != outbox_stream(node)]
-        await _set_sources(js_hub, [*others, _source_for(node)])
+        await _set_sources(js_hub, _with_source(info.config.sources, node))
     _log.info("event store %s now sources %s", EVENTS_STREAM, outbox_stream(node))
     return True
 
@@ -360,8 +364,7 @@ async def detach_leaf(js_hub: JetStreamContext, node: str) -> bool:
         info = await _event_store_info(js_hub)
         if not _has_source(info, node):
             return False
-        sources = info.config.sources or []
-        await _set_sources(js_hub, [s for s in sources if s.name != outbox_stream(node)])
+        await _set_sources(js_hub, _without_source(info.config.sources, node))
     return True
 
 
@@ -384,8 +387,7 @@ async def nudge_sources(js_hub: JetStreamContext, node: str | None = None) -> No
         else:
             nudged = [outbox_stream(node)]
             if not _has_source(info, node):
-                sources = [s for s in sources if s.name != outbox_stream(node)]
-                sources.append(_source_for(node))
+                sources = _with_source(sources, node)
         if not nudged or not sources:
             return
         await _set_sources(js_hub, [s for s in sources if s.name not in nudged])
@@ -668,6 +670,3 @@ class EventPublisher:
             f"the outbox {self.stream} rejected {count} event(s): {error.description or error}; "
             "check its limits with `nats stream info` on the leaf"
         )
-
-
-# -- reading --------------------------------------------------------------------------------------

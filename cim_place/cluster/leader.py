@@ -147,9 +147,17 @@ async def read_leader(js_hub: JetStreamContext) -> LeaderRecord | None:
     """
     try:
         bucket = await js_hub.key_value(kv.LEADER)
-        found = await _read_entry(bucket)
     except nats.js.errors.BucketNotFoundError:
         return None
+    except nats.errors.Error as exc:
+        raise TransportError(f"could not read the leader from {kv.LEADER}: {exc}") from exc
+    return await _leader_in(bucket)
+
+
+async def _leader_in(bucket: KeyValue) -> LeaderRecord | None:
+    """The record of whoever holds the lease (None: nobody); TransportError if unreadable."""
+    try:
+        found = await _read_entry(bucket)
     except ValueError as exc:
         raise TransportError(f"{exc}; {_MALFORMED_HINT}") from exc
     except nats.errors.Error as exc:
@@ -262,13 +270,7 @@ class LeaderElection:
 
     async def leader(self) -> LeaderRecord | None:
         """Who leads now, read from the lease key (None: nobody holds the lease)."""
-        try:
-            found = await _read_entry(await self._open_bucket())
-        except ValueError as exc:
-            raise TransportError(f"{exc}; {_MALFORMED_HINT}") from exc
-        except nats.errors.Error as exc:
-            raise TransportError(f"could not read the leader from {kv.LEADER}: {exc}") from exc
-        return None if found is None else found[0]
+        return await _leader_in(await self._open_bucket())
 
     async def wait_elected(self, timeout: float | None = None) -> int:
         """Wait until this process leads and return its term; TimeoutError after ``timeout``."""
@@ -374,15 +376,7 @@ class LeaderElection:
         bucket = await self._open_bucket()
         loop = asyncio.get_running_loop()
         now = time.time()
-        record = LeaderRecord(
-            leader_id=self.identity,
-            host=self.host,
-            address=self.address,
-            instance=self._instance,
-            term=0,
-            elected_at=now,
-            renewed_at=now,
-        )
+        record = self._record(term=0, elected_at=now, renewed_at=now)
         sent = loop.time()
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
@@ -428,15 +422,7 @@ class LeaderElection:
                 "(the hub was unreachable or too slow)"
             )
             return False
-        record = LeaderRecord(
-            leader_id=self.identity,
-            host=self.host,
-            address=self.address,
-            instance=self._instance,
-            term=self._term,
-            elected_at=self._elected_at,
-            renewed_at=time.time(),
-        )
+        record = self._record(term=self._term, elected_at=self._elected_at, renewed_at=time.time())
         sent = loop.time()
         bucket = await self._open_bucket()
         try:
@@ -454,6 +440,17 @@ class LeaderElection:
         self._revision = revision
         self._lease_sent = sent
         return True
+
+    def _record(self, *, term: int, elected_at: float, renewed_at: float) -> LeaderRecord:
+        return LeaderRecord(
+            leader_id=self.identity,
+            host=self.host,
+            address=self.address,
+            instance=self._instance,
+            term=term,
+            elected_at=elected_at,
+            renewed_at=renewed_at,
+        )
 
     async def _release_if_ours(self, bucket: KeyValue) -> bool:
         """Delete the lease key if it holds a write of this process; True if deleted."""

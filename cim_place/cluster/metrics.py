@@ -1,4 +1,4 @@
-"""Prometheus metrics of an agent.
+"""Prometheus metrics of an agent, and serving a registry (the controller's too).
 
 Each agent gets its own registry, so several agents in one process (``cim-place up``, tests) do not
 collide; the metrics endpoint serves that registry only.
@@ -74,6 +74,10 @@ class AgentMetrics:
         self.pins.labels(status.name).set(pins)
 
     def serve(self, address: str) -> None:
-        """Expose ``/metrics`` on ``host:port`` (a background thread of prometheus_client)."""
-        host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        serve_metrics(self.registry, address)
+
+
+def serve_metrics(registry: CollectorRegistry, address: str) -> None:
+    """Expose ``registry`` at ``/metrics`` on ``host:port`` (a thread of prometheus_client)."""
+    host, _, port = address.rpartition(":")
+    start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)

@@ -44,7 +44,6 @@ import numpy as np
 
 from cim_place.cluster.envelope import Envelope
 from cim_place.cluster.events import (
-    EVENT_TYPES,
     EventBodyError,
     InventoryDigest,
     ObjectFields,
@@ -54,6 +53,7 @@ from cim_place.cluster.events import (
     TaskFailed,
     inventory_digest,
     object_fields,
+    parse_event,
 )
 from cim_place.cluster.registry import NodeRecord
 from cim_place.cluster.tasks import Task
@@ -212,6 +212,11 @@ class Projection:
             replicas=frozenset(self._locations[i] for i in self._replica_ids(slot)),
         )
 
+    def size(self, cid: Cid) -> int:
+        """Content bytes of ``cid`` (0 if unknown), without building its :class:`ObjectView`."""
+        slot = self._slot.get(cid)
+        return 0 if slot is None else self._size[slot]
+
     def replicas(self, cid: Cid) -> frozenset[Replica]:
         """Confirmed ``(node, volume)`` replicas of ``cid`` (empty if unknown)."""
         slot = self._slot.get(cid)
@@ -313,21 +318,18 @@ class Projection:
                 self.replayed += 1
                 return set()
             self.last_sequence = envelope.sequence
+        if at is None:
+            at = time.time()
         content = envelope.content
         if content.type == ObjectStored.TYPE and content.kind == "event":
             # The bulk of every rebuild: applied from the body's fields, no typed event built.
             fields = object_fields(content.body)
             if fields is not None:
                 self.applied += 1
-                at = time.time() if at is None else at
                 self._store(fields, node or envelope.owner, envelope.sequence or 0, at)
                 return {fields[0]}
-        cls = EVENT_TYPES.get(content.type) if content.kind == "event" else None
-        if cls is None:
-            self.rejected += 1
-            return set()
         try:
-            event = cls.from_body(content.body)
+            event = parse_event(envelope)
         except EventBodyError:
             self.rejected += 1
             return set()
@@ -335,14 +337,14 @@ class Projection:
         publisher = node or envelope.owner
         sequence = envelope.sequence or 0
         if isinstance(event, ObjectStored):
-            self._stored(event, publisher, sequence, time.time() if at is None else at)
+            self._stored(event, publisher, sequence, at)
             return {event.root}
         if isinstance(event, ObjectRemoved):
             if self._removed(event, publisher, sequence):
                 return {event.root}
             return set()
         if isinstance(event, TaskCompleted | TaskFailed):
-            return self._task_ended(event, envelope, sequence, time.time() if at is None else at)
+            return self._task_ended(event, envelope, sequence, at)
         if isinstance(event, InventoryDigest):
             self._inventories[(publisher, event.volume)] = event
         # NodeJoined / NodeLeft: the heartbeats in KV are the source of truth for nodes.
@@ -411,11 +413,7 @@ class Projection:
             task = self._tasks.pop(envelope.causation_id, None)
         root = event.root if event.root is not None else (task.root if task else None)
         if task is not None:
-            ids = self._tasks_by_cid.get(task.root)
-            if ids is not None:
-                ids.discard(task.id)
-                if not ids:
-                    del self._tasks_by_cid[task.root]
+            self._unindex_task(task)
         if root is None:
             return set()
         if isinstance(event, TaskFailed):
@@ -449,12 +447,15 @@ class Projection:
         stale = [t for t in self._tasks.values() if t.enqueued_at < older_than]
         for task in stale:
             del self._tasks[task.id]
-            ids = self._tasks_by_cid.get(task.root)
-            if ids is not None:
-                ids.discard(task.id)
-                if not ids:
-                    del self._tasks_by_cid[task.root]
+            self._unindex_task(task)
         return {t.root for t in stale}
+
+    def _unindex_task(self, task: TaskInFlight) -> None:
+        ids = self._tasks_by_cid.get(task.root)
+        if ids is not None:
+            ids.discard(task.id)
+            if not ids:
+                del self._tasks_by_cid[task.root]
 
     # -- nodes and policies -----------------------------------------------------------------------
 

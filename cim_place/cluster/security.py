@@ -42,7 +42,7 @@ from cim_place.cluster.subjects import (
 )
 from cim_place.errors import CimPlaceError, StoreError
 from cim_place.interfaces import BlockSource, Pin
-from cim_place.objectstore.cid import DAG_PB, RAW, Cid, codec_of, to_str
+from cim_place.objectstore.cid import DAG_PB, Cid, codec_of, to_str
 from cim_place.objectstore.dagpb import decode_node
 
 __all__ = [
@@ -245,10 +245,8 @@ class ReadAccess:
         stack = [root]
         while stack:
             cid = stack.pop()
-            if codec_of(cid) == RAW:
-                continue
             if codec_of(cid) != DAG_PB:
-                continue
+                continue  # raw leaves have no links; those of other codecs are not followed
             try:
                 links = decode_node(self.blocks.get(cid)).links
             except (StoreError, ValueError):
@@ -396,10 +394,16 @@ def controller_permissions(subjects: Subjects, hub_domain: str) -> Permissions:
 def operator_permissions(subjects: Subjects, hub_domain: str) -> Permissions:
     """A read-only operator: status queries, stream/consumer info, reading every bucket."""
     publish = [subjects.api(">"), subjects.has]
-    for rest in (_JS_INFO, "STREAM.NAMES", "STREAM.LIST", "STREAM.INFO.*", "CONSUMER.NAMES.*"):
+    for rest in (
+        _JS_INFO,
+        "STREAM.NAMES",
+        "STREAM.LIST",
+        "STREAM.INFO.*",
+        "CONSUMER.NAMES.*",
+        "CONSUMER.LIST.*",
+        "CONSUMER.INFO.*.*",
+    ):
         publish += _both(hub_domain, rest)
-    publish += _both(hub_domain, "CONSUMER.LIST.*")
-    publish += _both(hub_domain, "CONSUMER.INFO.*.*")
     for bucket in (*kv.ALL_BUCKETS, kv.SETTINGS):
         publish += _kv_read(hub_domain, bucket)
     subscribe = [f"{inbox_prefix(OPERATOR)}.>"]

@@ -515,7 +515,7 @@ def _planning_map(
     cached = _MAP_CACHE.get(key)
     if cached is not None and cached[0] is base:
         return cached[1]
-    volumes = [_with_state(v, changes[v.id]) if v.id in changes else v for v in base.volumes]
+    volumes = [replace(v, state=changes[v.id]) if v.id in changes else v for v in base.volumes]
     for vid, state in sorted(standins.items()):
         node, name = _split(vid)
         labels = next((v.labels for v in base.volumes if v.node == node), {})
@@ -552,19 +552,6 @@ def _eligibility(rule: PlacementRule, node_map: NodeMap) -> Eligibility:
         _ELIGIBILITY_CACHE.pop(next(iter(_ELIGIBILITY_CACHE)))
     _ELIGIBILITY_CACHE[key] = (node_map, el)
     return el
-
-
-def _with_state(volume: Volume, state: VolumeState) -> Volume:
-    return Volume(
-        node=volume.node,
-        name=volume.name,
-        capacity=volume.capacity,
-        free=volume.free,
-        labels=volume.labels,
-        tags=volume.tags,
-        state=state,
-        weight=volume.weight,
-    )
 
 
 def _holders(view: _View) -> tuple[str, ...]:
