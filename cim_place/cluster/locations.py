@@ -299,7 +299,11 @@ class LocationStore:
     async def _list_shard(self, bucket: KeyValue, state: str | None) -> AsyncIterator[ObjectStatus]:
         name = bucket._name
         try:
-            watcher = await bucket.watchall(ignore_deletes=True)
+            if not (await bucket.status()).values:
+                return  # an empty shard
+            # Deletes included: the last initial value may be a delete marker, and it is the one
+            # that says the listing is complete (see below).
+            watcher = await bucket.watchall()
         except nats.errors.Error as error:
             raise TransportError(f"could not list KV {name}: {error}") from error
         try:
@@ -310,11 +314,18 @@ class LocationStore:
                     raise TransportError(
                         f"listing KV {name} stalled for {_LIST_IDLE:.0f} s; is the hub up? retry"
                     ) from None
-                if entry is None:  # the end of the initial values
+                # nats-py's end-of-initial-values marker (None) can come before values that the
+                # server pushed while the watcher was being set up (it compares the consumer's
+                # pending count with what its callback has handled so far), so a small shard
+                # could list short; the value with nothing pending after it ends the listing.
+                if entry is None:
+                    continue
+                if entry.operation is None:
+                    status = self._decode(entry.key, entry.value)
+                    if status is not None and (state is None or status.state == state):
+                        yield status
+                if entry.delta == 0:
                     return
-                status = self._decode(entry.key, entry.value)
-                if status is not None and (state is None or status.state == state):
-                    yield status
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await watcher.stop()  # type: ignore[no-untyped-call]
