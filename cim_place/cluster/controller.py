@@ -49,7 +49,7 @@ from cim_place.cluster.lifecycle import cancel_and_wait
 from cim_place.cluster.locations import LocationStore
 from cim_place.cluster.metrics import serve_metrics
 from cim_place.cluster.policystore import watch_policies
-from cim_place.cluster.projection import Projection
+from cim_place.cluster.projection import ObjectView, Projection
 from cim_place.cluster.registry import NODE_TTL, NodeRecord, list_nodes
 from cim_place.cluster.subjects import DEFAULT_PREFIX, Subjects
 from cim_place.cluster.tasks import Task, TaskQueue, ensure_task_stream
@@ -486,13 +486,7 @@ class Controller:
         view = self.projection.object(cid)
         if view is None:
             return None
-        facts = ObjectFacts(
-            cid=to_str(cid),
-            name=view.name,
-            owner=view.owner,
-            metadata=view.metadata,
-            size=view.size,
-        )
+        facts = _facts(cid, view)
         in_flight = [
             InFlightTask(
                 kind=task.kind,  # type: ignore[arg-type]
@@ -623,10 +617,7 @@ class Controller:
             view = self.projection.object(cid)
             if view is None or self.projection.tasks_for(cid):
                 continue
-            facts = ObjectFacts(
-                cid="", name=view.name, owner=view.owner, metadata=view.metadata, size=view.size
-            )
-            policy = self.policy_for(facts)
+            policy = self.policy_for(_facts(cid, view))
             volumes = frozenset(f"{node}/{volume}" for node, volume in view.replicas)
             by_policy.setdefault(policy.name, []).append((PlacedObject(cid, view.size), volumes))
         started = 0
@@ -699,6 +690,13 @@ class _Budget:
 
 def _state_of(liveness: NodeLiveness | None) -> str:
     return "absent" if liveness is None else str(liveness.state)
+
+
+def _facts(cid: Cid, view: ObjectView) -> ObjectFacts:
+    """What a policy's selectors see of an object (the same in reconcile and rebalance)."""
+    return ObjectFacts(
+        cid=to_str(cid), name=view.name, owner=view.owner, metadata=view.metadata, size=view.size
+    )
 
 
 def _hub_replicas(nc: Client, hub_domain: str) -> int:
