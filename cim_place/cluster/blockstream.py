@@ -60,11 +60,10 @@ from cim_place.cluster.blocks import (
     Status,
     read_served,
 )
-from cim_place.cluster.security import ReadAccess
-from cim_place.errors import InvalidCidError, StoreError
+from cim_place.cluster.security import ReadAccess, RootMembers
+from cim_place.errors import InvalidCidError
 from cim_place.interfaces import BlockSource
-from cim_place.objectstore.cid import DAG_PB, Cid, codec_of, split
-from cim_place.objectstore.dagpb import decode_node
+from cim_place.objectstore.cid import Cid, split
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -251,7 +250,7 @@ class BlockStreamServer:
         """The advertised ``host:port`` once started."""
         self._server: asyncio.Server | None = None
         self._tickets: OrderedDict[bytes, _Ticket] = OrderedDict()
-        self._members: OrderedDict[Cid, frozenset[Cid]] = OrderedDict()
+        self._members = RootMembers(store, _ROOT_CACHE)
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -425,35 +424,10 @@ class BlockStreamServer:
 
     async def _members_of(self, root: Cid) -> frozenset[Cid]:
         """The CIDs under ``root`` in the local store; cached once the local DAG is complete."""
-        cached = self._members.get(root)
+        cached = self._members.cached(root)
         if cached is not None:
-            self._members.move_to_end(root)
             return cached
-        members, complete = await asyncio.to_thread(self._walk, root)
-        if complete:
-            self._members[root] = members
-            if len(self._members) > _ROOT_CACHE:
-                self._members.popitem(last=False)
-        return members
-
-    def _walk(self, root: Cid) -> tuple[frozenset[Cid], bool]:
-        seen = {root}
-        stack = [root]
-        complete = True
-        while stack:
-            cid = stack.pop()
-            if codec_of(cid) != DAG_PB:
-                continue  # raw leaves are named by their parents, not read
-            try:
-                links = decode_node(self.store.get(cid)).links
-            except (StoreError, ValueError):
-                complete = False  # absent or corrupt here: its subtree is not served from here
-                continue
-            for link in links:
-                if link.hash not in seen:
-                    seen.add(link.hash)
-                    stack.append(link.hash)
-        return frozenset(seen), complete
+        return self._members.remember(root, *await asyncio.to_thread(self._members.walk, root))
 
 
 # -- the fetcher's side --------------------------------------------------------------------------

@@ -40,10 +40,10 @@ from cim_place.cluster.subjects import (
     check_node_id,
     outbox_stream,
 )
-from cim_place.errors import CimPlaceError, StoreError
+from cim_place.errors import CimPlaceError
 from cim_place.interfaces import BlockSource, Pin
-from cim_place.objectstore.cid import DAG_PB, Cid, codec_of, to_str
-from cim_place.objectstore.dagpb import decode_node
+from cim_place.objectstore import dag
+from cim_place.objectstore.cid import Cid, to_str
 
 __all__ = [
     "ACCOUNT",
@@ -185,8 +185,8 @@ class ReadAccess:
 
     ``pin_of(root)`` returns the local pin (None when the root is not pinned here); ``blocks``
     reads the local DAG to check that every requested CID lies under the named root, so naming
-    a readable root does not open the blocks of another. DAG membership is cached per root
-    (content addressing makes it immutable); the pin, whose readers may change, is read on every
+    a readable root does not open the blocks of another. DAG membership comes from
+    :class:`RootMembers` (cached per root once the local DAG is whole); the pin, whose readers may change, is read on every
     request.
     """
 
@@ -199,8 +199,7 @@ class ReadAccess:
     ) -> None:
         self.pin_of = pin_of
         self.blocks = blocks
-        self._members: OrderedDict[Cid, frozenset[Cid]] = OrderedDict()
-        self._cache_roots = cache_roots
+        self._members = RootMembers(blocks, cache_roots)
 
     def check(self, requester: str | None, root: Cid | None, cids: Sequence[Cid]) -> str | None:
         """None when allowed, else the reason for refusing (said to the requester)."""
@@ -229,33 +228,39 @@ class ReadAccess:
         return None
 
     def _members_of(self, root: Cid) -> frozenset[Cid]:
-        cached = self._members.get(root)
-        if cached is not None:
-            self._members.move_to_end(root)
-            return cached
-        members = frozenset(self._walk(root))
-        self._members[root] = members
-        if len(self._members) > self._cache_roots:
-            self._members.popitem(last=False)
-        return members
+        return self._members(root)
 
-    def _walk(self, root: Cid) -> set[Cid]:
-        """Every CID under ``root`` in the local store (raw leaves are named, not read)."""
-        seen = {root}
-        stack = [root]
-        while stack:
-            cid = stack.pop()
-            if codec_of(cid) != DAG_PB:
-                continue  # raw leaves have no links; those of other codecs are not followed
-            try:
-                links = decode_node(self.blocks.get(cid)).links
-            except (StoreError, ValueError):
-                continue  # an absent or corrupt node: its subtree is not served from here
-            for link in links:
-                if link.hash not in seen:
-                    seen.add(link.hash)
-                    stack.append(link.hash)
-        return seen
+
+class RootMembers:
+    """The CIDs under each root in a local store, for the checks of block servers: a walk is
+    cached (the ``capacity`` most recently used roots) once it found the whole DAG, which
+    content addressing makes immutable; a DAG held only in part is walked again next time."""
+
+    def __init__(self, blocks: BlockSource, capacity: int = 64) -> None:
+        self.blocks = blocks
+        self.capacity = capacity
+        self._cache: OrderedDict[Cid, frozenset[Cid]] = OrderedDict()
+
+    def cached(self, root: Cid) -> frozenset[Cid] | None:
+        found = self._cache.get(root)
+        if found is not None:
+            self._cache.move_to_end(root)
+        return found
+
+    def walk(self, root: Cid) -> tuple[frozenset[Cid], bool]:
+        """Read the local DAG (no cache; safe to run in a thread)."""
+        return dag.members(self.blocks, root)
+
+    def remember(self, root: Cid, found: frozenset[Cid], complete: bool) -> frozenset[Cid]:
+        if complete:
+            self._cache[root] = found
+            if len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return found
+
+    def __call__(self, root: Cid) -> frozenset[Cid]:
+        cached = self.cached(root)
+        return cached if cached is not None else self.remember(root, *self.walk(root))
 
 
 # -- permissions ---------------------------------------------------------------------------------

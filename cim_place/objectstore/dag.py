@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 from cim_place.errors import StoreError
 from cim_place.interfaces import BlockSource
-from cim_place.objectstore.cid import RAW, Cid, codec_of, to_str
+from cim_place.objectstore.cid import DAG_PB, RAW, Cid, codec_of, to_str
 from cim_place.objectstore.dagpb import links_of
 
 
@@ -83,3 +83,23 @@ def missing(source: BlockSource, root: Cid) -> list[Cid]:
     it and ask again to learn what lies beneath.
     """
     return survey(source, root)[0]
+
+
+def members(source: BlockSource, root: Cid) -> tuple[frozenset[Cid], bool]:
+    """(every CID under ``root`` that the blocks in ``source`` name, complete?), for serving
+    checks. Only dag-pb nodes are read (raw leaves are named by their parents; other codecs'
+    links are not followed); an absent or undecodable node ends its branch quietly and makes the
+    answer incomplete, since a node may hold a DAG only in part."""
+    complete = True
+
+    def expand(cid: Cid) -> list[Cid]:
+        nonlocal complete
+        if codec_of(cid) != DAG_PB:
+            return []
+        try:
+            return _children(cid, source.get(cid))
+        except StoreError:  # absent, corrupt or undecodable here
+            complete = False
+            return []
+
+    return frozenset(_depth_first(root, expand)), complete
