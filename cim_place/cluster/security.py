@@ -186,8 +186,8 @@ class ReadAccess:
     ``pin_of(root)`` returns the local pin (None when the root is not pinned here); ``blocks``
     reads the local DAG to check that every requested CID lies under the named root, so naming
     a readable root does not open the blocks of another. DAG membership comes from
-    :class:`RootMembers` (cached per root once the local DAG is whole); the pin, whose readers may change, is read on every
-    request.
+    :class:`RootMembers` (cached per root once the local DAG is whole); the pin, whose readers
+    may change, is read on every request.
     """
 
     def __init__(
