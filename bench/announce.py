@@ -28,17 +28,17 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
-from cim_place.cluster.connection import connected, jetstream
-from cim_place.cluster.envelope import Envelope
-from cim_place.cluster.events import ObjectStored, event_envelope
-from cim_place.cluster.eventstore import (
+from cim_place.cluster.events.store import (
     EventPublisher,
     attach_leaf,
     ensure_event_store,
     ensure_outbox,
 )
-from cim_place.cluster.servers import add_leaf, start_hub
-from cim_place.cluster.subjects import EVENTS_STREAM, Subjects, outbox_stream
+from cim_place.cluster.events.types import ObjectStored, event_envelope
+from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.nats.envelope import Envelope
+from cim_place.cluster.nats.subjects import EVENTS_STREAM, Subjects, outbox_stream
+from cim_place.local.servers import add_leaf, start_hub
 from cim_place.objectstore.cid import RAW, make_cid
 
 NODE = "bench-leaf"  # sourced by the hub

@@ -27,15 +27,15 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
-from cim_place.cluster.agent import Agent
-from cim_place.cluster.agent_config import AgentConfig, VolumeConfig
-from cim_place.cluster.connection import connect, connected, jetstream
-from cim_place.cluster.eventstore import ensure_event_store
-from cim_place.cluster.fetch import wait_for_holder
-from cim_place.cluster.servers import add_leaf, start_hub
-from cim_place.cluster.subjects import outbox_stream
-from cim_place.cluster.tasks import ensure_task_stream
+from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
+from cim_place.cluster.agent.service import Agent
+from cim_place.cluster.events.store import ensure_event_store
+from cim_place.cluster.exchange.fetch import wait_for_holder
+from cim_place.cluster.nats.connection import connect, connected, jetstream
+from cim_place.cluster.nats.subjects import outbox_stream
+from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.comms import Comms, Message, command, event, query
+from cim_place.local.servers import add_leaf, start_hub
 from cim_place.objectstore.testdata import chacha_stream
 
 BODY = {"n": 0, "sku": "A-1042", "qty": 3, "note": "small inline message"}

@@ -6,7 +6,8 @@ in the same run:
 1. **convergence** (a 1-server hub, 4 leaves, one in-process :class:`Agent` per leaf in zones
    z1..z4 with fsync "none", a :class:`Controller` started first, a policy of 3 copies in
    different zones): for each of ``--objects`` distinct 1 KiB payloads, the time from the start
-   of :func:`~cim_place.cluster.upload.upload` (round robin over the 4 nodes, from a client on
+   of :func:`~cim_place.cluster.exchange.upload.upload` (round robin over the 4 nodes, from a
+   client on
    the hub) to the moment 3 agents hold the object pinned. An agent subclass records the moment
    it announces each ObjectStored (right after the pin), so no polling skews the figure.
    Objects go ``--concurrency`` at a time (default 1: sequentially). Printed: p50 / p99 / max,
@@ -50,25 +51,25 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
-from cim_place.cluster.agent import Agent
-from cim_place.cluster.agent_config import AgentConfig, VolumeConfig
-from cim_place.cluster.connection import connected, jetstream
-from cim_place.cluster.controller import Controller, ControllerConfig
-from cim_place.cluster.envelope import Envelope
-from cim_place.cluster.events import ObjectStored, event_envelope
-from cim_place.cluster.eventstore import (
+from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
+from cim_place.cluster.agent.service import Agent
+from cim_place.cluster.controller.service import Controller, ControllerConfig
+from cim_place.cluster.events.store import (
     EventPublisher,
     attach_leaf,
     ensure_event_store,
     ensure_outbox,
 )
-from cim_place.cluster.fetch import wait_for_holder
-from cim_place.cluster.policystore import PolicyStore
-from cim_place.cluster.registry import list_nodes
-from cim_place.cluster.servers import Hub, NatsServer, add_leaf, start_hub
-from cim_place.cluster.subjects import EVENTS_STREAM, Subjects
-from cim_place.cluster.upload import upload
+from cim_place.cluster.events.types import ObjectStored, event_envelope
+from cim_place.cluster.exchange.fetch import wait_for_holder
+from cim_place.cluster.exchange.upload import upload
+from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.nats.envelope import Envelope
+from cim_place.cluster.nats.subjects import EVENTS_STREAM, Subjects
+from cim_place.cluster.state.nodes import list_nodes
+from cim_place.cluster.state.policies import PolicyStore
 from cim_place.interfaces import Pin
+from cim_place.local.servers import Hub, NatsServer, add_leaf, start_hub
 from cim_place.objectstore.cid import RAW, Cid, make_cid
 from cim_place.objectstore.unixfs import import_file
 from cim_place.placement.reconciler import ReconcileResult

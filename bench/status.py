@@ -2,7 +2,8 @@
 
 Two parts, each with its own baseline printed beside it:
 
-1. **projection** (in-process, no NATS): fills a :class:`~cim_place.cluster.projection.Projection`
+1. **projection** (in-process, no NATS): fills a
+   :class:`~cim_place.cluster.controller.projection.Projection`
    with ``--projection-objects`` objects, three replicas each over 20 nodes x 5 volumes, from
    ObjectStored envelopes, and reports the resident memory it holds per object (target: at most
    ~300 bytes), the rate of ``apply_event`` on decoded envelopes (what a rebuild pays after the
@@ -46,13 +47,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from cim_place.cluster import kv
-from cim_place.cluster.connection import connected, jetstream
-from cim_place.cluster.envelope import Content, Envelope, decode
-from cim_place.cluster.events import ObjectStored
-from cim_place.cluster.locations import LocationStore, shard_of
-from cim_place.cluster.projection import Projection
-from cim_place.cluster.servers import Hub, start_hub
+from cim_place.cluster.controller.projection import Projection
+from cim_place.cluster.events.types import ObjectStored
+from cim_place.cluster.nats import kv
+from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.nats.envelope import Content, Envelope, decode
+from cim_place.cluster.state.locations import LocationStore, shard_of
+from cim_place.local.servers import Hub, start_hub
 from cim_place.objectstore.cid import RAW, Cid, make_cid, to_str
 from cim_place.placement.status import Condition, Location, ObjectStatus, Summary
 from cim_place.policies.model import Policy, PolicySet, Replicas
@@ -239,8 +240,8 @@ def tail(samples: list[float]) -> None:
 
 CLI_SNIPPET = """
 import asyncio, sys
-from cim_place.cluster.connection import connected, jetstream
-from cim_place.cluster.locations import LocationStore
+from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.state.locations import LocationStore
 
 async def main():
     async with connected(sys.argv[1]) as nc:

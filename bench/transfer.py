@@ -57,11 +57,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cim_place.cluster.blocks import BlockServer
-from cim_place.cluster.blockstream import BlockStreamServer, client_tls, server_tls
-from cim_place.cluster.connection import connect
-from cim_place.cluster.fetch import Holder, fetch_dag, wait_for_holder
-from cim_place.cluster.servers import NatsServer, add_leaf, start_hub
+from cim_place.cluster.exchange.blocks import BlockServer
+from cim_place.cluster.exchange.fetch import Holder, fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.stream import BlockStreamServer, client_tls, server_tls
+from cim_place.cluster.nats.connection import connect
+from cim_place.local.servers import NatsServer, add_leaf, start_hub
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.cid import parse, to_str
 from cim_place.objectstore.dag import missing

@@ -25,17 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from cim_place.cluster.connection import connected
-from cim_place.cluster.servers import add_leaf, start_hub
-from cim_place.cluster.upload import upload, wait_for_uploads
+from cim_place.cluster.exchange.upload import upload, wait_for_uploads
+from cim_place.cluster.nats.connection import connected
+from cim_place.local.servers import add_leaf, start_hub
 from cim_place.objectstore.store import ObjectStore
 from cim_place.objectstore.testdata import chacha_stream
 
 AGENT = r"""
 import asyncio, sys, resource
 from pathlib import Path
-from cim_place.cluster.connection import connected
-from cim_place.cluster.upload import UploadService
+from cim_place.cluster.nats.connection import connected
+from cim_place.cluster.exchange.upload import UploadService
 from cim_place.objectstore.store import ObjectStore
 
 async def main(url, store_dir, window, fsync):

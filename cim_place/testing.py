@@ -14,7 +14,7 @@ Fixtures (function scoped unless noted):
   also import ``connected`` from here.
 
 Helper: ``secured_server(directory, users, name)`` starts one hub server (domain ``hub``) whose
-accounts are the given generated users (``cim_place.cluster.security``); ``.url(user)`` gives a
+accounts are the given generated users (``cim_place.cluster.nats.security``); ``.url(user)`` gives a
 client URL with that user's credentials.
 
 Every server is stopped at teardown whether or not the test failed; ``nats_server_children()``
@@ -33,9 +33,9 @@ from typing import Protocol
 import pytest
 from nats.aio.client import Client
 
-from cim_place.cluster.connection import connected
-from cim_place.cluster.security import User, render_accounts
-from cim_place.cluster.servers import (
+from cim_place.cluster.nats.connection import connected
+from cim_place.cluster.nats.security import User, render_accounts
+from cim_place.local.servers import (
     Hub,
     NatsServer,
     ServerSpec,

@@ -31,15 +31,15 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from cim_place.cluster.agent import Agent
-from cim_place.cluster.agent_config import AgentConfig, VolumeConfig
-from cim_place.cluster.connection import connected, jetstream
-from cim_place.cluster.envelope import Content
-from cim_place.cluster.eventstore import ensure_event_store
-from cim_place.cluster.fetch import wait_for_holder
-from cim_place.cluster.servers import add_leaf, start_hub
-from cim_place.cluster.tasks import ensure_task_stream
+from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
+from cim_place.cluster.agent.service import Agent
+from cim_place.cluster.events.store import ensure_event_store
+from cim_place.cluster.exchange.fetch import wait_for_holder
+from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.nats.envelope import Content
+from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.comms import Attachment, Comms, Message, command, event
+from cim_place.local.servers import add_leaf, start_hub
 from cim_place.objectstore.cid import to_str
 from cim_place.objectstore.testdata import chacha_stream
 

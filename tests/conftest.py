@@ -3,6 +3,7 @@ block-exchange fixtures (a pair of leaves, a client on each, B's volume) from te
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,13 +11,32 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from exchange import Pair
 
-from cim_place.cluster.connection import connected
+from cim_place.cluster.nats.connection import connected
 from cim_place.objectstore.blockstore import FsBlockStore
 
 if TYPE_CHECKING:  # imported by pytest_plugins below, after assertion rewriting is set up
     from cim_place.testing import LeafFactory
 
 pytest_plugins = ["cim_place.testing"]
+
+# Fixtures that start nats-server: a test using any of them is marked `nats` automatically; a
+# module that starts servers some other way says `pytestmark = pytest.mark.nats` itself.
+NATS_FIXTURES = frozenset(
+    {"nats_server", "hub1", "hub", "hub_cluster", "leaf_factory", "nats_client", "pair", "clients"}
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if "not nats" in (config.option.markexpr or ""):
+        # A test that starts nats-server without the marker fails loudly instead of slowing the
+        # pure half (cim_place.local.servers.find_nats_server checks this).
+        os.environ["CIM_PLACE_TEST_NO_NATS"] = "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if NATS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.nats)
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from memstore import MemoryBlockStore
 
-from cim_place.cluster.servers import NatsServer
 from cim_place.interfaces import BlockSink
+from cim_place.local.servers import NatsServer
 from cim_place.objectstore.cid import Cid
 from cim_place.objectstore.testdata import chacha_stream
 from cim_place.objectstore.unixfs import import_file

@@ -107,7 +107,7 @@ def run_in_domain(
     action: Callable[[JetStreamContext], Awaitable[T]],
 ) -> T:
     """Connect, pick the domain (:func:`choose_domain`), run ``action(js)``, disconnect."""
-    from cim_place.cluster.connection import connected, jetstream
+    from cim_place.cluster.nats.connection import connected, jetstream
 
     async def run() -> T:
         async with connected(server, creds=creds) as nc:

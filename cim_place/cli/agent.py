@@ -19,21 +19,21 @@ from nats.aio.client import Client
 
 from cim_place.cli._domain import CredsOption, ServerOption, choose_domain
 from cim_place.cli._output import handles_errors
-from cim_place.cluster.agent_config import (
+from cim_place.cluster.agent.config import (
     AgentConfig,
     VolumeConfig,
     load_agent_config,
     stream_address_problems,
 )
-from cim_place.cluster.blockstream import DEFAULT_LISTEN
-from cim_place.cluster.connection import DEFAULT_SERVER, connected, jetstream
-from cim_place.cluster.subjects import check_node_id
+from cim_place.cluster.exchange.stream import DEFAULT_LISTEN
+from cim_place.cluster.nats.connection import DEFAULT_SERVER, connected, jetstream
+from cim_place.cluster.nats.subjects import check_node_id
 from cim_place.errors import BlockNotFoundError, CimPlaceError, InvalidCidError, StoreError
 from cim_place.objectstore import cid as cids
 from cim_place.policies.quantities import parse_size
 
 if TYPE_CHECKING:
-    from cim_place.cluster.upload import UploadResult
+    from cim_place.cluster.exchange.upload import UploadResult
 
 
 def _volume_flag(text: str, index: int) -> VolumeConfig:
@@ -167,7 +167,7 @@ def _agent_config(
 @handles_errors
 def _run_agent(config: AgentConfig) -> None:
     # Imported here: the agent pulls in every service module, which other commands do not need.
-    from cim_place.cluster.agent import describe, run_agent
+    from cim_place.cluster.agent.service import describe, run_agent
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -182,7 +182,7 @@ def _run_agent(config: AgentConfig) -> None:
 
 async def _target_node(nc: Client, node: str | None) -> str:
     """The node whose agent takes an upload: --node, else the leaf the client is connected to."""
-    from cim_place.cluster.registry import list_nodes
+    from cim_place.cluster.state.nodes import list_nodes
 
     if node is not None:
         return check_node_id(node)
@@ -213,7 +213,7 @@ async def add_remote(
     metadata: dict[str, str],
 ) -> UploadResult:
     """Store a file through a running agent (the one of ``node``, or of the leaf connected to)."""
-    from cim_place.cluster.upload import upload
+    from cim_place.cluster.exchange.upload import upload
 
     async with connected(server, creds=creds) as nc:
         target = await _target_node(nc, node)
@@ -240,9 +240,9 @@ def get_command(
 ) -> None:
     """Fetch content from whichever nodes hold it, verifying every block."""
     # The data path is imported only by the commands that move data.
-    from cim_place.cluster.fetch import fetch_dag
-    from cim_place.cluster.holders import find_holders
-    from cim_place.cluster.names import NameRegistry
+    from cim_place.cluster.exchange.fetch import fetch_dag
+    from cim_place.cluster.exchange.holders import find_holders
+    from cim_place.cluster.state.names import NameRegistry
     from cim_place.objectstore.blockstore import FsBlockStore
     from cim_place.objectstore.unixfs import read_file
 

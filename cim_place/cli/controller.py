@@ -15,13 +15,13 @@ from nats.js import JetStreamContext
 
 from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, run_in_domain
 from cim_place.cli._output import handles_errors
-from cim_place.cluster.connection import server_urls
-from cim_place.cluster.locations import LocationStore
-from cim_place.cluster.subjects import check_node_id
+from cim_place.cluster.nats.connection import server_urls
+from cim_place.cluster.nats.subjects import check_node_id
+from cim_place.cluster.state.locations import LocationStore
 from cim_place.errors import CimPlaceError
 
 if TYPE_CHECKING:
-    from cim_place.cluster.controller import ControllerConfig
+    from cim_place.cluster.controller.service import ControllerConfig
 
 
 def controller_command(
@@ -51,8 +51,8 @@ def _config(
     metrics: str | None,
 ) -> ControllerConfig:
     # Imported here: the controller pulls in the planner and numpy, which other commands skip.
-    from cim_place.cluster.controller import ControllerConfig
-    from cim_place.cluster.controller_config import load_controller_config
+    from cim_place.cluster.controller.config import load_controller_config
+    from cim_place.cluster.controller.service import ControllerConfig
 
     config = ControllerConfig()
     if path is not None:
@@ -71,7 +71,7 @@ def _config(
 
 @handles_errors
 def _run(config: ControllerConfig) -> None:
-    from cim_place.cluster.controller import run_controller
+    from cim_place.cluster.controller.service import run_controller
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -102,7 +102,7 @@ def drain(
     """Move every copy off NODE (copy first, then drop), then report it drained."""
     check_node_id(node)
 
-    from cim_place.cluster.controller import set_drain
+    from cim_place.cluster.controller.service import set_drain
 
     async def action(js: JetStreamContext) -> None:
         await set_drain(js, node, True)
@@ -142,7 +142,7 @@ def undrain(
     """Let NODE receive copies again."""
     check_node_id(node)
 
-    from cim_place.cluster.controller import set_drain
+    from cim_place.cluster.controller.service import set_drain
 
     async def action(js: JetStreamContext) -> None:
         await set_drain(js, node, False)

@@ -12,10 +12,10 @@ from dataclasses import dataclass, replace
 from nats.js import JetStreamContext
 
 from cim_place.cli.status import LATE_AFTER
-from cim_place.cluster.controller import draining_nodes
-from cim_place.cluster.locations import LocationStore
-from cim_place.cluster.names import NameRegistry, UnknownNameError
-from cim_place.cluster.registry import NODE_TTL, list_nodes
+from cim_place.cluster.controller.service import draining_nodes
+from cim_place.cluster.state.locations import LocationStore
+from cim_place.cluster.state.names import NameRegistry, UnknownNameError
+from cim_place.cluster.state.nodes import NODE_TTL, list_nodes
 from cim_place.errors import InvalidCidError, TransportError
 from cim_place.objectstore import cid as cids
 from cim_place.placement.model import PlacedObject, Reason

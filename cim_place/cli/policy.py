@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 
 from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, actor, run_in_domain
 from cim_place.cli._output import JsonOption, handles_errors, print_json
-from cim_place.cluster.policystore import PolicyStore, StoredSet
+from cim_place.cluster.state.policies import PolicyStore, StoredSet
 from cim_place.errors import InvalidCidError, PolicyError
 from cim_place.objectstore import cid as cids
 from cim_place.policies.codec import consumers_to_dict, policy_to_dict

@@ -3,7 +3,7 @@
 Everything is read from the hub's materialised state, never by asking every node:
 
 - ``status``: the domain summary and single objects from KV ``cim-place-locations``
-  (:class:`cim_place.cluster.locations.LocationStore`, one KV get per object), names resolved
+  (:class:`cim_place.cluster.state.locations.LocationStore`, one KV get per object), names resolved
   through KV ``cim-place-names``; the ``--json`` schema is documented in ``docs/STATUS.md``;
 - ``nodes``: heartbeats in KV ``cim-place-nodes``;
 - ``tasks``: stream ``CIM_PLACE_TASKS`` (queued per node subject, running = the node consumer's
@@ -31,7 +31,7 @@ from cim_place.cli._output import EXIT_USAGE, handles_errors, print_json
 from cim_place.errors import CimPlaceError, TransportError
 
 if TYPE_CHECKING:
-    from cim_place.cluster.registry import NodeRecord
+    from cim_place.cluster.state.nodes import NodeRecord
     from cim_place.placement.status import ObjectStatus
 
 LATE_AFTER = 15.0
@@ -40,7 +40,7 @@ LATE_AFTER = 15.0
 is then no longer listed."""
 WATCH_INTERVAL = 1.0
 _DRAIN_PREFIX = "drain."
-"""Keys of KV ``cim-place-drain`` (``cim_place.cluster.controller.DRAIN_PREFIX``)."""
+"""Keys of KV ``cim-place-drain`` (``cim_place.cluster.controller.service.DRAIN_PREFIX``)."""
 _PIPE_WIDTH = 240
 _CLEAR = "\x1b[2J\x1b[H"  # clear the screen, cursor home
 _STATES = ("placed", "progressing", "degraded", "lost")
@@ -121,10 +121,11 @@ def _age(seconds: float) -> str:
 async def _draining(js: JetStreamContext) -> set[str]:
     """Nodes the controller drains: the ``drain.<node>`` keys of KV ``cim-place-drain``.
 
-    Read here rather than through ``cim_place.cluster.controller.draining_nodes``: importing the
+    Read here rather than through ``cim_place.cluster.controller.service.draining_nodes``:
+    importing the
     controller (scheduler, metrics, reconciler) cost about 0.2 s of every ``cim-place status``.
     """
-    from cim_place.cluster import kv
+    from cim_place.cluster.nats import kv
 
     try:
         bucket = await js.key_value(kv.DRAIN)
@@ -145,8 +146,8 @@ def node_state(record: NodeRecord, now: float, draining: set[str]) -> str:
 
 
 async def _object_status(js: JetStreamContext, ref: str) -> ObjectStatus:
-    from cim_place.cluster.locations import LocationStore
-    from cim_place.cluster.names import NameRegistry
+    from cim_place.cluster.state.locations import LocationStore
+    from cim_place.cluster.state.names import NameRegistry
     from cim_place.objectstore import cid as cids
 
     try:
@@ -168,7 +169,7 @@ async def _object_status(js: JetStreamContext, ref: str) -> ObjectStatus:
 
 
 async def _summary(js: JetStreamContext) -> dict[str, Any]:
-    from cim_place.cluster.locations import LocationStore
+    from cim_place.cluster.state.locations import LocationStore
 
     states = [node["state"] for node in await _nodes(js)]
     summary = None
@@ -262,7 +263,7 @@ def _show_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
 
 
 async def _listing(js: JetStreamContext, state: str | None) -> list[ObjectStatus]:
-    from cim_place.cluster.locations import LocationStore
+    from cim_place.cluster.state.locations import LocationStore
 
     store = await LocationStore(js).open(create=False)
     return [status async for status in store.list(state=state)]
@@ -331,7 +332,7 @@ def status_command(
 
 
 async def _nodes(js: JetStreamContext) -> list[dict[str, Any]]:
-    from cim_place.cluster.registry import list_nodes
+    from cim_place.cluster.state.nodes import list_nodes
 
     records = await list_nodes(js)
     draining = await _draining(js)
@@ -411,7 +412,7 @@ async def _queue(js: JetStreamContext) -> tuple[dict[str, dict[str, int]], str |
     import nats.errors
     import nats.js.errors
 
-    from cim_place.cluster.subjects import TASKS_STREAM, Subjects
+    from cim_place.cluster.nats.subjects import TASKS_STREAM, Subjects
 
     subjects = Subjects()
     try:
@@ -441,10 +442,10 @@ async def _queue(js: JetStreamContext) -> tuple[dict[str, dict[str, int]], str |
 
 async def _failed(js: JetStreamContext, limit: int) -> tuple[list[dict[str, Any]], str | None]:
     """The last ``limit`` TaskFailed events, oldest first."""
-    from cim_place.cluster.eventreaders import EventReader
-    from cim_place.cluster.events import TaskFailed
-    from cim_place.cluster.subjects import Subjects
-    from cim_place.cluster.tasks import TASK_FAILED
+    from cim_place.cluster.events.readers import EventReader
+    from cim_place.cluster.events.types import TaskFailed
+    from cim_place.cluster.nats.subjects import Subjects
+    from cim_place.cluster.tasks.queue import TASK_FAILED
     from cim_place.objectstore import cid as cids
 
     reader = EventReader(js, filter_subject=f"{Subjects().prefix}.evt.*.{TASK_FAILED}")

@@ -1,6 +1,6 @@
 """`cim-place up` and `cim-place down`: a whole domain on this machine, started and stopped.
 
-``up`` runs the domain (:class:`cim_place.cluster.domain.LocalDomain`) in the foreground until
+``up`` runs the domain (:class:`cim_place.local.domain.LocalDomain`) in the foreground until
 Ctrl-C, or with ``--detach`` in a background process (its output in ``<dir>/up.log``) and returns
 once it is ready. Either way it writes ``<dir>/context.json`` (see :mod:`cim_place.cli.context`)
 so later commands in this directory find the domain, and removes it when the domain stops.
@@ -35,7 +35,7 @@ from cim_place.cli.context import (
 from cim_place.errors import CimPlaceError
 
 if TYPE_CHECKING:
-    from cim_place.cluster.domain import LocalDomain
+    from cim_place.local.domain import LocalDomain
 
 LOG_FILE = "up.log"
 _DETACH_TIMEOUT = 180.0
@@ -106,7 +106,7 @@ def up_command(
 def _foreground(
     leaves: int, zones: int, directory: Path, port: int | None, quiet: bool, as_json: bool
 ) -> None:
-    from cim_place.cluster.domain import LocalDomain
+    from cim_place.local.domain import LocalDomain
 
     domain = LocalDomain(directory, leaves=leaves, zones=zones, hub_port=port)
 

@@ -5,15 +5,17 @@ This module owns how a receiver reads offloaded content, lazily (only when the a
 1. **Local blocks first**: each local block source the client was given (the volumes of an agent
    running beside it, for instance), then the accessor's own cache of earlier fetches. A source
    that lacks a block is skipped.
-2. Otherwise ask who holds the root pinned (``cim_place.cluster.holders``) and fetch the DAG
-   from them (``cim_place.cluster.fetch``) into the cache: every block is verified against its
+2. Otherwise ask who holds the root pinned (``cim_place.cluster.exchange.holders``) and fetch the
+   DAG
+   from them (``cim_place.cluster.exchange.fetch``) into the cache: every block is verified against
+   its
    CID on arrival and again when read.
 3. Read the file bytes back (``cim_place.objectstore.unixfs.read_file``) and check the size the
    message announced.
 
 Authorization: the fetch travels on the receiver's own NATS connection, so the holders see the
 receiver's identity as NATS established it (the user whose inbox prefix its reply subjects carry,
-``cim_place.cluster.security``), never a name the receiver declares, and every block request
+``cim_place.cluster.nats.security``), never a name the receiver declares, and every block request
 names the root it is for. A holder that refuses makes the accessor raise
 :class:`ContentAccessDeniedError` (an ``AccessDeniedError``), naming the content and what to do.
 """
@@ -29,10 +31,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cim_place.cluster.fetch import BlockUnavailableError, Labels, fetch_dag
-from cim_place.cluster.holders import find_holders
-from cim_place.cluster.security import AccessDeniedError
-from cim_place.cluster.subjects import Subjects
+from cim_place.cluster.exchange.fetch import BlockUnavailableError, Labels, fetch_dag
+from cim_place.cluster.exchange.holders import find_holders
+from cim_place.cluster.nats.security import AccessDeniedError
+from cim_place.cluster.nats.subjects import Subjects
 from cim_place.comms.content import ContentRef
 from cim_place.errors import BlockNotFoundError, CimPlaceError, StoreError, TransportError
 from cim_place.interfaces import BlockSource

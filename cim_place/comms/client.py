@@ -29,12 +29,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from cim_place.cluster.connection import connect, jetstream
-from cim_place.cluster.envelope import KINDS, Content, Envelope, EnvelopeError, Kind, decode
-from cim_place.cluster.eventreaders import EventSubscription, subscribe_events
-from cim_place.cluster.fetch import Labels
-from cim_place.cluster.security import identity_of
-from cim_place.cluster.subjects import Subjects, check_node_id, outbox_stream
+from cim_place.cluster.events.readers import EventSubscription, subscribe_events
+from cim_place.cluster.exchange.fetch import Labels
+from cim_place.cluster.nats.connection import connect, jetstream
+from cim_place.cluster.nats.envelope import KINDS, Content, Envelope, EnvelopeError, Kind, decode
+from cim_place.cluster.nats.security import identity_of
+from cim_place.cluster.nats.subjects import Subjects, check_node_id, outbox_stream
 from cim_place.comms.access import ContentAccessor
 from cim_place.comms.content import BodyInput, InvalidMessageError, event
 from cim_place.comms.message import Message

@@ -10,7 +10,7 @@ body once it is stored in the object store::
 ``size`` counts the stored bytes (UTF-8 for text). The marker is plain DAG-CBOR, so any tool that
 reads the event store sees a real IPLD link. :class:`ContentRef` is its typed form;
 :class:`Attachment` lets a sender give a content type or a file on disk; ``command``, ``query``
-and ``event`` build the :class:`~cim_place.cluster.envelope.Content` of a message.
+and ``event`` build the :class:`~cim_place.cluster.nats.envelope.Content` of a message.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
-from cim_place.cluster.envelope import Content, Kind
+from cim_place.cluster.nats.envelope import Content, Kind
 from cim_place.errors import CimPlaceError
 from cim_place.objectstore.cid import Cid, to_str
 from cim_place.objectstore.dagcbor import Link, Value

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from cim_place.cluster.envelope import Envelope, Kind
+from cim_place.cluster.nats.envelope import Envelope, Kind
 from cim_place.comms.access import ContentAccessor
 from cim_place.comms.content import (
     ContentRef,

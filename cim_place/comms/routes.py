@@ -3,7 +3,7 @@
 - command: ``<prefix>.app.cmd.<type>``, core NATS publish, or request/reply;
 - query: ``<prefix>.app.qry.<type>``, request/reply (the reply is an event);
 - event: ``<prefix>.evt.<node>.app.<type>``, JetStream: stored in the sending node's leaf
-  outbox, which the hub's ``CIM_PLACE_EVENTS`` sources (cim_place.cluster.eventstore).
+  outbox, which the hub's ``CIM_PLACE_EVENTS`` sources (cim_place.cluster.events.store).
 
 Application events share the event store with the system's events (every event is persisted,
 and a leaf cut off from the hub keeps them in its outbox) but sit one token deeper, under
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cim_place.cluster.envelope import Kind
-from cim_place.cluster.subjects import Subjects, check_node_id
+from cim_place.cluster.nats.envelope import Kind
+from cim_place.cluster.nats.subjects import Subjects, check_node_id
 from cim_place.comms.content import InvalidMessageError, check_type
 
 __all__ = ["Routes"]

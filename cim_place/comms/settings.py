@@ -18,7 +18,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 
-from cim_place.cluster.kv import SETTINGS, ensure_bucket
+from cim_place.cluster.nats.kv import SETTINGS, ensure_bucket
 from cim_place.errors import CimPlaceError, TransportError
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Where an object is and whether it is healthy: the status the controller materialises.
 
 One :class:`ObjectStatus` per CID is written to the locations (key: the CID text, in one of the
-shard buckets ``cim-place-locations-NN``: :mod:`cim_place.cluster.locations`), so
+shard buckets ``cim-place-locations-NN``: :mod:`cim_place.cluster.state.locations`), so
 ``cim-place status CID`` is a single lookup and never asks the nodes. Its JSON form is the
 documented schema of ``cim-place status --json``:
 

@@ -3,10 +3,10 @@
 Read in this order: :mod:`~cim_place.policies.model` (what a policy says),
 :mod:`~cim_place.policies.validate` (the file format's rules, every problem at once),
 :mod:`~cim_place.policies.selectors` (which policy applies to an object) and
-:mod:`~cim_place.cluster.policystore` (the applied set in KV ``cim-place-policies``).
+:mod:`~cim_place.cluster.state.policies` (the applied set in KV ``cim-place-policies``).
 
 Only the pure parts are re-exported here, so importing the model (as the planner's adapter does)
-never loads the NATS client; import the store from :mod:`cim_place.cluster.policystore`.
+never loads the NATS client; import the store from :mod:`cim_place.cluster.state.policies`.
 """
 
 from cim_place.policies.explain import Explanation, explain

@@ -1,0 +1,3 @@
+"""The placement controller: its configuration, its in-memory projection of the domain and the
+reconcile loop.
+"""

@@ -1,0 +1,91 @@
+"""The controller's configuration file (``cim-place controller --config FILE``).
+
+Every key is optional; servers usually come from ``CIM_PLACE_SERVER`` (credentials in the URL)::
+
+    servers: [tls://hub-1:4222, tls://hub-2:4222, tls://hub-3:4222]
+    creds: /etc/cim-place/controller.creds
+    hub_domain: hub
+    identity: controller-hub-1      # default: host-pid
+    lease: 6s                       # leadership lease (the TTL of KV cim-place-leader)
+    full_pass: 60s                  # every object is looked at again this often
+    late_after: 15s                 # a node without heartbeat this long is late (not acted on)
+    down_after: 30s                 # ... and this long, down (repair after the policy's grace)
+    max_tasks_per_node: 16          # tasks in flight per node ...
+    max_bytes_per_node: 4GiB        # ... and bytes of fetches in flight per node
+    max_tasks: 1024                 # tasks in flight in the whole domain
+    rebalance_per_pass: 100
+    metrics: 127.0.0.1:9470
+
+Problems are reported all at once with file:line:column, as for agent and policy files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from cim_place.cluster.agent.config import AgentConfigError, ConfigChecker
+from cim_place.cluster.controller.service import ControllerConfig
+from cim_place.errors import CimPlaceError
+from cim_place.policies.loader import Path as YamlPath
+from cim_place.policies.loader import read_file
+
+_DURATIONS = {
+    "lease": "lease",
+    "full_pass": "full_pass_every",
+    "late_after": "late_after",
+    "down_after": "down_after",
+}
+_COUNTS = {
+    "max_tasks_per_node": "max_tasks_per_node",
+    "max_tasks": "max_tasks",
+    "rebalance_per_pass": "rebalance_per_pass",
+}
+_SIZES = {"max_bytes_per_node": "max_bytes_per_node"}
+_TEXTS = {
+    "creds": "creds",
+    "hub_domain": "hub_domain",
+    "identity": "identity",
+    "metrics": "metrics",
+}
+_KEYS = {"servers", *_DURATIONS, *_COUNTS, *_SIZES, *_TEXTS}
+
+
+def load_controller_config(path: Path, base: ControllerConfig | None = None) -> ControllerConfig:
+    """``base`` (the defaults, or what flags said) updated from the file at ``path``."""
+    if not path.is_file():
+        raise CimPlaceError(f"controller configuration {path} does not exist (pass --config FILE)")
+    loaded = read_file(str(path))
+    if loaded.problems:
+        raise AgentConfigError(loaded.problems)
+    config = base or ControllerConfig()
+    document = loaded.documents[0] if loaded.documents else {}
+    checker = ConfigChecker(loaded)
+    root: YamlPath = (0,)
+    doc = checker.mapping(document if document is not None else {}, root, _KEYS)
+    changes: dict[str, object] = {}
+    if "servers" in doc:
+        raw = doc["servers"]
+        items = [raw] if isinstance(raw, str) else raw
+        if isinstance(items, list) and items:
+            found = [
+                checker.text(u, (*root, "servers", i), "a server URL") for i, u in enumerate(items)
+            ]
+            changes["servers"] = tuple(u for u in found if u)
+        else:
+            checker.problem((*root, "servers"), "servers must be a URL or a list of URLs")
+    for key, attribute in _DURATIONS.items():
+        if key in doc:
+            changes[attribute] = checker.duration(doc[key], (*root, key), key)
+    for key, attribute in _COUNTS.items():
+        if key in doc:
+            changes[attribute] = checker.positive(doc[key], (*root, key), key)
+    for key, attribute in _SIZES.items():
+        if key in doc:
+            changes[attribute] = checker.size(doc[key], (*root, key), key)
+    for key, attribute in _TEXTS.items():
+        if key in doc:
+            changes[attribute] = checker.text(doc[key], (*root, key), key)
+    if loaded.problems:
+        raise AgentConfigError(loaded.problems)
+    return replace(config, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,747 @@
+"""The placement controller: keeps every object where its policy says, in the background.
+
+The loop, level-triggered (a queued CID is a key, not an event):
+
+1. Every controller (leader or standby) keeps a projection of the domain warm: events from
+   ``CIM_PLACE_EVENTS`` (from the first one, on start), node heartbeats from KV
+   ``cim-place-nodes``, drain flags from KV ``cim-place-drain`` and the applied policy set.
+2. Every change marks the CIDs it concerns as dirty. A liveness tick marks the CIDs of nodes that
+   turned late or down; a periodic full pass (APScheduler) marks everything, expires tasks whose
+   report was lost, and picks a bounded number of rebalance moves.
+3. Only the leader (a KV lease, :mod:`cim_place.cluster.state.leader`) reconciles: for each dirty
+   CID
+   it reads the projection, asks the pure reconciler what to do, enqueues the tasks (with
+   deterministic ids: a repeated enqueue is a no-op), writes the status to KV
+   ``cim-place-locations``, and requeues the CID when a grace or back-off ends. A deposed leader
+   stops before its next enqueue.
+4. Tasks are rate-limited per node (in flight) and per pass; a CID whose tasks cannot be queued
+   now is looked at again a moment later.
+
+Safety lives in the reconciler (copy before drop, never below the minimum, never the last copy,
+a late node is not acted on); this module only wires state and I/O around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import nats.errors
+import nats.js.errors
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from cim_place.cluster.controller.projection import ObjectView, Projection
+from cim_place.cluster.events.readers import EventFeed, StoredEvent
+from cim_place.cluster.events.store import ensure_event_store, hub_size, nudge_sources
+from cim_place.cluster.events.types import EVENT_TYPES, TaskCompleted, TaskFailed
+from cim_place.cluster.nats import kv
+from cim_place.cluster.nats.connection import DEFAULT_SERVER, connect, jetstream
+from cim_place.cluster.nats.subjects import DEFAULT_PREFIX, Subjects
+from cim_place.cluster.state.leader import LeaderElection
+from cim_place.cluster.state.locations import LocationStore
+from cim_place.cluster.state.nodes import NODE_TTL, NodeRecord, list_nodes
+from cim_place.cluster.state.policies import watch_policies
+from cim_place.cluster.tasks.queue import Task, TaskQueue, ensure_task_stream
+from cim_place.errors import CimPlaceError, PolicyError, TransportError
+from cim_place.objectstore.cid import Cid, to_str
+from cim_place.placement.model import NodeMap, PlacedObject
+from cim_place.placement.reconciler import (
+    FailedTask,
+    InFlightTask,
+    ObjectInfo,
+    ReconcileInput,
+    ReconcileResult,
+    rebalance_candidates,
+    reconcile,
+)
+from cim_place.placement.rules import (
+    CompiledPolicy,
+    Liveness,
+    NodeLiveness,
+    compile_policy,
+    liveness_from,
+    node_map_from,
+)
+from cim_place.placement.status import OBJECT_STATES, Summary
+from cim_place.policies.model import BUILTIN_DEFAULT, Policy, PolicySet
+from cim_place.policies.selectors import ObjectFacts, match_policy
+from cim_place.runtime.lifecycle import cancel_and_wait
+from cim_place.runtime.metrics import serve_metrics
+
+_log = logging.getLogger(__name__)
+# APScheduler logs every run of the full pass at INFO; the controller logs what matters itself.
+logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+DRAIN_PREFIX = "drain."
+DEGRADED_RETRY = 5.0
+"""Seconds after which a degraded or lost object is reconciled again without any event."""
+
+
+def default_identity() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    servers: tuple[str, ...] = (DEFAULT_SERVER,)
+    creds: str | None = None
+    hub_domain: str = "hub"
+    prefix: str = DEFAULT_PREFIX
+    identity: str = ""
+    """Unique per controller process; default host-pid."""
+    lease: float = 6.0
+    full_pass_every: float = 60.0
+    late_after: float = 15.0
+    """Seconds without a heartbeat after which a node is late (not acted on)."""
+    down_after: float = NODE_TTL
+    """Seconds without a heartbeat after which a node is down (its copies are lost once the
+    policy's repair grace has passed too)."""
+    max_tasks_per_node: int = 16
+    max_bytes_per_node: int = 4 << 30
+    """Bytes of fetches in flight to one node (the first fetch always passes, whatever its size)."""
+    max_tasks: int = 1024
+    """Tasks in flight in the whole domain."""
+    task_timeout: float = 1800.0
+    """Seconds after which a task with no report is forgotten (and its work re-planned)."""
+    rebalance_per_pass: int = 100
+    summary_every: float = 1.0
+    metrics: str | None = None
+
+
+class ControllerMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.objects = Gauge(
+            "cim_place_controller_objects", "Objects by state.", ["state"], registry=r
+        )
+        self.under_replicated = Gauge(
+            "cim_place_controller_under_replicated",
+            "Objects below their desired copies.",
+            registry=r,
+        )
+        self.tasks_queued = Counter(
+            "cim_place_controller_tasks_queued", "Tasks enqueued.", ["kind"], registry=r
+        )
+        self.tasks_in_flight = Gauge(
+            "cim_place_controller_tasks_in_flight", "Tasks enqueued and not reported.", registry=r
+        )
+        self.tasks_failed = Counter(
+            "cim_place_controller_tasks_failed", "TaskFailed events seen.", registry=r
+        )
+        self.bytes_moved = Counter(
+            "cim_place_controller_bytes_moved", "Bytes fetched by completed tasks.", registry=r
+        )
+        self.reconcile_seconds = Histogram(
+            "cim_place_controller_reconcile_seconds",
+            "Time to reconcile one object.",
+            buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1),
+            registry=r,
+        )
+        self.leader = Gauge(
+            "cim_place_controller_leader", "1 while this controller leads.", registry=r
+        )
+
+
+class Controller:
+    """One controller process. ``await start()`` ... ``await stop()``; or ``async with``."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.identity = config.identity or default_identity()
+        self.subjects = Subjects(config.prefix)
+        self.projection = Projection()
+        self.metrics = ControllerMetrics()
+        self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
+        self.locations: LocationStore | None = None
+        self.election: LeaderElection | None = None
+        self._queue: TaskQueue | None = None
+        self._drain: KeyValue | None = None
+        self._compiled: dict[str, CompiledPolicy] = {}
+        # What an object gets while its policy is not compiled (none loaded yet, or it failed).
+        self._fallback = compile_policy(BUILTIN_DEFAULT)
+        self._dirty: set[Cid] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._scheduler: AsyncIOScheduler | None = None
+        self._liveness: dict[str, NodeLiveness] = {}
+        self._liveness_at = 0.0
+        self._departed: dict[str, float] = {}
+        self._last_records: dict[str, NodeRecord] = {}
+        self._node_map: NodeMap | None = None
+        self._states: dict[Cid, str] = {}
+        self._under: set[Cid] = set()
+        self._acting = False
+        self.reconciled = 0
+        self.caught_up = asyncio.Event()
+        """Set once the projection has read every event present at start."""
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        self.nc = nc = await connect(
+            list(config.servers),
+            creds=config.creds,
+            name=f"cim-place-controller-{self.identity}",
+            for_service=True,
+        )
+        self.js = js = jetstream(nc, config.hub_domain)
+        replicas = _hub_replicas(nc, config.hub_domain)
+        await ensure_event_store(js, replicas=replicas)
+        await ensure_task_stream(js, replicas, subjects=self.subjects)
+        with contextlib.suppress(CimPlaceError, nats.errors.Error):
+            await nudge_sources(js)
+        self.locations = await LocationStore(js).open(replicas=replicas)
+        self._queue = TaskQueue(js, subjects=self.subjects)
+        self._drain = await kv.ensure_bucket(js, kv.DRAIN, history=1)
+        await self._load_drains()
+        self._sync_nodes(await list_nodes(js))
+
+        self.election = LeaderElection(
+            js,
+            self.identity,
+            lease=config.lease,
+            replicas=replicas,
+            on_elected=self._elected,
+            on_deposed=self._deposed,
+        )
+        self._tasks = [
+            asyncio.create_task(self._read_events(), name="cim-place-controller-events"),
+            asyncio.create_task(self._watch_policies(), name="cim-place-controller-policies"),
+            asyncio.create_task(self._watch_nodes(), name="cim-place-controller-nodes"),
+            asyncio.create_task(self._watch_drains(), name="cim-place-controller-drains"),
+            asyncio.create_task(self._reconcile_loop(), name="cim-place-controller-reconcile"),
+            asyncio.create_task(self._liveness_loop(), name="cim-place-controller-liveness"),
+            asyncio.create_task(self._summary_loop(), name="cim-place-controller-summary"),
+        ]
+        self._scheduler = AsyncIOScheduler()
+        self._scheduler.add_job(
+            self.full_pass, "interval", seconds=config.full_pass_every, max_instances=1
+        )
+        self._scheduler.start()
+        if config.metrics:
+            serve_metrics(self.metrics.registry, config.metrics)
+        await self.election.start()
+        _log.info("controller %s started", self.identity)
+
+    async def stop(self) -> None:
+        self._acting = False
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self.election is not None:
+            with contextlib.suppress(Exception):
+                await self.election.stop()
+        await cancel_and_wait(self._tasks)
+        self._tasks = []
+        if self.nc is not None:
+            # Everything that publishes was awaited above; close rather than drain, which waits
+            # for subscriptions nobody reads any more (the KV watchers) until its 30 s limit.
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+            self.nc = None
+
+    async def __aenter__(self) -> Controller:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def is_leader(self) -> bool:
+        return self.election is not None and self.election.is_leader
+
+    def _elected(self) -> None:
+        self._acting = True
+        self.metrics.leader.set(1)
+        if self.locations is not None:
+            self.locations.forget_written()
+        self.mark(self.projection.cids())
+        _log.info(
+            "controller %s leads (term %s)", self.identity, self.election and self.election.term
+        )
+
+    def _deposed(self) -> None:
+        # Synchronous, before anything else runs: no enqueue happens after this returns.
+        self._acting = False
+        self.metrics.leader.set(0)
+        _log.warning("controller %s no longer leads", self.identity)
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def mark(self, cids: Iterable[Cid]) -> None:
+        self._dirty.update(cids)
+        if self._dirty:
+            # Also when every CID was already marked: a standby keeps marks without acting on
+            # them, so the wake-up that matters may come with nothing new.
+            self._wake.set()
+
+    async def _read_events(self) -> None:
+        assert self.js is not None
+        # The projection's reader: the hub pushes the whole history, then each new event as it
+        # is stored (an ordered push consumer; a pull per batch held the ingest to a third of
+        # the publish rate, bench/converge.py). The feed recreates its consumer after a gap or
+        # a hub restart by itself; only opening it is retried here.
+        feed = EventFeed(
+            self.js,
+            self._apply_stored,
+            # The event types the projection applies: application events share the store.
+            filter_subject=[self.subjects.events_of_type(t) for t in EVENT_TYPES],
+            subjects=self.subjects,
+        )
+        while True:
+            try:
+                await feed.start()
+                break
+            except Exception as exc:
+                # The projection is the controller's whole view: keep trying until the hub answers.
+                _log.warning("opening the event feed: %s; retrying", exc or type(exc).__name__)
+                await asyncio.sleep(1.0)
+        try:
+            await feed.caught_up.wait()
+            self.caught_up.set()
+            await asyncio.Event().wait()  # delivery goes on in the feed until cancelled
+        finally:
+            await feed.stop()
+
+    def _apply_stored(self, stored: StoredEvent) -> None:
+        envelope = stored.envelope
+        dirty = self.projection.apply_event(envelope, node=stored.node, at=stored.stored_at)
+        if dirty:
+            self.mark(dirty)
+        kind = envelope.content.type
+        if kind == TaskCompleted.TYPE:
+            result = envelope.content.body.get("result")
+            if isinstance(result, dict):
+                moved = result.get("bytes_fetched")
+                if isinstance(moved, int):
+                    self.metrics.bytes_moved.inc(moved)
+        elif kind == TaskFailed.TYPE:
+            self.metrics.tasks_failed.inc()
+
+    async def _watch_policies(self) -> None:
+        assert self.js is not None
+        while True:
+            try:
+                async for stored in watch_policies(self.js):
+                    self._set_policies(stored.policy_set)
+            except Exception as exc:
+                _log.warning("watching policies: %s; retrying", exc or type(exc).__name__)
+            await asyncio.sleep(1.0)
+
+    def _set_policies(self, policies: PolicySet) -> None:
+        compiled: dict[str, CompiledPolicy] = {}
+        for policy in (*policies.policies, BUILTIN_DEFAULT):
+            try:
+                compiled[policy.name] = compile_policy(policy, policies.consumers)
+            except PolicyError as exc:
+                _log.error("policy %s cannot be used: %s", policy.name, exc)
+        self._compiled = compiled
+        self.mark(self.projection.set_policies(policies))
+
+    async def _watch_nodes(self) -> None:
+        # Heartbeats change every few seconds; polling the bucket costs one keys() + gets and
+        # keeps the last record of nodes that expired, which the reconciler needs.
+        assert self.js is not None
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self._sync_nodes(await list_nodes(self.js))
+            except Exception as exc:
+                _log.debug("reading nodes: %s", exc or type(exc).__name__)
+
+    def _sync_nodes(self, records: list[NodeRecord]) -> None:
+        now = time.time()
+        for record in records:
+            self._last_records[record.node] = record
+            self._departed.pop(record.node, None)
+        present = {record.node for record in records}
+        for node in self._last_records:
+            if node not in present:
+                self._departed.setdefault(node, now)
+        self.mark(self.projection.sync_nodes(records))
+        self._node_map = None
+
+    async def _load_drains(self) -> None:
+        assert self._drain is not None
+        with contextlib.suppress(nats.js.errors.NoKeysError):
+            for key in await self._drain.keys():
+                if key.startswith(DRAIN_PREFIX):
+                    self.mark(self.projection.set_draining(key[len(DRAIN_PREFIX) :], True))
+
+    async def _watch_drains(self) -> None:
+        assert self._drain is not None
+        while True:
+            try:
+                watcher = await self._drain.watchall()
+                async for entry in watcher:
+                    if entry is None or not entry.key.startswith(DRAIN_PREFIX):
+                        continue
+                    node = entry.key[len(DRAIN_PREFIX) :]
+                    draining = entry.operation is None
+                    self.mark(self.projection.set_draining(node, draining))
+                    self._node_map = None
+            except Exception as exc:
+                _log.debug("watching drains: %s", exc or type(exc).__name__)
+            await asyncio.sleep(1.0)
+
+    # -- liveness -------------------------------------------------------------------------------
+
+    def _records(self) -> list[NodeRecord]:
+        return list(self._last_records.values())
+
+    def node_map(self, now: float) -> NodeMap:
+        if self._node_map is None:
+            self._node_map = node_map_from(
+                self._records(),
+                now=now,
+                late_after=self.config.late_after,
+                down_after=self.config.down_after,
+                draining=set(self.projection.draining),
+            )
+        return self._node_map
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._refresh_liveness(time.time())
+
+    def liveness(self, now: float) -> dict[str, NodeLiveness]:
+        """Node liveness, recomputed when older than a second (a reconcile may come first)."""
+        if now - self._liveness_at > 1.0:
+            self._refresh_liveness(now)
+        return self._liveness
+
+    def _refresh_liveness(self, now: float) -> None:
+        self._liveness_at = now
+        liveness = liveness_from(
+            self._records(),
+            now=now,
+            late_after=self.config.late_after,
+            down_after=self.config.down_after,
+            departed=self._departed,
+        )
+        changed = [
+            node
+            for node in set(liveness) | set(self._liveness)
+            if (liveness.get(node), self._liveness.get(node)) != (None, None)
+            and _state_of(liveness.get(node)) != _state_of(self._liveness.get(node))
+        ]
+        self._liveness = liveness
+        if changed:
+            self._node_map = None
+            self.mark(self.projection.cids_on_nodes(changed))
+
+    # -- reconciling ----------------------------------------------------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._acting or not self.caught_up.is_set():
+                # A standby (or a leader still reading history) keeps the marks for later.
+                if not self.caught_up.is_set():
+                    await self.caught_up.wait()
+                    self._wake.set()
+                continue
+            batch, self._dirty = self._dirty, set()
+            for cid in batch:
+                if not self._acting:
+                    self._dirty.update(batch)
+                    break
+                try:
+                    await self.reconcile_one(cid)
+                except (CimPlaceError, nats.errors.Error, TimeoutError) as exc:
+                    _log.warning("reconcile of %s: %s; retrying shortly", to_str(cid), exc)
+                    self._requeue(cid, 1.0)
+                except Exception:
+                    # A bug must cost one object a retry, never the whole loop.
+                    _log.exception("reconcile of %s failed; retrying shortly", to_str(cid))
+                    self._requeue(cid, 5.0)
+                # Let events and heartbeats in between objects.
+                await asyncio.sleep(0)
+
+    def _requeue(self, cid: Cid, after: float) -> None:
+        asyncio.get_running_loop().call_later(after, self.mark, (cid,))
+
+    def policy_for(self, facts: ObjectFacts) -> CompiledPolicy:
+        policies = self.projection.policies.policies
+        chosen: Policy = match_policy(policies, facts)[0]
+        return self._compiled.get(chosen.name, self._fallback)
+
+    def reconcile_input(
+        self, cid: Cid, now: float, *, rebalance: bool = False
+    ) -> ReconcileInput | None:
+        view = self.projection.object(cid)
+        if view is None:
+            return None
+        facts = _facts(cid, view)
+        in_flight = [
+            InFlightTask(
+                kind=task.kind,  # type: ignore[arg-type]
+                node=task.node,
+                volume=task.volume,
+                task_id=task.id,
+                since=task.enqueued_at,
+            )
+            for task in self.projection.tasks_for(cid)
+        ]
+        failed = []
+        for (kind, node, volume), count in self.projection.failures(cid).items():
+            last = self.projection.last_failure(cid, (kind, node, volume))
+            failed.append(
+                FailedTask(
+                    kind=kind,  # type: ignore[arg-type]
+                    node=node,
+                    volume=volume,
+                    generation=self.projection.generation(cid, kind, node, volume) - 1,
+                    failed_at=last.at if last else now,
+                    failures=count,
+                    permanent=last.permanent if last else False,
+                    reason=last.reason if last else "",
+                )
+            )
+        return ReconcileInput(
+            obj=ObjectInfo(
+                cid=cid,
+                size=view.size,
+                first_seen=view.first_seen,
+                owner=view.owner,
+                name=view.name,
+                metadata=view.metadata,
+            ),
+            policy=self.policy_for(facts),
+            node_map=self.node_map(now),
+            confirmed=view.replicas,
+            liveness=self.liveness(now),
+            now=now,
+            in_flight=in_flight,
+            failed=failed,
+            generation=view.sequence,
+            rebalance=rebalance,
+        )
+
+    async def reconcile_one(self, cid: Cid, *, rebalance: bool = False) -> ReconcileResult | None:
+        assert self.locations is not None and self._queue is not None
+        started = time.perf_counter()
+        now = time.time()
+        inp = self.reconcile_input(cid, now, rebalance=rebalance)
+        if inp is None:
+            return None
+        inp = replace(inp, previous=await self.locations.get(cid))
+        result = reconcile(inp)
+        budget = self._budget()
+        postponed = False
+        obj = inp.obj
+        for action in result.actions:
+            if not self._acting:
+                return result  # deposed: not one more task
+            if not budget.allows(action.node, action.kind, obj.size):
+                postponed = True
+                continue
+            task = Task.create(
+                action.kind,
+                action.node,
+                cid,
+                generation=action.generation,
+                volume=action.volume,
+                holders=getattr(action, "holders", ()),
+                reason=action.reason,
+                created_by=self.identity,
+                name=obj.name,
+                owner=obj.owner,
+                metadata=obj.metadata,
+            )
+            if self.projection.task(task.id) is not None:
+                continue
+            await self._queue.enqueue(task)
+            self.projection.task_enqueued(task, now)
+            budget.take(action.node, action.kind, obj.size)
+            self.metrics.tasks_queued.labels(action.kind).inc()
+        if self._acting:
+            await self.locations.put(result.status)
+        self._note_state(cid, result)
+        self.reconciled += 1
+        self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        self.metrics.tasks_in_flight.set(self.projection.tasks_in_flight)
+        if postponed:
+            self._requeue(cid, 1.0)
+        elif result.requeue_after is not None:
+            self._requeue(cid, max(0.05, result.requeue_after))
+        elif result.status.state in ("degraded", "lost"):
+            # Level-triggered: what kept it short (a node not yet placeable, a heartbeat not yet
+            # seen) may pass without any event about this object; look again soon, not at the
+            # next full pass.
+            self._requeue(cid, DEGRADED_RETRY)
+        return result
+
+    def _budget(self) -> _Budget:
+        budget = _Budget(self.config)
+        for task in self.projection.in_flight():
+            budget.take(task.node, task.kind, self.projection.size(task.root))
+        return budget
+
+    def _note_state(self, cid: Cid, result: ReconcileResult) -> None:
+        self._states[cid] = result.status.state
+        if result.status.pinned < result.status.desired:
+            self._under.add(cid)
+        else:
+            self._under.discard(cid)
+
+    # -- periodic work --------------------------------------------------------------------------
+
+    async def full_pass(self) -> None:
+        """Mark everything, forget lost tasks, start a bounded number of rebalance moves."""
+        now = time.time()
+        self.mark(self.projection.expire_tasks(now - self.config.task_timeout))
+        self.mark(self.projection.cids())
+        if self._acting and self.caught_up.is_set():
+            await self.rebalance(now)
+
+    async def rebalance(self, now: float) -> int:
+        """Start at most ``rebalance_per_pass`` moves toward the ideal placement."""
+        node_map = self.node_map(now)
+        by_policy: dict[str, list[tuple[PlacedObject, frozenset[str]]]] = {}
+        for cid in self.projection.cids():
+            view = self.projection.object(cid)
+            if view is None or self.projection.tasks_for(cid):
+                continue
+            policy = self.policy_for(_facts(cid, view))
+            volumes = frozenset(f"{node}/{volume}" for node, volume in view.replicas)
+            by_policy.setdefault(policy.name, []).append((PlacedObject(cid, view.size), volumes))
+        started = 0
+        for name, objects in by_policy.items():
+            budget = self.config.rebalance_per_pass - started
+            if budget <= 0:
+                break
+            policy = self._compiled.get(name, self._fallback)
+            for placed in rebalance_candidates(objects, policy.rule, node_map, limit=budget):
+                await self.reconcile_one(placed.cid, rebalance=True)
+                started += 1
+        return started
+
+    async def _summary_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.summary_every)
+            if not self._acting or self.locations is None:
+                continue
+            try:
+                await self.locations.put_summary(self.summary())
+            except Exception as exc:
+                _log.debug("writing the summary: %s", exc or type(exc).__name__)
+
+    def summary(self) -> Summary:
+        counts: dict[str, int] = dict.fromkeys(OBJECT_STATES, 0)
+        for state in self._states.values():
+            counts[state] = counts.get(state, 0) + 1
+        for state, count in counts.items():
+            self.metrics.objects.labels(state).set(count)
+        self.metrics.under_replicated.set(len(self._under))
+        total = self.projection.total_size
+        liveness = self._liveness
+        up = sum(1 for state in liveness.values() if state.state == Liveness.UP)
+        return Summary(
+            objects=len(self.projection),
+            by_state=counts,
+            under_replicated=len(self._under),
+            total_bytes=total,
+            nodes_up=up,
+            nodes_down=len(liveness) - up,
+            nodes_draining=len(self.projection.draining),
+            updated_at=time.time(),
+        )
+
+
+class _Budget:
+    """Tasks in flight per node and in the domain, and bytes of fetches per node: what the
+    rate limits of :class:`ControllerConfig` allow next."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.tasks: dict[str, int] = {}
+        self.fetch_bytes: dict[str, int] = {}
+        self.total = 0
+
+    def allows(self, node: str, kind: str, size: int) -> bool:
+        if self.total >= self.config.max_tasks:
+            return False
+        if self.tasks.get(node, 0) >= self.config.max_tasks_per_node:
+            return False
+        pending = self.fetch_bytes.get(node, 0)
+        return kind != "fetch" or pending == 0 or pending + size <= self.config.max_bytes_per_node
+
+    def take(self, node: str, kind: str, size: int) -> None:
+        self.total += 1
+        self.tasks[node] = self.tasks.get(node, 0) + 1
+        if kind == "fetch":
+            self.fetch_bytes[node] = self.fetch_bytes.get(node, 0) + size
+
+
+def _state_of(liveness: NodeLiveness | None) -> str:
+    return "absent" if liveness is None else str(liveness.state)
+
+
+def _facts(cid: Cid, view: ObjectView) -> ObjectFacts:
+    """What a policy's selectors see of an object (the same in reconcile and rebalance)."""
+    return ObjectFacts(
+        cid=to_str(cid), name=view.name, owner=view.owner, metadata=view.metadata, size=view.size
+    )
+
+
+def _hub_replicas(nc: Client, hub_domain: str) -> int:
+    try:
+        return min(3, hub_size(nc, hub_domain=hub_domain))
+    except TransportError:
+        return 1
+
+
+async def set_drain(js_hub: JetStreamContext, node: str, draining: bool) -> None:
+    """Ask the controller to move everything off ``node`` (or stop doing so)."""
+    bucket = await kv.ensure_bucket(js_hub, kv.DRAIN, history=1)
+    if draining:
+        await bucket.put(f"{DRAIN_PREFIX}{node}", str(time.time()).encode())
+    else:
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            await bucket.delete(f"{DRAIN_PREFIX}{node}")
+
+
+async def draining_nodes(js_hub: JetStreamContext) -> set[str]:
+    bucket = await kv.ensure_bucket(js_hub, kv.DRAIN, history=1)
+    try:
+        keys = await bucket.keys()
+    except nats.js.errors.NoKeysError:
+        return set()
+    found = set()
+    for key in keys:
+        if key.startswith(DRAIN_PREFIX):
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                entry = await bucket.get(key)
+                if entry.value is not None:
+                    found.add(key[len(DRAIN_PREFIX) :])
+    return found
+
+
+async def run_controller(config: ControllerConfig, stop: asyncio.Event) -> None:
+    """Run a controller until ``stop`` is set."""
+    controller = Controller(config)
+    try:
+        await controller.start()
+    except BaseException:
+        await controller.stop()
+        raise
+    try:
+        await stop.wait()
+    finally:
+        await controller.stop()

@@ -1,0 +1,480 @@
+"""Domain-wide names: pointers from a name to a CID, kept in the KV bucket ``cim-place-names``.
+
+This module owns the name rules, the stored record and every read and write of the bucket (in the
+hub's JetStream domain, history 64). Many names may point at one CID; a name points at one CID at
+a time, and the bucket's history keeps what it pointed at before.
+
+Layout: one key per name; the value is JSON (readable with generic KV tools)::
+
+    {"cid": "bafy...", "set_by": "ana@host", "set_at": "2026-11-28T01:02:03+00:00",
+     "previous": "bafk...", "note": "release 3"}
+
+``previous`` and ``note`` are left out when empty. ``rm`` writes a KV delete marker whose body is
+the same JSON, naming who removed the name and (as ``cid``) what it pointed at, so history says
+who removed what; generic KV tools see an ordinary delete. Every write is compare-and-set on the
+revision read first, so ``previous`` is exact even when two writers race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+
+from cim_place.cluster.nats.kv import MAX_HISTORY, NAMES, ensure_bucket
+from cim_place.errors import CimPlaceError, InvalidCidError, TransportError
+from cim_place.objectstore import cid as cids
+from cim_place.objectstore.cid import Cid
+
+__all__ = [
+    "HISTORY",
+    "MAX_NAME_LENGTH",
+    "NAME_RULE",
+    "InvalidNameError",
+    "NameConflictError",
+    "NameRecord",
+    "NameRegistry",
+    "NamingError",
+    "UnknownNameError",
+    "check_name",
+]
+
+_log = logging.getLogger(__name__)
+
+HISTORY = MAX_HISTORY
+"""Revisions kept per name (the most JetStream KV allows)."""
+
+MAX_NAME_LENGTH = 255
+NAME_RULE = (
+    f"a name is 1-{MAX_NAME_LENGTH} characters from a-z A-Z 0-9 - _ / = . "
+    "and does not start or end with '.'"
+)
+_NAME_CHARS = re.compile(r"[-/_=.a-zA-Z0-9]+")
+
+# KV headers (as nats-py and nats.go write them), for the delete marker with a body.
+_KV_OPERATION = "KV-Operation"
+_KV_DELETE = "DEL"
+_KV_PURGE = "PURGE"
+# How often a write without an expected revision re-reads and retries after losing a race: every
+# round of a race has a winner, so this many writers of one name at once all get through; a
+# random pause spreads the losers out.
+_WRITE_ATTEMPTS = 16
+_RETRY_PAUSE = 0.01
+
+
+class NamingError(CimPlaceError):
+    """Base of the errors about domain-wide names (``NameError`` is a Python builtin)."""
+
+
+class InvalidNameError(NamingError):
+    """A name breaks the naming rule (it must be a valid NATS KV key)."""
+
+
+class UnknownNameError(NamingError):
+    """A name (or a reference that is neither a CID nor a name) is not in the domain."""
+
+
+class NameConflictError(NamingError):
+    """A compare-and-set write found another revision than the one expected."""
+
+
+@dataclass(frozen=True, slots=True)
+class NameRecord:
+    """One revision of a name.
+
+    For a removal (``removed``), ``cid`` is what the name pointed at just before, or ``b""`` when
+    that is no longer known (the kept history starts after it).
+    """
+
+    name: str
+    cid: Cid
+    set_by: str = ""
+    set_at: str = ""
+    """When the writer set it, ISO 8601 UTC, by the writer's clock."""
+    previous: Cid | None = None
+    """What the name pointed at before this revision (None: it did not exist)."""
+    note: str = ""
+    revision: int = 0
+    """The KV revision (stream sequence) of this record; pass it as ``expect_revision``."""
+    time: datetime | None = None
+    """When the hub stored this revision, by the hub's clock."""
+    removed: bool = False
+
+    @property
+    def cid_text(self) -> str:
+        """The CID in its canonical text form ("" when unknown)."""
+        return cids.to_str(self.cid) if self.cid else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (CIDs as text), for ``--json`` output."""
+        return {
+            "name": self.name,
+            "cid": self.cid_text,
+            "set_by": self.set_by,
+            "set_at": self.set_at,
+            "previous": cids.to_str(self.previous) if self.previous else None,
+            "note": self.note,
+            "revision": self.revision,
+            "time": self.time.isoformat() if self.time else None,
+            "removed": self.removed,
+        }
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid name, else raise InvalidNameError stating the rule.
+
+    A name is a NATS KV key, and must not itself read as a CID (``resolve`` would never reach it).
+    """
+    if not name:
+        raise InvalidNameError(f"empty name: {NAME_RULE}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidNameError(f"name {name[:40]!r}... is {len(name)} characters long: {NAME_RULE}")
+    if not _NAME_CHARS.fullmatch(name) or name.startswith(".") or name.endswith("."):
+        bad = sorted({c for c in name if not _NAME_CHARS.fullmatch(c)})
+        what = f" (bad characters: {''.join(bad)!r})" if bad else ""
+        raise InvalidNameError(f"invalid name {name!r}{what}: {NAME_RULE}")
+    if _is_cid(name):
+        raise InvalidNameError(
+            f"invalid name {name!r}: it reads as a CID, so it could never be looked up as a name; "
+            "choose a name that is not a CID"
+        )
+    return name
+
+
+def _is_cid(text: str) -> bool:
+    try:
+        cids.parse(text)
+    except InvalidCidError:
+        return False
+    return True
+
+
+def _to_cid(cid: Cid | str) -> Cid:
+    if isinstance(cid, str):
+        return cids.parse(cid)
+    cids.split(cid)  # raises InvalidCidError on a malformed binary CID
+    return bytes(cid)
+
+
+def encode_record(
+    cid: Cid, *, set_by: str, set_at: str, previous: Cid | None = None, note: str = ""
+) -> bytes:
+    """The JSON value stored under a name."""
+    doc: dict[str, str] = {"cid": cids.to_str(cid), "set_by": set_by, "set_at": set_at}
+    if previous:
+        doc["previous"] = cids.to_str(previous)
+    if note:
+        doc["note"] = note
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def decode_record(
+    name: str,
+    value: bytes | None,
+    *,
+    revision: int,
+    time: datetime | None,
+    removed: bool = False,
+) -> NameRecord:
+    """Read a stored value; TransportError (naming the key) when cim-place did not write it."""
+    where = f"{NAMES}/{name}@{revision}"
+    if removed and not value:
+        # A delete marker written by a generic KV tool: no body.
+        return NameRecord(name, b"", revision=revision, time=time, removed=True)
+    try:
+        doc = json.loads(value or b"")
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        cid = cids.parse(str(doc["cid"])) if doc.get("cid") else b""
+        previous = cids.parse(str(doc["previous"])) if doc.get("previous") else None
+        if not cid and not removed:
+            raise ValueError("no cid")
+    except (ValueError, KeyError, InvalidCidError) as exc:
+        raise TransportError(
+            f"the stored name {where} is not readable ({exc}); set it again with "
+            f"`cim-place name set {name} CID`"
+        ) from None
+    return NameRecord(
+        name=name,
+        cid=cid,
+        set_by=str(doc.get("set_by", "")),
+        set_at=str(doc.get("set_at", "")),
+        previous=previous,
+        note=str(doc.get("note", "")),
+        revision=revision,
+        time=time,
+        removed=removed,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Latest:
+    """The last revision of a key, live or a delete marker (revision 0: never written)."""
+
+    revision: int
+    record: NameRecord | None
+    """The live record; None when the name does not exist now."""
+
+
+class NameRegistry:
+    """The domain's names, in the KV bucket ``cim-place-names`` of the hub's JetStream domain.
+
+    Build it from a JetStream context bound to the hub's domain (``jetstream(nc, "hub")``, which
+    also works from a leaf connection). Readers never create the bucket: before the first ``set``
+    a domain simply has no names. Every method raises TransportError when NATS fails.
+    """
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._kv: KeyValue | None = None
+
+    async def set(
+        self,
+        name: str,
+        cid: Cid | str,
+        *,
+        by: str = "",
+        note: str = "",
+        expect_revision: int | None = None,
+    ) -> int:
+        """Point ``name`` at ``cid``; return the new revision.
+
+        ``expect_revision``: write only if the name's current revision is this one (0: only if
+        the name does not exist now), else raise NameConflictError. Without it the write still
+        compares-and-sets, re-reading after a lost race, so the recorded ``previous`` is exact.
+        Setting a name to the CID it already has writes a new revision (a deliberate re-set).
+        """
+        check_name(name)
+        target = _to_cid(cid)
+        kv = await self._writable_bucket()
+        for _ in range(_WRITE_ATTEMPTS):
+            latest = await self._latest(name)
+            self._check_expected(name, latest, expect_revision)
+            value = encode_record(
+                target,
+                set_by=by,
+                set_at=_now(),
+                previous=latest.record.cid if latest.record else None,
+                note=note,
+            )
+            try:
+                return int(await kv.update(name, value, last=latest.revision))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                if expect_revision is not None:
+                    raise self._conflict(name, expect_revision) from None
+                await _pause()
+            except nats.errors.Error as exc:
+                raise TransportError(f"cannot write {NAMES}/{name}: {exc}") from exc
+        raise NameConflictError(
+            f"name {name!r} kept changing while it was being set ({_WRITE_ATTEMPTS} attempts); "
+            "try again"
+        )
+
+    async def get(self, name: str) -> NameRecord | None:
+        """The current record of ``name``, or None when it does not exist (or was removed)."""
+        check_name(name)
+        kv = await self._bucket(create=False)
+        if kv is None:
+            return None
+        return (await self._latest(name)).record
+
+    async def resolve(self, ref: str) -> Cid:
+        """The CID ``ref`` stands for: a CID string parses to itself, anything else is a name.
+
+        Raises UnknownNameError when ``ref`` is neither a CID nor an existing name.
+        """
+        ref = ref.strip()
+        try:
+            return cids.parse(ref)
+        except InvalidCidError:
+            pass
+        try:
+            check_name(ref)
+        except InvalidNameError:
+            raise self._unknown(ref) from None
+        record = await self.get(ref)
+        if record is None:
+            raise self._unknown(ref)
+        return record.cid
+
+    async def ls(self, prefix: str | None = None) -> list[NameRecord]:
+        """Every existing name (optionally only those starting with ``prefix``), sorted by name.
+
+        A value cim-place cannot read (written by another tool) is skipped with a warning.
+        """
+        kv = await self._bucket(create=False)
+        if kv is None:
+            return []
+        records: list[NameRecord] = []
+        try:
+            watcher = await kv.watchall(ignore_deletes=True)
+            try:
+                async for entry in watcher:
+                    if entry is None:
+                        break  # the end of the current values
+                    if prefix and not entry.key.startswith(prefix):
+                        continue
+                    try:
+                        records.append(self._from_entry(entry))
+                    except TransportError as exc:
+                        # One foreign value must not hide every other name from a listing.
+                        _log.warning("skipping %s", exc)
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+        except nats.errors.Error as exc:
+            raise TransportError(f"cannot list the names in {NAMES}: {exc}") from exc
+        return sorted(records, key=lambda r: r.name)
+
+    async def history(self, name: str) -> list[NameRecord]:
+        """Every kept revision of ``name``, oldest first, removals included (``removed``).
+
+        An empty list when the name was never set (or its history was purged).
+        """
+        check_name(name)
+        kv = await self._bucket(create=False)
+        if kv is None:
+            return []
+        try:
+            entries = await kv.history(name)
+        except nats.js.errors.NoKeysError:
+            return []
+        except nats.errors.Error as exc:
+            raise TransportError(f"cannot read the history of {NAMES}/{name}: {exc}") from exc
+        records: list[NameRecord] = []
+        last_cid: Cid = b""
+        for entry in entries:
+            record = self._from_entry(entry)
+            if record.removed and not record.cid:
+                # A plain delete marker: it removed whatever the revision before pointed at.
+                record = NameRecord(
+                    name, last_cid, revision=record.revision, time=record.time, removed=True
+                )
+            records.append(record)
+            last_cid = b"" if record.removed else record.cid
+        return records
+
+    async def rm(self, name: str, *, by: str = "", expect_revision: int | None = None) -> int:
+        """Remove ``name`` (a delete marker; history keeps the past); return the marker's revision.
+
+        Raises UnknownNameError when the name does not exist now, NameConflictError when
+        ``expect_revision`` is given and is not the current revision.
+        """
+        check_name(name)
+        kv = await self._bucket(create=False)
+        if kv is None:
+            raise self._unknown(name, cid_hint=False)
+        for _ in range(_WRITE_ATTEMPTS):
+            latest = await self._latest(name)
+            if latest.record is None:
+                raise self._unknown(name, cid_hint=False)
+            self._check_expected(name, latest, expect_revision)
+            body = encode_record(latest.record.cid, set_by=by, set_at=_now())
+            headers = {
+                _KV_OPERATION: _KV_DELETE,
+                api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(latest.revision),
+            }
+            try:
+                ack = await self._js.publish(f"$KV.{NAMES}.{name}", body, headers=headers)
+                return int(ack.seq)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code not in (10071, 10164):  # wrong last sequence
+                    raise TransportError(f"cannot remove {NAMES}/{name}: {exc}") from exc
+                if expect_revision is not None:
+                    raise self._conflict(name, expect_revision) from None
+                await _pause()
+            except nats.errors.Error as exc:
+                raise TransportError(f"cannot remove {NAMES}/{name}: {exc}") from exc
+        raise NameConflictError(
+            f"name {name!r} kept changing while it was being removed ({_WRITE_ATTEMPTS} "
+            "attempts); try again"
+        )
+
+    # -- internals --------------------------------------------------------------------------------
+    async def _writable_bucket(self) -> KeyValue:
+        bucket = await self._bucket(create=True)
+        assert bucket is not None  # ensure_bucket creates it or raises
+        return bucket
+
+    async def _bucket(self, *, create: bool) -> KeyValue | None:
+        if self._kv is not None:
+            return self._kv
+        try:
+            if create:
+                self._kv = await ensure_bucket(self._js, NAMES, history=HISTORY)
+            else:
+                self._kv = await self._js.key_value(NAMES)
+        except nats.js.errors.BucketNotFoundError:
+            return None
+        except nats.errors.Error as exc:
+            raise TransportError(f"cannot open KV bucket {NAMES}: {exc}") from exc
+        return self._kv
+
+    async def _latest(self, name: str) -> _Latest:
+        # A stream message read (not kv.get) so a delete marker's revision is seen too: a write
+        # after a removal must compare-and-set against the marker.
+        try:
+            msg = await self._js.get_msg(f"KV_{NAMES}", subject=f"$KV.{NAMES}.{name}")
+        except nats.js.errors.NotFoundError:
+            return _Latest(0, None)
+        except nats.errors.Error as exc:
+            raise TransportError(f"cannot read {NAMES}/{name}: {exc}") from exc
+        revision = int(msg.seq or 0)
+        operation = (msg.headers or {}).get(_KV_OPERATION)
+        if operation in (_KV_DELETE, _KV_PURGE):
+            return _Latest(revision, None)
+        return _Latest(revision, decode_record(name, msg.data, revision=revision, time=msg.time))
+
+    @staticmethod
+    def _from_entry(entry: KeyValue.Entry) -> NameRecord:
+        removed = entry.operation in (_KV_DELETE, _KV_PURGE)
+        created = entry.created if isinstance(entry.created, datetime) else None
+        return decode_record(
+            entry.key, entry.value, revision=int(entry.revision or 0), time=created, removed=removed
+        )
+
+    def _check_expected(self, name: str, latest: _Latest, expect_revision: int | None) -> None:
+        if expect_revision is None:
+            return
+        current = latest.record.revision if latest.record else 0
+        if current != expect_revision:
+            raise self._conflict(name, expect_revision, current)
+
+    @staticmethod
+    def _conflict(name: str, expected: int, current: int | None = None) -> NameConflictError:
+        now = (
+            ""
+            if current is None
+            else " (it does not exist now)"
+            if current == 0
+            else f" (it is at revision {current})"
+        )
+        want = "not to exist" if expected == 0 else f"to be at revision {expected}"
+        return NameConflictError(
+            f"name {name!r} was expected {want}{now}; someone else changed it: "
+            f"check `cim-place name history {name}` and try again"
+        )
+
+    @staticmethod
+    def _unknown(ref: str, *, cid_hint: bool = True) -> UnknownNameError:
+        if cid_hint:
+            return UnknownNameError(f"no name or CID `{ref}`; list names with `cim-place name ls`")
+        return UnknownNameError(f"no name `{ref}`; list names with `cim-place name ls`")
+
+
+async def _pause() -> None:
+    await asyncio.sleep(random.uniform(0, _RETRY_PAUSE))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -1,0 +1,421 @@
+"""A whole cim-place domain on one machine, in one process: the library behind `cim-place up`.
+
+:class:`LocalDomain` owns, under one directory:
+
+- ``hub/``: a 1-server hub (JetStream domain ``hub``) with its store;
+- ``nodes/<node>/nats/``: one leaf server per node (JetStream domain = the node id
+  ``leaf-1``..``leaf-N``), linked to the hub;
+- ``nodes/<node>/v0/``: the node's one volume, served by an in-process :class:`Agent` labelled
+  ``zone-1``..``zone-Z`` round robin and ``host`` = the node id;
+- ``domain.json``: the ports it used, so a restart comes back on the same URLs.
+
+Start-up is readiness-driven, never timed: servers answer ``/healthz``, leaves are linked, the
+event store and task stream exist, every agent has written a heartbeat, the default policy is
+applied when none is, and the controller runs. Stopping reverses it. Starting again over the
+same directory resumes the same state: the servers' stores and the volumes are kept, and the
+previous ports are reused when free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nats.aio.client import Client
+
+from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
+from cim_place.cluster.agent.service import Agent
+from cim_place.cluster.controller.service import Controller, ControllerConfig
+from cim_place.cluster.events.store import ensure_event_store
+from cim_place.cluster.nats.connection import connect, jetstream
+from cim_place.cluster.state.nodes import list_nodes
+from cim_place.cluster.state.policies import PolicyStore
+from cim_place.cluster.tasks.queue import ensure_task_stream
+from cim_place.errors import CimPlaceError, TransportError
+from cim_place.local.servers import LOCALHOST, Hub, NatsServer, ServerSpec, free_port
+from cim_place.policies.validate import LoadedPolicies, load_paths, load_text
+
+__all__ = ["DomainNode", "LocalDomain", "PortTakenError", "default_policy"]
+
+_log = logging.getLogger(__name__)
+
+HUB_DOMAIN = "hub"
+STATE_FILE = "domain.json"
+VOLUME = "v0"
+_READY_TIMEOUT = 60.0
+_POLL = 0.05
+CONTROLLER_IDENTITY = "cim-place-up"
+
+# The default policy when deploy/policies/default.yaml is not beside the package (an installed
+# wheel): the same three copies in different zones.
+_DEFAULT_POLICY = """\
+name: default
+description: Three copies, each in a different zone.
+replicas: 3
+spread:
+  domain: zone
+  max_per_domain: 1
+repair:
+  grace: 15m
+  max_concurrent: 4
+  bandwidth: 50MiB/s
+"""
+
+
+class PortTakenError(TransportError):
+    """A port that was asked for explicitly is in use by another process."""
+
+
+def default_policy() -> LoadedPolicies:
+    """The policy ``up`` applies when none is: ``deploy/policies/default.yaml`` of the source
+    tree when present, else the same policy built in."""
+    beside = Path(__file__).resolve().parents[2] / "deploy" / "policies" / "default.yaml"
+    if beside.is_file():
+        return load_paths([str(beside)])
+    return load_text(_DEFAULT_POLICY, "<built-in default policy>")
+
+
+@dataclass(frozen=True, slots=True)
+class DomainNode:
+    """One leaf node as started: id, zone, its server, its volume directory."""
+
+    node: str
+    zone: str
+    server: NatsServer
+    volume: Path
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+def _port_free(port: int) -> bool:
+    # nats-server listens with SO_REUSEADDR, so a port left in TIME_WAIT by the previous run
+    # is usable; test the same way, or every restart would look like a conflict.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOCALHOST, port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class _Ports:
+    """The ports of one server, loaded from and saved to ``domain.json``."""
+
+    values: dict[str, int] = field(default_factory=dict)
+
+    def choose(self, role: str, what: str, notes: list[str]) -> int:
+        saved = self.values.get(role)
+        if saved is not None and _port_free(saved):
+            return saved
+        port = free_port()
+        if saved is not None:
+            notes.append(f"{what} port {saved} is in use; using {port} instead")
+        self.values[role] = port
+        return port
+
+
+class LocalDomain:
+    """A hub, ``leaves`` leaf nodes with agents and a controller, under ``directory``.
+
+    ``await start()`` returns once the domain is ready; ``await stop()`` stops everything.
+    ``notes`` collects what an operator should know (a port changed, the default policy applied,
+    the controller missing). ``hub_port`` asks for a given client port for the hub: if it is
+    taken, start raises :class:`PortTakenError` naming it (otherwise ports are chosen freely).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        leaves: int = 3,
+        zones: int = 3,
+        hub_port: int | None = None,
+        heartbeat: float = 5.0,
+        apply_default_policy: bool = True,
+    ) -> None:
+        if leaves < 1:
+            raise CimPlaceError(f"a domain needs at least one leaf node, not {leaves}")
+        if zones < 1:
+            raise CimPlaceError(f"a domain needs at least one zone, not {zones}")
+        self.directory = Path(directory).resolve()
+        self.leaves = leaves
+        self.zones = zones
+        self.hub_port = hub_port
+        self.heartbeat = heartbeat
+        self.apply_default_policy = apply_default_policy
+        self.notes: list[str] = []
+        self.hub: Hub | None = None
+        self.nodes: list[DomainNode] = []
+        self.agents: list[Agent] = []
+        self.controller: Controller | None = None
+        self.policy_applied = False
+        self.started_at = 0.0
+        self._nc: Client | None = None
+        # Every server process started, in order, so stop() reaches those still being waited on
+        # in a thread when a start is cancelled (Ctrl-C): stopping them ends those waits at once.
+        self._spawned: list[NatsServer] = []
+        self._spawn_lock = threading.Lock()
+        self._closing = False
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    def node_ids(self) -> list[str]:
+        return [f"leaf-{index + 1}" for index in range(self.leaves)]
+
+    def zone_of(self, index: int) -> str:
+        return f"zone-{index % self.zones + 1}"
+
+    def volume_dir(self, node: str) -> Path:
+        return self.directory / "nodes" / node / VOLUME
+
+    @property
+    def hub_url(self) -> str:
+        if self.hub is None:
+            raise RuntimeError("the domain is not started")
+        return self.hub.url
+
+    def _load_ports(self) -> dict[str, _Ports]:
+        path = self.directory / STATE_FILE
+        try:
+            doc = json.loads(path.read_text())
+            return {
+                str(name): _Ports({str(k): int(v) for k, v in ports.items()})
+                for name, ports in doc.get("ports", {}).items()
+            }
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            self.notes.append(f"{path} was unreadable ({exc}); chose new ports")
+            return {}
+
+    def _save_ports(self, ports: dict[str, _Ports]) -> None:
+        path = self.directory / STATE_FILE
+        doc = {"ports": {name: p.values for name, p in sorted(ports.items())}}
+        partial = path.with_name(STATE_FILE + ".partial")
+        partial.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        partial.replace(path)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, progress: Callable[[str], None] | None = None) -> None:
+        """Start everything and wait until it is ready; on any failure stop what started."""
+        say = progress or (lambda _message: None)
+        self.started_at = time.time()
+        with self._spawn_lock:
+            self._closing = False
+        self.directory.mkdir(parents=True, exist_ok=True)
+        ports = self._load_ports()
+        try:
+            say("starting the hub")
+            self.hub = await asyncio.to_thread(self._start_hub, ports)
+            say(f"starting {self.leaves} leaf server(s)")
+            self.nodes = list(
+                await asyncio.gather(
+                    *(
+                        asyncio.to_thread(self._start_leaf, index, node, ports)
+                        for index, node in enumerate(self.node_ids())
+                    )
+                )
+            )
+            self._save_ports(ports)
+            self._nc = await connect(self.hub.url, name="cim-place-up")
+            js_hub = jetstream(self._nc, HUB_DOMAIN)
+            # The agents attach to the event store and consume the task stream: both must exist
+            # before them (a controller would create them too; both calls are idempotent).
+            await ensure_event_store(js_hub, replicas=1)
+            await ensure_task_stream(js_hub, 1)
+            say("starting the agents")
+            await self._start_agents()
+            await self._wait_heartbeats()
+            if self.apply_default_policy:
+                await self._ensure_policy()
+            await self._start_controller(say)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop the controller, the agents, then the servers. Safe to call twice."""
+        if self.controller is not None:
+            await self.controller.stop()
+            self.controller = None
+        agents, self.agents = self.agents, []
+        if agents:
+            await asyncio.gather(
+                *(agent.stop(grace=5.0) for agent in agents), return_exceptions=True
+            )
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+            self._nc = None
+        with self._spawn_lock:
+            self._closing = True
+            spawned, self._spawned = self._spawned, []
+        self.nodes = []
+        self.hub = None
+        await asyncio.to_thread(self._stop_servers, spawned)
+
+    @staticmethod
+    def _stop_servers(servers: list[NatsServer]) -> None:
+        for server in reversed(servers):  # the leaves, then the hub
+            server.stop()
+
+    def _spawn(self, server: NatsServer) -> NatsServer:
+        """Start ``server``'s process and record it, unless the domain is being stopped."""
+        with self._spawn_lock:
+            if self._closing:
+                raise CimPlaceError(f"not starting {server.name}: the domain is stopping")
+            self._spawned.append(server)
+            return server.start()
+
+    # -- servers --------------------------------------------------------------------------------
+
+    def _start_hub(self, ports: dict[str, _Ports]) -> Hub:
+        saved = ports.setdefault(HUB_DOMAIN, _Ports())
+        if self.hub_port is not None:
+            if not _port_free(self.hub_port):
+                raise PortTakenError(
+                    f"port {self.hub_port} (asked for with --port) is in use by another process; "
+                    "stop that process, pick another port, or leave --port out to choose a free one"
+                )
+            saved.values["port"] = self.hub_port
+        directory = self.directory / "hub"
+
+        def build() -> NatsServer:
+            spec = ServerSpec(
+                server_name=HUB_DOMAIN,
+                store_dir=directory / "jetstream",
+                domain=HUB_DOMAIN,
+                port=saved.choose("port", "hub client", self.notes),
+                http_port=saved.choose("http_port", "hub monitoring", self.notes),
+                leafnode_port=saved.choose("leafnode_port", "hub leafnode", self.notes),
+            )
+            return self._spawn(NatsServer(spec, directory)).wait_ready(_READY_TIMEOUT)
+
+        server = self._with_port_retry(build, saved, "the hub")
+        return Hub(servers=[server], domain=HUB_DOMAIN, cluster_name=None)
+
+    def _start_leaf(self, index: int, node: str, ports: dict[str, _Ports]) -> DomainNode:
+        assert self.hub is not None
+        hub = self.hub
+        saved = ports.setdefault(node, _Ports())
+        directory = self.directory / "nodes" / node / "nats"
+
+        def build() -> NatsServer:
+            spec = ServerSpec(
+                server_name=node,
+                store_dir=directory / "jetstream",
+                domain=node,
+                port=saved.choose("port", f"{node} client", self.notes),
+                http_port=saved.choose("http_port", f"{node} monitoring", self.notes),
+                leaf_remotes=hub.leaf_urls,
+                leaf_reconnect=0.25,
+            )
+            server = self._spawn(NatsServer(spec, directory))
+            try:
+                server.wait_ready(_READY_TIMEOUT).wait_leaf_connected(timeout=_READY_TIMEOUT)
+                hub.wait_leaf(node, timeout=_READY_TIMEOUT)
+            except BaseException:
+                server.stop()
+                raise
+            return server
+
+        server = self._with_port_retry(build, saved, f"leaf {node}")
+        return DomainNode(node, self.zone_of(index), server, self.volume_dir(node))
+
+    def _with_port_retry(
+        self, build: Callable[[], NatsServer], saved: _Ports, what: str
+    ) -> NatsServer:
+        """Run ``build``; if a port was taken between the check and the bind, retry with new
+        ports (the client port too: another process holds it now)."""
+        for attempt in range(3):
+            try:
+                return build()
+            except TransportError as error:
+                if "address already in use" not in str(error) or attempt == 2:
+                    raise
+                taken = dict(saved.values)
+                saved.values.clear()
+                self.notes.append(f"{what}: a port of {sorted(taken.values())} was taken; retrying")
+        raise AssertionError("unreachable")
+
+    # -- agents, policy, controller -----------------------------------------------------------
+
+    async def _start_agents(self) -> None:
+        for node in self.nodes:
+            config = AgentConfig(
+                node=node.node,
+                volumes=(VolumeConfig(VOLUME, node.volume),),
+                servers=(node.url,),
+                hub_domain=HUB_DOMAIN,
+                labels={"zone": node.zone, "host": node.node},
+                heartbeat=self.heartbeat,
+            )
+            self.agents.append(Agent(config))
+        await asyncio.gather(*(agent.start() for agent in self.agents))
+
+    async def _wait_heartbeats(self) -> None:
+        """Until every agent's heartbeat of this run is in the nodes bucket."""
+        assert self._nc is not None
+        js_hub = jetstream(self._nc, HUB_DOMAIN)
+        wanted = {node.node for node in self.nodes}
+        deadline = time.monotonic() + _READY_TIMEOUT
+        while True:
+            fresh = {
+                record.node
+                for record in await list_nodes(js_hub)
+                if record.heartbeat_at >= self.started_at - 1.0
+            }
+            missing = wanted - fresh
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    f"agent(s) {', '.join(sorted(missing))} did not heartbeat within "
+                    f"{_READY_TIMEOUT:.0f} s; see the leaf logs under {self.directory / 'nodes'}"
+                )
+            await asyncio.sleep(_POLL)
+
+    async def _ensure_policy(self) -> None:
+        assert self._nc is not None
+        store = await PolicyStore.open(jetstream(self._nc, HUB_DOMAIN), create=True)
+        current = await store.load()
+        if current.policy_set.policies:
+            return
+        result = await store.apply(default_policy(), actor="cim-place up")
+        if result.written:
+            self.policy_applied = True
+            self.notes.append(
+                f"applied the default policy (3 copies in different zones), revision "
+                f"{result.revision}"
+            )
+
+    async def _start_controller(self, say: Callable[[str], None]) -> None:
+        assert self.hub is not None
+        say("starting the controller")
+        # A stable identity: the controller of a resumed domain is the same one coming back.
+        config = ControllerConfig(
+            servers=(self.hub.url,), hub_domain=HUB_DOMAIN, identity=CONTROLLER_IDENTITY
+        )
+        controller = Controller(config)
+        await controller.start()
+        self.controller = controller
+
+    async def __aenter__(self) -> LocalDomain:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,289 @@
+"""`cim-place up` / `down` with real processes: start, find without flags, stop, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from cim_place.cli.context import pid_alive, read_context
+from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.state.nodes import list_nodes
+from cim_place.cluster.state.policies import PolicyStore
+from cim_place.local.domain import LocalDomain
+from cim_place.objectstore import cid as cids
+from cim_place.objectstore.store import ObjectStore
+from cim_place.objectstore.testdata import chacha_stream
+
+pytestmark = pytest.mark.nats
+
+CLI = [sys.executable, "-m", "cim_place.cli"]
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("CIM_PLACE_SERVER", "CIM_PLACE_DIR")}
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        cwd=cwd,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def ok(*args: str, cwd: Path) -> str:
+    done = run(*args, cwd=cwd)
+    assert done.returncode == 0, f"cim-place {' '.join(args)}: {done.stderr}{done.stdout}"
+    return done.stdout
+
+
+def our_servers(directory: Path) -> list[int]:
+    """PIDs of nats-server processes whose config lives under ``directory``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if comm == "nats-server" and str(directory) in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_gone(pids: list[int]) -> None:
+    for _ in range(400):
+        if not any(pid_alive(pid) for pid in pids):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes {pids} still run")
+
+
+def eventually_placed(cid: str, cwd: Path, tries: int = 600) -> dict[str, Any]:
+    """``status CID --json`` once the object is placed with every replica pinned."""
+    doc: dict[str, Any] = {}
+    for _ in range(tries):
+        done = run("status", cid, "--json", cwd=cwd)
+        if done.returncode == 0:
+            doc = json.loads(done.stdout)
+            pinned = [loc for loc in doc["locations"] if loc["state"] == "pinned"]
+            if doc["state"] == "placed" and len(pinned) == doc["desired"]:
+                return doc
+        time.sleep(0.1)
+    raise AssertionError(f"{cid} not placed: {doc}")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    """A working directory whose domain (if any) is stopped at teardown, whatever happened."""
+    yield tmp_path
+    context = read_context(tmp_path / ".cim-place")
+    if context is not None and pid_alive(context.pid):
+        os.kill(context.pid, signal.SIGTERM)
+        wait_gone([context.pid])
+    leftovers = our_servers(tmp_path)
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"nats-server processes left behind: {leftovers}"
+
+
+def test_up_status_down_and_resume(workdir: Path) -> None:
+    state = workdir / ".cim-place"
+    out = ok("up", "--leaves", "3", "--detach", "--dir", str(state), cwd=workdir)
+    assert "leaf-3" in out and "zone-3" in out
+    first = read_context(state)
+    assert first is not None and pid_alive(first.pid)
+    assert len(our_servers(workdir)) == 4
+
+    # Later commands here find the domain through the context file: no flags.
+    nodes = json.loads(ok("nodes", "--json", cwd=workdir))
+    assert [n["node"] for n in nodes] == ["leaf-1", "leaf-2", "leaf-3"]
+    assert {n["labels"]["zone"] for n in nodes} == {"zone-1", "zone-2", "zone-3"}
+    assert all(n["state"] == "up" and n["volumes"][0]["name"] == "v0" for n in nodes)
+    summary = json.loads(ok("status", "--json", cwd=workdir))
+    assert summary["nodes"]["up"] == 3
+    ok("status", cwd=workdir)
+    ok("tasks", cwd=workdir)
+    # The default policy was applied.
+    assert "default" in ok("policy", "ls", cwd=workdir)
+
+    # Starting twice in one directory is refused.
+    again = run("up", "--detach", "--dir", str(state), cwd=workdir)
+    assert again.returncode == 1 and "already running" in again.stderr
+
+    sample = workdir / "sample.bin"
+    sample.write_bytes(chacha_stream("cim-place up", 1_500_000).read())
+    leaf_1 = first.leaf_url("leaf-1")
+    assert leaf_1 is not None
+    cid = ok("add", "--server", leaf_1, str(sample), "--name", "sample", cwd=workdir).strip()
+    # --node alone goes through the domain of the context file.
+    other = workdir / "other.bin"
+    other.write_bytes(b"stored on leaf-2")
+    other_cid = ok("add", str(other), "--node", "leaf-2", cwd=workdir).strip()
+
+    assert "stopped" in ok("down", "--dir", str(state), cwd=workdir)
+    wait_gone([first.pid])
+    assert not our_servers(workdir)
+    assert read_context(state) is None
+    for node, root in (("leaf-1", cid), ("leaf-2", other_cid)):
+        store = ObjectStore(state / "nodes" / node / "v0")
+        try:
+            assert store.pins.get(cids.parse(root)) is not None
+        finally:
+            store.close()
+
+    # Resume over the same directory while another process holds the hub's old client port.
+    hub_port = int(first.hub_url.rsplit(":", 1)[1])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", hub_port))
+        squatter.listen()
+        out = ok("up", "--leaves", "3", "--detach", "--dir", str(state), cwd=workdir)
+        assert f"hub client port {hub_port} is in use" in out
+    second = read_context(state)
+    assert second is not None and second.hub_url != first.hub_url
+    assert second.leaf_url("leaf-2") == first.leaf_url("leaf-2")  # the free ones are reused
+    copy = subprocess.run(
+        [*CLI, "get", cid], cwd=workdir, env=clean_env(), capture_output=True, timeout=120
+    )
+    assert copy.returncode == 0, copy.stderr
+    assert copy.stdout == sample.read_bytes()
+    # The controller keeps it on 3 leaves in 3 zones (the default policy `up` applied).
+    placed = eventually_placed(cid, workdir)
+    assert {(loc["node"], loc["zone"]) for loc in placed["locations"]} == {
+        ("leaf-1", "zone-1"),
+        ("leaf-2", "zone-2"),
+        ("leaf-3", "zone-3"),
+    }
+    ok("down", "--dir", str(state), cwd=workdir)
+    wait_gone([second.pid])
+    assert not our_servers(workdir)
+
+
+def test_foreground_up_stops_on_ctrl_c(workdir: Path) -> None:
+    state = workdir / ".cim-place"
+    process = subprocess.Popen(
+        [*CLI, "up", "--leaves", "1", "--zones", "1"],
+        cwd=workdir,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines: list[str] = []
+        while not any(line.startswith("ready") for line in lines):
+            line = process.stdout.readline()
+            assert line, f"up exited: {process.stderr.read() if process.stderr else ''}"
+            lines.append(line)
+        assert read_context(state) is not None
+        assert len(our_servers(workdir)) == 2
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert read_context(state) is None
+    assert not our_servers(workdir)
+
+
+def test_asked_for_port_in_use_is_named(workdir: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        done = run("up", "--port", str(port), "--detach", cwd=workdir)
+    assert done.returncode == 1
+    assert f"port {port}" in done.stderr and "in use" in done.stderr
+    assert not our_servers(workdir)
+
+
+def test_down_without_a_domain_says_so(workdir: Path) -> None:
+    done = run("down", cwd=workdir)
+    assert done.returncode == 1
+    assert "no domain is running" in done.stderr and done.stderr.count("\n") == 1
+
+
+class RecordingController:
+    """Stands in for the controller: records what ``up`` asks of it."""
+
+    instances: ClassVar[list[RecordingController]] = []
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.calls: list[str] = []
+        RecordingController.instances.append(self)
+
+    async def start(self) -> None:
+        self.calls.append("start")
+
+    async def stop(self) -> None:
+        self.calls.append("stop")
+
+
+async def test_library_starts_agents_policy_and_controller(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cim_place.local.domain as domain_module
+
+    monkeypatch.setattr(domain_module, "Controller", RecordingController)
+    monkeypatch.setattr(domain_module, "ControllerConfig", lambda **kwargs: kwargs)
+    RecordingController.instances.clear()
+
+    domain = LocalDomain(workdir / "domain", leaves=2, zones=2)
+    await domain.start()
+    try:
+        assert [n.zone for n in domain.nodes] == ["zone-1", "zone-2"]
+        (controller,) = RecordingController.instances
+        assert controller.config["servers"] == (domain.hub_url,)
+        assert controller.config["hub_domain"] == "hub"
+        async with connected(domain.hub_url) as nc:
+            js = jetstream(nc, "hub")
+            assert [r.node for r in await list_nodes(js)] == ["leaf-1", "leaf-2"]
+            applied = await (await PolicyStore.open(js, create=False)).load()
+            assert [p.name for p in applied.policy_set.policies] == ["default"]
+    finally:
+        await domain.stop()
+    assert controller.calls == ["start", "stop"]
+    assert not our_servers(workdir)
+
+
+def test_ctrl_c_while_starting_stops_what_started(workdir: Path) -> None:
+    process = subprocess.Popen(
+        [*CLI, "up", "--leaves", "2"],
+        cwd=workdir,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        while "leaf server" not in (line := process.stderr.readline()):
+            assert line, "up exited before starting its leaves"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1 and "interrupted while starting" in err
+    assert read_context(workdir / ".cim-place") is None
+    assert not our_servers(workdir)
