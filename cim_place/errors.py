@@ -62,3 +62,11 @@ class PlacementError(CimPlaceError):
 
 class TransportError(CimPlaceError):
     """NATS could not be reached, or answered in a way cim-place did not expect."""
+
+
+class ProtocolError(TransportError):
+    """A message from a peer does not follow its protocol's framing: refused, never acted on."""
+
+
+class PortTakenError(TransportError):
+    """A port that a server was to listen on is in use by another process."""

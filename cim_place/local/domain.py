@@ -39,7 +39,7 @@ from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.queue import ensure_task_stream
-from cim_place.errors import CimPlaceError, TransportError
+from cim_place.errors import CimPlaceError, PortTakenError, TransportError
 from cim_place.local.servers import LOCALHOST, Hub, NatsServer, ServerSpec, free_port
 from cim_place.policies.validate import LoadedPolicies, load_paths, load_text
 
@@ -68,10 +68,6 @@ repair:
   max_concurrent: 4
   bandwidth: 50MiB/s
 """
-
-
-class PortTakenError(TransportError):
-    """A port that was asked for explicitly is in use by another process."""
 
 
 def default_policy() -> LoadedPolicies:

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Self, TypeVar
 
-from cim_place.errors import TransportError
+from cim_place.errors import PortTakenError, TransportError
 
 __all__ = [
     "HUB_CLUSTER_NAME",
@@ -155,10 +155,6 @@ class ServerSpec:
         if leaf:
             lines.append("leafnodes {\n  " + "\n  ".join(leaf) + "\n}")
         return "\n".join(lines) + "\n" + self.extra
-
-
-class _PortTakenError(TransportError):
-    """A port chosen by free_port() was taken before the server bound it; retry with new ports."""
 
 
 def _die_with_parent() -> None:
@@ -407,7 +403,7 @@ class NatsServer:
         tail = self.log_tail()
         self._terminate(1.0)
         if "address already in use" in tail:
-            raise _PortTakenError(f"nats-server {self.name}: a port was taken:\n{tail}")
+            raise PortTakenError(f"nats-server {self.name}: a port was taken:\n{tail}")
         raise TransportError(
             f"nats-server {self.name} exited with code {code} during startup; "
             f"log {self.log_path} ends with:\n{tail}"
@@ -680,11 +676,11 @@ _Started = TypeVar("_Started", NatsServer, Hub)
 
 def _start_with_retry(build: Callable[[], _Started], what: str) -> _Started:
     """Run ``build()`` (which starts and waits), retrying with fresh ports if a port was taken."""
-    last: _PortTakenError | None = None
+    last: PortTakenError | None = None
     for _ in range(_START_ATTEMPTS):
         try:
             return build()
-        except _PortTakenError as error:
+        except PortTakenError as error:
             last = error
     raise TransportError(f"could not start {what}: ports kept being taken ({last})")
 

@@ -63,7 +63,7 @@ from typing import Any, Protocol
 
 from cim_place.cluster.nats.security import ReadAccess, requester_of
 from cim_place.cluster.nats.subjects import Subjects
-from cim_place.errors import BlockNotFoundError, CorruptBlockError, InvalidCidError
+from cim_place.errors import BlockNotFoundError, CorruptBlockError, InvalidCidError, ProtocolError
 from cim_place.interfaces import BlockSource
 from cim_place.objectstore.cid import Cid, read_varint, split, to_str, varint
 
@@ -125,10 +125,6 @@ class Status(IntEnum):
     """The holder failed while answering (its store raised something unexpected)."""
     NOT_ALLOWED = 4
     """The requester may not read the root it names (or named none, or a CID outside it)."""
-
-
-class ProtocolError(ValueError):
-    """A request or reply message that does not follow the block exchange framing."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from typing import Any
 
 from cim_place.cluster.exchange.fetch import Holder
 from cim_place.cluster.nats.subjects import Subjects
-from cim_place.errors import InvalidCidError, StoreError
+from cim_place.errors import InvalidCidError, ProtocolError, StoreError
 from cim_place.interfaces import PinIndex
 from cim_place.objectstore import dagcbor
 from cim_place.objectstore.cid import Cid, split
@@ -59,7 +59,7 @@ _INLINE_LOOKUPS = 16
 DEFAULT_TIMEOUT = 0.5
 
 
-class QueryError(ValueError):
+class QueryError(ProtocolError):
     """A who-has request or reply that does not follow the wire format."""
 
 

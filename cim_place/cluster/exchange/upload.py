@@ -55,7 +55,7 @@ from typing import Any, BinaryIO
 
 from cim_place.cluster.nats.security import AccessDeniedError, requester_of
 from cim_place.cluster.nats.subjects import Subjects
-from cim_place.errors import StoreError, StoreFullError, TransportError
+from cim_place.errors import ProtocolError, StoreError, StoreFullError, TransportError
 from cim_place.interfaces import Pin
 from cim_place.objectstore import dagcbor
 from cim_place.objectstore.cid import Cid, parse, read_varint, to_str, varint
@@ -142,7 +142,7 @@ class UploadAborted(StoreError):
         super().__init__(message)
 
 
-class _ProtocolError(ValueError):
+class _ProtocolError(ProtocolError):
     pass
 
 

@@ -20,13 +20,13 @@ _NODE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 
-class InvalidNameError(CimPlaceError):
+class InvalidSubjectError(CimPlaceError):
     """A node id or subject prefix that cannot be used in NATS subjects or stream names."""
 
 
 def check_node_id(node: str) -> str:
     if not _NODE_ID.match(node):
-        raise InvalidNameError(
+        raise InvalidSubjectError(
             f"node id {node!r} is not usable: use 1-64 letters, digits, '-' or '_' "
             "(it becomes part of NATS subjects and of the node's JetStream domain)"
         )
@@ -44,7 +44,7 @@ class Subjects:
 
     def __post_init__(self) -> None:
         if not _PREFIX.match(self.prefix):
-            raise InvalidNameError(
+            raise InvalidSubjectError(
                 f"subject prefix {self.prefix!r} is not usable: use dot-separated tokens of "
                 "letters, digits, '-' or '_' (for example cim.place)"
             )

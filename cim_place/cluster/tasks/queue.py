@@ -70,7 +70,12 @@ from cim_place.cluster.nats.envelope import (
     EnvelopeError,
     decode,
 )
-from cim_place.cluster.nats.subjects import TASKS_STREAM, InvalidNameError, Subjects, check_node_id
+from cim_place.cluster.nats.subjects import (
+    TASKS_STREAM,
+    InvalidSubjectError,
+    Subjects,
+    check_node_id,
+)
 from cim_place.errors import CimPlaceError, StoreFullError, TransportError
 from cim_place.objectstore import cid as cids
 from cim_place.objectstore.cid import Cid
@@ -308,7 +313,7 @@ def decode_task(envelope: Envelope) -> Task:
             raise TaskFormatError(f"task holders must be node ids, got {holder!r}")
         try:
             check_node_id(holder)
-        except InvalidNameError as exc:
+        except InvalidSubjectError as exc:
             raise TaskFormatError(f"task {envelope.id}: holder {exc}") from None
     return Task(
         id=envelope.id,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from cim_place.cluster.nats import envelope
 from cim_place.cluster.nats.envelope import Content, Envelope, EnvelopeError
-from cim_place.cluster.nats.subjects import InvalidNameError, Subjects, outbox_stream
+from cim_place.cluster.nats.subjects import InvalidSubjectError, Subjects, outbox_stream
 from cim_place.objectstore import cid as cids
 from cim_place.objectstore import dagcbor
 from cim_place.objectstore.dagcbor import Link
@@ -130,10 +130,10 @@ def test_subjects_are_built_in_one_place() -> None:
 
 @pytest.mark.parametrize("node", ["", "a.b", "a b", "x*", "y>", "z" * 65])
 def test_unusable_node_ids_are_refused(node: str) -> None:
-    with pytest.raises(InvalidNameError, match="node id"):
+    with pytest.raises(InvalidSubjectError, match="node id"):
         Subjects().task(node)
 
 
 def test_unusable_prefix_is_refused() -> None:
-    with pytest.raises(InvalidNameError, match="prefix"):
+    with pytest.raises(InvalidSubjectError, match="prefix"):
         Subjects("cim..place")
