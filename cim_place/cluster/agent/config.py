@@ -20,7 +20,7 @@ Example (``deploy/agent.yaml`` holds a commented one)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,21 +31,12 @@ from cim_place.errors import CimPlaceError
 from cim_place.policies.loader import Path as YamlPath
 from cim_place.policies.loader import YamlFile, read_file, read_text
 from cim_place.policies.problems import Problem
-from cim_place.policies.quantities import DURATION_HINT, SIZE_HINT, parse_duration, parse_size
+from cim_place.runtime.config import ConfigChecker, ConfigFileError
+
+AgentConfigError = ConfigFileError
+"""The name the agent's callers know the shared configuration error by."""
 
 FAILURE_DOMAIN_LABELS = ("region", "zone", "host")
-
-
-class AgentConfigError(CimPlaceError):
-    """A configuration file (agent or controller) is invalid; nothing was started."""
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = tuple(sorted(problems))
-        lines = "\n".join(f"  {p}" for p in self.problems)
-        count = len(self.problems)
-        super().__init__(
-            f"{count} problem{'s' if count != 1 else ''} in the configuration:\n{lines}"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,61 +106,9 @@ _TOP_KEYS = {
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 
 
-class ConfigChecker:
-    """Walks the plain values of one document, collecting problems with positions."""
-
-    def __init__(self, loaded: YamlFile) -> None:
-        self.loaded = loaded
-
-    def problem(self, path: YamlPath, message: str, hint: str = "", *, key: bool = False) -> None:
-        self.loaded.problem(path, message, hint, key=key)
-
-    def mapping(self, value: object, path: YamlPath, keys: set[str]) -> dict[str, object]:
-        if not isinstance(value, dict):
-            self.problem(path, "expected a mapping", "write key: value pairs")
-            return {}
-        for key in value:
-            if key not in keys:
-                known = ", ".join(sorted(keys))
-                self.problem((*path, key), f"unknown key {key!r}", f"known keys: {known}", key=True)
-        return {k: v for k, v in value.items() if k in keys}
-
-    def text(self, value: object, path: YamlPath, what: str) -> str | None:
-        if isinstance(value, str) and value:
-            return value
-        self.problem(path, f"{what} must be a non-empty string")
-        return None
-
-    def positive(self, value: object, path: YamlPath, what: str) -> int | None:
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-        self.problem(path, f"{what} must be a positive whole number, got {value!r}")
-        return None
-
-    def duration(self, value: object, path: YamlPath, what: str) -> float | None:
-        try:
-            seconds = parse_duration(value)
-        except ValueError as exc:
-            self.problem(path, f"{what}: {exc}", DURATION_HINT)
-            return None
-        if seconds <= 0:
-            self.problem(path, f"{what} must be longer than zero", DURATION_HINT)
-            return None
-        return float(seconds)
-
-    def size(
-        self, value: object, path: YamlPath, what: str, *, per_second: bool = False
-    ) -> int | None:
-        try:
-            return parse_size(value, per_second=per_second)
-        except ValueError as exc:
-            self.problem(path, f"{what}: {exc}", SIZE_HINT)
-            return None
-
-
 def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
     root: YamlPath = (0,)
-    doc = checker.mapping(document, root, _TOP_KEYS)
+    doc = checker.section(document, root, _TOP_KEYS)
     node = None
     if "node" not in doc:
         checker.problem(root, "missing `node`", "give the node id, e.g. node: leaf-1")
@@ -185,7 +124,7 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
     servers: tuple[str, ...] = (DEFAULT_SERVER,)
     creds = None
     hub_domain = "hub"
-    nats = checker.mapping(doc.get("nats", {}), (*root, "nats"), {"servers", "creds", "hub_domain"})
+    nats = checker.section(doc.get("nats", {}), (*root, "nats"), {"servers", "creds", "hub_domain"})
     if "servers" in nats:
         raw = nats["servers"]
         items = [raw] if isinstance(raw, str) else raw
@@ -233,7 +172,7 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
     else:
         for index, raw in enumerate(raw_volumes):
             at: YamlPath = (*root, "volumes", index)
-            entry = checker.mapping(raw, at, {"name", "path", "capacity"})
+            entry = checker.section(raw, at, {"name", "path", "capacity"})
             name = checker.text(entry.get("name", f"v{index}"), (*at, "name"), "volume name")
             path = checker.text(entry.get("path"), (*at, "path"), "volume path")
             capacity = None
@@ -252,7 +191,7 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
                 (*root, "metrics"), f"{metrics!r} is not host:port", "e.g. 127.0.0.1:9464"
             )
 
-    tasks = checker.mapping(
+    tasks = checker.section(
         doc.get("tasks", {}), (*root, "tasks"), {"concurrency", "max_attempts", "bandwidth"}
     )
     concurrency = checker.positive(
@@ -267,8 +206,12 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
             tasks["bandwidth"], (*root, "tasks", "bandwidth"), "bandwidth", per_second=True
         )
 
-    heartbeat = checker.duration(doc.get("heartbeat", 5), (*root, "heartbeat"), "heartbeat")
-    inventory = checker.duration(doc.get("inventory", 300), (*root, "inventory"), "inventory")
+    heartbeat = checker.positive_duration(
+        doc.get("heartbeat", 5), (*root, "heartbeat"), "heartbeat"
+    )
+    inventory = checker.positive_duration(
+        doc.get("inventory", 300), (*root, "inventory"), "inventory"
+    )
     prefix = DEFAULT_PREFIX
     if "subject_prefix" in doc:
         prefix = (
@@ -282,7 +225,7 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
 
     stream_listen, stream_advertise, tls = _check_blocks(doc.get("blocks", {}), checker, root)
 
-    if checker.loaded.problems or node is None or concurrency is None or attempts is None:
+    if checker.f.problems or node is None or concurrency is None or attempts is None:
         return None
     return AgentConfig(
         node=node,
@@ -312,10 +255,10 @@ def _check_blocks(
 ) -> tuple[str | None, str | None, dict[str, str]]:
     """(stream_listen, stream_advertise, tls files) of the ``blocks`` section."""
     at: YamlPath = (*root, "blocks")
-    blocks = checker.mapping(value, at, {"stream_listen", "stream_advertise", "tls"})
+    blocks = checker.section(value, at, {"stream_listen", "stream_advertise", "tls"})
     tls: dict[str, str] = {}
     if "tls" in blocks:
-        raw_tls = checker.mapping(blocks["tls"], (*at, "tls"), {"cert", "key", "ca"})
+        raw_tls = checker.section(blocks["tls"], (*at, "tls"), {"cert", "key", "ca"})
         for key, what in (("cert", "certificate file"), ("key", "key file"), ("ca", "CA file")):
             if key in raw_tls:
                 text = checker.text(raw_tls[key], (*at, "tls", key), f"tls {what}")

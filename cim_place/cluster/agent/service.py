@@ -30,6 +30,7 @@ from nats.aio.client import Client
 
 from cim_place import __version__
 from cim_place.cluster.agent.config import AgentConfig
+from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.events.store import EventPublisher, attach_leaf, ensure_outbox, nudge_sources
 from cim_place.cluster.events.types import (
     InventoryDigest,
@@ -55,7 +56,6 @@ from cim_place.objectstore.cid import to_str
 from cim_place.objectstore.dagcbor import Value
 from cim_place.objectstore.store import ObjectStore
 from cim_place.runtime.lifecycle import cancel_and_wait
-from cim_place.runtime.metrics import AgentMetrics
 
 _log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from cim_place.cluster.agent.config import AgentConfigError, ConfigChecker
 from cim_place.cluster.controller.service import ControllerConfig
 from cim_place.errors import CimPlaceError
 from cim_place.policies.loader import Path as YamlPath
 from cim_place.policies.loader import read_file
+from cim_place.runtime.config import ConfigChecker, ConfigFileError
 
 _DURATIONS = {
     "lease": "lease",
@@ -57,12 +57,12 @@ def load_controller_config(path: Path, base: ControllerConfig | None = None) -> 
         raise CimPlaceError(f"controller configuration {path} does not exist (pass --config FILE)")
     loaded = read_file(str(path))
     if loaded.problems:
-        raise AgentConfigError(loaded.problems)
+        raise ConfigFileError(loaded.problems)
     config = base or ControllerConfig()
     document = loaded.documents[0] if loaded.documents else {}
     checker = ConfigChecker(loaded)
     root: YamlPath = (0,)
-    doc = checker.mapping(document if document is not None else {}, root, _KEYS)
+    doc = checker.section(document if document is not None else {}, root, _KEYS)
     changes: dict[str, object] = {}
     if "servers" in doc:
         raw = doc["servers"]
@@ -76,7 +76,7 @@ def load_controller_config(path: Path, base: ControllerConfig | None = None) -> 
             checker.problem((*root, "servers"), "servers must be a URL or a list of URLs")
     for key, attribute in _DURATIONS.items():
         if key in doc:
-            changes[attribute] = checker.duration(doc[key], (*root, key), key)
+            changes[attribute] = checker.positive_duration(doc[key], (*root, key), key)
     for key, attribute in _COUNTS.items():
         if key in doc:
             changes[attribute] = checker.positive(doc[key], (*root, key), key)
@@ -87,5 +87,5 @@ def load_controller_config(path: Path, base: ControllerConfig | None = None) -> 
         if key in doc:
             changes[attribute] = checker.text(doc[key], (*root, key), key)
     if loaded.problems:
-        raise AgentConfigError(loaded.problems)
+        raise ConfigFileError(loaded.problems)
     return replace(config, **changes)  # type: ignore[arg-type]

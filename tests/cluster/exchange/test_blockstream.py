@@ -324,9 +324,9 @@ async def test_expired_grants_are_refused(
 async def test_the_stream_over_tls_verifies_the_holder(
     clients: tuple[Any, Any], volume: FsBlockStore, tmp_path: Path
 ) -> None:
-    from test_deploy import _write_certs  # the throwaway CA of the deploy tests
+    from certs import write_certs
 
-    certs = _write_certs(tmp_path / "tls")
+    certs = write_certs(tmp_path / "tls")
     nc_a, nc_b = clients
     source = MemoryBlockStore()
     size = 3 * MiB + 11
