@@ -81,6 +81,16 @@ ServerOption = Annotated[
 CredsOption = Annotated[
     str | None, typer.Option("--creds", help="NATS credentials file.", show_default=False)
 ]
+LogLevelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--log-level",
+        help="debug, info, warning or error (default: $CIM_PLACE_LOG, else info).",
+    ),
+]
+LogJsonOption = Annotated[
+    bool, typer.Option("--log-json", help="Log one JSON object per line (for log shippers).")
+]
 DomainOption = Annotated[
     str | None,
     typer.Option(

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Annotated, BinaryIO
 import typer
 from nats.aio.client import Client
 
-from cim_place.cli._domain import CredsOption, ServerOption, choose_domain
+from cim_place.cli._domain import (
+    CredsOption,
+    LogJsonOption,
+    LogLevelOption,
+    ServerOption,
+    choose_domain,
+)
 from cim_place.cli._output import handles_errors
 from cim_place.cluster.agent.config import (
     AgentConfig,
@@ -84,10 +90,13 @@ def agent_command(
             "address; needed when listening on 0.0.0.0).",
         ),
     ] = None,
+    log_level: LogLevelOption = None,
+    log_json: LogJsonOption = False,
 ) -> None:
     """Run a leaf agent until interrupted: store, announce, serve and fetch content."""
     with contextlib.suppress(KeyboardInterrupt):
         _run_agent(
+            _Logging(log_level, log_json),
             _agent_config(
                 config,
                 node,
@@ -98,8 +107,14 @@ def agent_command(
                 tag,
                 metrics,
                 _Stream(stream_listen, stream_advertise),
-            )
+            ),
         )
+
+
+@dataclass(frozen=True)
+class _Logging:
+    level: str | None
+    json_lines: bool
 
 
 @dataclass(frozen=True)
@@ -165,9 +180,12 @@ def _agent_config(
 
 
 @handles_errors
-def _run_agent(config: AgentConfig) -> None:
+def _run_agent(logs: _Logging, config: AgentConfig) -> None:
     # Imported here: the agent pulls in every service module, which other commands do not need.
     from cim_place.cluster.agent.service import describe, run_agent
+    from cim_place.runtime.logs import configure_logging
+
+    configure_logging("agent", level=logs.level, json_lines=logs.json_lines, node=config.node)
 
     async def main() -> None:
         stop = asyncio.Event()

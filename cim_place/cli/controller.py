@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from nats.js import JetStreamContext
 
-from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, run_in_domain
+from cim_place.cli._domain import (
+    CredsOption,
+    DomainOption,
+    LogJsonOption,
+    LogLevelOption,
+    ServerOption,
+    run_in_domain,
+)
 from cim_place.cli._output import handles_errors
 from cim_place.cluster.nats.connection import server_urls
 from cim_place.cluster.nats.subjects import check_node_id
@@ -36,10 +43,12 @@ def controller_command(
     metrics: Annotated[
         str | None, typer.Option("--metrics", help="host:port for Prometheus metrics.")
     ] = None,
+    log_level: LogLevelOption = None,
+    log_json: LogJsonOption = False,
 ) -> None:
     """Run a placement controller until interrupted (several may run: one leads)."""
     with contextlib.suppress(KeyboardInterrupt):
-        _run(_config(config, server, creds, identity, metrics))
+        _run(_config(config, server, creds, identity, metrics), log_level, log_json)
 
 
 @handles_errors
@@ -70,8 +79,11 @@ def _config(
 
 
 @handles_errors
-def _run(config: ControllerConfig) -> None:
+def _run(config: ControllerConfig, log_level: str | None, log_json: bool) -> None:
     from cim_place.cluster.controller.service import run_controller
+    from cim_place.runtime.logs import configure_logging
+
+    configure_logging("controller", level=log_level, json_lines=log_json)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -16,11 +16,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from cim_place.cli._domain import LogJsonOption, LogLevelOption
 from cim_place.cli._output import fail, handles_errors, print_json
 from cim_place.cli.context import (
     CONTEXT_FILE,
@@ -83,6 +85,8 @@ def up_command(
     ] = None,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
+    log_level: LogLevelOption = None,
+    log_json: LogJsonOption = False,
 ) -> None:
     """Start a hub, leaf nodes with agents and a controller on this machine (Ctrl-C stops)."""
     directory = directory.resolve()
@@ -92,10 +96,11 @@ def up_command(
             f"a domain is already running from {directory} (pid {running.pid}, hub "
             f"{running.hub_url}); stop it with `cim-place down --dir {directory}` first"
         )
+    logs = _Logs(log_level, log_json)
     if detach:
-        context = _detach(leaves, zones, directory, port)
+        context = _detach(leaves, zones, directory, port, logs)
     else:
-        _foreground(leaves, zones, directory, port, quiet, as_json)
+        _foreground(leaves, zones, directory, port, quiet, as_json, logs)
         return
     if as_json:
         print_json(context.to_dict())
@@ -103,10 +108,30 @@ def up_command(
         _print_summary(context, directory, detached=True)
 
 
+@dataclass(frozen=True)
+class _Logs:
+    level: str | None
+    json_lines: bool
+
+    def flags(self) -> list[str]:
+        return (["--log-level", self.level] if self.level else []) + (
+            ["--log-json"] if self.json_lines else []
+        )
+
+
 def _foreground(
-    leaves: int, zones: int, directory: Path, port: int | None, quiet: bool, as_json: bool
+    leaves: int,
+    zones: int,
+    directory: Path,
+    port: int | None,
+    quiet: bool,
+    as_json: bool,
+    logs: _Logs,
 ) -> None:
     from cim_place.local.domain import LocalDomain
+    from cim_place.runtime.logs import configure_logging
+
+    configure_logging("up", level=logs.level, json_lines=logs.json_lines)
 
     domain = LocalDomain(directory, leaves=leaves, zones=zones, hub_port=port)
 
@@ -165,7 +190,9 @@ def _context_of(domain: LocalDomain) -> DomainContext:
     )
 
 
-def _detach(leaves: int, zones: int, directory: Path, port: int | None) -> DomainContext:
+def _detach(
+    leaves: int, zones: int, directory: Path, port: int | None, logs: _Logs
+) -> DomainContext:
     """Run ``up`` in a new session with its output in ``<dir>/up.log``; wait until it is ready."""
     directory.mkdir(parents=True, exist_ok=True)
     log_path = directory / LOG_FILE
@@ -181,6 +208,7 @@ def _detach(leaves: int, zones: int, directory: Path, port: int | None) -> Domai
         "--dir",
         str(directory),
         "--quiet",
+        *logs.flags(),
     ]
     if port is not None:
         command += ["--port", str(port)]

@@ -42,6 +42,7 @@ from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.errors import CimPlaceError, PortTakenError, TransportError
 from cim_place.local.servers import LOCALHOST, Hub, NatsServer, ServerSpec, free_port
 from cim_place.policies.validate import LoadedPolicies, load_paths, load_text
+from cim_place.runtime.logs import bound_node
 
 __all__ = ["DomainNode", "LocalDomain", "PortTakenError", "default_policy"]
 
@@ -360,7 +361,7 @@ class LocalDomain:
                 heartbeat=self.heartbeat,
             )
             self.agents.append(Agent(config))
-        await asyncio.gather(*(agent.start() for agent in self.agents))
+        await asyncio.gather(*(_start_labelled(agent) for agent in self.agents))
 
     async def _wait_heartbeats(self) -> None:
         """Until every agent's heartbeat of this run is in the nodes bucket."""
@@ -415,3 +416,9 @@ class LocalDomain:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+async def _start_labelled(agent: Agent) -> None:
+    """Start ``agent`` in a context whose log records (and its tasks') name its node."""
+    with bound_node(agent.config.node):
+        await agent.start()

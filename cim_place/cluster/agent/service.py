@@ -56,6 +56,7 @@ from cim_place.objectstore.cid import to_str
 from cim_place.objectstore.dagcbor import Value
 from cim_place.objectstore.store import ObjectStore
 from cim_place.runtime.lifecycle import cancel_and_wait
+from cim_place.runtime.logs import bound_node
 
 _log = logging.getLogger(__name__)
 
@@ -553,7 +554,8 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
     """Run an agent until ``stop`` is set (the CLI sets it on SIGINT/SIGTERM)."""
     agent = Agent(config)
     try:
-        await agent.start()
+        with bound_node(config.node):
+            await agent.start()
     except BaseException:
         await agent.stop(grace=0)
         raise
