@@ -23,7 +23,6 @@ import ssl
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
@@ -50,7 +49,7 @@ from cim_place.cluster.nats.security import ReadAccess, identity_of
 from cim_place.cluster.state.nodes import Heartbeat, NodeRecord, VolumeStatus, list_nodes
 from cim_place.cluster.tasks.queue import Task, TaskOutcome, TaskResult, TaskWorker
 from cim_place.errors import CimPlaceError, StoreError, StoreFullError, TransportError
-from cim_place.interfaces import Pin
+from cim_place.interfaces import Pin, Service
 from cim_place.objectstore import dag
 from cim_place.objectstore.cid import to_str
 from cim_place.objectstore.dagcbor import Value
@@ -96,7 +95,7 @@ class Agent:
             ) from None
         self.nc: Client | None = None
         self.publisher: EventPublisher | None = None
-        self._services: list[Any] = []
+        self._services: list[Service] = []
         self._background: list[asyncio.Task[None]] = []
         self._heartbeat: Heartbeat | None = None
         self._worker: TaskWorker | None = None
