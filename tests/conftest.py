@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from exchange import Pair
+from hypothesis import HealthCheck, settings
 
 from cim_place.cluster.nats.connection import connected
 from cim_place.objectstore.blockstore import FsBlockStore
@@ -18,6 +19,11 @@ if TYPE_CHECKING:  # imported by pytest_plugins below, after assertion rewriting
     from cim_place.testing import LeafFactory
 
 pytest_plugins = ["cim_place.testing"]
+
+# Property tests judge correctness, never speed: on a loaded 2-core machine data generation can
+# be slow, which must not fail a run (tests that set their own settings keep them).
+settings.register_profile("cim-place", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("cim-place")
 
 # Fixtures that start nats-server: a test using any of them is marked `nats` automatically; a
 # module that starts servers some other way says `pytestmark = pytest.mark.nats` itself.
