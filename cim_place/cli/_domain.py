@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from cim_place.cli.context import server_default
+from cim_place.cluster.nats.subjects import HUB_DOMAIN
 from cim_place.errors import TransportError
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-HUB_DOMAIN = "hub"
 _PROBE_TIMEOUT = 2.0
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cim_place.cluster.nats.subjects import HUB_DOMAIN
 from cim_place.errors import CimPlaceError
 
 __all__ = [
@@ -59,7 +60,7 @@ class DomainContext:
     nodes: tuple[NodeEntry, ...]
     pid: int
     started_at: float
-    hub_domain: str = "hub"
+    hub_domain: str = HUB_DOMAIN
     controller: bool = False
     notes: tuple[str, ...] = ()
     path: Path | None = field(default=None, compare=False)
@@ -97,7 +98,7 @@ class DomainContext:
                 ),
                 pid=int(doc["pid"]),
                 started_at=float(doc["started_at"]),
-                hub_domain=str(doc.get("hub_domain", "hub")),
+                hub_domain=str(doc.get("hub_domain", HUB_DOMAIN)),
                 controller=bool(doc.get("controller", False)),
                 notes=tuple(str(n) for n in doc.get("notes", [])),
                 path=path,

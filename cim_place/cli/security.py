@@ -14,7 +14,7 @@ import typer
 
 from cim_place.cli._output import handles_errors
 from cim_place.cluster.nats.security import SecurityConfigError, plan_domain, render_files
-from cim_place.cluster.nats.subjects import DEFAULT_PREFIX, Subjects
+from cim_place.cluster.nats.subjects import DEFAULT_PREFIX, HUB_DOMAIN, Subjects
 
 app = typer.Typer(
     help="NATS users and permissions of a domain (see docs/SECURITY.md).", no_args_is_help=True
@@ -59,7 +59,7 @@ def gen_command(
         str, typer.Option("--leaf-url", help="How users reach their leaf; {node} is replaced.")
     ] = "nats://127.0.0.1:4222",
     prefix: Annotated[str, typer.Option("--prefix", help="Subject prefix.")] = DEFAULT_PREFIX,
-    hub_domain: Annotated[str, typer.Option("--hub-domain", help="The hub's domain.")] = "hub",
+    hub_domain: Annotated[str, typer.Option("--hub-domain", help="The hub's domain.")] = HUB_DOMAIN,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite existing files (new passwords).")
     ] = False,

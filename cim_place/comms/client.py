@@ -34,7 +34,7 @@ from cim_place.cluster.exchange.fetch import Labels
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.envelope import KINDS, Content, Envelope, EnvelopeError, Kind, decode
 from cim_place.cluster.nats.security import identity_of
-from cim_place.cluster.nats.subjects import Subjects, check_node_id, outbox_stream
+from cim_place.cluster.nats.subjects import HUB_DOMAIN, Subjects, check_node_id, outbox_stream
 from cim_place.comms.access import ContentAccessor
 from cim_place.comms.content import BodyInput, InvalidMessageError, event
 from cim_place.comms.message import Message
@@ -106,7 +106,7 @@ class Comms:
         owner: str = "",
         readers: Sequence[str] = ("*",),
         subjects: Subjects | None = None,
-        hub_domain: str = "hub",
+        hub_domain: str = HUB_DOMAIN,
         threshold: int | None = None,
         local: Sequence[BlockSource] = (),
         cache_dir: Path | None = None,

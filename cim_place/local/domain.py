@@ -36,6 +36,7 @@ from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.controller.service import Controller, ControllerConfig
 from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.nats.connection import connect, jetstream
+from cim_place.cluster.nats.subjects import HUB_DOMAIN
 from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.queue import ensure_task_stream
@@ -48,7 +49,6 @@ __all__ = ["DomainNode", "LocalDomain", "PortTakenError", "default_policy"]
 
 _log = logging.getLogger(__name__)
 
-HUB_DOMAIN = "hub"
 STATE_FILE = "domain.json"
 VOLUME = "v0"
 _READY_TIMEOUT = 60.0

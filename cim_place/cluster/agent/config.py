@@ -26,7 +26,7 @@ from pathlib import Path
 
 from cim_place.cluster.exchange.stream import DEFAULT_LISTEN
 from cim_place.cluster.nats.connection import DEFAULT_SERVER
-from cim_place.cluster.nats.subjects import DEFAULT_PREFIX, Subjects, check_node_id
+from cim_place.cluster.nats.subjects import DEFAULT_PREFIX, HUB_DOMAIN, Subjects, check_node_id
 from cim_place.errors import CimPlaceError
 from cim_place.policies.loader import Path as YamlPath
 from cim_place.policies.loader import YamlFile, read_file, read_text
@@ -53,7 +53,7 @@ class AgentConfig:
     volumes: tuple[VolumeConfig, ...]
     servers: tuple[str, ...] = (DEFAULT_SERVER,)
     creds: str | None = None
-    hub_domain: str = "hub"
+    hub_domain: str = HUB_DOMAIN
     prefix: str = DEFAULT_PREFIX
     labels: Mapping[str, str] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
@@ -123,7 +123,7 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
 
     servers: tuple[str, ...] = (DEFAULT_SERVER,)
     creds = None
-    hub_domain = "hub"
+    hub_domain = HUB_DOMAIN
     nats = checker.section(doc.get("nats", {}), (*root, "nats"), {"servers", "creds", "hub_domain"})
     if "servers" in nats:
         raw = nats["servers"]
@@ -140,7 +140,8 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
         creds = checker.text(nats["creds"], (*root, "nats", "creds"), "creds")
     if "hub_domain" in nats:
         hub_domain = (
-            checker.text(nats["hub_domain"], (*root, "nats", "hub_domain"), "hub_domain") or "hub"
+            checker.text(nats["hub_domain"], (*root, "nats", "hub_domain"), "hub_domain")
+            or HUB_DOMAIN
         )
 
     labels: dict[str, str] = {}

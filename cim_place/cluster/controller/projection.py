@@ -58,6 +58,7 @@ from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.state.nodes import NodeRecord
 from cim_place.cluster.tasks.queue import Task
 from cim_place.objectstore.cid import Cid
+from cim_place.placement.reconciler import Replica
 from cim_place.policies.model import PolicySet
 
 __all__ = [
@@ -69,7 +70,6 @@ __all__ = [
     "TaskInFlight",
 ]
 
-Replica = tuple[str, str]
 """A confirmed replica: ``(node, volume name)``."""
 FailureKey = tuple[str, str, str | None]
 """``(task kind, node, volume)`` of a failed task, per CID."""

@@ -54,7 +54,13 @@ from cim_place.cluster.events.types import AnyEvent, event_envelope
 from cim_place.cluster.nats import kv as kv_names
 from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.nats.kv import ensure_bucket
-from cim_place.cluster.nats.subjects import EVENTS_STREAM, Subjects, check_node_id, outbox_stream
+from cim_place.cluster.nats.subjects import (
+    EVENTS_STREAM,
+    HUB_DOMAIN,
+    Subjects,
+    check_node_id,
+    outbox_stream,
+)
 from cim_place.errors import TransportError
 
 __all__ = [
@@ -109,7 +115,7 @@ def _source_for(node: str) -> StreamSource:
     return StreamSource(name=outbox_stream(node), external=ExternalStream(api=source_api(node)))
 
 
-def hub_size(nc: Client, *, hub_domain: str = "hub") -> int:
+def hub_size(nc: Client, *, hub_domain: str = HUB_DOMAIN) -> int:
     """Number of servers in the hub ``nc`` is connected to (1 for a standalone hub server).
 
     Read from the server's INFO (its cluster's client URLs), so ``nc`` must be connected to a hub

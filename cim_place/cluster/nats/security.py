@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlsplit
 from cim_place.cluster.nats import kv
 from cim_place.cluster.nats.subjects import (
     EVENTS_STREAM,
+    HUB_DOMAIN,
     TASKS_STREAM,
     Subjects,
     check_node_id,
@@ -293,7 +294,7 @@ class DomainPlan:
     leaf_links: Mapping[str, User]
     """Per node: the user its leaf server authenticates with at the hub."""
     subjects: Subjects = field(default_factory=Subjects)
-    hub_domain: str = "hub"
+    hub_domain: str = HUB_DOMAIN
 
     def all_users(self) -> list[User]:
         users = list(self.hub)
@@ -492,7 +493,7 @@ def plan_domain(
     *,
     readers: Mapping[str, str | None] | None = None,
     subjects: Subjects | None = None,
-    hub_domain: str = "hub",
+    hub_domain: str = HUB_DOMAIN,
     password: Callable[[], str] = _password,
 ) -> DomainPlan:
     """Every user of a domain with ``nodes`` and ``readers`` (user -> home leaf, None: the hub).

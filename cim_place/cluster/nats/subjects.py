@@ -17,6 +17,9 @@ EVENTS_STREAM = "CIM_PLACE_EVENTS"
 TASKS_STREAM = "CIM_PLACE_TASKS"
 
 _NODE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+HUB_DOMAIN = "hub"
+"""The hub's JetStream domain: where the event store, the task queue and every KV bucket live."""
+
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 

@@ -71,6 +71,7 @@ from cim_place.cluster.nats.envelope import (
     decode,
 )
 from cim_place.cluster.nats.subjects import (
+    HUB_DOMAIN,
     TASKS_STREAM,
     InvalidSubjectError,
     Subjects,
@@ -80,6 +81,7 @@ from cim_place.errors import CimPlaceError, StoreFullError, TransportError
 from cim_place.objectstore import cid as cids
 from cim_place.objectstore.cid import Cid
 from cim_place.objectstore.dagcbor import Link, Value
+from cim_place.placement.reconciler import TaskKind
 
 __all__ = [
     "COMMAND_TYPES",
@@ -109,8 +111,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-HUB_DOMAIN = "hub"
-TaskKind = Literal["fetch", "drop", "verify"]
 KINDS: tuple[TaskKind, ...] = ("fetch", "drop", "verify")
 COMMAND_TYPES: Mapping[TaskKind, str] = {
     "fetch": "FetchObject",
