@@ -209,6 +209,36 @@ class _Spawner:
 
 _SPAWNER = _Spawner()
 
+
+def spawn(
+    argv: list[str],
+    log_file: BinaryIO,
+    *,
+    die_with_parent: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with its output appended to ``log_file``, in a session of its own.
+
+    A new session makes the child its own process-group leader, so a stop can signal the whole
+    group and a Ctrl-C meant for the caller does not reach it first. With ``die_with_parent``
+    (Linux) the kernel stops it when this process dies, even by SIGKILL.
+    """
+    tie = _die_with_parent if die_with_parent and sys.platform == "linux" else None
+
+    def popen() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=tie,
+            env=env,
+        )
+
+    return _SPAWNER.run(popen)
+
+
 # Live processes, stopped at interpreter exit if their owner forgot (or crashed).
 _LIVE: set[NatsServer] = set()
 _LIVE_LOCK = threading.Lock()
@@ -278,6 +308,10 @@ class NatsServer:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def returncode(self) -> int | None:
+        """The exit status once the process has ended (negative: the signal); None while it runs."""
+        return self._process.poll() if self._process is not None else None
+
     def __repr__(self) -> str:
         return f"NatsServer(name={self.name!r}, url={self.url!r}, domain={self.domain!r})"
 
@@ -292,21 +326,11 @@ class NatsServer:
         self.config_path.write_text(self.spec.render())
         self._log_file = self.log_path.open("ab")
         log_file = self._log_file
-        tie = _die_with_parent if self.die_with_parent and sys.platform == "linux" else None
-
-        def popen() -> subprocess.Popen[bytes]:
-            # A new session makes the server its own process-group leader, so stop() can
-            # signal the whole group and a Ctrl-C meant for the caller does not reach it first.
-            return subprocess.Popen(
-                [str(binary), "-c", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=tie,
-            )
-
-        self._process = _SPAWNER.run(popen)
+        self._process = spawn(
+            [str(binary), "-c", str(self.config_path)],
+            log_file,
+            die_with_parent=self.die_with_parent,
+        )
         with _LIVE_LOCK:
             _LIVE.add(self)
         return self
