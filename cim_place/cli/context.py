@@ -28,6 +28,7 @@ __all__ = [
     "DIR_ENV",
     "DomainContext",
     "NodeEntry",
+    "ProcessEntry",
     "find_context",
     "pid_alive",
     "read_context",
@@ -53,6 +54,16 @@ class NodeEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessEntry:
+    """One supervised process of a local domain."""
+
+    role: str
+    """hub, leaf-server, agent or controller."""
+    node: str | None
+    pid: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class DomainContext:
     """What ``context.json`` holds (plus where it was read from)."""
 
@@ -63,6 +74,8 @@ class DomainContext:
     hub_domain: str = HUB_DOMAIN
     controller: bool = False
     notes: tuple[str, ...] = ()
+    processes: tuple[ProcessEntry, ...] = ()
+    """Every supervised process (role, node, pid), as of the last restart."""
     path: Path | None = field(default=None, compare=False)
 
     def leaf_url(self, node: str) -> str | None:
@@ -85,6 +98,7 @@ class DomainContext:
             "started_at": self.started_at,
             "controller": self.controller,
             "notes": list(self.notes),
+            "processes": [{"role": e.role, "node": e.node, "pid": e.pid} for e in self.processes],
         }
 
     @classmethod
@@ -101,6 +115,14 @@ class DomainContext:
                 hub_domain=str(doc.get("hub_domain", HUB_DOMAIN)),
                 controller=bool(doc.get("controller", False)),
                 notes=tuple(str(n) for n in doc.get("notes", [])),
+                processes=tuple(
+                    ProcessEntry(
+                        str(e["role"]),
+                        None if e.get("node") is None else str(e["node"]),
+                        None if e.get("pid") is None else int(e["pid"]),
+                    )
+                    for e in doc.get("processes", [])
+                ),
                 path=path,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -29,6 +29,7 @@ from cim_place.cli.context import (
     DEFAULT_DIR,
     DomainContext,
     NodeEntry,
+    ProcessEntry,
     pid_alive,
     read_context,
     remove_context,
@@ -85,10 +86,18 @@ def up_command(
     ] = None,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
+    controllers: Annotated[
+        int,
+        typer.Option(
+            "--controllers", min=1, max=5, help="Controllers to run (one leads, others stand by)."
+        ),
+    ] = 1,
     log_level: LogLevelOption = None,
     log_json: LogJsonOption = False,
 ) -> None:
-    """Start a hub, leaf nodes with agents and a controller on this machine (Ctrl-C stops)."""
+    """Start a hub, leaf nodes with agents and a controller on this machine (Ctrl-C stops).
+
+    Every part is a process of its own, restarted with back-off when it exits."""
     directory = directory.resolve()
     running = _running_context(directory)
     if running is not None:
@@ -96,7 +105,7 @@ def up_command(
             f"a domain is already running from {directory} (pid {running.pid}, hub "
             f"{running.hub_url}); stop it with `cim-place down --dir {directory}` first"
         )
-    logs = _Logs(log_level, log_json)
+    logs = _Logs(log_level, log_json, controllers)
     if detach:
         context = _detach(leaves, zones, directory, port, logs)
     else:
@@ -110,13 +119,20 @@ def up_command(
 
 @dataclass(frozen=True)
 class _Logs:
+    """How the domain's processes log, and how many controllers run (passed on to a detached
+    ``up`` as flags)."""
+
     level: str | None
     json_lines: bool
+    controllers: int = 1
 
-    def flags(self) -> list[str]:
+    def log_flags(self) -> list[str]:
         return (["--log-level", self.level] if self.level else []) + (
             ["--log-json"] if self.json_lines else []
         )
+
+    def flags(self) -> list[str]:
+        return [*self.log_flags(), "--controllers", str(self.controllers)]
 
 
 def _foreground(
@@ -133,7 +149,14 @@ def _foreground(
 
     configure_logging("up", level=logs.level, json_lines=logs.json_lines)
 
-    domain = LocalDomain(directory, leaves=leaves, zones=zones, hub_port=port)
+    domain = LocalDomain(
+        directory,
+        leaves=leaves,
+        zones=zones,
+        hub_port=port,
+        controllers=logs.controllers,
+        log_flags=tuple(logs.log_flags()),
+    )
 
     def progress(message: str) -> None:
         if not quiet and not as_json:
@@ -158,6 +181,12 @@ def _foreground(
             await domain.start(progress)
             context = _context_of(domain)
             write_context(directory, context)
+
+            # A restarted process has a new pid: keep context.json current.
+            def refresh() -> None:
+                write_context(directory, _context_of(domain))
+
+            domain.on_change = refresh
             started = True
             if as_json:
                 print_json(context.to_dict())
@@ -185,9 +214,21 @@ def _context_of(domain: LocalDomain) -> DomainContext:
         nodes=tuple(NodeEntry(n.node, n.url, n.zone, str(n.volume)) for n in domain.nodes),
         pid=os.getpid(),
         started_at=domain.started_at,
-        controller=domain.controller is not None,
+        controller=domain.controller,
         notes=tuple(domain.notes),
+        processes=tuple(
+            ProcessEntry(str(p["role"]), _text_or_none(p["node"]), _int_or_none(p["pid"]))
+            for p in domain.processes()
+        ),
     )
+
+
+def _text_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) else None
 
 
 def _detach(

@@ -1,13 +1,18 @@
-"""A whole cim-place domain on one machine, in one process: the library behind `cim-place up`.
+"""A whole cim-place domain on one machine, as supervised processes: the library behind `up`.
 
 :class:`LocalDomain` owns, under one directory:
 
 - ``hub/``: a 1-server hub (JetStream domain ``hub``) with its store;
 - ``nodes/<node>/nats/``: one leaf server per node (JetStream domain = the node id
   ``leaf-1``..``leaf-N``), linked to the hub;
-- ``nodes/<node>/v0/``: the node's one volume, served by an in-process :class:`Agent` labelled
-  ``zone-1``..``zone-Z`` round robin and ``host`` = the node id;
+- ``nodes/<node>/v0/``: the node's one volume, served by the node's agent, a process of its own
+  (``cim-place agent --config nodes/<node>/agent.yaml``, log ``nodes/<node>/agent.log``),
+  labelled ``zone-1``..``zone-Z`` round robin and ``host`` = the node id;
+- ``controller-N.log``: the controllers, one process each (the first leads, the others stand by);
 - ``domain.json``: the ports it used, so a restart comes back on the same URLs.
+
+Every process is supervised (:class:`cim_place.local.supervisor.Supervisor`): one that exits or
+is killed is started again with back-off, and :meth:`LocalDomain.processes` lists what runs now.
 
 Start-up is readiness-driven, never timed: servers answer ``/healthz``, leaves are linked, the
 event store and task stream exist, every agent has written a heartbeat, the default policy is
@@ -23,27 +28,27 @@ import contextlib
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from nats.aio.client import Client
 
-from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
-from cim_place.cluster.agent.service import Agent
-from cim_place.cluster.controller.service import Controller, ControllerConfig
 from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
+from cim_place.cluster.state.leader import read_leader
 from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.errors import CimPlaceError, PortTakenError, TransportError
 from cim_place.local.servers import LOCALHOST, Hub, NatsServer, ServerSpec, free_port
+from cim_place.local.supervisor import Command, Supervised, Supervisor
 from cim_place.policies.validate import LoadedPolicies, load_paths, load_text
-from cim_place.runtime.logs import bound_node
 
 __all__ = ["DomainNode", "LocalDomain", "PortTakenError", "default_policy"]
 
@@ -53,6 +58,7 @@ STATE_FILE = "domain.json"
 VOLUME = "v0"
 _READY_TIMEOUT = 60.0
 _POLL = 0.05
+_LIST_POLL = 0.25
 CONTROLLER_IDENTITY = "cim-place-up"
 
 # The default policy when deploy/policies/default.yaml is not beside the package (an installed
@@ -141,11 +147,15 @@ class LocalDomain:
         hub_port: int | None = None,
         heartbeat: float = 5.0,
         apply_default_policy: bool = True,
+        controllers: int = 1,
+        log_flags: tuple[str, ...] = (),
     ) -> None:
         if leaves < 1:
             raise CimPlaceError(f"a domain needs at least one leaf node, not {leaves}")
         if zones < 1:
             raise CimPlaceError(f"a domain needs at least one zone, not {zones}")
+        if controllers < 1:
+            raise CimPlaceError(f"a domain needs at least one controller, not {controllers}")
         self.directory = Path(directory).resolve()
         self.leaves = leaves
         self.zones = zones
@@ -155,8 +165,12 @@ class LocalDomain:
         self.notes: list[str] = []
         self.hub: Hub | None = None
         self.nodes: list[DomainNode] = []
-        self.agents: list[Agent] = []
-        self.controller: Controller | None = None
+        self.controllers = controllers
+        self.log_flags = log_flags
+        # Called after a supervised process was restarted (its pid changed): `up` rewrites
+        # context.json from it.
+        self.on_change: Callable[[], None] | None = None
+        self.supervisor = Supervisor(on_change=self._changed, after_restart=self._ready_again)
         self.policy_applied = False
         self.started_at = 0.0
         self._nc: Client | None = None
@@ -234,34 +248,53 @@ class LocalDomain:
             await ensure_event_store(js_hub, replicas=1)
             await ensure_task_stream(js_hub, 1)
             say("starting the agents")
-            await self._start_agents()
+            self._start_agents()
+            self.supervisor.start()
             await self._wait_heartbeats()
             if self.apply_default_policy:
                 await self._ensure_policy()
-            await self._start_controller(say)
+            await self._start_controllers(say)
         except BaseException:
             await self.stop()
             raise
 
+    @property
+    def controller(self) -> bool:
+        """True once the controllers were started."""
+        return any(s.role == "controller" for s in self.supervisor.children)
+
+    def processes(self) -> list[dict[str, object]]:
+        """Every process of the domain as it runs now: role, node, pid (for context.json)."""
+        return self.supervisor.processes()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def _ready_again(self, supervised: Supervised) -> None:
+        """After a restart, in a thread: wait until a server is healthy (and a leaf linked)."""
+        if isinstance(supervised.child, NatsServer):
+            supervised.child.wait_ready(_READY_TIMEOUT)
+            if supervised.role == "leaf-server":
+                supervised.child.wait_leaf_connected(timeout=_READY_TIMEOUT)
+
     async def stop(self) -> None:
-        """Stop the controller, the agents, then the servers. Safe to call twice."""
-        if self.controller is not None:
-            await self.controller.stop()
-            self.controller = None
-        agents, self.agents = self.agents, []
-        if agents:
-            await asyncio.gather(
-                *(agent.stop(grace=5.0) for agent in agents), return_exceptions=True
-            )
+        """Stop the controllers, the agents, the leaf servers, then the hub. Safe to call twice."""
+        with self._spawn_lock:
+            self._closing = True
+            spawned, self._spawned = self._spawned, []
+            supervisor = self.supervisor
+            self.supervisor = Supervisor(on_change=self._changed, after_restart=self._ready_again)
+        # Our own connection closes first: a server that closes a connection leaves its port in
+        # TIME_WAIT, which would keep a resumed domain off the same port.
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()
             self._nc = None
-        with self._spawn_lock:
-            self._closing = True
-            spawned, self._spawned = self._spawned, []
+        await supervisor.stop(timeout=10.0)
         self.nodes = []
         self.hub = None
+        # Servers started but not yet supervised when a start was interrupted.
         await asyncio.to_thread(self._stop_servers, spawned)
 
     @staticmethod
@@ -276,6 +309,13 @@ class LocalDomain:
                 raise CimPlaceError(f"not starting {server.name}: the domain is stopping")
             self._spawned.append(server)
             return server.start()
+
+    def _supervise(self, role: str, node: str | None, child: NatsServer | Command) -> None:
+        with self._spawn_lock:
+            if self._closing:
+                child.stop()
+                raise CimPlaceError(f"not starting {role} {node or ''}: the domain is stopping")
+            self.supervisor.add(role, node, child)
 
     # -- servers --------------------------------------------------------------------------------
 
@@ -302,6 +342,7 @@ class LocalDomain:
             return self._spawn(NatsServer(spec, directory)).wait_ready(_READY_TIMEOUT)
 
         server = self._with_port_retry(build, saved, "the hub")
+        self._supervise("hub", None, server)
         return Hub(servers=[server], domain=HUB_DOMAIN, cluster_name=None)
 
     def _start_leaf(self, index: int, node: str, ports: dict[str, _Ports]) -> DomainNode:
@@ -330,6 +371,7 @@ class LocalDomain:
             return server
 
         server = self._with_port_retry(build, saved, f"leaf {node}")
+        self._supervise("leaf-server", node, server)
         return DomainNode(node, self.zone_of(index), server, self.volume_dir(node))
 
     def _with_port_retry(
@@ -350,18 +392,33 @@ class LocalDomain:
 
     # -- agents, policy, controller -----------------------------------------------------------
 
-    async def _start_agents(self) -> None:
+    def _cli(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "cim_place.cli", *args, *self.log_flags]
+
+    def agent_config_path(self, node: str) -> Path:
+        return self.directory / "nodes" / node / "agent.yaml"
+
+    def _start_agents(self) -> None:
+        """One agent process per leaf, configured by a file beside its server's directory."""
         for node in self.nodes:
-            config = AgentConfig(
-                node=node.node,
-                volumes=(VolumeConfig(VOLUME, node.volume),),
-                servers=(node.url,),
-                hub_domain=HUB_DOMAIN,
-                labels={"zone": node.zone, "host": node.node},
-                heartbeat=self.heartbeat,
+            path = self.agent_config_path(node.node)
+            document = {
+                "node": node.node,
+                "nats": {"servers": [node.url], "hub_domain": HUB_DOMAIN},
+                "labels": {"zone": node.zone, "host": node.node},
+                "volumes": [{"name": VOLUME, "path": str(node.volume)}],
+                "heartbeat": max(1, round(self.heartbeat)),
+            }
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(
+                "# Written by `cim-place up` at every start; edits are overwritten.\n"
+                + yaml.safe_dump(document, sort_keys=False)
             )
-            self.agents.append(Agent(config))
-        await asyncio.gather(*(_start_labelled(agent) for agent in self.agents))
+            command = Command(
+                self._cli("agent", "--config", str(path)),
+                self.directory / "nodes" / node.node / "agent.log",
+            )
+            self._supervise("agent", node.node, command)
 
     async def _wait_heartbeats(self) -> None:
         """Until every agent's heartbeat of this run is in the nodes bucket."""
@@ -381,9 +438,10 @@ class LocalDomain:
             if time.monotonic() > deadline:
                 raise TransportError(
                     f"agent(s) {', '.join(sorted(missing))} did not heartbeat within "
-                    f"{_READY_TIMEOUT:.0f} s; see the leaf logs under {self.directory / 'nodes'}"
+                    f"{_READY_TIMEOUT:.0f} s; see nodes/<node>/agent.log under {self.directory}"
                 )
-            await asyncio.sleep(_POLL)
+            # Each listing opens a consumer on the bucket: look a few times a second, no more.
+            await asyncio.sleep(_LIST_POLL)
 
     async def _ensure_policy(self) -> None:
         assert self._nc is not None
@@ -399,16 +457,27 @@ class LocalDomain:
                 f"{result.revision}"
             )
 
-    async def _start_controller(self, say: Callable[[str], None]) -> None:
-        assert self.hub is not None
-        say("starting the controller")
-        # A stable identity: the controller of a resumed domain is the same one coming back.
-        config = ControllerConfig(
-            servers=(self.hub.url,), hub_domain=HUB_DOMAIN, identity=CONTROLLER_IDENTITY
-        )
-        controller = Controller(config)
-        await controller.start()
-        self.controller = controller
+    async def _start_controllers(self, say: Callable[[str], None]) -> None:
+        """Start the controllers and wait until one of them leads."""
+        assert self.hub is not None and self._nc is not None
+        say("starting the controller" + ("s" if self.controllers > 1 else ""))
+        for index in range(self.controllers):
+            # Stable identities: the controllers of a resumed domain are the same ones.
+            identity = CONTROLLER_IDENTITY if index == 0 else f"{CONTROLLER_IDENTITY}-{index + 1}"
+            command = Command(
+                self._cli("controller", "--server", self.hub.url, "--identity", identity),
+                self.directory / f"controller-{index + 1}.log",
+            )
+            self._supervise("controller", None, command)
+        js_hub = jetstream(self._nc, HUB_DOMAIN)
+        deadline = time.monotonic() + _READY_TIMEOUT
+        while (await read_leader(js_hub)) is None:
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    f"no controller took the lead within {_READY_TIMEOUT:.0f} s; see "
+                    f"{self.directory / 'controller-1.log'}"
+                )
+            await asyncio.sleep(_POLL)
 
     async def __aenter__(self) -> LocalDomain:
         await self.start()
@@ -416,9 +485,3 @@ class LocalDomain:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-async def _start_labelled(agent: Agent) -> None:
-    """Start ``agent`` in a context whose log records (and its tasks') name its node."""
-    with bound_node(agent.config.node):
-        await agent.start()

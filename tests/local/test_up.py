@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,12 +12,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
 from cim_place.cli.context import pid_alive, read_context
 from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.state.leader import read_leader
 from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.local.domain import LocalDomain
@@ -221,48 +223,51 @@ def test_down_without_a_domain_says_so(workdir: Path) -> None:
     assert "no domain is running" in done.stderr and done.stderr.count("\n") == 1
 
 
-class RecordingController:
-    """Stands in for the controller: records what ``up`` asks of it."""
-
-    instances: ClassVar[list[RecordingController]] = []
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-        self.calls: list[str] = []
-        RecordingController.instances.append(self)
-
-    async def start(self) -> None:
-        self.calls.append("start")
-
-    async def stop(self) -> None:
-        self.calls.append("stop")
-
-
-async def test_library_starts_agents_policy_and_controller(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import cim_place.local.domain as domain_module
-
-    monkeypatch.setattr(domain_module, "Controller", RecordingController)
-    monkeypatch.setattr(domain_module, "ControllerConfig", lambda **kwargs: kwargs)
-    RecordingController.instances.clear()
-
-    domain = LocalDomain(workdir / "domain", leaves=2, zones=2)
+async def test_library_runs_every_part_as_a_supervised_process(workdir: Path) -> None:
+    domain = LocalDomain(workdir / "domain", leaves=2, zones=2, heartbeat=1.0, controllers=2)
     await domain.start()
     try:
         assert [n.zone for n in domain.nodes] == ["zone-1", "zone-2"]
-        (controller,) = RecordingController.instances
-        assert controller.config["servers"] == (domain.hub_url,)
-        assert controller.config["hub_domain"] == "hub"
+        roles = [(p["role"], p["node"]) for p in domain.processes()]
+        assert roles == [
+            ("hub", None),
+            ("leaf-server", "leaf-1"),
+            ("leaf-server", "leaf-2"),
+            ("agent", "leaf-1"),
+            ("agent", "leaf-2"),
+            ("controller", None),
+            ("controller", None),
+        ]
+        pids = [p["pid"] for p in domain.processes()]
+        assert all(isinstance(pid, int) and pid_alive(pid) for pid in pids)
         async with connected(domain.hub_url) as nc:
             js = jetstream(nc, "hub")
             assert [r.node for r in await list_nodes(js)] == ["leaf-1", "leaf-2"]
             applied = await (await PolicyStore.open(js, create=False)).load()
             assert [p.name for p in applied.policy_set.policies] == ["default"]
+            leader = await read_leader(js)
+            assert leader is not None and leader.leader_id.startswith("cim-place-up")
+
+            # kill -9 of an agent: the supervisor starts it again and it heartbeats again.
+            changed: list[int] = []
+            domain.on_change = lambda: changed.append(1)
+            agent_pid = pids[3]
+            assert isinstance(agent_pid, int)
+            killed_at = time.time()
+            os.kill(agent_pid, signal.SIGKILL)
+            for _ in range(600):
+                fresh = [r for r in await list_nodes(js) if r.node == "leaf-1"]
+                if changed and fresh and fresh[0].started_at > killed_at:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the killed agent did not come back")
+            again = domain.processes()[3]
+            assert again["role"] == "agent" and again["pid"] != agent_pid
     finally:
         await domain.stop()
-    assert controller.calls == ["start", "stop"]
     assert not our_servers(workdir)
+    assert not any(pid_alive(pid) for pid in pids if isinstance(pid, int))
 
 
 def test_ctrl_c_while_starting_stops_what_started(workdir: Path) -> None:
