@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test check bench clean
+.PHONY: demo test check chaos bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+chaos: $(STAMP)
+	CHAOS_SECONDS=$${CHAOS_SECONDS:-600} $(BIN)/python -m pytest -m chaos -s tests/chaos $(PYTEST_ARGS)
 
 check: $(STAMP)
 	$(BIN)/ruff check .

@@ -46,7 +46,14 @@ from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.errors import CimPlaceError, PortTakenError, TransportError
-from cim_place.local.servers import LOCALHOST, Hub, NatsServer, ServerSpec, free_port
+from cim_place.local.servers import (
+    LOCALHOST,
+    Hub,
+    LinkProxy,
+    NatsServer,
+    ServerSpec,
+    free_port,
+)
 from cim_place.local.supervisor import Command, Supervised, Supervisor
 from cim_place.policies.validate import LoadedPolicies, load_paths, load_text
 
@@ -149,6 +156,7 @@ class LocalDomain:
         apply_default_policy: bool = True,
         controllers: int = 1,
         log_flags: tuple[str, ...] = (),
+        link_proxies: bool = False,
     ) -> None:
         if leaves < 1:
             raise CimPlaceError(f"a domain needs at least one leaf node, not {leaves}")
@@ -166,6 +174,8 @@ class LocalDomain:
         self.hub: Hub | None = None
         self.nodes: list[DomainNode] = []
         self.controllers = controllers
+        # Each leaf's link to the hub through a LinkProxy that fault tests cut, restore and slow.
+        self.link_proxies = link_proxies
         self.log_flags = log_flags
         # Called after a supervised process was restarted (its pid changed): `up` rewrites
         # context.json from it.
@@ -352,16 +362,20 @@ class LocalDomain:
         directory = self.directory / "nodes" / node / "nats"
 
         def build() -> NatsServer:
+            link = LinkProxy(hub.leaf_targets) if self.link_proxies else None
             spec = ServerSpec(
                 server_name=node,
                 store_dir=directory / "jetstream",
                 domain=node,
                 port=saved.choose("port", f"{node} client", self.notes),
                 http_port=saved.choose("http_port", f"{node} monitoring", self.notes),
-                leaf_remotes=hub.leaf_urls,
+                leaf_remotes=[link.url] if link is not None else hub.leaf_urls,
                 leaf_reconnect=0.25,
+                leaf_ignore_discovered=link is not None,
             )
-            server = self._spawn(NatsServer(spec, directory))
+            server = NatsServer(spec, directory)
+            server.link = link
+            server = self._spawn(server)
             try:
                 server.wait_ready(_READY_TIMEOUT).wait_leaf_connected(timeout=_READY_TIMEOUT)
                 hub.wait_leaf(node, timeout=_READY_TIMEOUT)

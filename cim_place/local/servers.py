@@ -476,6 +476,8 @@ class LinkProxy:
         self._open: set[socket.socket] = set()
         self._cut = False
         self._closed = False
+        self.delay = 0.0
+        """Seconds added before each relayed chunk (a slow link); 0: none."""
         self._acceptor = threading.Thread(
             target=self._accept_loop, name=f"link-proxy-{self.port}", daemon=True
         )
@@ -564,6 +566,8 @@ class LinkProxy:
                 data = source.recv(65536)
                 if not data:
                     break
+                if self.delay > 0:
+                    time.sleep(self.delay)
                 sink.sendall(data)
         except OSError:
             pass

@@ -1,0 +1,503 @@
+"""Fault injection on a local domain, with the invariants a replication manager must keep.
+
+A run starts a :class:`~cim_place.local.domain.LocalDomain` (every part a supervised process,
+each leaf linked to the hub through a cuttable proxy), drives a workload through the real CLI
+(adds of random files on random nodes, gets of acknowledged objects, policy changes), and injects
+faults from a seeded schedule that is printed first, so a failing run is replayed with the same
+seed. Invariants are checked while it runs and at the end:
+
+1. every add either succeeds or fails with an error within its timeout (no hang);
+2. a get never returns wrong bytes (it may fail while faults last);
+3. no acknowledged object is lost: after the faults stop, every one converges to ``placed``
+   within the printed bound and reads back identical;
+4. no object reports more verified copies than the volumes really hold (checked on disk);
+5. no process is left behind once the domain stops.
+
+Bounded in time and count (``seconds``, ``max_adds``); every server binds to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cim_place.local.domain import LocalDomain
+from cim_place.local.servers import NatsServer
+from cim_place.objectstore import cid as cids
+from cim_place.objectstore.store import ObjectStore
+
+KILLS = ("kill-agent", "kill-controller", "kill-leaf-server", "kill-hub")
+LINKS = ("cut-link", "slow-link")
+DISK = ("corrupt-block", "delete-block")
+MESSAGES = ("malformed-event",)
+DEFAULT_FAULTS = (*KILLS, *LINKS, *MESSAGES)
+"""What a default run injects. Disk damage joins once scrub and repair heal it."""
+
+CLI = (sys.executable, "-m", "cim_place.cli")
+ADD_TIMEOUT = 90.0
+GET_TIMEOUT = 90.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    at: float
+    """Seconds after the start of the run."""
+    kind: str
+    target: str
+    """A node id, ``controller`` or ``hub``."""
+    lasts: float = 0.0
+    """For faults that heal (link cuts, slow links): how long."""
+
+    def __str__(self) -> str:
+        heal = f" for {self.lasts:.1f}s" if self.lasts else ""
+        return f"t+{self.at:6.1f}s {self.kind:<17} {self.target}{heal}"
+
+
+def schedule(
+    seed: int, seconds: float, nodes: list[str], kinds: tuple[str, ...], every: float = 6.0
+) -> list[Fault]:
+    """The faults of a run: one every ``every`` seconds on average, all within the first 70%
+    of the run so the rest shows convergence. Deterministic for a seed."""
+    rng = random.Random(seed)
+    faults: list[Fault] = []
+    at = rng.uniform(2.0, every)
+    while at < seconds * 0.7:
+        kind = rng.choice(kinds)
+        if kind == "kill-controller":
+            target = "controller"
+        elif kind == "kill-hub":
+            target = "hub"
+        else:
+            target = rng.choice(nodes)
+        lasts = round(rng.uniform(2.0, 8.0), 1) if kind in LINKS else 0.0
+        faults.append(Fault(round(at, 1), kind, target, lasts))
+        at += rng.expovariate(1.0 / every)
+    return faults
+
+
+@dataclass
+class Acked:
+    cid: str
+    digest: str
+    size: int
+
+
+@dataclass
+class Report:
+    seed: int
+    faults: list[Fault]
+    injected: dict[str, int] = field(default_factory=dict)
+    adds_acknowledged: int = 0
+    adds_failed: int = 0
+    gets_ok: int = 0
+    gets_failed: int = 0
+    wrong_reads: int = 0
+    lost: list[str] = field(default_factory=list)
+    overcounted: list[str] = field(default_factory=list)
+    hangs: list[str] = field(default_factory=list)
+    converge_seconds: float | None = None
+    converge_bound: float = 0.0
+    left_behind: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def violations(self) -> list[str]:
+        problems = []
+        if self.wrong_reads:
+            problems.append(f"{self.wrong_reads} get(s) returned wrong bytes")
+        if self.lost:
+            problems.append(f"acknowledged object(s) lost or not placed: {', '.join(self.lost)}")
+        if self.overcounted:
+            problems.append(f"more verified copies reported than exist: {self.overcounted}")
+        if self.hangs:
+            problems.append(f"operations that hung past their timeout: {self.hangs}")
+        if self.converge_seconds is None:
+            problems.append(f"did not converge within {self.converge_bound:.0f} s")
+        if self.left_behind:
+            problems.append(f"processes left behind: {self.left_behind}")
+        return problems
+
+    def summary(self) -> str:
+        injected = ", ".join(f"{k} {v}" for k, v in sorted(self.injected.items())) or "none"
+        converged = (
+            f"{self.converge_seconds:.1f} s" if self.converge_seconds is not None else "never"
+        )
+        lines = [
+            f"chaos seed {self.seed}: faults injected: {injected}",
+            f"adds acknowledged {self.adds_acknowledged}, failed cleanly {self.adds_failed}; "
+            f"gets ok {self.gets_ok}, failed cleanly {self.gets_failed}, wrong {self.wrong_reads}",
+            f"objects lost {len(self.lost)}; converged after the last fault in {converged} "
+            f"(bound {self.converge_bound:.0f} s)",
+            *self.notes,
+        ]
+        return "\n".join(lines)
+
+
+async def _run_cli(
+    *args: str, cwd: Path, timeout: float, server: str | None = None
+) -> tuple[int | None, str, str]:
+    """(exit code, stdout, stderr); exit code None when it did not finish within ``timeout``."""
+    env = dict(os.environ)
+    if server is not None:
+        env["CIM_PLACE_SERVER"] = server
+    process = await asyncio.create_subprocess_exec(
+        *CLI,
+        *args,
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return None, "", ""
+    return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+class Chaos:
+    """One run. ``await run()`` returns its :class:`Report`; ``report.violations()`` says what
+    broke (empty: every invariant held)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        seed: int,
+        seconds: float,
+        leaves: int = 5,
+        zones: int = 3,
+        kinds: tuple[str, ...] = DEFAULT_FAULTS,
+        max_adds: int = 200,
+        converge_bound: float = 240.0,
+        extra: list[Fault] | None = None,
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.directory = directory
+        self.work = directory / "work"
+        self.seed = seed
+        self.seconds = seconds
+        self.max_adds = max_adds
+        self.say = say
+        self.rng = random.Random(seed + 1)
+        self.domain = LocalDomain(
+            directory / "domain",
+            leaves=leaves,
+            zones=zones,
+            heartbeat=1.0,
+            controllers=2,
+            link_proxies=True,
+        )
+        nodes = self.domain.node_ids()
+        faults = schedule(seed, seconds, nodes, kinds) + list(extra or [])
+        self.report = Report(seed, sorted(faults, key=lambda f: f.at))
+        self.report.converge_bound = converge_bound
+        self.acked: list[Acked] = []
+
+    # -- the run --------------------------------------------------------------------------------
+
+    async def run(self) -> Report:
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.say(f"chaos: seed {self.seed}, {self.seconds:.0f} s, schedule:")
+        for fault in self.report.faults:
+            self.say(f"  {fault}")
+        await self.domain.start()
+        pids: list[int] = []
+        try:
+            started = time.monotonic()
+            deadline = started + self.seconds
+            workload = asyncio.create_task(self._workload(deadline))
+            await self._inject(started)
+            await workload
+            await self._converge()
+            await self._check_copies()
+            pids = [p["pid"] for p in self.domain.processes() if isinstance(p["pid"], int)]
+        finally:
+            await self.domain.stop()
+        self.report.left_behind = [pid for pid in pids if _alive(pid)]
+        self.say(self.report.summary())
+        return self.report
+
+    async def _inject(self, started: float) -> None:
+        for fault in self.report.faults:
+            wait = started + fault.at - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                await self._apply(fault)
+            except Exception as exc:
+                self.report.notes.append(f"fault {fault} not applied: {exc}")
+                continue
+            self.report.injected[fault.kind] = self.report.injected.get(fault.kind, 0) + 1
+
+    async def _apply(self, fault: Fault) -> None:
+        if fault.kind.startswith("kill-"):
+            self._kill(fault)
+        elif fault.kind in LINKS:
+            link = self._server(fault.target).link
+            if link is None:
+                raise RuntimeError("the domain runs without link proxies")
+            if fault.kind == "cut-link":
+                link.cut()
+                await asyncio.sleep(fault.lasts)
+                link.restore()
+            else:
+                link.delay = 0.05
+                await asyncio.sleep(fault.lasts)
+                link.delay = 0.0
+        elif fault.kind in DISK:
+            self._damage(fault)
+        elif fault.kind == "malformed-event":
+            await self._malformed(fault.target)
+        elif fault.kind == "destroy-object":
+            self._destroy()
+        else:
+            raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    def _kill(self, fault: Fault) -> None:
+        role = {
+            "kill-agent": "agent",
+            "kill-leaf-server": "leaf-server",
+            "kill-controller": "controller",
+            "kill-hub": "hub",
+        }[fault.kind]
+        for process in self.domain.processes():
+            if process["role"] == role and (
+                role in ("controller", "hub") or process["node"] == fault.target
+            ):
+                pid = process["pid"]
+                if isinstance(pid, int):
+                    os.kill(pid, signal.SIGKILL)
+                return
+        raise RuntimeError(f"no {role} process for {fault.target}")
+
+    def _server(self, node: str) -> NatsServer:
+        for entry in self.domain.nodes:
+            if entry.node == node:
+                return entry.server
+        raise RuntimeError(f"no node {node}")
+
+    def _volume(self, node: str) -> Path:
+        return self.domain.volume_dir(node)
+
+    def _damage(self, fault: Fault) -> None:
+        """Flip a byte of, or delete, one block of an acknowledged object held by the node."""
+        with ObjectStore(self._volume(fault.target)) as store:
+            pins = store.pins.list()
+            if not pins:
+                raise RuntimeError(f"{fault.target} holds nothing yet")
+            pin = self.rng.choice(pins)
+            blocks = [c for c in store.blocks.cids()]
+            candidates = [c for c in blocks if store.blocks.has(c)]
+            if not candidates:
+                raise RuntimeError(f"{fault.target} has no blocks")
+            block = self.rng.choice(candidates)
+            path = store.blocks.block_path(block)
+            if fault.kind == "delete-block":
+                path.unlink(missing_ok=True)
+            else:
+                data = bytearray(path.read_bytes())
+                if data:
+                    data[len(data) // 2] ^= 0xFF
+                    path.write_bytes(bytes(data))
+            self.report.notes.append(
+                f"{fault.kind} on {fault.target}: block {cids.to_str(block)} "
+                f"(a pin of {cids.to_str(pin.root)} may use it)"
+            )
+
+    def _destroy(self) -> None:
+        """Delete every block of one acknowledged object on every node (an invariant breaker,
+        for the test that proves the suite notices)."""
+        if not self.acked:
+            raise RuntimeError("nothing acknowledged yet")
+        victim = cids.parse(self.acked[0].cid)
+        for node in self.domain.node_ids():
+            with ObjectStore(self._volume(node)) as store:
+                if store.pins.get(victim) is None:
+                    continue
+                for block in list(store.blocks.cids()):
+                    store.blocks.block_path(block).unlink(missing_ok=True)
+
+    async def _malformed(self, node: str) -> None:
+        from cim_place.cluster.nats.connection import connected
+        from cim_place.cluster.nats.subjects import Subjects
+
+        subject = f"{Subjects().prefix}.evt.{node}.ObjectStored"
+        async with connected(self._server(node).url) as nc:
+            for junk in (b"", b"\xff\x00garbage", os.urandom(64)):
+                await nc.publish(subject, junk)
+            await nc.flush()
+
+    # -- the workload -----------------------------------------------------------------------------
+
+    async def _workload(self, deadline: float) -> None:
+        adds = 0
+        nodes = self.domain.node_ids()
+        while time.monotonic() < deadline and adds < self.max_adds:
+            choice = self.rng.random()
+            if choice < 0.6 or not self.acked:
+                adds += 1
+                await self._add(self.rng.choice(nodes), adds)
+            elif choice < 0.95:
+                await self._get(self.rng.choice(self.acked))
+            else:
+                await self._policy_change()
+
+    async def _add(self, node: str, number: int) -> None:
+        size = self.rng.choice((1024, 64 * 1024, 300_000, 2_500_000))
+        data = self.rng.randbytes(size)
+        path = self.work / f"add-{number}.bin"
+        path.write_bytes(data)
+        code, out, err = await _run_cli(
+            "add",
+            str(path),
+            "--node",
+            node,
+            cwd=self.work,
+            server=self.domain.hub_url,
+            timeout=ADD_TIMEOUT,
+        )
+        path.unlink(missing_ok=True)
+        if code is None:
+            self.report.hangs.append(f"add #{number} on {node}")
+        elif code == 0 and out.strip():
+            digest = hashlib.sha256(data).hexdigest()
+            self.acked.append(Acked(out.strip().splitlines()[-1], digest, size))
+            self.report.adds_acknowledged += 1
+        else:
+            self.report.adds_failed += 1
+            if self.report.adds_failed <= 3:
+                self.report.notes.append(f"add #{number} on {node} failed: {err.strip()[:300]}")
+            if "Traceback" in err:
+                self.report.hangs.append(f"add #{number}: a traceback instead of an error")
+
+    async def _get(self, acked: Acked) -> bool:
+        target = self.work / "get.out"
+        code, _, _ = await _run_cli(
+            "get",
+            acked.cid,
+            "-o",
+            str(target),
+            cwd=self.work,
+            server=self.domain.hub_url,
+            timeout=GET_TIMEOUT,
+        )
+        if code is None:
+            self.report.hangs.append(f"get {acked.cid}")
+            return False
+        if code != 0:
+            self.report.gets_failed += 1
+            return False
+        got = hashlib.sha256(target.read_bytes()).hexdigest()
+        target.unlink(missing_ok=True)
+        if got != acked.digest:
+            self.report.wrong_reads += 1
+            return False
+        self.report.gets_ok += 1
+        return True
+
+    async def _policy_change(self) -> None:
+        """Apply the default policy again, alone or with a two-copy policy for small objects."""
+        policy = self.work / "policy.yaml"
+        two = self.rng.random() < 0.5
+        default = Path(__file__).resolve().parents[2] / "deploy" / "policies" / "default.yaml"
+        files = [str(default)] if default.is_file() else []
+        if two:
+            policy.write_text(
+                "name: small\nmatch: {size: {max: 2KiB}}\nreplicas: 2\nspread: zone\npriority: 10\n"
+            )
+            files.append(str(policy))
+        if files:
+            await _run_cli(
+                "policy", "apply", *files, cwd=self.work, server=self.domain.hub_url, timeout=60
+            )
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    async def _converge(self) -> None:
+        """After the last fault: every acknowledged object placed and readable, within a bound."""
+        start = time.monotonic()
+        pending = list(self.acked)
+        states: dict[str, str] = {}
+        while pending and time.monotonic() - start < self.report.converge_bound:
+            still = []
+            for acked in pending:
+                code, out, _ = await _run_cli(
+                    "status",
+                    acked.cid,
+                    "--json",
+                    cwd=self.work,
+                    server=self.domain.hub_url,
+                    timeout=60,
+                )
+                state = ""
+                with contextlib.suppress(ValueError, AttributeError, TypeError):
+                    state = json.loads(out).get("state", "")
+                if code != 0 or state != "placed":
+                    still.append(acked)
+                    states[acked.cid] = state or f"status exit {code}"
+            pending = still
+            if pending:
+                await asyncio.sleep(1.0)
+        if pending:
+            self.report.lost = [f"{a.cid} ({states.get(a.cid, '?')})" for a in pending]
+            return
+        self.report.converge_seconds = time.monotonic() - start
+        for acked in self.acked:
+            if not await self._get(acked):
+                self.report.lost.append(acked.cid)
+
+    async def _check_copies(self) -> None:
+        """Status never counts a copy that the volumes do not hold, verified."""
+        for acked in self.acked:
+            code, out, _ = await _run_cli(
+                "status", acked.cid, "--json", cwd=self.work, server=self.domain.hub_url, timeout=60
+            )
+            if code != 0:
+                continue
+            try:
+                replicas = json.loads(out).get("replicas", [])
+            except ValueError:
+                continue
+            reported = {r.get("node") for r in replicas if r.get("state") == "pinned"}
+            verified = {node for node in reported if self._holds(str(node), acked.cid)}
+            if reported - verified:
+                self.report.overcounted.append(f"{acked.cid}: {sorted(reported - verified)}")
+
+    def _holds(self, node: str, cid: str) -> bool:
+        with ObjectStore(self._volume(node)) as store:
+            root = cids.parse(cid)
+            if store.pins.get(root) is None:
+                return False
+            try:
+                for _ in store.cat(root):
+                    pass
+            except Exception:
+                return False
+            return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
