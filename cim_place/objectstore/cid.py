@@ -171,6 +171,7 @@ def parse(text: str) -> Cid:
 
             cid = bytes(CID.decode(text))
         split(cid)
-    except (ValueError, InvalidCidError, KeyError) as exc:
+    except (ValueError, InvalidCidError, KeyError, IndexError) as exc:
+        # IndexError: multiformats on a one-character multibase string such as "0".
         raise InvalidCidError(f"{text!r} is not a valid CID ({exc}); {hint}") from None
     return cid
