@@ -128,7 +128,7 @@ class Gateway:
             path = parse_content_path(raw_cid, raw_rest)
             want = wanted(dict(request.query), request.headers.get("Accept", ""))
             requester = self.identify(request)
-            if not await self.access.may_read(requester, path.root):
+            if not await self.access.may_read(requester, self.source.dag_root(path.root)):
                 who = requester or "an anonymous client"
                 status = 403 if requester else 401
                 return _error(status, f"{who} may not read {to_str(path.root)}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -22,7 +23,8 @@ from aiohttp import web
 
 from cim_place.errors import CimPlaceError
 from cim_place.interfaces import BlockSource
-from cim_place.objectstore.cid import Cid, to_str
+from cim_place.objectstore.cid import DAG_PB, Cid, codec_of, to_str
+from cim_place.objectstore.dagpb import decode_node
 
 
 class NotHeldError(CimPlaceError):
@@ -45,6 +47,11 @@ class ContentSource(Protocol):
         thread), returns only verified bytes, and raises BlockNotFoundError or
         CorruptBlockError when a block cannot be had. Raises NotHeldError when no node holds
         ``root`` (for a block that is not a root: when no known DAG contains it)."""
+        ...
+
+    def dag_root(self, cid: Cid) -> Cid:
+        """The root whose DAG ``cid`` was last read under (``cid`` itself when unknown): the
+        object whose access rules apply to a request that names a child block alone."""
         ...
 
     def saw(self, root: Cid, cid: Cid, block: bytes) -> None:
@@ -71,14 +78,42 @@ class LocalContent:
 
     def __init__(self, blocks: BlockSource) -> None:
         self.blocks = blocks
+        self.hints = RootHints()
 
     async def open(self, root: Cid) -> BlockSource:
         if not self.blocks.has(root):
             raise NotHeldError(root)
         return self.blocks
 
+    def dag_root(self, cid: Cid) -> Cid:
+        return self.hints.root_of(cid)
+
     def saw(self, root: Cid, cid: Cid, block: bytes) -> None:
-        pass
+        self.hints.note(self.hints.root_of(root), cid, block)
+
+
+class RootHints:
+    """child CID -> the root whose DAG the gateway read it under, the most recent ``capacity``."""
+
+    def __init__(self, capacity: int = 1 << 16) -> None:
+        self.capacity = capacity
+        self._roots: OrderedDict[Cid, Cid] = OrderedDict()
+
+    def note(self, root: Cid, cid: Cid, block: bytes) -> None:
+        if codec_of(cid) != DAG_PB:
+            return
+        try:
+            links = decode_node(block).links
+        except ValueError:
+            return
+        for link in links:
+            self._roots[link.hash] = root
+            self._roots.move_to_end(link.hash)
+        while len(self._roots) > self.capacity:
+            self._roots.popitem(last=False)
+
+    def root_of(self, cid: Cid) -> Cid:
+        return self._roots.get(cid, cid)
 
 
 def token_digest(token: str) -> str:
