@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
@@ -42,6 +42,17 @@ class TlsFiles:
     cert: Path
     key: Path
     client_ca: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """A node's HTTP settings (``http:`` of the agent configuration)."""
+
+    listen: str = DEFAULT_LISTEN
+    """host:port of the gateway's listener (port 0: a free one)."""
+    tls: TlsFiles | None = None
+    tokens: Mapping[str, str] = field(default_factory=dict)
+    """Bearer tokens: the SHA-256 (hex) of each token -> the user it stands for."""
 
 
 @dataclass(frozen=True, slots=True)

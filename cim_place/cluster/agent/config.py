@@ -13,6 +13,7 @@ Example (``deploy/agent.yaml`` holds a commented one)::
       - {name: disk0, path: /var/lib/cim-place/disk0, capacity: 500GiB}
     metrics: 127.0.0.1:9464
     blocks: {stream_listen: 0.0.0.0:4250, stream_advertise: web1.example.net:4250}
+    http: {listen: 127.0.0.1:8080}     # the IPFS gateway; off by default (config_http.py)
     tasks: {concurrency: 4, max_attempts: 5, bandwidth: 200MiB}
     heartbeat: 5s
     inventory: 5m
@@ -24,10 +25,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cim_place.cluster.agent.config_http import check_http
 from cim_place.cluster.exchange.stream import DEFAULT_LISTEN
 from cim_place.cluster.nats.connection import DEFAULT_SERVER
 from cim_place.cluster.nats.subjects import DEFAULT_PREFIX, HUB_DOMAIN, Subjects, check_node_id
 from cim_place.errors import CimPlaceError
+from cim_place.http.server import HttpSettings
 from cim_place.policies.loader import Path as YamlPath
 from cim_place.policies.loader import YamlFile, read_file, read_text
 from cim_place.policies.problems import Problem
@@ -74,6 +77,8 @@ class AgentConfig:
     stream_tls_key: str | None = None
     stream_tls_ca: str | None = None
     """PEM CA file to verify peers' TLS streams with; None = the system's (``SSL_CERT_FILE``)."""
+    http: HttpSettings | None = None
+    """The node's HTTP gateway listener; None = no HTTP."""
 
     @property
     def subjects(self) -> Subjects:
@@ -102,6 +107,7 @@ _TOP_KEYS = {
     "inventory",
     "subject_prefix",
     "blocks",
+    "http",
 }
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 
@@ -225,6 +231,7 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
             checker.problem((*root, "subject_prefix"), str(exc))
 
     stream_listen, stream_advertise, tls = _check_blocks(doc.get("blocks", {}), checker, root)
+    http = check_http(doc.get("http"), checker, root)
 
     if checker.f.problems or node is None or concurrency is None or attempts is None:
         return None
@@ -248,6 +255,7 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
         stream_tls_cert=tls.get("cert"),
         stream_tls_key=tls.get("key"),
         stream_tls_ca=tls.get("ca"),
+        http=http,
     )
 
 

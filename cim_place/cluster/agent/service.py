@@ -21,7 +21,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import nats.errors
@@ -49,6 +49,8 @@ from cim_place.cluster.nats.security import ReadAccess, identity_of
 from cim_place.cluster.state.nodes import Heartbeat, NodeRecord, VolumeStatus, list_nodes
 from cim_place.cluster.tasks.queue import Task, TaskOutcome, TaskResult, TaskWorker
 from cim_place.errors import CimPlaceError, StoreError, StoreFullError, TransportError
+from cim_place.http.node import NodeParts, start_node_http
+from cim_place.http.server import HttpServers, Listener
 from cim_place.interfaces import Pin, Service
 from cim_place.objectstore import dag
 from cim_place.objectstore.cid import to_str
@@ -106,6 +108,11 @@ class Agent:
         self._stream: BlockStreamServer | None = None
         self._holders: HolderResponder | None = None
         self._uploads: UploadService | None = None
+        self.http: HttpServers | None = None
+        """The node's HTTP listeners while running (None: ``http`` is off or not started)."""
+        self.http_extra: list[Callable[[Agent], Listener]] = []
+        """Builders of further HTTP listeners (the S3 API), called once the agent's services run;
+        each listener binds beside the gateway, on its own address."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -178,6 +185,12 @@ class Agent:
         await self._worker.start()
         if config.metrics:
             self.metrics.serve(config.metrics)
+        if config.http is not None:
+            self.http = await start_node_http(
+                self._http_parts(blocks, access is not None),
+                config.http,
+                [build(self) for build in self.http_extra],
+            )
         self._background = [
             asyncio.create_task(self._attach_to_hub(), name="cim-place-attach"),
             asyncio.create_task(self._inventory_loop(), name="cim-place-inventory"),
@@ -195,6 +208,22 @@ class Agent:
         )
         _log.info("agent %s started with %d volume(s)", self.node, len(self.volumes))
 
+    def _http_parts(self, blocks: VolumeSet, secured: bool) -> NodeParts:
+        assert self.nc is not None
+        return NodeParts(
+            nc=self.nc,
+            node=self.node,
+            subjects=self.subjects,
+            hub_domain=self.config.hub_domain,
+            blocks=blocks,
+            stores=list(self.volumes.values()),
+            cache_volume=lambda: self._volume_for(None),
+            pin_of=self._pin_of,
+            near=self.near,
+            stream_tls=self.stream_client_tls,
+            secured=secured,
+        )
+
     def _stream_server_tls(self) -> ssl.SSLContext | None:
         cert, key = self.config.stream_tls_cert, self.config.stream_tls_key
         if cert is None or key is None:
@@ -208,6 +237,9 @@ class Agent:
             ) from None
 
     async def stop(self, grace: float = 10.0) -> None:
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self._worker is not None:
             await self._worker.stop(grace=grace)
             self._worker = None

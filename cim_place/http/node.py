@@ -1,0 +1,154 @@
+"""A node's gateway, wired to the domain: the agent hands over its parts, this builds the rest.
+
+Composes :class:`~cim_place.http.gateway.Gateway` with the domain-wide content source (who-has
+and the verified fetch of ``cluster.exchange``, into this node's emptiest volume), the names of
+``cluster.state.names``, and the access rules of ``docs/SECURITY.md``: in a domain that
+authenticates its users (the agent's NATS URL names a user) an object is readable by its owner,
+its readers and everyone when it has no owner, as on the block exchange; its owner and readers
+come from the local pin, or else from the controller's locations record. In an open domain
+everything is readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cim_place.cluster.exchange.fetch import Holder, Labels, fetch_dag
+from cim_place.cluster.exchange.holders import find_holders
+from cim_place.cluster.nats.connection import jetstream
+from cim_place.cluster.nats.security import may_read
+from cim_place.cluster.nats.subjects import Subjects
+from cim_place.cluster.state.locations import LocationStore
+from cim_place.cluster.state.names import NameRegistry, NamingError, check_name
+from cim_place.errors import TransportError
+from cim_place.http.domain import DomainContent
+from cim_place.http.gateway import Gateway
+from cim_place.http.gateway_request import BadRequest
+from cim_place.http.server import HttpServers, HttpSettings, Listener
+from cim_place.http.sources import Access, Identify, OpenAccess
+from cim_place.interfaces import BlockSource, Pin
+from cim_place.objectstore.cid import Cid
+from cim_place.objectstore.store import ObjectStore
+
+HOLDER_TIMEOUT = 0.5
+"""Seconds to wait for who-has answers when this node lacks a root."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeParts:
+    """What the gateway needs of its agent."""
+
+    nc: Any
+    node: str
+    subjects: Subjects
+    hub_domain: str
+    blocks: BlockSource
+    """Every volume of the node, read verified."""
+    stores: Sequence[ObjectStore]
+    cache_volume: Callable[[], ObjectStore]
+    """The volume fetched blocks go to (the emptiest one)."""
+    pin_of: Callable[[Cid], Pin | None]
+    near: Labels
+    stream_tls: ssl.SSLContext | None
+    secured: bool
+    """The domain authenticates its users: apply owner and readers."""
+
+
+class DomainAccess:
+    """Owner and readers of a root, from the local pin or the domain's locations record."""
+
+    def __init__(self, parts: NodeParts) -> None:
+        self.parts = parts
+        self._locations: LocationStore | None = None
+
+    async def may_read(self, requester: str | None, root: Cid) -> bool:
+        pin = self.parts.pin_of(root)
+        if pin is None:
+            pin = await self._recorded(root)
+        return pin is not None and may_read(requester, pin)
+
+    async def _recorded(self, root: Cid) -> Pin | None:
+        try:
+            if self._locations is None:
+                js = jetstream(self.parts.nc, self.parts.hub_domain)
+                self._locations = await LocationStore(js).open(create=False)
+            status = await self._locations.get(root)
+        except TransportError:
+            return None
+        if status is None:
+            return None
+        return Pin(
+            root=root,
+            size=status.size,
+            blocks=0,
+            owner=status.owner,
+            metadata=dict(status.metadata),
+        )
+
+
+def gateway_for(parts: NodeParts, settings: HttpSettings) -> Gateway:
+    """The gateway of one node."""
+
+    async def holders_of(root: Cid) -> list[Holder]:
+        # This node answers who-has too when it holds the root pinned: wait for one more.
+        expected = 2 if parts.pin_of(root) is not None else 1
+        found = await find_holders(
+            parts.nc, root, timeout=HOLDER_TIMEOUT, expected=expected, subjects=parts.subjects
+        )
+        return [holder for holder in found if holder.node != parts.node]
+
+    async def fetch(
+        root: Cid, holders: Sequence[object], progress: Callable[[int, int], None]
+    ) -> object:
+        store = parts.cache_volume()
+        # Hold off gc while unpinned blocks arrive (as a fetch task does).
+        lock = store.writing()
+        await asyncio.to_thread(lock.__enter__)
+        try:
+            return await fetch_dag(
+                parts.nc,
+                root,
+                [holder for holder in holders if isinstance(holder, Holder)],
+                store.blocks,
+                subjects=parts.subjects,
+                near=parts.near,
+                stream_tls=parts.stream_tls,
+                progress=progress,
+            )
+        finally:
+            lock.__exit__(None, None, None)
+
+    async def resolve_name(name: str) -> Cid | None:
+        try:
+            check_name(name)
+        except NamingError as exc:
+            raise BadRequest(str(exc).splitlines()[0]) from None
+        try:
+            record = await NameRegistry(jetstream(parts.nc, parts.hub_domain)).get(name)
+        except NamingError:
+            return None
+        return record.cid if record is not None and not record.removed else None
+
+    content = DomainContent(
+        parts.blocks,
+        repair=[store.blocks for store in parts.stores],
+        find_holders=holders_of,
+        fetch=fetch,
+    )
+    access: Access = DomainAccess(parts) if parts.secured else OpenAccess()
+    return Gateway(content, access=access, identify=Identify(settings.tokens), names=resolve_name)
+
+
+async def start_node_http(
+    parts: NodeParts, settings: HttpSettings, extra: Sequence[Listener] = ()
+) -> HttpServers:
+    """Bind the gateway (and any ``extra`` listeners, such as the S3 API) for a node."""
+    gateway = gateway_for(parts, settings)
+    listeners = [Listener("gateway", gateway.app(), settings.listen, settings.tls), *extra]
+    servers = HttpServers(listeners)
+    await servers.start()
+    return servers
