@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from cim_place.cluster.exchange.stream import DEFAULT_LISTEN
 from cim_place.cluster.nats.connection import DEFAULT_SERVER, connected, jetstream
 from cim_place.cluster.nats.subjects import check_node_id
 from cim_place.errors import BlockNotFoundError, CimPlaceError, InvalidCidError, StoreError
+from cim_place.http.settings import OFF, HttpSettings, parse_listen
 from cim_place.objectstore import cid as cids
 from cim_place.policies.quantities import parse_size
 
@@ -92,23 +94,46 @@ def agent_command(
     ] = None,
     log_level: LogLevelOption = None,
     log_json: LogJsonOption = False,
+    http_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--http-listen",
+            help="host:port of the node's IPFS gateway (port 0: a free one); off: none. "
+            "Overrides http.listen of --config (default: off).",
+        ),
+    ] = None,
 ) -> None:
     """Run a leaf agent until interrupted: store, announce, serve and fetch content."""
     with contextlib.suppress(KeyboardInterrupt):
         _run_agent(
             _Logging(log_level, log_json),
-            _agent_config(
-                config,
-                node,
-                server,
-                creds,
-                volume,
-                label,
-                tag,
-                metrics,
-                _Stream(stream_listen, stream_advertise),
+            _with_http(
+                _agent_config(
+                    config,
+                    node,
+                    server,
+                    creds,
+                    volume,
+                    label,
+                    tag,
+                    metrics,
+                    _Stream(stream_listen, stream_advertise),
+                ),
+                http_listen,
             ),
         )
+
+
+@handles_errors
+def _with_http(config: AgentConfig, listen: str | None) -> AgentConfig:
+    """``config`` with the gateway listening where ``--http-listen`` says."""
+    if listen is None:
+        return config
+    if listen.strip() == OFF:
+        return dataclasses.replace(config, http=None)
+    parse_listen(listen, what="--http-listen")
+    settings = config.http if config.http is not None else HttpSettings()
+    return dataclasses.replace(config, http=dataclasses.replace(settings, listen=listen.strip()))
 
 
 @dataclass(frozen=True)

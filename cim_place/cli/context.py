@@ -51,6 +51,8 @@ class NodeEntry:
     url: str
     zone: str
     volume: str
+    http: str = ""
+    """Base URL of the node's gateway (``http://127.0.0.1:PORT``); "" when it has none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +93,7 @@ class DomainContext:
             "hub_domain": self.hub_domain,
             "leaves": {e.node: e.url for e in self.nodes},
             "nodes": [
-                {"node": e.node, "url": e.url, "zone": e.zone, "volume": e.volume}
+                {"node": e.node, "url": e.url, "zone": e.zone, "volume": e.volume, "http": e.http}
                 for e in self.nodes
             ],
             "pid": self.pid,
@@ -107,7 +109,13 @@ class DomainContext:
             return cls(
                 hub_url=str(doc["server"]),
                 nodes=tuple(
-                    NodeEntry(str(n["node"]), str(n["url"]), str(n["zone"]), str(n["volume"]))
+                    NodeEntry(
+                        str(n["node"]),
+                        str(n["url"]),
+                        str(n["zone"]),
+                        str(n["volume"]),
+                        str(n.get("http", "")),
+                    )
                     for n in doc.get("nodes", [])
                 ),
                 pid=int(doc["pid"]),

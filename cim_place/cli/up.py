@@ -36,6 +36,8 @@ from cim_place.cli.context import (
     write_context,
 )
 from cim_place.errors import CimPlaceError
+from cim_place.http.settings import DEFAULT_LISTEN as DEFAULT_HTTP
+from cim_place.http.settings import OFF, parse_listen
 
 if TYPE_CHECKING:
     from cim_place.local.domain import LocalDomain
@@ -84,6 +86,14 @@ def up_command(
         int | None,
         typer.Option("--port", min=1, max=65535, help="Client port of the hub (default: free)."),
     ] = None,
+    http_listen: Annotated[
+        str,
+        typer.Option(
+            "--http-listen",
+            help="Where the nodes' IPFS gateways listen: HOST:0 (free ports, the default "
+            "127.0.0.1:0), HOST:PORT (PORT, PORT+1, ... per node) or off.",
+        ),
+    ] = DEFAULT_HTTP,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
     controllers: Annotated[
@@ -106,10 +116,13 @@ def up_command(
             f"{running.hub_url}); stop it with `cim-place down --dir {directory}` first"
         )
     logs = _Logs(log_level, log_json, controllers)
+    http = None if http_listen.strip() == OFF else http_listen.strip()
+    if http is not None:
+        parse_listen(http, what="--http-listen")
     if detach:
-        context = _detach(leaves, zones, directory, port, logs)
+        context = _detach(leaves, zones, directory, port, logs, http)
     else:
-        _foreground(leaves, zones, directory, port, quiet, as_json, logs)
+        _foreground(leaves, zones, directory, port, quiet, as_json, logs, http)
         return
     if as_json:
         print_json(context.to_dict())
@@ -143,6 +156,7 @@ def _foreground(
     quiet: bool,
     as_json: bool,
     logs: _Logs,
+    http: str | None,
 ) -> None:
     from cim_place.local.domain import LocalDomain
     from cim_place.runtime.logs import configure_logging
@@ -156,6 +170,7 @@ def _foreground(
         hub_port=port,
         controllers=logs.controllers,
         log_flags=tuple(logs.log_flags()),
+        http_listen=http,
     )
 
     def progress(message: str) -> None:
@@ -211,7 +226,10 @@ def _foreground(
 def _context_of(domain: LocalDomain) -> DomainContext:
     return DomainContext(
         hub_url=domain.hub_url,
-        nodes=tuple(NodeEntry(n.node, n.url, n.zone, str(n.volume)) for n in domain.nodes),
+        nodes=tuple(
+            NodeEntry(n.node, n.url, n.zone, str(n.volume), domain.http_url(n.node))
+            for n in domain.nodes
+        ),
         pid=os.getpid(),
         started_at=domain.started_at,
         controller=domain.controller,
@@ -232,7 +250,12 @@ def _int_or_none(value: object) -> int | None:
 
 
 def _detach(
-    leaves: int, zones: int, directory: Path, port: int | None, logs: _Logs
+    leaves: int,
+    zones: int,
+    directory: Path,
+    port: int | None,
+    logs: _Logs,
+    http: str | None,
 ) -> DomainContext:
     """Run ``up`` in a new session with its output in ``<dir>/up.log``; wait until it is ready."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -250,6 +273,8 @@ def _detach(
         str(directory),
         "--quiet",
         *logs.flags(),
+        "--http-listen",
+        http if http is not None else OFF,
     ]
     if port is not None:
         command += ["--port", str(port)]
@@ -295,7 +320,7 @@ def _print_summary(context: DomainContext, directory: Path, *, detached: bool) -
     from cim_place.cli.status import make_console
 
     table = Table(title=f"cim-place domain in {directory}", title_justify="left")
-    for column in ("node", "role", "url", "zone", "volume"):
+    for column in ("node", "role", "url", "zone", "volume", "http"):
         table.add_column(column)
     table.add_row(
         "hub",
@@ -303,9 +328,12 @@ def _print_summary(context: DomainContext, directory: Path, *, detached: bool) -
         context.hub_url,
         "",
         "",
+        "",
     )
     for entry in context.nodes:
-        table.add_row(entry.node, "leaf + agent", entry.url, entry.zone, entry.volume)
+        table.add_row(
+            entry.node, "leaf + agent", entry.url, entry.zone, entry.volume, entry.http or "-"
+        )
     console = make_console()
     console.print(table)
     for note in context.notes:

@@ -46,6 +46,7 @@ from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.errors import CimPlaceError, PortTakenError, TransportError
+from cim_place.http.settings import OFF, parse_listen
 from cim_place.local.servers import (
     LOCALHOST,
     Hub,
@@ -63,6 +64,8 @@ _log = logging.getLogger(__name__)
 
 STATE_FILE = "domain.json"
 VOLUME = "v0"
+DEFAULT_HTTP = "127.0.0.1:0"
+"""Every node's gateway on a free loopback port."""
 _READY_TIMEOUT = 60.0
 _POLL = 0.05
 _LIST_POLL = 0.25
@@ -157,6 +160,7 @@ class LocalDomain:
         controllers: int = 1,
         log_flags: tuple[str, ...] = (),
         link_proxies: bool = False,
+        http_listen: str | None = DEFAULT_HTTP,
     ) -> None:
         if leaves < 1:
             raise CimPlaceError(f"a domain needs at least one leaf node, not {leaves}")
@@ -170,6 +174,12 @@ class LocalDomain:
         self.hub_port = hub_port
         self.heartbeat = heartbeat
         self.apply_default_policy = apply_default_policy
+        self.http_listen = http_listen
+        """Where each node's gateway listens (port 0: a free one; port N: N + the node's
+        index); None: no gateway."""
+        if http_listen is not None:
+            parse_listen(http_listen, what="the gateways' listen address")
+        self._http_urls: dict[str, str] = {}
         self.notes: list[str] = []
         self.hub: Hub | None = None
         self.nodes: list[DomainNode] = []
@@ -250,7 +260,6 @@ class LocalDomain:
                     )
                 )
             )
-            self._save_ports(ports)
             self._nc = await connect(self.hub.url, name="cim-place-up")
             js_hub = jetstream(self._nc, HUB_DOMAIN)
             # The agents attach to the event store and consume the task stream: both must exist
@@ -258,7 +267,8 @@ class LocalDomain:
             await ensure_event_store(js_hub, replicas=1)
             await ensure_task_stream(js_hub, 1)
             say("starting the agents")
-            self._start_agents()
+            self._start_agents(ports)
+            self._save_ports(ports)
             self.supervisor.start()
             await self._wait_heartbeats()
             if self.apply_default_policy:
@@ -412,17 +422,37 @@ class LocalDomain:
     def agent_config_path(self, node: str) -> Path:
         return self.directory / "nodes" / node / "agent.yaml"
 
-    def _start_agents(self) -> None:
+    def _gateway_listen(self, index: int, node: str, ports: dict[str, _Ports]) -> str | None:
+        """host:port of ``node``'s gateway: port N + index, or a free port kept in domain.json
+        (chosen here, so that context.json can name it before the agent process binds it)."""
+        if self.http_listen is None:
+            return None
+        host, port = parse_listen(self.http_listen)
+        if not port:
+            port = ports.setdefault(node, _Ports()).choose("gateway", f"{node} gateway", self.notes)
+        else:
+            port += index
+        shown = f"[{host}]" if ":" in host else host
+        self._http_urls[node] = f"http://{'127.0.0.1' if host == '0.0.0.0' else shown}:{port}"
+        return f"{shown}:{port}"
+
+    def http_url(self, node: str) -> str:
+        """Base URL of ``node``'s gateway ("" when it has none)."""
+        return self._http_urls.get(node, "")
+
+    def _start_agents(self, ports: dict[str, _Ports]) -> None:
         """One agent process per leaf, configured by a file beside its server's directory."""
-        for node in self.nodes:
+        for index, node in enumerate(self.nodes):
             path = self.agent_config_path(node.node)
-            document = {
+            document: dict[str, object] = {
                 "node": node.node,
                 "nats": {"servers": [node.url], "hub_domain": HUB_DOMAIN},
                 "labels": {"zone": node.zone, "host": node.node},
                 "volumes": [{"name": VOLUME, "path": str(node.volume)}],
                 "heartbeat": max(1, round(self.heartbeat)),
             }
+            listen = self._gateway_listen(index, node.node, ports)
+            document["http"] = {"listen": listen if listen is not None else OFF}
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(
                 "# Written by `cim-place up` at every start; edits are overwritten.\n"

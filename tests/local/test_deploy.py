@@ -347,6 +347,7 @@ def test_kubernetes_manifests_parse_with_the_expected_kinds() -> None:
     agent = next(c for c in pod["containers"] if c["name"] == "agent")
     script = "\n".join(agent["command"])
     assert '--label "zone=$CIM_PLACE_ZONE"' in script
+    assert "--http-listen 0.0.0.0:8080" in script
     assert "topology.kubernetes.io/zone" in "\n".join(pod["initContainers"][0]["command"]).replace(
         "\\.", "."
     )
@@ -365,6 +366,7 @@ def test_compose_file_runs_a_hub_three_leaves_and_a_controller() -> None:
     assert len(leaves) == 3 and len(agents) == 3
     for agent in agents:
         assert services[agent]["network_mode"].startswith("service:leaf-")
+        assert "--http-listen 0.0.0.0:8080" in services[agent]["command"][0]
     # Every mounted deploy file exists.
     for service in services.values():
         for volume in service.get("volumes", []):
@@ -378,6 +380,7 @@ def test_example_agent_config_loads() -> None:
     assert config.node == "leaf-1"
     assert config.servers[0].startswith("tls://agent-leaf-1:")
     assert {"region", "zone", "host"} <= set(config.labels)
+    assert config.http is not None and config.http.listen == "127.0.0.1:8080"
 
 
 # -- Grafana ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,12 @@ def test_up_status_down_and_resume(workdir: Path) -> None:
     other = workdir / "other.bin"
     other.write_bytes(b"stored on leaf-2")
     other_cid = ok("add", str(other), "--node", "leaf-2", cwd=workdir).strip()
+    # Every node serves a gateway; context.json names it. leaf-3 holds neither object yet
+    # (unless the controller was quick): it fetches through the domain.
+    gateways = {entry.node: entry.http for entry in first.nodes}
+    assert all(url.startswith("http://127.0.0.1:") for url in gateways.values())
+    with urllib.request.urlopen(f"{gateways['leaf-3']}/ipfs/{other_cid}", timeout=60) as resp:
+        assert resp.read() == b"stored on leaf-2"
 
     assert "stopped" in ok("down", "--dir", str(state), cwd=workdir)
     wait_gone([first.pid])
@@ -240,6 +247,7 @@ async def test_library_runs_every_part_as_a_supervised_process(workdir: Path) ->
         ]
         pids = [p["pid"] for p in domain.processes()]
         assert all(isinstance(pid, int) and pid_alive(pid) for pid in pids)
+        assert domain.http_url("leaf-1").startswith("http://127.0.0.1:")
         async with connected(domain.hub_url) as nc:
             js = jetstream(nc, "hub")
             assert [r.node for r in await list_nodes(js)] == ["leaf-1", "leaf-2"]

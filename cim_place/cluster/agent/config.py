@@ -30,7 +30,7 @@ from cim_place.cluster.exchange.stream import DEFAULT_LISTEN
 from cim_place.cluster.nats.connection import DEFAULT_SERVER
 from cim_place.cluster.nats.subjects import DEFAULT_PREFIX, HUB_DOMAIN, Subjects, check_node_id
 from cim_place.errors import CimPlaceError
-from cim_place.http.server import HttpSettings
+from cim_place.http.settings import HttpSettings
 from cim_place.policies.loader import Path as YamlPath
 from cim_place.policies.loader import YamlFile, read_file, read_text
 from cim_place.policies.problems import Problem

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cim_place.errors import CimPlaceError
-from cim_place.http.server import OFF, HttpSettings, TlsFiles, parse_listen
+from cim_place.http.settings import OFF, HttpSettings, TlsFiles, parse_listen
 
 if TYPE_CHECKING:
-    from cim_place.cluster.agent.config import ConfigChecker
     from cim_place.policies.loader import Path as YamlPath
+    from cim_place.runtime.config import ConfigChecker
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -30,7 +30,7 @@ def check_http(value: object, checker: ConfigChecker, root: YamlPath) -> HttpSet
     at: YamlPath = (*root, "http")
     if value is None or value is False or value == OFF:
         return None
-    section = checker.mapping(value, at, {"listen", "tls", "tokens"})
+    section = checker.section(value, at, {"listen", "tls", "tokens"})
     raw = section.get("listen", OFF)
     # YAML 1.1 reads a bare `off` as false.
     if raw is False or raw is None or raw == OFF:
@@ -67,7 +67,7 @@ def check_http(value: object, checker: ConfigChecker, root: YamlPath) -> HttpSet
 
 
 def _check_tls(value: object, checker: ConfigChecker, at: YamlPath) -> TlsFiles | None:
-    raw = checker.mapping(value, (*at, "tls"), {"cert", "key", "client_ca"})
+    raw = checker.section(value, (*at, "tls"), {"cert", "key", "client_ca"})
     files: dict[str, str] = {}
     for key, what in (("cert", "certificate"), ("key", "key"), ("client_ca", "client CA")):
         if key in raw:
