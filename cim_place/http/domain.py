@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from cim_place.errors import BlockNotFoundError, CorruptBlockError, StoreError
@@ -50,6 +52,64 @@ class _Job:
         self.changed = asyncio.Event()
 
 
+class RecentBlocks:
+    """Blocks the fetch verified and stored in the last moments, kept in memory (``capacity``
+    bytes at most, oldest out first) so a response sends them without reading and hashing them
+    again. Filled by the fetch's threads, read by the gateway's: guarded by a lock."""
+
+    def __init__(self, capacity: int = 64 << 20) -> None:
+        self.capacity = capacity
+        self._blocks: OrderedDict[Cid, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, cid: Cid, block: bytes) -> None:
+        with self._lock:
+            if cid in self._blocks:
+                return
+            self._blocks[cid] = block
+            self._bytes += len(block)
+            while self._bytes > self.capacity and self._blocks:
+                _, old = self._blocks.popitem(last=False)
+                self._bytes -= len(old)
+
+    def get(self, cid: Cid) -> bytes | None:
+        with self._lock:
+            return self._blocks.get(cid)
+
+    def recording(self, store: BlockStore) -> BlockStore:
+        """``store`` as a fetch writes into it: every block put is also remembered here."""
+        return _Recording(store, self)
+
+
+class _Recording:
+    """A BlockStore that remembers what is put into it (the fetch verified it first)."""
+
+    def __init__(self, store: BlockStore, recent: RecentBlocks) -> None:
+        self.store = store
+        self.recent = recent
+
+    def has(self, cid: Cid) -> bool:
+        return self.store.has(cid)
+
+    def get(self, cid: Cid) -> bytes:
+        return self.store.get(cid)
+
+    def put(self, cid: Cid, data: bytes) -> bool:
+        added = self.store.put(cid, data)
+        self.recent.add(cid, data)
+        return added
+
+    def delete(self, cid: Cid) -> bool:
+        return self.store.delete(cid)
+
+    def cids(self) -> Iterator[Cid]:
+        return self.store.cids()
+
+    def used_bytes(self) -> int:
+        return self.store.used_bytes()
+
+
 class DomainContent:
     """A ContentSource over ``local`` (this node's volumes) and the domain.
 
@@ -73,6 +133,8 @@ class DomainContent:
         self.fetch = fetch
         self.wait_timeout = wait_timeout
         self.hints = RootHints()
+        self.recent = RecentBlocks()
+        """What the fetch stored lately; ``fetch`` writes through ``recent.recording(store)``."""
         self._jobs: dict[Cid, _Job] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -172,6 +234,9 @@ class _Reader:
         return self.domain.local.has(cid)
 
     def get(self, cid: Cid) -> bytes:
+        fetched = self.domain.recent.get(cid)
+        if fetched is not None:
+            return fetched
         try:
             return self.domain.local.get(cid)
         except BlockNotFoundError:
@@ -183,4 +248,5 @@ class _Reader:
             raise BlockNotFoundError(to_str(cid))
         future = asyncio.run_coroutine_threadsafe(self.domain.wait_for(self.dag_root, cid), loop)
         future.result()
-        return self.domain.local.get(cid)
+        fetched = self.domain.recent.get(cid)
+        return fetched if fetched is not None else self.domain.local.get(cid)

@@ -56,6 +56,8 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 IMMUTABLE = "public, max-age=29030400, immutable"
+SMALL_BODY = 1 << 20
+"""Answers up to this size are read whole in one worker-thread call, then sent."""
 READ_AHEAD = 4
 """Chunks read ahead of the socket (a chunk is at most a block, 1 MiB by default)."""
 NameResolver = Callable[[str], Awaitable[Cid | None]]
@@ -262,18 +264,26 @@ class Gateway:
         size = entry.size
         byte_range = parse_range(request.headers.get("Range", ""), size)
         first, last = byte_range if byte_range is not None else (0, size - 1)
-        chunks = content.file_chunks(source, entry.cid, first, last)
-        kind = content.content_type(entry.name, b"") if "." in entry.name else ""
-        if not kind or kind.startswith("application/octet-stream"):
-            if first == 0 and request.method != "HEAD" and last >= first:
+        length = max(0, last - first + 1)
+        kind = content.type_by_name(entry.name)
+        body: bytes | None = None
+        chunks: Iterator[bytes] = iter(())
+        if request.method != "HEAD" and length <= SMALL_BODY:
+            # One trip to a worker thread for a small answer (most requests of a website).
+            body = b"".join(await self._run(_collect, source, entry.cid, first, last))
+            if kind is None and first == 0:
+                kind = content.content_type("", body[: content.SNIFF_BYTES])
+        elif request.method != "HEAD":
+            chunks = content.file_chunks(source, entry.cid, first, last)
+            if kind is None and first == 0:
                 # Sniff from the first chunk the response sends anyway.
                 lead = await self._run(next, chunks, b"")
                 kind = content.content_type("", lead[: content.SNIFF_BYTES])
                 chunks = itertools.chain((lead,), chunks)
-            else:
-                sniff_end = min(size, content.SNIFF_BYTES) - 1
-                head = b"".join(await self._run(_collect, source, entry.cid, 0, sniff_end))
-                kind = content.content_type("", head)
+        if kind is None:
+            sniff_end = min(size, content.SNIFF_BYTES) - 1
+            head = b"".join(await self._run(_collect, source, entry.cid, 0, sniff_end))
+            kind = content.content_type("", head)
         headers.update(
             {
                 "ETag": etag,
@@ -286,9 +296,11 @@ class Gateway:
         if byte_range is not None:
             status = 206
             headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        if body is not None:
+            return web.Response(status=status, headers=headers, body=body)
         response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = max(0, last - first + 1)
-        if request.method == "HEAD" or last < first:
+        response.content_length = length
+        if request.method == "HEAD" or length == 0:
             await response.prepare(request)
             return response
         return await self._stream(request, response, chunks)

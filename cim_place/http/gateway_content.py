@@ -163,12 +163,21 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
 )
 
 
+def type_by_name(name: str) -> str | None:
+    """The content type a file name's extension says, if it says one."""
+    if not name or "." not in name:
+        return None
+    guessed, _ = mimetypes.guess_type(name, strict=False)
+    if guessed is None:
+        return None
+    return f"{guessed}; charset=utf-8" if guessed.startswith("text/") else guessed
+
+
 def content_type(name: str, head: bytes) -> str:
     """From the file name's extension, else sniffed from the first bytes."""
-    if name:
-        guessed, _ = mimetypes.guess_type(name, strict=False)
-        if guessed:
-            return f"{guessed}; charset=utf-8" if guessed.startswith("text/") else guessed
+    by_name = type_by_name(name)
+    if by_name is not None:
+        return by_name
     for magic, kind in _MAGIC:
         if head.startswith(magic):
             return kind

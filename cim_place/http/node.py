@@ -113,7 +113,7 @@ def gateway_for(parts: NodeParts, settings: HttpSettings) -> Gateway:
                 parts.nc,
                 root,
                 [holder for holder in holders if isinstance(holder, Holder)],
-                store.blocks,
+                content.recent.recording(store.blocks),
                 subjects=parts.subjects,
                 near=parts.near,
                 stream_tls=parts.stream_tls,
