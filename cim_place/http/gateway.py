@@ -176,7 +176,7 @@ class Gateway:
         etag = f'"{to_str(entry.cid)}.raw"'
         if _not_modified(request, etag):
             return web.Response(status=304, headers={**headers, "ETag": etag})
-        block = await self._run(source.get, entry.cid)
+        block = entry.block
         self.source.saw(root, entry.cid, block)
         headers.update(
             {
@@ -268,7 +268,11 @@ class Gateway:
         kind = content.type_by_name(entry.name)
         body: bytes | None = None
         chunks: Iterator[bytes] = iter(())
-        if request.method != "HEAD" and length <= SMALL_BODY:
+        if request.method != "HEAD" and entry.inline is not None:
+            body = entry.inline[first : last + 1]  # a one-block file: read already
+            if kind is None:
+                kind = content.content_type("", entry.inline[: content.SNIFF_BYTES])
+        elif request.method != "HEAD" and length <= SMALL_BODY:
             # One trip to a worker thread for a small answer (most requests of a website).
             body = b"".join(await self._run(_collect, source, entry.cid, first, last))
             if kind is None and first == 0:

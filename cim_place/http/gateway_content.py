@@ -49,6 +49,10 @@ class Entry:
     """The last path segment ("" for a bare CID), for the content type."""
     path_blocks: tuple[Cid, ...]
     """The blocks read to resolve the path, before the terminal one (CAR responses send them)."""
+    block: bytes = b""
+    """The terminal block (read and verified to resolve the path)."""
+    inline: bytes | None = None
+    """The whole file when it is that one block (no second read for a small file)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +106,12 @@ def resolve(source: BlockSource, root: Cid, segments: tuple[str, ...]) -> Entry:
         path_blocks.append(cid)
         walked.append(segment)
         cid = match[0]
-    terminal = _node(cid, source.get(cid))
-    return Entry(cid, terminal.kind, terminal.size, _last(segments), tuple(path_blocks))
+    block = source.get(cid)
+    terminal = _node(cid, block)
+    inline = terminal.data if terminal.kind == _KIND_FILE and not terminal.links else None
+    return Entry(
+        cid, terminal.kind, terminal.size, _last(segments), tuple(path_blocks), block, inline
+    )
 
 
 def _last(segments: tuple[str, ...]) -> str:
