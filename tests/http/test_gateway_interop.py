@@ -1,7 +1,8 @@
 """Real IPFS clients against a node's gateway: npm ``ipfs-car`` unpacks a CAR from the gateway
 to identical bytes and root, and ``@helia/verified-fetch`` (Node 22, HTTP-only Helia with the
-gateway as its recursive gateway) fetches a file block by block, verifying each; a gateway that
-lies about one block makes it fail instead of returning the wrong bytes.
+gateway as its recursive gateway) fetches a file block by block, verifying each, from the node
+that holds it and through a node that does not; a gateway that lies about one block makes it
+fail instead of returning the wrong bytes.
 
 Node 22 and the npm packages are installed on first use by ``scripts/install-node22.sh`` into
 ``.cache/`` (ignored by git); without npm, or when the install fails (offline), the tests skip.
@@ -20,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from http_domain import Domain, upload_to
 
 from cim_place.http.gateway import Gateway
 from cim_place.http.server import HttpServers, Listener
@@ -133,6 +135,23 @@ async def test_verified_fetch_through_the_gateway(
     assert code == 0, stderr + stdout
     assert json.loads(stdout.strip().splitlines()[-1]) == {"status": 200, "bytes": SIZE}
     assert out.read_bytes() == data
+
+
+async def test_verified_fetch_of_content_on_another_node(
+    verified_fetch: tuple[Path, Path], domain: Domain, tmp_path: Path
+) -> None:
+    """Held by node A only; the client walks the DAG block by block through node B's gateway,
+    which fetches each from A through the domain."""
+    node, script = verified_fetch
+    data = chacha_stream("gateway-interop-domain", SIZE).read()
+    root = await upload_to(domain, "node-a", data)
+    out = tmp_path / "fetched.bin"
+    code, stdout, stderr = await _run(
+        str(node), str(script), domain.url(domain.b), to_str(root), str(out)
+    )
+    assert code == 0, stderr + stdout
+    assert out.read_bytes() == data
+    assert domain.b.pinned_on(root) is None  # served through the cache, not pinned
 
 
 async def test_verified_fetch_refuses_a_lying_gateway(
