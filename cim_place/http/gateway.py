@@ -248,12 +248,12 @@ class Gateway:
         entry: content.Entry,
         headers: dict[str, str],
     ) -> web.StreamResponse:
-        if entry.kind == content._KIND_DIRECTORY:
+        if entry.kind == content.KIND_DIRECTORY:
             index = await self._run(content.index_of, source, entry)
             if index is None:
                 return await self._listing(request, source, entry, headers)
             entry = await self._run(content.resolve, source, entry.cid, ("index.html",))
-        elif entry.kind != content._KIND_FILE:
+        elif entry.kind != content.KIND_FILE:
             raise content.Unsupported(
                 f"{to_str(entry.cid)} is not a UnixFS file or directory; "
                 "ask for it with ?format=raw or ?format=car"
@@ -394,8 +394,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _error(status: int, reason: str) -> web.Response:
-    return web.Response(
-        status=status,
-        text=reason.splitlines()[0] + "\n",
-        headers={"Cache-Control": "no-store", "Access-Control-Allow-Origin": "*"},
-    )
+    headers = {"Cache-Control": "no-store", "Access-Control-Allow-Origin": "*"}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="cim-place"'
+    return web.Response(status=status, text=reason.splitlines()[0] + "\n", headers=headers)

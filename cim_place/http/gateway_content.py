@@ -23,9 +23,9 @@ from cim_place.objectstore.cid import DAG_PB, RAW, Cid, codec_of, to_str, varint
 from cim_place.objectstore.unixfs import read_file
 
 SNIFF_BYTES = 512
-_KIND_FILE = "file"
-_KIND_DIRECTORY = "directory"
-_KIND_OTHER = "other"
+KIND_FILE = "file"
+KIND_DIRECTORY = "directory"
+KIND_OTHER = "other"
 
 
 class NoSuchPath(CimPlaceError):
@@ -67,27 +67,27 @@ class _Node:
 def _node(cid: Cid, block: bytes) -> _Node:
     codec = codec_of(cid)
     if codec == RAW:
-        return _Node(_KIND_FILE, len(block), (), block, ())
+        return _Node(KIND_FILE, len(block), (), block, ())
     if codec != DAG_PB:
-        return _Node(_KIND_OTHER, 0, (), b"", ())
+        return _Node(KIND_OTHER, 0, (), b"", ())
     try:
         node = dagpb.decode_node(block)
         fs = dagpb.decode_unixfs(node.data) if node.data is not None else None
     except ValueError:
-        return _Node(_KIND_OTHER, 0, (), b"", ())
+        return _Node(KIND_OTHER, 0, (), b"", ())
     if fs is None:
-        return _Node(_KIND_OTHER, 0, node.links, b"", ())
+        return _Node(KIND_OTHER, 0, node.links, b"", ())
     if fs.type in (dagpb.UNIXFS_FILE, dagpb.UNIXFS_RAW):
         data = fs.data or b""
-        return _Node(_KIND_FILE, len(data) + sum(fs.blocksizes), node.links, data, fs.blocksizes)
+        return _Node(KIND_FILE, len(data) + sum(fs.blocksizes), node.links, data, fs.blocksizes)
     if fs.type == dagpb.UNIXFS_DIRECTORY:
-        return _Node(_KIND_DIRECTORY, 0, node.links, b"", ())
+        return _Node(KIND_DIRECTORY, 0, node.links, b"", ())
     if fs.type == dagpb.UNIXFS_HAMT_SHARD:
         raise Unsupported(
             f"{to_str(cid)} is a HAMT-sharded directory, which this gateway does not read; "
             "ask for it with ?format=raw or ?format=car&dag-scope=block"
         )
-    return _Node(_KIND_OTHER, 0, node.links, b"", ())
+    return _Node(KIND_OTHER, 0, node.links, b"", ())
 
 
 def resolve(source: BlockSource, root: Cid, segments: tuple[str, ...]) -> Entry:
@@ -97,7 +97,7 @@ def resolve(source: BlockSource, root: Cid, segments: tuple[str, ...]) -> Entry:
     walked: list[str] = []
     for segment in segments:
         node = _node(cid, source.get(cid))
-        if node.kind != _KIND_DIRECTORY:
+        if node.kind != KIND_DIRECTORY:
             where = "/".join(walked) or to_str(root)
             raise NoSuchPath(f"{where} is not a directory, so it has no entry {segment!r}")
         match = [link.hash for link in node.links if link.name == segment]
@@ -108,7 +108,7 @@ def resolve(source: BlockSource, root: Cid, segments: tuple[str, ...]) -> Entry:
         cid = match[0]
     block = source.get(cid)
     terminal = _node(cid, block)
-    inline = terminal.data if terminal.kind == _KIND_FILE and not terminal.links else None
+    inline = terminal.data if terminal.kind == KIND_FILE and not terminal.links else None
     return Entry(
         cid, terminal.kind, terminal.size, _last(segments), tuple(path_blocks), block, inline
     )
@@ -245,7 +245,7 @@ def car_chunks(
 def _scoped(
     source: BlockSource, entry: Entry, scope: str, byte_range: tuple[int, int] | None
 ) -> Iterator[tuple[Cid, bytes]]:
-    if scope == "block" or (scope == "entity" and entry.kind != _KIND_FILE):
+    if scope == "block" or (scope == "entity" and entry.kind != KIND_FILE):
         yield entry.cid, source.get(entry.cid)
         return
     if scope == "entity" and byte_range is not None:
@@ -281,7 +281,7 @@ def _file_range_blocks(
     block = source.get(cid)
     yield cid, block
     node = _node(cid, block)
-    if node.kind != _KIND_FILE or not node.links:
+    if node.kind != KIND_FILE or not node.links:
         return
     position = offset + len(node.data)
     for link, size in zip(node.links, node.blocksizes, strict=False):

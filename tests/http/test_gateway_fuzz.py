@@ -19,7 +19,7 @@ from cim_place.http.sources import LocalContent
 from cim_place.objectstore.cid import to_str
 from cim_place.objectstore.store import ObjectStore
 
-FUZZED = 2000
+FUZZED = 10_000
 
 
 @given(st.text(max_size=80), st.text(max_size=80))
