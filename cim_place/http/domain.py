@@ -19,6 +19,8 @@ for a child joins the fetch of its root. A child asked for with no such history 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
@@ -137,6 +139,7 @@ class DomainContent:
         """What the fetch stored lately; ``fetch`` writes through ``recent.recording(store)``."""
         self._jobs: dict[Cid, _Job] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     def dag_root(self, cid: Cid) -> Cid:
         return self.hints.root_of(cid)
@@ -168,16 +171,36 @@ class DomainContent:
         progress = _Progress()
         job = _Job(asyncio.ensure_future(self.fetch(dag_root, holders, progress)))
         progress.job = job
-        job.task.add_done_callback(lambda _task: job.tick())
+        job.task.add_done_callback(lambda _task: self._finished(dag_root, job))
         self._jobs[dag_root] = job
         _log.info("gateway fetching %s from %d holder(s)", to_str(dag_root), len(holders))
         return job
+
+    def _finished(self, dag_root: Cid, job: _Job) -> None:
+        """A fetch ended: forget it (a later miss starts a new one), say why if it failed."""
+        if self._jobs.get(dag_root) is job:
+            del self._jobs[dag_root]
+        if not job.task.cancelled() and (error := job.task.exception()) is not None:
+            _log.warning("gateway fetch of %s ended: %s", to_str(dag_root), error)
+        job.tick()
+
+    async def close(self) -> None:
+        """Stop the fetches in progress; reads waiting for them fail at once."""
+        self._closed = True
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            job.task.cancel()
+        for job in jobs:
+            with contextlib.suppress(BaseException):
+                await job.task
 
     async def wait_for(self, dag_root: Cid, cid: Cid) -> None:
         """Return once ``cid`` is in the local store (fetched and verified); raise
         BlockNotFoundError when the fetch of ``dag_root`` ends without it."""
         restarted = False
         while True:
+            if self._closed:
+                raise BlockNotFoundError(f"{to_str(cid)} (the gateway is stopping)")
             if await asyncio.to_thread(self.local.has, cid):
                 return
             job = self._jobs.get(dag_root)
@@ -247,6 +270,11 @@ class _Reader:
         if loop is None:
             raise BlockNotFoundError(to_str(cid))
         future = asyncio.run_coroutine_threadsafe(self.domain.wait_for(self.dag_root, cid), loop)
-        future.result()
+        try:
+            # Bounded, so a worker thread never outlives a loop that stopped without answering.
+            future.result(timeout=4 * self.domain.wait_timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise BlockNotFoundError(f"{to_str(cid)} (waited too long)") from None
         fetched = self.domain.recent.get(cid)
         return fetched if fetched is not None else self.domain.local.get(cid)

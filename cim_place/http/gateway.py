@@ -97,6 +97,9 @@ class Gateway:
         return app
 
     async def _cleanup(self, app: web.Application) -> None:
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            await close()  # fetches in progress end, so reads waiting for them return
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, func: Callable[..., _T], *args: object) -> _T:
