@@ -166,6 +166,14 @@ class Agent:
             self._services.insert(0, self._stream)
         for service in self._services:
             await service.start()
+        if config.http is not None:
+            # Before the first heartbeat, which is what `cim-place up` waits for: a node that
+            # is up answers HTTP.
+            self.http = await start_node_http(
+                self._http_parts(blocks, access is not None),
+                config.http,
+                [build(self) for build in self.http_extra],
+            )
 
         self._heartbeat = Heartbeat(
             js_hub, self.record, interval=config.heartbeat, on_restored=self.hub_link_restored
@@ -185,12 +193,6 @@ class Agent:
         await self._worker.start()
         if config.metrics:
             self.metrics.serve(config.metrics)
-        if config.http is not None:
-            self.http = await start_node_http(
-                self._http_parts(blocks, access is not None),
-                config.http,
-                [build(self) for build in self.http_extra],
-            )
         self._background = [
             asyncio.create_task(self._attach_to_hub(), name="cim-place-attach"),
             asyncio.create_task(self._inventory_loop(), name="cim-place-inventory"),
