@@ -268,7 +268,8 @@ class Gateway:
         byte_range = parse_range(request.headers.get("Range", ""), size)
         first, last = byte_range if byte_range is not None else (0, size - 1)
         length = max(0, last - first + 1)
-        kind = content.type_by_name(entry.name)
+        filename = request.query.get("filename", "")
+        kind = content.type_by_name(filename or entry.name)
         body: bytes | None = None
         chunks: Iterator[bytes] = iter(())
         if request.method != "HEAD" and entry.inline is not None:
@@ -299,6 +300,11 @@ class Gateway:
                 "Accept-Ranges": "bytes",
             }
         )
+        if filename or request.query.get("download") == "true":
+            headers["Content-Disposition"] = content.disposition(
+                filename or entry.name or to_str(entry.cid),
+                attachment=request.query.get("download") == "true",
+            )
         status = 200
         if byte_range is not None:
             status = 206

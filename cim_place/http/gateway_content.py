@@ -14,6 +14,7 @@ from __future__ import annotations
 import mimetypes
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from cim_place.errors import CimPlaceError
 from cim_place.interfaces import BlockSource
@@ -179,6 +180,13 @@ def type_by_name(name: str) -> str | None:
     if guessed is None:
         return None
     return f"{guessed}; charset=utf-8" if guessed.startswith("text/") else guessed
+
+
+def disposition(filename: str, *, attachment: bool) -> str:
+    """A ``Content-Disposition`` naming ``filename`` (ASCII fallback and RFC 5987 UTF-8)."""
+    plain = "".join(c if 0x20 <= ord(c) < 0x7F and c not in '"\\' else "_" for c in filename)
+    kind = "attachment" if attachment else "inline"
+    return f"{kind}; filename=\"{plain}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 def content_type(name: str, head: bytes) -> str:

@@ -84,6 +84,11 @@ async def test_file_bytes_and_headers(site: Site) -> None:
     assert headers["X-Ipfs-Path"] == f"/ipfs/{to_str(site.big)}"
     status, headers, body = await site.get(f"/ipfs/{to_str(site.small)}")
     assert body == b"hello gateway\n" and headers["Content-Type"].startswith("text/plain")
+    status, headers, _ = await site.get(f"/ipfs/{to_str(site.big)}?filename=r\u00e9sum\u00e9.pdf")
+    assert headers["Content-Type"] == "application/pdf"
+    assert headers["Content-Disposition"].startswith('inline; filename="r_sum_.pdf"')
+    status, headers, _ = await site.get(f"/ipfs/{to_str(site.small)}?download=true")
+    assert headers["Content-Disposition"].startswith("attachment;")
     async with site.session.head(site.url + f"/ipfs/{to_str(site.big)}") as resp:
         assert resp.status == 200 and resp.headers["Content-Length"] == str(BIG)
         assert await resp.read() == b""
