@@ -36,6 +36,8 @@ from cim_place.objectstore.store import ObjectStore
 
 HOLDER_TIMEOUT = 0.5
 """Seconds to wait for who-has answers when this node lacks a root."""
+MAX_FETCHES = 8
+"""Roots fetched for HTTP clients at once; more wait their turn (the tasks' fetches do not)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +103,15 @@ def gateway_for(parts: NodeParts, settings: HttpSettings) -> Gateway:
         )
         return [holder for holder in found if holder.node != parts.node]
 
+    fetching = asyncio.Semaphore(MAX_FETCHES)
+
     async def fetch(
+        root: Cid, holders: Sequence[object], progress: Callable[[int, int], None]
+    ) -> object:
+        async with fetching:
+            return await fetch_into_cache(root, holders, progress)
+
+    async def fetch_into_cache(
         root: Cid, holders: Sequence[object], progress: Callable[[int, int], None]
     ) -> object:
         store = parts.cache_volume()
