@@ -107,16 +107,8 @@ async def _serve(app: web.Application) -> None:
 
 
 def child_said(args: list[str]) -> tuple[subprocess.Popen[str], str]:
-    """A child of this file once it printed "ready DETAIL", and the detail."""
-    process = subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line.startswith("ready"):
-        process.kill()
-        raise RuntimeError(f"child {args[0]} did not start: {line!r}")
-    return process, line.removeprefix("ready").strip()
+    """A child of this file (``local`` or ``remote``) once it said "ready URL", and the URL."""
+    return transfer.child_said(args, script=__file__)
 
 
 # -- measurements ----------------------------------------------------------------------------------

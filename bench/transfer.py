@@ -256,10 +256,11 @@ def child(args: list[str]) -> subprocess.Popen[str]:
     return process
 
 
-def child_said(args: list[str]) -> tuple[subprocess.Popen[str], str]:
-    """A child process once it printed "ready [detail]", and the detail."""
+def child_said(args: list[str], script: str = __file__) -> tuple[subprocess.Popen[str], str]:
+    """A child process (``script``, this file by default) once it printed "ready [detail]", and
+    the detail."""
     process = subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, script, *args], stdout=subprocess.PIPE, text=True, start_new_session=True
     )
     assert process.stdout is not None
     line = process.stdout.readline()
