@@ -161,9 +161,11 @@ class Gateway:
         except content.Unsupported as exc:
             return _error(501, str(exc))
         except BlockNotFoundError as exc:
-            return _error(404, f"block {exc} is not held by any node of this domain")
+            return _error(404, f"block {exc.cid} is not held by any node of this domain")
         except CorruptBlockError as exc:
-            return _error(502, f"{_one_line(exc)}; no node supplied a verified copy")
+            return _error(
+                502, f"block {exc.cid} is corrupt here and no node supplied a verified copy"
+            )
         except CimPlaceError as exc:
             _log.warning("gateway request %s: %s", request.rel_url, exc)
             return _error(502, _one_line(exc))
