@@ -18,7 +18,6 @@ headers were sent cuts the connection, so a client never takes a short body for 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterator
@@ -49,6 +48,7 @@ from cim_place.http.sources import (
     OpenAccess,
     UnknownTokenError,
 )
+from cim_place.http.streaming import send_chunks
 from cim_place.interfaces import BlockSource
 from cim_place.objectstore.cid import Cid, to_str
 
@@ -341,53 +341,7 @@ class Gateway:
     async def _stream(
         self, request: web.Request, response: web.StreamResponse, chunks: Iterator[bytes]
     ) -> web.StreamResponse:
-        """Send ``chunks`` (read in the gateway's threads, ``READ_AHEAD`` ahead); a failure
-        part way cuts the connection."""
-        queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(READ_AHEAD)
-        producer = asyncio.create_task(self._produce(chunks, queue))
-        try:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item  # nothing sent yet: the caller answers with a status
-            await response.prepare(request)
-            while True:
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    _log.warning(
-                        "gateway response for %s cut: %s", request.rel_url, _one_line(item)
-                    )
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return response
-                await response.write(item)
-                item = await queue.get()
-            await response.write_eof()
-        finally:
-            producer.cancel()
-            with contextlib.suppress(BaseException):
-                await producer
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    await self._run(close)
-        return response
-
-    async def _produce(
-        self, chunks: Iterator[bytes], queue: asyncio.Queue[bytes | BaseException | None]
-    ) -> None:
-        try:
-            while True:
-                chunk = await self._run(next, chunks, None)
-                if chunk is None:
-                    break
-                if chunk:
-                    await queue.put(chunk)
-            await queue.put(None)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # any failure reaches the response, which is then cut
-            await queue.put(exc)
+        return await send_chunks(request, response, chunks, self.executor, READ_AHEAD)
 
 
 def _collect(source: BlockSource, cid: Cid, first: int, last: int) -> list[bytes]:
