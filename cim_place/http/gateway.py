@@ -115,7 +115,7 @@ class Gateway:
             cid = await self.names(name)
         except BadRequest as exc:
             return _error(exc.status, exc.reason)
-        except CimPlaceError as exc:
+        except (CimPlaceError, OSError, TimeoutError) as exc:
             return _error(502, f"cannot resolve the name {name!r}: {_one_line(exc)}")
         if cid is None:
             return _error(404, f"no name {name!r} in this domain")
@@ -169,6 +169,9 @@ class Gateway:
         except CimPlaceError as exc:
             _log.warning("gateway request %s: %s", request.rel_url, exc)
             return _error(502, _one_line(exc))
+        except (OSError, TimeoutError) as exc:  # the domain unreachable, a disk error
+            _log.warning("gateway request %s failed: %r", request.rel_url, exc)
+            return _error(502, f"the content cannot be read now: {_one_line(exc)}")
 
     async def _raw(
         self,

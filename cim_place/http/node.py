@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
+
 from cim_place.cluster.exchange.fetch import Holder, Labels, fetch_dag
 from cim_place.cluster.exchange.holders import find_holders
 from cim_place.cluster.nats.connection import jetstream
@@ -31,7 +33,7 @@ from cim_place.http.gateway_request import BadRequest
 from cim_place.http.server import HttpServers, HttpSettings, Listener
 from cim_place.http.sources import Access, Identify, OpenAccess
 from cim_place.interfaces import BlockSource, Pin
-from cim_place.objectstore.cid import Cid
+from cim_place.objectstore.cid import Cid, to_str
 from cim_place.objectstore.store import ObjectStore
 
 HOLDER_TIMEOUT = 0.5
@@ -98,9 +100,12 @@ def gateway_for(parts: NodeParts, settings: HttpSettings) -> Gateway:
     async def holders_of(root: Cid) -> list[Holder]:
         # This node answers who-has too when it holds the root pinned: wait for one more.
         expected = 2 if parts.pin_of(root) is not None else 1
-        found = await find_holders(
-            parts.nc, root, timeout=HOLDER_TIMEOUT, expected=expected, subjects=parts.subjects
-        )
+        try:
+            found = await find_holders(
+                parts.nc, root, timeout=HOLDER_TIMEOUT, expected=expected, subjects=parts.subjects
+            )
+        except nats.errors.Error as exc:
+            raise TransportError(f"cannot ask the domain who holds {to_str(root)}: {exc}") from None
         return [holder for holder in found if holder.node != parts.node]
 
     fetching = asyncio.Semaphore(MAX_FETCHES)
@@ -141,6 +146,8 @@ def gateway_for(parts: NodeParts, settings: HttpSettings) -> Gateway:
             record = await NameRegistry(jetstream(parts.nc, parts.hub_domain)).get(name)
         except NamingError:
             return None
+        except nats.errors.Error as exc:
+            raise TransportError(f"the names of the domain cannot be read: {exc}") from None
         return record.cid if record is not None and not record.removed else None
 
     content = DomainContent(
