@@ -125,6 +125,34 @@ async def test_ipfs_car_unpacks_the_gateways_car(
     assert unpacked.read_bytes() == data
 
 
+async def test_a_directory_packed_by_ipfs_car_is_served_by_path(
+    ipfs_car: list[str], gateway: tuple[str, ObjectStore, Cid, bytes], tmp_path: Path
+) -> None:
+    """ipfs-car packs a directory (UnixFS directories, what cim-place's importer does not make);
+    imported as a CAR, its files are served by path and its listing names them."""
+    url, store, _, data = gateway
+    site = tmp_path / "site"
+    (site / "img").mkdir(parents=True)
+    (site / "index.html").write_bytes(b"<!doctype html><title>home</title>")
+    (site / "img" / "big.bin").write_bytes(data)
+    packed = tmp_path / "site.car"
+    code, _, err = await _run(*ipfs_car, "pack", str(site), "--output", str(packed))
+    assert code == 0, err
+    with packed.open("rb") as car:
+        (pin,) = store.import_car(car)
+    root = to_str(pin.root)
+    async with aiohttp.ClientSession(base_url=url) as http:
+        async with http.get(f"/ipfs/{root}/img/big.bin") as resp:
+            assert resp.status == 200 and await resp.read() == data
+        async with http.get(f"/ipfs/{root}/") as resp:  # its index.html
+            assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/html")
+            assert await resp.read() == b"<!doctype html><title>home</title>"
+        async with http.get(f"/ipfs/{root}/img") as resp:  # no index: a listing
+            assert resp.status == 200 and b"big.bin" in await resp.read()
+        async with http.get(f"/ipfs/{root}/nothing-here") as resp:
+            assert resp.status == 404
+
+
 async def test_verified_fetch_through_the_gateway(
     verified_fetch: tuple[Path, Path], gateway: tuple[str, ObjectStore, Cid, bytes], tmp_path: Path
 ) -> None:
