@@ -161,11 +161,14 @@ def gateway_for(parts: NodeParts, settings: HttpSettings) -> Gateway:
 
 
 async def start_node_http(
-    parts: NodeParts, settings: HttpSettings, extra: Sequence[Listener] = ()
+    parts: NodeParts, settings: HttpSettings | None, extra: Sequence[Listener] = ()
 ) -> HttpServers:
-    """Bind the gateway (and any ``extra`` listeners, such as the S3 API) for a node."""
-    gateway = gateway_for(parts, settings)
-    listeners = [Listener("gateway", gateway.app(), settings.listen, settings.tls), *extra]
+    """Bind a node's listeners, all or none: the gateway (unless ``settings`` is None) and any
+    ``extra`` ones, such as the S3 API."""
+    listeners = list(extra)
+    if settings is not None:
+        gateway = gateway_for(parts, settings)
+        listeners.insert(0, Listener("gateway", gateway.app(), settings.listen, settings.tls))
     servers = HttpServers(listeners)
     await servers.start()
     return servers

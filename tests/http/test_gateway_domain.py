@@ -6,15 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import io
+from dataclasses import replace
+from pathlib import Path
 
 import aiohttp
-from http_domain import Domain, upload_to
+from aiohttp import web
+from http_domain import Domain, config, upload_to
 
+from cim_place.cluster.agent.service import Agent
+from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.state.names import NameRegistry
+from cim_place.http.server import HttpSettings, Listener
+from cim_place.local.servers import Hub
 from cim_place.objectstore import car, dagpb
 from cim_place.objectstore.cid import Cid, to_str
 from cim_place.objectstore.testdata import chacha_stream
+from cim_place.testing import LeafFactory
 
 MiB = 1 << 20
 SIZE = 5 * MiB + 7
@@ -101,3 +109,40 @@ async def test_names_redirect_and_unknown_content(domain: Domain) -> None:
             async with http.get(f"/ipfs/{to_str(chacha_cid())}") as resp:
                 assert resp.status == 404
             await asyncio.sleep(0)
+
+
+async def test_further_listeners_bind_beside_the_gateway(
+    hub1: Hub, leaf_factory: LeafFactory, tmp_path: Path
+) -> None:
+    """The hook the S3 API uses: a builder gets the running agent and returns its listener."""
+    leaf = leaf_factory("node-c")
+    async with connected(hub1.url) as nc:
+        await ensure_event_store(jetstream(nc, "hub"), replicas=1)
+    seen: list[str] = []
+
+    def s3_like(agent: Agent) -> Listener:
+        seen.append(agent.node)
+
+        async def hello(_request: web.Request) -> web.Response:
+            return web.Response(text=f"hello from {agent.node}")
+
+        app = web.Application()
+        app.router.add_get("/", hello)
+        return Listener("s3", app, "127.0.0.1:0")
+
+    for http in (HttpSettings(listen="127.0.0.1:0"), None):
+        agent = Agent(replace(config("node-c", leaf.url, tmp_path, "z3"), http=http), fsync="none")
+        agent.http_extra.append(s3_like)
+        await agent.start()
+        try:
+            assert agent.http is not None
+            assert ("gateway" in agent.http.urls) == (http is not None)
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(agent.http.urls["s3"]) as resp,
+            ):
+                assert await resp.text() == "hello from node-c"
+        finally:
+            await agent.stop(grace=1)
+        assert agent.http is None
+    assert seen == ["node-c", "node-c"]

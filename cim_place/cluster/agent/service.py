@@ -112,7 +112,7 @@ class Agent:
         """The node's HTTP listeners while running (None: ``http`` is off or not started)."""
         self.http_extra: list[Callable[[Agent], Listener]] = []
         """Builders of further HTTP listeners (the S3 API), called once the agent's services run;
-        each listener binds beside the gateway, on its own address."""
+        each binds on its own address, beside the gateway if ``http`` is on."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -166,13 +166,12 @@ class Agent:
             self._services.insert(0, self._stream)
         for service in self._services:
             await service.start()
-        if config.http is not None:
+        extra = [build(self) for build in self.http_extra]
+        if config.http is not None or extra:
             # Before the first heartbeat, which is what `cim-place up` waits for: a node that
             # is up answers HTTP.
             self.http = await start_node_http(
-                self._http_parts(blocks, access is not None),
-                config.http,
-                [build(self) for build in self.http_extra],
+                self._http_parts(blocks, access is not None), config.http, extra
             )
 
         self._heartbeat = Heartbeat(
