@@ -1,5 +1,6 @@
 """The listeners and the identity hook: HTTPS, client certificates and bearer tokens as
-identities, the owner/readers rule of a secured domain, and clear errors for bad settings."""
+identities, the owner/readers rule of a secured domain (from the local pin, or the locations
+record for content held elsewhere), and clear errors for bad settings."""
 
 from __future__ import annotations
 
@@ -20,14 +21,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from cim_place.cluster.exchange.fetch import Labels
+from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import Subjects
+from cim_place.cluster.state.locations import LocationStore
 from cim_place.http.gateway import Gateway
 from cim_place.http.node import DomainAccess, NodeParts
 from cim_place.http.server import HttpConfigError, HttpServers, Listener, TlsFiles, parse_listen
 from cim_place.http.sources import Identify, LocalContent, token_digest
 from cim_place.interfaces import Pin
-from cim_place.objectstore.cid import Cid, to_str
+from cim_place.local.servers import Hub
+from cim_place.objectstore.cid import Cid, make_cid, to_str
 from cim_place.objectstore.store import ObjectStore
+from cim_place.placement.status import ObjectStatus
 
 
 def _cert(
@@ -164,3 +169,41 @@ async def test_bad_settings_are_refused_clearly(tmp_path: Path) -> None:
     app = Gateway(LocalContent(ObjectStore(tmp_path / "w", fsync="none").blocks)).app()
     with pytest.raises(HttpConfigError, match="cannot load the HTTP TLS certificate"):
         await HttpServers([Listener("gateway", app, "127.0.0.1:0", missing)]).start()
+
+
+async def test_owner_and_readers_of_content_held_elsewhere_come_from_locations(
+    hub1: Hub, tmp_path: Path
+) -> None:
+    """A node that does not hold an object judges by the controller's locations record."""
+    owned = make_cid(0x55, b"held by another node")
+    public = make_cid(0x55, b"public, held by another node")
+    async with connected(hub1.url) as nc:
+        locations = await LocationStore(jetstream(nc, "hub")).open(create=True, replicas=1)
+        await locations.put(
+            ObjectStatus(
+                cid=to_str(owned), state="placed", owner="alice", metadata={"readers": "carol"}
+            )
+        )
+        await locations.put(ObjectStatus(cid=to_str(public), state="placed"))
+        store = ObjectStore(tmp_path / "v0", fsync="none")
+        parts = NodeParts(
+            nc=nc,
+            node="node-b",
+            subjects=Subjects(),
+            hub_domain="hub",
+            blocks=store.blocks,
+            stores=[store],
+            cache_volume=lambda: store,
+            pin_of=lambda _root: None,
+            near=Labels(),
+            stream_tls=None,
+            secured=True,
+        )
+        access = DomainAccess(parts)
+        assert await access.may_read("alice", owned)
+        assert await access.may_read("carol", owned)
+        assert not await access.may_read("bob", owned)
+        assert not await access.may_read(None, owned)
+        assert await access.may_read(None, public)
+        assert not await access.may_read("alice", make_cid(0x55, b"nobody knows this"))
+        store.close()
