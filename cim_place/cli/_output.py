@@ -40,6 +40,8 @@ def errors_as_exit() -> Iterator[None]:
         yield
     except CimPlaceError as exc:
         raise fail(str(exc)) from None
+    except BrokenPipeError:
+        raise  # standard output closed: the console script ends silently (cli/app.py)
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         raise fail(f"{exc.strerror or exc}{where}") from None

@@ -13,10 +13,12 @@ import importlib
 import os
 import sys
 from collections.abc import Iterable
-
-import typer
+from typing import TYPE_CHECKING
 
 from cim_place import __version__
+
+if TYPE_CHECKING:
+    import typer
 
 # Top-level command -> the module that registers it (with ``register(app)``, or as ``app``).
 _OWNERS = {
@@ -34,6 +36,8 @@ _GROUPS = {"policy": "policy", "names": "name", "security": "security"}
 
 
 def _version(value: bool) -> None:
+    import typer
+
     if value:
         typer.echo(f"cim-place {__version__}")
         raise typer.Exit()
@@ -41,6 +45,8 @@ def _version(value: bool) -> None:
 
 def create_app(modules: Iterable[str] | None = None) -> typer.Typer:
     """The application with the commands of ``modules`` (default: all of them)."""
+    import typer
+
     application = typer.Typer(
         name="cim-place",
         help="Distributed object placement and replication for CIM domains.",
@@ -75,11 +81,29 @@ def _command(argv: list[str]) -> str | None:
     return None
 
 
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that flushing it at exit raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main() -> None:
-    command = _command(sys.argv[1:])
-    owner = _OWNERS.get(command or "")
-    completing = any(key.endswith("_COMPLETE") for key in os.environ)
-    create_app(None if owner is None or completing else [owner])()
+    argv = sys.argv[1:]
+    try:
+        from cim_place.cli.fast import try_run
+
+        code = try_run(argv)
+        if code is not None:
+            sys.stdout.flush()
+            sys.exit(code)
+        command = _command(argv)
+        owner = _OWNERS.get(command or "")
+        completing = any(key.endswith("_COMPLETE") for key in os.environ)
+        create_app(None if owner is None or completing else [owner])()
+    except BrokenPipeError:
+        # The reader went away (`| head`): nothing left to say, and nobody to say it to.
+        _silence_stdout()
+        sys.exit(1)
 
 
 _whole: typer.Typer | None = None

@@ -6,29 +6,26 @@ These work on a store directory on this machine and need no NATS. The store defa
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, BinaryIO
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TransferSpeedColumn,
-)
 
+from cim_place.cli._files import compute_cid, open_input, progress_bar
 from cim_place.cli._output import JsonOption, handles_errors, print_json
 from cim_place.errors import StoreError
-from cim_place.interfaces import Pin
 from cim_place.objectstore import cid as cids
-from cim_place.objectstore.store import ObjectStore
-from cim_place.objectstore.unixfs import DEFAULT_PROFILE, get_profile, import_file
+from cim_place.objectstore.unixfs import DEFAULT_PROFILE, get_profile
+
+if TYPE_CHECKING:
+    from cim_place.interfaces import Pin
+    from cim_place.objectstore.store import ObjectStore
+
+# The store (CAR, DAG-CBOR, multiformats), rich's progress bar and asyncio are imported by the
+# commands that use them: `cim-place cid` is called from scripts, once per file, and importing
+# them all cost more than hashing a small file (docs/BENCHMARKS.md, bench/cli.py).
 
 DEFAULT_STORE = Path(".cim-place") / "store"
 
@@ -53,6 +50,8 @@ def store_path(store: Path | None) -> Path:
 
 
 def open_store(store: Path | None) -> ObjectStore:
+    from cim_place.objectstore.store import ObjectStore
+
     return ObjectStore(store_path(store))
 
 
@@ -64,6 +63,8 @@ def open_store_for_reading(store: Path | None) -> ObjectStore:
             f"no object store at {path}: add content first (`cim-place add FILE`) "
             "or pass --store DIR / set CIM_PLACE_STORE"
         )
+    from cim_place.objectstore.store import ObjectStore
+
     return ObjectStore(path)
 
 
@@ -77,41 +78,6 @@ def pin_json(pin: Pin) -> dict[str, object]:
         "metadata": dict(pin.metadata),
         "pinned_at": pin.pinned_at,
     }
-
-
-@contextmanager
-def open_input(path: str) -> Iterator[tuple[BinaryIO, int | None]]:
-    """The file to import (``-`` for stdin) and its size when known, with a clear error."""
-    if path == "-":
-        yield sys.stdin.buffer, None
-        return
-    source = Path(path)
-    if source.is_dir():
-        raise StoreError(f"{path} is a directory; cim-place adds files (one at a time)")
-    try:
-        handle = source.open("rb")
-    except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from None
-    with handle:
-        yield handle, os.fstat(handle.fileno()).st_size
-
-
-@contextmanager
-def progress_bar(total: int | None, label: str) -> Iterator[Callable[[int], None] | None]:
-    """A byte progress bar on stderr when it is a terminal; otherwise no callback at all."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        transient=True,
-        console=None,
-    ) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def parse_metadata(pairs: list[str]) -> dict[str, str]:
@@ -141,10 +107,7 @@ def cid_command(
     profile: ProfileOption = DEFAULT_PROFILE,
 ) -> None:
     """Print the root CID FILE would get, storing nothing."""
-    chosen = get_profile(profile)
-    with open_input(file) as (stream, size), progress_bar(size, "hashing") as progress:
-        result = import_file(stream, None, chosen, progress=progress)
-    typer.echo(cids.to_str(result.root))
+    typer.echo(compute_cid(file, profile))
 
 
 @handles_errors
@@ -178,6 +141,8 @@ def add_command(
     get_profile(profile)
     metadata = parse_metadata(meta or [])
     if server is not None or node is not None:
+        import asyncio
+
         from cim_place.cli.agent import add_remote
         from cim_place.cli.context import server_default
 
@@ -289,12 +254,14 @@ def pins_ls(store: StoreOption = None, json_out: JsonOption = False) -> None:
     path = store_path(store)
     pins: list[Pin] = []
     if path.exists():
-        with ObjectStore(path) as objects:
+        with open_store(path) as objects:
             pins = objects.pins.list()
     if json_out:
         print_json([pin_json(pin) for pin in pins])
         return
     for pin in pins:
+        import time
+
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pin.pinned_at))
         typer.echo(f"{cids.to_str(pin.root)}  {pin.size:>12}  {when}  {pin.name or '-'}")
 
