@@ -20,14 +20,16 @@ from nats.js import JetStreamContext
 
 from cim_place.cli.context import server_default
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
-from cim_place.errors import TransportError
+from cim_place.errors import CimPlaceError, TransportError
 
 __all__ = [
     "HUB_DOMAIN",
     "CredsOption",
     "DomainOption",
     "ServerOption",
+    "UnknownNodeError",
     "actor",
+    "check_known_node",
     "choose_domain",
     "run_in_domain",
 ]
@@ -99,6 +101,25 @@ DomainOption = Annotated[
         show_default=False,
     ),
 ]
+
+
+class UnknownNodeError(CimPlaceError):
+    """A node id that no heartbeat in the domain carries."""
+
+
+async def check_known_node(js: JetStreamContext, node: str, *, also: set[str] | None = None) -> str:
+    """``node`` when it heartbeats in the domain (or is in ``also``); else UnknownNodeError
+    naming it and listing the nodes that do."""
+    from cim_place.cluster.state.nodes import list_nodes
+
+    known = {record.node for record in await list_nodes(js)} | (also or set())
+    if node in known:
+        return node
+    listed = ", ".join(sorted(known)) or "none (no agent heartbeats)"
+    raise UnknownNodeError(
+        f"no node {node!r} in the domain (no heartbeat from it in the last 30 s); "
+        f"known nodes: {listed}"
+    )
 
 
 def actor() -> str:

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, BinaryIO
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from nats.aio.client import Client
@@ -35,13 +35,13 @@ from cim_place.cluster.agent.config import (
 from cim_place.cluster.exchange.stream import DEFAULT_LISTEN
 from cim_place.cluster.nats.connection import DEFAULT_SERVER, connected, jetstream
 from cim_place.cluster.nats.subjects import check_node_id
-from cim_place.errors import BlockNotFoundError, CimPlaceError, InvalidCidError, StoreError
+from cim_place.errors import CimPlaceError, InvalidCidError, StoreError
 from cim_place.http.settings import OFF, HttpSettings, parse_listen
 from cim_place.objectstore import cid as cids
 from cim_place.policies.quantities import parse_size
 
 if TYPE_CHECKING:
-    from cim_place.cluster.exchange.upload import UploadResult
+    pass
 
 
 def _volume_flag(text: str, index: int) -> VolumeConfig:
@@ -223,55 +223,6 @@ def _run_agent(logs: _Logging, config: AgentConfig) -> None:
     asyncio.run(main())
 
 
-async def _target_node(nc: Client, node: str | None) -> str:
-    """The node whose agent takes an upload: --node, else the leaf the client is connected to."""
-    from cim_place.cluster.state.nodes import list_nodes
-
-    if node is not None:
-        return check_node_id(node)
-    info = nc._server_info or {}
-    own = info.get("domain")
-    domain = await choose_domain(nc, None)
-    if own and own != domain:
-        return str(own)  # connected to a leaf: its JetStream domain is its node id
-    nodes = [record.node for record in await list_nodes(jetstream(nc, domain))]
-    if len(nodes) == 1:
-        return nodes[0]
-    known = ", ".join(nodes) or "none running"
-    raise CimPlaceError(
-        f"which node should store it? The server is not a leaf; pass --node (nodes: {known})"
-    )
-
-
-async def add_remote(
-    server: str | None,
-    creds: str | None,
-    node: str | None,
-    stream: BinaryIO,
-    size: int | None,
-    *,
-    name: str | None,
-    profile: str,
-    owner: str,
-    metadata: dict[str, str],
-) -> UploadResult:
-    """Store a file through a running agent (the one of ``node``, or of the leaf connected to)."""
-    from cim_place.cluster.exchange.upload import upload
-
-    async with connected(server, creds=creds) as nc:
-        target = await _target_node(nc, node)
-        return await upload(
-            nc,
-            target,
-            stream,
-            name=name,
-            owner=owner,
-            metadata=metadata,
-            profile=profile,
-            size=size,
-        )
-
-
 @handles_errors
 def get_command(
     ref: Annotated[str, typer.Argument(help="CID or domain-wide name.")],
@@ -297,7 +248,7 @@ def get_command(
                 root = await NameRegistry(jetstream(nc, await choose_domain(nc, None))).resolve(ref)
             holders = await find_holders(nc, root)
             if not holders:
-                raise BlockNotFoundError(cids.to_str(root))
+                raise await _nobody_holds(nc, root)
             with tempfile.TemporaryDirectory(prefix="cim-place-get-") as tmp:
                 blocks = FsBlockStore(Path(tmp), fsync="none")
                 try:
@@ -307,6 +258,23 @@ def get_command(
                     blocks.close()
 
     asyncio.run(main())
+
+
+async def _nobody_holds(nc: Client, root: bytes) -> CimPlaceError:
+    """Why no node answered for ``root``: removed from the domain, or simply held nowhere."""
+    from cim_place.cluster.state.locations import LocationStore
+
+    text = cids.to_str(root)
+    status = None
+    with contextlib.suppress(CimPlaceError):
+        js = jetstream(nc, await choose_domain(nc, None))
+        status = await (await LocationStore(js).open(create=False)).get(root)
+    if status is not None and status.state == "removed":
+        return CimPlaceError(f"{text} was removed from the domain (`cim-place rm`); nothing to get")
+    return CimPlaceError(
+        f"no node of the domain holds {text}: no agent answered that it has it "
+        "(`cim-place status CID` shows where the domain last saw it)"
+    )
 
 
 def _write(chunks: Iterator[bytes], output: Path | None) -> None:

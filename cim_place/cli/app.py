@@ -30,6 +30,7 @@ _OWNERS = {
     "policy": "policy",
     "name": "names",
     "security": "security",
+    "rm": "remove",
 }
 _GROUPS = {"policy": "policy", "names": "name", "security": "security"}
 """Modules whose commands form a sub-application, by the name it is mounted under."""

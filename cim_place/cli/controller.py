@@ -19,6 +19,7 @@ from cim_place.cli._domain import (
     LogJsonOption,
     LogLevelOption,
     ServerOption,
+    check_known_node,
     run_in_domain,
 )
 from cim_place.cli._output import handles_errors
@@ -107,6 +108,10 @@ def drain(
         bool, typer.Option("--wait", help="Wait until the node holds nothing, then report.")
     ] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait at most.")] = 3600,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Drain a node the domain does not list (down for 30 s+)."),
+    ] = False,
     server: ServerOption = None,
     creds: CredsOption = None,
     domain: DomainOption = None,
@@ -114,9 +119,12 @@ def drain(
     """Move every copy off NODE (copy first, then drop), then report it drained."""
     check_node_id(node)
 
-    from cim_place.cluster.controller.service import set_drain
+    from cim_place.cluster.controller.service import draining_nodes, set_drain
 
     async def action(js: JetStreamContext) -> None:
+        if not force:
+            # A typo would otherwise be a drain flag nobody acts on, reported as done.
+            await check_known_node(js, node, also=await draining_nodes(js))
         await set_drain(js, node, True)
         typer.echo(f"draining {node}: its copies are being moved elsewhere")
         if not wait:

@@ -110,10 +110,29 @@ def cid_command(
     typer.echo(compute_cid(file, profile))
 
 
+def _into_domain(server: str | None, node: str | None, store: Path | None) -> bool:
+    """Whether ``add`` goes to a domain: --server or --node, or no --store (nor
+    $CIM_PLACE_STORE) inside a directory where `cim-place up` runs a domain."""
+    if server is not None or node is not None:
+        return True
+    if store is not None or os.environ.get("CIM_PLACE_STORE"):
+        return False
+    from cim_place.cli.context import find_context
+    from cim_place.errors import CimPlaceError
+
+    try:
+        return find_context() is not None
+    except CimPlaceError:
+        return False  # a broken context file names no domain
+
+
 @handles_errors
 def add_command(
     file: Annotated[str, typer.Argument(help="File to add, or - for standard input.")],
-    name: Annotated[str | None, typer.Option("--name", "-n", help="Pin name.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", "-n", help="Name of the object (in a domain: a domain name too)."),
+    ] = None,
     profile: ProfileOption = DEFAULT_PROFILE,
     owner: Annotated[str, typer.Option("--owner", help="Owner recorded on the pin.")] = "",
     meta: Annotated[
@@ -125,35 +144,35 @@ def add_command(
         typer.Option(
             "--server",
             "-s",
-            help="Add through the agent of a running domain (a leaf's NATS URL) instead of "
-            "a local store.",
+            help="Add to this domain (a hub or leaf NATS URL; default inside a domain "
+            "directory: the domain `cim-place up` runs there).",
             show_default=False,
         ),
     ] = None,
     node: Annotated[
         str | None,
-        typer.Option("--node", help="With --server: the node whose agent stores it."),
+        typer.Option("--node", help="The node whose agent stores it (default: chosen by policy)."),
     ] = None,
     creds: Annotated[str | None, typer.Option("--creds", help="NATS credentials file.")] = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Store FILE, pin it, and print its CID: locally, or through a running agent (--server)."""
+    """Store FILE and print its CID: in the domain (inside a domain directory, or with --server
+    or --node; where it went is said on stderr), else in a local store (--store)."""
     get_profile(profile)
     metadata = parse_metadata(meta or [])
-    if server is not None or node is not None:
+    if _into_domain(server, node, store):
         import asyncio
 
-        from cim_place.cli.agent import add_remote
+        from cim_place.cli.adding import add_to_domain
         from cim_place.cli.context import server_default
 
-        server = server_default(server)  # --node alone: the domain `cim-place up` runs here
-
         with open_input(file) as (stream, size):
-            result = asyncio.run(
-                add_remote(
-                    server,
+            added = asyncio.run(
+                add_to_domain(
+                    server_default(server),  # none given: the domain `cim-place up` runs here
                     creds,
                     node,
+                    file,
                     stream,
                     size,
                     name=name,
@@ -162,10 +181,20 @@ def add_command(
                     metadata=metadata,
                 )
             )
+        named = f"; name {name} -> it (revision {added.name_revision})" if name else ""
+        typer.echo(f"added to the domain on {added.node} ({added.why}){named}", err=True)
         if json_out:
-            print_json({"cid": result.cid_text, "size": result.size, "blocks": result.blocks})
+            print_json(
+                {
+                    "cid": added.cid,
+                    "size": added.size,
+                    "blocks": added.blocks,
+                    "node": added.node,
+                    "name": name,
+                }
+            )
         else:
-            typer.echo(result.cid_text)
+            typer.echo(added.cid)
         return
     with (
         open_input(file) as (stream, size),

@@ -27,7 +27,7 @@ import typer
 from nats.js import JetStreamContext
 
 from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, run_in_domain
-from cim_place.cli._output import EXIT_USAGE, handles_errors, print_json
+from cim_place.cli._output import EXIT_ERROR, EXIT_USAGE, handles_errors, print_json
 from cim_place.errors import CimPlaceError, TransportError
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ _DRAIN_PREFIX = "drain."
 """Keys of KV ``cim-place-drain`` (``cim_place.cluster.controller.service.DRAIN_PREFIX``)."""
 _PIPE_WIDTH = 240
 _CLEAR = "\x1b[2J\x1b[H"  # clear the screen, cursor home
-_STATES = ("placed", "progressing", "degraded", "lost")
+_STATES = ("placed", "progressing", "degraded", "lost", "removed")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (schema: docs/STATUS.md).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print the bare minimum.")]
@@ -229,6 +229,13 @@ def _show_summary(doc: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
 
 
 def _show_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
+    """Print one object's status; a removed object (`cim-place rm`) then ends with exit 1."""
+    _print_object(status, as_json=as_json, quiet=quiet)
+    if status.state == "removed":
+        raise typer.Exit(EXIT_ERROR)
+
+
+def _print_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
     if as_json:
         print_json(status.to_dict())
         return
@@ -238,7 +245,13 @@ def _show_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
     from rich.table import Table
 
     console = make_console()
-    colour = {"placed": "green", "progressing": "yellow", "degraded": "red", "lost": "bold red"}
+    colour = {
+        "placed": "green",
+        "progressing": "yellow",
+        "degraded": "red",
+        "lost": "bold red",
+        "removed": "dim",
+    }
     console.print(f"[bold]{status.cid}[/bold]" + (f"  ({status.name})" if status.name else ""))
     console.print(
         f"state: [{colour.get(status.state, 'white')}]{status.state}[/]   "

@@ -28,7 +28,7 @@ import shutil
 import struct
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -263,6 +263,13 @@ class FsBlockStore:
         return f"FsBlockStore({str(self.path)!r}, fsync={self.fsync!r}, capacity={self.capacity})"
 
     # -- internals ----------------------------------------------------------------------------
+
+    def remove_empty_shards(self, cids: Iterable[Cid]) -> None:
+        """Remove the shard directories of ``cids`` that are empty now. Call only while no
+        writer runs (under the store's exclusive gc lock): a put creates its shard first."""
+        for shard in {self._path_of(cid).parent for cid in cids}:
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                shard.rmdir()
 
     def _path_of(self, cid: Cid) -> Path:
         name = block_name(cid)

@@ -114,6 +114,12 @@ class SqlitePinIndex:
         with self._read() as db:
             return int(db.execute("SELECT count(*) FROM pins").fetchone()[0])
 
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the database and truncate it (after a collection,
+        so that removing content gives back the journal's space too)."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

@@ -13,9 +13,11 @@ Steps of :func:`reconcile`:
    ``lost`` (down past the grace). Tasks in flight on lost nodes are abandoned: they neither
    block drops nor count as progress (they may still finish if the node returns; a copy made
    that way is surplus and trimmed later).
-2. An expired object (``now - first_seen > expire_after``) gets a drop for every copy that is
-   not lost (a copy a fetch is still targeting waits for it), and nothing else; this is the
-   only way the last copy is ever dropped.
+2. A removed object (``removed``: an operator's ``cim-place rm``, a tombstone event) and an
+   expired one (``now - first_seen > expire_after``) get a drop for every copy that is not lost
+   (a copy a fetch is still targeting waits for it), and nothing else. These are the only ways
+   the last copy is ever dropped: the minimum of step 5 protects content from the controller's
+   own decisions, not from an explicit removal.
 3. Plan: the planner gets the node map with lost nodes down and, on late nodes, only the volumes
    holding a present copy or targeted by a fetch in flight left up (kept, never new targets).
    ``current`` is the present copies not being dropped plus the fetch targets in flight, so a
@@ -205,6 +207,9 @@ class ReconcileInput:
     explain: bool = False
     """Keep the planner's per-volume reasons in ``ReconcileResult.placement`` (for ``policy
     explain``; costs most of a plan)."""
+    removed: str | None = None
+    """Set when the object was removed from the domain (``cim-place rm``): who and why, for the
+    status. Its desired set is then empty and every copy is dropped, below ``min`` included."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -307,8 +312,10 @@ def reconcile(inp: ReconcileInput) -> ReconcileResult:
     policy = inp.policy
     rule = policy.rule
     expire_after = policy.expire_after
+    if inp.removed is not None:
+        return _drop_every_copy(inp, view, "removed from the domain", removed=inp.removed)
     if expire_after is not None and inp.now - inp.obj.first_seen > expire_after:
-        return _expire(inp, view, expire_after)
+        return _drop_every_copy(inp, view, f"expired after {expire_after:.0f}s")
     waits = list(view.waits)
     if expire_after is not None:
         waits.append(inp.obj.first_seen + expire_after - inp.now)
@@ -454,7 +461,10 @@ def _settles(
     return set(kept.desired) == set(ideal.desired)
 
 
-def _expire(inp: ReconcileInput, view: _View, expire_after: float) -> ReconcileResult:
+def _drop_every_copy(
+    inp: ReconcileInput, view: _View, reason: str, *, removed: str | None = None
+) -> ReconcileResult:
+    """Step 2: a drop for every copy not lost and not already being dropped or fetched."""
     actions: list[Action] = []
     for vid in view.present:
         if vid in view.dropping or vid in view.fetching:
@@ -464,10 +474,8 @@ def _expire(inp: ReconcileInput, view: _View, expire_after: float) -> ReconcileR
             (f for f in inp.failed if f.kind == "drop" and _vid(f.node, f.volume or "") == vid),
             None,
         )
-        actions.append(
-            Drop(node, volume, _generation(inp, failed), f"expired after {expire_after:.0f}s")
-        )
-    status = _status(inp, view, None, actions, [], expired=True)
+        actions.append(Drop(node, volume, _generation(inp, failed), reason))
+    status = _status(inp, view, None, actions, [], expired=removed is None, removed=removed)
     return ReconcileResult(actions=tuple(actions), status=status, requeue_after=None)
 
 
@@ -595,6 +603,7 @@ def _status(
     blocked: Sequence[str],
     *,
     expired: bool,
+    removed: str | None = None,
 ) -> ObjectStatus:
     """Step 7."""
     rule = inp.policy.rule
@@ -619,7 +628,14 @@ def _status(
     desired = placement.desired if placement is not None else ()
     pinned = set(view.pinned) - view.dropping
     state: ObjectState
-    if expired:
+    if removed is not None:
+        state = "removed"
+        reason = "Removed"
+        message = f"{removed}; " + (
+            f"dropping {len(present)} copies" if present else "every copy dropped"
+        )
+        degraded = (False, "Removed", message)
+    elif expired:
         state = "progressing" if present else "lost"
         reason = "Expired"
         message = (

@@ -6,7 +6,8 @@ shard buckets ``cim-place-locations-NN``: :mod:`cim_place.cluster.state.location
 documented schema of ``cim-place status --json``:
 
     {"cid": str, "name": str | null, "owner": str, "size": int, "metadata": {str: str},
-     "policy": str, "desired": int, "state": "placed" | "progressing" | "degraded" | "lost",
+     "policy": str, "desired": int,
+     "state": "placed" | "progressing" | "degraded" | "lost" | "removed",
      "locations": [{"node": str, "volume": str, "zone": str, "state": str}],
      "conditions": [{"type": str, "status": bool, "reason": str, "message": str,
                      "last_transition": float}],
@@ -25,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-ObjectState = Literal["placed", "progressing", "degraded", "lost"]
-OBJECT_STATES: tuple[ObjectState, ...] = ("placed", "progressing", "degraded", "lost")
+ObjectState = Literal["placed", "progressing", "degraded", "lost", "removed"]
+OBJECT_STATES: tuple[ObjectState, ...] = ("placed", "progressing", "degraded", "lost", "removed")
 ReplicaState = Literal["pinned", "fetching", "dropping", "late", "lost"]
 REPLICA_STATES: tuple[ReplicaState, ...] = ("pinned", "fetching", "dropping", "late", "lost")
 CONDITION_TYPES = ("Placed", "Progressing", "Degraded")

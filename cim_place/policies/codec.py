@@ -46,6 +46,11 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
         }
     if policy.expire_after_seconds is not None:
         out["expire_after"] = policy.expire_after_seconds
+    # Only when set: the stored form of policies without them stays as it was.
+    if policy.protected:
+        out["protected"] = True
+    if policy.keep_versions is not None:
+        out["keep_versions"] = policy.keep_versions
     # Empty lists say nothing; leaving them out keeps stored values and diffs short.
     for section in ("constraints",):
         out[section] = {k: v for k, v in out[section].items() if v}

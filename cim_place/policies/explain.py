@@ -65,6 +65,10 @@ def summarize(policy: Policy) -> str:
         parts.append(f"{loc.min_local} near {','.join(loc.near)} ({loc.mode})")
     if policy.expire_after_seconds is not None:
         parts.append(f"expires after {format_duration(policy.expire_after_seconds)}")
+    if policy.protected:
+        parts.append("protected from `cim-place rm`")
+    if policy.keep_versions is not None:
+        parts.append(f"names keep {policy.keep_versions} versions")
     if policy.repair.bandwidth_bytes_per_second is not None:
         parts.append(f"repair <= {format_size(policy.repair.bandwidth_bytes_per_second)}/s")
     return ", ".join(parts)

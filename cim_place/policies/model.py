@@ -146,6 +146,11 @@ class Policy:
     expire_after_seconds: int | None = None
     """Content may be dropped this long after it was stored; None: kept forever."""
     repair: Repair = field(default_factory=Repair)
+    protected: bool = False
+    """``cim-place rm`` refuses to remove the objects this policy governs."""
+    keep_versions: int | None = None
+    """A domain name pointing at such an object keeps this many versions in its history (the
+    controller purges older ones); None: the names bucket's own limit."""
 
     @property
     def is_default(self) -> bool:

@@ -145,6 +145,8 @@ def policy_file_schema() -> dict[str, Any]:
                 required=["near"],
             ),
             "expire_after": _DURATION,
+            "protected": {"type": "boolean"},
+            "keep_versions": {"type": "integer", "minimum": 1, "maximum": 64},
             "repair": _object(
                 {
                     "grace": _DURATION,

@@ -42,6 +42,8 @@ NODE_RE = re.compile(r"^\S{1,255}$")
 MAX_REPLICAS = 100
 MAX_PRIORITY = 1_000_000
 MAX_WEIGHT = 1000
+MAX_KEEP_VERSIONS = 64
+"""The names bucket keeps 64 revisions per name (cluster/nats/kv.py MAX_HISTORY)."""
 
 POLICY_KEYS = (
     "name",
@@ -55,6 +57,8 @@ POLICY_KEYS = (
     "locality",
     "expire_after",
     "repair",
+    "protected",
+    "keep_versions",
 )
 SET_KEYS = ("policies", "consumers")
 MATCH_KEYS = ("name", "owner", "labels", "size", "content_type")
@@ -394,6 +398,19 @@ class _Reader(YamlReader):
             else None
         )
         repair = self.repair(doc["repair"], (*path, "repair")) if "repair" in doc else Repair()
+        protected = False
+        if "protected" in doc:
+            flag = self.expect(doc["protected"], (*path, "protected"), bool, "true or false")
+            protected = bool(flag)
+        keep_versions = None
+        if "keep_versions" in doc:
+            keep_versions = self.integer(
+                doc["keep_versions"],
+                (*path, "keep_versions"),
+                "keep_versions",
+                1,
+                MAX_KEEP_VERSIONS,
+            )
         # A part may be None without a new problem here: the loader reported it already.
         if (
             len(self.f.problems) > count
@@ -405,6 +422,7 @@ class _Reader(YamlReader):
             or constraints is None
             or preferences is None
             or repair is None
+            or ("keep_versions" in doc and keep_versions is None)
         ):
             return None
         return Policy(
@@ -419,6 +437,8 @@ class _Reader(YamlReader):
             locality=locality,
             expire_after_seconds=expire_after,
             repair=repair,
+            protected=protected,
+            keep_versions=keep_versions,
         )
 
     def replicas(self, value: object, path: Path, expires: bool) -> Replicas | None:

@@ -53,7 +53,7 @@ from cim_place.http.node import NodeParts, start_node_http
 from cim_place.http.server import HttpServers, Listener
 from cim_place.interfaces import Pin, Service
 from cim_place.objectstore import dag
-from cim_place.objectstore.cid import to_str
+from cim_place.objectstore.cid import Cid, to_str
 from cim_place.objectstore.dagcbor import Value
 from cim_place.objectstore.store import ObjectStore
 from cim_place.runtime.lifecycle import cancel_and_wait
@@ -102,6 +102,8 @@ class Agent:
         self._heartbeat: Heartbeat | None = None
         self._worker: TaskWorker | None = None
         self._gc_wanted = asyncio.Event()
+        self._dropped: dict[str, set[Cid]] = {}
+        """Roots dropped per volume whose blocks are not collected yet."""
         self._reconnected = asyncio.Event()
         self._synced: dict[str, int] = {}
         self._blocks: BlockServer | None = None
@@ -543,6 +545,7 @@ class Agent:
                 continue
             store.pins.remove(task.root)
             dropped.append(name)
+            self._dropped.setdefault(name, set()).add(task.root)
             await self._announce_removed(pin, name)
         if dropped:
             self._gc_wanted.set()
@@ -568,9 +571,15 @@ class Agent:
             await self._gc_wanted.wait()
             await asyncio.sleep(GC_DELAY)
             self._gc_wanted.clear()
-            for name, store in self.volumes.items():
+            dropped, self._dropped = self._dropped, {}
+            for name, roots in dropped.items():
+                store = self.volumes.get(name)
+                if store is None:
+                    continue
                 try:
-                    result = await asyncio.to_thread(store.gc)
+                    # Only the dropped DAGs' blocks: a sweep of the whole volume would cost
+                    # time in proportion to everything it holds.
+                    result = await asyncio.to_thread(store.collect, roots)
                 except StoreError as exc:
                     _log.warning("gc of volume %s: %s", name, exc)
                     continue

@@ -45,6 +45,7 @@ import numpy as np
 from cim_place.cluster.events.types import (
     EventBodyError,
     InventoryDigest,
+    ObjectDeleted,
     ObjectFields,
     ObjectRemoved,
     ObjectStored,
@@ -165,6 +166,7 @@ class Projection:
         self._failures: dict[bytes, dict[FailureKey, int]] = {}
         self._last_failure: dict[bytes, dict[FailureKey, LastFailure]] = {}
         self._inventories: dict[Replica, InventoryDigest] = {}
+        self._deleted: dict[bytes, ObjectDeleted] = {}
         self.nodes: dict[str, NodeRecord] = {}
         """Nodes with a live heartbeat, by id."""
         self._signatures: dict[str, tuple[object, ...]] = {}
@@ -325,6 +327,8 @@ class Projection:
             # The bulk of every rebuild: applied from the body's fields, no typed event built.
             fields = object_fields(content.body)
             if fields is not None:
+                if self._deleted:
+                    self._stored_after_removal(fields[0])
                 self.applied += 1
                 self._store(fields, node or envelope.owner, envelope.sequence or 0, at)
                 return {fields[0]}
@@ -337,7 +341,13 @@ class Projection:
         publisher = node or envelope.owner
         sequence = envelope.sequence or 0
         if isinstance(event, ObjectStored):
+            self._stored_after_removal(event.root)
             self._stored(event, publisher, sequence, at)
+            return {event.root}
+        if isinstance(event, ObjectDeleted):
+            if event.root not in self._slot:
+                return set()
+            self._deleted[event.root] = event
             return {event.root}
         if isinstance(event, ObjectRemoved):
             if self._removed(event, publisher, sequence):
@@ -356,6 +366,16 @@ class Projection:
         for envelope in envelopes:
             dirty |= self.apply_event(envelope)
         return dirty
+
+    def removal(self, cid: Cid) -> ObjectDeleted | None:
+        """The tombstone of ``cid`` when it was removed from the domain (``cim-place rm``)."""
+        return self._deleted.get(cid)
+
+    def _stored_after_removal(self, root: Cid) -> None:
+        # A copy confirmed while the removal is under way (a fetch that was in flight) is
+        # dropped with the others; once no copy is left, storing the content again is a new add.
+        if root in self._deleted and not self.replicas(root) and not self._tasks_by_cid.get(root):
+            del self._deleted[root]
 
     def _stored(self, event: ObjectStored, node: str, sequence: int, at: float) -> None:
         fields = (
@@ -533,6 +553,7 @@ class Projection:
         for k in range(_WIDTH):
             self._rep[base + k] = _EMPTY
         self._rep_more.pop(slot, None)
+        self._deleted.pop(cid, None)
         self.clear_failures(cid)
         self._free.append(slot)
 

@@ -41,9 +41,10 @@ from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cim_place.cluster.controller.projection import ObjectView, Projection
+from cim_place.cluster.controller.removal import Removals, expire_name_versions
 from cim_place.cluster.events.readers import EventFeed, StoredEvent
 from cim_place.cluster.events.store import ensure_event_store, hub_size, nudge_sources
-from cim_place.cluster.events.types import EVENT_TYPES, TaskCompleted, TaskFailed
+from cim_place.cluster.events.types import EVENT_TYPES, ObjectDeleted, TaskCompleted, TaskFailed
 from cim_place.cluster.nats import kv
 from cim_place.cluster.nats.connection import DEFAULT_SERVER, connect, jetstream
 from cim_place.cluster.nats.subjects import DEFAULT_PREFIX, Subjects
@@ -167,6 +168,7 @@ class Controller:
         self.election: LeaderElection | None = None
         self._queue: TaskQueue | None = None
         self._drain: KeyValue | None = None
+        self.removals: Removals | None = None
         self._compiled: dict[str, CompiledPolicy] = {}
         # What an object gets while its policy is not compiled (none loaded yet, or it failed).
         self._fallback = compile_policy(BUILTIN_DEFAULT)
@@ -207,6 +209,8 @@ class Controller:
         self._drain = await kv.ensure_bucket(js, kv.DRAIN, history=1)
         await self._load_drains()
         self._sync_nodes(await list_nodes(js))
+        self.removals = Removals(self, js)
+        await self.removals.start()
 
         self.election = LeaderElection(
             js,
@@ -243,6 +247,8 @@ class Controller:
         if self.election is not None:
             with contextlib.suppress(Exception):
                 await self.election.stop()
+        if self.removals is not None:
+            await self.removals.stop()
         await cancel_and_wait(self._tasks)
         self._tasks = []
         if self.nc is not None:
@@ -531,6 +537,7 @@ class Controller:
             failed=failed,
             generation=view.sequence,
             rebalance=rebalance,
+            removed=_removed_note(self.projection.removal(cid)),
         )
 
     async def reconcile_one(self, cid: Cid, *, rebalance: bool = False) -> ReconcileResult | None:
@@ -595,7 +602,7 @@ class Controller:
 
     def _note_state(self, cid: Cid, result: ReconcileResult) -> None:
         self._states[cid] = result.status.state
-        if result.status.pinned < result.status.desired:
+        if result.status.state != "removed" and result.status.pinned < result.status.desired:
             self._under.add(cid)
         else:
             self._under.discard(cid)
@@ -609,6 +616,9 @@ class Controller:
         self.mark(self.projection.cids())
         if self._acting and self.caught_up.is_set():
             await self.rebalance(now)
+            if self.js is not None:
+                with contextlib.suppress(CimPlaceError, nats.errors.Error):
+                    await expire_name_versions(self, self.js)
 
     async def rebalance(self, now: float) -> int:
         """Start at most ``rebalance_per_pass`` moves toward the ideal placement."""
@@ -698,6 +708,13 @@ def _facts(cid: Cid, view: ObjectView) -> ObjectFacts:
     return ObjectFacts(
         cid=to_str(cid), name=view.name, owner=view.owner, metadata=view.metadata, size=view.size
     )
+
+
+def _removed_note(tombstone: ObjectDeleted | None) -> str | None:
+    if tombstone is None:
+        return None
+    why = f" ({tombstone.reason})" if tombstone.reason else ""
+    return f"removed by {tombstone.by or 'an operator'}{why}"
 
 
 def _hub_replicas(nc: Client, hub_domain: str) -> int:

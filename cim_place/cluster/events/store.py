@@ -361,6 +361,29 @@ async def attach_leaf(js_hub: JetStreamContext, node: str) -> bool:
     return True
 
 
+async def attach_hub_outbox(js_hub: JetStreamContext, hub_domain: str) -> bool:
+    """Make the event store source ``OUTBOX_<hub domain>``, a stream in the hub's own domain
+    (the controller's tombstones, cluster/controller/removal.py); True if it was added.
+
+    A source in the same domain takes no external API: one through ``$JS.<hub>.API`` never
+    became active (measured with nats-server 2.15.1).
+    """
+    name = outbox_stream(hub_domain)
+    wanted = StreamSource(name=name)
+
+    def present(info: StreamInfo) -> bool:
+        return any(s.name == name and s.external is None for s in info.config.sources or [])
+
+    if present(await _event_store_info(js_hub)):
+        return False
+    async with _sources_lock(js_hub, f"attach {name}"):
+        info = await _event_store_info(js_hub)
+        if present(info):
+            return False
+        await _set_sources(js_hub, [*_without_source(info.config.sources, hub_domain), wanted])
+    return True
+
+
 async def detach_leaf(js_hub: JetStreamContext, node: str) -> bool:
     """Stop sourcing ``OUTBOX_<node>`` (a decommissioned node); True if it was attached.
 

@@ -30,6 +30,7 @@ __all__ = [
     "InventoryDigest",
     "NodeJoined",
     "NodeLeft",
+    "ObjectDeleted",
     "ObjectFields",
     "ObjectRemoved",
     "ObjectStored",
@@ -233,6 +234,41 @@ class ObjectRemoved(_ObjectEvent):
     """A root was unpinned from a volume of the publishing node (its blocks may be collected)."""
 
     TYPE: ClassVar[str] = "ObjectRemoved"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObjectDeleted:
+    """An operator removed a root from the whole domain (``cim-place rm``): a tombstone.
+
+    Published by the leading controller on ``<prefix>.evt.<hub domain>.ObjectDeleted`` (the
+    operator's NATS user may not publish events: it asks the controller on
+    ``<prefix>.api.rm``). Every replica is then dropped, whatever the policy's minimum.
+    ``names``: the domain names that pointed at the root and were removed with it.
+    """
+
+    TYPE: ClassVar[str] = "ObjectDeleted"
+    root: Cid
+    by: str
+    reason: str = ""
+    names: tuple[str, ...] = ()
+
+    def body(self) -> Body:
+        return {
+            "root": Link(self.root),
+            "by": self.by,
+            "reason": self.reason,
+            "names": list(self.names),
+        }
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Value]) -> Self:
+        t = cls.TYPE
+        return cls(
+            root=_cid(body, "root", t),
+            by=_str(body, "by", t),
+            reason=_str(body, "reason", t),
+            names=tuple(_str_list(body, "names", t)),
+        )
 
 
 def inventory_digest(roots: Iterable[Cid]) -> bytes:
@@ -441,6 +477,7 @@ class TaskFailed:
 AnyEvent: TypeAlias = (
     ObjectStored
     | ObjectRemoved
+    | ObjectDeleted
     | InventoryDigest
     | NodeJoined
     | NodeLeft
@@ -453,6 +490,7 @@ EVENT_TYPES: Mapping[str, type[AnyEvent]] = {
     for cls in (
         ObjectStored,
         ObjectRemoved,
+        ObjectDeleted,
         InventoryDigest,
         NodeJoined,
         NodeLeft,

@@ -393,6 +393,9 @@ def controller_permissions(subjects: Subjects, hub_domain: str) -> Permissions:
         "$JS.FC.>",
         f"{INBOX_ROOT}.>",  # answers to status queries
         subjects.has,
+        # Tombstones of `cim-place rm` (cluster/controller/removal.py): the hub domain's
+        # events, a token no leaf can have.
+        subjects.events_of(hub_domain),
     ]
     subscribe = [f"{inbox_prefix(CONTROLLER)}.>", subjects.api(">")]
     return Permissions(tuple(publish), tuple(subscribe))
