@@ -583,3 +583,32 @@ def test_node_records_of_the_registry_fit_the_snapshot_protocol() -> None:
     assert liveness_from([record], now=NOW, late_after=15, down_after=30)["leaf1"].state is (
         Liveness.UP
     )
+
+
+def test_removal_drops_every_copy_even_below_min() -> None:
+    """An explicit removal (`cim-place rm`) is not held back by the floor that protects content
+    from the controller's own decisions: min 3 of 3, and still every copy goes."""
+    nm = nodes(records(4))
+    held = _placed(nm)
+    pol = replace(policy(3), min_copies=3)
+    kept = run(nm, held, pol=pol)
+    assert kept.actions == ()  # the floor, without a removal
+    removed = run(nm, held, pol=pol, removed="removed by ana@host")
+    assert sorted((d.node, d.volume) for d in removed.drops) == sorted(held)
+    assert not removed.fetches and removed.desired == ()
+    assert removed.status.state == "removed"
+    status, reason, message = condition(removed, "Placed")
+    assert not status and reason == "Removed" and "ana@host" in message
+    again = run(nm, held, pol=pol, removed="x", in_flight=flights(removed.actions))
+    assert again.actions == ()  # level-triggered: the drops in flight are not asked again
+    gone = run(nm, set(), pol=pol, removed="x")
+    assert gone.status.state == "removed" and gone.actions == ()
+    assert "every copy dropped" in condition(gone, "Placed")[2]
+
+
+def test_removal_waits_for_a_fetch_in_flight() -> None:
+    nm = nodes(records(4))
+    held = sorted(_placed(nm))
+    fetching = [InFlightTask(kind="fetch", node=held[0][0], volume=held[0][1], since=NOW)]
+    result = run(nm, held[1:], removed="x", in_flight=fetching)
+    assert sorted((d.node, d.volume) for d in result.drops) == sorted(held[1:])
