@@ -125,7 +125,7 @@ def test_add_in_a_domain_directory_goes_to_the_domain(domain: Path) -> None:
     assert "added to the domain on leaf-" in done.stderr and "by policy" in done.stderr
     assert not (domain / ".cim-place" / "store").exists()  # no local store was touched
     # The name is a domain name: status and get take it.
-    code, doc = wait_for(
+    _code, doc = wait_for(
         lambda: (lambda r: r if r[0] == 0 and r[1].get("state") == "placed" else None)(
             status_doc("docs/report", domain)
         ),
