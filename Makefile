@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m cim_place.demo
 
 test: $(STAMP)
+	sh scripts/install-test-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 chaos: $(STAMP)

@@ -178,8 +178,7 @@ def test_rm_gives_the_disk_back_and_spares_other_objects(domain: Path) -> None:
 def test_rm_refuses_a_protected_object(domain: Path) -> None:
     policy = domain / "protected.yaml"
     policy.write_text(
-        "name: ledger\nmatch: {name: 'ledger/*'}\nreplicas: 1\nprotected: true\n"
-        "keep_versions: 2\n"
+        "name: ledger\nmatch: {name: 'ledger/*'}\nreplicas: 1\nprotected: true\nkeep_versions: 2\n"
     )
     default = domain / "default.yaml"
     default.write_text(ok("policy", "show", "default", cwd=domain))

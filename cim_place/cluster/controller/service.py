@@ -151,6 +151,18 @@ class ControllerMetrics:
         self.leader = Gauge(
             "cim_place_controller_leader", "1 while this controller leads.", registry=r
         )
+        # For the alert rules (deploy/prometheus/alerts.yaml).
+        self.below_min = Gauge(
+            "cim_place_controller_objects_below_min",
+            "Objects with fewer pinned copies than their policy's minimum.",
+            registry=r,
+        )
+        self.nodes = Gauge(
+            "cim_place_controller_nodes",
+            "Nodes by liveness as the controller sees them (up, late, down, draining).",
+            ["state"],
+            registry=r,
+        )
 
 
 class Controller:
@@ -183,6 +195,7 @@ class Controller:
         self._node_map: NodeMap | None = None
         self._states: dict[Cid, str] = {}
         self._under: set[Cid] = set()
+        self._below_min: set[Cid] = set()
         self._acting = False
         self.reconciled = 0
         self.caught_up = asyncio.Event()
@@ -580,6 +593,10 @@ class Controller:
         if self._acting:
             await self.locations.put(result.status)
         self._note_state(cid, result)
+        if result.status.state != "removed" and result.status.pinned < inp.policy.min_copies:
+            self._below_min.add(cid)
+        else:
+            self._below_min.discard(cid)
         self.reconciled += 1
         self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         self.metrics.tasks_in_flight.set(self.projection.tasks_in_flight)
@@ -659,9 +676,18 @@ class Controller:
         for state, count in counts.items():
             self.metrics.objects.labels(state).set(count)
         self.metrics.under_replicated.set(len(self._under))
+        self.metrics.below_min.set(len(self._below_min))
         total = self.projection.total_size
         liveness = self._liveness
         up = sum(1 for state in liveness.values() if state.state == Liveness.UP)
+        late = sum(1 for state in liveness.values() if state.state == Liveness.LATE)
+        for state, count in (
+            ("up", up),
+            ("late", late),
+            ("down", len(liveness) - up - late),
+            ("draining", len(self.projection.draining)),
+        ):
+            self.metrics.nodes.labels(state).set(count)
         return Summary(
             objects=len(self.projection),
             by_state=counts,
