@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -152,6 +153,12 @@ class Removals:
         _log.info("%s removed %s (names: %s)", by or "someone", text, ", ".join(removed) or "-")
         return _answer(text, removed, copies, policy.name, already=False)
 
+    def keep_versions(self, root: Cid) -> int | None:
+        """``keep_versions`` of the policy of a tracked object (None for anything else)."""
+        if self.controller.projection.object(root) is None:
+            return None
+        return self.policy_of(root).keep_versions
+
     def policy_of(self, root: Cid) -> Policy:
         view = self.controller.projection.object(root)
         facts = ObjectFacts(cid=cids.to_str(root))
@@ -196,19 +203,18 @@ def _answer(
     return {"cid": text, "names": names, "copies": copies, "policy": policy, "already": already}
 
 
-async def expire_name_versions(controller: Controller, js_hub: JetStreamContext) -> int:
+async def expire_name_versions(
+    js_hub: JetStreamContext, keep_for: Callable[[Cid], int | None]
+) -> int:
     """Purge the history of names whose object's policy sets ``keep_versions``; returns how
-    many names were trimmed. A name keeps its ``keep_versions`` latest revisions (the current
-    one included); JetStream purges the older ones of its KV subject."""
-    removals = controller.removals
-    if removals is None:
-        return 0
+    many names were trimmed. ``keep_for(cid)``: the ``keep_versions`` of the policy governing
+    ``cid`` (None: keep what the bucket keeps). A name keeps its latest ``keep_versions``
+    revisions, the current one included; JetStream purges the older ones of its KV subject.
+    """
     trimmed = 0
     for record in await NameRegistry(js_hub).ls():
-        if controller.projection.object(record.cid) is None:
-            continue
-        keep = removals.policy_of(record.cid).keep_versions
-        if keep is None or record.revision == 0:
+        keep = keep_for(record.cid)
+        if keep is None:
             continue
         subject = f"$KV.{NAMES}.{record.name}"
         try:

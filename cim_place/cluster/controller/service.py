@@ -633,9 +633,9 @@ class Controller:
         self.mark(self.projection.cids())
         if self._acting and self.caught_up.is_set():
             await self.rebalance(now)
-            if self.js is not None:
+            if self.js is not None and self.removals is not None:
                 with contextlib.suppress(CimPlaceError, nats.errors.Error):
-                    await expire_name_versions(self, self.js)
+                    await expire_name_versions(self.js, self.removals.keep_versions)
 
     async def rebalance(self, now: float) -> int:
         """Start at most ``rebalance_per_pass`` moves toward the ideal placement."""

@@ -22,6 +22,7 @@ from cim_place.cluster.events.types import (
 )
 from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.tasks.queue import Task
+from cim_place.local.servers import Hub
 from cim_place.objectstore.cid import RAW, Cid, make_cid
 from cim_place.objectstore.store import ObjectStore
 from cim_place.objectstore.testdata import chacha_stream
@@ -136,3 +137,28 @@ def test_collect_frees_only_the_dropped_dags_blocks(tmp_path: Path) -> None:
         assert len(list(store.blocks.cids())) == len(before) - result.blocks_removed
         # Collecting a root that is pinned again removes nothing.
         assert store.collect([kept.root]).blocks_removed == 0
+
+
+@pytest.mark.nats
+async def test_keep_versions_purges_older_revisions_of_names(hub1: Hub) -> None:
+    from cim_place.cluster.controller.removal import expire_name_versions
+    from cim_place.cluster.nats.connection import connect, jetstream
+    from cim_place.cluster.state.names import NameRegistry
+
+    nc = await connect(hub1.url)
+    try:
+        js = jetstream(nc, "hub")
+        names = NameRegistry(js)
+        versions = [make_cid(RAW, f"version {i}".encode()) for i in range(5)]
+        for i, version in enumerate(versions):
+            await names.set("ledger/q3", version)
+            await names.set("other", make_cid(RAW, f"other {i}".encode()))
+        kept = {versions[-1]}  # the governed object: the name's current target
+
+        trimmed = await expire_name_versions(js, lambda cid: 2 if cid in kept else None)
+        assert trimmed == 1
+        assert [r.cid for r in await names.history("ledger/q3")] == versions[-2:]
+        assert len(await names.history("other")) == 5  # no policy asks: untouched
+        assert (await names.resolve("ledger/q3")) == versions[-1]
+    finally:
+        await nc.close()
