@@ -173,7 +173,13 @@ def test_summary_and_filter(domain_state: Hub, tmp_path: Path) -> None:
     url = domain_state.url
     summary = json.loads(ok("status", "--json", "--server", url, cwd=tmp_path))
     assert summary["objects"] == 2
-    assert summary["by_state"] == {"placed": 1, "progressing": 0, "degraded": 1, "lost": 0}
+    assert summary["by_state"] == {
+        "placed": 1,
+        "progressing": 0,
+        "degraded": 1,
+        "lost": 0,
+        "removed": 0,
+    }
     assert summary["under_replicated"] == 1 and summary["bytes"] == 4106
     assert summary["nodes"]["up"] == 1 and summary["nodes"]["late"] == 1
     assert "under-replicated: 1" in ok("status", "--server", url, cwd=tmp_path)

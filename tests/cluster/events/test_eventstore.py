@@ -33,6 +33,7 @@ from cim_place.cluster.events.types import (
     InventoryDigest,
     NodeJoined,
     NodeLeft,
+    ObjectDeleted,
     ObjectRemoved,
     ObjectStored,
     TaskCompleted,
@@ -80,6 +81,7 @@ def stored(i: int, volume: str = "v1") -> ObjectStored:
 SAMPLES: list[AnyEvent] = [
     stored(1),
     ObjectRemoved(root=cid_of(b"gone"), size=3, blocks=1, volume="v2", owner="bob"),
+    ObjectDeleted(root=cid_of(b"gone"), by="ana@host", reason="GDPR", names=("a/b",)),
     InventoryDigest(
         volume="v1",
         pins=2,
