@@ -82,9 +82,9 @@ def tour(work: Path) -> None:
 
     cid = run("cid", sample.name, cwd=work).decode().strip()
     print(cid)
+    # --name is also the domain-wide name that status and get take below.
     added = run("add", sample.name, "--node", "leaf-1", "--name", "sample", cwd=work)
     print(added.decode().strip())
-    run("name", "set", "sample", cid, cwd=work, capture=False)
 
     status = wait_placed(work)
     locations = status.get("locations", [])
