@@ -633,7 +633,9 @@ class Controller:
         self.mark(self.projection.cids())
         if self._acting and self.caught_up.is_set():
             await self.rebalance(now)
-            if self.js is not None and self.removals is not None:
+            policies = self.projection.policies.policies
+            # Listing every name costs a scan of the names bucket: only when a policy asks.
+            if self.js and self.removals and any(p.keep_versions for p in policies):
                 with contextlib.suppress(CimPlaceError, nats.errors.Error):
                     await expire_name_versions(self.js, self.removals.keep_versions)
 
