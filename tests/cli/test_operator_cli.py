@@ -191,3 +191,37 @@ def test_rm_refuses_a_protected_object(domain: Path) -> None:
     assert "protected" in refused and "ledger" in refused
     code, doc = status_doc(cid, domain)
     assert code == 0 and doc["state"] != "removed"
+
+
+def test_a_tombstone_from_a_node_is_not_read(domain: Path) -> None:
+    """Only the leading controller removes: an ObjectDeleted a node publishes on its own event
+    subjects is filtered out of the controller's feed."""
+    import asyncio
+
+    from cim_place.cluster.events.store import EventPublisher
+    from cim_place.cluster.events.types import ObjectDeleted
+    from cim_place.cluster.nats.connection import connected, jetstream
+    from cim_place.objectstore import cid as cids
+
+    target = domain / "target.bin"
+    target.write_bytes(b"not to be removed by a node")
+    cid = ok("add", str(target), "--node", "leaf-1", cwd=domain).strip()
+    wait_for(lambda: status_doc(cid, domain)[1].get("state") == "placed", "target placed")
+    context = read_context(domain / ".cim-place")
+    assert context is not None
+    leaf_url = context.leaf_url("leaf-1")
+
+    async def forge() -> None:
+        async with connected(leaf_url) as nc:
+            publisher = EventPublisher(jetstream(nc), "leaf-1")
+            await publisher.publish_event(ObjectDeleted(root=cids.parse(cid), by="leaf-1"))
+
+    asyncio.run(forge())
+    # Events of one outbox arrive in order: once this later add is tracked, the forged
+    # tombstone has been delivered (and skipped).
+    marker = domain / "marker.bin"
+    marker.write_bytes(b"after the forged tombstone")
+    later = ok("add", str(marker), "--node", "leaf-1", cwd=domain).strip()
+    wait_for(lambda: status_doc(later, domain)[0] == 0, "the later add tracked")
+    code, doc = status_doc(cid, domain)
+    assert code == 0 and doc["state"] == "placed"

@@ -317,7 +317,14 @@ class Controller:
             self.js,
             self._apply_stored,
             # The event types the projection applies: application events share the store.
-            filter_subject=[self.subjects.events_of_type(t) for t in EVENT_TYPES],
+            filter_subject=[
+                # Tombstones only from the hub domain's token, which the leading controller
+                # alone may publish (removal.py): a node's ObjectDeleted is never read.
+                self.subjects.event(self.config.hub_domain, t)
+                if t == ObjectDeleted.TYPE
+                else self.subjects.events_of_type(t)
+                for t in EVENT_TYPES
+            ],
             subjects=self.subjects,
         )
         while True:
