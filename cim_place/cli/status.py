@@ -31,7 +31,6 @@ from cim_place.cli._output import EXIT_ERROR, EXIT_USAGE, handles_errors, print_
 from cim_place.errors import CimPlaceError, TransportError
 
 if TYPE_CHECKING:
-    from cim_place.cluster.state.names import NameRegistry
     from cim_place.cluster.state.nodes import NodeRecord
     from cim_place.placement.status import ObjectStatus
 
@@ -148,18 +147,14 @@ def node_state(record: NodeRecord, now: float, draining: set[str]) -> str:
 
 async def _object_status(js: JetStreamContext, ref: str) -> ObjectStatus:
     from cim_place.cluster.state.locations import LocationStore
-    from cim_place.cluster.state.names import NameRegistry, UnknownNameError
+    from cim_place.cluster.state.names import NameRegistry
     from cim_place.objectstore import cid as cids
 
     try:
         cid_text = cids.to_str(cids.parse(ref.strip()))
         named = False
     except CimPlaceError:
-        registry = NameRegistry(js)
-        try:
-            cid_text = cids.to_str(await registry.resolve(ref))
-        except UnknownNameError as exc:
-            raise await _gone_name(registry, ref, exc) from None
+        cid_text = cids.to_str(await NameRegistry(js).resolve(ref))
         named = True
     store = await LocationStore(js).open(create=False)
     status = await store.get(cid_text)
@@ -171,24 +166,6 @@ async def _object_status(js: JetStreamContext, ref: str) -> ObjectStatus:
             "has seen its ObjectStored event)"
         )
     return status
-
-
-async def _gone_name(registry: NameRegistry, ref: str, unknown: CimPlaceError) -> CimPlaceError:
-    """Why ``ref`` resolves to nothing: a name that was removed (by `name rm`, or with its
-    object by `rm`), else ``unknown`` as it was."""
-    from cim_place.cluster.state.names import InvalidNameError
-
-    try:
-        history = await registry.history(ref)
-    except InvalidNameError:
-        history = []
-    if history and history[-1].removed and history[-1].cid:
-        last = history[-1]
-        return CimPlaceError(
-            f"name {ref!r} was removed by {last.set_by or 'someone'}; it pointed at "
-            f"{last.cid_text} (`cim-place status {last.cid_text}`)"
-        )
-    return unknown
 
 
 async def _summary(js: JetStreamContext) -> dict[str, Any]:

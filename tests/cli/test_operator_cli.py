@@ -167,6 +167,7 @@ def test_rm_gives_the_disk_back_and_spares_other_objects(domain: Path) -> None:
     assert "was removed" in after_get
     gone_name = one_line_error(run("status", "gone", cwd=domain))
     assert "name 'gone' was removed" in gone_name and removed in gone_name
+    assert "name 'gone-alias' was removed" in one_line_error(run("get", "gone-alias", cwd=domain))
     assert "already removed" in ok("rm", removed, cwd=domain)
     # The other object is untouched: placed, every copy pinned, readable.
     code, doc = status_doc("keep", domain)

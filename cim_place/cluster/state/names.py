@@ -292,7 +292,8 @@ class NameRegistry:
     async def resolve(self, ref: str) -> Cid:
         """The CID ``ref`` stands for: a CID string parses to itself, anything else is a name.
 
-        Raises UnknownNameError when ``ref`` is neither a CID nor an existing name.
+        Raises UnknownNameError when ``ref`` is neither a CID nor an existing name; for a name
+        that existed, the error says who removed it and what it pointed at.
         """
         ref = ref.strip()
         try:
@@ -305,8 +306,19 @@ class NameRegistry:
             raise self._unknown(ref) from None
         record = await self.get(ref)
         if record is None:
-            raise self._unknown(ref)
+            raise await self._gone(ref)
         return record.cid
+
+    async def _gone(self, name: str) -> UnknownNameError:
+        # Only on the failure path: one history read to tell "removed" from "never existed".
+        history = await self.history(name)
+        last = history[-1] if history else None
+        if last is None or not last.removed or not last.cid:
+            return self._unknown(name)
+        return UnknownNameError(
+            f"name {name!r} was removed by {last.set_by or 'someone'}; it pointed at "
+            f"{last.cid_text} (`cim-place status {last.cid_text}`)"
+        )
 
     async def ls(self, prefix: str | None = None) -> list[NameRecord]:
         """Every existing name (optionally only those starting with ``prefix``), sorted by name.

@@ -102,7 +102,7 @@ async def test_set_get_resolve_ls_history_rm(hub1: Hub) -> None:
         removed_at = await names.rm("site", by="cy")
         assert await names.get("site") is None
         assert [r.name for r in await names.ls()] == ["docs/latest", "docs/v1"]
-        with pytest.raises(UnknownNameError, match="no name or CID `site`"):
+        with pytest.raises(UnknownNameError, match="name 'site' was removed by cy; it pointed at"):
             await names.resolve("site")
 
         third = await names.set("site", CID_A, by="ana")
