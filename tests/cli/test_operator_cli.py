@@ -26,11 +26,11 @@ pytestmark = pytest.mark.nats
 CLI = [sys.executable, "-c", "from cim_place.cli.app import main; main()"]
 
 
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("CIM_PLACE_SERVER", "CIM_PLACE_DIR")}
     env.pop("CIM_PLACE_STORE", None)
     return subprocess.run(
-        [*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [*CLI, *args], cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=300
     )
 
 
@@ -134,6 +134,9 @@ def test_add_in_a_domain_directory_goes_to_the_domain(domain: Path) -> None:
     assert doc["cid"] == cid
     ok("get", "docs/report", "-o", str(domain / "copy.bin"), cwd=domain)
     assert (domain / "copy.bin").read_bytes() == report.read_bytes()
+    # Standard input: its CID is not known before the upload, so the node with most free space.
+    piped = run("add", "-", cwd=domain, stdin="from a pipe")
+    assert piped.returncode == 0 and "(most free space)" in piped.stderr, piped.stderr
     # --store keeps the local store.
     local = ok("add", str(report), "--store", str(domain / "local"), cwd=domain).strip()
     assert local == cid and (domain / "local" / "pins.sqlite").exists()
