@@ -63,6 +63,9 @@ _log = logging.getLogger(__name__)
 
 GC_DELAY = 5.0
 """Seconds to wait after a drop before collecting garbage, so a burst of drops costs one pass."""
+SWEEP_EVERY = 3600.0
+"""Seconds between sweeps of every volume. A drop collects only its DAG's blocks; what no drop
+names (the gateway's read-through cache, blocks of a fetch that was abandoned) goes here."""
 
 
 class Agent:
@@ -567,28 +570,42 @@ class Agent:
         return TaskOutcome.completed({"volume": located[0], "blocks": blocks})
 
     async def _gc_loop(self) -> None:
+        last_sweep = time.monotonic()
         while True:
-            await self._gc_wanted.wait()
-            await asyncio.sleep(GC_DELAY)
-            self._gc_wanted.clear()
-            dropped, self._dropped = self._dropped, {}
-            for name, roots in dropped.items():
-                store = self.volumes.get(name)
-                if store is None:
-                    continue
-                try:
-                    # Only the dropped DAGs' blocks: a sweep of the whole volume would cost
-                    # time in proportion to everything it holds.
-                    result = await asyncio.to_thread(store.collect, roots)
-                except StoreError as exc:
-                    _log.warning("gc of volume %s: %s", name, exc)
-                    continue
-                _log.info(
-                    "gc of %s: %d blocks, %d bytes freed",
-                    name,
-                    result.blocks_removed,
-                    result.bytes_freed,
-                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._gc_wanted.wait(), timeout=SWEEP_EVERY)
+            if self._gc_wanted.is_set():
+                await asyncio.sleep(GC_DELAY)
+                self._gc_wanted.clear()
+                dropped, self._dropped = self._dropped, {}
+                for name, roots in dropped.items():
+                    # Only the dropped DAGs' blocks: a sweep of the whole volume costs time in
+                    # proportion to everything it holds, and a removal must free its space soon.
+                    await self._collect(name, "collect", roots)
+            if time.monotonic() - last_sweep >= SWEEP_EVERY:
+                last_sweep = time.monotonic()
+                for name in self.volumes:
+                    await self._collect(name, "sweep", None)
+
+    async def _collect(self, name: str, kind: str, roots: set[Cid] | None) -> None:
+        store = self.volumes.get(name)
+        if store is None:
+            return
+        try:
+            if roots is None:
+                result = await asyncio.to_thread(store.gc)
+            else:
+                result = await asyncio.to_thread(store.collect, roots)
+        except StoreError as exc:
+            _log.warning("gc (%s) of volume %s: %s", kind, name, exc)
+            return
+        _log.info(
+            "gc (%s) of %s: %d blocks, %d bytes freed",
+            kind,
+            name,
+            result.blocks_removed,
+            result.bytes_freed,
+        )
 
 
 async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
