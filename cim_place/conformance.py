@@ -20,6 +20,7 @@ from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.queue import TaskQueue, TaskWorker
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.pins import SqlitePinIndex
+from cim_place.objectstore.scrub import VolumeScrubber
 from cim_place.placement.planner import plan
 from cim_place.placement.reconciler import reconcile
 
@@ -76,3 +77,7 @@ def reconciler() -> interfaces.Reconciler:
 
 def fetcher() -> interfaces.Fetcher:
     return fetch_dag
+
+
+def scrubber(volume: VolumeScrubber) -> interfaces.Scrubber:
+    return volume
