@@ -166,6 +166,9 @@ class ScrubState:
                 self.path, timeout=30.0, isolation_level=None, check_same_thread=False
             )
             self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL: a power cut may lose the last records; a pass then re-checks a root or
+            # two, which is cheaper than an fsync after every root.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the scrub state {self.path}: {exc}") from None
