@@ -115,11 +115,16 @@ class Throttle:
 class Foreground:
     """Foreground work on a volume (reads, fetches, serving peers) that a scrub yields to.
 
-    Thread-safe; ``busy()`` may be entered from the event loop or a worker thread.
+    Thread-safe; ``busy()`` may be entered from the event loop or a worker thread, and
+    ``touch()`` marks a short operation (one block served). The scrubber waits while work runs
+    and for ``quiet`` seconds after the last of it, so that a stream of short reads also counts.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, quiet: float = 0.25, clock: Callable[[], float] = time.monotonic) -> None:
+        self.quiet = quiet
+        self._clock = clock
         self._active = 0
+        self._last = float("-inf")
         self._idle = threading.Condition()
 
     @contextlib.contextmanager
@@ -131,17 +136,32 @@ class Foreground:
         finally:
             with self._idle:
                 self._active -= 1
+                self._last = self._clock()
                 if self._active == 0:
                     self._idle.notify_all()
 
+    def touch(self) -> None:
+        self._last = self._clock()
+
     @property
-    def active(self) -> int:
-        return self._active
+    def active(self) -> bool:
+        """Foreground work runs, or ran less than ``quiet`` seconds ago."""
+        return self._active > 0 or self._clock() - self._last < self.quiet
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until no foreground work runs, at most ``timeout`` s; True when idle."""
+        """Wait until no foreground work ran for ``quiet`` s, at most ``timeout`` s; True when
+        idle."""
+        deadline = self._clock() + timeout
         with self._idle:
-            return self._idle.wait_for(lambda: self._active == 0, timeout)
+            while self.active:
+                left = deadline - self._clock()
+                if left <= 0:
+                    return False
+                if self._active:
+                    self._idle.wait(left)
+                else:
+                    self._idle.wait(min(left, self.quiet - (self._clock() - self._last)))
+            return True
 
 
 _SCHEMA = """
@@ -305,8 +325,17 @@ class VolumeScrubber:
                 self.state.verified(root, self._clock())
         return blocks, size, damage
 
-    def run_pass(self, *, resume: bool = True, stop: threading.Event | None = None) -> ScrubReport:
+    def run_pass(
+        self,
+        *,
+        resume: bool = True,
+        stop: threading.Event | None = None,
+        on_damage: Callable[[Cid, list[Damage]], None] | None = None,
+    ) -> ScrubReport:
         """Scrub every pinned root; resume the interrupted pass unless ``resume`` is False.
+
+        ``on_damage(root, damage)`` is called (in this thread) as soon as a root is found
+        damaged, so the damage is reported before the pass ends.
 
         Returns the report of the whole pass (the part before a restart included); ``complete``
         is False when ``stop`` was set first (the cursor then stays for the next call).
@@ -327,6 +356,8 @@ class VolumeScrubber:
                 report.bytes_checked += size
                 report.roots_checked += 1
                 report.damaged.extend(damage)
+                if damage and on_damage is not None:
+                    on_damage(root, damage)
                 self.state.put("cursor", _cursor_of(report, root))
             report.complete = True
             report.finished_at = self._clock()

@@ -85,7 +85,7 @@ __all__ = [
 Replica = tuple[str, str]
 """A copy's place: ``(node id, volume name)``; its planner volume id is ``node/volume``."""
 
-TaskKind = Literal["fetch", "drop", "verify"]
+TaskKind = Literal["fetch", "drop", "verify", "repair"]
 
 
 def _vid(node: str, volume: str) -> VolumeId:

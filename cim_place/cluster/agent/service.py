@@ -9,7 +9,9 @@ An agent owns the volumes of its node and, connected to its leaf's nats-server:
 3. heartbeats its labels, tags and volume usage into KV ``cim-place-nodes``;
 4. serves blocks to its peers (on NATS, and in bulk on its block stream), answers who-has
    queries, and accepts uploads (``cim-place add --server``);
-5. runs the fetch / drop / verify tasks the controller queues for it.
+5. runs the fetch / drop / verify / repair tasks the controller queues for it;
+6. scrubs its volumes in the background and reports damaged replicas
+   (:mod:`cim_place.cluster.agent.scrubbing`), and removes the leftovers of failed writes.
 
 Everything here is wiring: each service lives in its own module and is tested there.
 """
@@ -30,16 +32,24 @@ from nats.aio.client import Client
 from cim_place import __version__
 from cim_place.cluster.agent.config import AgentConfig
 from cim_place.cluster.agent.metrics import AgentMetrics
+from cim_place.cluster.agent.scrubbing import ForegroundReads, ScrubService
 from cim_place.cluster.events.store import EventPublisher, attach_leaf, ensure_outbox, nudge_sources
 from cim_place.cluster.events.types import (
     InventoryDigest,
     NodeJoined,
     ObjectRemoved,
     ObjectStored,
+    ReplicaDamaged,
     inventory_digest,
 )
 from cim_place.cluster.exchange.blocks import BlockServer, VolumeSet
-from cim_place.cluster.exchange.fetch import BandwidthLimit, Holder, Labels, fetch_dag
+from cim_place.cluster.exchange.fetch import (
+    BandwidthLimit,
+    FetchResult,
+    Holder,
+    Labels,
+    fetch_dag,
+)
 from cim_place.cluster.exchange.holders import HolderResponder, find_holders, holder_of
 from cim_place.cluster.exchange.stream import BlockStreamServer, client_tls, server_tls
 from cim_place.cluster.exchange.upload import UploadService
@@ -52,7 +62,7 @@ from cim_place.errors import CimPlaceError, StoreError, StoreFullError, Transpor
 from cim_place.http.node import NodeParts, start_node_http
 from cim_place.http.server import HttpServers, Listener
 from cim_place.interfaces import Pin, Service
-from cim_place.objectstore import dag
+from cim_place.objectstore import dag, leftovers
 from cim_place.objectstore.cid import to_str
 from cim_place.objectstore.dagcbor import Value
 from cim_place.objectstore.store import ObjectStore
@@ -63,6 +73,8 @@ _log = logging.getLogger(__name__)
 
 GC_DELAY = 5.0
 """Seconds to wait after a drop before collecting garbage, so a burst of drops costs one pass."""
+LEFTOVER_SWEEP_EVERY = 60.0
+"""Seconds between two sweeps of failed writes' leftover blocks (cheap when there are none)."""
 
 
 class Agent:
@@ -113,6 +125,7 @@ class Agent:
         self.http_extra: list[Callable[[Agent], Listener]] = []
         """Builders of further HTTP listeners (the S3 API), called once the agent's services run;
         each binds on its own address, beside the gateway if ``http`` is on."""
+        self.scrub: ScrubService | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -128,19 +141,33 @@ class Agent:
         js_hub = jetstream(nc, config.hub_domain)
         await ensure_outbox(js_leaf, self.node, self.subjects)
         self.publisher = EventPublisher(js_leaf, self.node, subjects=self.subjects)
+        self.scrub = scrub = ScrubService(
+            nc,
+            self.node,
+            self.volumes,
+            self._publish_damage,
+            rate=config.scrub_rate,
+            interval=config.scrub_interval,
+            metrics=self.metrics,
+            subjects=self.subjects,
+        )
 
         stores = list(self.volumes.values())
         blocks = VolumeSet([s.blocks for s in stores])
+        # Serving peers is foreground work: the scrub yields to it.
+        served = ForegroundReads(blocks, scrub.touch)
         # Object access is enforced once the domain authenticates its users (the agent's own
         # server URL names its user); in an open domain every requester is anonymous.
         access = ReadAccess(self._pin_of, blocks) if identity_of(config.servers) else None
-        self._blocks = BlockServer(nc, self.node, blocks, subjects=self.subjects, access=access)
+        self._blocks = BlockServer(nc, self.node, served, subjects=self.subjects, access=access)
+        # A block refused as corrupt damages the replicas that hold it: re-check and report.
+        self._blocks.stats.on_corrupt = scrub.suspect
         self._stream = None
         if config.stream_listen is not None:
             # Bulk blocks go over a direct TCP stream; grants (and access checks) stay on NATS.
             # Its blocks count in the BlockServer's stats, so metrics cover both paths.
             self._stream = BlockStreamServer(
-                blocks,
+                served,
                 listen=config.stream_listen,
                 advertise=config.stream_advertise,
                 access=access,
@@ -161,7 +188,7 @@ class Agent:
             # Owners come from who NATS says uploads, once the domain authenticates users.
             authenticated=access is not None,
         )
-        self._services = [self._blocks, self._holders, self._uploads]
+        self._services = [self._blocks, self._holders, self._uploads, scrub]
         if self._stream is not None:
             self._services.insert(0, self._stream)
         for service in self._services:
@@ -196,6 +223,7 @@ class Agent:
             asyncio.create_task(self._attach_to_hub(), name="cim-place-attach"),
             asyncio.create_task(self._inventory_loop(), name="cim-place-inventory"),
             asyncio.create_task(self._gc_loop(), name="cim-place-gc"),
+            asyncio.create_task(self._leftovers_loop(), name="cim-place-leftovers"),
         ]
         await self.publisher.publish_event(
             NodeJoined(
@@ -459,6 +487,8 @@ class Agent:
             return await self._fetch(task)
         if task.kind == "drop":
             return await self._drop(task)
+        if task.kind == "repair":
+            return await self._repair(task)
         return await self._verify(task)
 
     async def _holders_for(self, task: Task) -> list[Holder]:
@@ -494,33 +524,22 @@ class Agent:
         holders = await self._holders_for(task)
         if not holders:
             return TaskOutcome.retry(f"no holder of {to_str(task.root)} answers")
-        assert self.nc is not None
-        lock = store.writing()
-        await asyncio.to_thread(lock.__enter__)
-        try:
-            result = await fetch_dag(
-                self.nc,
+        assert self.scrub is not None
+        # The fetch holds off gc, makes the scrub yield, and journals the blocks it adds so a
+        # failed fetch's leftovers are swept (leftovers.sweep) once a retry is unlikely.
+        with self.scrub.busy(volume), leftovers.journaled(store) as journaled:
+            result = await self._fetch_into(task, store, journaled, holders)
+            pin = await asyncio.to_thread(
+                store.pin_complete,
                 task.root,
-                holders,
-                store.blocks,
-                subjects=self.subjects,
-                near=self.near,
-                bandwidth=self.bandwidth,
-                stream_tls=self.stream_client_tls,
+                name=task.name,
+                owner=task.owner,
+                metadata=task.metadata,
             )
-        finally:
-            lock.__exit__(None, None, None)
         self.metrics.blocks_fetched.inc(result.blocks_fetched)
         self.metrics.bytes_fetched.inc(result.bytes_fetched)
         for node in result.corrupt_holders:
             self.metrics.verification_failures.inc(result.holders[node].corrupt)
-        pin = await asyncio.to_thread(
-            store.pin_complete,
-            task.root,
-            name=task.name,
-            owner=task.owner,
-            metadata=task.metadata,
-        )
         self.metrics.bytes_stored.inc(pin.size)
         await self._announce_stored(pin, volume)
         corrupt: list[Value] = list(result.corrupt_holders)
@@ -532,6 +551,97 @@ class Agent:
                 "corrupt_holders": corrupt,
             }
         )
+
+    async def _fetch_into(
+        self,
+        task: Task,
+        store: ObjectStore,
+        blocks: leftovers.JournaledBlocks,
+        holders: list[Holder],
+    ) -> FetchResult:
+        assert self.nc is not None
+        lock = store.writing()
+        await asyncio.to_thread(lock.__enter__)
+        try:
+            return await fetch_dag(
+                self.nc,
+                task.root,
+                holders,
+                blocks,
+                subjects=self.subjects,
+                near=self.near,
+                bandwidth=self.bandwidth,
+                stream_tls=self.stream_client_tls,
+            )
+        finally:
+            lock.__exit__(None, None, None)
+
+    async def _repair(self, task: Task) -> TaskOutcome:
+        """Re-fetch only the damaged blocks of a pinned replica, verify it whole, announce it."""
+        located = self.pinned_on(task.root)
+        if located is None:
+            return TaskOutcome.failed(f"{to_str(task.root)} is not pinned on {self.node}")
+        volume, pin = located
+        store = self.volumes[volume]
+        assert self.scrub is not None
+        scrubber = self.scrub.scrubbers[volume]
+        _, _, damage = await asyncio.to_thread(scrubber.check_root, task.root)
+        if damage:
+            for item in damage:
+                if item.problem == "corrupt":  # absent now, so the fetch brings a good copy
+                    await asyncio.to_thread(store.blocks.delete, item.block)
+            holders = await self._holders_for(task)
+            if not holders:
+                self.metrics.repairs.labels("failed").inc()
+                return TaskOutcome.retry(f"no verified holder of {to_str(task.root)} answers")
+            with self.scrub.busy(volume), leftovers.journaled(store) as journaled:
+                result = await self._fetch_into(task, store, journaled, holders)
+            self.metrics.blocks_fetched.inc(result.blocks_fetched)
+            self.metrics.bytes_fetched.inc(result.bytes_fetched)
+            _, _, still = await asyncio.to_thread(scrubber.check_root, task.root)
+            if still:
+                self.metrics.repairs.labels("failed").inc()
+                return TaskOutcome.retry(
+                    f"{len(still)} block(s) of {to_str(task.root)} still damaged after repair"
+                )
+            self.metrics.repairs.labels("done").inc()
+        # Verified whole: ObjectStored tells the controller the replica counts again.
+        await self._announce_stored(pin, volume)
+        self._refresh_damaged_gauge()
+        return TaskOutcome.completed(
+            {"volume": volume, "blocks_repaired": len(damage), "already": not damage}
+        )
+
+    async def _publish_damage(self, event: ReplicaDamaged) -> None:
+        assert self.publisher is not None
+        await self.publisher.publish_event(event)
+        self.metrics.events_published.labels(event.TYPE).inc()
+        self._refresh_damaged_gauge()
+
+    def _refresh_damaged_gauge(self) -> None:
+        if self.scrub is None:
+            return
+        for name, scrubber in self.scrub.scrubbers.items():
+            with contextlib.suppress(StoreError):
+                self.metrics.damaged_replicas.labels(name).set(len(scrubber.state.damaged()))
+
+    async def _leftovers_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LEFTOVER_SWEEP_EVERY)
+            for name, store in self.volumes.items():
+                try:
+                    swept = await asyncio.to_thread(leftovers.sweep, store)
+                except StoreError as exc:
+                    _log.warning("leftover sweep of volume %s: %s", name, exc)
+                    continue
+                if swept.journals:
+                    _log.info(
+                        "volume %s: removed %d leftover block(s) (%d bytes) of %d failed write(s)",
+                        name,
+                        swept.blocks_removed,
+                        swept.bytes_freed,
+                        swept.journals,
+                    )
 
     async def _drop(self, task: Task) -> TaskOutcome:
         dropped = []

@@ -377,6 +377,7 @@ def agent_permissions(node: str, subjects: Subjects, hub_domain: str) -> Permiss
         subjects.block_get(node),
         subjects.has,
         subjects.agent_add(node),
+        subjects.agent_scrub(node),
     ]
     return Permissions(tuple(_unique(publish)), tuple(_unique(subscribe)))
 
@@ -399,8 +400,9 @@ def controller_permissions(subjects: Subjects, hub_domain: str) -> Permissions:
 
 
 def operator_permissions(subjects: Subjects, hub_domain: str) -> Permissions:
-    """A read-only operator: status queries, stream/consumer info, reading every bucket."""
-    publish = [subjects.api(">"), subjects.has]
+    """A read-only operator: status queries, stream/consumer info, reading every bucket, and
+    asking agents to scrub their volumes now (which reads, never changes, content)."""
+    publish = [subjects.api(">"), subjects.has, subjects.all_agent_scrubs]
     for rest in (
         _JS_INFO,
         "STREAM.NAMES",
@@ -466,6 +468,7 @@ def leaf_link_permissions(
         *(f"{inbox_prefix(user)}.>" for user in users),
         subjects.block_get(node),
         subjects.agent_add(node),
+        subjects.agent_scrub(node),
         # The hub's event store sources the outbox: it calls the leaf domain's API, the leaf
         # answers on the hub's internal reply subjects and delivers events and flow control.
         _js(node, ">"),
