@@ -28,6 +28,7 @@ _OWNERS = {
     "policy": "policy",
     "name": "names",
     "security": "security",
+    "scrub": "scrub",
 }
 _GROUPS = {"policy": "policy", "names": "name", "security": "security"}
 """Modules whose commands form a sub-application, by the name it is mounted under."""
