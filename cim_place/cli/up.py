@@ -179,12 +179,10 @@ class _Logs:
         from cim_place.policies.quantities import parse_duration, parse_size
 
         try:
-            if self.scrub_interval:
-                if parse_duration(self.scrub_interval) <= 0:
-                    raise ValueError("it must be more than 0")
-            if self.scrub_rate:
-                if parse_size(self.scrub_rate, per_second=True) <= 0:
-                    raise ValueError("it must be more than 0")
+            if self.scrub_interval and parse_duration(self.scrub_interval) <= 0:
+                raise ValueError("it must be more than 0")
+            if self.scrub_rate and parse_size(self.scrub_rate, per_second=True) <= 0:
+                raise ValueError("it must be more than 0")
         except ValueError as exc:
             raise CimPlaceError(
                 f"bad --scrub-interval/--scrub-rate: {exc}; e.g. --scrub-interval 7d "
