@@ -525,6 +525,8 @@ class Controller:
             policy=self.policy_for(facts),
             node_map=self.node_map(now),
             confirmed=view.replicas,
+            damaged=frozenset(self.projection.damaged(cid)),
+            verified_at=self.projection.verified_at(cid),
             liveness=self.liveness(now),
             now=now,
             in_flight=in_flight,
@@ -661,6 +663,7 @@ class Controller:
             nodes_down=len(liveness) - up,
             nodes_draining=len(self.projection.draining),
             updated_at=time.time(),
+            damaged_replicas=self.projection.damaged_replicas,
         )
 
 

@@ -35,6 +35,7 @@ from cim_place.cluster.events.types import (
     NodeLeft,
     ObjectRemoved,
     ObjectStored,
+    ReplicaDamaged,
     TaskCompleted,
     TaskFailed,
     event_envelope,
@@ -115,6 +116,14 @@ SAMPLES: list[AnyEvent] = [
         attempts=5,
         reason="full",
         permanent=True,
+    ),
+    ReplicaDamaged(
+        root=cid_of(b"object 1"),
+        node="leaf-a",
+        volume="v0",
+        blocks=(cid_of(b"block 1"), cid_of(b"block 2")),
+        problem="corrupt",
+        found_by="scrub",
     ),
 ]
 
