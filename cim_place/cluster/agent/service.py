@@ -31,6 +31,7 @@ from nats.aio.client import Client
 
 from cim_place import __version__
 from cim_place.cluster.agent.config import AgentConfig
+from cim_place.cluster.agent.inventory import InventoryService
 from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.agent.scrubbing import ForegroundReads, ScrubService
 from cim_place.cluster.events.store import EventPublisher, attach_leaf, ensure_outbox, nudge_sources
@@ -188,7 +189,15 @@ class Agent:
             # Owners come from who NATS says uploads, once the domain authenticates users.
             authenticated=access is not None,
         )
-        self._services = [self._blocks, self._holders, self._uploads, scrub]
+        inventory = InventoryService(
+            nc,
+            self.node,
+            self.volumes,
+            stored=self._announce_stored,
+            removed=self._announce_removed,
+            subjects=self.subjects,
+        )
+        self._services = [self._blocks, self._holders, self._uploads, scrub, inventory]
         if self._stream is not None:
             self._services.insert(0, self._stream)
         for service in self._services:

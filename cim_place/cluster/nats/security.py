@@ -378,6 +378,7 @@ def agent_permissions(node: str, subjects: Subjects, hub_domain: str) -> Permiss
         subjects.has,
         subjects.agent_add(node),
         subjects.agent_scrub(node),
+        subjects.agent_inventory(node),
     ]
     return Permissions(tuple(_unique(publish)), tuple(_unique(subscribe)))
 
@@ -394,6 +395,7 @@ def controller_permissions(subjects: Subjects, hub_domain: str) -> Permissions:
         "$JS.FC.>",
         f"{INBOX_ROOT}.>",  # answers to status queries
         subjects.has,
+        subjects.all_agent_inventories,  # reconciling inventory drift
     ]
     subscribe = [f"{inbox_prefix(CONTROLLER)}.>", subjects.api(">")]
     return Permissions(tuple(publish), tuple(subscribe))
@@ -469,6 +471,7 @@ def leaf_link_permissions(
         subjects.block_get(node),
         subjects.agent_add(node),
         subjects.agent_scrub(node),
+        subjects.agent_inventory(node),
         # The hub's event store sources the outbox: it calls the leaf domain's API, the leaf
         # answers on the hub's internal reply subjects and delivers events and flow control.
         _js(node, ">"),

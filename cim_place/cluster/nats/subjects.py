@@ -90,6 +90,15 @@ class Subjects:
         (cim_place.cluster.agent.scrubbing)."""
         return f"{self.prefix}.agent.{check_node_id(node)}.scrub"
 
+    def agent_inventory(self, node: str) -> str:
+        """Where ``node``'s agent lists its pins and re-announces roots on a drift
+        (cim_place.cluster.agent.inventory)."""
+        return f"{self.prefix}.agent.{check_node_id(node)}.inventory"
+
+    @property
+    def all_agent_inventories(self) -> str:
+        return f"{self.prefix}.agent.*.inventory"
+
     @property
     def all_agent_scrubs(self) -> str:
         return f"{self.prefix}.agent.*.scrub"

@@ -234,3 +234,29 @@ async def test_corruption_met_by_a_peer_fetch_is_repaired(
             break
         await asyncio.sleep(0.1)
     assert b"".join(agents["n3"].volumes["v0"].cat(root)) == data
+
+
+async def test_inventory_drift_is_reconciled_not_only_noticed(
+    domain: tuple[Hub, dict[str, Agent]],
+) -> None:
+    hub, agents = domain
+    root, data = await add(hub, "durability-drift")
+    await wait_for(hub, root, placed)
+    # A pin lost without its event (a restored disk, a hand-made unpin): n2 no longer holds it,
+    # and it holds another root nobody was told about.
+    store2 = agents["n2"].volumes["v0"]
+    assert store2.pins.remove(root)
+    unknown = store2.add(io.BytesIO(b"held but never announced"))
+    await agents["n2"].publish_inventory()
+    # The controller asks n2, which announces the truth: the missing copy is fetched again...
+    await wait_for(hub, root, placed)
+    for _ in range(300):
+        if agents["n2"].pinned_on(root) is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert b"".join(agents["n2"].volumes["v0"].cat(root)) == data
+    # ...and the unannounced root is known now.
+    found = await wait_for(
+        hub, unknown.root, lambda s: any(loc.node == "n2" for loc in s.locations)
+    )
+    assert found.state in ("progressing", "placed", "degraded")
