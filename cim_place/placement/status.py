@@ -8,7 +8,7 @@ documented schema of ``cim-place status --json``:
     {"cid": str, "name": str | null, "owner": str, "size": int, "metadata": {str: str},
      "policy": str, "desired": int, "state": "placed" | "progressing" | "degraded" | "lost",
      "locations": [{"node": str, "volume": str, "zone": str, "state": str,
-                    "verified_at": float | null}],
+                    "verified_at": float (when known)}],
      "conditions": [{"type": str, "status": bool, "reason": str, "message": str,
                      "last_transition": float}],
      "updated_at": float}
@@ -97,16 +97,7 @@ class ObjectStatus:
             "policy": self.policy,
             "desired": self.desired,
             "state": self.state,
-            "locations": [
-                {
-                    "node": loc.node,
-                    "volume": loc.volume,
-                    "zone": loc.zone,
-                    "state": loc.state,
-                    "verified_at": loc.verified_at,
-                }
-                for loc in self.locations
-            ],
+            "locations": [_location_dict(loc) for loc in self.locations],
             "conditions": [
                 {
                     "type": c.type,
@@ -169,6 +160,18 @@ class ObjectStatus:
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed object status: {exc!r}") from None
+
+
+def _location_dict(loc: Location) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "node": loc.node,
+        "volume": loc.volume,
+        "zone": loc.zone,
+        "state": loc.state,
+    }
+    if loc.verified_at is not None:  # unknown (a fetch in flight): the key is left out
+        doc["verified_at"] = loc.verified_at
+    return doc
 
 
 def merge_conditions(
