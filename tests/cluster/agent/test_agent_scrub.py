@@ -186,3 +186,19 @@ async def test_a_peer_fetch_meeting_a_corrupt_block_reports_the_replica(
             ("node-a", root, (leaves[0],), "corrupt", "serve")
         ]
         assert agent_b.pinned_on(root) is None  # no good copy anywhere: nothing pinned
+
+
+def test_scrub_settings_are_read_from_the_agent_file(tmp_path: Path) -> None:
+    from cim_place.cluster.agent.config import AgentConfigError, load_agent_config
+
+    good = tmp_path / "agent.yaml"
+    good.write_text(
+        "node: n1\nvolumes: [{name: v0, path: %s}]\nscrub: {rate: 10MiB/s, interval: 12h}\n"
+        % (tmp_path / "v0")
+    )
+    loaded = load_agent_config(good)
+    assert (loaded.scrub_rate, loaded.scrub_interval) == (10 * 1024 * 1024, 12 * 3600.0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node: n1\nvolumes: [{name: v0, path: /tmp/v0}]\nscrub: {rate: fast}\n")
+    with pytest.raises(AgentConfigError, match=r"scrub\.rate"):
+        load_agent_config(bad)
