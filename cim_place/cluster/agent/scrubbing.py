@@ -202,6 +202,15 @@ class ScrubService:
         await asyncio.to_thread(scrubber.state.mark_damaged, root, damage)
         await self._publish(root, volume, [Damage(root, b, p) for b, p in damage], found_by)
 
+    async def recheck(self, root: Cid, volume: str) -> None:
+        """Re-check ``root`` on ``volume`` if damage of it is recorded; report what remains."""
+        scrubber = self.scrubbers.get(volume)
+        if scrubber is None or not await asyncio.to_thread(scrubber.state.damage_of, root):
+            return
+        _, _, damage = await asyncio.to_thread(scrubber.check_root, root)
+        if damage:
+            await self._publish(root, volume, damage, "pin")
+
     def suspect(self, block: Cid) -> None:
         """The block server refused ``block`` as corrupt: re-check the pinned roots naming it
         (called from the event loop; the check runs in a thread)."""

@@ -406,6 +406,10 @@ class Agent:
 
     async def _announce_stored(self, pin: Pin, volume: str) -> None:
         await self._announce(ObjectStored, pin, volume)
+        if self.scrub is not None:
+            # Pinned again over a replica known damaged (an upload keeps blocks already present,
+            # bad ones too): check it, and report the damage again if it is still there.
+            await self.scrub.recheck(pin.root, volume)
 
     async def _announce_removed(self, pin: Pin, volume: str) -> None:
         await self._announce(ObjectRemoved, pin, volume)
@@ -661,6 +665,8 @@ class Agent:
             if pin is None:
                 continue
             store.pins.remove(task.root)
+            if self.scrub is not None:  # its damage, if any, goes with it
+                await asyncio.to_thread(self.scrub.scrubbers[name].state.forget, task.root)
             dropped.append(name)
             await self._announce_removed(pin, name)
         if dropped:
