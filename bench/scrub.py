@@ -146,6 +146,10 @@ async def beside_fetch(workdir: Path, fetch_size: int, rate: int, rounds: int) -
                 raise RuntimeError("leaf-a is not reachable from leaf-b")
             rates: dict[str, list[float]] = {}
             kept: set[Cid] = set()
+            # One fetch first, not counted: connections, page cache and the holder's read path
+            # warm up, which otherwise favours whichever mode runs second.
+            with ObjectStore(workdir / "warm-up", fsync="none") as warm:
+                await timed_fetch(nc, root, warm, fetch_size, None)
             for mode in ("unloaded", "scrub, yielding", "scrub, not yielding") * rounds:
                 # The scrubbed volume: the pinned objects of part 1, and the fetch lands here.
                 with ObjectStore(workdir / "volume-1", fsync="none") as store:

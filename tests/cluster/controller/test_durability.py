@@ -260,3 +260,11 @@ async def test_inventory_drift_is_reconciled_not_only_noticed(
         hub, unknown.root, lambda s: any(loc.node == "n2" for loc in s.locations)
     )
     assert found.state in ("progressing", "placed", "degraded")
+
+
+async def test_scrub_of_a_node_without_an_agent_exits_1(hub1: Hub) -> None:
+    code, _out, err = await cli("scrub", "--node", "nobody", "--server", hub1.url)
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "error: nobody: no agent of node nobody answers (is it running?)"
+    ]
