@@ -167,7 +167,9 @@ async def beside_fetch(workdir: Path, fetch_size: int, rate: int, rounds: int) -
 
                         thread = threading.Thread(target=loop, daemon=True)
                         thread.start()
-                        await asyncio.sleep(0.5)  # let the scrub reach its rate
+                    # Every mode waits the same: the scrub reaches its rate, and the previous
+                    # round's deletions settle (without this, "unloaded" ran in their wake).
+                    await asyncio.sleep(1.0)
                     fg = foreground if mode == "scrub, yielding" else None
                     rates.setdefault(mode, []).append(
                         await timed_fetch(nc, root, store, fetch_size, fg)
