@@ -194,8 +194,9 @@ async def beside_fetch(workdir: Path, fetch_size: int, rate: int, rounds: int) -
     print(f"fetch of {fetch_size} bytes into the scrubbed volume, scrub rate {rate / MiB:g} MiB/s:")
     for mode, values in rates.items():
         rate_mb = statistics.median(values)
+        spread = " ".join(f"{v:.0f}" for v in values)
         print(
-            f"  {mode:<20} {rate_mb:7.0f} MB/s (median of {len(values)})  "
+            f"  {mode:<20} {rate_mb:7.0f} MB/s (median of {len(values)}: {spread})  "
             f"ratio {rate_mb / base:.2f}"
         )
 

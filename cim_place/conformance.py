@@ -8,6 +8,8 @@ Nothing calls these functions at run time.
 from __future__ import annotations
 
 from cim_place import interfaces
+from cim_place.cluster.agent.inventory import InventoryService
+from cim_place.cluster.agent.scrubbing import ScrubService
 from cim_place.cluster.events.store import EventPublisher
 from cim_place.cluster.exchange.blocks import BlockServer
 from cim_place.cluster.exchange.fetch import fetch_dag
@@ -39,8 +41,10 @@ def services(
     holders: HolderResponder,
     uploads: UploadService,
     heartbeat: Heartbeat,
+    scrub: ScrubService,
+    inventory: InventoryService,
 ) -> list[interfaces.Service]:
-    return [blocks, stream, holders, uploads, heartbeat]
+    return [blocks, stream, holders, uploads, heartbeat, scrub, inventory]
 
 
 def event_log(publisher: EventPublisher) -> interfaces.EventLog:
