@@ -77,6 +77,8 @@ class ScrubService:
         self._sub: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ondemand = asyncio.Lock()
+        self._suspects: set[Cid] = set()
+        self._suspecting: asyncio.Task[None] | None = None
         for name, scrubber in self.scrubbers.items():
             last = scrubber.last_full_pass()
             if last is not None:
@@ -101,6 +103,8 @@ class ScrubService:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
+        if self._suspecting is not None:
+            self._tasks.append(self._suspecting)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -213,22 +217,31 @@ class ScrubService:
 
     def suspect(self, block: Cid) -> None:
         """The block server refused ``block`` as corrupt: re-check the pinned roots naming it
-        (called from the event loop; the check runs in a thread)."""
+        (called from the event loop; the check runs in a thread). A burst of refused blocks
+        (one peer's fetch meets many) costs one look at the pins, not one per block."""
         if self._loop is None:
             return
-        self._loop.create_task(self._suspect(block))
+        self._suspects.add(block)
+        if self._suspecting is None or self._suspecting.done():
+            self._suspecting = self._loop.create_task(self._check_suspects())
 
-    async def _suspect(self, block: Cid) -> None:
-        for name, store in self.volumes.items():
-            scrubber = self.scrubbers[name]
+    async def _check_suspects(self) -> None:
+        while self._suspects:
+            blocks, self._suspects = self._suspects, set()
+            for name, store in self.volumes.items():
+                scrubber = self.scrubbers[name]
 
-            def roots_with(store: ObjectStore = store) -> list[Cid]:
-                return [r for r in store.pins.roots() if block in dag.members(store.blocks, r)[0]]
+                def roots_with(store: ObjectStore = store, blocks: set[Cid] = blocks) -> list[Cid]:
+                    return [
+                        root
+                        for root in store.pins.roots()
+                        if blocks & dag.members(store.blocks, root)[0]
+                    ]
 
-            for root in await asyncio.to_thread(roots_with):
-                _, _, damage = await asyncio.to_thread(scrubber.check_root, root)
-                if damage:
-                    await self._publish(root, name, damage, "serve")
+                for root in await asyncio.to_thread(roots_with):
+                    _, _, damage = await asyncio.to_thread(scrubber.check_root, root)
+                    if damage:
+                        await self._publish(root, name, damage, "serve")
 
     async def _publish(self, root: Cid, volume: str, damage: list[Damage], found_by: str) -> None:
         by_problem: dict[Problem, list[Cid]] = {}
