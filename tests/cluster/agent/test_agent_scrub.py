@@ -13,6 +13,7 @@ import io
 import json
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,34 @@ def test_scrub_settings_are_read_from_the_agent_file(tmp_path: Path) -> None:
     bad.write_text("node: n1\nvolumes: [{name: v0, path: /tmp/v0}]\nscrub: {rate: fast}\n")
     with pytest.raises(AgentConfigError, match=r"scrub\.rate"):
         load_agent_config(bad)
+
+
+async def test_the_background_scrub_reports_damage_without_being_asked(
+    hub1: Hub, leaf_factory: LeafFactory, tmp_path: Path
+) -> None:
+    leaf = leaf_factory("node-s")
+    async with connected(hub1.url) as nc:
+        js_hub = jetstream(nc, "hub")
+        await ensure_event_store(js_hub, replicas=1)
+        await ensure_task_stream(js_hub, 1)
+    base = config("node-s", leaf.url, tmp_path, "z1")
+    # A pass every 2 s, so the second one runs while the test waits.
+    agent = Agent(replace(base, scrub_interval=2.0), fsync="none")
+    await agent.start()
+    try:
+        store = agent.volumes["v0"]
+        root = store.add(io.BytesIO(chacha_stream("background", SIZE).read())).root
+        block = [c for c in dag.walk_cids(store.blocks, root) if codec_of(c) == RAW][-1]
+        store.blocks.block_path(block).unlink()
+        async with connected(hub1.url) as nc:
+            events = await damaged_events(jetstream(nc, "hub"), 1)
+        assert [(e.root, e.blocks, e.problem, e.found_by) for e in events[:1]] == [
+            (root, (block,), "missing", "scrub")
+        ]
+        assert agent.scrub is not None
+        assert agent.scrub.scrubbers["v0"].last_full_pass() is not None
+        metrics = agent.metrics.registry
+        assert metrics.get_sample_value("cim_place_damaged_blocks_total", {"problem": "missing"})
+        assert metrics.get_sample_value("cim_place_scrub_blocks_total", {"volume": "v0"})
+    finally:
+        await agent.stop(grace=1)
