@@ -33,6 +33,11 @@ from cim_place import __version__
 from cim_place.cluster.agent.config import AgentConfig
 from cim_place.cluster.agent.inventory import InventoryService
 from cim_place.cluster.agent.metrics import AgentMetrics
+from cim_place.cluster.agent.repair import (
+    refresh_damaged_gauge,
+    repair_replica,
+    sweep_leftovers_forever,
+)
 from cim_place.cluster.agent.scrubbing import ForegroundReads, ScrubService
 from cim_place.cluster.events.store import EventPublisher, attach_leaf, ensure_outbox, nudge_sources
 from cim_place.cluster.events.types import (
@@ -232,7 +237,10 @@ class Agent:
             asyncio.create_task(self._attach_to_hub(), name="cim-place-attach"),
             asyncio.create_task(self._inventory_loop(), name="cim-place-inventory"),
             asyncio.create_task(self._gc_loop(), name="cim-place-gc"),
-            asyncio.create_task(self._leftovers_loop(), name="cim-place-leftovers"),
+            asyncio.create_task(
+                sweep_leftovers_forever(self.volumes, LEFTOVER_SWEEP_EVERY),
+                name="cim-place-leftovers",
+            ),
         ]
         await self.publisher.publish_event(
             NodeJoined(
@@ -595,66 +603,30 @@ class Agent:
         if located is None:
             return TaskOutcome.failed(f"{to_str(task.root)} is not pinned on {self.node}")
         volume, pin = located
-        store = self.volumes[volume]
         assert self.scrub is not None
-        scrubber = self.scrub.scrubbers[volume]
-        _, _, damage = await asyncio.to_thread(scrubber.check_root, task.root)
-        if damage:
-            for item in damage:
-                if item.problem == "corrupt":  # absent now, so the fetch brings a good copy
-                    await asyncio.to_thread(store.blocks.delete, item.block)
-            holders = await self._holders_for(task)
-            if not holders:
-                self.metrics.repairs.labels("failed").inc()
-                return TaskOutcome.retry(f"no verified holder of {to_str(task.root)} answers")
-            with self.scrub.busy(volume), leftovers.journaled(store) as journaled:
-                result = await self._fetch_into(task, store, journaled, holders)
-            self.metrics.blocks_fetched.inc(result.blocks_fetched)
-            self.metrics.bytes_fetched.inc(result.bytes_fetched)
-            _, _, still = await asyncio.to_thread(scrubber.check_root, task.root)
-            if still:
-                self.metrics.repairs.labels("failed").inc()
-                return TaskOutcome.retry(
-                    f"{len(still)} block(s) of {to_str(task.root)} still damaged after repair"
-                )
-            self.metrics.repairs.labels("done").inc()
+        problem, repaired = await repair_replica(
+            task.root,
+            volume,
+            self.volumes[volume],
+            scrub=self.scrub,
+            holders=lambda: self._holders_for(task),
+            fetch=lambda store, blocks, holders: self._fetch_into(task, store, blocks, holders),
+            metrics=self.metrics,
+        )
+        if problem is not None:
+            return TaskOutcome.retry(problem)
         # Verified whole: ObjectStored tells the controller the replica counts again.
         await self._announce_stored(pin, volume)
-        self._refresh_damaged_gauge()
+        refresh_damaged_gauge(self.scrub, self.metrics)
         return TaskOutcome.completed(
-            {"volume": volume, "blocks_repaired": len(damage), "already": not damage}
+            {"volume": volume, "blocks_repaired": repaired, "already": not repaired}
         )
 
     async def _publish_damage(self, event: ReplicaDamaged) -> None:
         assert self.publisher is not None
         await self.publisher.publish_event(event)
         self.metrics.events_published.labels(event.TYPE).inc()
-        self._refresh_damaged_gauge()
-
-    def _refresh_damaged_gauge(self) -> None:
-        if self.scrub is None:
-            return
-        for name, scrubber in self.scrub.scrubbers.items():
-            with contextlib.suppress(StoreError):
-                self.metrics.damaged_replicas.labels(name).set(len(scrubber.state.damaged()))
-
-    async def _leftovers_loop(self) -> None:
-        while True:
-            await asyncio.sleep(LEFTOVER_SWEEP_EVERY)
-            for name, store in self.volumes.items():
-                try:
-                    swept = await asyncio.to_thread(leftovers.sweep, store)
-                except StoreError as exc:
-                    _log.warning("leftover sweep of volume %s: %s", name, exc)
-                    continue
-                if swept.journals:
-                    _log.info(
-                        "volume %s: removed %d leftover block(s) (%d bytes) of %d failed write(s)",
-                        name,
-                        swept.blocks_removed,
-                        swept.bytes_freed,
-                        swept.journals,
-                    )
+        refresh_damaged_gauge(self.scrub, self.metrics)
 
     async def _drop(self, task: Task) -> TaskOutcome:
         dropped = []
