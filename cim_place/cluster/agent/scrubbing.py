@@ -28,7 +28,7 @@ from typing import Any
 from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.events.types import ReplicaDamaged
 from cim_place.cluster.nats.subjects import Subjects
-from cim_place.errors import CimPlaceError
+from cim_place.errors import CimPlaceError, CorruptBlockError
 from cim_place.objectstore import dag
 from cim_place.objectstore.cid import Cid, to_str
 from cim_place.objectstore.scrub import Damage, Foreground, Problem, ScrubReport, VolumeScrubber
@@ -216,11 +216,16 @@ class ScrubService:
             await self._publish(root, volume, damage, "pin")
 
     def suspect(self, block: Cid) -> None:
-        """The block server refused ``block`` as corrupt: re-check the pinned roots naming it
-        (called from the event loop; the check runs in a thread). A burst of refused blocks
-        (one peer's fetch meets many) costs one look at the pins, not one per block."""
-        if self._loop is None:
-            return
+        """A read (serving a peer, the gateway) met ``block`` corrupt: re-check the pinned roots
+        naming it (callable from any thread; the check runs in a worker thread). A burst of
+        refused blocks (one peer's fetch meets many) costs one look at the pins, not one per
+        block."""
+        if self._loop is not None:
+            # Thread-safe: the gateway reads blocks in worker threads.
+            self._loop.call_soon_threadsafe(self._suspect_soon, block)
+
+    def _suspect_soon(self, block: Cid) -> None:
+        assert self._loop is not None
         self._suspects.add(block)
         if self._suspecting is None or self._suspecting.done():
             self._suspecting = self._loop.create_task(self._check_suspects())
@@ -287,17 +292,29 @@ class ScrubService:
 
 
 class ForegroundReads:
-    """A block source whose every read counts as foreground work (serving peers), so the
-    scrub yields while the node serves."""
+    """A block source whose every read counts as foreground work (serving peers, the gateway),
+    so the scrub yields while the node serves; a read that meets a corrupt block is reported
+    to ``on_corrupt`` (the error still reaches the reader: nothing corrupt is returned)."""
 
-    def __init__(self, source: Any, touch: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        source: Any,
+        touch: Callable[[], None],
+        on_corrupt: Callable[[Cid], None] | None = None,
+    ) -> None:
         self._source = source
         self._touch = touch
+        self._on_corrupt = on_corrupt
 
     def has(self, cid: Cid) -> bool:
         return bool(self._source.has(cid))
 
     def get(self, cid: Cid) -> bytes:
         self._touch()
-        data: bytes = self._source.get(cid)
+        try:
+            data: bytes = self._source.get(cid)
+        except CorruptBlockError:
+            if self._on_corrupt is not None:
+                self._on_corrupt(cid)
+            raise
         return data

@@ -67,7 +67,7 @@ from cim_place.cluster.tasks.queue import Task, TaskOutcome, TaskResult, TaskWor
 from cim_place.errors import CimPlaceError, StoreError, StoreFullError, TransportError
 from cim_place.http.node import NodeParts, start_node_http
 from cim_place.http.server import HttpServers, Listener
-from cim_place.interfaces import Pin, Service
+from cim_place.interfaces import BlockSource, Pin, Service
 from cim_place.objectstore import dag, leftovers
 from cim_place.objectstore.cid import to_str
 from cim_place.objectstore.dagcbor import Value
@@ -212,7 +212,13 @@ class Agent:
             # Before the first heartbeat, which is what `cim-place up` waits for: a node that
             # is up answers HTTP.
             self.http = await start_node_http(
-                self._http_parts(blocks, access is not None), config.http, extra
+                self._http_parts(
+                    # Gateway reads yield the scrub too, and report a corrupt local block.
+                    ForegroundReads(blocks, scrub.touch, scrub.suspect),
+                    access is not None,
+                ),
+                config.http,
+                extra,
             )
 
         self._heartbeat = Heartbeat(
@@ -254,7 +260,7 @@ class Agent:
         )
         _log.info("agent %s started with %d volume(s)", self.node, len(self.volumes))
 
-    def _http_parts(self, blocks: VolumeSet, secured: bool) -> NodeParts:
+    def _http_parts(self, blocks: BlockSource, secured: bool) -> NodeParts:
         assert self.nc is not None
         return NodeParts(
             nc=self.nc,
