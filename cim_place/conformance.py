@@ -8,6 +8,8 @@ Nothing calls these functions at run time.
 from __future__ import annotations
 
 from cim_place import interfaces
+from cim_place.cluster.agent.inventory import InventoryService
+from cim_place.cluster.agent.scrubbing import ScrubService
 from cim_place.cluster.events.store import EventPublisher
 from cim_place.cluster.exchange.blocks import BlockServer
 from cim_place.cluster.exchange.fetch import fetch_dag
@@ -20,6 +22,7 @@ from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.queue import TaskQueue, TaskWorker
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.pins import SqlitePinIndex
+from cim_place.objectstore.scrub import VolumeScrubber
 from cim_place.placement.planner import plan
 from cim_place.placement.reconciler import reconcile
 
@@ -38,8 +41,10 @@ def services(
     holders: HolderResponder,
     uploads: UploadService,
     heartbeat: Heartbeat,
+    scrub: ScrubService,
+    inventory: InventoryService,
 ) -> list[interfaces.Service]:
-    return [blocks, stream, holders, uploads, heartbeat]
+    return [blocks, stream, holders, uploads, heartbeat, scrub, inventory]
 
 
 def event_log(publisher: EventPublisher) -> interfaces.EventLog:
@@ -76,3 +81,7 @@ def reconciler() -> interfaces.Reconciler:
 
 def fetcher() -> interfaces.Fetcher:
     return fetch_dag
+
+
+def scrubber(volume: VolumeScrubber) -> interfaces.Scrubber:
+    return volume

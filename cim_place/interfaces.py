@@ -133,7 +133,8 @@ class Service(Protocol):
     """A part of an agent or controller that runs in the background between start and stop.
 
     Implementations: the block server, the block stream, the who-has responder, the upload
-    service, the heartbeat, the task worker (:mod:`cim_place.cluster`)."""
+    service, the heartbeat, the task worker, the scrub and inventory services of the agent
+    (:mod:`cim_place.cluster`)."""
 
     async def start(self) -> None:
         """Begin serving; returns once ready. Called once."""

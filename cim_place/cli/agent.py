@@ -41,7 +41,7 @@ from cim_place.objectstore import cid as cids
 from cim_place.policies.quantities import parse_size
 
 if TYPE_CHECKING:
-    pass
+    from cim_place.cluster.exchange.fetch import BlockUnavailableError
 
 
 def _volume_flag(text: str, index: int) -> VolumeConfig:
@@ -234,7 +234,7 @@ def get_command(
 ) -> None:
     """Fetch content from whichever nodes hold it, verifying every block."""
     # The data path is imported only by the commands that move data.
-    from cim_place.cluster.exchange.fetch import fetch_dag
+    from cim_place.cluster.exchange.fetch import BlockUnavailableError, fetch_dag
     from cim_place.cluster.exchange.holders import find_holders
     from cim_place.cluster.state.names import NameRegistry
     from cim_place.objectstore.blockstore import FsBlockStore
@@ -252,7 +252,11 @@ def get_command(
             with tempfile.TemporaryDirectory(prefix="cim-place-get-") as tmp:
                 blocks = FsBlockStore(Path(tmp), fsync="none")
                 try:
-                    await fetch_dag(nc, root, holders, blocks)
+                    try:
+                        await fetch_dag(nc, root, holders, blocks)
+                    except BlockUnavailableError as exc:
+                        raise await _no_good_copy(nc, ref, exc) from None
+                    # Every block is verified and on disk before the first byte is written.
                     _write(read_file(blocks, root), output)
                 finally:
                     blocks.close()
@@ -274,6 +278,31 @@ async def _nobody_holds(nc: Client, root: bytes) -> CimPlaceError:
     return CimPlaceError(
         f"no node of the domain holds {text}: no agent answered that it has it "
         "(`cim-place status CID` shows where the domain last saw it)"
+    )
+
+
+async def _no_good_copy(nc: Client, ref: str, exc: BlockUnavailableError) -> CimPlaceError:
+    """One line for `get` when no holder could supply a verified block: the object, the nodes
+    tried, and the damage the domain knows of (from its status, when it can be read)."""
+    from cim_place.cluster.state.locations import LocationStore
+
+    tried = ", ".join(exc.tried) or "none"
+    known = ""
+    with contextlib.suppress(Exception):
+        js = jetstream(nc, await choose_domain(nc, None))
+        status = await (await LocationStore(js).open(create=False)).get(exc.root)
+        if status is not None:
+            damaged = [
+                f"{loc.node}/{loc.volume}"
+                for loc in status.locations
+                if loc.state in ("damaged", "repairing")
+            ]
+            known = f"; status {status.state}" + (
+                f", damaged copies on {', '.join(damaged)}" if damaged else ""
+            )
+    return CimPlaceError(
+        f"cannot get {ref}: block {cids.to_str(exc.cid)} is corrupt or missing on every node "
+        f"tried ({tried}){known}; nothing was written (docs/DURABILITY.md: a lost object)"
     )
 
 

@@ -31,6 +31,7 @@ _OWNERS = {
     "name": "names",
     "security": "security",
     "rm": "remove",
+    "scrub": "scrub",
 }
 _GROUPS = {"policy": "policy", "names": "name", "security": "security"}
 """Modules whose commands form a sub-application, by the name it is mounted under."""

@@ -15,7 +15,7 @@ import typer
 
 from cim_place.cli._files import compute_cid, open_input, progress_bar
 from cim_place.cli._output import JsonOption, handles_errors, print_json
-from cim_place.errors import StoreError
+from cim_place.errors import BlockNotFoundError, CorruptBlockError, StoreError
 from cim_place.objectstore import cid as cids
 from cim_place.objectstore.unixfs import DEFAULT_PROFILE, get_profile
 
@@ -221,10 +221,21 @@ def cat_command(
 ) -> None:
     """Write a stored file (or a byte range of it) to standard output, verifying every block."""
     out = sys.stdout.buffer
+    written = 0
     with open_store_for_reading(store) as objects:
         root = objects.resolve(ref)
-        for chunk in objects.cat(root, offset, length):
-            out.write(chunk)
+        try:
+            for chunk in objects.cat(root, offset, length):
+                out.write(chunk)
+                written += len(chunk)
+        except (CorruptBlockError, BlockNotFoundError) as exc:
+            out.flush()
+            # Every byte written was verified; what is missing is said, never made up.
+            problem = "corrupt" if isinstance(exc, CorruptBlockError) else "missing"
+            raise StoreError(
+                f"cannot cat {ref}: block {exc.cid} is {problem} in {objects.path}; the output "
+                f"stops after {written} verified bytes (docs/DURABILITY.md)"
+            ) from None
     out.flush()
 
 

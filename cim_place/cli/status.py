@@ -187,6 +187,8 @@ async def _summary(js: JetStreamContext) -> dict[str, Any]:
         "objects": summary.objects if summary else 0,
         "by_state": by_state,
         "under_replicated": summary.under_replicated if summary else 0,
+        "damaged_replicas": summary.damaged_replicas if summary else 0,
+        "lost": summary.lost if summary else 0,
         "bytes": summary.total_bytes if summary else 0,
         "nodes": {
             "up": states.count("up"),
@@ -217,7 +219,8 @@ def _show_summary(doc: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
     console.print(table)
     nodes = doc["nodes"]
     console.print(
-        f"under-replicated: {doc['under_replicated']}   bytes: {_size(doc['bytes'])}   "
+        f"under-replicated: {doc['under_replicated']}   damaged replicas: "
+        f"{doc['damaged_replicas']}   lost: {doc['lost']}   bytes: {_size(doc['bytes'])}   "
         f"nodes: {nodes['up']} up, {nodes['late']} late, {nodes['down']} down, "
         f"{nodes['draining']} draining",
         markup=False,
@@ -256,13 +259,17 @@ def _print_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
     console.print(
         f"state: [{colour.get(status.state, 'white')}]{status.state}[/]   "
         f"policy: {status.policy or '-'}   copies: {status.pinned} pinned of {status.desired} "
-        f"desired   size: {_size(status.size)}"
+        f"desired"
+        + (f" ({status.damaged} damaged)" if status.damaged else "")
+        + f"   size: {_size(status.size)}"
     )
     table = Table(title="replicas", title_justify="left")
-    for column in ("node", "volume", "zone", "state"):
+    for column in ("node", "volume", "zone", "state", "verified"):
         table.add_column(column)
+    now = time.time()
     for loc in status.locations:
-        table.add_row(loc.node, loc.volume, loc.zone, loc.state)
+        verified = _age(now - loc.verified_at) if loc.verified_at else ""
+        table.add_row(loc.node, loc.volume, loc.zone, loc.state, verified)
     console.print(table)
     if status.conditions:
         conditions = Table(title="conditions", title_justify="left")

@@ -104,6 +104,22 @@ def up_command(
     ] = 1,
     log_level: LogLevelOption = None,
     log_json: LogJsonOption = False,
+    scrub_interval: Annotated[
+        str | None,
+        typer.Option(
+            "--scrub-interval",
+            help="Each agent's full scrub pass every this long, e.g. 7d (default), 12h.",
+            show_default=False,
+        ),
+    ] = None,
+    scrub_rate: Annotated[
+        str | None,
+        typer.Option(
+            "--scrub-rate",
+            help="Bytes/s a background scrub reads per volume, e.g. 50MiB/s (default).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Start a hub, leaf nodes with agents and a controller on this machine (Ctrl-C stops).
 
@@ -115,7 +131,8 @@ def up_command(
             f"a domain is already running from {directory} (pid {running.pid}, hub "
             f"{running.hub_url}); stop it with `cim-place down --dir {directory}` first"
         )
-    logs = _Logs(log_level, log_json, controllers)
+    logs = _Logs(log_level, log_json, controllers, scrub_interval, scrub_rate)
+    logs.check_scrub()
     http = None if http_listen.strip() == OFF else http_listen.strip()
     if http is not None:
         parse_listen(http, what="--http-listen")
@@ -138,6 +155,8 @@ class _Logs:
     level: str | None
     json_lines: bool
     controllers: int = 1
+    scrub_interval: str | None = None
+    scrub_rate: str | None = None
 
     def log_flags(self) -> list[str]:
         return (["--log-level", self.level] if self.level else []) + (
@@ -145,7 +164,30 @@ class _Logs:
         )
 
     def flags(self) -> list[str]:
-        return [*self.log_flags(), "--controllers", str(self.controllers)]
+        scrub = (["--scrub-interval", self.scrub_interval] if self.scrub_interval else []) + (
+            ["--scrub-rate", self.scrub_rate] if self.scrub_rate else []
+        )
+        return [*self.log_flags(), "--controllers", str(self.controllers), *scrub]
+
+    def scrub(self) -> dict[str, str]:
+        """The agents' ``scrub`` configuration section (empty: their defaults)."""
+        section = {"interval": self.scrub_interval, "rate": self.scrub_rate}
+        return {key: value for key, value in section.items() if value}
+
+    def check_scrub(self) -> None:
+        """Refuse a bad --scrub-interval or --scrub-rate here, before any agent starts."""
+        from cim_place.policies.quantities import parse_duration, parse_size
+
+        try:
+            if self.scrub_interval and parse_duration(self.scrub_interval) <= 0:
+                raise ValueError("it must be more than 0")
+            if self.scrub_rate and parse_size(self.scrub_rate, per_second=True) <= 0:
+                raise ValueError("it must be more than 0")
+        except ValueError as exc:
+            raise CimPlaceError(
+                f"bad --scrub-interval/--scrub-rate: {exc}; e.g. --scrub-interval 7d "
+                "--scrub-rate 50MiB/s"
+            ) from None
 
 
 def _foreground(
@@ -171,6 +213,7 @@ def _foreground(
         controllers=logs.controllers,
         log_flags=tuple(logs.log_flags()),
         http_listen=http,
+        scrub=logs.scrub(),
     )
 
     def progress(message: str) -> None:

@@ -161,6 +161,7 @@ class LocalDomain:
         log_flags: tuple[str, ...] = (),
         link_proxies: bool = False,
         http_listen: str | None = DEFAULT_HTTP,
+        scrub: dict[str, str] | None = None,
     ) -> None:
         if leaves < 1:
             raise CimPlaceError(f"a domain needs at least one leaf node, not {leaves}")
@@ -187,6 +188,8 @@ class LocalDomain:
         # Each leaf's link to the hub through a LinkProxy that fault tests cut, restore and slow.
         self.link_proxies = link_proxies
         self.log_flags = log_flags
+        # The agents' `scrub` section (interval, rate), as `up --scrub-*` gave it.
+        self.scrub = dict(scrub or {})
         # Called after a supervised process was restarted (its pid changed): `up` rewrites
         # context.json from it.
         self.on_change: Callable[[], None] | None = None
@@ -453,6 +456,8 @@ class LocalDomain:
             }
             listen = self._gateway_listen(index, node.node, ports)
             document["http"] = {"listen": listen if listen is not None else OFF}
+            if self.scrub:
+                document["scrub"] = dict(self.scrub)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(
                 "# Written by `cim-place up` at every start; edits are overwritten.\n"

@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from cim_place.errors import CarError, InvalidCidError, PinNotFoundError, StoreError
 from cim_place.interfaces import Pin
-from cim_place.objectstore import car, dag, unixfs
+from cim_place.objectstore import car, dag, leftovers, unixfs
 from cim_place.objectstore.blockstore import FsBlockStore, FsyncPolicy
 from cim_place.objectstore.cid import Cid, parse, to_str
 from cim_place.objectstore.pins import SqlitePinIndex
@@ -77,11 +77,12 @@ class ObjectStore:
         """Import a file as a UnixFS DAG and pin its root.
 
         The pin is recorded only after every block is stored; a failure part way (a full
-        volume, a read error) leaves no pin, and the blocks already written go at the next gc.
+        volume, a read error) leaves no pin, and the blocks it added are journaled for
+        :func:`cim_place.objectstore.leftovers.sweep` (or the next gc).
         """
         chosen = unixfs.get_profile(profile)
-        with self._gc_lock(fcntl.LOCK_SH):
-            result = unixfs.import_file(stream, self.blocks, chosen, progress=progress)
+        with self._gc_lock(fcntl.LOCK_SH), leftovers.journaled(self) as blocks:
+            result = unixfs.import_file(stream, blocks, chosen, progress=progress)
             pin = Pin(
                 root=result.root,
                 size=result.size,
@@ -135,6 +136,12 @@ class ObjectStore:
         Blocks may wait for it: gc holds the lock exclusively while it deletes.
         """
         with self._gc_lock(fcntl.LOCK_SH):
+            yield
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the gc lock exclusively: no write runs meanwhile (for deleting blocks)."""
+        with self._gc_lock(fcntl.LOCK_EX):
             yield
 
     def pin_complete(

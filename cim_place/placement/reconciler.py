@@ -10,9 +10,11 @@ Steps of :func:`reconcile`:
 
 1. Classify each confirmed replica by its node's liveness: ``pinned`` (node up), ``late`` (node
    late, or down for less than the policy's repair grace: not acted on, counts as present),
-   ``lost`` (down past the grace). Tasks in flight on lost nodes are abandoned: they neither
-   block drops nor count as progress (they may still finish if the node returns; a copy made
-   that way is surplus and trimmed later).
+   ``lost`` (down past the grace). A replica reported damaged (``damaged``; ``repairing`` with a
+   repair in flight) is no copy: it never counts, is never a holder, and is never dropped for
+   being surplus, but the planner keeps its volume (it is repaired in place). Tasks in flight on
+   lost nodes are abandoned: they neither block drops nor count as progress (they may still
+   finish if the node returns; a copy made that way is surplus and trimmed later).
 2. A removed object (``removed``: an operator's ``cim-place rm``, a tombstone event) and an
    expired one (``now - first_seen > expire_after``) get a drop for every copy that is not lost
    (a copy a fetch is still targeting waits for it), and nothing else. These are the only ways
@@ -30,11 +32,15 @@ Steps of :func:`reconcile`:
    and no fetch is in flight (copy before drop; a move is copy-then-drop), one drop per copy,
    draining volumes first, and only while at least ``max(min, 1)`` pinned copies on up nodes
    remain after every drop in flight and issued. Late and lost copies are never dropped.
+5b. Repair every damaged replica on an up node at once (no grace: the node is up, its copy is
+   bad) from the verified holders; with no verified holder none is issued (the object is
+   ``lost``) and nothing is dropped.
 6. Rebalance (``rebalance=True``, for objects the controller picked with
    :func:`rebalance_candidates`): when the object is placed and quiet, fetch the volumes of its
    balanced ideal (``keep_current=False``) that it lacks; once confirmed, step 5 drops the copies
    the planner no longer prefers.
-7. Status: ``lost`` when no copy is present anywhere, ``placed`` when every desired volume holds a
+7. Status: ``lost`` when no verified copy is present anywhere, ``degraded`` while a damaged
+   replica leaves fewer verified copies than desired, ``placed`` when every desired volume holds a
    pinned copy and the planner found all desired replicas, ``progressing`` when tasks are in
    flight or issued, ``degraded`` otherwise (with the planner's reason, the grace or the
    back-off being waited for). Conditions ``Placed``, ``Progressing``, ``Degraded`` are merged
@@ -78,6 +84,7 @@ __all__ = [
     "ObjectInfo",
     "ReconcileInput",
     "ReconcileResult",
+    "Repair",
     "Replica",
     "RetryPolicy",
     "rebalance_candidates",
@@ -87,7 +94,7 @@ __all__ = [
 Replica = tuple[str, str]
 """A copy's place: ``(node id, volume name)``; its planner volume id is ``node/volume``."""
 
-TaskKind = Literal["fetch", "drop", "verify"]
+TaskKind = Literal["fetch", "drop", "verify", "repair"]
 
 
 def _vid(node: str, volume: str) -> VolumeId:
@@ -177,7 +184,23 @@ class Drop:
         return "drop"
 
 
-Action = Fetch | Drop
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """Re-fetch the damaged blocks of the replica on ``node``'s ``volume`` from one of
+    ``holders`` (nodes with a verified copy)."""
+
+    node: str
+    volume: str
+    holders: tuple[str, ...]
+    generation: int
+    reason: str = ""
+
+    @property
+    def kind(self) -> Literal["repair"]:
+        return "repair"
+
+
+Action = Fetch | Drop | Repair
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,6 +221,10 @@ class ReconcileInput:
     confirmed: Collection[Replica]
     liveness: Mapping[str, NodeLiveness]
     now: float
+    damaged: Collection[Replica] = ()
+    """Confirmed replicas reported damaged (ReplicaDamaged) and not stored again since."""
+    verified_at: Mapping[Replica, float] = field(default_factory=dict)
+    """When each replica was last known whole (shown in the status)."""
     in_flight: Sequence[InFlightTask] = ()
     failed: Sequence[FailedTask] = ()
     previous: ObjectStatus | None = None
@@ -232,6 +259,10 @@ class ReconcileResult:
     def drops(self) -> tuple[Drop, ...]:
         return tuple(a for a in self.actions if isinstance(a, Drop))
 
+    @property
+    def repairs(self) -> tuple[Repair, ...]:
+        return tuple(a for a in self.actions if isinstance(a, Repair))
+
 
 NodeClass = Literal["up", "late", "lost"]
 """A node as the reconciler treats it: ``late`` covers down within the repair grace."""
@@ -248,21 +279,25 @@ class _View:
         self.state: dict[VolumeId, ReplicaState] = {}
         self.replica: dict[VolumeId, Replica] = {}
         noted: set[str] = set()
+        damaged = set(inp.damaged)
+        live_tasks = [t for t in inp.in_flight if self.node(t.node) != "lost"]
+        self.repairing = {_task_vid(t) for t in live_tasks if t.kind == "repair"}
         for node, volume in sorted(set(inp.confirmed)):
             vid = _vid(node, volume)
             self.replica[vid] = (node, volume)
             cls = self.node(node)
             self.state[vid] = "pinned" if cls == "up" else cls
+            if (node, volume) in damaged and cls != "lost":
+                self.state[vid] = "repairing" if vid in self.repairing else "damaged"
             _, note, wait = self._nodes[node]
             if cls == "late" and node not in noted:
                 noted.add(node)
                 self.notes.append(note)
                 if wait is not None:
                     self.waits.append(wait)
-        live = [t for t in inp.in_flight if self.node(t.node) != "lost"]
-        self.fetching = {_task_vid(t) for t in live if t.kind == "fetch"}
-        self.dropping = {_task_vid(t) for t in live if t.kind == "drop"}
-        self.in_flight = live
+        self.fetching = {_task_vid(t) for t in live_tasks if t.kind == "fetch"}
+        self.dropping = {_task_vid(t) for t in live_tasks if t.kind == "drop"}
+        self.in_flight = live_tasks
 
     def node(self, node: str) -> NodeClass:
         if node not in self._nodes:
@@ -294,8 +329,13 @@ class _View:
 
     @property
     def present(self) -> list[VolumeId]:
-        """Copies that count: pinned or late (not lost)."""
-        return [v for v, s in self.state.items() if s != "lost"]
+        """Copies that count: pinned or late (not lost, not damaged)."""
+        return [v for v, s in self.state.items() if s in ("pinned", "late")]
+
+    @property
+    def damaged(self) -> list[VolumeId]:
+        """Replicas reported damaged (repairing ones included), on nodes not lost."""
+        return [v for v, s in self.state.items() if s in ("damaged", "repairing")]
 
     @property
     def pinned(self) -> list[VolumeId]:
@@ -326,8 +366,10 @@ def reconcile(inp: ReconcileInput) -> ReconcileResult:
         if kind == "fetch" and (f.permanent or f.failures >= inp.retry.give_up_after)
     }
     present = set(view.present)
-    current = (present - view.dropping) | (view.fetching - view.dropping)
-    node_map = _planning_map(inp, view, present | view.fetching, avoided - present)
+    # A damaged replica is repaired where it is: the planner keeps its volume like a copy's.
+    held = present | set(view.damaged)
+    current = (held - view.dropping) | (view.fetching - view.dropping)
+    node_map = _planning_map(inp, view, held | view.fetching, avoided - held)
     el = _eligibility(rule, node_map)
     placement = plan(
         PlacedObject(inp.obj.cid, inp.obj.size),
@@ -344,7 +386,7 @@ def reconcile(inp: ReconcileInput) -> ReconcileResult:
 
     # Step 4: fetch what is missing.
     for vid in desired:
-        if vid in present or vid in view.fetching:
+        if vid in held or vid in view.fetching:
             continue
         if vid in view.dropping:
             continue  # the drop must finish first, or it would remove the new copy
@@ -395,9 +437,41 @@ def reconcile(inp: ReconcileInput) -> ReconcileResult:
             actions.append(Drop(node, volume, _generation(inp, failed), reason))
             remaining -= 1
 
+    # Step 5b: repair damaged replicas in place, from verified holders only.
+    for vid in view.damaged:
+        if vid in view.repairing or view.node(view.replica[vid][0]) != "up":
+            continue
+        if not holders:
+            blocked.append(f"damaged copy on {vid} cannot be repaired: no verified copy anywhere")
+            continue
+        failed = failures.get(("repair", vid))
+        if failed is not None:
+            wait = failed.failed_at + inp.retry.delay(failed.failures) - inp.now
+            if wait > 0:
+                waits.append(wait)
+                blocked.append(
+                    f"repair of {vid} failed {failed.failures}x; retrying in {wait:.0f}s"
+                )
+                continue
+        node, volume = _split(vid)
+        repair_holders = tuple(h for h in holders if h != node)
+        if not repair_holders:
+            blocked.append(f"damaged copy on {vid}: its node holds the only verified copy")
+            continue
+        actions.append(
+            Repair(node, volume, repair_holders, _generation(inp, failed), "damaged copy")
+        )
+
     # Step 6: rebalance towards the balanced ideal, copy first.
     placed = len(desired) == rule.replicas and all_pinned
-    if inp.rebalance and placed and not actions and not view.in_flight and holders:
+    if (
+        inp.rebalance
+        and placed
+        and not actions
+        and not view.in_flight
+        and holders
+        and not view.damaged
+    ):
         placed_obj = PlacedObject(inp.obj.cid, inp.obj.size)
         ideal = plan(placed_obj, rule, node_map, keep_current=False, eligibility=el, explain=False)
         missing = [v for v in ideal.desired if v not in present]
@@ -466,7 +540,7 @@ def _drop_every_copy(
 ) -> ReconcileResult:
     """Step 2: a drop for every copy not lost and not already being dropped or fetched."""
     actions: list[Action] = []
-    for vid in view.present:
+    for vid in [*view.present, *view.damaged]:
         if vid in view.dropping or vid in view.fetching:
             continue  # a fetch there must finish first, or it would pin the copy again
         node, volume = _split(vid)
@@ -563,10 +637,11 @@ def _eligibility(rule: PlacementRule, node_map: NodeMap) -> Eligibility:
 
 
 def _holders(view: _View) -> tuple[str, ...]:
-    """Nodes with a present copy: pinned (up) first, then late, then ones being dropped."""
+    """Nodes with a present, verified copy: pinned (up) first, then late, then ones being
+    dropped. A node whose replica is damaged is no holder."""
     ranked: dict[str, int] = {}
     for vid, state in view.state.items():
-        if state == "lost":
+        if state not in ("pinned", "late"):
             continue
         node = view.replica[vid][0]
         rank = 2 if vid in view.dropping else (0 if state == "pinned" else 1)
@@ -613,7 +688,8 @@ def _status(
         shown: ReplicaState = (
             "dropping" if vid in view.dropping and replica_state != "lost" else replica_state
         )
-        locations.append(Location(node, volume, _zone(inp.node_map, vid), shown))
+        verified = inp.verified_at.get((node, volume))
+        locations.append(Location(node, volume, _zone(inp.node_map, vid), shown, verified))
     for vid in sorted(view.fetching - set(view.state)):
         node, volume = _split(vid)
         locations.append(Location(node, volume, _zone(inp.node_map, vid), "fetching"))
@@ -623,7 +699,11 @@ def _status(
     drops = sum(1 for t in view.in_flight if t.kind == "drop") + sum(
         1 for a in actions if isinstance(a, Drop)
     )
-    moving = fetches + drops > 0
+    repairs = sum(1 for t in view.in_flight if t.kind == "repair") + sum(
+        1 for a in actions if isinstance(a, Repair)
+    )
+    moving = fetches + drops + repairs > 0
+    damaged = view.damaged
     present = view.present
     desired = placement.desired if placement is not None else ()
     pinned = set(view.pinned) - view.dropping
@@ -646,11 +726,16 @@ def _status(
         degraded = (False, "Expired", message)
     elif not present:
         state = "lost"
-        reason = "NoCopy"
         lost = [v for v, s in view.state.items() if s == "lost"]
-        message = "no copy is confirmed anywhere" + (
+        reason = "AllDamaged" if damaged else "NoCopy"
+        message = "no verified copy anywhere" + (
             f"; copies on {', '.join(lost)} are on nodes down past the repair grace" if lost else ""
         )
+        if damaged:
+            message += (
+                f"; every remaining copy is damaged ({', '.join(sorted(damaged))}): nothing to "
+                "repair from; restore the content (docs/DURABILITY.md)"
+            )
         degraded = (True, "Lost", message)
     else:
         complete = placement is not None and len(desired) == rule.replicas
@@ -661,11 +746,14 @@ def _status(
                 message += "; " + "; ".join(blocked)
             degraded = (False, "DesiredMet", message)
         else:
-            state = "progressing" if moving else "degraded"
+            # Fewer verified copies than desired because of damage is degraded, repair or not.
+            state = "progressing" if moving and not damaged else "degraded"
             have = sum(1 for v in desired if v in pinned)
             reason = "BelowDesired"
             message = f"{have} of {rule.replicas} desired copies pinned"
             causes: list[tuple[str, str]] = []
+            if damaged:
+                causes.append(("Damaged", f"damaged: {', '.join(sorted(damaged))}"))
             if placement is not None and placement.degraded:
                 causes.append(("Unsatisfiable", "; ".join(placement.degraded)))
             if blocked:
@@ -681,7 +769,7 @@ def _status(
             "Progressing",
             moving,
             "TasksInFlight" if moving else "Idle",
-            f"{fetches} fetches, {drops} drops in flight or issued",
+            f"{fetches} fetches, {drops} drops, {repairs} repairs in flight or issued",
         ),
         Condition("Degraded", degraded[0], degraded[1], degraded[2]),
     ]

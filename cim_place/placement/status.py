@@ -8,14 +8,20 @@ documented schema of ``cim-place status --json``:
     {"cid": str, "name": str | null, "owner": str, "size": int, "metadata": {str: str},
      "policy": str, "desired": int,
      "state": "placed" | "progressing" | "degraded" | "lost" | "removed",
-     "locations": [{"node": str, "volume": str, "zone": str, "state": str}],
+     "locations": [{"node": str, "volume": str, "zone": str, "state": str,
+                    "verified_at": float (when known)}],
      "conditions": [{"type": str, "status": bool, "reason": str, "message": str,
                      "last_transition": float}],
      "updated_at": float}
 
 Replica states: ``pinned`` (confirmed by an ObjectStored event), ``fetching`` (a fetch task is in
 flight), ``dropping`` (a drop task is in flight), ``late`` (pinned on a node whose heartbeat is
-overdue but within the repair grace), ``lost`` (pinned on a node that is down past the grace).
+overdue but within the repair grace), ``lost`` (pinned on a node that is down past the grace),
+``damaged`` (a scrub, a serve, a read or a fetch found blocks of it corrupt or missing: it is not
+a copy until repaired), ``repairing`` (damaged, a repair task in flight). ``verified_at`` is
+when the replica was last known whole: pinned (every block verified on arrival) or repaired.
+An object is ``degraded`` while it has fewer verified copies than desired and ``lost`` when no
+verified copy exists anywhere (docs/DURABILITY.md).
 Conditions follow the Kubernetes habit: ``last_transition`` moves only when ``status`` flips.
 """
 
@@ -28,8 +34,16 @@ from typing import Literal
 
 ObjectState = Literal["placed", "progressing", "degraded", "lost", "removed"]
 OBJECT_STATES: tuple[ObjectState, ...] = ("placed", "progressing", "degraded", "lost", "removed")
-ReplicaState = Literal["pinned", "fetching", "dropping", "late", "lost"]
-REPLICA_STATES: tuple[ReplicaState, ...] = ("pinned", "fetching", "dropping", "late", "lost")
+ReplicaState = Literal["pinned", "fetching", "dropping", "late", "lost", "damaged", "repairing"]
+REPLICA_STATES: tuple[ReplicaState, ...] = (
+    "pinned",
+    "fetching",
+    "dropping",
+    "late",
+    "lost",
+    "damaged",
+    "repairing",
+)
 CONDITION_TYPES = ("Placed", "Progressing", "Degraded")
 
 
@@ -39,6 +53,7 @@ class Location:
     volume: str
     zone: str = ""
     state: ReplicaState = "pinned"
+    verified_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +83,11 @@ class ObjectStatus:
     def pinned(self) -> int:
         return sum(1 for location in self.locations if location.state == "pinned")
 
+    @property
+    def damaged(self) -> int:
+        """Replicas known damaged (repairing ones included): none of them counts as a copy."""
+        return sum(1 for loc in self.locations if loc.state in ("damaged", "repairing"))
+
     def to_dict(self) -> dict[str, object]:
         return {
             "cid": self.cid,
@@ -78,10 +98,7 @@ class ObjectStatus:
             "policy": self.policy,
             "desired": self.desired,
             "state": self.state,
-            "locations": [
-                {"node": loc.node, "volume": loc.volume, "zone": loc.zone, "state": loc.state}
-                for loc in self.locations
-            ],
+            "locations": [_location_dict(loc) for loc in self.locations],
             "conditions": [
                 {
                     "type": c.type,
@@ -110,9 +127,14 @@ class ObjectStatus:
             for loc in doc.get("locations", []):
                 if loc["state"] not in REPLICA_STATES:
                     raise ValueError(f"unknown replica state {loc['state']!r}")
+                verified = loc.get("verified_at")
                 locations.append(
                     Location(
-                        str(loc["node"]), str(loc["volume"]), str(loc.get("zone", "")), loc["state"]
+                        str(loc["node"]),
+                        str(loc["volume"]),
+                        str(loc.get("zone", "")),
+                        loc["state"],
+                        None if verified is None else float(verified),
                     )
                 )
             return cls(
@@ -139,6 +161,18 @@ class ObjectStatus:
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed object status: {exc!r}") from None
+
+
+def _location_dict(loc: Location) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "node": loc.node,
+        "volume": loc.volume,
+        "zone": loc.zone,
+        "state": loc.state,
+    }
+    if loc.verified_at is not None:  # unknown (a fetch in flight): the key is left out
+        doc["verified_at"] = loc.verified_at
+    return doc
 
 
 def merge_conditions(
@@ -168,11 +202,20 @@ class Summary:
     nodes_down: int = 0
     nodes_draining: int = 0
     updated_at: float = 0.0
+    damaged_replicas: int = 0
+    """Replicas known damaged (not counted as copies) across every object."""
+
+    @property
+    def lost(self) -> int:
+        """Objects without a verified copy anywhere."""
+        return int(self.by_state.get("lost", 0))
 
     def encode(self) -> bytes:
         return json.dumps(
             {
                 "objects": self.objects,
+                "damaged_replicas": self.damaged_replicas,
+                "lost": self.lost,
                 "by_state": dict(self.by_state),
                 "under_replicated": self.under_replicated,
                 "bytes": self.total_bytes,
@@ -200,6 +243,7 @@ class Summary:
                 nodes_down=int(nodes.get("down", 0)),
                 nodes_draining=int(nodes.get("draining", 0)),
                 updated_at=float(doc.get("updated_at", 0.0)),
+                damaged_replicas=int(doc.get("damaged_replicas", 0)),
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed summary: {exc!r}") from None

@@ -17,6 +17,7 @@ Example (``deploy/agent.yaml`` holds a commented one)::
     tasks: {concurrency: 4, max_attempts: 5, bandwidth: 200MiB}
     heartbeat: 5s
     inventory: 5m
+    scrub: {rate: 50MiB, interval: 7d}   # background re-verification of every pinned block
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ class AgentConfig:
     """PEM CA file to verify peers' TLS streams with; None = the system's (``SSL_CERT_FILE``)."""
     http: HttpSettings | None = None
     """The node's HTTP gateway listener; None = no HTTP."""
+    scrub_rate: int = 50 * 1024 * 1024
+    """Bytes/s a background scrub reads from each volume."""
+    scrub_interval: float = 7 * 24 * 3600.0
+    """Seconds between the starts of two full scrub passes of a volume."""
 
     @property
     def subjects(self) -> Subjects:
@@ -108,6 +113,7 @@ _TOP_KEYS = {
     "subject_prefix",
     "blocks",
     "http",
+    "scrub",
 }
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 
@@ -219,6 +225,16 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
     inventory = checker.positive_duration(
         doc.get("inventory", 300), (*root, "inventory"), "inventory"
     )
+    scrub = checker.section(doc.get("scrub", {}), (*root, "scrub"), {"rate", "interval"})
+    scrub_rate = 50 * 1024 * 1024
+    if "rate" in scrub:
+        scrub_rate = (
+            checker.size(scrub["rate"], (*root, "scrub", "rate"), "scrub.rate", per_second=True)
+            or scrub_rate
+        )
+    scrub_interval = checker.positive_duration(
+        scrub.get("interval", "7d"), (*root, "scrub", "interval"), "scrub.interval"
+    )
     prefix = DEFAULT_PREFIX
     if "subject_prefix" in doc:
         prefix = (
@@ -256,6 +272,8 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
         stream_tls_key=tls.get("key"),
         stream_tls_ca=tls.get("ca"),
         http=http,
+        scrub_rate=scrub_rate,
+        scrub_interval=scrub_interval or 7 * 24 * 3600.0,
     )
 
 

@@ -67,6 +67,36 @@ class AgentMetrics:
             "cim_place_volume_free_bytes", "Bytes still available.", ["volume"], registry=r
         )
         self.pins = Gauge("cim_place_pins", "Pinned roots.", ["volume"], registry=r)
+        self.scrub_bytes = Counter(
+            "cim_place_scrub_bytes", "Bytes re-read and verified by scrubs.", ["volume"], registry=r
+        )
+        self.scrub_blocks = Counter(
+            "cim_place_scrub_blocks",
+            "Blocks re-read and verified by scrubs.",
+            ["volume"],
+            registry=r,
+        )
+        self.damaged_blocks = Counter(
+            "cim_place_damaged_blocks",
+            "Blocks of pinned replicas found corrupt or missing (scrub, serve, read, fetch).",
+            ["problem"],
+            registry=r,
+        )
+        self.damaged_replicas = Gauge(
+            "cim_place_damaged_replicas",
+            "Pinned replicas on this node known to be damaged and not yet repaired.",
+            ["volume"],
+            registry=r,
+        )
+        self.repairs = Counter(
+            "cim_place_repairs", "Repairs of damaged replicas.", ["outcome"], registry=r
+        )
+        self.scrub_last_full_pass = Gauge(
+            "cim_place_scrub_last_full_pass_timestamp_seconds",
+            "Unix time at which the last full scrub pass of a volume ended.",
+            ["volume"],
+            registry=r,
+        )
 
     def observe_volume(self, status: VolumeStatus, pins: int) -> None:
         self.volume_capacity.labels(status.name).set(status.capacity)

@@ -9,7 +9,9 @@ An agent owns the volumes of its node and, connected to its leaf's nats-server:
 3. heartbeats its labels, tags and volume usage into KV ``cim-place-nodes``;
 4. serves blocks to its peers (on NATS, and in bulk on its block stream), answers who-has
    queries, and accepts uploads (``cim-place add --server``);
-5. runs the fetch / drop / verify tasks the controller queues for it.
+5. runs the fetch / drop / verify / repair tasks the controller queues for it;
+6. scrubs its volumes in the background and reports damaged replicas
+   (:mod:`cim_place.cluster.agent.scrubbing`), and removes the leftovers of failed writes.
 
 Everything here is wiring: each service lives in its own module and is tested there.
 """
@@ -29,17 +31,31 @@ from nats.aio.client import Client
 
 from cim_place import __version__
 from cim_place.cluster.agent.config import AgentConfig
+from cim_place.cluster.agent.inventory import InventoryService
 from cim_place.cluster.agent.metrics import AgentMetrics
+from cim_place.cluster.agent.repair import (
+    refresh_damaged_gauge,
+    repair_replica,
+    sweep_leftovers_forever,
+)
+from cim_place.cluster.agent.scrubbing import ForegroundReads, ScrubService
 from cim_place.cluster.events.store import EventPublisher, attach_leaf, ensure_outbox, nudge_sources
 from cim_place.cluster.events.types import (
     InventoryDigest,
     NodeJoined,
     ObjectRemoved,
     ObjectStored,
+    ReplicaDamaged,
     inventory_digest,
 )
 from cim_place.cluster.exchange.blocks import BlockServer, VolumeSet
-from cim_place.cluster.exchange.fetch import BandwidthLimit, Holder, Labels, fetch_dag
+from cim_place.cluster.exchange.fetch import (
+    BandwidthLimit,
+    FetchResult,
+    Holder,
+    Labels,
+    fetch_dag,
+)
 from cim_place.cluster.exchange.holders import HolderResponder, find_holders, holder_of
 from cim_place.cluster.exchange.stream import BlockStreamServer, client_tls, server_tls
 from cim_place.cluster.exchange.upload import UploadService
@@ -51,8 +67,8 @@ from cim_place.cluster.tasks.queue import Task, TaskOutcome, TaskResult, TaskWor
 from cim_place.errors import CimPlaceError, StoreError, StoreFullError, TransportError
 from cim_place.http.node import NodeParts, start_node_http
 from cim_place.http.server import HttpServers, Listener
-from cim_place.interfaces import Pin, Service
-from cim_place.objectstore import dag
+from cim_place.interfaces import BlockSource, Pin, Service
+from cim_place.objectstore import dag, leftovers
 from cim_place.objectstore.cid import Cid, to_str
 from cim_place.objectstore.dagcbor import Value
 from cim_place.objectstore.store import ObjectStore
@@ -66,6 +82,8 @@ GC_DELAY = 5.0
 SWEEP_EVERY = 3600.0
 """Seconds between sweeps of every volume. A drop collects only its DAG's blocks; what no drop
 names (the gateway's read-through cache, blocks of a fetch that was abandoned) goes here."""
+LEFTOVER_SWEEP_EVERY = 60.0
+"""Seconds between two sweeps of failed writes' leftover blocks (cheap when there are none)."""
 
 
 class Agent:
@@ -118,6 +136,7 @@ class Agent:
         self.http_extra: list[Callable[[Agent], Listener]] = []
         """Builders of further HTTP listeners (the S3 API), called once the agent's services run;
         each binds on its own address, beside the gateway if ``http`` is on."""
+        self.scrub: ScrubService | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -133,19 +152,33 @@ class Agent:
         js_hub = jetstream(nc, config.hub_domain)
         await ensure_outbox(js_leaf, self.node, self.subjects)
         self.publisher = EventPublisher(js_leaf, self.node, subjects=self.subjects)
+        self.scrub = scrub = ScrubService(
+            nc,
+            self.node,
+            self.volumes,
+            self._publish_damage,
+            rate=config.scrub_rate,
+            interval=config.scrub_interval,
+            metrics=self.metrics,
+            subjects=self.subjects,
+        )
 
         stores = list(self.volumes.values())
         blocks = VolumeSet([s.blocks for s in stores])
+        # Serving peers is foreground work: the scrub yields to it.
+        served = ForegroundReads(blocks, scrub.touch)
         # Object access is enforced once the domain authenticates its users (the agent's own
         # server URL names its user); in an open domain every requester is anonymous.
         access = ReadAccess(self._pin_of, blocks) if identity_of(config.servers) else None
-        self._blocks = BlockServer(nc, self.node, blocks, subjects=self.subjects, access=access)
+        self._blocks = BlockServer(nc, self.node, served, subjects=self.subjects, access=access)
+        # A block refused as corrupt damages the replicas that hold it: re-check and report.
+        self._blocks.stats.on_corrupt = scrub.suspect
         self._stream = None
         if config.stream_listen is not None:
             # Bulk blocks go over a direct TCP stream; grants (and access checks) stay on NATS.
             # Its blocks count in the BlockServer's stats, so metrics cover both paths.
             self._stream = BlockStreamServer(
-                blocks,
+                served,
                 listen=config.stream_listen,
                 advertise=config.stream_advertise,
                 access=access,
@@ -166,7 +199,15 @@ class Agent:
             # Owners come from who NATS says uploads, once the domain authenticates users.
             authenticated=access is not None,
         )
-        self._services = [self._blocks, self._holders, self._uploads]
+        inventory = InventoryService(
+            nc,
+            self.node,
+            self.volumes,
+            stored=self._announce_stored,
+            removed=self._announce_removed,
+            subjects=self.subjects,
+        )
+        self._services = [self._blocks, self._holders, self._uploads, scrub, inventory]
         if self._stream is not None:
             self._services.insert(0, self._stream)
         for service in self._services:
@@ -176,7 +217,13 @@ class Agent:
             # Before the first heartbeat, which is what `cim-place up` waits for: a node that
             # is up answers HTTP.
             self.http = await start_node_http(
-                self._http_parts(blocks, access is not None), config.http, extra
+                self._http_parts(
+                    # Gateway reads yield the scrub too, and report a corrupt local block.
+                    ForegroundReads(blocks, scrub.touch, scrub.suspect),
+                    access is not None,
+                ),
+                config.http,
+                extra,
             )
 
         self._heartbeat = Heartbeat(
@@ -201,6 +248,10 @@ class Agent:
             asyncio.create_task(self._attach_to_hub(), name="cim-place-attach"),
             asyncio.create_task(self._inventory_loop(), name="cim-place-inventory"),
             asyncio.create_task(self._gc_loop(), name="cim-place-gc"),
+            asyncio.create_task(
+                sweep_leftovers_forever(self.volumes, LEFTOVER_SWEEP_EVERY),
+                name="cim-place-leftovers",
+            ),
         ]
         await self.publisher.publish_event(
             NodeJoined(
@@ -214,7 +265,7 @@ class Agent:
         )
         _log.info("agent %s started with %d volume(s)", self.node, len(self.volumes))
 
-    def _http_parts(self, blocks: VolumeSet, secured: bool) -> NodeParts:
+    def _http_parts(self, blocks: BlockSource, secured: bool) -> NodeParts:
         assert self.nc is not None
         return NodeParts(
             nc=self.nc,
@@ -374,6 +425,10 @@ class Agent:
 
     async def _announce_stored(self, pin: Pin, volume: str) -> None:
         await self._announce(ObjectStored, pin, volume)
+        if self.scrub is not None:
+            # Pinned again over a replica known damaged (an upload keeps blocks already present,
+            # bad ones too): check it, and report the damage again if it is still there.
+            await self.scrub.recheck(pin.root, volume)
 
     async def _announce_removed(self, pin: Pin, volume: str) -> None:
         await self._announce(ObjectRemoved, pin, volume)
@@ -464,6 +519,8 @@ class Agent:
             return await self._fetch(task)
         if task.kind == "drop":
             return await self._drop(task)
+        if task.kind == "repair":
+            return await self._repair(task)
         return await self._verify(task)
 
     async def _holders_for(self, task: Task) -> list[Holder]:
@@ -499,33 +556,22 @@ class Agent:
         holders = await self._holders_for(task)
         if not holders:
             return TaskOutcome.retry(f"no holder of {to_str(task.root)} answers")
-        assert self.nc is not None
-        lock = store.writing()
-        await asyncio.to_thread(lock.__enter__)
-        try:
-            result = await fetch_dag(
-                self.nc,
+        assert self.scrub is not None
+        # The fetch holds off gc, makes the scrub yield, and journals the blocks it adds so a
+        # failed fetch's leftovers are swept (leftovers.sweep) once a retry is unlikely.
+        with self.scrub.busy(volume), leftovers.journaled(store) as journaled:
+            result = await self._fetch_into(task, store, journaled, holders)
+            pin = await asyncio.to_thread(
+                store.pin_complete,
                 task.root,
-                holders,
-                store.blocks,
-                subjects=self.subjects,
-                near=self.near,
-                bandwidth=self.bandwidth,
-                stream_tls=self.stream_client_tls,
+                name=task.name,
+                owner=task.owner,
+                metadata=task.metadata,
             )
-        finally:
-            lock.__exit__(None, None, None)
         self.metrics.blocks_fetched.inc(result.blocks_fetched)
         self.metrics.bytes_fetched.inc(result.bytes_fetched)
         for node in result.corrupt_holders:
             self.metrics.verification_failures.inc(result.holders[node].corrupt)
-        pin = await asyncio.to_thread(
-            store.pin_complete,
-            task.root,
-            name=task.name,
-            owner=task.owner,
-            metadata=task.metadata,
-        )
         self.metrics.bytes_stored.inc(pin.size)
         await self._announce_stored(pin, volume)
         corrupt: list[Value] = list(result.corrupt_holders)
@@ -538,6 +584,61 @@ class Agent:
             }
         )
 
+    async def _fetch_into(
+        self,
+        task: Task,
+        store: ObjectStore,
+        blocks: leftovers.JournaledBlocks,
+        holders: list[Holder],
+    ) -> FetchResult:
+        assert self.nc is not None
+        lock = store.writing()
+        await asyncio.to_thread(lock.__enter__)
+        try:
+            return await fetch_dag(
+                self.nc,
+                task.root,
+                holders,
+                blocks,
+                subjects=self.subjects,
+                near=self.near,
+                bandwidth=self.bandwidth,
+                stream_tls=self.stream_client_tls,
+            )
+        finally:
+            lock.__exit__(None, None, None)
+
+    async def _repair(self, task: Task) -> TaskOutcome:
+        """Re-fetch only the damaged blocks of a pinned replica, verify it whole, announce it."""
+        located = self.pinned_on(task.root)
+        if located is None:
+            return TaskOutcome.failed(f"{to_str(task.root)} is not pinned on {self.node}")
+        volume, pin = located
+        assert self.scrub is not None
+        problem, repaired = await repair_replica(
+            task.root,
+            volume,
+            self.volumes[volume],
+            scrub=self.scrub,
+            holders=lambda: self._holders_for(task),
+            fetch=lambda store, blocks, holders: self._fetch_into(task, store, blocks, holders),
+            metrics=self.metrics,
+        )
+        if problem is not None:
+            return TaskOutcome.retry(problem)
+        # Verified whole: ObjectStored tells the controller the replica counts again.
+        await self._announce_stored(pin, volume)
+        refresh_damaged_gauge(self.scrub, self.metrics)
+        return TaskOutcome.completed(
+            {"volume": volume, "blocks_repaired": repaired, "already": not repaired}
+        )
+
+    async def _publish_damage(self, event: ReplicaDamaged) -> None:
+        assert self.publisher is not None
+        await self.publisher.publish_event(event)
+        self.metrics.events_published.labels(event.TYPE).inc()
+        refresh_damaged_gauge(self.scrub, self.metrics)
+
     async def _drop(self, task: Task) -> TaskOutcome:
         dropped = []
         for name, store in self.volumes.items():
@@ -547,6 +648,8 @@ class Agent:
             if pin is None:
                 continue
             store.pins.remove(task.root)
+            if self.scrub is not None:  # its damage, if any, goes with it
+                await asyncio.to_thread(self.scrub.scrubbers[name].state.forget, task.root)
             dropped.append(name)
             self._dropped.setdefault(name, set()).add(task.root)
             await self._announce_removed(pin, name)

@@ -5,7 +5,11 @@ This module owns the state the reconciler reads. It is built from three inputs a
 1. **events** (:meth:`Projection.apply_event`): ``ObjectStored`` / ``ObjectRemoved`` add and
    remove confirmed replicas; ``TaskCompleted`` / ``TaskFailed`` end tasks in flight (and count
    failures, so a retried task gets a new generation and so a new id); ``InventoryDigest`` records
-   what a volume says it holds, for :meth:`Projection.drift`.
+   what a volume says it holds, for :meth:`Projection.drift`; ``ReplicaDamaged`` marks a
+   confirmed replica damaged (it no longer counts) until an ``ObjectStored`` of the same
+   replica (a repair, a new fetch) or an ``ObjectRemoved`` clears it. A damage report whose
+   ``node`` is not the publishing node is rejected. The time of a replica's last
+   ``ObjectStored`` is its last verification (every block is verified before a pin).
 2. **nodes** (:meth:`Projection.update_node`, :meth:`Projection.sync_nodes`,
    :meth:`Projection.remove_node`, :meth:`Projection.set_draining`): the heartbeats of KV
    ``cim-place-nodes`` and the drain flags.
@@ -49,6 +53,7 @@ from cim_place.cluster.events.types import (
     ObjectFields,
     ObjectRemoved,
     ObjectStored,
+    ReplicaDamaged,
     TaskCompleted,
     TaskFailed,
     inventory_digest,
@@ -153,6 +158,10 @@ class Projection:
         self._name_len = array("I")
         self._rep = array("H")
         self._rep_more: dict[int, list[int]] = {}
+        # When each inline replica was last stored (= verified whole); 8 bytes per replica slot.
+        self._rep_at = array("d")
+        # Damaged replicas, sparse: cid -> replica -> bad block CIDs.
+        self._damaged: dict[bytes, dict[Replica, frozenset[Cid]]] = {}
         # -- interning: owners and metadata maps by id, locations by id -------------------------
         self._strings: list[str] = [""]
         self._string_id: dict[str, int] = {"": 0}
@@ -225,6 +234,28 @@ class Projection:
         if slot is None:
             return frozenset()
         return frozenset(self._locations[i] for i in self._replica_ids(slot))
+
+    def damaged(self, cid: Cid) -> Mapping[Replica, frozenset[Cid]]:
+        """Confirmed replicas of ``cid`` reported damaged (with their bad blocks)."""
+        return dict(self._damaged.get(cid, {}))
+
+    @property
+    def damaged_replicas(self) -> int:
+        """Damaged replicas across every object (for the summary)."""
+        return sum(len(replicas) for replicas in self._damaged.values())
+
+    def verified_at(self, cid: Cid) -> dict[Replica, float]:
+        """When each replica of ``cid`` was last stored whole (replicas beyond the inline four
+        have no time)."""
+        slot = self._slot.get(cid)
+        if slot is None:
+            return {}
+        base = slot * _WIDTH
+        return {
+            self._locations[location]: self._rep_at[base + k]
+            for k in range(_WIDTH)
+            if (location := self._rep[base + k])
+        }
 
     def cids_on(self, node: str, volume: str | None = None) -> set[Cid]:
         """CIDs with a confirmed replica on ``node`` (on its ``volume`` only, if given)."""
@@ -355,6 +386,8 @@ class Projection:
             return set()
         if isinstance(event, TaskCompleted | TaskFailed):
             return self._task_ended(event, envelope, sequence, at)
+        if isinstance(event, ReplicaDamaged):
+            return self._damage(event, publisher)
         if isinstance(event, InventoryDigest):
             self._inventories[(publisher, event.volume)] = event
         # NodeJoined / NodeLeft: the heartbeats in KV are the source of truth for nodes.
@@ -411,10 +444,30 @@ class Projection:
             location = self._location(replica)
         if new:
             self._rep[slot * _WIDTH] = location
+            self._rep_at[slot * _WIDTH] = at
         else:
-            self._add_replica(slot, location)
+            self._add_replica(slot, location, at)
+        if self._damaged:
+            self._undamage(root, replica)  # stored again whole: a repair or a new fetch
+
+    def _damage(self, event: ReplicaDamaged, publisher: str) -> set[Cid]:
+        if event.node != publisher:
+            self.rejected += 1  # a node reports only its own replicas
+            return set()
+        replica = (publisher, event.volume)
+        if replica not in self.replicas(event.root):
+            return set()  # not (or no longer) a confirmed replica: nothing to mark
+        per_cid = self._damaged.setdefault(event.root, {})
+        per_cid[replica] = per_cid.get(replica, frozenset()) | frozenset(event.blocks)
+        return {event.root}
+
+    def _undamage(self, cid: Cid, replica: Replica) -> None:
+        per_cid = self._damaged.get(cid)
+        if per_cid is not None and per_cid.pop(replica, None) is not None and not per_cid:
+            del self._damaged[cid]
 
     def _removed(self, event: ObjectRemoved, node: str, sequence: int) -> bool:
+        self._undamage(event.root, (node, event.volume))
         slot = self._slot.get(event.root)
         if slot is None:
             return False
@@ -554,6 +607,7 @@ class Projection:
             self._rep[base + k] = _EMPTY
         self._rep_more.pop(slot, None)
         self._deleted.pop(cid, None)
+        self._damaged.pop(cid, None)
         self.clear_failures(cid)
         self._free.append(slot)
 
@@ -579,6 +633,7 @@ class Projection:
             self._owner.append(0)
             self._meta.append(0)
             self._rep.extend(_ZEROS)
+            self._rep_at.extend(_NO_TIMES)
         self._slot[cid] = slot
         return slot
 
@@ -639,13 +694,14 @@ class Projection:
             ids.extend(more)
         return ids
 
-    def _add_replica(self, slot: int, location: int) -> None:
+    def _add_replica(self, slot: int, location: int, at: float = 0.0) -> None:
         rep = self._rep
         base = slot * _WIDTH
         free = -1
         for k in range(base, base + _WIDTH):
             value = rep[k]
             if value == location:
+                self._rep_at[k] = at
                 return
             if value == _EMPTY and free < 0:
                 free = k
@@ -654,6 +710,7 @@ class Projection:
             return
         if free >= 0:
             rep[free] = location
+            self._rep_at[free] = at
         elif more is None:
             self._rep_more[slot] = [location]
         else:
@@ -691,3 +748,4 @@ class Projection:
 
 
 _ZEROS = array("H", [_EMPTY] * _WIDTH)
+_NO_TIMES = array("d", [0.0] * _WIDTH)

@@ -40,13 +40,21 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cim_place.cluster.controller.drift import reconcile_drift
 from cim_place.cluster.controller.projection import ObjectView, Projection
 from cim_place.cluster.controller.removal import Removals, expire_name_versions
 from cim_place.cluster.events.readers import EventFeed, StoredEvent
 from cim_place.cluster.events.store import ensure_event_store, hub_size, nudge_sources
-from cim_place.cluster.events.types import EVENT_TYPES, ObjectDeleted, TaskCompleted, TaskFailed
+from cim_place.cluster.events.types import (
+    EVENT_TYPES,
+    InventoryDigest,
+    ObjectDeleted,
+    TaskCompleted,
+    TaskFailed,
+)
 from cim_place.cluster.nats import kv
 from cim_place.cluster.nats.connection import DEFAULT_SERVER, connect, jetstream
+from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.nats.subjects import DEFAULT_PREFIX, Subjects
 from cim_place.cluster.state.leader import LeaderElection
 from cim_place.cluster.state.locations import LocationStore
@@ -139,6 +147,16 @@ class ControllerMetrics:
         self.tasks_failed = Counter(
             "cim_place_controller_tasks_failed", "TaskFailed events seen.", registry=r
         )
+        self.drift_reconciled = Counter(
+            "cim_place_controller_drift_roots",
+            "Roots re-announced by nodes whose inventory digest disagreed with the projection.",
+            registry=r,
+        )
+        self.damaged_replicas = Gauge(
+            "cim_place_controller_damaged_replicas",
+            "Replicas reported damaged and not yet repaired, domain-wide.",
+            registry=r,
+        )
         self.bytes_moved = Counter(
             "cim_place_controller_bytes_moved", "Bytes fetched by completed tasks.", registry=r
         )
@@ -200,6 +218,8 @@ class Controller:
         self.reconciled = 0
         self.caught_up = asyncio.Event()
         """Set once the projection has read every event present at start."""
+        self._drifting: set[tuple[str, str]] = set()
+        self._drift_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -348,6 +368,8 @@ class Controller:
         if dirty:
             self.mark(dirty)
         kind = envelope.content.type
+        if kind == InventoryDigest.TYPE:
+            self._check_drift(stored.node or envelope.owner, envelope)
         if kind == TaskCompleted.TYPE:
             result = envelope.content.body.get("result")
             if isinstance(result, dict):
@@ -356,6 +378,30 @@ class Controller:
                     self.metrics.bytes_moved.inc(moved)
         elif kind == TaskFailed.TYPE:
             self.metrics.tasks_failed.inc()
+
+    def _check_drift(self, node: str, envelope: Envelope) -> None:
+        """A digest that disagrees with the projection: reconcile that volume (once at a time)."""
+        volume = envelope.content.body.get("volume")
+        if not isinstance(volume, str) or not self._acting or not self.caught_up.is_set():
+            return
+        if not self.projection.drift(node, volume) or (node, volume) in self._drifting:
+            return
+        self._drifting.add((node, volume))
+        task = asyncio.create_task(self._reconcile_drift(node, volume))
+        self._drift_tasks.add(task)
+        task.add_done_callback(self._drift_tasks.discard)
+
+    async def _reconcile_drift(self, node: str, volume: str) -> None:
+        try:
+            assert self.nc is not None
+            projected = self.projection.cids_on(node, volume)
+            differ = await reconcile_drift(self.nc, node, volume, projected, self.subjects)
+            self.metrics.drift_reconciled.inc(differ)
+            _log.info("inventory drift of %s/%s: %d root(s) re-announced", node, volume, differ)
+        except Exception as exc:
+            _log.warning("inventory drift of %s/%s not reconciled: %s", node, volume, exc)
+        finally:
+            self._drifting.discard((node, volume))
 
     async def _watch_policies(self) -> None:
         assert self.js is not None
@@ -551,6 +597,8 @@ class Controller:
             policy=self.policy_for(facts),
             node_map=self.node_map(now),
             confirmed=view.replicas,
+            damaged=frozenset(self.projection.damaged(cid)),
+            verified_at=self.projection.verified_at(cid),
             liveness=self.liveness(now),
             now=now,
             in_flight=in_flight,
@@ -686,6 +734,7 @@ class Controller:
             self.metrics.objects.labels(state).set(count)
         self.metrics.under_replicated.set(len(self._under))
         self.metrics.below_min.set(len(self._below_min))
+        self.metrics.damaged_replicas.set(self.projection.damaged_replicas)
         total = self.projection.total_size
         liveness = self._liveness
         up = sum(1 for state in liveness.values() if state.state == Liveness.UP)
@@ -706,6 +755,7 @@ class Controller:
             nodes_down=len(liveness) - up,
             nodes_draining=len(self.projection.draining),
             updated_at=time.time(),
+            damaged_replicas=self.projection.damaged_replicas,
         )
 
 

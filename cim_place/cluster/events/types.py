@@ -34,6 +34,7 @@ __all__ = [
     "ObjectFields",
     "ObjectRemoved",
     "ObjectStored",
+    "ReplicaDamaged",
     "TaskAction",
     "TaskCompleted",
     "TaskFailed",
@@ -45,8 +46,10 @@ __all__ = [
 ]
 
 Body: TypeAlias = dict[str, Value]
-TaskAction = Literal["fetch", "drop", "verify"]
-TASK_ACTIONS: tuple[TaskAction, ...] = ("fetch", "drop", "verify")
+TaskAction = Literal["fetch", "drop", "verify", "repair"]
+TASK_ACTIONS: tuple[TaskAction, ...] = ("fetch", "drop", "verify", "repair")
+DamageProblem = Literal["corrupt", "missing"]
+DAMAGE_PROBLEMS: tuple[DamageProblem, ...] = ("corrupt", "missing")
 
 
 class EventBodyError(EnvelopeError):
@@ -474,6 +477,52 @@ class TaskFailed:
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaDamaged:
+    """Blocks of a pinned root on a volume of ``node`` failed verification or are gone.
+
+    Published wherever the damage was seen (``found_by``: scrub, serve, read, fetch). The replica
+    no longer counts as a copy until a repair re-fetches those blocks and the node announces the
+    root stored again (``ObjectStored``).
+    """
+
+    TYPE: ClassVar[str] = "ReplicaDamaged"
+    root: Cid
+    node: str
+    volume: str
+    blocks: tuple[Cid, ...]
+    problem: DamageProblem
+    found_by: str = "scrub"
+
+    def body(self) -> Body:
+        return {
+            "root": Link(self.root),
+            "node": self.node,
+            "volume": self.volume,
+            "blocks": [Link(cid) for cid in self.blocks],
+            "problem": self.problem,
+            "found_by": self.found_by,
+        }
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Value]) -> Self:
+        t = cls.TYPE
+        blocks = _field(body, "blocks", t)
+        if not isinstance(blocks, list) or not all(isinstance(b, Link) for b in blocks):
+            raise EventBodyError(f"{t}.blocks must be a list of CID links (tag 42)")
+        problem = _str(body, "problem", t)
+        if problem not in DAMAGE_PROBLEMS:
+            raise EventBodyError(f"{t}.problem must be corrupt or missing, got {problem!r}")
+        return cls(
+            root=_cid(body, "root", t),
+            node=_str(body, "node", t),
+            volume=_str(body, "volume", t),
+            blocks=tuple(cast(Link, b).cid for b in blocks),
+            problem=problem,
+            found_by=_str(body, "found_by", t) if "found_by" in body else "",
+        )
+
+
 AnyEvent: TypeAlias = (
     ObjectStored
     | ObjectRemoved
@@ -483,6 +532,7 @@ AnyEvent: TypeAlias = (
     | NodeLeft
     | TaskCompleted
     | TaskFailed
+    | ReplicaDamaged
 )
 
 EVENT_TYPES: Mapping[str, type[AnyEvent]] = {
@@ -496,6 +546,7 @@ EVENT_TYPES: Mapping[str, type[AnyEvent]] = {
         NodeLeft,
         TaskCompleted,
         TaskFailed,
+        ReplicaDamaged,
     )
 }
 """Every event type by its ``content.type``."""

@@ -56,7 +56,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
@@ -480,6 +480,9 @@ class ServeStats:
     """Requests refused by object access control (the requester may not read the root)."""
     corrupt_cids: list[Cid] = field(default_factory=list)
     """The most recent corrupt local blocks (the last 100), for a repair task."""
+    on_corrupt: Callable[[Cid], None] | None = field(default=None, repr=False, compare=False)
+    """Called (on the event loop) with each corrupt local block refused: the agent reports the
+    replicas it damages."""
 
     def count_unservable(self, cid: Cid, problem: str) -> None:
         """Count (and log) a block ``read_served`` could not serve, with its ``problem``."""
@@ -488,6 +491,8 @@ class ServeStats:
             self.corrupt += 1
             self.corrupt_cids = [*self.corrupt_cids[-99:], cid]
             _log.error("not serving block %s: %s", to_str(cid), problem)
+            if self.on_corrupt is not None:
+                self.on_corrupt(cid)
         elif problem != "absent":
             self.errors += 1
             _log.error("cannot read block %s to serve it: %s", to_str(cid), problem)

@@ -377,6 +377,8 @@ def agent_permissions(node: str, subjects: Subjects, hub_domain: str) -> Permiss
         subjects.block_get(node),
         subjects.has,
         subjects.agent_add(node),
+        subjects.agent_scrub(node),
+        subjects.agent_inventory(node),
     ]
     return Permissions(tuple(_unique(publish)), tuple(_unique(subscribe)))
 
@@ -396,14 +398,16 @@ def controller_permissions(subjects: Subjects, hub_domain: str) -> Permissions:
         # Tombstones of `cim-place rm` (cluster/controller/removal.py): the hub domain's
         # events, a token no leaf can have.
         subjects.events_of(hub_domain),
+        subjects.all_agent_inventories,  # reconciling inventory drift
     ]
     subscribe = [f"{inbox_prefix(CONTROLLER)}.>", subjects.api(">")]
     return Permissions(tuple(publish), tuple(subscribe))
 
 
 def operator_permissions(subjects: Subjects, hub_domain: str) -> Permissions:
-    """A read-only operator: status queries, stream/consumer info, reading every bucket."""
-    publish = [subjects.api(">"), subjects.has]
+    """A read-only operator: status queries, stream/consumer info, reading every bucket, and
+    asking agents to scrub their volumes now (which reads, never changes, content)."""
+    publish = [subjects.api(">"), subjects.has, subjects.all_agent_scrubs]
     for rest in (
         _JS_INFO,
         "STREAM.NAMES",
@@ -469,6 +473,8 @@ def leaf_link_permissions(
         *(f"{inbox_prefix(user)}.>" for user in users),
         subjects.block_get(node),
         subjects.agent_add(node),
+        subjects.agent_scrub(node),
+        subjects.agent_inventory(node),
         # The hub's event store sources the outbox: it calls the leaf domain's API, the leaf
         # answers on the hub's internal reply subjects and delivers events and flow control.
         _js(node, ">"),

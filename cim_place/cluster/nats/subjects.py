@@ -85,6 +85,24 @@ class Subjects:
         (cim_place.cluster.exchange.upload)."""
         return f"{self.prefix}.agent.{check_node_id(node)}.add"
 
+    def agent_scrub(self, node: str) -> str:
+        """Where ``node``'s agent takes a request to scrub its volumes now
+        (cim_place.cluster.agent.scrubbing)."""
+        return f"{self.prefix}.agent.{check_node_id(node)}.scrub"
+
+    def agent_inventory(self, node: str) -> str:
+        """Where ``node``'s agent lists its pins and re-announces roots on a drift
+        (cim_place.cluster.agent.inventory)."""
+        return f"{self.prefix}.agent.{check_node_id(node)}.inventory"
+
+    @property
+    def all_agent_inventories(self) -> str:
+        return f"{self.prefix}.agent.*.inventory"
+
+    @property
+    def all_agent_scrubs(self) -> str:
+        return f"{self.prefix}.agent.*.scrub"
+
     @property
     def has(self) -> str:
         """Who-has queries, answered by every agent holding a root

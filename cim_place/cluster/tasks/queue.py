@@ -111,11 +111,13 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-KINDS: tuple[TaskKind, ...] = ("fetch", "drop", "verify")
+KINDS: tuple[TaskKind, ...] = ("fetch", "drop", "verify", "repair")
 COMMAND_TYPES: Mapping[TaskKind, str] = {
     "fetch": "FetchObject",
     "drop": "DropObject",
     "verify": "VerifyObject",
+    # Re-fetch only the damaged blocks of a replica from the verified ``holders``.
+    "repair": "RepairObject",
 }
 _KIND_OF_COMMAND: Mapping[str, TaskKind] = {v: k for k, v in COMMAND_TYPES.items()}
 TASK_COMPLETED = "TaskCompleted"

@@ -14,6 +14,7 @@ from cim_place.cluster.events.types import (
     NodeJoined,
     ObjectRemoved,
     ObjectStored,
+    ReplicaDamaged,
     TaskCompleted,
     TaskFailed,
     event_envelope,
@@ -333,3 +334,33 @@ def test_total_size_follows_stored_events_and_forgetting(projection: Projection)
     assert projection.total_size == sum(
         view.size for cid in projection.cids() if (view := projection.object(cid)) is not None
     )
+
+
+def damaged_event(root: Cid, node: str, volume: str = "v1") -> ReplicaDamaged:
+    return ReplicaDamaged(
+        root=root, node=node, volume=volume, blocks=(C,), problem="corrupt", found_by="scrub"
+    )
+
+
+def test_damage_marks_a_confirmed_replica_until_it_is_stored_again(
+    projection: Projection,
+) -> None:
+    root = A
+    projection.apply_event(envelope(stored(root), "a"), at=10.0)
+    projection.apply_event(envelope(stored(root), "b"), at=20.0)
+    assert projection.verified_at(root) == {("a", "v1"): 10.0, ("b", "v1"): 20.0}
+    assert projection.apply_event(envelope(damaged_event(root, "a"), "a")) == {root}
+    assert projection.damaged(root) == {("a", "v1"): frozenset({C})}
+    assert projection.damaged_replicas == 1
+    # A node reports only its own replicas; damage of an unknown replica marks nothing.
+    rejected = projection.rejected
+    assert projection.apply_event(envelope(damaged_event(root, "b"), "a")) == set()
+    assert projection.rejected == rejected + 1
+    assert projection.apply_event(envelope(damaged_event(root, "c"), "c")) == set()
+    # Repaired: stored again whole, the damage is gone and the verification time moves.
+    projection.apply_event(envelope(stored(root), "a"), at=30.0)
+    assert projection.damaged(root) == {}
+    assert projection.verified_at(root)[("a", "v1")] == 30.0
+    projection.apply_event(envelope(damaged_event(root, "b"), "b"))
+    projection.apply_event(envelope(removed(root), "b"))
+    assert projection.damaged_replicas == 0

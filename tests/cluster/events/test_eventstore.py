@@ -36,6 +36,7 @@ from cim_place.cluster.events.types import (
     ObjectDeleted,
     ObjectRemoved,
     ObjectStored,
+    ReplicaDamaged,
     TaskCompleted,
     TaskFailed,
     event_envelope,
@@ -117,6 +118,14 @@ SAMPLES: list[AnyEvent] = [
         attempts=5,
         reason="full",
         permanent=True,
+    ),
+    ReplicaDamaged(
+        root=cid_of(b"object 1"),
+        node="leaf-a",
+        volume="v0",
+        blocks=(cid_of(b"block 1"), cid_of(b"block 2")),
+        problem="corrupt",
+        found_by="scrub",
     ),
 ]
 
