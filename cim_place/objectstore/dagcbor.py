@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeAlias, cast
 
-import cbrrr
+from cbrrr import _cbrrr
 
 from cim_place.errors import InvalidCidError
 from cim_place.objectstore.cid import Cid, split
@@ -64,7 +64,7 @@ def _link(cid: bytes) -> Link:
 def encode(value: Value) -> bytes:
     """The canonical DAG-CBOR of ``value``; DagCborError if it holds something DAG-CBOR cannot."""
     try:
-        return cbrrr.encode_dag_cbor(value, cid_type=Link)  # type: ignore[arg-type]
+        return _cbrrr.encode_dag_cbor(value, Link, False)
     except (TypeError, ValueError, OverflowError) as exc:
         raise DagCborError(f"cannot encode as DAG-CBOR: {exc}") from None
 
@@ -72,11 +72,13 @@ def encode(value: Value) -> bytes:
 def decode(buf: bytes | bytearray | memoryview) -> Value:
     """Decode canonical DAG-CBOR ``buf``; DagCborError naming the first thing that is not."""
     try:
-        value = cast(Value, cbrrr.decode_dag_cbor(buf, cid_ctor=_link))  # type: ignore[arg-type]
+        # The C entry point, as cbrrr.decode_dag_cbor calls it, without that wrapper's frame.
+        value, length = _cbrrr.decode_dag_cbor(buf, _link, False)  # type: ignore[arg-type]
     except DagCborError:
         raise
     except (ValueError, OverflowError, MemoryError) as exc:
-        # CbrrrDecodeError and UnicodeDecodeError are ValueErrors; "did not parse to end of
-        # buffer" is the trailing-bytes case.
+        # CbrrrDecodeError and UnicodeDecodeError are ValueErrors.
         raise DagCborError(f"not canonical DAG-CBOR: {exc}") from None
-    return value
+    if length != len(buf):
+        raise DagCborError(f"{len(buf) - length} trailing bytes after the DAG-CBOR value")
+    return cast(Value, value)
