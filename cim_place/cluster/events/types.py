@@ -86,8 +86,12 @@ class Event:
         if not name:
             return  # a shared base such as _ObjectEvent
         known = EVENT_TYPES.get(name)
-        # dataclass(slots=True) builds the class anew: the same declaration registers twice.
-        if known is not None and known.__qualname__ != cls.__qualname__:
+        # dataclass(slots=True) builds the class anew (setting __qualname__ only afterwards):
+        # the same declaration registers twice, with the same module and name.
+        if known is not None and (known.__module__, known.__name__) != (
+            cls.__module__,
+            cls.__name__,
+        ):
             raise TypeError(f"event type {name!r} is declared by {known.__qualname__} already")
         EVENT_TYPES[name] = cls
         if known is not None:
