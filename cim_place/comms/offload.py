@@ -32,6 +32,7 @@ from cim_place.cluster.nats.security import READERS_KEY
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.comms.content import (
     OCTET_STREAM,
+    OFFLOAD_KEY,
     TEXT_PLAIN,
     Attachment,
     BodyInput,
@@ -82,6 +83,8 @@ def inline(value: dict[str, Any] | list[Any], threshold: int) -> bool:
         elif not (item is None or kind is int or kind is bool or kind is float or kind is Link):
             return False
     if type(value) is dict:
+        if OFFLOAD_KEY in value:
+            return False  # an offload marker passed on: the walk checks it
         for key in value:
             if type(key) is not str:
                 return False
