@@ -36,6 +36,7 @@ class Sample:
     first: Extent | None = None
     pairs: Annotated[tuple[Annotated[int, Check(even)], ...], MaxItems(3)] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
+    blocks: tuple[CidLink, ...] = ()
     note: str = field(default="", metadata=wire("n"))
     local: int = field(default=7, metadata=wire(None))
 
@@ -48,6 +49,7 @@ SAMPLE = Sample(
     first=Extent(0, 10),
     pairs=(2, 4),
     labels={"zone": "z1"},
+    blocks=(ROOT, ROOT),
     note="hi",
     local=9,
 )
@@ -67,14 +69,16 @@ def test_nested_dataclasses_renamed_and_local_fields() -> None:
         "first": {"offset": 0, "length": 10},
         "pairs": [2, 4],
         "labels": {"zone": "z1"},
+        "blocks": [Link(ROOT), Link(ROOT)],
         "n": "hi",
     }
     decoded = round_trip(body)
     assert decoded.local == 7  # does not travel: the default
-    assert (decoded.root, decoded.extents, decoded.first, decoded.note) == (
+    assert (decoded.root, decoded.extents, decoded.first, decoded.blocks, decoded.note) == (
         ROOT,
         SAMPLE.extents,
         SAMPLE.first,
+        (ROOT, ROOT),
         "hi",
     )
     assert CODEC.values(decode_body(body))[:2] == (ROOT, b"abcd")
@@ -96,6 +100,7 @@ def decode_body(body: dict[str, object]) -> dict[str, object]:
         ({"labels": {"a": 1}}, "Sample.labels must map strings to strings"),
         ({"n": 5}, "Sample.n must be a string, got int"),
         ({"root": None}, "Sample.root must be a CID link"),
+        ({"blocks": [Link(ROOT), b"raw"]}, "Sample.blocks must be a CID link"),
     ],
 )
 def test_each_problem_is_named(change: dict[str, object], problem: str) -> None:
