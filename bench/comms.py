@@ -6,9 +6,11 @@ Topology: a 1-server hub and two leaves on loopback, an agent on each (in this p
 tests run them). The sender is on node-a, the receiver on node-b, so every message crosses both
 leaf links and the hub.
 
-1. **Inline commands**: ``Comms.send(command("Tick", {...}))`` with a small body (about 100 bytes
+1. **Inline commands**: ``Comms.send(command("Tick", {...}))`` with a small body (about 200 bytes
    of envelope), beside ``nc.publish`` of a payload of the same size on the same path, in the
    same run. Rates are end to end: from the first send until the receiver has counted them all.
+   Sender and receiver share this process, so its CPU time per message is printed too (less
+   disturbed by other work on the machine than the rates), and the ratio of both.
 2. **Events**: ``Comms.send(event(...))``: each one is stored in node-a's outbox and acknowledged
    before the next (the durability a sender gets), beside raw ``js.publish`` to the same stream.
 3. **Offload latency**: ``Comms.send`` of a command carrying ``--offload-size`` bytes (upload
@@ -23,6 +25,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from nats.aio.msg import Msg
@@ -53,8 +56,19 @@ class Counter:
             self.done.set_result(None)
 
 
-async def inline_commands(alice: Comms, bob: Comms, count: int) -> tuple[float, float, int]:
-    """(comms msgs/s, raw msgs/s, envelope bytes), end to end, same path."""
+@dataclass
+class Inline:
+    """Inline command rates, end to end, and this process's CPU time per message."""
+
+    comms_rate: float
+    raw_rate: float
+    comms_cpu: float
+    raw_cpu: float
+    size: int
+
+
+async def inline_commands(alice: Comms, bob: Comms, count: int) -> Inline:
+    """Comms.send against raw nc.publish, same payload size, same path, same run."""
     counter = Counter(count)
 
     async def on_tick(message: Message) -> None:
@@ -63,11 +77,12 @@ async def inline_commands(alice: Comms, bob: Comms, count: int) -> tuple[float, 
     subscription = await bob.subscribe("Tick", on_tick, kinds=("command",))
     await _reachable(alice, bob)
     size = len((await alice.envelope(command("Tick", BODY))).encode())
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for n in range(count):
         await alice.send(command("Tick", {**BODY, "n": n}))
     await asyncio.wait_for(counter.done, 120)
     comms_rate = count / (time.perf_counter() - started)
+    comms_cpu = (time.process_time() - cpu) / count
     await subscription.stop()
 
     raw = Counter(count)
@@ -80,13 +95,14 @@ async def inline_commands(alice: Comms, bob: Comms, count: int) -> tuple[float, 
     await bob.nc.flush()
     await asyncio.sleep(0.5)  # interest reaches node-a's leaf
     payload = b"x" * size
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
         await alice.nc.publish(subject, payload)
     await asyncio.wait_for(raw.done, 120)
     raw_rate = count / (time.perf_counter() - started)
+    raw_cpu = (time.process_time() - cpu) / count
     await sub.unsubscribe()
-    return comms_rate, raw_rate, size
+    return Inline(comms_rate, raw_rate, comms_cpu, raw_cpu, size)
 
 
 async def events(alice: Comms, count: int) -> tuple[float, float]:
@@ -174,11 +190,22 @@ async def main() -> None:
             bob = Comms(await connect(leaves["node-b"].url), "node-b", owner="bob")
             assert await wait_for_holder(bob.nc, "node-a", timeout=10)
 
-            comms_rate, raw_rate, size = await inline_commands(alice, bob, args.messages)
-            print(f"inline commands, {args.messages} x {size} B envelopes, node-a -> node-b:")
-            print(f"  Comms.send       {comms_rate:10,.0f} msg/s")
+            inline = await inline_commands(alice, bob, args.messages)
             print(
-                f"  raw nc.publish   {raw_rate:10,.0f} msg/s  (Comms = {comms_rate / raw_rate:.0%})"
+                f"inline commands, {args.messages} x {inline.size} B envelopes, node-a -> node-b"
+                " (rate end to end; CPU of this process, sender and receiver, per message):"
+            )
+            print(
+                f"  Comms.send       {inline.comms_rate:10,.0f} msg/s"
+                f"  {inline.comms_cpu * 1e6:5.1f} us CPU"
+            )
+            print(
+                f"  raw nc.publish   {inline.raw_rate:10,.0f} msg/s"
+                f"  {inline.raw_cpu * 1e6:5.1f} us CPU"
+            )
+            print(
+                f"  Comms / raw      {inline.comms_rate / inline.raw_rate:10.2f} (rate)"
+                f"  {inline.raw_cpu / inline.comms_cpu:5.2f} (CPU per message, raw / Comms)"
             )
             comms_events, raw_events = await events(alice, args.events)
             print(f"events into the outbox, {args.events}, each acknowledged:")

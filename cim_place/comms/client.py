@@ -38,7 +38,7 @@ from cim_place.cluster.nats.subjects import HUB_DOMAIN, Subjects, check_node_id,
 from cim_place.comms.access import ContentAccessor
 from cim_place.comms.content import BodyInput, InvalidMessageError, event
 from cim_place.comms.message import Message
-from cim_place.comms.offload import Offloader
+from cim_place.comms.offload import Offloader, inline
 from cim_place.comms.routes import Routes
 from cim_place.comms.settings import ThresholdCache
 from cim_place.errors import CimPlaceError, TransportError
@@ -182,6 +182,9 @@ class Comms:
         readers: Sequence[str] | None = None,
     ) -> Envelope:
         """The envelope ``send`` would send: large values offloaded (uploaded now)."""
+        inline_envelope = self._inline_envelope(content, cause, metadata)
+        if inline_envelope is not None:
+            return inline_envelope
         threshold = await self.threshold.get()
         offloaded = await self.offloader.offload(
             content.body,
@@ -194,6 +197,25 @@ class Comms:
         if origin is None:
             return Envelope.new(ready, owner=self.owner, metadata=metadata)
         return origin.caused(ready, owner=self.owner, metadata=metadata)
+
+    def _inline_envelope(
+        self,
+        content: Content,
+        cause: Message | Envelope | None,
+        metadata: Mapping[str, str] | None,
+    ) -> Envelope | None:
+        """The envelope of a body that needs no offload, built without awaiting; else None.
+
+        Most messages are small: this keeps their send free of the offloader's awaited walk.
+        """
+        threshold = self.threshold.peek()
+        body = content.body
+        if threshold is None or type(body) is not dict or not inline(body, threshold):
+            return None
+        origin = cause.envelope if isinstance(cause, Message) else cause
+        if origin is None:
+            return Envelope.new(content, owner=self.owner, metadata=metadata)
+        return origin.caused(content, owner=self.owner, metadata=metadata)
 
     def _encode(self, envelope: Envelope) -> bytes:
         data = envelope.encode()
@@ -220,13 +242,18 @@ class Comms:
         An event is acknowledged by this leaf's outbox before this returns (it persists); a
         command or query is published on core NATS (delivered to the handlers subscribed now).
         """
-        envelope = await self.envelope(content, cause=cause, metadata=metadata, readers=readers)
+        envelope = self._inline_envelope(content, cause, metadata)
+        if envelope is None:
+            envelope = await self.envelope(content, cause=cause, metadata=metadata, readers=readers)
         if envelope.content.kind == "event":
             await self._persist(envelope, self._encode(envelope))
             return envelope
         subject = self.routes.of(envelope.content.kind, envelope.content.type, self.node)
         try:
-            await self.nc.publish(subject, self._encode(envelope), headers=envelope.headers())
+            # No headers on core NATS: no stream stores the message, the subject names its kind
+            # and type, the envelope the rest; headers would halve the rate (nats-py builds and
+            # parses them per message).
+            await self.nc.publish(subject, self._encode(envelope))
         except nats.errors.Error as error:
             raise TransportError(
                 f"cannot publish {envelope.content.type} on {subject}: {error or type(error)}; "
@@ -277,9 +304,7 @@ class Comms:
         subject = self.routes.of(envelope.content.kind, envelope.content.type, self.node)
         wait = self.request_timeout if timeout is None else timeout
         try:
-            msg = await self.nc.request(
-                subject, self._encode(envelope), timeout=wait, headers=envelope.headers()
-            )
+            msg = await self.nc.request(subject, self._encode(envelope), timeout=wait)
         except nats.errors.NoRespondersError:
             raise TransportError(
                 f"no handler for {envelope.content.type} ({subject}); start one with "
@@ -340,7 +365,15 @@ class Comms:
                     continue
 
                 async def on_msg(msg: Msg) -> None:
-                    await self._on_msg(subscription, handler, msg)
+                    # Decoded here rather than in a further coroutine: this runs per message.
+                    try:
+                        envelope = decode(msg.data)
+                    except EnvelopeError as error:
+                        await self._malformed(subscription, msg, error)
+                        return
+                    await self._handle(
+                        subscription, handler, envelope, msg.subject, msg.reply or None
+                    )
 
                 subscription._subs.append(
                     await self.nc.subscribe(filter_subject, queue=queue or "", cb=on_msg)
@@ -352,16 +385,11 @@ class Comms:
         self._subscriptions.append(subscription)
         return subscription
 
-    async def _on_msg(self, subscription: AppSubscription, handler: Handler, msg: Msg) -> None:
-        try:
-            envelope = decode(msg.data)
-        except EnvelopeError as error:
-            subscription.malformed += 1
-            _log.warning("skipped a malformed message on %s: %s", msg.subject, error)
-            if msg.reply:
-                await self._reply(msg.reply, None, HANDLER_FAILED, {"error": str(error)})
-            return
-        await self._handle(subscription, handler, envelope, msg.subject, msg.reply or None)
+    async def _malformed(self, subscription: AppSubscription, msg: Msg, error: Exception) -> None:
+        subscription.malformed += 1
+        _log.warning("skipped a malformed message on %s: %s", msg.subject, error)
+        if msg.reply:
+            await self._reply(msg.reply, None, HANDLER_FAILED, {"error": str(error)})
 
     async def _handle(
         self,
@@ -401,7 +429,7 @@ class Comms:
             _log.error("event %s caused by %s not persisted: %s", answer.id, envelope.id, error)
         if reply_to:
             with contextlib.suppress(nats.errors.Error):
-                await self.nc.publish(reply_to, data, headers=answer.headers())
+                await self.nc.publish(reply_to, data)
 
     async def _reply(
         self, reply_to: str, cause: Envelope | None, reply_type: str, body: BodyInput
@@ -412,4 +440,4 @@ class Comms:
         else:
             answer = cause.caused(content, owner=self.owner)
         with contextlib.suppress(nats.errors.Error):
-            await self.nc.publish(reply_to, answer.encode(), headers=answer.headers())
+            await self.nc.publish(reply_to, answer.encode())

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
-from cim_place.cluster.nats.envelope import Content, Kind
+from cim_place.cluster.nats.envelope import Content, Kind, make_content
 from cim_place.errors import CimPlaceError
 from cim_place.objectstore.cid import Cid, to_str
 from cim_place.objectstore.dagcbor import Link, Value
@@ -56,20 +56,27 @@ class InvalidMessageError(CimPlaceError):
     """A message the application built cannot be sent as it is (bad type name, bad value)."""
 
 
+_CHECKED_TYPES: set[str] = set()
+
+
 def check_type(message_type: str) -> str:
     """Message types become one NATS subject token: letters, digits, '-' and '_'."""
+    if message_type in _CHECKED_TYPES:  # an application sends a few types, many times
+        return message_type
     if not _TYPE.match(message_type):
         raise InvalidMessageError(
             f"message type {message_type!r} is not usable: use 1-128 letters, digits, '-' or '_' "
             "(it becomes a NATS subject token), e.g. AddDocument"
         )
+    if len(_CHECKED_TYPES) < 4096:
+        _CHECKED_TYPES.add(message_type)
     return message_type
 
 
 def _content(kind: Kind, message_type: str, body: BodyInput | None) -> Content:
     # Content.body is typed as DAG-CBOR values; Attachments are swapped out by the offloader
     # before anything is encoded.
-    return Content(kind, check_type(message_type), dict(body or {}))  # type: ignore[arg-type]
+    return make_content(kind, check_type(message_type), dict(body or {}))  # type: ignore[arg-type]
 
 
 def command(message_type: str, body: BodyInput | None = None) -> Content:

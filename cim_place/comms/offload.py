@@ -23,7 +23,7 @@ never in a message that a stream stores.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -32,6 +32,7 @@ from cim_place.cluster.nats.security import READERS_KEY
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.comms.content import (
     OCTET_STREAM,
+    OFFLOAD_KEY,
     TEXT_PLAIN,
     Attachment,
     BodyInput,
@@ -42,7 +43,7 @@ from cim_place.comms.content import (
 )
 from cim_place.objectstore.dagcbor import Link, Value
 
-__all__ = ["OffloadResult", "Offloader"]
+__all__ = ["OffloadResult", "Offloader", "inline"]
 
 CONTENT_TYPE_METADATA = "content_type"
 """Pin metadata key holding the media type of offloaded content."""
@@ -58,6 +59,36 @@ class OffloadResult:
     offloaded: dict[FieldPath, ContentRef] = field(default_factory=dict)
     readers: str = "*"
     """The ``readers`` pin metadata of what gets offloaded (comma separated)."""
+
+
+def inline(value: dict[str, Any] | list[Any], threshold: int) -> bool:
+    """True when ``value`` needs no offload and holds only plain DAG-CBOR values.
+
+    The common case, a small body, costs one pass of exact type tests instead of the awaited
+    walk; anything else (a long value, an Attachment, a tuple, a ContentRef) takes the walk.
+    """
+    items: Iterable[Any] = value.values() if isinstance(value, dict) else value
+    for item in items:
+        kind: type = type(item)
+        if kind is str:
+            # A str takes at most 4 UTF-8 bytes per character; measure only when that may matter.
+            if len(item) * 4 > threshold and len(item.encode("utf-8")) > threshold:
+                return False
+        elif kind is bytes:
+            if len(item) > threshold:
+                return False
+        elif kind is dict or kind is list:
+            if not inline(item, threshold):
+                return False
+        elif not (item is None or kind is int or kind is bool or kind is float or kind is Link):
+            return False
+    if type(value) is dict:
+        if OFFLOAD_KEY in value:
+            return False  # an offload marker passed on: the walk checks it
+        for key in value:
+            if type(key) is not str:
+                return False
+    return True
 
 
 class Offloader:
@@ -99,6 +130,9 @@ class Offloader:
         for reader in readers:
             if not reader or "," in reader:
                 raise InvalidMessageError(f"reader {reader!r} is not a user name (or '*')")
+        if type(body) is dict and inline(body, threshold):
+            # Nothing to offload, every value already DAG-CBOR: the body travels as it is.
+            return OffloadResult(body=body, readers=",".join(readers))
         result = OffloadResult(body={}, readers=",".join(readers))
         for key, value in body.items():
             if not isinstance(key, str):

@@ -13,7 +13,7 @@ application events ``<prefix>.evt.*.app.<type>``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cim_place.cluster.nats.envelope import Kind
 from cim_place.cluster.nats.subjects import Subjects, check_node_id
@@ -41,8 +41,20 @@ def check_pattern(pattern: str) -> str:
 class Routes:
     subjects: Subjects
 
+    _known: dict[tuple[Kind, str, str], str] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
     def of(self, kind: Kind, message_type: str, node: str) -> str:
         """The subject a message of ``kind`` and ``message_type`` sent from ``node`` goes to."""
+        subject = self._known.get((kind, message_type, node))
+        if subject is None:
+            subject = self._subject(kind, message_type, node)
+            if len(self._known) < 4096:  # an application uses a few types; stay bounded
+                self._known[(kind, message_type, node)] = subject
+        return subject
+
+    def _subject(self, kind: Kind, message_type: str, node: str) -> str:
         check_type(message_type)
         if kind == "event":
             return f"{self.subjects.prefix}.evt.{check_node_id(node)}.app.{message_type}"

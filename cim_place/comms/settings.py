@@ -108,6 +108,12 @@ class ThresholdCache:
         self._fixed = fixed is not None
         self._read_at = -float("inf")
 
+    def peek(self) -> int | None:
+        """The threshold without waiting: None when it must be read from KV (see :meth:`get`)."""
+        if self._fixed or time.monotonic() - self._read_at < self.refresh:
+            return self._value
+        return None
+
     async def get(self) -> int:
         if self._fixed:
             return self._value

@@ -1,4 +1,4 @@
-"""The fast DAG-CBOR codec produces exactly the bytes the reference `dag_cbor` package does."""
+"""DAG-CBOR through cbrrr: the reference `dag_cbor` package's bytes, and nothing non-canonical."""
 
 from __future__ import annotations
 
@@ -43,11 +43,24 @@ def to_reference(value: Value) -> object:
     return value
 
 
+def from_reference(value: object) -> object:
+    if isinstance(value, CID):
+        return Link(bytes(value))
+    if isinstance(value, list):
+        return [from_reference(item) for item in value]
+    if isinstance(value, dict):
+        return {key: from_reference(item) for key, item in value.items()}
+    return value
+
+
 @given(values)
 def test_encoding_is_byte_identical_to_the_reference(value: Value) -> None:
     encoded = dagcbor.encode(value)
     assert encoded == dag_cbor.encode(to_reference(value))  # type: ignore[call-overload]
-    assert dagcbor.decode(encoded) == value
+    decoded = dagcbor.decode(encoded)
+    assert decoded == value
+    assert type(decoded) is type(value)
+    assert from_reference(dag_cbor.decode(encoded)) == value
 
 
 @given(st.binary(max_size=64))
@@ -56,50 +69,26 @@ def test_garbage_raises_a_codec_error_only(garbage: bytes) -> None:
         dagcbor.decode(garbage)
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b"\x18\x05",  # 5 encoded in two bytes: not canonical
-        b"\xa2\x61b\x01\x61a\x02",  # keys out of order
-        b"\xc1\x00",  # a tag other than 42
-        b"\xf9\x00\x00",  # a half-width float
-        b"\x82\x01",  # truncated array
-    ],
-)
-def test_non_canonical_or_foreign_input_is_refused(raw: bytes) -> None:
-    with pytest.raises(dagcbor.DagCborError):
-        dagcbor.decode(raw)
-
-
-# -- the fast decoder: the same answer as the reference, for any input ---------------------------
-
-
-def reference_or_error(raw: bytes) -> object:
+def accepts_like_the_reference(raw: bytes) -> None:
+    """``decode`` accepts only what re-encodes to ``raw``, and what the reference accepts."""
     try:
-        return dagcbor.decode_reference(raw)
+        value = dagcbor.decode(raw)
     except dagcbor.DagCborError:
-        return dagcbor.DagCborError
-
-
-def fast_or_error(raw: bytes) -> object:
+        with pytest.raises(Exception):  # noqa: B017 (dag_cbor raises several types)
+            dag_cbor.decode(raw)
+        return
+    assert dagcbor.encode(value) == raw  # canonical: the one encoding of its value
     try:
-        return dagcbor.decode(raw)
-    except dagcbor.DagCborError:
-        return dagcbor.DagCborError
-
-
-@given(values)
-def test_fast_decoding_equals_the_reference_on_valid_input(value: Value) -> None:
-    encoded = dagcbor.encode(value)
-    decoded = dagcbor.decode(encoded)
-    assert decoded == dagcbor.decode_reference(encoded) == value
-    assert type(decoded) is type(value)
+        reference = dag_cbor.decode(raw)
+    except Exception:
+        # multiformats knows only registered codecs and hash functions; a CID is all it can be.
+        assert b"\xd8\x2a" in raw
+        return
+    assert from_reference(reference) == value
 
 
 @given(values, st.data())
-def test_fast_decoding_equals_the_reference_on_damaged_input(
-    value: Value, data: st.DataObject
-) -> None:
+def test_damaged_input_is_refused_or_canonical(value: Value, data: st.DataObject) -> None:
     encoded = bytearray(dagcbor.encode(value))
     for _ in range(data.draw(st.integers(1, 3))):
         action = data.draw(st.sampled_from(["flip", "insert", "delete", "append"]))
@@ -113,29 +102,36 @@ def test_fast_decoding_equals_the_reference_on_damaged_input(
             del encoded[at]
         elif action == "append":
             encoded.append(byte)
-    raw = bytes(encoded)
-    assert fast_or_error(raw) == reference_or_error(raw)
+    accepts_like_the_reference(bytes(encoded))
 
 
 @given(st.binary(max_size=80))
-def test_fast_decoding_equals_the_reference_on_garbage(raw: bytes) -> None:
-    assert fast_or_error(raw) == reference_or_error(raw)
+def test_random_input_is_refused_or_canonical(raw: bytes) -> None:
+    accepts_like_the_reference(raw)
 
 
 @pytest.mark.parametrize(
     "raw",
     [
-        b"\x18\x05",  # non-canonical integer
+        b"\x18\x05",  # 5 in two bytes: a non-minimal integer
+        b"\x19\x00\x05",  # 5 in three bytes
+        b"\x39\x00\x00",  # -1 in three bytes
+        b"\x58\x01\x00",  # a byte string's length in two bytes
         b"\xa2\x61b\x01\x61a\x02",  # keys out of order
+        b"\xa2\x62aa\x01\x61b\x02",  # longer key first
         b"\xa2\x61a\x01\x61a\x02",  # duplicate key
         b"\xa1\x01\x02",  # integer key
         b"\xa1\x41a\x02",  # byte-string key
         b"\x01\x02",  # trailing bytes
+        b"\xa0\x00",  # trailing bytes after a map
         b"\x9f\x01\xff",  # indefinite-length array
+        b"\xbf\x61a\x01\xff",  # indefinite-length map
         b"\x5f\x41a\xff",  # indefinite-length byte string
-        b"\xc1\x00",  # tag 1 (a date to cbor2)
+        b"\x7f\x61a\xff",  # indefinite-length text string
+        b"\xc1\x00",  # tag 1 (a date)
         b"\xc2\x49\x01\x00\x00\x00\x00\x00\x00\x00\x00",  # tag 2: a bignum
         b"\xd9\xd9\xf7\x01",  # tag 55799 (self-describe)
+        b"\xd8\x2b\x41\x00",  # tag 43
         b"\xd8\x2a\x41\x01",  # tag 42 without the 0x00 prefix
         b"\xd8\x2a\x42\x00\x01",  # tag 42 with a malformed CID
         b"\xd8\x2a\x61a",  # tag 42 around a string
@@ -145,27 +141,23 @@ def test_fast_decoding_equals_the_reference_on_garbage(raw: bytes) -> None:
         b"\xa1\x61a\xf7",  # undefined in a map
         b"\xf9\x00\x00",  # half float
         b"\xfa\x00\x00\x00\x00",  # single float
-        b"\xf9\x7e\x00",  # NaN
+        b"\xf9\x7e\x00",  # NaN, half
         b"\xfb\x7f\xf8\x00\x00\x00\x00\x00\x00",  # NaN as a double
+        b"\xfb\x7f\xf0\x00\x00\x00\x00\x00\x00",  # infinity
         b"\x62\xc3\x28",  # invalid UTF-8
-        b"\x81" * 70 + b"\x01",  # nested too deeply
+        b"\x82\x01",  # truncated array
+        b"\x65abc",  # truncated string
+        b"",  # nothing
     ],
 )
-def test_fast_decoding_refuses_what_the_reference_refuses(raw: bytes) -> None:
-    with pytest.raises(dagcbor.DagCborError):
-        dagcbor.decode_reference(raw)
+def test_non_canonical_or_foreign_input_is_refused(raw: bytes) -> None:
     with pytest.raises(dagcbor.DagCborError):
         dagcbor.decode(raw)
+    with pytest.raises(Exception):  # noqa: B017 (the reference refuses it too)
+        dag_cbor.decode(raw)
 
 
-def test_every_tag_cbor2_decodes_by_itself_gets_the_reference_answer() -> None:
-    import cbor2
-
-    hooked: set[int] = set()
-
-    def hook(tag: cbor2.CBORTag, _immutable: bool) -> None:
-        hooked.add(tag.tag)
-
+def test_every_tag_but_42_is_refused() -> None:
     def head(tag: int) -> bytes:
         if tag < 24:
             return bytes([0xC0 | tag])
@@ -173,24 +165,28 @@ def test_every_tag_cbor2_decodes_by_itself_gets_the_reference_answer() -> None:
             return bytes([0xD8, tag])
         return b"\xd9" + tag.to_bytes(2, "big")
 
-    builtin = []
+    cid = cids.make_cid(cids.RAW, b"x")
     for tag in range(1 << 16):
-        with contextlib.suppress(Exception):
-            cbor2.loads(head(tag) + b"\x00", tag_hook=hook)
-        if tag not in hooked:
-            builtin.append(tag)
-    assert 2 in builtin and 55799 in builtin  # the probe works
-    contents = [
-        b"\x00",
-        b"\x1b\x00\x00\x00\x01\x00\x00\x00\x00",
-        b"\x61a",
-        b"\x49\x01\x00\x00\x00\x00\x00\x00\x00\x00",
-        b"\x44\x7f\x00\x00\x01",
-        b"\x82\x01\x02",
-        b"\x82\x01\x61a",
-        b"\xa1\x61a\x01",
-    ]
-    for tag in builtin:
-        for content in contents:
-            for raw in (head(tag) + content, b"\x81" + head(tag) + content):
-                assert fast_or_error(raw) == reference_or_error(raw), raw.hex()
+        for content in (b"\x00", b"\x61a", b"\x58\x25\x00" + cid, b"\x82\x01\x02"):
+            raw = head(tag) + content
+            if tag == 42 and content[0] == 0x58:
+                assert dagcbor.decode(raw) == Link(cid)
+            else:
+                with pytest.raises(dagcbor.DagCborError):
+                    dagcbor.decode(raw)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), float("inf"), 2**64, -(2**64) - 1, {1: 2}, (1, 2), {"a": object()}, "\udc80"],
+)
+def test_values_outside_dag_cbor_are_not_encoded(value: object) -> None:
+    with pytest.raises(dagcbor.DagCborError):
+        dagcbor.encode(value)  # type: ignore[arg-type]
+
+
+def test_links_and_bytes_stay_apart() -> None:
+    cid = cids.make_cid(cids.RAW, b"x")
+    encoded = dagcbor.encode({"b": cid, "l": Link(cid)})
+    assert encoded == dag_cbor.encode({"b": cid, "l": CID.decode(cid)})
+    assert dagcbor.decode(encoded) == {"b": cid, "l": Link(cid)}

@@ -1,10 +1,26 @@
-"""The events cim-place persists, and their bodies as typed values.
+"""The events cim-place persists: which event types exist and what each body holds.
 
-This module owns the vocabulary of the event store: which event types exist and what each body
-holds. Every event is a frozen dataclass with a ``TYPE`` (the ``content.type`` of its envelope and
-the last token of its subject), ``body()`` to build the DAG-CBOR body and ``from_body()`` to parse
-one back, naming the first bad field. CIDs travel as :class:`~cim_place.objectstore.dagcbor.Link`
-(tag 42) so that IPLD tools see real links.
+Every event is a frozen dataclass deriving from :class:`Event`, with a ``TYPE`` (the
+``content.type`` of its envelope and the last token of its subject) and typed fields. That is all
+an event needs: declaring the class registers it in :data:`EVENT_TYPES`, and one generic codec
+(:class:`~cim_place.cluster.nats.bodies.BodyCodec`) derives its body from the fields and their
+annotations, both ways, naming the first bad field of a body it refuses. To add an event::
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class ReplicaDamaged(Event):
+        # A scrub found blocks of a replica corrupt or missing.
+        TYPE: ClassVar[str] = "ReplicaDamaged"
+        root: CidLink
+        volume: str
+        bad_blocks: int
+        found_at: float
+        detail: str = ""
+
+Field types and what they accept are listed in ``cim_place.cluster.nats.bodies`` (str, counts,
+seconds, bytes, CIDs, optional values, lists and maps of strings, small nested dataclasses). A
+field added to an existing event needs a default, so that stored events without it still read.
+An event declared in another module is known to :func:`parse_event` once that module is
+imported. CIDs travel as links (tag 42) so that IPLD tools see real links.
 
 An agent publishes ``ObjectStored`` / ``ObjectRemoved`` for every pin and unpin, an
 ``InventoryDigest`` per volume now and then (so the controller can detect drift without listing
@@ -17,15 +33,17 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Self, TypeAlias, cast
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeAlias, cast
 
+from cim_place.cluster.nats.bodies import BodyCodec, CidLink, Size
 from cim_place.cluster.nats.envelope import Content, Envelope, EnvelopeError
 from cim_place.objectstore.cid import Cid
-from cim_place.objectstore.dagcbor import Link, Value
+from cim_place.objectstore.dagcbor import Value
 
 __all__ = [
     "EVENT_TYPES",
     "AnyEvent",
+    "Event",
     "EventBodyError",
     "InventoryDigest",
     "NodeJoined",
@@ -45,106 +63,70 @@ __all__ = [
     "parse_event",
 ]
 
-Body: TypeAlias = dict[str, Value]
 TaskAction = Literal["fetch", "drop", "verify", "repair"]
-TASK_ACTIONS: tuple[TaskAction, ...] = ("fetch", "drop", "verify", "repair")
 DamageProblem = Literal["corrupt", "missing"]
-DAMAGE_PROBLEMS: tuple[DamageProblem, ...] = ("corrupt", "missing")
 
 
 class EventBodyError(EnvelopeError):
     """An envelope that decodes but whose event type is unknown or whose body is malformed."""
 
 
-# -- field readers: each names the event type and field that is wrong ---------------------------
+EVENT_TYPES: dict[str, type[Event]] = {}
+"""Every event type by its ``content.type``, filled as event classes are declared."""
+
+_CODECS: dict[type[Event], BodyCodec[Any]] = {}
 
 
-def _field(body: Mapping[str, Value], key: str, event: str) -> Value:
-    if key not in body:
-        raise EventBodyError(f"{event} body is missing field {key!r}")
-    return body[key]
+class Event:
+    """The base of every event: a frozen dataclass with a ``TYPE`` (see the module docstring)."""
+
+    __slots__ = ()
+    TYPE: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("TYPE")
+        if not name:
+            return  # a shared base such as _ObjectEvent
+        known = EVENT_TYPES.get(name)
+        # dataclass(slots=True) builds the class anew (setting __qualname__ only afterwards):
+        # the same declaration registers twice, with the same module and name.
+        if known is not None and (known.__module__, known.__name__) != (
+            cls.__module__,
+            cls.__name__,
+        ):
+            raise TypeError(f"event type {name!r} is declared by {known.__qualname__} already")
+        EVENT_TYPES[name] = cls
+        if known is not None:
+            _CODECS.pop(known, None)
+
+    def body(self) -> dict[str, Value]:
+        """The body that travels in this event's envelope."""
+        return codec_of(type(self)).encode(self)
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Value]) -> Self:
+        """The event read from ``body``; EventBodyError naming the first bad field."""
+        event: Self = codec_of(cls).decode(body)
+        return event
 
 
-def _str(body: Mapping[str, Value], key: str, event: str) -> str:
-    value = _field(body, key, event)
-    if not isinstance(value, str):
-        raise EventBodyError(f"{event}.{key} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _opt_str(body: Mapping[str, Value], key: str, event: str) -> str | None:
-    if body.get(key) is None:
-        return None
-    return _str(body, key, event)
-
-
-def _count(body: Mapping[str, Value], key: str, event: str) -> int:
-    value = _field(body, key, event)
-    # bool is an int in Python; a true/false count is foreign data, not a number.
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise EventBodyError(f"{event}.{key} must be a non-negative integer, got {value!r}")
-    return value
-
-
-def _seconds(body: Mapping[str, Value], key: str, event: str) -> float:
-    value = _field(body, key, event)
-    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-        raise EventBodyError(f"{event}.{key} must be a non-negative number, got {value!r}")
-    return float(value)
-
-
-def _cid(body: Mapping[str, Value], key: str, event: str) -> Cid:
-    value = _field(body, key, event)
-    if not isinstance(value, Link):
-        raise EventBodyError(f"{event}.{key} must be a CID link (tag 42), got {value!r}")
-    return value.cid
-
-
-def _opt_cid(body: Mapping[str, Value], key: str, event: str) -> Cid | None:
-    if body.get(key) is None:
-        return None
-    return _cid(body, key, event)
-
-
-def _all_str(mapping: dict[str, Value]) -> bool:
-    # A loop, not all() over a generator: this runs for every object event the controller reads.
-    for value in mapping.values():  # noqa: SIM110
-        if type(value) is not str:
-            return False
-    return True
-
-
-def _str_map(body: Mapping[str, Value], key: str, event: str) -> dict[str, str]:
-    value = body.get(key, {})
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise EventBodyError(f"{event}.{key} must map strings to strings")
-    return {k: str(v) for k, v in value.items()}
-
-
-def _str_list(body: Mapping[str, Value], key: str, event: str) -> list[str]:
-    value = body.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise EventBodyError(f"{event}.{key} must be a list of strings")
-    return [str(v) for v in value]
-
-
-def _action(body: Mapping[str, Value], key: str, event: str) -> TaskAction:
-    value = _str(body, key, event)
-    for action in TASK_ACTIONS:
-        if value == action:
-            return action
-    raise EventBodyError(f"{event}.{key} must be one of {', '.join(TASK_ACTIONS)}, got {value!r}")
+def codec_of(cls: type[Event]) -> BodyCodec[Any]:
+    """The body codec of event class ``cls``, built on first use."""
+    codec = _CODECS.get(cls)
+    if codec is None:
+        codec = _CODECS[cls] = BodyCodec(cls, error=EventBodyError)
+    return codec
 
 
 # -- events ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class _ObjectEvent:
+class _ObjectEvent(Event):
     """What ObjectStored and ObjectRemoved both say about one root on one volume."""
 
-    TYPE: ClassVar[str] = ""
-    root: Cid
+    root: CidLink
     size: int
     """Bytes of content (the file size for UnixFS), not of the encoded blocks."""
     blocks: int
@@ -152,43 +134,6 @@ class _ObjectEvent:
     owner: str
     name: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
-
-    def body(self) -> Body:
-        return {
-            "root": Link(self.root),
-            "size": self.size,
-            "blocks": self.blocks,
-            "volume": self.volume,
-            "owner": self.owner,
-            "name": self.name,
-            "metadata": dict(self.metadata),
-        }
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Value]) -> Self:
-        fields = object_fields(body)
-        if fields is not None:
-            root, size, blocks, volume, owner, name, metadata = fields
-            return cls(
-                root=root,
-                size=size,
-                blocks=blocks,
-                volume=volume,
-                owner=owner,
-                name=name,
-                metadata=metadata,
-            )
-        # Something is missing or of the wrong type: the field readers name it.
-        t = cls.TYPE
-        return cls(
-            root=_cid(body, "root", t),
-            size=_count(body, "size", t),
-            blocks=_count(body, "blocks", t),
-            volume=_str(body, "volume", t),
-            owner=_str(body, "owner", t),
-            name=_opt_str(body, "name", t),
-            metadata=_str_map(body, "metadata", t),
-        )
 
 
 ObjectFields: TypeAlias = tuple[Cid, int, int, str, str, str | None, Mapping[str, str]]
@@ -198,31 +143,14 @@ ObjectFields: TypeAlias = tuple[Cid, int, int, str, str, str | None, Mapping[str
 def object_fields(body: Mapping[str, Value]) -> ObjectFields | None:
     """The fields of a well-formed ObjectStored / ObjectRemoved body, read in one pass.
 
-    None when a field is missing or of the wrong type (:meth:`ObjectStored.from_body` then says
-    which). Exact types, as the codec returns them: the controller reads every object event
-    through here, and its projection takes the tuple without building the event.
+    None when a field is missing or of the wrong type (:func:`parse_event` then says which). The
+    controller reads every object event through here, and its projection takes the tuple
+    without building the event.
     """
-    root = body.get("root")
-    size = body.get("size")
-    blocks = body.get("blocks")
-    volume = body.get("volume")
-    owner = body.get("owner")
-    name = body.get("name")
-    metadata = body.get("metadata")
-    if (
-        type(root) is Link
-        and type(size) is int
-        and size >= 0
-        and type(blocks) is int
-        and blocks >= 0
-        and type(volume) is str
-        and type(owner) is str
-        and (name is None or type(name) is str)
-        and type(metadata) is dict
-        and _all_str(metadata)
-    ):
-        return root.cid, size, blocks, volume, owner, name, cast(Mapping[str, str], metadata)
-    return None
+    try:
+        return cast(ObjectFields, codec_of(ObjectStored).values(body))
+    except EventBodyError:
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -240,7 +168,7 @@ class ObjectRemoved(_ObjectEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ObjectDeleted:
+class ObjectDeleted(Event):
     """An operator removed a root from the whole domain (``cim-place rm``): a tombstone.
 
     Published by the leading controller on ``<prefix>.evt.<hub domain>.ObjectDeleted`` (the
@@ -250,28 +178,10 @@ class ObjectDeleted:
     """
 
     TYPE: ClassVar[str] = "ObjectDeleted"
-    root: Cid
+    root: CidLink
     by: str
     reason: str = ""
     names: tuple[str, ...] = ()
-
-    def body(self) -> Body:
-        return {
-            "root": Link(self.root),
-            "by": self.by,
-            "reason": self.reason,
-            "names": list(self.names),
-        }
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Value]) -> Self:
-        t = cls.TYPE
-        return cls(
-            root=_cid(body, "root", t),
-            by=_str(body, "by", t),
-            reason=_str(body, "reason", t),
-            names=tuple(_str_list(body, "names", t)),
-        )
 
 
 def inventory_digest(roots: Iterable[Cid]) -> bytes:
@@ -289,7 +199,7 @@ def inventory_digest(roots: Iterable[Cid]) -> bytes:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class InventoryDigest:
+class InventoryDigest(Event):
     """What one volume holds, summarised: pin count, content size and :func:`inventory_digest`."""
 
     TYPE: ClassVar[str] = "InventoryDigest"
@@ -297,36 +207,13 @@ class InventoryDigest:
     pins: int
     size: int
     """Content bytes of all pins on the volume."""
-    digest: bytes
+    digest: Annotated[bytes, Size(32, "SHA-256")]
     taken_at: float
     """Unix time (seconds) at which the pins were listed."""
 
-    def body(self) -> Body:
-        return {
-            "volume": self.volume,
-            "pins": self.pins,
-            "size": self.size,
-            "digest": self.digest,
-            "taken_at": self.taken_at,
-        }
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Value]) -> Self:
-        t = cls.TYPE
-        digest = _field(body, "digest", t)
-        if not isinstance(digest, bytes) or len(digest) != 32:
-            raise EventBodyError(f"{t}.digest must be 32 bytes (SHA-256), got {digest!r}")
-        return cls(
-            volume=_str(body, "volume", t),
-            pins=_count(body, "pins", t),
-            size=_count(body, "size", t),
-            digest=digest,
-            taken_at=_seconds(body, "taken_at", t),
-        )
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class NodeJoined:
+class NodeJoined(Event):
     """An agent started (or restarted) and joined the domain."""
 
     TYPE: ClassVar[str] = "NodeJoined"
@@ -339,55 +226,25 @@ class NodeJoined:
     started_at: float = 0.0
     """Unix time (seconds) at which the agent started."""
 
-    def body(self) -> Body:
-        return {
-            "node": self.node,
-            "labels": dict(self.labels),
-            "tags": list(self.tags),
-            "volumes": list(self.volumes),
-            "version": self.version,
-            "started_at": self.started_at,
-        }
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Value]) -> Self:
-        t = cls.TYPE
-        return cls(
-            node=_str(body, "node", t),
-            labels=_str_map(body, "labels", t),
-            tags=tuple(_str_list(body, "tags", t)),
-            volumes=tuple(_str_list(body, "volumes", t)),
-            version=_str(body, "version", t),
-            started_at=_seconds(body, "started_at", t),
-        )
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class NodeLeft:
+class NodeLeft(Event):
     """An agent stopped on purpose (shutdown, drain); a crash shows as an expired heartbeat."""
 
     TYPE: ClassVar[str] = "NodeLeft"
     node: str
     reason: str = ""
 
-    def body(self) -> Body:
-        return {"node": self.node, "reason": self.reason}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Value]) -> Self:
-        t = cls.TYPE
-        return cls(node=_str(body, "node", t), reason=_str(body, "reason", t))
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TaskCompleted:
+class TaskCompleted(Event):
     """A task's result is durable; its envelope's causation_id is the task's id."""
 
     TYPE: ClassVar[str] = "TaskCompleted"
     task_id: str
     action: TaskAction
     node: str
-    root: Cid | None
+    root: CidLink | None
     volume: str | None
     attempts: int
     duration: float
@@ -395,38 +252,9 @@ class TaskCompleted:
     result: Mapping[str, Value] = field(default_factory=dict)
     """What the handler reported (for example bytes and blocks fetched)."""
 
-    def body(self) -> Body:
-        return {
-            "task_id": self.task_id,
-            "action": self.action,
-            "node": self.node,
-            "root": None if self.root is None else Link(self.root),
-            "volume": self.volume,
-            "attempts": self.attempts,
-            "duration": self.duration,
-            "result": dict(self.result),
-        }
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Value]) -> Self:
-        t = cls.TYPE
-        result = body.get("result", {})
-        if not isinstance(result, dict):
-            raise EventBodyError(f"{t}.result must be a map")
-        return cls(
-            task_id=_str(body, "task_id", t),
-            action=_action(body, "action", t),
-            node=_str(body, "node", t),
-            root=_opt_cid(body, "root", t),
-            volume=_opt_str(body, "volume", t),
-            attempts=_count(body, "attempts", t),
-            duration=_seconds(body, "duration", t),
-            result=result,
-        )
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TaskFailed:
+class TaskFailed(Event):
     """A task ended as failed; its envelope's causation is the task's id.
 
     ``permanent`` tells a failure that retrying cannot fix (a full volume, a malformed task) from
@@ -438,47 +266,20 @@ class TaskFailed:
     task_id: str
     action: TaskAction | None
     node: str
-    root: Cid | None
+    root: CidLink | None
     volume: str | None
     attempts: int
     reason: str
     permanent: bool = False
     duration: float = 0.0
 
-    def body(self) -> Body:
-        return {
-            "task_id": self.task_id,
-            "action": self.action,
-            "node": self.node,
-            "root": None if self.root is None else Link(self.root),
-            "volume": self.volume,
-            "attempts": self.attempts,
-            "reason": self.reason,
-            "permanent": self.permanent,
-            "duration": self.duration,
-        }
 
-    @classmethod
-    def from_body(cls, body: Mapping[str, Value]) -> Self:
-        t = cls.TYPE
-        permanent = body.get("permanent", False)
-        if not isinstance(permanent, bool):
-            raise EventBodyError(f"{t}.permanent must be a boolean")
-        return cls(
-            task_id=_str(body, "task_id", t),
-            action=None if body.get("action") is None else _action(body, "action", t),
-            node=_str(body, "node", t),
-            root=_opt_cid(body, "root", t),
-            volume=_opt_str(body, "volume", t),
-            attempts=_count(body, "attempts", t),
-            reason=_str(body, "reason", t),
-            permanent=permanent,
-            duration=_seconds(body, "duration", t) if "duration" in body else 0.0,
-        )
+AnyEvent: TypeAlias = Event
+"""Any event (every event class derives from :class:`Event`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ReplicaDamaged:
+class ReplicaDamaged(Event):
     """Blocks of a pinned root on a volume of ``node`` failed verification or are gone.
 
     Published wherever the damage was seen (``found_by``: scrub, serve, read, fetch). The replica
@@ -487,78 +288,21 @@ class ReplicaDamaged:
     """
 
     TYPE: ClassVar[str] = "ReplicaDamaged"
-    root: Cid
+    root: CidLink
     node: str
     volume: str
-    blocks: tuple[Cid, ...]
+    blocks: tuple[CidLink, ...]
     problem: DamageProblem
     found_by: str = "scrub"
 
-    def body(self) -> Body:
-        return {
-            "root": Link(self.root),
-            "node": self.node,
-            "volume": self.volume,
-            "blocks": [Link(cid) for cid in self.blocks],
-            "problem": self.problem,
-            "found_by": self.found_by,
-        }
 
-    @classmethod
-    def from_body(cls, body: Mapping[str, Value]) -> Self:
-        t = cls.TYPE
-        blocks = _field(body, "blocks", t)
-        if not isinstance(blocks, list) or not all(isinstance(b, Link) for b in blocks):
-            raise EventBodyError(f"{t}.blocks must be a list of CID links (tag 42)")
-        problem = _str(body, "problem", t)
-        if problem not in DAMAGE_PROBLEMS:
-            raise EventBodyError(f"{t}.problem must be corrupt or missing, got {problem!r}")
-        return cls(
-            root=_cid(body, "root", t),
-            node=_str(body, "node", t),
-            volume=_str(body, "volume", t),
-            blocks=tuple(cast(Link, b).cid for b in blocks),
-            problem=problem,
-            found_by=_str(body, "found_by", t) if "found_by" in body else "",
-        )
-
-
-AnyEvent: TypeAlias = (
-    ObjectStored
-    | ObjectRemoved
-    | ObjectDeleted
-    | InventoryDigest
-    | NodeJoined
-    | NodeLeft
-    | TaskCompleted
-    | TaskFailed
-    | ReplicaDamaged
-)
-
-EVENT_TYPES: Mapping[str, type[AnyEvent]] = {
-    cls.TYPE: cls
-    for cls in (
-        ObjectStored,
-        ObjectRemoved,
-        ObjectDeleted,
-        InventoryDigest,
-        NodeJoined,
-        NodeLeft,
-        TaskCompleted,
-        TaskFailed,
-        ReplicaDamaged,
-    )
-}
-"""Every event type by its ``content.type``."""
-
-
-def event_content(event: AnyEvent) -> Content:
+def event_content(event: Event) -> Content:
     """The envelope content of ``event``: kind ``event``, its TYPE and its body."""
-    return Content("event", event.TYPE, event.body())
+    return Content("event", event.TYPE, codec_of(type(event)).encode(event))
 
 
 def event_envelope(
-    event: AnyEvent,
+    event: Event,
     *,
     owner: str,
     cause: Envelope | None = None,
@@ -571,7 +315,7 @@ def event_envelope(
     return cause.caused(content, owner=owner, metadata=metadata)
 
 
-def parse_event(envelope: Envelope) -> AnyEvent:
+def parse_event(envelope: Envelope) -> Event:
     """The typed event inside ``envelope``; EventBodyError if it is not a known, valid event."""
     content = envelope.content
     if content.kind != "event":
@@ -582,4 +326,5 @@ def parse_event(envelope: Envelope) -> AnyEvent:
             f"message {envelope.id} has unknown event type {content.type!r} "
             f"(known: {', '.join(sorted(EVENT_TYPES))})"
         )
-    return cls.from_body(content.body)
+    event: Event = codec_of(cls).decode(content.body)
+    return event

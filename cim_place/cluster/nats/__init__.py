@@ -1,3 +1,4 @@
-"""Talking to NATS: connections, every subject and stream name, the message envelope, the KV bucket
-names, and the domain's users, permissions and requester identity.
+"""Talking to NATS: connections, every subject and stream name, the message envelope and the codec
+of typed message bodies, the KV bucket names, and the domain's users, permissions and requester
+identity.
 """

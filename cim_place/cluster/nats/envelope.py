@@ -12,7 +12,9 @@ headers so tools can filter without decoding.
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast
@@ -42,8 +44,29 @@ class Content:
     body: Mapping[str, Value] = field(default_factory=dict)
 
 
+def _id_prefix() -> str:
+    return secrets.token_hex(12)
+
+
+_prefix = _id_prefix()
+_serial = itertools.count()
+
+
+def _reseed() -> None:
+    global _prefix, _serial
+    _prefix, _serial = _id_prefix(), itertools.count()
+
+
+# A forked child must not repeat its parent's ids.
+os.register_at_fork(after_in_child=_reseed)
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A message id unique across processes: 96 random bits per process and a serial number.
+
+    32 hex digits like a UUID's, and about ten times cheaper than ``uuid4()`` on every send.
+    """
+    return f"{_prefix}{next(_serial):08x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +85,7 @@ class Envelope:
     ) -> Envelope:
         """A message that starts a conversation: it is its own correlation."""
         message_id = new_id()
-        return cls(message_id, message_id, None, owner, content, dict(metadata or {}))
+        return _envelope(message_id, message_id, None, owner, content, dict(metadata or {}), None)
 
     def caused(
         self,
@@ -72,13 +95,14 @@ class Envelope:
         metadata: Mapping[str, str] | None = None,
     ) -> Envelope:
         """A message caused by this one: same correlation, causation = this message's id."""
-        return Envelope(
+        return _envelope(
             new_id(),
             self.correlation_id,
             self.id,
             self.owner if owner is None else owner,
             content,
             dict(metadata or {}),
+            None,
         )
 
     def with_sequence(self, sequence: int) -> Envelope:
@@ -96,20 +120,67 @@ class Envelope:
         return headers
 
     def encode(self) -> bytes:
+        metadata = self.metadata
+        body = self.content.body
+        # The codec takes exact dicts; copy only what is another Mapping.
         return dagcbor.encode(
             {
                 "id": self.id,
                 "correlation_id": self.correlation_id,
                 "causation_id": self.causation_id,
                 "owner": self.owner,
-                "metadata": dict(self.metadata),
+                "metadata": metadata if type(metadata) is dict else dict(metadata),
                 "content": {
                     "kind": self.content.kind,
                     "type": self.content.type,
-                    "body": dict(self.content.body),
+                    "body": body if type(body) is dict else dict(body),
                 },
             }
         )
+
+
+# Every message builds one Envelope and one Content, on each side: setting their slots directly
+# costs half of what a frozen dataclass's __init__ does (object.__setattr__ per field), and the
+# instances are the same (same fields, still frozen to everyone else).
+_new = object.__new__
+_set_kind, _set_type, _set_body = (
+    getattr(Content, name).__set__ for name in ("kind", "type", "body")
+)
+_set_id, _set_correlation, _set_causation, _set_owner = (
+    getattr(Envelope, name).__set__ for name in ("id", "correlation_id", "causation_id", "owner")
+)
+_set_content, _set_metadata, _set_sequence = (
+    getattr(Envelope, name).__set__ for name in ("content", "metadata", "sequence")
+)
+
+
+def make_content(kind: Kind, content_type: str, body: Mapping[str, Value]) -> Content:
+    """``Content(kind, content_type, body)``, built at half the cost (once per message)."""
+    content = _new(Content)
+    _set_kind(content, kind)
+    _set_type(content, content_type)
+    _set_body(content, body)
+    return content
+
+
+def _envelope(
+    message_id: str,
+    correlation: str,
+    causation: str | None,
+    owner: str,
+    content: Content,
+    metadata: Mapping[str, str],
+    sequence: int | None,
+) -> Envelope:
+    envelope = _new(Envelope)
+    _set_id(envelope, message_id)
+    _set_correlation(envelope, correlation)
+    _set_causation(envelope, causation)
+    _set_owner(envelope, owner)
+    _set_content(envelope, content)
+    _set_metadata(envelope, metadata)
+    _set_sequence(envelope, sequence)
+    return envelope
 
 
 def _text(doc: Mapping[str, Value], key: str, where: str, *, optional: bool = False) -> str | None:
@@ -170,12 +241,12 @@ def decode(data: bytes, *, sequence: int | None = None) -> Envelope:
         _text(doc, "owner", "")
         _text(content, "type", "content.")
         raise EnvelopeError("envelope fields are not all non-empty strings")  # not reached
-    return Envelope(
+    return _envelope(
         message_id,
         correlation,
         causation,
         owner,
-        Content(kind, content_type, body),
+        make_content(kind, content_type, body),
         cast(dict[str, str], metadata),
         sequence,
     )

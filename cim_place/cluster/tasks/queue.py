@@ -45,7 +45,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Annotated, Literal
 
 import nats.errors
 import nats.js.errors
@@ -62,6 +62,7 @@ from nats.js.api import (
 )
 
 from cim_place.cluster.events.types import TaskCompleted, TaskFailed
+from cim_place.cluster.nats.bodies import BodyCodec, Check, CidLink, MaxItems, wire
 from cim_place.cluster.nats.envelope import (
     CORRELATION,
     MSG_ID,
@@ -73,14 +74,12 @@ from cim_place.cluster.nats.envelope import (
 from cim_place.cluster.nats.subjects import (
     HUB_DOMAIN,
     TASKS_STREAM,
-    InvalidSubjectError,
     Subjects,
     check_node_id,
 )
 from cim_place.errors import CimPlaceError, StoreFullError, TransportError
-from cim_place.objectstore import cid as cids
 from cim_place.objectstore.cid import Cid
-from cim_place.objectstore.dagcbor import Link, Value
+from cim_place.objectstore.dagcbor import Value
 from cim_place.placement.reconciler import TaskKind
 
 __all__ = [
@@ -132,6 +131,7 @@ same desired-state revision does not queue them again while they wait.
 
 # A task names at most this many holders; more is a malformed (or hostile) message.
 _MAX_HOLDERS = 1024
+NodeId = Annotated[str, Check(check_node_id)]
 _MAX_REASON = 1000
 
 
@@ -179,16 +179,16 @@ class Task:
     in from the delivery count (1 on the first delivery).
     """
 
-    id: str
+    id: str = field(metadata=wire("task_id"))
     kind: TaskKind
-    node: str
-    root: Cid
-    holders: tuple[str, ...] = ()
+    node: NodeId
+    root: CidLink
+    holders: Annotated[tuple[NodeId, ...], MaxItems(_MAX_HOLDERS)] = ()
     volume: str | None = None
     generation: int = 0
     reason: str = ""
     created_by: str = ""
-    attempt: int = 1
+    attempt: int = field(default=1, metadata=wire(None))
     name: str | None = None
     """For fetch: the object's name, owner and metadata, recorded on the new replica's pin."""
     owner: str = ""
@@ -231,20 +231,11 @@ class Task:
         return COMMAND_TYPES[self.kind]
 
     def body(self) -> dict[str, Value]:
-        return {
-            "task_id": self.id,
-            "kind": self.kind,
-            "node": self.node,
-            "root": Link(self.root),
-            "holders": list(self.holders),
-            "volume": self.volume,
-            "generation": self.generation,
-            "reason": self.reason,
-            "created_by": self.created_by,
-            "name": self.name,
-            "owner": self.owner,
-            "metadata": dict(self.metadata),
-        }
+        """The body of the task's command envelope (``attempt`` does not travel)."""
+        return _TASK_BODY.encode(self)
+
+
+_TASK_BODY = BodyCodec(Task, error=TaskFormatError)
 
 
 def task_envelope(task: Task, *, cause: Envelope | None = None) -> Envelope:
@@ -260,20 +251,11 @@ def task_envelope(task: Task, *, cause: Envelope | None = None) -> Envelope:
     return Envelope(task.id, cause.correlation_id, cause.id, owner, content)
 
 
-def _field(body: Mapping[str, Value], key: str, kind: type, *, optional: bool = False) -> Value:
-    value = body.get(key)
-    if value is None and optional:
-        return None
-    # bool is an int in Python; a generation of True is a type error, not 1.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TaskFormatError(
-            f"task body field {key!r} must be {kind.__name__}, got {type(value).__name__}"
-        )
-    return value
-
-
 def decode_task(envelope: Envelope) -> Task:
-    """The task carried by a command envelope; raises TaskFormatError naming the first problem."""
+    """The task carried by a command envelope; raises TaskFormatError naming the first problem.
+
+    The id is the envelope's (the body's ``task_id`` only repeats it), the kind the command's.
+    """
     content = envelope.content
     if content.kind != "command":
         raise TaskFormatError(f"a task must be a command, got a {content.kind}")
@@ -286,51 +268,7 @@ def decode_task(envelope: Envelope) -> Task:
     body = content.body
     if body.get("kind", kind) != kind:
         raise TaskFormatError(f"task kind {body.get('kind')!r} contradicts command {content.type}")
-    node = _field(body, "node", str)
-    root = _field(body, "root", Link)
-    holders = _field(body, "holders", list, optional=True) or []
-    volume = _field(body, "volume", str, optional=True)
-    generation = _field(body, "generation", int, optional=True) or 0
-    reason = _field(body, "reason", str, optional=True) or ""
-    created_by = _field(body, "created_by", str, optional=True) or ""
-    name = _field(body, "name", str, optional=True)
-    owner = _field(body, "owner", str, optional=True) or ""
-    metadata = _field(body, "metadata", dict, optional=True) or {}
-    assert name is None or isinstance(name, str)
-    assert isinstance(owner, str) and isinstance(metadata, dict)
-    if not all(isinstance(v, str) for v in metadata.values()):
-        raise TaskFormatError("task metadata must map strings to strings")
-    assert isinstance(node, str) and isinstance(root, Link) and isinstance(holders, list)
-    assert volume is None or isinstance(volume, str)
-    assert isinstance(generation, int) and isinstance(reason, str) and isinstance(created_by, str)
-    try:
-        check_node_id(node)
-        cids.split(root.cid)
-    except CimPlaceError as exc:  # an invalid node id or CID
-        raise TaskFormatError(f"task {envelope.id}: {exc}") from None
-    if len(holders) > _MAX_HOLDERS:
-        raise TaskFormatError(f"task names {len(holders)} holders; at most {_MAX_HOLDERS} allowed")
-    for holder in holders:
-        if not isinstance(holder, str):
-            raise TaskFormatError(f"task holders must be node ids, got {holder!r}")
-        try:
-            check_node_id(holder)
-        except InvalidSubjectError as exc:
-            raise TaskFormatError(f"task {envelope.id}: holder {exc}") from None
-    return Task(
-        id=envelope.id,
-        kind=kind,
-        node=node,
-        root=root.cid,
-        holders=tuple(str(h) for h in holders),
-        volume=volume,
-        generation=generation,
-        reason=reason,
-        created_by=created_by,
-        name=name,
-        owner=owner,
-        metadata={str(k): str(v) for k, v in metadata.items()},
-    )
+    return _TASK_BODY.decode(body, label=content.type, id=envelope.id, kind=kind)
 
 
 # -- the stream and the producer side -------------------------------------------------------------

@@ -96,8 +96,8 @@ def _command(body: dict[str, object], command: str = "DropObject") -> Envelope:
     [
         (_command({"node": "n1", "root": Link(ROOT)}, "MeltObject"), "unknown task command"),
         (Envelope.new(Content("event", "DropObject", {}), owner="x"), "must be a command"),
-        (_command({"node": 5, "root": Link(ROOT)}), "'node' must be str"),
-        (_command({"node": "n1", "root": ROOT}), "'root' must be Link"),
+        (_command({"node": 5, "root": Link(ROOT)}), "DropObject.node must be a string"),
+        (_command({"node": "n1", "root": ROOT}), "DropObject.root must be a CID link"),
         (_command({"node": "a.b", "root": Link(ROOT)}), "not usable"),
         (_command({"node": "n1", "root": Link(ROOT), "holders": [1]}), "holders"),
         (_command({"node": "n1", "root": Link(ROOT), "generation": True}), "generation"),
