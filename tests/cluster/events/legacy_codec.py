@@ -24,7 +24,7 @@ from cim_place.cluster.events.types import (
 from cim_place.cluster.tasks.queue import Task
 from cim_place.objectstore.dagcbor import Link
 
-TASK_ACTIONS = ("fetch", "drop", "verify")
+TASK_ACTIONS = ("fetch", "drop", "verify", "repair")
 LEGACY_TYPES = {
     "ObjectStored",
     "ObjectRemoved",

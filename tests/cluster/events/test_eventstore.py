@@ -132,6 +132,10 @@ SAMPLES: list[AnyEvent] = [
 ]
 
 
+def _sample(kind: type[AnyEvent]) -> AnyEvent:
+    return next(event for event in SAMPLES if isinstance(event, kind))
+
+
 # -- events, no server -------------------------------------------------------------------------
 
 
@@ -154,7 +158,7 @@ def test_cids_travel_as_links() -> None:
 
 def test_task_outcomes_are_caused_by_their_task() -> None:
     task = Envelope.new(Content("command", "fetch", {}), owner="controller")
-    done = event_envelope(SAMPLES[5], owner="leaf-a", cause=task)
+    done = event_envelope(_sample(TaskCompleted), owner="leaf-a", cause=task)
     assert done.causation_id == task.id
     assert done.correlation_id == task.correlation_id
 
@@ -175,11 +179,13 @@ def test_task_outcomes_are_caused_by_their_task() -> None:
             "ObjectStored.root",
         ),
         (
-            Content("event", "TaskFailed", {**SAMPLES[6].body(), "action": "explode"}),
+            Content("event", "TaskFailed", {**_sample(TaskFailed).body(), "action": "explode"}),
             "TaskFailed.action",
         ),
         (
-            Content("event", "InventoryDigest", {**SAMPLES[2].body(), "digest": b"short"}),
+            Content(
+                "event", "InventoryDigest", {**_sample(InventoryDigest).body(), "digest": b"short"}
+            ),
             "InventoryDigest.digest",
         ),
     ],
