@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from cim_place.policies import labels as label_syntax
 from cim_place.policies import quantities
+from cim_place.policies.demand import SERVICE_HINT, SERVICE_RE, read_demand
 from cim_place.policies.loader import INVALID, Path, YamlFile, read_file, read_text
 from cim_place.policies.model import (
     FAILURE_DOMAINS,
@@ -55,6 +56,7 @@ POLICY_KEYS = (
     "locality",
     "expire_after",
     "repair",
+    "demand",
 )
 SET_KEYS = ("policies", "consumers")
 MATCH_KEYS = ("name", "owner", "labels", "size", "content_type")
@@ -394,6 +396,7 @@ class _Reader(YamlReader):
             else None
         )
         repair = self.repair(doc["repair"], (*path, "repair")) if "repair" in doc else Repair()
+        demand = read_demand(self, doc["demand"], (*path, "demand")) if "demand" in doc else None
         # A part may be None without a new problem here: the loader reported it already.
         if (
             len(self.f.problems) > count
@@ -405,6 +408,7 @@ class _Reader(YamlReader):
             or constraints is None
             or preferences is None
             or repair is None
+            or ("demand" in doc and demand is None)
         ):
             return None
         return Policy(
@@ -419,6 +423,7 @@ class _Reader(YamlReader):
             locality=locality,
             expire_after_seconds=expire_after,
             repair=repair,
+            demand=demand,
         )
 
     def replicas(self, value: object, path: Path, expires: bool) -> Replicas | None:
@@ -761,11 +766,19 @@ class _Reader(YamlReader):
                 self.problem(
                     p,
                     f"consumer {name!r} declares no labels",
-                    "give the labels of where it runs, e.g. {zone: eu-1, host: web1}",
+                    "give the labels of where it runs, e.g. {zone: eu-1, host: web1}, or the "
+                    "service whose reads locate it, e.g. {service: shop-web}",
                 )
                 continue
             clean: dict[str, str] = {}
+            service: str | None = None
             for key, label in labels.items():
+                if key == "service":
+                    # Reserved: the consumer's reads locate it (docs/DEMAND.md), not a label.
+                    service = self.string(label, (*p, key), "service", SERVICE_RE, SERVICE_HINT)
+                    if service is not None:
+                        clean[key] = service
+                    continue
                 if not label_syntax.LABEL_KEY_RE.match(key):
                     self.problem(
                         (*p, key),
@@ -789,5 +802,7 @@ class _Reader(YamlReader):
                     continue
                 clean[key] = str(label).strip()
             if len(clean) == len(labels):
-                result.append((Consumer(name=name, labels=dict(sorted(clean.items()))), p))
+                clean.pop("service", None)
+                consumer = Consumer(name=name, labels=dict(sorted(clean.items())), service=service)
+                result.append((consumer, p))
         return result

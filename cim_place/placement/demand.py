@@ -1,0 +1,413 @@
+"""Demand-driven cached copies: where an object gains an extra copy, and when it loses one.
+
+Pure: no NATS, no clock (``now`` is passed in), no disk. Read counts come from
+:mod:`cim_place.placement.demand_window`; this module decides. docs/DEMAND.md has the model.
+
+Steps of :func:`decide`, for one object:
+
+1. The object's cached copies (from the :class:`CacheLedger`) on a volume that the planner now
+   requires are *adopted*: they stop being cached and are never dropped here. Copies on volumes
+   gone from the node map or down are dropped from the ledger.
+2. Reads are summed per *locus*: the reading node (``follow: readers``) or its zone
+   (``follow: zone``). A cached copy's last read moves to the latest read at its locus.
+3. A cached copy not read for ``keep`` is dropped; above ``max_extra`` (the policy changed), the
+   least recently read ones are dropped.
+4. Every locus with at least ``min_reads`` reads in the window and no copy (required or cached)
+   is a candidate, most reads first (ties: latest read, then name). While the object has fewer
+   than ``max_extra`` cached copies, a candidate gets one on a volume there that passes the
+   policy's hard constraints, is up, holds no copy and has room: on the reading node itself, or
+   in the zone on the node that read most. The node's budget (a share of its capacity, or
+   bytes) bounds its cached bytes across all objects; to make room, cached copies on that node
+   read less recently than the candidate are evicted, least recently read first. A candidate
+   that fits nowhere is reported in ``skipped``.
+
+What this never does: add a copy on a volume the planner requires, drop a required copy, or
+change what the planner is given. The controller passes the planner only the object's
+non-cached copies as ``current`` (:func:`required_current`), so its output is the same with
+and without demand, and ``min`` counts required copies only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from cim_place.objectstore.cid import Cid
+from cim_place.placement.demand_window import Reads
+from cim_place.placement.model import (
+    NodeMap,
+    PlacementRule,
+    SpreadLevel,
+    Volume,
+    VolumeId,
+    VolumeState,
+)
+from cim_place.placement.planner import Eligibility
+from cim_place.policies.model import Consumer, Demand
+from cim_place.policies.quantities import format_duration
+
+Locus = str
+"""Where demand is counted: a node id, or ``region/zone`` for ``follow: zone``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemandRule:
+    """The decision's view of a policy's ``demand:`` section (times in seconds)."""
+
+    follow: Literal["readers", "zone"] = "readers"
+    min_reads: int = 5
+    window: float = 600.0
+    max_extra: int = 2
+    keep: float = 3600.0
+    budget_fraction: float | None = 0.2
+    budget_bytes: int | None = None
+
+    @classmethod
+    def of(cls, demand: Demand) -> DemandRule:
+        return cls(
+            follow=demand.follow,
+            min_reads=demand.min_reads,
+            window=float(demand.window_seconds),
+            max_extra=demand.max_extra,
+            keep=float(demand.keep_seconds),
+            budget_fraction=(
+                None if demand.budget_percent is None else demand.budget_percent / 100.0
+            ),
+            budget_bytes=demand.budget_bytes,
+        )
+
+    def budget(self, node_capacity: int) -> int:
+        """Bytes a node with ``node_capacity`` bytes may spend on cached copies."""
+        if self.budget_bytes is not None:
+            return self.budget_bytes
+        return int(node_capacity * (self.budget_fraction or 0.0))
+
+
+@dataclass(frozen=True, slots=True)
+class CachedCopy:
+    """An extra copy that demand added: state ``cached`` in status, never counted towards min."""
+
+    cid: Cid
+    volume: VolumeId
+    size: int
+    last_read: float
+    cause: str = ""
+    """The demand that caused it, as status and explain show it."""
+
+    @property
+    def node(self) -> str:
+        return self.volume.split("/", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheAdd:
+    cid: Cid
+    volume: VolumeId
+    size: int
+    locus: Locus
+    reads: int
+    last_read: float
+    cause: str
+
+
+@dataclass(frozen=True, slots=True)
+class CacheDrop:
+    cid: Cid
+    volume: VolumeId
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DemandDecision:
+    """What :func:`decide` asks for. ``drop`` may name other objects' copies (evictions);
+    ``refresh`` is the object's kept copies with their last read moved; ``adopted`` copies now
+    sit on a required volume and leave the cache without being dropped."""
+
+    add: tuple[CacheAdd, ...] = ()
+    drop: tuple[CacheDrop, ...] = ()
+    refresh: tuple[CachedCopy, ...] = ()
+    adopted: tuple[CachedCopy, ...] = ()
+    skipped: tuple[str, ...] = ()
+
+
+class CacheLedger:
+    """Every cached copy in the domain, by object and by node (the budget's bookkeeping)."""
+
+    def __init__(self, copies: Iterable[CachedCopy] = ()) -> None:
+        self._by_key: dict[tuple[Cid, VolumeId], CachedCopy] = {}
+        self._by_cid: dict[Cid, set[VolumeId]] = {}
+        self._by_node: dict[str, set[tuple[Cid, VolumeId]]] = {}
+        self._used: dict[str, int] = {}
+        for copy in copies:
+            self.put(copy)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __iter__(self) -> Iterator[CachedCopy]:
+        return iter(list(self._by_key.values()))
+
+    def put(self, copy: CachedCopy) -> None:
+        self.remove(copy.cid, copy.volume)
+        key = (copy.cid, copy.volume)
+        self._by_key[key] = copy
+        self._by_cid.setdefault(copy.cid, set()).add(copy.volume)
+        self._by_node.setdefault(copy.node, set()).add(key)
+        self._used[copy.node] = self._used.get(copy.node, 0) + copy.size
+
+    def remove(self, cid: Cid, volume: VolumeId) -> None:
+        copy = self._by_key.pop((cid, volume), None)
+        if copy is None:
+            return
+        self._by_cid[cid].discard(volume)
+        if not self._by_cid[cid]:
+            del self._by_cid[cid]
+        self._by_node[copy.node].discard((cid, volume))
+        self._used[copy.node] -= copy.size
+
+    def of_object(self, cid: Cid) -> tuple[CachedCopy, ...]:
+        return tuple(self._by_key[(cid, v)] for v in sorted(self._by_cid.get(cid, ())))
+
+    def on_node(self, node: str) -> tuple[CachedCopy, ...]:
+        return tuple(self._by_key[k] for k in self._by_node.get(node, ()))
+
+    def used(self, node: str) -> int:
+        """Bytes of cached copies on ``node``."""
+        return self._used.get(node, 0)
+
+    def total(self) -> int:
+        return sum(self._used.values())
+
+    def apply(self, decision: DemandDecision) -> None:
+        """Record a decision as if its tasks had succeeded (the controller does this on the
+        events that confirm them; the bench and the tests at once)."""
+        for drop in decision.drop:
+            self.remove(drop.cid, drop.volume)
+        for copy in decision.adopted:
+            self.remove(copy.cid, copy.volume)
+        for copy in decision.refresh:
+            self.put(copy)
+        for add in decision.add:
+            self.put(CachedCopy(add.cid, add.volume, add.size, add.last_read, add.cause))
+
+
+def required_current(
+    copies: Iterable[VolumeId], cached: Collection[VolumeId]
+) -> frozenset[VolumeId]:
+    """The copies to give the planner as ``current``: every copy except the cached ones, so a
+    cached copy is never kept (or counted) as a required one."""
+    return frozenset(v for v in copies if v not in cached)
+
+
+def zone_locus(volume: Volume) -> Locus:
+    return "/".join(volume.domain(SpreadLevel.ZONE))
+
+
+def node_zones(node_map: NodeMap) -> dict[str, Locus]:
+    """The zone locus of every node in the map (for :meth:`DemandWindow.by_zone`)."""
+    return {v.node: zone_locus(v) for v in node_map.volumes}
+
+
+def decide(
+    *,
+    cid: Cid,
+    size: int,
+    rule: DemandRule,
+    placement_rule: PlacementRule,
+    node_map: NodeMap,
+    required: Collection[VolumeId],
+    reads: Mapping[str, Reads],
+    ledger: CacheLedger,
+    now: float,
+    eligibility: Eligibility | None = None,
+) -> DemandDecision:
+    """The cached copies of ``cid`` to add and drop (module docstring). ``reads``: the object's
+    reads per reading node over ``rule.window``; ``required``: the planner's desired volumes."""
+    el = eligibility if eligibility is not None else Eligibility.of(placement_rule, node_map)
+    required = frozenset(required)
+    locus_of = _locus_function(rule, node_map)
+    by_locus: dict[Locus, Reads] = {}
+    for node, r in reads.items():
+        locus = locus_of.get(node)
+        if locus is not None and r.count > 0:
+            by_locus[locus] = by_locus.get(locus, Reads()).plus(r.count, r.bytes, r.last_read)
+
+    adopted: list[CachedCopy] = []
+    drop: list[CacheDrop] = []
+    kept: list[CachedCopy] = []
+    for copy in ledger.of_object(cid):
+        volume = node_map.get(copy.volume)
+        if copy.volume in required:
+            adopted.append(copy)
+        elif volume is None or volume.state is VolumeState.DOWN:
+            drop.append(CacheDrop(cid, copy.volume, "volume gone or down"))
+        else:
+            seen = by_locus.get(locus_of.get(volume.node, ""), Reads())
+            kept.append(replace(copy, last_read=max(copy.last_read, seen.last_read)))
+    for copy in [c for c in kept if now - c.last_read >= rule.keep]:
+        kept.remove(copy)
+        drop.append(CacheDrop(cid, copy.volume, f"no reads for {format_duration(int(rule.keep))}"))
+    kept.sort(key=lambda c: (-c.last_read, c.volume))
+    for copy in kept[rule.max_extra :]:
+        drop.append(CacheDrop(cid, copy.volume, f"more than max_extra ({rule.max_extra})"))
+    kept = kept[: rule.max_extra]
+
+    served = {locus_of[v.split("/", 1)[0]] for v in required if v.split("/", 1)[0] in locus_of}
+    served |= {locus_of[c.node] for c in kept if c.node in locus_of}
+    holding = required | {c.volume for c in kept}
+    candidates = sorted(
+        (
+            (locus, r)
+            for locus, r in by_locus.items()
+            if r.count >= rule.min_reads and locus not in served
+        ),
+        key=lambda item: (-item[1].count, -item[1].last_read, item[0]),
+    )
+    budget = _Budget(rule, node_map, ledger, cid)
+    add: list[CacheAdd] = []
+    skipped: list[str] = []
+    for locus, r in candidates:
+        if len(kept) + len(add) >= rule.max_extra:
+            skipped.append(f"{locus}: {r.count} reads, but max_extra ({rule.max_extra}) reached")
+            continue
+        placed = False
+        for volume in _volumes_at(locus, rule, el.eligible, reads, locus_of, holding, size):
+            evict = budget.make_room(volume.node, size, r.last_read)
+            if evict is None:
+                continue
+            drop.extend(
+                CacheDrop(c.cid, c.volume, f"evicted, least recently read, for {locus}")
+                for c in evict
+            )
+            cause = f"{r.count} reads in {format_duration(int(rule.window))} from {locus}"
+            add.append(CacheAdd(cid, volume.id, size, locus, r.count, r.last_read, cause))
+            holding = holding | {volume.id}
+            placed = True
+            break
+        if not placed:
+            skipped.append(f"{locus}: {r.count} reads, but no volume there has room or budget")
+    return DemandDecision(
+        add=tuple(add),
+        drop=tuple(drop),
+        refresh=tuple(kept),
+        adopted=tuple(adopted),
+        skipped=tuple(skipped),
+    )
+
+
+def _locus_function(rule: DemandRule, node_map: NodeMap) -> dict[str, Locus]:
+    if rule.follow == "zone":
+        return node_zones(node_map)
+    return {v.node: v.node for v in node_map.volumes}
+
+
+def _volumes_at(
+    locus: Locus,
+    rule: DemandRule,
+    eligible: Sequence[Volume],
+    reads: Mapping[str, Reads],
+    locus_of: Mapping[str, Locus],
+    holding: Collection[VolumeId],
+    size: int,
+) -> list[Volume]:
+    """Volumes at ``locus`` that may take the copy: the node that read most first, then the
+    volume with most free space (ties by id, so the choice is deterministic)."""
+    fit = [
+        v
+        for v in eligible
+        if locus_of.get(v.node) == locus
+        and v.state is VolumeState.UP
+        and v.id not in holding
+        and v.free >= size
+    ]
+    # A node with any copy of the object already serves it: no second copy there.
+    nodes_holding = {h.split("/", 1)[0] for h in holding}
+    fit = [v for v in fit if v.node not in nodes_holding]
+    return sorted(fit, key=lambda v: (-reads.get(v.node, Reads()).count, -v.free, v.id))
+
+
+class _Budget:
+    """Cached bytes per node during one decision, with LRU eviction of other objects' copies."""
+
+    def __init__(self, rule: DemandRule, node_map: NodeMap, ledger: CacheLedger, cid: Cid) -> None:
+        self.rule = rule
+        self.node_map = node_map
+        self.ledger = ledger
+        self.cid = cid
+        self.evicted: set[tuple[Cid, VolumeId]] = set()
+        self.freed: dict[str, int] = {}
+        self.added: dict[str, int] = {}
+        self._capacity: dict[str, int] = {}
+        for v in node_map.volumes:
+            self._capacity[v.node] = self._capacity.get(v.node, 0) + v.capacity
+
+    def make_room(self, node: str, size: int, last_read: float) -> list[CachedCopy] | None:
+        """The copies to evict so ``size`` more bytes fit on ``node``; None when they cannot
+        (only copies of other objects read before ``last_read`` may go)."""
+        budget = self.rule.budget(self._capacity.get(node, 0))
+        used = self.ledger.used(node) - self.freed.get(node, 0) + self.added.get(node, 0)
+        evict: list[CachedCopy] = []
+        if used + size > budget:
+            victims = sorted(
+                (
+                    c
+                    for c in self.ledger.on_node(node)
+                    if c.cid != self.cid
+                    and c.last_read < last_read
+                    and (c.cid, c.volume) not in self.evicted
+                ),
+                key=lambda c: (c.last_read, c.volume, c.cid),
+            )
+            for victim in victims:
+                if used + size <= budget:
+                    break
+                evict.append(victim)
+                used -= victim.size
+            if used + size > budget:
+                return None
+        self.evicted.update((c.cid, c.volume) for c in evict)
+        self.freed[node] = self.freed.get(node, 0) + sum(c.size for c in evict)
+        self.added[node] = self.added.get(node, 0) + size
+        return evict
+
+
+def locate_consumers(
+    consumers: Iterable[Consumer],
+    service_nodes: Mapping[str, Mapping[str, int]],
+    node_map: NodeMap,
+    previous: Mapping[str, str] | None = None,
+) -> tuple[tuple[Consumer, ...], dict[str, str]]:
+    """Consumers declared by ``service``, given the labels of the node their reads come from.
+
+    ``service_nodes``: reads per node of each service over the window
+    (:meth:`DemandWindow.service_nodes`). The node with most reads locates the service; the
+    previous location (``previous``: consumer -> node) is kept while it still has at least half
+    the reads of the busiest node, so a service reading from two nodes does not flap between
+    them. Without reads the declared labels (if any) stand. Returns the consumers and the new
+    consumer -> node map.
+    """
+    previous = previous or {}
+    first_volume: dict[str, Volume] = {}
+    for v in node_map.volumes:
+        first_volume.setdefault(v.node, v)
+    located: dict[str, str] = {}
+    out: list[Consumer] = []
+    for consumer in consumers:
+        counts = {
+            n: c
+            for n, c in service_nodes.get(consumer.service or "", {}).items()
+            if n in first_volume
+        }
+        if consumer.service is None or not counts:
+            out.append(consumer)
+            continue
+        best = max(sorted(counts), key=lambda n: counts[n])
+        before = previous.get(consumer.name)
+        node = before if before in counts and 2 * counts[before] >= counts[best] else best
+        assert node is not None
+        v = first_volume[node]
+        labels = {k: x for k, x in (("region", v.region), ("zone", v.zone), ("host", v.host)) if x}
+        located[consumer.name] = node
+        out.append(Consumer(consumer.name, labels, consumer.service))
+    return tuple(out), located
