@@ -200,6 +200,7 @@ class DemandWindow:
         self._newest = max(self._newest, n)
         if n <= self._newest - self._span():
             return
+        self.expire(report.end)  # first, so that expired counters free room for these
         objects = self._slots.setdefault(n, {})
         services = self._services.setdefault(n, {})
         for c in report.counts:
@@ -220,7 +221,6 @@ class DemandWindow:
             if c.service:
                 by_node = services.setdefault(c.service, {})
                 by_node[c.node] = by_node.get(c.node, 0) + c.reads
-        self.expire(report.end)
 
     def _span(self) -> int:
         return math.ceil(self.horizon / self.slot)
