@@ -29,11 +29,19 @@ and without demand, and ``min`` counts required copies only.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from cim_place.objectstore.cid import Cid
+from cim_place.placement.demand_cache import (
+    CacheAdd,
+    CachedCopy,
+    CacheDrop,
+    CacheLedger,
+    DemandDecision,
+    required_current,
+)
 from cim_place.placement.demand_window import Reads
 from cim_place.placement.model import (
     NodeMap,
@@ -46,6 +54,21 @@ from cim_place.placement.model import (
 from cim_place.placement.planner import Eligibility
 from cim_place.policies.model import Consumer, Demand
 from cim_place.policies.quantities import format_duration
+
+__all__ = [
+    "CacheAdd",
+    "CacheDrop",
+    "CacheLedger",
+    "CachedCopy",
+    "DemandContext",
+    "DemandDecision",
+    "DemandRule",
+    "Locus",
+    "decide",
+    "locate_consumers",
+    "node_zones",
+    "required_current",
+]
 
 Locus = str
 """Where demand is counted: a node id, or ``region/zone`` for ``follow: zone``."""
@@ -84,122 +107,6 @@ class DemandRule:
         return int(node_capacity * (self.budget_fraction or 0.0))
 
 
-@dataclass(frozen=True, slots=True)
-class CachedCopy:
-    """An extra copy that demand added: state ``cached`` in status, never counted towards min."""
-
-    cid: Cid
-    volume: VolumeId
-    size: int
-    last_read: float
-    cause: str = ""
-    """The demand that caused it, as status and explain show it."""
-
-    @property
-    def node(self) -> str:
-        return self.volume.split("/", 1)[0]
-
-
-@dataclass(frozen=True, slots=True)
-class CacheAdd:
-    cid: Cid
-    volume: VolumeId
-    size: int
-    locus: Locus
-    reads: int
-    last_read: float
-    cause: str
-
-
-@dataclass(frozen=True, slots=True)
-class CacheDrop:
-    cid: Cid
-    volume: VolumeId
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class DemandDecision:
-    """What :func:`decide` asks for. ``drop`` may name other objects' copies (evictions);
-    ``refresh`` is the object's kept copies with their last read moved; ``adopted`` copies now
-    sit on a required volume and leave the cache without being dropped."""
-
-    add: tuple[CacheAdd, ...] = ()
-    drop: tuple[CacheDrop, ...] = ()
-    refresh: tuple[CachedCopy, ...] = ()
-    adopted: tuple[CachedCopy, ...] = ()
-    skipped: tuple[str, ...] = ()
-
-
-class CacheLedger:
-    """Every cached copy in the domain, by object and by node (the budget's bookkeeping)."""
-
-    def __init__(self, copies: Iterable[CachedCopy] = ()) -> None:
-        self._by_key: dict[tuple[Cid, VolumeId], CachedCopy] = {}
-        self._by_cid: dict[Cid, set[VolumeId]] = {}
-        self._by_node: dict[str, set[tuple[Cid, VolumeId]]] = {}
-        self._used: dict[str, int] = {}
-        for copy in copies:
-            self.put(copy)
-
-    def __len__(self) -> int:
-        return len(self._by_key)
-
-    def __iter__(self) -> Iterator[CachedCopy]:
-        return iter(list(self._by_key.values()))
-
-    def put(self, copy: CachedCopy) -> None:
-        self.remove(copy.cid, copy.volume)
-        key = (copy.cid, copy.volume)
-        self._by_key[key] = copy
-        self._by_cid.setdefault(copy.cid, set()).add(copy.volume)
-        self._by_node.setdefault(copy.node, set()).add(key)
-        self._used[copy.node] = self._used.get(copy.node, 0) + copy.size
-
-    def remove(self, cid: Cid, volume: VolumeId) -> None:
-        copy = self._by_key.pop((cid, volume), None)
-        if copy is None:
-            return
-        self._by_cid[cid].discard(volume)
-        if not self._by_cid[cid]:
-            del self._by_cid[cid]
-        self._by_node[copy.node].discard((cid, volume))
-        self._used[copy.node] -= copy.size
-
-    def of_object(self, cid: Cid) -> tuple[CachedCopy, ...]:
-        return tuple(self._by_key[(cid, v)] for v in sorted(self._by_cid.get(cid, ())))
-
-    def on_node(self, node: str) -> tuple[CachedCopy, ...]:
-        return tuple(self._by_key[k] for k in self._by_node.get(node, ()))
-
-    def used(self, node: str) -> int:
-        """Bytes of cached copies on ``node``."""
-        return self._used.get(node, 0)
-
-    def total(self) -> int:
-        return sum(self._used.values())
-
-    def apply(self, decision: DemandDecision) -> None:
-        """Record a decision as if its tasks had succeeded (the controller does this on the
-        events that confirm them; the bench and the tests at once)."""
-        for drop in decision.drop:
-            self.remove(drop.cid, drop.volume)
-        for copy in decision.adopted:
-            self.remove(copy.cid, copy.volume)
-        for copy in decision.refresh:
-            self.put(copy)
-        for add in decision.add:
-            self.put(CachedCopy(add.cid, add.volume, add.size, add.last_read, add.cause))
-
-
-def required_current(
-    copies: Iterable[VolumeId], cached: Collection[VolumeId]
-) -> frozenset[VolumeId]:
-    """The copies to give the planner as ``current``: every copy except the cached ones, so a
-    cached copy is never kept (or counted) as a required one."""
-    return frozenset(v for v in copies if v not in cached)
-
-
 def zone_locus(volume: Volume) -> Locus:
     return "/".join(volume.domain(SpreadLevel.ZONE))
 
@@ -207,6 +114,47 @@ def zone_locus(volume: Volume) -> Locus:
 def node_zones(node_map: NodeMap) -> dict[str, Locus]:
     """The zone locus of every node in the map (for :meth:`DemandWindow.by_zone`)."""
     return {v.node: zone_locus(v) for v in node_map.volumes}
+
+
+@dataclass(frozen=True, slots=True)
+class DemandContext:
+    """What :func:`decide` derives from a policy and the node map, computed once per pass."""
+
+    rule: DemandRule
+    eligibility: Eligibility
+    locus_of: Mapping[str, Locus]
+    """Reading node -> locus (itself, or its zone); nodes outside the map have none."""
+    at_locus: Mapping[Locus, tuple[Volume, ...]]
+    """Eligible, up volumes per locus, in id order."""
+    capacity: Mapping[str, int]
+
+    @classmethod
+    def of(
+        cls,
+        rule: DemandRule,
+        placement_rule: PlacementRule,
+        node_map: NodeMap,
+        eligibility: Eligibility | None = None,
+    ) -> DemandContext:
+        el = eligibility if eligibility is not None else Eligibility.of(placement_rule, node_map)
+        if rule.follow == "zone":
+            locus_of = node_zones(node_map)
+        else:
+            locus_of = {v.node: v.node for v in node_map.volumes}
+        at_locus: dict[Locus, list[Volume]] = {}
+        for v in el.eligible:
+            if v.state is VolumeState.UP:
+                at_locus.setdefault(locus_of[v.node], []).append(v)
+        capacity: dict[str, int] = {}
+        for v in node_map.volumes:
+            capacity[v.node] = capacity.get(v.node, 0) + v.capacity
+        return cls(
+            rule=rule,
+            eligibility=el,
+            locus_of=locus_of,
+            at_locus={k: tuple(vs) for k, vs in at_locus.items()},
+            capacity=capacity,
+        )
 
 
 def decide(
@@ -221,12 +169,14 @@ def decide(
     ledger: CacheLedger,
     now: float,
     eligibility: Eligibility | None = None,
+    context: DemandContext | None = None,
 ) -> DemandDecision:
     """The cached copies of ``cid`` to add and drop (module docstring). ``reads``: the object's
-    reads per reading node over ``rule.window``; ``required``: the planner's desired volumes."""
-    el = eligibility if eligibility is not None else Eligibility.of(placement_rule, node_map)
+    reads per reading node over ``rule.window``; ``required``: the planner's desired volumes.
+    Pass a ``context`` (:meth:`DemandContext.of`, same rule and map) to decide many objects."""
+    ctx = context or DemandContext.of(rule, placement_rule, node_map, eligibility)
+    locus_of = ctx.locus_of
     required = frozenset(required)
-    locus_of = _locus_function(rule, node_map)
     by_locus: dict[Locus, Reads] = {}
     for node, r in reads.items():
         locus = locus_of.get(node)
@@ -240,8 +190,14 @@ def decide(
         volume = node_map.get(copy.volume)
         if copy.volume in required:
             adopted.append(copy)
-        elif volume is None or volume.state is VolumeState.DOWN:
-            drop.append(CacheDrop(cid, copy.volume, "volume gone or down"))
+        elif volume is None or copy.volume in ctx.eligibility.refused:
+            # Gone, down, draining or no longer allowed by the policy's constraints.
+            reason = (
+                "volume gone from the node map"
+                if volume is None
+                else ctx.eligibility.refused[copy.volume][0].value
+            )
+            drop.append(CacheDrop(cid, copy.volume, reason))
         else:
             seen = by_locus.get(locus_of.get(volume.node, ""), Reads())
             kept.append(replace(copy, last_read=max(copy.last_read, seen.last_read)))
@@ -253,9 +209,9 @@ def decide(
         drop.append(CacheDrop(cid, copy.volume, f"more than max_extra ({rule.max_extra})"))
     kept = kept[: rule.max_extra]
 
-    served = {locus_of[v.split("/", 1)[0]] for v in required if v.split("/", 1)[0] in locus_of}
-    served |= {locus_of[c.node] for c in kept if c.node in locus_of}
     holding = required | {c.volume for c in kept}
+    nodes_holding = {v.split("/", 1)[0] for v in holding}
+    served = {locus_of[n] for n in nodes_holding if n in locus_of}
     candidates = sorted(
         (
             (locus, r)
@@ -264,15 +220,19 @@ def decide(
         ),
         key=lambda item: (-item[1].count, -item[1].last_read, item[0]),
     )
-    budget = _Budget(rule, node_map, ledger, cid)
+    budget = _Budget(rule, ctx.capacity, ledger, cid)
     add: list[CacheAdd] = []
     skipped: list[str] = []
     for locus, r in candidates:
         if len(kept) + len(add) >= rule.max_extra:
             skipped.append(f"{locus}: {r.count} reads, but max_extra ({rule.max_extra}) reached")
             continue
-        placed = False
-        for volume in _volumes_at(locus, rule, el.eligible, reads, locus_of, holding, size):
+        fit = [
+            v for v in ctx.at_locus.get(locus, ()) if v.free >= size and v.node not in nodes_holding
+        ]
+        # The node that read most first, then the volume with most free space, then by id.
+        fit.sort(key=lambda v: (-reads.get(v.node, Reads()).count, -v.free, v.id))
+        for volume in fit:
             evict = budget.make_room(volume.node, size, r.last_read)
             if evict is None:
                 continue
@@ -282,10 +242,9 @@ def decide(
             )
             cause = f"{r.count} reads in {format_duration(int(rule.window))} from {locus}"
             add.append(CacheAdd(cid, volume.id, size, locus, r.count, r.last_read, cause))
-            holding = holding | {volume.id}
-            placed = True
+            nodes_holding.add(volume.node)
             break
-        if not placed:
+        else:
             skipped.append(f"{locus}: {r.count} reads, but no volume there has room or budget")
     return DemandDecision(
         add=tuple(add),
@@ -296,72 +255,32 @@ def decide(
     )
 
 
-def _locus_function(rule: DemandRule, node_map: NodeMap) -> dict[str, Locus]:
-    if rule.follow == "zone":
-        return node_zones(node_map)
-    return {v.node: v.node for v in node_map.volumes}
-
-
-def _volumes_at(
-    locus: Locus,
-    rule: DemandRule,
-    eligible: Sequence[Volume],
-    reads: Mapping[str, Reads],
-    locus_of: Mapping[str, Locus],
-    holding: Collection[VolumeId],
-    size: int,
-) -> list[Volume]:
-    """Volumes at ``locus`` that may take the copy: the node that read most first, then the
-    volume with most free space (ties by id, so the choice is deterministic)."""
-    fit = [
-        v
-        for v in eligible
-        if locus_of.get(v.node) == locus
-        and v.state is VolumeState.UP
-        and v.id not in holding
-        and v.free >= size
-    ]
-    # A node with any copy of the object already serves it: no second copy there.
-    nodes_holding = {h.split("/", 1)[0] for h in holding}
-    fit = [v for v in fit if v.node not in nodes_holding]
-    return sorted(fit, key=lambda v: (-reads.get(v.node, Reads()).count, -v.free, v.id))
-
-
 class _Budget:
     """Cached bytes per node during one decision, with LRU eviction of other objects' copies."""
 
-    def __init__(self, rule: DemandRule, node_map: NodeMap, ledger: CacheLedger, cid: Cid) -> None:
+    def __init__(
+        self, rule: DemandRule, capacity: Mapping[str, int], ledger: CacheLedger, cid: Cid
+    ) -> None:
         self.rule = rule
-        self.node_map = node_map
+        self.capacity = capacity
         self.ledger = ledger
         self.cid = cid
         self.evicted: set[tuple[Cid, VolumeId]] = set()
         self.freed: dict[str, int] = {}
         self.added: dict[str, int] = {}
-        self._capacity: dict[str, int] = {}
-        for v in node_map.volumes:
-            self._capacity[v.node] = self._capacity.get(v.node, 0) + v.capacity
 
     def make_room(self, node: str, size: int, last_read: float) -> list[CachedCopy] | None:
         """The copies to evict so ``size`` more bytes fit on ``node``; None when they cannot
         (only copies of other objects read before ``last_read`` may go)."""
-        budget = self.rule.budget(self._capacity.get(node, 0))
+        budget = self.rule.budget(self.capacity.get(node, 0))
         used = self.ledger.used(node) - self.freed.get(node, 0) + self.added.get(node, 0)
         evict: list[CachedCopy] = []
         if used + size > budget:
-            victims = sorted(
-                (
-                    c
-                    for c in self.ledger.on_node(node)
-                    if c.cid != self.cid
-                    and c.last_read < last_read
-                    and (c.cid, c.volume) not in self.evicted
-                ),
-                key=lambda c: (c.last_read, c.volume, c.cid),
-            )
-            for victim in victims:
-                if used + size <= budget:
+            for victim in self.ledger.least_recently_read(node):
+                if used + size <= budget or victim.last_read >= last_read:
                     break
+                if victim.cid == self.cid or (victim.cid, victim.volume) in self.evicted:
+                    continue
                 evict.append(victim)
                 used -= victim.size
             if used + size > budget:

@@ -277,3 +277,25 @@ def test_service_consumers_are_located_by_their_reads() -> None:
     assert moved == {"shop": "leaf-2"}
     unseen, _ = locate_consumers([shop], {}, nm)
     assert unseen == (shop,)
+
+
+def test_cached_copies_leave_draining_down_and_excluded_volumes() -> None:
+    copies = [CachedCopy(cid(1), f"leaf-{i}/v0", GIB, 999.0) for i in (4, 5, 6)]
+    nm = domain({"leaf-4": VolumeState.DRAINING, "leaf-5": VolumeState.DOWN})
+    excluded = PlacementRule(replicas=2, min=2, excluded_nodes=frozenset({"leaf-6"}))
+    d = decide(
+        cid=cid(1),
+        size=GIB,
+        rule=DemandRule(max_extra=3),
+        placement_rule=excluded,
+        node_map=nm,
+        required=REQUIRED,
+        reads={},
+        ledger=CacheLedger(copies),
+        now=1000.0,
+    )
+    assert [(x.volume, x.reason) for x in d.drop] == [
+        ("leaf-4/v0", "volume draining"),
+        ("leaf-5/v0", "volume down"),
+        ("leaf-6/v0", "node excluded"),
+    ]
