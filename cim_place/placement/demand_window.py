@@ -182,6 +182,9 @@ class DemandWindow:
         """Counters refused because ``max_keys`` was reached, plus reads the agents dropped."""
         self._slots: dict[int, dict[Cid, dict[tuple[str, str], _Counter]]] = {}
         self._services: dict[int, dict[str, dict[str, int]]] = {}
+        # Reads per object per node over the whole horizon, kept up to date on add and expire,
+        # so the common query (window == horizon) does not walk the slots.
+        self._totals: dict[Cid, dict[str, _Counter]] = {}
         self._keys = 0
         self._newest = -(2**62)
 
@@ -218,6 +221,13 @@ class DemandWindow:
                 counter[0] += c.reads
                 counter[1] += c.bytes
                 counter[2] = max(counter[2], c.last_read)
+            total = self._totals.setdefault(c.cid, {}).get(c.node)
+            if total is None:
+                self._totals[c.cid][c.node] = [c.reads, c.bytes, c.last_read]
+            else:
+                total[0] += c.reads
+                total[1] += c.bytes
+                total[2] = max(total[2], c.last_read)
             if c.service:
                 by_node = services.setdefault(c.service, {})
                 by_node[c.node] = by_node.get(c.node, 0) + c.reads
@@ -229,7 +239,19 @@ class DemandWindow:
         """Forget slots older than the horizon."""
         oldest = max(self._slot_of(now), self._newest) - self._span()
         for n in [n for n in self._slots if n <= oldest]:
-            self._keys -= sum(len(per) for per in self._slots.pop(n).values())
+            for cid, per in self._slots.pop(n).items():
+                self._keys -= len(per)
+                totals = self._totals[cid]
+                for (node, _service), (count, size, _last) in per.items():
+                    total = totals[node]
+                    total[0] -= count
+                    total[1] -= size
+                    # The latest read is in the newest slot, which expires last: while any
+                    # count remains, the total's last read is still inside the horizon.
+                    if total[0] <= 0:
+                        del totals[node]
+                if not totals:
+                    del self._totals[cid]
             self._services.pop(n, None)
 
     def _window(self, now: float, window: float) -> Iterator[int]:
@@ -247,7 +269,18 @@ class DemandWindow:
 
     def by_node(self, cid: Cid, now: float, window: float) -> dict[str, Reads]:
         """Reads of ``cid`` per reading node in the window."""
+        if window >= self.horizon and self._slot_of(now) >= self._newest:
+            self.expire(now)
+            return {
+                node: Reads(int(t[0]), int(t[1]), t[2])
+                for node, t in self._totals.get(cid, {}).items()
+            }
         return self._fold(cid, now, window, lambda node, _service: node)
+
+    def busiest_node_reads(self, cid: Cid) -> int:
+        """Reads of ``cid`` at its busiest node over the horizon (a cheap filter: an object
+        whose busiest node is below ``min_reads`` gains no copy)."""
+        return max((int(t[0]) for t in self._totals.get(cid, {}).values()), default=0)
 
     def by_zone(
         self, cid: Cid, now: float, window: float, zone_of: Mapping[str, K]

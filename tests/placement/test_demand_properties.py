@@ -169,3 +169,30 @@ def test_demand_never_affects_required_copies(
         for node in nodes:
             assert ledger.used(node) <= demand.budget(capacity[node])
     replan()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(1, 5), st.integers(0, 90)),
+        max_size=60,
+    )
+)
+def test_window_running_totals_equal_the_slot_sums(
+    reads: list[tuple[int, int, int, int]],
+) -> None:
+    window = DemandWindow(horizon=120, slot=20)
+    now = 0.0
+    for obj, node, count, dt in reads:
+        now += dt
+        recorder = ReadRecorder(reporter="a", start=now - 5)
+        for _ in range(count):
+            recorder.record_read(cid(obj), f"n{node}", "", now - 1, 10)
+        window.add(recorder.flush(now)[0])
+        for i in range(4):
+            fast = window.by_node(cid(i), now, 120)
+            # A window just under the horizon covers the same whole slots, the slow way.
+            assert fast == window.by_node(cid(i), now, 119.5)
+            assert window.busiest_node_reads(cid(i)) == max(
+                (r.count for r in fast.values()), default=0
+            )
