@@ -68,6 +68,7 @@ __all__ = [
     "locate_consumers",
     "node_zones",
     "required_current",
+    "touch",
 ]
 
 Locus = str
@@ -253,6 +254,20 @@ def decide(
         adopted=tuple(adopted),
         skipped=tuple(skipped),
     )
+
+
+def touch(
+    ledger: CacheLedger, context: DemandContext, cid: Cid, node: str, last_read: float
+) -> bool:
+    """Move the last read of ``cid``'s cached copy at ``node``'s locus to ``last_read``: what a
+    decision would do for a read served by a cached copy, without deciding. True if one moved."""
+    locus = context.locus_of.get(node)
+    moved = False
+    for copy in ledger.of_object(cid):
+        if context.locus_of.get(copy.node) == locus and copy.last_read < last_read:
+            ledger.put(replace(copy, last_read=last_read))
+            moved = True
+    return moved
 
 
 class _Budget:

@@ -7,7 +7,7 @@ walks from the front and stops early instead of sorting a node's copies on every
 
 from __future__ import annotations
 
-import math
+import bisect
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -75,9 +75,11 @@ class CacheLedger:
     def __init__(self, copies: Iterable[CachedCopy] = ()) -> None:
         self._by_key: dict[CopyKey, CachedCopy] = {}
         self._by_cid: dict[Cid, set[VolumeId]] = {}
-        # Per node, keys in order of last read (a dict keeps insertion order).
-        self._lru: dict[str, dict[CopyKey, None]] = {}
-        self._newest: dict[str, float] = {}
+        # Per node, (last read, sequence, key) sorted: eviction walks from the front, and an
+        # insert or removal is a bisection plus a move of pointers, not a sort.
+        self._order: dict[str, list[tuple[float, int, CopyKey]]] = {}
+        self._rank: dict[CopyKey, tuple[float, int]] = {}
+        self._sequence = 0
         self._used: dict[str, int] = {}
         for copy in copies:
             self.put(copy)
@@ -95,24 +97,23 @@ class CacheLedger:
         node = copy.node
         self._by_key[key] = copy
         self._by_cid.setdefault(copy.cid, set()).add(copy.volume)
-        order = self._lru.setdefault(node, {})
-        order[key] = None
-        if copy.last_read < self._newest.get(node, -math.inf):
-            # Rare (a copy read before the newest one): restore the order once.
-            keys = sorted(order, key=lambda k: (self._by_key[k].last_read, k[1], k[0]))
-            self._lru[node] = dict.fromkeys(keys)
-        else:
-            self._newest[node] = copy.last_read
+        self._sequence += 1
+        rank = (copy.last_read, self._sequence)
+        self._rank[key] = rank
+        bisect.insort(self._order.setdefault(node, []), (*rank, key))
         self._used[node] = self._used.get(node, 0) + copy.size
 
     def remove(self, cid: Cid, volume: VolumeId) -> None:
-        copy = self._by_key.pop((cid, volume), None)
+        key = (cid, volume)
+        copy = self._by_key.pop(key, None)
         if copy is None:
             return
         self._by_cid[cid].discard(volume)
         if not self._by_cid[cid]:
             del self._by_cid[cid]
-        del self._lru[copy.node][(cid, volume)]
+        order = self._order[copy.node]
+        # Sequences are unique, so (last read, sequence) finds exactly this entry.
+        del order[bisect.bisect_left(order, self._rank.pop(key))]
         self._used[copy.node] -= copy.size
 
     def get(self, cid: Cid, volume: VolumeId) -> CachedCopy | None:
@@ -126,7 +127,7 @@ class CacheLedger:
 
     def least_recently_read(self, node: str) -> Iterator[CachedCopy]:
         """``node``'s cached copies, least recently read first (ties in the order recorded)."""
-        return (self._by_key[k] for k in self._lru.get(node, {}))
+        return (self._by_key[k] for _, _, k in self._order.get(node, []))
 
     def used(self, node: str) -> int:
         """Bytes of cached copies on ``node``."""

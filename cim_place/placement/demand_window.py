@@ -206,31 +206,40 @@ class DemandWindow:
         self.expire(report.end)  # first, so that expired counters free room for these
         objects = self._slots.setdefault(n, {})
         services = self._services.setdefault(n, {})
+        totals = self._totals
         for c in report.counts:
-            per_object = objects.setdefault(c.cid, {})
-            counter = per_object.get((c.node, c.service))
-            if counter is None:
-                if self._keys >= self.max_keys:
-                    self.dropped += c.reads
-                    if not per_object:
-                        del objects[c.cid]
-                    continue
-                per_object[(c.node, c.service)] = [c.reads, c.bytes, c.last_read]
+            cid, node, reads = c.cid, c.node, c.reads
+            per_object = objects.get(cid)
+            if per_object is None:
+                per_object = objects[cid] = {}
+            counter = per_object.get((node, c.service))
+            if counter is not None:
+                counter[0] += reads
+                counter[1] += c.bytes
+                if c.last_read > counter[2]:
+                    counter[2] = c.last_read
+            elif self._keys < self.max_keys:
+                per_object[(node, c.service)] = [reads, c.bytes, c.last_read]
                 self._keys += 1
             else:
-                counter[0] += c.reads
-                counter[1] += c.bytes
-                counter[2] = max(counter[2], c.last_read)
-            total = self._totals.setdefault(c.cid, {}).get(c.node)
+                self.dropped += reads
+                if not per_object:
+                    del objects[cid]
+                continue
+            per_node = totals.get(cid)
+            if per_node is None:
+                per_node = totals[cid] = {}
+            total = per_node.get(node)
             if total is None:
-                self._totals[c.cid][c.node] = [c.reads, c.bytes, c.last_read]
+                per_node[node] = [reads, c.bytes, c.last_read]
             else:
-                total[0] += c.reads
+                total[0] += reads
                 total[1] += c.bytes
-                total[2] = max(total[2], c.last_read)
+                if c.last_read > total[2]:
+                    total[2] = c.last_read
             if c.service:
                 by_node = services.setdefault(c.service, {})
-                by_node[c.node] = by_node.get(c.node, 0) + c.reads
+                by_node[node] = by_node.get(node, 0) + reads
 
     def _span(self) -> int:
         return math.ceil(self.horizon / self.slot)
@@ -276,6 +285,12 @@ class DemandWindow:
                 for node, t in self._totals.get(cid, {}).items()
             }
         return self._fold(cid, now, window, lambda node, _service: node)
+
+    def reads_at(self, cid: Cid, node: str) -> int:
+        """Reads of ``cid`` from ``node`` over the horizon (the controller's cheap filter: only
+        an object read ``min_reads`` times somewhere without a copy needs a decision)."""
+        total = self._totals.get(cid, {}).get(node)
+        return 0 if total is None else int(total[0])
 
     def busiest_node_reads(self, cid: Cid) -> int:
         """Reads of ``cid`` at its busiest node over the horizon (a cheap filter: an object
