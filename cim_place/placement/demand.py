@@ -52,6 +52,7 @@ from cim_place.placement.model import (
     VolumeState,
 )
 from cim_place.placement.planner import Eligibility
+from cim_place.placement.status import Location
 from cim_place.policies.model import Consumer, Demand
 from cim_place.policies.quantities import format_duration
 
@@ -64,7 +65,9 @@ __all__ = [
     "DemandDecision",
     "DemandRule",
     "Locus",
+    "cached_locations",
     "decide",
+    "describe",
     "locate_consumers",
     "node_zones",
     "required_current",
@@ -254,6 +257,33 @@ def decide(
         adopted=tuple(adopted),
         skipped=tuple(skipped),
     )
+
+
+def cached_locations(copies: Iterable[CachedCopy], node_map: NodeMap) -> tuple[Location, ...]:
+    """The ``cached`` rows of an object's status, each with the demand that caused it."""
+    rows = []
+    for copy in copies:
+        volume = node_map.get(copy.volume)
+        zone = volume.zone if volume is not None else ""
+        name = copy.volume.split("/", 1)[1]
+        rows.append(Location(copy.node, name, zone, "cached", copy.cause))
+    return tuple(rows)
+
+
+def describe(decision: DemandDecision, rule: DemandRule, now: float) -> list[str]:
+    """What ``policy explain`` says about an object's demand: why each cached copy is there or
+    goes, and which demand got no copy."""
+    lines = [
+        f"cached on {c.volume}: {c.cause or 'demand'}; last read "
+        f"{format_duration(max(int(now - c.last_read), 0))} ago, dropped after "
+        f"{format_duration(int(rule.keep))} without reads"
+        for c in decision.refresh
+    ]
+    lines.extend(f"add a cached copy on {a.volume}: {a.cause}" for a in decision.add)
+    lines.extend(f"drop the cached copy of {d.volume}: {d.reason}" for d in decision.drop)
+    lines.extend(f"{c.volume} is now a required copy (was cached)" for c in decision.adopted)
+    lines.extend(f"no copy for {s}" for s in decision.skipped)
+    return lines
 
 
 def touch(

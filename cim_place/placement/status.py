@@ -7,14 +7,16 @@ documented schema of ``cim-place status --json``:
 
     {"cid": str, "name": str | null, "owner": str, "size": int, "metadata": {str: str},
      "policy": str, "desired": int, "state": "placed" | "progressing" | "degraded" | "lost",
-     "locations": [{"node": str, "volume": str, "zone": str, "state": str}],
+     "locations": [{"node": str, "volume": str, "zone": str, "state": str, "cause"?: str}],
      "conditions": [{"type": str, "status": bool, "reason": str, "message": str,
                      "last_transition": float}],
      "updated_at": float}
 
 Replica states: ``pinned`` (confirmed by an ObjectStored event), ``fetching`` (a fetch task is in
 flight), ``dropping`` (a drop task is in flight), ``late`` (pinned on a node whose heartbeat is
-overdue but within the repair grace), ``lost`` (pinned on a node that is down past the grace).
+overdue but within the repair grace), ``lost`` (pinned on a node that is down past the grace),
+``cached`` (an extra copy that demand added, with the demand that caused it in ``cause``; never
+counted towards the policy's copies: docs/DEMAND.md). ``cause`` is written only when set.
 Conditions follow the Kubernetes habit: ``last_transition`` moves only when ``status`` flips.
 """
 
@@ -27,8 +29,15 @@ from typing import Literal
 
 ObjectState = Literal["placed", "progressing", "degraded", "lost"]
 OBJECT_STATES: tuple[ObjectState, ...] = ("placed", "progressing", "degraded", "lost")
-ReplicaState = Literal["pinned", "fetching", "dropping", "late", "lost"]
-REPLICA_STATES: tuple[ReplicaState, ...] = ("pinned", "fetching", "dropping", "late", "lost")
+ReplicaState = Literal["pinned", "fetching", "dropping", "late", "lost", "cached"]
+REPLICA_STATES: tuple[ReplicaState, ...] = (
+    "pinned",
+    "fetching",
+    "dropping",
+    "late",
+    "lost",
+    "cached",
+)
 CONDITION_TYPES = ("Placed", "Progressing", "Degraded")
 
 
@@ -38,6 +47,8 @@ class Location:
     volume: str
     zone: str = ""
     state: ReplicaState = "pinned"
+    cause: str = ""
+    """Why a ``cached`` copy is there, e.g. ``7 reads in 10m from leaf-5``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +88,7 @@ class ObjectStatus:
             "policy": self.policy,
             "desired": self.desired,
             "state": self.state,
-            "locations": [
-                {"node": loc.node, "volume": loc.volume, "zone": loc.zone, "state": loc.state}
-                for loc in self.locations
-            ],
+            "locations": [_location(loc) for loc in self.locations],
             "conditions": [
                 {
                     "type": c.type,
@@ -111,7 +119,11 @@ class ObjectStatus:
                     raise ValueError(f"unknown replica state {loc['state']!r}")
                 locations.append(
                     Location(
-                        str(loc["node"]), str(loc["volume"]), str(loc.get("zone", "")), loc["state"]
+                        str(loc["node"]),
+                        str(loc["volume"]),
+                        str(loc.get("zone", "")),
+                        loc["state"],
+                        str(loc.get("cause", "")),
                     )
                 )
             return cls(
@@ -138,6 +150,13 @@ class ObjectStatus:
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed object status: {exc!r}") from None
+
+
+def _location(loc: Location) -> dict[str, str]:
+    out = {"node": loc.node, "volume": loc.volume, "zone": loc.zone, "state": loc.state}
+    if loc.cause:
+        out["cause"] = loc.cause
+    return out
 
 
 def merge_conditions(

@@ -10,7 +10,9 @@ from cim_place.placement.demand import (
     CacheLedger,
     DemandDecision,
     DemandRule,
+    cached_locations,
     decide,
+    describe,
     locate_consumers,
     node_zones,
     required_current,
@@ -18,6 +20,7 @@ from cim_place.placement.demand import (
 from cim_place.placement.demand_window import DemandReport, DemandWindow, ReadRecorder, Reads
 from cim_place.placement.model import NodeMap, PlacedObject, PlacementRule, Volume, VolumeState
 from cim_place.placement.planner import plan
+from cim_place.placement.status import Location, ObjectStatus
 from cim_place.policies.model import Consumer, Demand
 
 GIB = 2**30
@@ -298,4 +301,24 @@ def test_cached_copies_leave_draining_down_and_excluded_volumes() -> None:
         ("leaf-4/v0", "volume draining"),
         ("leaf-5/v0", "volume down"),
         ("leaf-6/v0", "node excluded"),
+    ]
+
+
+def test_status_rows_and_explain_lines_name_the_demand() -> None:
+    ledger, d = run({"leaf-5": Reads(7, 0, 990.0)})
+    rows = cached_locations(ledger.of_object(cid(1)), domain())
+    assert rows == (Location("leaf-5", "v0", "z3", "cached", "7 reads in 10m from leaf-5"),)
+    status = ObjectStatus(cid="c", state="placed", locations=rows)
+    assert ObjectStatus.decode(status.encode()) == status
+    assert status.pinned == 0  # a cached copy never counts as a policy copy
+    plain = ObjectStatus(cid="c", state="placed", locations=(Location("n", "v"),))
+    assert b"cause" not in plain.encode()  # statuses without demand are unchanged
+    assert describe(d, DemandRule(), 1000.0) == [
+        "add a cached copy on leaf-5/v0: 7 reads in 10m from leaf-5"
+    ]
+    _, d = run({"leaf-6": Reads(5, 0, 1100.0)}, ledger, now=1200.0, rule=DemandRule(max_extra=1))
+    assert describe(d, DemandRule(), 1200.0) == [
+        "cached on leaf-5/v0: 7 reads in 10m from leaf-5; last read 3m30s ago, dropped after "
+        "1h without reads",
+        "no copy for leaf-6: 5 reads, but max_extra (1) reached",
     ]
