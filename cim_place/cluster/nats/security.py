@@ -366,6 +366,8 @@ def agent_permissions(node: str, subjects: Subjects, hub_domain: str) -> Permiss
         *_kv_write(hub_domain, "cim-place-event-sources"),
         # Heartbeat: its own key of the nodes bucket; the other nodes' records are read.
         *_kv_write(hub_domain, kv.NODES, node),
+        # Its read counts (demand-driven copies, docs/DEMAND.md).
+        subjects.demand(node),
         # Fetching from peers and finding holders.
         f"{subjects.prefix}.blk.*.get",
         subjects.has,
@@ -394,7 +396,7 @@ def controller_permissions(subjects: Subjects, hub_domain: str) -> Permissions:
         f"{INBOX_ROOT}.>",  # answers to status queries
         subjects.has,
     ]
-    subscribe = [f"{inbox_prefix(CONTROLLER)}.>", subjects.api(">")]
+    subscribe = [f"{inbox_prefix(CONTROLLER)}.>", subjects.api(">"), subjects.all_demand]
     return Permissions(tuple(publish), tuple(subscribe))
 
 
