@@ -70,7 +70,7 @@ class DemandReporter:
         self.reports_sent += sent
         return sent
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"demand-{self.node}")
 
     async def stop(self) -> None:

@@ -29,6 +29,7 @@ from nats.aio.client import Client
 
 from cim_place import __version__
 from cim_place.cluster.agent.config import AgentConfig
+from cim_place.cluster.agent.demand import DemandReporter
 from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.events.store import EventPublisher, attach_leaf, ensure_outbox, nudge_sources
 from cim_place.cluster.events.types import (
@@ -113,6 +114,7 @@ class Agent:
         self.http_extra: list[Callable[[Agent], Listener]] = []
         """Builders of further HTTP listeners (the S3 API), called once the agent's services run;
         each binds on its own address, beside the gateway if ``http`` is on."""
+        self.demand: DemandReporter | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -161,7 +163,9 @@ class Agent:
             # Owners come from who NATS says uploads, once the domain authenticates users.
             authenticated=access is not None,
         )
-        self._services = [self._blocks, self._holders, self._uploads]
+        # Read paths call self.demand.record_read; counts leave once per interval.
+        self.demand = DemandReporter(nc, self.subjects, self.node)
+        self._services = [self._blocks, self._holders, self._uploads, self.demand]
         if self._stream is not None:
             self._services.insert(0, self._stream)
         for service in self._services:
