@@ -26,6 +26,9 @@ from cim_place.objectstore.cid import Cid
 
 K = TypeVar("K", bound=Hashable)
 
+DEMAND_REPORTED = "DemandReported"
+"""The event type of a :class:`DemandReport` in the envelope, on ``<prefix>.demand.<node>``."""
+
 
 @dataclass(frozen=True, slots=True)
 class ReadCount:

@@ -20,11 +20,9 @@ from nats.aio.client import Client
 from cim_place.cluster.nats.envelope import Content, Envelope
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.objectstore.cid import Cid
-from cim_place.placement.demand_window import ReadRecorder
+from cim_place.placement.demand_window import DEMAND_REPORTED, ReadRecorder
 
 log = logging.getLogger(__name__)
-
-DEMAND_REPORTED = "DemandReported"
 
 
 class DemandReporter:

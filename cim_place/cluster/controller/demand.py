@@ -17,11 +17,9 @@ from nats.aio.subscription import Subscription
 from cim_place.cluster.nats.envelope import EnvelopeError, decode
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import PlacementError
-from cim_place.placement.demand_window import DemandReport, DemandWindow
+from cim_place.placement.demand_window import DEMAND_REPORTED, DemandReport, DemandWindow
 
 log = logging.getLogger(__name__)
-
-DEMAND_REPORTED = "DemandReported"
 
 
 class DemandIntake:
