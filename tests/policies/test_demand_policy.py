@@ -6,10 +6,12 @@ from __future__ import annotations
 import jsonschema
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cim_place.policies.codec import consumers_to_dict, policy_to_dict
 from cim_place.policies.explain import summarize
-from cim_place.policies.model import Consumer, Demand
+from cim_place.policies.model import Consumer, Demand, Policy, Replicas
 from cim_place.policies.problems import PolicyValidationError, Problem
 from cim_place.policies.schema import policy_file_schema
 from cim_place.policies.validate import consumers_from_dict, load_text, policy_from_dict
@@ -138,3 +140,36 @@ def test_a_bad_service_is_reported() -> None:
     assert (found[0].line, found[0].column) == (2, 19)
     assert "'no spaces' is not a valid service" in found[0].message
     assert "identity" in found[0].hint
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    follow=st.sampled_from(["readers", "zone"]),
+    min_reads=st.integers(1, 1_000_000),
+    window=st.integers(1, 10**6),
+    extra_keep=st.integers(0, 10**6),
+    max_extra=st.integers(1, 100),
+    budget=st.one_of(
+        st.integers(1, 10_000).map(lambda n: (n / 100, None)),
+        st.integers(1, 2**50).map(lambda n: (None, n)),
+    ),
+)
+def test_any_demand_reads_back_from_its_canonical_form(
+    follow: str,
+    min_reads: int,
+    window: int,
+    extra_keep: int,
+    max_extra: int,
+    budget: tuple[float | None, int | None],
+) -> None:
+    demand = Demand(
+        follow="zone" if follow == "zone" else "readers",
+        min_reads=min_reads,
+        window_seconds=window,
+        max_extra=max_extra,
+        keep_seconds=window + extra_keep,
+        budget_percent=budget[0],
+        budget_bytes=budget[1],
+    )
+    policy = Policy(name="hot", replicas=Replicas(3, 3), demand=demand)
+    assert policy_from_dict(policy_to_dict(policy), "kv") == policy
