@@ -203,7 +203,7 @@ def main() -> None:
         budget_fraction=args.budget / 100.0,
     )
     context = DemandContext.of(demand, rule, node_map)
-    window = DemandWindow(horizon=args.window, slot=STEP)
+    window = DemandWindow(horizon=args.window, slot=STEP, max_keys=2_000_000)
     ledger = CacheLedger()
     trace = Trace(args, rng)
 
@@ -223,6 +223,7 @@ def main() -> None:
     steady = [0, 0, 0]  # bytes read, remote without demand, remote with demand (after warm-up)
     decided = added = dropped = 0
     storage_samples: list[float] = []
+    peak_keys = 0
     steps = int(args.hours * 3600 / STEP)
     for step in range(steps):
         t = step * STEP
@@ -274,6 +275,7 @@ def main() -> None:
             fills += sum(a.size for a in decision.add)
             apply(decision)
         storage_samples.append(ledger.total() / required_bytes)
+        peak_keys = max(peak_keys, len(window))
 
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     print(
@@ -313,7 +315,8 @@ def main() -> None:
     )
     print(
         f"{decided} decisions, {added} copies added, {dropped} dropped, {len(ledger)} cached at "
-        f"the end; {cpu:.1f} s CPU ({wall:.1f} s wall)"
+        f"the end; window peak {peak_keys} counters, {window.dropped} dropped; "
+        f"{cpu:.1f} s CPU ({wall:.1f} s wall)"
     )
 
 

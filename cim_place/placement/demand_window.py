@@ -175,7 +175,7 @@ _Counter = list[float]  # [reads, bytes, last_read]
 class DemandWindow:
     """Reads per object per node / zone / service over sliding windows (module docstring)."""
 
-    def __init__(self, *, horizon: float, slot: float = 60.0, max_keys: int = 2_000_000) -> None:
+    def __init__(self, *, horizon: float, slot: float = 60.0, max_keys: int = 500_000) -> None:
         if slot <= 0 or horizon < slot or max_keys < 1:
             raise PlacementError("a demand window needs slot > 0, horizon >= slot, max_keys >= 1")
         self.horizon = horizon
