@@ -48,6 +48,7 @@ class DemandReporter:
         )
         self.reports_sent = 0
         self.reads_recorded = 0
+        self.reads_dropped = 0
         self._task: asyncio.Task[None] | None = None
 
     def record_read(self, cid: Cid, reader_node: str, service: str = "", size: int = 0) -> None:
@@ -60,6 +61,7 @@ class DemandReporter:
         """Publish what is due; returns the number of reports sent."""
         sent = 0
         for report in self.recorder.flush(self.clock()):
+            self.reads_dropped += report.dropped_reads
             envelope = Envelope.new(
                 Content("event", DEMAND_REPORTED, report.to_dict()), owner=self.node
             )

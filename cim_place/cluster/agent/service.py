@@ -308,11 +308,20 @@ class Agent:
             current["malformed_upload"] = self._uploads.stats.malformed
         if self._worker is not None:
             current["malformed_tasks"] = self._worker.stats.malformed
+        if self.demand is not None:
+            current.update(
+                demand_reads=self.demand.reads_recorded,
+                demand_dropped=self.demand.reads_dropped,
+                demand_reports=self.demand.reports_sent,
+            )
         delta = {key: max(0, value - self._synced.get(key, 0)) for key, value in current.items()}
         self._synced = current
         self.metrics.blocks_served.inc(delta.get("served_blocks", 0))
         self.metrics.bytes_served.inc(delta.get("served_bytes", 0))
         self.metrics.verification_failures.inc(delta.get("corrupt", 0))
+        self.metrics.demand_reads.inc(delta.get("demand_reads", 0))
+        self.metrics.demand_reads_dropped.inc(delta.get("demand_dropped", 0))
+        self.metrics.demand_reports.inc(delta.get("demand_reports", 0))
         for service in ("blocks", "has", "upload", "tasks"):
             self.metrics.malformed_messages.labels(service).inc(
                 delta.get(f"malformed_{service}", 0)

@@ -52,6 +52,7 @@ async def test_reads_become_one_report_in_the_controller_window(
         clock.now += 5.0
         assert await reporter.flush() == 1
         await until(lambda: intake.received == 1, "the report")
+        assert (reporter.reads_recorded, reporter.reports_sent, reporter.reads_dropped) == (7, 1, 0)
         reads = window.by_node(CID, clock.now, 600)
         assert reads["leaf-5"].count == 7 and reads["leaf-5"].bytes == 700
         assert window.by_object_service(CID, clock.now, 600)["shop"].count == 7
