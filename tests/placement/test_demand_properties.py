@@ -161,6 +161,19 @@ def test_demand_never_affects_required_copies(
             if decision.adopted:
                 event("a cached copy was adopted")
             ledger.apply(decision)
+            again = decide(
+                cid=obj.cid,
+                size=obj.size,
+                rule=demand,
+                placement_rule=rule,
+                node_map=node_map,
+                required=with_demand[i],
+                reads=window.by_node(obj.cid, now, demand.window),
+                ledger=ledger,
+                now=now,
+                eligibility=el,
+            )
+            assert (again.add, again.drop, again.adopted) == ((), (), ())  # idempotent
             own = ledger.of_object(obj.cid)
             assert len(own) <= demand.max_extra
             assert not {c.volume for c in own} & required_of[obj.cid]
