@@ -54,7 +54,7 @@ from cim_place.http.node import NodeParts, start_node_http
 from cim_place.http.server import HttpServers, Listener
 from cim_place.interfaces import Pin, Service
 from cim_place.objectstore import dag
-from cim_place.objectstore.cid import to_str
+from cim_place.objectstore.cid import Cid, to_str
 from cim_place.objectstore.dagcbor import Value
 from cim_place.objectstore.store import ObjectStore
 from cim_place.runtime.lifecycle import cancel_and_wait
@@ -227,7 +227,13 @@ class Agent:
             near=self.near,
             stream_tls=self.stream_client_tls,
             secured=secured,
+            record_read=self._record_read,
         )
+
+    def _record_read(self, root: Cid, requester: str | None, size: int) -> None:
+        """A read served here to a client of this node (the gateway): demand at this node."""
+        if self.demand is not None:
+            self.demand.record_read(root, self.node, requester or "", size)
 
     def _stream_server_tls(self) -> ssl.SSLContext | None:
         cert, key = self.config.stream_tls_cert, self.config.stream_tls_key
