@@ -12,14 +12,14 @@ Steps of :func:`decide`, for one object:
    (``follow: zone``). A cached copy's last read moves to the latest read at its locus.
 3. A cached copy not read for ``keep`` is dropped; above ``max_extra`` (the policy changed), the
    least recently read ones are dropped.
-4. Every locus with at least ``min_reads`` reads in the window and no copy (required or cached)
-   is a candidate, most reads first (ties: latest read, then name). While the object has fewer
-   than ``max_extra`` cached copies, a candidate gets one on a volume there that passes the
-   policy's hard constraints, is up, holds no copy and has room: on the reading node itself, or
-   in the zone on the node that read most. The node's budget (a share of its capacity, or
-   bytes) bounds its cached bytes across all objects; to make room, cached copies on that node
-   read less recently than the candidate are evicted, least recently read first. A candidate
-   that fits nowhere is reported in ``skipped``.
+4. Every locus with at least ``min_reads`` reads in the window, the last within ``keep``, and
+   no copy (required or cached) is a candidate, most reads first (ties: latest read, then
+   name). While the object has fewer than ``max_extra`` cached copies, a candidate gets one on
+   a volume there that passes the policy's hard constraints, is up, holds no copy and has room:
+   on the reading node itself, or in the zone on the node that read most. The node's budget
+   (a share of its capacity, or bytes) bounds its cached bytes across all objects; to make
+   room, cached copies on that node read less recently than the candidate are evicted, least
+   recently read first. A candidate that fits nowhere is reported in ``skipped``.
 
 What this never does: add a copy on a volume the planner requires, drop a required copy, or
 change what the planner is given. The controller passes the planner only the object's
@@ -220,7 +220,9 @@ def decide(
         (
             (locus, r)
             for locus, r in by_locus.items()
-            if r.count >= rule.min_reads and locus not in served
+            # Reads older than keep (counted because the window rounds to whole slots) would
+            # make a copy that is dropped at once: no copy for them.
+            if r.count >= rule.min_reads and locus not in served and now - r.last_read < rule.keep
         ),
         key=lambda item: (-item[1].count, -item[1].last_read, item[0]),
     )
