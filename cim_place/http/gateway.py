@@ -63,6 +63,11 @@ READ_AHEAD = 4
 NameResolver = Callable[[str], Awaitable[Cid | None]]
 """A domain name's current CID (None: no such name); BadRequest for an invalid name."""
 
+ReadObserver = Callable[[Cid, str | None, int], None]
+"""Told of each GET of an object's root: (root, requester or None, the entry's size); demand
+counting (docs/DEMAND.md). Requests for a child block alone are not told: a verifying client
+walking a DAG one raw block at a time reads the object once, not once per block."""
+
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
 
 
@@ -77,8 +82,10 @@ class Gateway:
         identify: Identify | None = None,
         names: NameResolver | None = None,
         threads: int = 16,
+        on_read: ReadObserver | None = None,
     ) -> None:
         self.source = source
+        self.on_read = on_read
         self.access: Access = access if access is not None else OpenAccess()
         self.identify = identify if identify is not None else Identify()
         self.names = names
@@ -139,6 +146,12 @@ class Gateway:
                 return _error(status, f"{who} may not read {to_str(path.root)}")
             source = await self.source.open(path.root)
             entry = await self._run(content.resolve, source, path.root, path.segments)
+            if (
+                self.on_read is not None
+                and request.method == "GET"
+                and self.source.dag_root(path.root) == path.root
+            ):
+                self.on_read(path.root, requester, entry.size)
             headers = {
                 "X-Ipfs-Path": path.text(to_str(path.root)),
                 "X-Ipfs-Roots": ",".join(to_str(c) for c in (*entry.path_blocks, entry.cid)),

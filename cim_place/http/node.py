@@ -28,7 +28,7 @@ from cim_place.cluster.state.locations import LocationStore
 from cim_place.cluster.state.names import NameRegistry, NamingError, check_name
 from cim_place.errors import TransportError
 from cim_place.http.domain import DomainContent
-from cim_place.http.gateway import Gateway
+from cim_place.http.gateway import Gateway, ReadObserver
 from cim_place.http.gateway_request import BadRequest
 from cim_place.http.server import HttpServers, HttpSettings, Listener
 from cim_place.http.sources import Access, Identify, OpenAccess
@@ -60,6 +60,8 @@ class NodeParts:
     stream_tls: ssl.SSLContext | None
     secured: bool
     """The domain authenticates its users: apply owner and readers."""
+    record_read: ReadObserver | None = None
+    """Told of each object read through the gateway (demand counting, docs/DEMAND.md)."""
 
 
 class DomainAccess:
@@ -157,7 +159,13 @@ def gateway_for(parts: NodeParts, settings: HttpSettings) -> Gateway:
         fetch=fetch,
     )
     access: Access = DomainAccess(parts) if parts.secured else OpenAccess()
-    return Gateway(content, access=access, identify=Identify(settings.tokens), names=resolve_name)
+    return Gateway(
+        content,
+        access=access,
+        identify=Identify(settings.tokens),
+        names=resolve_name,
+        on_read=parts.record_read,
+    )
 
 
 async def start_node_http(

@@ -30,7 +30,10 @@ Translation choices (documented here because ``policy explain`` shows their effe
   declared labels as ``key in {value}`` requirements, ``min_local``, hard or soft). The planner
   knows one consumer per rule: each further consumer becomes a soft preference (multiplier
   :data:`EXTRA_CONSUMER_FACTOR`) for volumes in its zone (or on its host / in its region when it
-  declares no zone), and hard locality is enforced for the first consumer only.
+  declares no zone), and hard locality is enforced for the first consumer only. A consumer
+  declared only by its ``service`` counts once its reads have located it
+  (:func:`cim_place.placement.demand.locate_consumers` fills in its labels); before that it is
+  skipped.
 """
 
 from __future__ import annotations
@@ -144,9 +147,9 @@ def rule_for(policy: Policy, consumers: Iterable[Consumer] = ()) -> PlacementRul
         max_per_domain = None
     preferences = [_preference(p.weight, p.tag, p.label) for p in policy.preferences]
     locality: Locality | None = None
+    near: list[Consumer] = []
     if policy.locality is not None and policy.locality.near:
         by_name = {c.name: c for c in consumers}
-        near: list[Consumer] = []
         for name in policy.locality.near:
             consumer = by_name.get(name)
             if consumer is None:
@@ -155,7 +158,12 @@ def rule_for(policy: Policy, consumers: Iterable[Consumer] = ()) -> PlacementRul
                     f"policy {policy.name}: locality names consumer {name!r}, which is not "
                     f"declared (declared: {declared}); declare it under `consumers:`"
                 )
-            near.append(consumer)
+            # A consumer known only by its service has no place until its reads are seen
+            # (placement.demand.locate_consumers gives it one); until then it places nothing.
+            if consumer.labels:
+                near.append(consumer)
+    if near:
+        assert policy.locality is not None
         locality = Locality(
             tuple(
                 LabelRequirement(key, LabelOp.IN, frozenset({value}))

@@ -9,7 +9,7 @@ documented schema of ``cim-place status --json``:
      "policy": str, "desired": int,
      "state": "placed" | "progressing" | "degraded" | "lost" | "removed",
      "locations": [{"node": str, "volume": str, "zone": str, "state": str,
-                    "verified_at": float (when known)}],
+                    "verified_at": float (when known), "cause"?: str}],
      "conditions": [{"type": str, "status": bool, "reason": str, "message": str,
                      "last_transition": float}],
      "updated_at": float}
@@ -22,6 +22,8 @@ a copy until repaired), ``repairing`` (damaged, a repair task in flight). ``veri
 when the replica was last known whole: pinned (every block verified on arrival) or repaired.
 An object is ``degraded`` while it has fewer verified copies than desired and ``lost`` when no
 verified copy exists anywhere (docs/DURABILITY.md).
+``cached`` (an extra copy that demand added, with the demand that caused it in ``cause``; never
+counted towards the policy's copies: docs/DEMAND.md). ``cause`` is written only when set.
 Conditions follow the Kubernetes habit: ``last_transition`` moves only when ``status`` flips.
 """
 
@@ -34,7 +36,9 @@ from typing import Literal
 
 ObjectState = Literal["placed", "progressing", "degraded", "lost", "removed"]
 OBJECT_STATES: tuple[ObjectState, ...] = ("placed", "progressing", "degraded", "lost", "removed")
-ReplicaState = Literal["pinned", "fetching", "dropping", "late", "lost", "damaged", "repairing"]
+ReplicaState = Literal[
+    "pinned", "fetching", "dropping", "late", "lost", "damaged", "repairing", "cached"
+]
 REPLICA_STATES: tuple[ReplicaState, ...] = (
     "pinned",
     "fetching",
@@ -43,6 +47,7 @@ REPLICA_STATES: tuple[ReplicaState, ...] = (
     "lost",
     "damaged",
     "repairing",
+    "cached",
 )
 CONDITION_TYPES = ("Placed", "Progressing", "Degraded")
 
@@ -54,6 +59,8 @@ class Location:
     zone: str = ""
     state: ReplicaState = "pinned"
     verified_at: float | None = None
+    cause: str = ""
+    """Why a ``cached`` copy is there, e.g. ``7 reads in 10m from leaf-5``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +142,7 @@ class ObjectStatus:
                         str(loc.get("zone", "")),
                         loc["state"],
                         None if verified is None else float(verified),
+                        str(loc.get("cause", "")),
                     )
                 )
             return cls(
@@ -172,6 +180,8 @@ def _location_dict(loc: Location) -> dict[str, object]:
     }
     if loc.verified_at is not None:  # unknown (a fetch in flight): the key is left out
         doc["verified_at"] = loc.verified_at
+    if loc.cause:
+        doc["cause"] = loc.cause
     return doc
 
 

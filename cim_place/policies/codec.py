@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cim_place.policies.demand import demand_to_dict
 from cim_place.policies.model import Consumer, Match, Policy, Preference
 
 
@@ -51,6 +52,8 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
         out["protected"] = True
     if policy.keep_versions is not None:
         out["keep_versions"] = policy.keep_versions
+    if policy.demand is not None:
+        out["demand"] = demand_to_dict(policy.demand)
     # Empty lists say nothing; leaving them out keeps stored values and diffs short.
     for section in ("constraints",):
         out[section] = {k: v for k, v in out[section].items() if v}
@@ -62,7 +65,14 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
 
 
 def consumers_to_dict(consumers: tuple[Consumer, ...]) -> dict[str, dict[str, str]]:
-    return {c.name: dict(sorted(c.labels.items())) for c in sorted(consumers, key=lambda c: c.name)}
+    return {c.name: _consumer(c) for c in sorted(consumers, key=lambda c: c.name)}
+
+
+def _consumer(consumer: Consumer) -> dict[str, str]:
+    out = dict(sorted(consumer.labels.items()))
+    if consumer.service is not None:
+        out["service"] = consumer.service
+    return out
 
 
 def _preference(p: Preference) -> dict[str, Any]:

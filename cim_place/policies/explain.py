@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cim_place.policies.codec import policy_to_dict
+from cim_place.policies.demand import summarize_demand
 from cim_place.policies.model import Policy, PolicySet
 from cim_place.policies.quantities import format_duration, format_size
 from cim_place.policies.selectors import MatchResult, ObjectFacts, evaluate, match_policy
@@ -71,6 +72,8 @@ def summarize(policy: Policy) -> str:
         parts.append(f"names keep {policy.keep_versions} versions")
     if policy.repair.bandwidth_bytes_per_second is not None:
         parts.append(f"repair <= {format_size(policy.repair.bandwidth_bytes_per_second)}/s")
+    if policy.demand is not None:
+        parts.append(summarize_demand(policy.demand))
     return ", ".join(parts)
 
 

@@ -16,6 +16,7 @@ FAILURE_DOMAINS: tuple[FailureDomain, ...] = ("region", "zone", "host", "volume"
 
 LabelOp = Literal["=", "!=", "in", "not in", "exists", "not exists"]
 LocalityMode = Literal["hard", "soft"]
+DemandFollow = Literal["readers", "zone"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,28 @@ class Repair:
 
 
 @dataclass(frozen=True, slots=True)
+class Demand:
+    """Extra ``cached`` copies where the content is read (docs/DEMAND.md).
+
+    An object read at least ``min_reads`` times within ``window_seconds`` from a node (``follow:
+    readers``) or a zone (``follow: zone``) without a copy gains a cached copy there, at most
+    ``max_extra`` per object; a cached copy not read for ``keep_seconds`` is dropped. A node spends
+    at most ``budget_percent`` of its capacity (or ``budget_bytes``) on cached copies, least
+    recently read first out. Cached copies never count towards ``replicas``.
+    """
+
+    follow: DemandFollow = "readers"
+    min_reads: int = 5
+    window_seconds: int = 600
+    max_extra: int = 2
+    keep_seconds: int = 3600
+    budget_percent: float | None = 20.0
+    """Share of each node's capacity that cached copies may use; None when ``budget_bytes`` is."""
+    budget_bytes: int | None = None
+    """An absolute budget per node instead of a share of its capacity."""
+
+
+@dataclass(frozen=True, slots=True)
 class Match:
     """Selectors over objects. Every selector that is set must hold (they are ANDed); within a
     selector, any of the listed values may match (they are ORed)."""
@@ -151,6 +174,8 @@ class Policy:
     keep_versions: int | None = None
     """A domain name pointing at such an object keeps this many versions in its history (the
     controller purges older ones); None: the names bucket's own limit."""
+    demand: Demand | None = None
+    """None: no copies beyond the required ones, whatever the reads."""
 
     @property
     def is_default(self) -> bool:
@@ -159,10 +184,13 @@ class Policy:
 
 @dataclass(frozen=True, slots=True)
 class Consumer:
-    """A consumer of content (e.g. a website), declared by the node labels it runs at."""
+    """A consumer of content (e.g. a website), declared by the node labels it runs at, or by the
+    service identity whose observed reads and references locate it (``service``); with both, the
+    labels say where it is until its reads are seen."""
 
     name: str
     labels: Mapping[str, str]
+    service: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cim_place.policies.demand import FOLLOW_VALUES, MAX_EXTRA, MAX_MIN_READS
 from cim_place.policies.model import FAILURE_DOMAINS
 from cim_place.policies.validate import MAX_PRIORITY, MAX_REPLICAS, MAX_WEIGHT, NAME_RE
 
@@ -35,6 +36,20 @@ _BANDWIDTH = {
         {"type": "integer", "minimum": 1},
         {"type": "string", "pattern": rf"^\s*\d+(\.\d+)?\s*{_SIZE_UNIT}(/s)?\s*$"},
     ],
+}
+
+
+_POSITIVE_DURATION = {
+    "description": _DURATION["description"],
+    "anyOf": [
+        {"type": "integer", "minimum": 1},
+        {"type": "string", "pattern": r"^\s*(0*[1-9]\d*|(\d+[wdhms])+)\s*$"},
+    ],
+}
+_BUDGET = {
+    "description": "a share of each node's capacity (20%) or a size per node (500GiB)",
+    "type": "string",
+    "pattern": rf"^\s*(\d+(\.\d+)?\s*%|\d+(\.\d+)?\s*{_SIZE_UNIT})\s*$",
 }
 
 
@@ -154,12 +169,26 @@ def policy_file_schema() -> dict[str, Any]:
                     "bandwidth": _BANDWIDTH,
                 }
             ),
+            "demand": _object(
+                {
+                    "follow": {"enum": list(FOLLOW_VALUES)},
+                    "min_reads": {"type": "integer", "minimum": 1, "maximum": MAX_MIN_READS},
+                    "window": _POSITIVE_DURATION,
+                    "max_extra": {"type": "integer", "minimum": 1, "maximum": MAX_EXTRA},
+                    "keep": _POSITIVE_DURATION,
+                    "budget": _BUDGET,
+                },
+                description="extra cached copies where the content is read (docs/DEMAND.md)",
+            ),
         },
         required=["name", "replicas"],
     )
     consumers = {
         "type": "object",
-        "description": "consumer name -> the node labels it runs at",
+        "description": (
+            "consumer name -> the node labels it runs at; `service: IDENTITY` locates it by "
+            "the reads of that service"
+        ),
         "propertyNames": _NAME,
         "additionalProperties": {
             "type": "object",

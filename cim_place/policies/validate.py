@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from cim_place.policies import labels as label_syntax
 from cim_place.policies import quantities
+from cim_place.policies.demand import SERVICE_HINT, SERVICE_RE, read_demand
 from cim_place.policies.loader import INVALID, Path, YamlFile, read_file, read_text
 from cim_place.policies.model import (
     FAILURE_DOMAINS,
@@ -59,6 +60,7 @@ POLICY_KEYS = (
     "repair",
     "protected",
     "keep_versions",
+    "demand",
 )
 SET_KEYS = ("policies", "consumers")
 MATCH_KEYS = ("name", "owner", "labels", "size", "content_type")
@@ -411,6 +413,7 @@ class _Reader(YamlReader):
                 1,
                 MAX_KEEP_VERSIONS,
             )
+        demand = read_demand(self, doc["demand"], (*path, "demand")) if "demand" in doc else None
         # A part may be None without a new problem here: the loader reported it already.
         if (
             len(self.f.problems) > count
@@ -423,6 +426,7 @@ class _Reader(YamlReader):
             or preferences is None
             or repair is None
             or ("keep_versions" in doc and keep_versions is None)
+            or ("demand" in doc and demand is None)
         ):
             return None
         return Policy(
@@ -439,6 +443,7 @@ class _Reader(YamlReader):
             repair=repair,
             protected=protected,
             keep_versions=keep_versions,
+            demand=demand,
         )
 
     def replicas(self, value: object, path: Path, expires: bool) -> Replicas | None:
@@ -781,11 +786,19 @@ class _Reader(YamlReader):
                 self.problem(
                     p,
                     f"consumer {name!r} declares no labels",
-                    "give the labels of where it runs, e.g. {zone: eu-1, host: web1}",
+                    "give the labels of where it runs, e.g. {zone: eu-1, host: web1}, or the "
+                    "service whose reads locate it, e.g. {service: shop-web}",
                 )
                 continue
             clean: dict[str, str] = {}
+            service: str | None = None
             for key, label in labels.items():
+                if key == "service":
+                    # Reserved: the consumer's reads locate it (docs/DEMAND.md), not a label.
+                    service = self.string(label, (*p, key), "service", SERVICE_RE, SERVICE_HINT)
+                    if service is not None:
+                        clean[key] = service
+                    continue
                 if not label_syntax.LABEL_KEY_RE.match(key):
                     self.problem(
                         (*p, key),
@@ -809,5 +822,7 @@ class _Reader(YamlReader):
                     continue
                 clean[key] = str(label).strip()
             if len(clean) == len(labels):
-                result.append((Consumer(name=name, labels=dict(sorted(clean.items()))), p))
+                clean.pop("service", None)
+                consumer = Consumer(name=name, labels=dict(sorted(clean.items())), service=service)
+                result.append((consumer, p))
         return result

@@ -35,6 +35,19 @@ class AgentMetrics:
         self.bytes_served = Counter(
             "cim_place_bytes_served", "Bytes served to other nodes.", registry=r
         )
+        self.demand_reads = Counter(
+            "cim_place_demand_reads",
+            "Reads counted for demand-driven copies (docs/DEMAND.md).",
+            registry=r,
+        )
+        self.demand_reads_dropped = Counter(
+            "cim_place_demand_reads_dropped",
+            "Reads not counted because the read table was full.",
+            registry=r,
+        )
+        self.demand_reports = Counter(
+            "cim_place_demand_reports", "Demand reports published.", registry=r
+        )
         self.verification_failures = Counter(
             "cim_place_verification_failures",
             "Blocks whose bytes did not match their CID (on disk or received).",

@@ -32,6 +32,7 @@ from nats.aio.client import Client
 from cim_place import __version__
 from cim_place.cluster.agent.config import AgentConfig
 from cim_place.cluster.agent.inventory import InventoryService
+from cim_place.cluster.agent.demand import DemandReporter
 from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.agent.repair import (
     refresh_damaged_gauge,
@@ -137,6 +138,7 @@ class Agent:
         """Builders of further HTTP listeners (the S3 API), called once the agent's services run;
         each binds on its own address, beside the gateway if ``http`` is on."""
         self.scrub: ScrubService | None = None
+        self.demand: DemandReporter | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -207,7 +209,16 @@ class Agent:
             removed=self._announce_removed,
             subjects=self.subjects,
         )
-        self._services = [self._blocks, self._holders, self._uploads, scrub, inventory]
+        # Read paths call self.demand.record_read; counts leave once per interval.
+        self.demand = DemandReporter(nc, self.subjects, self.node)
+        self._services = [
+            self._blocks,
+            self._holders,
+            self._uploads,
+            scrub,
+            inventory,
+            self.demand,
+        ]
         if self._stream is not None:
             self._services.insert(0, self._stream)
         for service in self._services:
@@ -279,7 +290,13 @@ class Agent:
             near=self.near,
             stream_tls=self.stream_client_tls,
             secured=secured,
+            record_read=self._record_read,
         )
+
+    def _record_read(self, root: Cid, requester: str | None, size: int) -> None:
+        """A read served here to a client of this node (the gateway): demand at this node."""
+        if self.demand is not None:
+            self.demand.record_read(root, self.node, requester or "", size)
 
     def _stream_server_tls(self) -> ssl.SSLContext | None:
         cert, key = self.config.stream_tls_cert, self.config.stream_tls_key
@@ -360,11 +377,20 @@ class Agent:
             current["malformed_upload"] = self._uploads.stats.malformed
         if self._worker is not None:
             current["malformed_tasks"] = self._worker.stats.malformed
+        if self.demand is not None:
+            current.update(
+                demand_reads=self.demand.reads_recorded,
+                demand_dropped=self.demand.reads_dropped,
+                demand_reports=self.demand.reports_sent,
+            )
         delta = {key: max(0, value - self._synced.get(key, 0)) for key, value in current.items()}
         self._synced = current
         self.metrics.blocks_served.inc(delta.get("served_blocks", 0))
         self.metrics.bytes_served.inc(delta.get("served_bytes", 0))
         self.metrics.verification_failures.inc(delta.get("corrupt", 0))
+        self.metrics.demand_reads.inc(delta.get("demand_reads", 0))
+        self.metrics.demand_reads_dropped.inc(delta.get("demand_dropped", 0))
+        self.metrics.demand_reports.inc(delta.get("demand_reports", 0))
         for service in ("blocks", "has", "upload", "tasks"):
             self.metrics.malformed_messages.labels(service).inc(
                 delta.get(f"malformed_{service}", 0)

@@ -41,6 +41,7 @@ from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cim_place.cluster.controller.drift import reconcile_drift
+from cim_place.cluster.controller.demand import DemandIntake
 from cim_place.cluster.controller.projection import ObjectView, Projection
 from cim_place.cluster.controller.removal import Removals, expire_name_versions
 from cim_place.cluster.events.readers import EventFeed, StoredEvent
@@ -63,6 +64,7 @@ from cim_place.cluster.state.policies import watch_policies
 from cim_place.cluster.tasks.queue import Task, TaskQueue, ensure_task_stream
 from cim_place.errors import CimPlaceError, PolicyError, TransportError
 from cim_place.objectstore.cid import Cid, to_str
+from cim_place.placement.demand_window import DemandWindow
 from cim_place.placement.model import NodeMap, PlacedObject
 from cim_place.placement.reconciler import (
     FailedTask,
@@ -193,6 +195,8 @@ class Controller:
         self.projection = Projection()
         self.metrics = ControllerMetrics()
         self.nc: Client | None = None
+        self.demand_window = DemandWindow(horizon=3600.0, slot=60.0)
+        self.demand: DemandIntake | None = None
         self.js: JetStreamContext | None = None
         self.locations: LocationStore | None = None
         self.election: LeaderElection | None = None
@@ -245,6 +249,10 @@ class Controller:
         self.removals = Removals(self, js)
         await self.removals.start()
 
+        # Read counts from the agents (docs/DEMAND.md); nothing decides on them yet.
+        self.demand = DemandIntake(nc, self.subjects, self.demand_window)
+        await self.demand.start()
+
         self.election = LeaderElection(
             js,
             self.identity,
@@ -284,6 +292,10 @@ class Controller:
             await self.removals.stop()
         await cancel_and_wait(self._tasks)
         self._tasks = []
+        if self.demand is not None:
+            with contextlib.suppress(Exception):
+                await self.demand.stop()
+            self.demand = None
         if self.nc is not None:
             # Everything that publishes was awaited above; close rather than drain, which waits
             # for subscriptions nobody reads any more (the KV watchers) until its 30 s limit.

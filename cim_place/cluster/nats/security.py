@@ -366,6 +366,8 @@ def agent_permissions(node: str, subjects: Subjects, hub_domain: str) -> Permiss
         *_kv_write(hub_domain, "cim-place-event-sources"),
         # Heartbeat: its own key of the nodes bucket; the other nodes' records are read.
         *_kv_write(hub_domain, kv.NODES, node),
+        # Its read counts (demand-driven copies, docs/DEMAND.md).
+        subjects.demand(node),
         # Fetching from peers and finding holders.
         f"{subjects.prefix}.blk.*.get",
         subjects.has,
@@ -400,7 +402,7 @@ def controller_permissions(subjects: Subjects, hub_domain: str) -> Permissions:
         subjects.events_of(hub_domain),
         subjects.all_agent_inventories,  # reconciling inventory drift
     ]
-    subscribe = [f"{inbox_prefix(CONTROLLER)}.>", subjects.api(">")]
+    subscribe = [f"{inbox_prefix(CONTROLLER)}.>", subjects.api(">"), subjects.all_demand]
     return Permissions(tuple(publish), tuple(subscribe))
 
 

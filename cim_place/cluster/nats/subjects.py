@@ -77,6 +77,15 @@ class Subjects:
     def block_get(self, node: str) -> str:
         return f"{self.prefix}.blk.{check_node_id(node)}.get"
 
+    def demand(self, node: str) -> str:
+        """Where ``node``'s agent publishes its read counts (cim_place.cluster.agent.demand)."""
+        return f"{self.prefix}.demand.{check_node_id(node)}"
+
+    @property
+    def all_demand(self) -> str:
+        """Every node's read counts, for the controller."""
+        return f"{self.prefix}.demand.*"
+
     def api(self, name: str) -> str:
         return f"{self.prefix}.api.{name}"
 

@@ -1,0 +1,60 @@
+"""The controller's intake of read counts: ``<prefix>.demand.*`` into a demand window.
+
+Each report is validated before it touches the window (an envelope carrying a
+``DemandReported`` event whose reporter is the node of the subject it came on); a bad one is
+counted and dropped, never fatal, like a bad event. Deciding on the counts is the pure
+:func:`cim_place.placement.demand.decide`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from cim_place.cluster.nats.envelope import EnvelopeError, decode
+from cim_place.cluster.nats.subjects import Subjects
+from cim_place.errors import PlacementError
+from cim_place.placement.demand_window import DEMAND_REPORTED, DemandReport, DemandWindow
+
+log = logging.getLogger(__name__)
+
+
+class DemandIntake:
+    """Subscribes to every node's read counts and folds them into ``window``."""
+
+    def __init__(self, nc: Client, subjects: Subjects, window: DemandWindow) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.window = window
+        self.received = 0
+        self.refused = 0
+        self.last_report: DemandReport | None = None
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(self.subjects.all_demand, cb=self._on_message)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_message(self, msg: Msg) -> None:
+        node = msg.subject.rsplit(".", 1)[-1]
+        try:
+            envelope = decode(msg.data)
+            if envelope.content.type != DEMAND_REPORTED:
+                raise PlacementError(f"unexpected {envelope.content.type!r}")
+            report = DemandReport.from_dict(dict(envelope.content.body))
+            if report.reporter != node:
+                raise PlacementError(f"reporter {report.reporter!r} on the subject of {node!r}")
+        except (EnvelopeError, PlacementError) as exc:
+            self.refused += 1
+            log.warning("demand report from %s dropped: %s", node, exc)
+            return
+        self.window.add(report)
+        self.received += 1
+        self.last_report = report
