@@ -268,7 +268,7 @@ def cached_locations(copies: Iterable[CachedCopy], node_map: NodeMap) -> tuple[L
         volume = node_map.get(copy.volume)
         zone = volume.zone if volume is not None else ""
         name = copy.volume.split("/", 1)[1]
-        rows.append(Location(copy.node, name, zone, "cached", copy.cause))
+        rows.append(Location(copy.node, name, zone, "cached", cause=copy.cause))
     return tuple(rows)
 
 

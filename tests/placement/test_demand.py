@@ -307,7 +307,7 @@ def test_cached_copies_leave_draining_down_and_excluded_volumes() -> None:
 def test_status_rows_and_explain_lines_name_the_demand() -> None:
     ledger, d = run({"leaf-5": Reads(7, 0, 990.0)})
     rows = cached_locations(ledger.of_object(cid(1)), domain())
-    assert rows == (Location("leaf-5", "v0", "z3", "cached", "7 reads in 10m from leaf-5"),)
+    assert rows == (Location("leaf-5", "v0", "z3", "cached", cause="7 reads in 10m from leaf-5"),)
     status = ObjectStatus(cid="c", state="placed", locations=rows)
     assert ObjectStatus.decode(status.encode()) == status
     assert status.pinned == 0  # a cached copy never counts as a policy copy

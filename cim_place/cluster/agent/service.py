@@ -31,8 +31,8 @@ from nats.aio.client import Client
 
 from cim_place import __version__
 from cim_place.cluster.agent.config import AgentConfig
-from cim_place.cluster.agent.inventory import InventoryService
 from cim_place.cluster.agent.demand import DemandReporter
+from cim_place.cluster.agent.inventory import InventoryService
 from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.agent.repair import (
     refresh_damaged_gauge,

@@ -40,8 +40,8 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from cim_place.cluster.controller.drift import reconcile_drift
 from cim_place.cluster.controller.demand import DemandIntake
+from cim_place.cluster.controller.drift import reconcile_drift
 from cim_place.cluster.controller.projection import ObjectView, Projection
 from cim_place.cluster.controller.removal import Removals, expire_name_versions
 from cim_place.cluster.events.readers import EventFeed, StoredEvent
