@@ -58,6 +58,9 @@ class S3Node:
     on_unpinned: OnUnpinned
 
 
+S3_CONTEXT = web.AppKey("s3", S3Context)
+
+
 def build_s3_app(
     node: S3Node,
     *,
@@ -110,7 +113,7 @@ def build_s3_app(
         ctx.executor.shutdown(wait=False, cancel_futures=True)
 
     app.on_cleanup.append(close)
-    app["s3"] = ctx
+    app[S3_CONTEXT] = ctx
     return app
 
 

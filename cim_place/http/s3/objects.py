@@ -150,7 +150,10 @@ async def get_object(ctx: S3Context, req: S3Request) -> web.StreamResponse:
     if req.http.method == "HEAD" or length == 0:
         await response.write_eof()
         return response
-    await _stream(ctx, store, record, first, length, response)
+    try:
+        await _stream(ctx, store, record, first, length, response)
+    except ConnectionResetError:
+        pass  # the client went away (it read only the start, or gave up)
     return response
 
 
