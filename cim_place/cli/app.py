@@ -32,8 +32,9 @@ _OWNERS = {
     "security": "security",
     "rm": "remove",
     "scrub": "scrub",
+    "s3": "s3",
 }
-_GROUPS = {"policy": "policy", "names": "name", "security": "security"}
+_GROUPS = {"policy": "policy", "names": "name", "security": "security", "s3": "s3"}
 """Modules whose commands form a sub-application, by the name it is mounted under."""
 
 
