@@ -8,6 +8,7 @@ the importer sees the end (a bad body pins nothing), then the context commits it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from urllib.parse import unquote
@@ -150,10 +151,8 @@ async def get_object(ctx: S3Context, req: S3Request) -> web.StreamResponse:
     if req.http.method == "HEAD" or length == 0:
         await response.write_eof()
         return response
-    try:
+    with contextlib.suppress(ConnectionResetError):  # the client went away
         await _stream(ctx, store, record, first, length, response)
-    except ConnectionResetError:
-        pass  # the client went away (it read only the start, or gave up)
     return response
 
 

@@ -1,0 +1,94 @@
+"""The pure parts of the S3 API, without NATS: SigV4 against botocore's signer, ranges,
+conditionals, listing pages, XML bodies, domain names of keys."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+from cim_place.http.s3.context import domain_name
+from cim_place.http.s3.errors import S3Error
+from cim_place.http.s3.listing import page
+from cim_place.http.s3.ranges import check_conditions, parse_range
+from cim_place.http.s3.sigv4 import parse_authorization, parse_query, verify
+from cim_place.http.s3.xml import parse_complete, parse_delete
+
+SECRET = "s3cr3t"
+
+
+def signed(url: str, body: bytes = b"", secret: str = SECRET) -> AWSRequest:
+    request = AWSRequest(method="PUT", url=url, data=body)
+    S3SigV4Auth(Credentials("AKID", secret), "s3", "eu-west-1").add_auth(request)
+    return request
+
+
+def check(request: AWSRequest, secret: str = SECRET) -> None:
+    raw = request.url.split("127.0.0.1:9000", 1)[1]
+    raw_path, _, raw_query = raw.partition("?")
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers["host"] = "127.0.0.1:9000"
+    claim = parse_authorization(headers["authorization"], headers)
+    verify(claim, secret, "PUT", raw_path, parse_query(raw_query), headers, datetime.now(UTC))
+
+
+def test_sigv4_matches_botocore() -> None:
+    request = signed("http://127.0.0.1:9000/b/a%20b%2Bc/%C3%A9.txt?partNumber=1&uploadId=x%20y", b"hi")
+    check(request)
+    with pytest.raises(S3Error) as exc:
+        check(request, "wrong")
+    assert exc.value.code == "SignatureDoesNotMatch"
+    with pytest.raises(S3Error) as exc:
+        parse_authorization("AWS AKID:sig", {})
+    assert exc.value.code == "InvalidRequest"
+
+
+def test_ranges() -> None:
+    assert parse_range("bytes=0-9", 100) == (0, 9)
+    assert parse_range("bytes=90-200", 100) == (90, 99)
+    assert parse_range("bytes=-10", 100) == (90, 99)
+    assert parse_range("bytes=5-", 100) == (5, 99)
+    assert parse_range("bytes=0-1,5-6", 100) is None
+    assert parse_range("items=0-1", 100) is None
+    with pytest.raises(S3Error):
+        parse_range("bytes=100-", 100)
+
+
+def test_conditions() -> None:
+    assert check_conditions({"if-match": '"e"'}, "e", 0) is None
+    assert check_conditions({"if-match": '"x"'}, "e", 0) == 412
+    assert check_conditions({"if-none-match": '"e"'}, "e", 0) == 304
+    old = "Mon, 01 Jan 2024 00:00:00 GMT"
+    assert check_conditions({"if-modified-since": old}, "e", 1.0e9) == 304
+    assert check_conditions({"if-unmodified-since": old}, "e", 2.0e9) == 412
+
+
+def test_listing_pages_with_delimiter() -> None:
+    keys = ["a/1", "a/2", "b", "c/1", "d"]
+    first = page(keys, prefix="", delimiter="/", after="", max_keys=2)
+    assert (first.keys, first.prefixes, first.truncated) == (("b",), ("a/",), True)
+    second = page(keys, prefix="", delimiter="/", after=first.last, max_keys=2)
+    assert (second.keys, second.prefixes, second.truncated) == (("d",), ("c/",), False)
+
+
+def test_xml_bodies() -> None:
+    parts = parse_complete(
+        b'<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+        b'<Part><PartNumber>1</PartNumber><ETag>"ab"</ETag></Part></CompleteMultipartUpload>'
+    )
+    assert [(p.number, p.etag) for p in parts] == [(1, "ab")]
+    assert parse_delete(b"<Delete><Object><Key>k</Key></Object></Delete>").keys == ("k",)
+    for bad in (b"", b"<x/>", b"<Delete/>", b'<!DOCTYPE a [<!ENTITY b "c">]><Delete/>'):
+        with pytest.raises(S3Error) as exc:
+            parse_delete(bad)
+        assert exc.value.code == "MalformedXML"
+
+
+def test_domain_names() -> None:
+    assert domain_name("shop", "img/a.png") == "shop/img/a.png"
+    assert domain_name("shop", "a b+c") == "shop/a=20b=2Bc"
+    assert domain_name("shop", "x..y.") == "shop/x.=2Ey=2E"
+    assert domain_name("shop", "k" * 300) is None
