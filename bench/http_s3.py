@@ -157,8 +157,16 @@ async def main() -> None:
                     path.write_bytes(os.urandom(size))  # distinct bytes: no dedup help
                     files.append(path)
                 add_s = await asyncio.to_thread(
-                    timed, [str(BIN / "cim-place"), "add", "--server", leaf.url,
-                            "--node", "bench", str(files[0])]
+                    timed,
+                    [
+                        str(BIN / "cim-place"),
+                        "add",
+                        "--server",
+                        leaf.url,
+                        "--node",
+                        "bench",
+                        str(files[0]),
+                    ],
                 )
                 put_s = await client(*creds, "put", str(files[1]))
                 get_s = await client(*creds, "get", files[1].name)

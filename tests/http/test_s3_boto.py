@@ -13,6 +13,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.nats.envelope import decode
 from cim_place.cluster.state.names import NameRegistry
 from cim_place.objectstore import unixfs
 from cim_place.objectstore.blockstore import FsBlockStore
@@ -121,6 +122,13 @@ async def test_buckets_put_get_list_copy_delete(s3node: S3Domain, tmp_path: Any)
     assert s3node.agent.pinned_on(record.cid) is not None
     await run(s3.delete_object, Bucket="shop", Key="copy.bin")
     assert s3node.agent.pinned_on(record.cid) is None
+    # Every put and delete is an event on the node's outbox.
+    assert s3node.agent.nc is not None
+    outbox = s3node.agent.nc.jetstream()
+    for kind, key in (("ObjectCreated", "copy.bin"), ("ObjectRemoved", "copy.bin")):
+        msg = await outbox.get_msg("OUTBOX_node-a", subject=f"cim.place.evt.node-a.s3.{kind}")
+        event = decode(msg.data)
+        assert event.content.type == f"s3.{kind}" and event.content.body["key"] == key
     result = await run(
         s3.delete_objects,
         Bucket="shop",

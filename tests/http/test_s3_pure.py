@@ -36,7 +36,9 @@ def check(request: AWSRequest, secret: str = SECRET) -> None:
 
 
 def test_sigv4_matches_botocore() -> None:
-    request = signed("http://127.0.0.1:9000/b/a%20b%2Bc/%C3%A9.txt?partNumber=1&uploadId=x%20y", b"hi")
+    request = signed(
+        "http://127.0.0.1:9000/b/a%20b%2Bc/%C3%A9.txt?partNumber=1&uploadId=x%20y", b"hi"
+    )
     check(request)
     with pytest.raises(S3Error) as exc:
         check(request, "wrong")

@@ -25,6 +25,7 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -127,23 +128,38 @@ class S3Index:
             raise TransportError(f"cannot delete {bucket}/{key[:80]}: {exc}") from exc
 
     async def _scan(self, bucket: str, pattern: str, *, limit: int = 0) -> list[bytes]:
-        kv = await self._kv(bucket)
+        """The live values of keys matching ``pattern``, read with a pull consumer.
+
+        Not nats-py's KV watch: its end-of-values marker can come before values the push
+        consumer delivered while it was being set up (a listing right after a write came back
+        empty). A pull consumer delivers nothing before it is asked, so its pending count at
+        creation is exact.
+        """
+        await self._kv(bucket)
         values: list[bytes] = []
         try:
-            watcher = await kv.watch(pattern, ignore_deletes=True)
+            sub = await self._js.pull_subscribe(
+                f"$KV.{bucket}.{pattern}",
+                stream=f"KV_{bucket}",
+                config=api.ConsumerConfig(
+                    deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+                    ack_policy=api.AckPolicy.NONE,
+                    inactive_threshold=30.0,
+                ),
+            )
             try:
-                async for entry in watcher:
-                    if entry is None:
-                        break
-                    if entry.value:
-                        values.append(entry.value)
-                    if limit and len(values) >= limit:
-                        break
+                pending = (await sub.consumer_info()).num_pending or 0
+                while pending and not (limit and len(values) >= limit):
+                    for msg in await sub.fetch(min(pending, 256), timeout=5):
+                        pending = msg.metadata.num_pending
+                        operation = (msg.headers or {}).get("KV-Operation")
+                        if msg.data and operation not in ("DEL", "PURGE"):
+                            values.append(msg.data)
             finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                await sub.unsubscribe()
         except nats.errors.Error as exc:
             raise TransportError(f"cannot list {bucket} ({pattern}): {exc}") from exc
-        return values
+        return values[:limit] if limit else values
 
     # -- buckets --
 
