@@ -43,7 +43,8 @@ import sys, time, boto3
 from botocore.config import Config
 url, access, secret, op, path = sys.argv[1:6]
 s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=access, aws_secret_access_key=secret,
-    region_name="us-east-1", config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+    region_name="us-east-1",
+    config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
 if op == "mb":
     s3.create_bucket(Bucket="bench"); sys.exit()
 start = time.perf_counter()

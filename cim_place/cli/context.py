@@ -78,6 +78,8 @@ class DomainContext:
     notes: tuple[str, ...] = ()
     processes: tuple[ProcessEntry, ...] = ()
     """Every supervised process (role, node, pid), as of the last restart."""
+    s3: dict[str, str] | None = None
+    """The S3 operator key: access_key, secret_key, region (docs/S3.md)."""
     path: Path | None = field(default=None, compare=False)
 
     def leaf_url(self, node: str) -> str | None:
@@ -101,6 +103,7 @@ class DomainContext:
             "controller": self.controller,
             "notes": list(self.notes),
             "processes": [{"role": e.role, "node": e.node, "pid": e.pid} for e in self.processes],
+            **({"s3": dict(self.s3)} if self.s3 else {}),
         }
 
     @classmethod
@@ -131,6 +134,7 @@ class DomainContext:
                     )
                     for e in doc.get("processes", [])
                 ),
+                s3={str(k): str(v) for k, v in doc["s3"].items()} if doc.get("s3") else None,
                 path=path,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -277,6 +277,7 @@ def _context_of(domain: LocalDomain) -> DomainContext:
         started_at=domain.started_at,
         controller=domain.controller,
         notes=tuple(domain.notes),
+        s3=domain.s3_key,
         processes=tuple(
             ProcessEntry(str(p["role"]), _text_or_none(p["node"]), _int_or_none(p["pid"]))
             for p in domain.processes()

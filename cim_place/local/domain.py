@@ -47,6 +47,7 @@ from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.errors import CimPlaceError, PortTakenError, TransportError
 from cim_place.http.settings import OFF, parse_listen
+from cim_place.http.s3.keys import ensure_operator_key
 from cim_place.local.servers import (
     LOCALHOST,
     Hub,
@@ -195,6 +196,8 @@ class LocalDomain:
         self.on_change: Callable[[], None] | None = None
         self.supervisor = Supervisor(on_change=self._changed, after_restart=self._ready_again)
         self.policy_applied = False
+        self.s3_key: dict[str, str] | None = None
+        """The domain's S3 operator key (access_key, secret_key, region) once started."""
         self.started_at = 0.0
         self._nc: Client | None = None
         # Every server process started, in order, so stop() reaches those still being waited on
@@ -269,6 +272,7 @@ class LocalDomain:
             # before them (a controller would create them too; both calls are idempotent).
             await ensure_event_store(js_hub, replicas=1)
             await ensure_task_stream(js_hub, 1)
+            self.s3_key = (await ensure_operator_key(js_hub)).to_context()
             say("starting the agents")
             self._start_agents(ports)
             self._save_ports(ports)

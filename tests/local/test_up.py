@@ -113,6 +113,8 @@ def test_up_status_down_and_resume(workdir: Path) -> None:
     first = read_context(state)
     assert first is not None and pid_alive(first.pid)
     assert len(our_servers(workdir)) == 4
+    # The domain's S3 operator key (docs/S3.md).
+    assert first.s3 is not None and set(first.s3) == {"access_key", "secret_key", "region"}
 
     # Later commands here find the domain through the context file: no flags.
     nodes = json.loads(ok("nodes", "--json", cwd=workdir))
