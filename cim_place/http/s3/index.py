@@ -128,38 +128,8 @@ class S3Index:
             raise TransportError(f"cannot delete {bucket}/{key[:80]}: {exc}") from exc
 
     async def _scan(self, bucket: str, pattern: str, *, limit: int = 0) -> list[bytes]:
-        """The live values of keys matching ``pattern``, read with a pull consumer.
-
-        Not nats-py's KV watch: its end-of-values marker can come before values the push
-        consumer delivered while it was being set up (a listing right after a write came back
-        empty). A pull consumer delivers nothing before it is asked, so its pending count at
-        creation is exact.
-        """
         await self._kv(bucket)
-        values: list[bytes] = []
-        try:
-            sub = await self._js.pull_subscribe(
-                f"$KV.{bucket}.{pattern}",
-                stream=f"KV_{bucket}",
-                config=api.ConsumerConfig(
-                    deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-                    ack_policy=api.AckPolicy.NONE,
-                    inactive_threshold=30.0,
-                ),
-            )
-            try:
-                pending = (await sub.consumer_info()).num_pending or 0
-                while pending and not (limit and len(values) >= limit):
-                    for msg in await sub.fetch(min(pending, 256), timeout=5):
-                        pending = msg.metadata.num_pending
-                        operation = (msg.headers or {}).get("KV-Operation")
-                        if msg.data and operation not in ("DEL", "PURGE"):
-                            values.append(msg.data)
-            finally:
-                await sub.unsubscribe()
-        except nats.errors.Error as exc:
-            raise TransportError(f"cannot list {bucket} ({pattern}): {exc}") from exc
-        return values[:limit] if limit else values
+        return [v for _, v in await kv_entries(self._js, bucket, pattern, limit=limit)]
 
     # -- buckets --
 
@@ -229,6 +199,43 @@ class S3Index:
         for part in await self.parts(upload_id):
             await self._delete(UPLOADS, f"{upload_id}.p{part.number:05d}")
         await self._delete(UPLOADS, f"{upload_id}.meta")
+
+
+async def kv_entries(
+    js: JetStreamContext, bucket: str, pattern: str, *, limit: int = 0
+) -> list[tuple[str, bytes]]:
+    """(key, value) of the live keys matching ``pattern``, read with a pull consumer.
+
+    Not nats-py's KV watch: its end-of-values marker can come before values the push
+    consumer delivered while it was being set up (a listing right after a write came back
+    empty). A pull consumer delivers nothing before it is asked, so its pending count at
+    creation is exact.
+    """
+    values: list[tuple[str, bytes]] = []
+    prefix = f"$KV.{bucket}."
+    try:
+        sub = await js.pull_subscribe(
+            f"$KV.{bucket}.{pattern}",
+            stream=f"KV_{bucket}",
+            config=api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+                ack_policy=api.AckPolicy.NONE,
+                inactive_threshold=30.0,
+            ),
+        )
+        try:
+            pending = (await sub.consumer_info()).num_pending or 0
+            while pending and not (limit and len(values) >= limit):
+                for msg in await sub.fetch(min(pending, 256), timeout=5):
+                    pending = msg.metadata.num_pending
+                    operation = (msg.headers or {}).get("KV-Operation")
+                    if msg.data and operation not in ("DEL", "PURGE"):
+                        values.append((msg.subject[len(prefix) :], msg.data))
+        finally:
+            await sub.unsubscribe()
+    except nats.errors.Error as exc:
+        raise TransportError(f"cannot list {bucket} ({pattern}): {exc}") from exc
+    return values[:limit] if limit else values
 
 
 def _object(value: bytes) -> ObjectRecord:

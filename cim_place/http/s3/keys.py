@@ -119,21 +119,14 @@ class KeyStore:
         return _decode(access_key, entry.value)
 
     async def ls(self) -> list[S3Key]:
-        kv = await self._bucket()
+        from cim_place.http.s3.index import kv_entries
+
+        await self._bucket()
         found: list[S3Key] = []
-        try:
-            watcher = await kv.watchall(ignore_deletes=True)
-            try:
-                async for entry in watcher:
-                    if entry is None:
-                        break
-                    key = _decode(entry.key, entry.value)
-                    if key is not None:
-                        found.append(key)
-            finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
-        except nats.errors.Error as exc:
-            raise TransportError(f"cannot list {KEYS_BUCKET}: {exc}") from exc
+        for access, value in await kv_entries(self._js, KEYS_BUCKET, ">"):
+            key = _decode(access, value)
+            if key is not None:
+                found.append(key)
         return sorted(found, key=lambda k: k.access_key)
 
     async def rm(self, access_key: str) -> None:
