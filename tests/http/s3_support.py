@@ -62,6 +62,8 @@ def s3_node_of(agent: Agent) -> S3Node:
         events=agent.publisher,
         on_pinned=agent._uploaded,
         on_unpinned=agent._announce_removed,
+        nc=agent.nc,
+        subjects=agent.subjects,
     )
 
 

@@ -230,3 +230,51 @@ async def test_presigned_get_and_refusals(s3node: S3Domain) -> None:
     with pytest.raises(ClientError) as exc:
         await run(s3.get_object, Bucket="nope", Key="x")
     assert code_of(exc.value) == "NoSuchBucket"
+
+
+async def test_get_from_a_node_that_does_not_hold_it(
+    s3node: S3Domain, leaf_factory: Any, tmp_path: Any
+) -> None:
+    """Node B's S3 answers a GET of an object stored on node A: fetched, verified, streamed."""
+    from aiohttp import web
+
+    from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
+    from cim_place.cluster.agent.service import Agent
+    from cim_place.cluster.exchange.fetch import wait_for_holder
+    from cim_place.http.s3 import build_s3_app
+    from tests.http.s3_support import s3_node_of
+
+    s3 = s3node.client()
+    await asyncio.to_thread(s3.create_bucket, Bucket="far")
+    data = chacha_stream("s3-far", 2 * 1024 * 1024 + 3).read()
+    put = await asyncio.to_thread(s3.put_object, Bucket="far", Key="k", Body=data)
+    leaf = leaf_factory("node-b")
+    agent = Agent(
+        AgentConfig(
+            node="node-b",
+            volumes=(VolumeConfig("v0", tmp_path / "node-b"),),
+            servers=(leaf.url,),
+            heartbeat=0.5,
+            inventory=3600,
+        ),
+        fsync="none",
+    )
+    await agent.start()
+    runner = web.AppRunner(build_s3_app(s3_node_of(agent)), access_log=None)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        assert agent.nc is not None
+        cid = s3node.agent.volumes["v0"].pins.list()[0].root
+        assert await wait_for_holder(agent.nc, "node-a")
+        other = S3Domain(
+            s3node.hub, agent, f"http://127.0.0.1:{runner.addresses[0][1]}", s3node.key, s3node.app
+        ).client()
+        got = await asyncio.to_thread(get_bytes, other, Bucket="far", Key="k")
+        assert got == data
+        assert put["ETag"] == f'"{hashlib.md5(data).hexdigest()}"'
+        assert agent.pinned_on(cid) is None  # a cached read, not a replica
+    finally:
+        await runner.cleanup()
+        await agent.stop(grace=1)

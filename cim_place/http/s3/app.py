@@ -13,14 +13,16 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
 from nats.js.client import JetStreamContext
 
 from cim_place.cluster.events.store import EventPublisher
+from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.names import NameRegistry
 from cim_place.errors import CimPlaceError, StoreFullError
 from cim_place.http.s3 import buckets, multipart, objects
@@ -56,6 +58,10 @@ class S3Node:
     events: EventPublisher
     on_pinned: OnPinned
     on_unpinned: OnUnpinned
+    nc: Any = None
+    """The node's NATS connection: with it, a GET of content held only by other nodes fetches
+    it through the domain's verified fetch; without it, such a GET is ServiceUnavailable."""
+    subjects: Subjects = field(default_factory=Subjects)
 
 
 S3_CONTEXT = web.AppKey("s3", S3Context)
@@ -78,6 +84,8 @@ def build_s3_app(
         on_pinned=node.on_pinned,
         on_unpinned=node.on_unpinned,
         region=region,
+        nc=node.nc,
+        subjects=node.subjects,
     )
     cache: dict[str, tuple[float, S3Key | None]] = {}
 

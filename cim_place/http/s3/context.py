@@ -18,9 +18,11 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from cim_place.cluster.events.store import EventPublisher
 from cim_place.cluster.nats.envelope import Content, Envelope
+from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.names import NameRegistry, NamingError, check_name
 from cim_place.errors import CimPlaceError
 from cim_place.http.s3.errors import S3Error, no_such_bucket
@@ -92,6 +94,8 @@ class S3Context:
     on_pinned: OnPinned
     on_unpinned: OnUnpinned
     region: str
+    nc: Any = None
+    subjects: Subjects = field(default_factory=Subjects)
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="cim-place-s3")
     )
@@ -111,6 +115,25 @@ class S3Context:
             if store.pins.get(cid) is not None:
                 return store
         return None
+
+    async def fetched(self, cid: Cid, size: int) -> ObjectStore | None:
+        """Fetch ``cid`` from the nodes that hold it into a volume here (verified, not pinned:
+        a cached read that gc may take later); None when no node answers."""
+        if self.nc is None:
+            return None
+        from cim_place.cluster.exchange.fetch import fetch_dag
+        from cim_place.cluster.exchange.holders import find_holders
+
+        holders = [
+            h
+            for h in await find_holders(self.nc, cid, expected=1, subjects=self.subjects)
+            if h.node != self.node
+        ]
+        if not holders:
+            return None
+        store = self.volume_for(size)
+        await fetch_dag(self.nc, cid, holders, store.blocks, subjects=self.subjects)
+        return store
 
     async def commit(self, bucket: str, record: ObjectRecord, pin: Pin, by: str) -> None:
         """Announce the pin, index the object, name it, publish ObjectCreated; then release

@@ -140,11 +140,12 @@ async def get_object(ctx: S3Context, req: S3Request) -> web.StreamResponse:
         if crc:
             headers["x-amz-checksum-crc32"] = crc
     headers["Content-Length"] = str(length)
-    store = ctx.holder(parse(record.cid))
+    root = parse(record.cid)
+    store = ctx.holder(root) or await ctx.fetched(root, record.size)
     if store is None:
         raise S3Error(
             "ServiceUnavailable",
-            f"{record.cid} is not held on node {ctx.node}; read it from a node that holds it",
+            f"{record.cid} is not held on node {ctx.node} and no node holding it answers",
         )
     response = web.StreamResponse(status=status, headers=headers)
     await response.prepare(req.http)
