@@ -46,8 +46,8 @@ from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.errors import CimPlaceError, PortTakenError, TransportError
-from cim_place.http.settings import OFF, parse_listen
 from cim_place.http.s3.keys import ensure_operator_key
+from cim_place.http.settings import OFF, parse_listen
 from cim_place.local.servers import (
     LOCALHOST,
     Hub,
