@@ -93,4 +93,6 @@ def _match(m: Match) -> dict[str, Any]:
         out["size"] = {k: v for k, v in (("min", m.size_min), ("max", m.size_max)) if v is not None}
     if m.content_types:
         out["content_type"] = list(m.content_types)
+    if m.buckets:
+        out["bucket"] = list(m.buckets)
     return out

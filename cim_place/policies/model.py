@@ -149,6 +149,9 @@ class Match:
     size_min: int | None = None
     size_max: int | None = None
     content_types: tuple[str, ...] = ()
+    buckets: tuple[str, ...] = ()
+    """S3 buckets: an object stored through the S3 API carries its bucket in the metadata
+    ``s3-bucket`` (cim_place.http.s3)."""
     """Globs over the content type, e.g. ``image/*``."""
 
 

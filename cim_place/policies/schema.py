@@ -103,6 +103,7 @@ def policy_file_schema() -> dict[str, Any]:
                     "owner": _one_or_many({"type": "string", "minLength": 1}, "owners"),
                     "labels": label_requirements,
                     "size": _object({"min": _SIZE, "max": _SIZE}, minProperties=1),
+                    "bucket": _one_or_many({"type": "string", "minLength": 1}, "S3 buckets"),
                     "content_type": _one_or_many(
                         {"type": "string", "minLength": 1}, "content type globs, e.g. image/*"
                     ),

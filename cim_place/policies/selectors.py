@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from cim_place.policies.model import BUILTIN_DEFAULT, Match, Policy
 from cim_place.policies.quantities import format_size
 
+S3_BUCKET = "s3-bucket"
+"""The metadata an object stored through the S3 API carries its bucket in (``match.bucket``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectFacts:
@@ -85,6 +88,8 @@ def matches(m: Match, obj: ObjectFacts) -> bool:
         return False
     if not all(req.holds(obj.metadata) for req in m.labels):
         return False
+    if m.buckets and obj.metadata.get(S3_BUCKET) not in m.buckets:
+        return False
     if m.size_min is not None or m.size_max is not None:
         if obj.size is None:
             return False
@@ -124,6 +129,11 @@ def _checks(m: Match, obj: ObjectFacts) -> Iterable[tuple[bool, str]]:
         value = obj.metadata.get(req.key)
         have = f"{req.key}={value!r}" if value is not None else f"no label {req.key!r}"
         yield ok, f"label requirement `{req}` {'holds' if ok else 'fails'} ({have})"
+    if m.buckets:
+        bucket = obj.metadata.get(S3_BUCKET)
+        ok = bucket in m.buckets
+        have = f"S3 bucket {bucket!r}" if bucket is not None else "not an S3 object"
+        yield ok, f"{have} {'is' if ok else 'is not'} one of {_listed(m.buckets)}"
     if m.size_min is not None or m.size_max is not None:
         bounds = _size_bounds(m.size_min, m.size_max)
         if obj.size is None:

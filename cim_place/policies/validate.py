@@ -63,7 +63,7 @@ POLICY_KEYS = (
     "demand",
 )
 SET_KEYS = ("policies", "consumers")
-MATCH_KEYS = ("name", "owner", "labels", "size", "content_type")
+MATCH_KEYS = ("name", "owner", "labels", "size", "content_type", "bucket")
 CONSTRAINT_KEYS = ("tags", "labels", "exclude_nodes")
 LOCALITY_KEYS = ("near", "min_local", "mode")
 REPAIR_KEYS = ("grace", "max_concurrent", "bandwidth")
@@ -519,6 +519,9 @@ class _Reader(YamlReader):
             if "content_type" in m
             else ()
         )
+        buckets = (
+            self.strings(m["bucket"], (*path, "bucket"), "match.bucket") if "bucket" in m else ()
+        )
         size_min = size_max = None
         if "size" in m:
             size = self.mapping(m["size"], (*path, "size"), ("min", "max"), "match.size")
@@ -539,7 +542,7 @@ class _Reader(YamlReader):
                         f"match.size.min ({size_min}) is greater than match.size.max ({size_max})",
                         "swap them",
                     )
-        if names is None or owners is None or reqs is None or types is None:
+        if names is None or owners is None or reqs is None or types is None or buckets is None:
             return None
         return Match(
             names=names,
@@ -548,6 +551,7 @@ class _Reader(YamlReader):
             size_min=size_min,
             size_max=size_max,
             content_types=types,
+            buckets=buckets,
         )
 
     def spread(self, value: object, path: Path) -> Spread | None:
