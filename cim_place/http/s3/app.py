@@ -106,6 +106,10 @@ def build_s3_app(
             response = await _route(parsed)(ctx, parsed)
         except S3Error as exc:
             response = _error(request, exc, request_id)
+        except (UnicodeError, ValueError) as exc:
+            # Bytes no S3 client sends (undecodable text, impossible numbers): a 400, not a 500.
+            bad = S3Error("InvalidRequest", f"the request cannot be read: {exc}"[:200])
+            response = _error(request, bad, request_id)
         except StoreFullError as exc:
             response = _error(request, S3Error("EntityTooLarge", str(exc), 507), request_id)
         except CimPlaceError as exc:
