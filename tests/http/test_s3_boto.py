@@ -278,3 +278,62 @@ async def test_get_from_a_node_that_does_not_hold_it(
     finally:
         await runner.cleanup()
         await agent.stop(grace=1)
+
+
+def streaming_put(domain: S3Domain, path: str, data: bytes, *, tamper: bool = False) -> int:
+    """PUT with STREAMING-AWS4-HMAC-SHA256-PAYLOAD (aws-chunked, every chunk signed), as SDKs
+    send over TLS; ``tamper`` changes a byte of the second chunk after signing."""
+    import http.client
+    from datetime import UTC, datetime
+
+    from cim_place.http.s3 import sigv4
+
+    now = datetime.now(UTC)
+    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+    credential = sigv4.Credential(domain.key.access_key, amz_date[:8], "us-east-1", "s3")
+    host = domain.url.split("//")[1]
+    headers = {
+        "content-encoding": "aws-chunked",
+        "host": host,
+        "x-amz-content-sha256": sigv4.STREAMING,
+        "x-amz-date": amz_date,
+        "x-amz-decoded-content-length": str(len(data)),
+    }
+    names = sorted(headers)
+    canonical = sigv4.canonical_request("PUT", path, [], headers, names, sigv4.STREAMING)
+    key = sigv4.signing_key(domain.key.secret_key, credential)
+    previous = sigv4.sign(key, sigv4.string_to_sign(amz_date, credential.scope, canonical))
+    authorization = (
+        f"AWS4-HMAC-SHA256 Credential={domain.key.access_key}/{credential.scope}, "
+        f"SignedHeaders={';'.join(names)}, Signature={previous}"
+    )
+    pieces = [data[i : i + 65536] for i in range(0, len(data), 65536)] + [b""]
+    body = bytearray()
+    for n, piece in enumerate(pieces):
+        text = (
+            f"AWS4-HMAC-SHA256-PAYLOAD\n{amz_date}\n{credential.scope}\n{previous}\n"
+            f"{sigv4.EMPTY_SHA256}\n{hashlib.sha256(piece).hexdigest()}"
+        )
+        previous = sigv4.sign(key, text)
+        if tamper and n == 1:
+            piece = b"X" + piece[1:]
+        body += f"{len(piece):x};chunk-signature={previous}\r\n".encode() + piece + b"\r\n"
+    connection = http.client.HTTPConnection(host)
+    connection.request(
+        "PUT", path, body=bytes(body), headers={**headers, "Authorization": authorization}
+    )
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+async def test_streaming_signed_chunks(s3node: S3Domain) -> None:
+    s3 = s3node.client()
+    await asyncio.to_thread(s3.create_bucket, Bucket="chunks")
+    data = chacha_stream("s3-chunked", 200_000).read()
+    assert await asyncio.to_thread(streaming_put, s3node, "/chunks/ok", data) == 200
+    assert await asyncio.to_thread(get_bytes, s3, Bucket="chunks", Key="ok") == data
+    bad = await asyncio.to_thread(streaming_put, s3node, "/chunks/bad", data, tamper=True)
+    assert bad == 403
+    listed = await asyncio.to_thread(s3.list_objects_v2, Bucket="chunks")
+    assert [o["Key"] for o in listed["Contents"]] == ["ok"]
