@@ -53,6 +53,8 @@ class NodeEntry:
     volume: str
     http: str = ""
     """Base URL of the node's gateway (``http://127.0.0.1:PORT``); "" when it has none."""
+    s3: str = ""
+    """Base URL of the node's S3-compatible API; "" when it has none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +97,14 @@ class DomainContext:
             "hub_domain": self.hub_domain,
             "leaves": {e.node: e.url for e in self.nodes},
             "nodes": [
-                {"node": e.node, "url": e.url, "zone": e.zone, "volume": e.volume, "http": e.http}
+                {
+                    "node": e.node,
+                    "url": e.url,
+                    "zone": e.zone,
+                    "volume": e.volume,
+                    "http": e.http,
+                    "s3": e.s3,
+                }
                 for e in self.nodes
             ],
             "pid": self.pid,
@@ -118,6 +127,7 @@ class DomainContext:
                         str(n["zone"]),
                         str(n["volume"]),
                         str(n.get("http", "")),
+                        str(n.get("s3", "")),
                     )
                     for n in doc.get("nodes", [])
                 ),

@@ -270,7 +270,14 @@ def _context_of(domain: LocalDomain) -> DomainContext:
     return DomainContext(
         hub_url=domain.hub_url,
         nodes=tuple(
-            NodeEntry(n.node, n.url, n.zone, str(n.volume), domain.http_url(n.node))
+            NodeEntry(
+                n.node,
+                n.url,
+                n.zone,
+                str(n.volume),
+                domain.http_url(n.node),
+                domain.s3_url(n.node),
+            )
             for n in domain.nodes
         ),
         pid=os.getpid(),

@@ -182,6 +182,7 @@ class LocalDomain:
         if http_listen is not None:
             parse_listen(http_listen, what="the gateways' listen address")
         self._http_urls: dict[str, str] = {}
+        self._s3_urls: dict[str, str] = {}
         self.notes: list[str] = []
         self.hub: Hub | None = None
         self.nodes: list[DomainNode] = []
@@ -443,6 +444,19 @@ class LocalDomain:
         self._http_urls[node] = f"http://{'127.0.0.1' if host == '0.0.0.0' else shown}:{port}"
         return f"{shown}:{port}"
 
+    def _s3_listen(self, node: str, ports: dict[str, _Ports]) -> str | None:
+        """host:port of ``node``'s S3 API on loopback: a free port kept in domain.json (the
+        same one after a resume), or None when the gateways are off."""
+        if self.http_listen is None:
+            return None
+        port = ports.setdefault(node, _Ports()).choose("s3", f"{node} S3", self.notes)
+        self._s3_urls[node] = f"http://127.0.0.1:{port}"
+        return f"127.0.0.1:{port}"
+
+    def s3_url(self, node: str) -> str:
+        """Base URL of ``node``'s S3 API ("" when it has none)."""
+        return self._s3_urls.get(node, "")
+
     def http_url(self, node: str) -> str:
         """Base URL of ``node``'s gateway ("" when it has none)."""
         return self._http_urls.get(node, "")
@@ -460,6 +474,8 @@ class LocalDomain:
             }
             listen = self._gateway_listen(index, node.node, ports)
             document["http"] = {"listen": listen if listen is not None else OFF}
+            s3 = self._s3_listen(node.node, ports)
+            document["s3"] = {"listen": s3 if s3 is not None else OFF}
             if self.scrub:
                 document["scrub"] = dict(self.scrub)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -115,6 +115,7 @@ def test_up_status_down_and_resume(workdir: Path) -> None:
     assert len(our_servers(workdir)) == 4
     # The domain's S3 operator key (docs/S3.md).
     assert first.s3 is not None and set(first.s3) == {"access_key", "secret_key", "region"}
+    assert all(n.s3.startswith("http://127.0.0.1:") for n in first.nodes)  # each node's S3
 
     # Later commands here find the domain through the context file: no flags.
     nodes = json.loads(ok("nodes", "--json", cwd=workdir))

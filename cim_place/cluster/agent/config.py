@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cim_place.cluster.agent.config_http import check_http
+from cim_place.cluster.agent.config_http import check_http, check_s3
 from cim_place.cluster.exchange.stream import DEFAULT_LISTEN
 from cim_place.cluster.nats.connection import DEFAULT_SERVER
 from cim_place.cluster.nats.subjects import DEFAULT_PREFIX, HUB_DOMAIN, Subjects, check_node_id
@@ -79,6 +79,8 @@ class AgentConfig:
     stream_tls_ca: str | None = None
     """PEM CA file to verify peers' TLS streams with; None = the system's (``SSL_CERT_FILE``)."""
     http: HttpSettings | None = None
+    s3: tuple[str, str] | None = None
+    """``(listen, region)`` of the S3-compatible API's listener; None: no S3 (the default)."""
     """The node's HTTP gateway listener; None = no HTTP."""
     scrub_rate: int = 50 * 1024 * 1024
     """Bytes/s a background scrub reads from each volume."""
@@ -113,6 +115,7 @@ _TOP_KEYS = {
     "subject_prefix",
     "blocks",
     "http",
+    "s3",
     "scrub",
 }
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
@@ -248,6 +251,7 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
 
     stream_listen, stream_advertise, tls = _check_blocks(doc.get("blocks", {}), checker, root)
     http = check_http(doc.get("http"), checker, root)
+    s3 = check_s3(doc.get("s3"), checker, root)
 
     if checker.f.problems or node is None or concurrency is None or attempts is None:
         return None
@@ -272,6 +276,7 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
         stream_tls_key=tls.get("key"),
         stream_tls_ca=tls.get("ca"),
         http=http,
+        s3=s3,
         scrub_rate=scrub_rate,
         scrub_interval=scrub_interval or 7 * 24 * 3600.0,
     )

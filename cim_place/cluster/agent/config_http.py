@@ -25,6 +25,28 @@ if TYPE_CHECKING:
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
+def check_s3(value: object, checker: ConfigChecker, root: YamlPath) -> tuple[str, str] | None:
+    """``(listen, region)`` of the node's S3 listener; None for ``off`` or an absent section."""
+    at: YamlPath = (*root, "s3")
+    if value is None or value is False or value == OFF:
+        return None
+    section = checker.section(value, at, {"listen", "region"})
+    raw = section.get("listen", OFF)
+    if raw is False or raw is None or raw == OFF:
+        return None
+    listen = checker.text(raw, (*at, "listen"), f"listen (host:port or {OFF})")
+    if listen is not None:
+        try:
+            parse_listen(listen, what="s3.listen")
+        except CimPlaceError as exc:
+            checker.problem((*at, "listen"), str(exc))
+            listen = None
+    region = "us-east-1"
+    if "region" in section:
+        region = checker.text(section["region"], (*at, "region"), "region") or region
+    return None if listen is None else (listen, region)
+
+
 def check_http(value: object, checker: ConfigChecker, root: YamlPath) -> HttpSettings | None:
     """The node's HTTP settings; None for ``off`` or an absent section (problems are noted)."""
     at: YamlPath = (*root, "http")

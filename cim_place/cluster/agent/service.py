@@ -223,7 +223,10 @@ class Agent:
             self._services.insert(0, self._stream)
         for service in self._services:
             await service.start()
-        extra = [build(self) for build in self.http_extra]
+        builders = list(self.http_extra)
+        if config.s3 is not None:
+            builders.append(_s3_listener)
+        extra = [build(self) for build in builders]
         if config.http is not None or extra:
             # Before the first heartbeat, which is what `cim-place up` waits for: a node that
             # is up answers HTTP.
@@ -735,6 +738,27 @@ class Agent:
             result.blocks_removed,
             result.bytes_freed,
         )
+
+
+def _s3_listener(agent: Agent) -> Listener:
+    """The node's S3-compatible API on its own listener (``s3.listen``), over the agent's own
+    volumes, pins and events: an S3 put is an upload, a delete an unpin."""
+    from cim_place.http.s3.app import S3Node, build_s3_app
+
+    assert agent.nc is not None and agent.publisher is not None and agent.config.s3 is not None
+    listen, region = agent.config.s3
+    node = S3Node(
+        node=agent.node,
+        volumes=agent.volumes,
+        volume_for=agent._volume_for,
+        js_hub=jetstream(agent.nc, agent.config.hub_domain),
+        events=agent.publisher,
+        on_pinned=agent._uploaded,
+        on_unpinned=agent._announce_removed,
+        nc=agent.nc,
+        subjects=agent.subjects,
+    )
+    return Listener("s3", build_s3_app(node, region=region), listen=listen)
 
 
 async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
