@@ -231,6 +231,11 @@ async def test_the_background_scrub_reports_damage_without_being_asked(
         assert agent.scrub.scrubbers["v0"].last_full_pass() is not None
         metrics = agent.metrics.registry
         assert metrics.get_sample_value("cim_place_damaged_blocks_total", {"problem": "missing"})
+        # The pass counts its blocks once it ends, which may be just after the event left.
+        for _ in range(200):
+            if metrics.get_sample_value("cim_place_scrub_blocks_total", {"volume": "v0"}):
+                break
+            await asyncio.sleep(0.05)
         assert metrics.get_sample_value("cim_place_scrub_blocks_total", {"volume": "v0"})
     finally:
         await agent.stop(grace=1)
