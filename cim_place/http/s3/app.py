@@ -206,6 +206,8 @@ def _route(req: S3Request) -> Handler:
                 return multipart.list_uploads
             if "versioning" in q:
                 return buckets.get_versioning
+            if "versions" in q:
+                return buckets.list_object_versions
             if set(q) & {"acl", "policy", "cors", "lifecycle", "tagging", "website"}:
                 raise S3Error("NotImplemented", "bucket sub-resources are not supported")
             return buckets.list_objects_v2 if q.get("list-type") == "2" else buckets.list_objects

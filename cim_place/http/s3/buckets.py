@@ -151,3 +151,26 @@ async def list_objects(ctx: S3Context, req: S3Request) -> web.StreamResponse:
     if truncated and req.query.get("delimiter"):
         inner.append(element("NextMarker", _enc(last, _encoder(req))))
     return _xml("ListBucketResult", inner)
+
+
+async def list_object_versions(ctx: S3Context, req: S3Request) -> web.StreamResponse:
+    """ListObjectVersions of a bucket that never versions: each object is its one version,
+    ``null`` and latest (what tools that clean a bucket version by version expect)."""
+    marker = req.query.get("key-marker", "")
+    inner, truncated, last = await _listing(ctx, req, marker)
+    inner.pop()
+    inner = [
+        part.replace("<Contents>", "<Version>")
+        .replace("</Contents>", "</Version>")
+        .replace(
+            "<LastModified>",
+            "<VersionId>null</VersionId><IsLatest>true</IsLatest><LastModified>",
+            1,
+        )
+        for part in inner
+    ]
+    inner.append(element("KeyMarker", _enc(marker, _encoder(req))))
+    if truncated:
+        inner.append(element("NextKeyMarker", _enc(last, _encoder(req))))
+        inner.append(element("NextVersionIdMarker", "null"))
+    return _xml("ListVersionsResult", inner)
