@@ -190,6 +190,7 @@ async def _summary(js: JetStreamContext) -> dict[str, Any]:
         "damaged_replicas": summary.damaged_replicas if summary else 0,
         "lost": summary.lost if summary else 0,
         "bytes": summary.total_bytes if summary else 0,
+        "rejected_events": summary.rejected_events if summary else 0,
         "nodes": {
             "up": states.count("up"),
             "late": states.count("late"),
@@ -225,6 +226,13 @@ def _show_summary(doc: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
         f"{nodes['draining']} draining",
         markup=False,
     )
+    if doc.get("rejected_events"):
+        console.print(
+            f"rejected events: {doc['rejected_events']} (failed validation; see the "
+            "controller's log and cim_place_rejected_events_total)",
+            markup=False,
+            style="yellow",
+        )
     if doc["updated_at"]:
         console.print(f"summary written {_age(time.time() - doc['updated_at'])}", markup=False)
     if doc["note"]:

@@ -220,6 +220,9 @@ class Summary:
         """Objects without a verified copy anywhere."""
         return int(self.by_state.get("lost", 0))
 
+    rejected_events: int = 0
+    """Events and node records the controller refused (failed validation) since it started."""
+
     def encode(self) -> bytes:
         return json.dumps(
             {
@@ -235,6 +238,7 @@ class Summary:
                     "draining": self.nodes_draining,
                 },
                 "updated_at": self.updated_at,
+                "rejected_events": self.rejected_events,
             },
             sort_keys=True,
         ).encode()
@@ -254,6 +258,7 @@ class Summary:
                 nodes_draining=int(nodes.get("draining", 0)),
                 updated_at=float(doc.get("updated_at", 0.0)),
                 damaged_replicas=int(doc.get("damaged_replicas", 0)),
+                rejected_events=int(doc.get("rejected_events", 0)),
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed summary: {exc!r}") from None

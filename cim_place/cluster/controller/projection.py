@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,8 +60,9 @@ from cim_place.cluster.events.types import (
     object_fields,
     parse_event,
 )
+from cim_place.cluster.events.validate import Rejection, check_event
 from cim_place.cluster.nats.envelope import Envelope
-from cim_place.cluster.state.nodes import NodeRecord
+from cim_place.cluster.state.nodes import NodeRecord, check_node_record
 from cim_place.cluster.tasks.queue import Task
 from cim_place.objectstore.cid import Cid
 from cim_place.placement.reconciler import Replica
@@ -190,7 +191,12 @@ class Projection:
         """Content bytes of every tracked object (kept as events apply: the summary reads it
         every second, and a scan of the objects would cost O(objects) each time)."""
         self.rejected = 0
-        """Events skipped because their body was invalid (counted, never raised)."""
+        """Events skipped because they failed validation (counted, never raised)."""
+        self.rejections: dict[str, int] = {}
+        """Rejected events by reason (cim_place.cluster.events.validate)."""
+        self.on_reject: Callable[[Rejection, str, str], None] | None = None
+        """Told each rejection, the publishing node and the event type (the controller logs and
+        counts it)."""
         self.replayed = 0
         """Events skipped because their sequence was already applied (a redelivery)."""
 
@@ -353,6 +359,12 @@ class Projection:
             self.last_sequence = envelope.sequence
         if at is None:
             at = time.time()
+        # Nothing reaches the state below unless it is believable (validate.py says what that
+        # means); a rejection is counted, reported and otherwise ignored.
+        rejection = check_event(envelope, node or envelope.owner)
+        if rejection is not None:
+            self._reject(rejection, node or envelope.owner, envelope.content.type)
+            return set()
         content = envelope.content
         if content.type == ObjectStored.TYPE and content.kind == "event":
             # The bulk of every rebuild: applied from the body's fields, no typed event built.
@@ -365,8 +377,8 @@ class Projection:
                 return {fields[0]}
         try:
             event = parse_event(envelope)
-        except EventBodyError:
-            self.rejected += 1
+        except EventBodyError as exc:
+            self._reject(Rejection("malformed", str(exc)), node or envelope.owner, content.type)
             return set()
         self.applied += 1
         publisher = node or envelope.owner
@@ -392,6 +404,21 @@ class Projection:
             self._inventories[(publisher, event.volume)] = event
         # NodeJoined / NodeLeft: the heartbeats in KV are the source of truth for nodes.
         return set()
+
+    def _reject(self, rejection: Rejection, node: str, event_type: str) -> None:
+        self.rejected += 1
+        self.rejections[rejection.reason] = self.rejections.get(rejection.reason, 0) + 1
+        if self.on_reject is not None:
+            self.on_reject(rejection, node, event_type)
+
+    def drop_replica(self, cid: Cid, node: str, volume: str) -> set[Cid]:
+        """Forget the replica of ``cid`` on ``(node, volume)`` (the node does not hold it)."""
+        slot = self._slot.get(cid)
+        location = self._location_id.get((node, volume))
+        if slot is None or location is None or location not in self._replica_ids(slot):
+            return set()
+        self._drop_replica(slot, location)
+        return {cid}
 
     def apply_events(self, envelopes: Iterable[Envelope]) -> set[Cid]:
         """Apply a batch (a rebuild, a fetched batch); the union of their dirty CIDs."""
@@ -539,6 +566,8 @@ class Projection:
         A new node holds no replica, so it marks nothing (rebalancing onto it is a separate
         pass); a node that comes back marks the CIDs it holds, whose repair may now be moot.
         """
+        if check_node_record(record) is not None:
+            return set()  # not believed (the controller counts it where it reads the bucket)
         return self.cids_on(record.node) if self._note_node(record) else set()
 
     def _note_node(self, record: NodeRecord) -> bool:
@@ -564,6 +593,8 @@ class Projection:
         changed = set()
         seen = set()
         for record in records:
+            if check_node_record(record) is not None:
+                continue
             seen.add(record.node)
             if self._note_node(record):
                 changed.add(record.node)

@@ -44,6 +44,7 @@ from cim_place.cluster.controller.demand import DemandIntake
 from cim_place.cluster.controller.drift import reconcile_drift
 from cim_place.cluster.controller.projection import ObjectView, Projection
 from cim_place.cluster.controller.removal import Removals, expire_name_versions
+from cim_place.cluster.controller.rejections import Rejections
 from cim_place.cluster.events.readers import EventFeed, StoredEvent
 from cim_place.cluster.events.store import ensure_event_store, hub_size, nudge_sources
 from cim_place.cluster.events.types import (
@@ -194,6 +195,9 @@ class Controller:
         self.subjects = Subjects(config.prefix)
         self.projection = Projection()
         self.metrics = ControllerMetrics()
+        # Input that fails validation is counted and logged here, and otherwise ignored.
+        self.rejections = Rejections(self.metrics.registry, prefix=config.prefix)
+        self.projection.on_reject = self.rejections.event
         self.nc: Client | None = None
         self.demand_window = DemandWindow(horizon=3600.0, slot=60.0)
         self.demand: DemandIntake | None = None
@@ -245,7 +249,7 @@ class Controller:
         self._queue = TaskQueue(js, subjects=self.subjects)
         self._drain = await kv.ensure_bucket(js, kv.DRAIN, history=1)
         await self._load_drains()
-        self._sync_nodes(await list_nodes(js))
+        self._sync_nodes(await list_nodes(js, on_invalid=self.rejections.node_record))
         self.removals = Removals(self, js)
         await self.removals.start()
 
@@ -442,7 +446,7 @@ class Controller:
         while True:
             await asyncio.sleep(1.0)
             try:
-                self._sync_nodes(await list_nodes(self.js))
+                self._sync_nodes(await list_nodes(self.js, on_invalid=self.rejections.node_record))
             except Exception as exc:
                 _log.debug("reading nodes: %s", exc or type(exc).__name__)
 
@@ -768,6 +772,7 @@ class Controller:
             nodes_draining=len(self.projection.draining),
             updated_at=time.time(),
             damaged_replicas=self.projection.damaged_replicas,
+            rejected_events=self.rejections.total,
         )
 
 

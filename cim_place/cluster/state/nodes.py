@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +33,17 @@ NODE_TTL = 30.0
 """Seconds after its last heartbeat that a node's record expires (the bucket's TTL)."""
 
 _log = logging.getLogger(__name__)
+
+# Limits of what a heartbeat may say (the event checks, cim_place.cluster.events.validate, use
+# the same): a record outside them is not believed, so one node's junk never reaches placement.
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_BYTES = 1 << 62
+"""Largest capacity, used or free byte count believed (about 4.6 EB)."""
+MAX_CLOCK_SKEW = 86_400.0
+MAX_LABELS = 64
+MAX_TAGS = 64
+MAX_VOLUMES = 256
+MAX_TEXT = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,14 +108,68 @@ class NodeRecord:
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed node record: {exc!r}") from None
+        except OverflowError:
+            # int(Infinity): JSON that Python's parser accepts but no byte count can be.
+            raise ValueError("malformed node record: a byte count is not finite") from None
+
+
+def check_node_record(
+    record: NodeRecord, key: str | None = None, *, now: float | None = None
+) -> str | None:
+    """None when ``record`` (stored under ``key``) may be believed; else what is wrong with it.
+
+    The node id must be valid and equal its key (a node writes only its own key; NATS enforces
+    that, this catches a record that names another node); volumes named like node ids, unique,
+    with capacity/used/free integers in 0..MAX_BYTES; labels, tags and texts within limits;
+    times finite and plausible.
+    """
+    if not _NAME.match(record.node):
+        return f"node id {record.node[:80]!r} is not valid"
+    if key is not None and record.node != key:
+        return f"record of node {record.node!r} stored under key {key[:80]!r}"
+    if len(record.labels) > MAX_LABELS or len(record.tags) > MAX_TAGS:
+        return f"more than {MAX_LABELS} labels or {MAX_TAGS} tags"
+    for name, value in record.labels.items():
+        if not name or len(name) > MAX_TEXT or len(value) > MAX_TEXT:
+            return f"label {name[:40]!r} is empty or longer than {MAX_TEXT} characters"
+    for tag in record.tags:
+        if not tag or len(tag) > MAX_TEXT:
+            return f"tag {tag[:40]!r} is empty or longer than {MAX_TEXT} characters"
+    if len(record.volumes) > MAX_VOLUMES:
+        return f"{len(record.volumes)} volumes; at most {MAX_VOLUMES}"
+    names: set[str] = set()
+    for volume in record.volumes:
+        if not _NAME.match(volume.name) or volume.name in names:
+            return f"volume name {volume.name[:80]!r} is not valid or not unique"
+        names.add(volume.name)
+        for what in ("capacity", "used", "free"):
+            value = getattr(volume, what)
+            if type(value) is not int or not 0 <= value <= MAX_BYTES:
+                return f"volume {volume.name} {what} {value!r} is not a byte count"
+    clock = time.time() if now is None else now
+    for what, at in (("heartbeat_at", record.heartbeat_at), ("started_at", record.started_at)):
+        # A time in the future would keep a silent node "up"; one in the past only makes it
+        # look late, which is harmless, so only negative and future times are refused.
+        if not math.isfinite(at) or at < 0 or at > clock + MAX_CLOCK_SKEW:
+            return f"{what} {at!r} is not a plausible time"
+    if len(record.version) > MAX_TEXT or len(record.block_stream) > MAX_TEXT:
+        return f"version or block_stream longer than {MAX_TEXT} characters"
+    return None
 
 
 async def nodes_bucket(js_hub: JetStreamContext) -> KeyValue:
     return await kv.ensure_bucket(js_hub, kv.NODES, history=1, ttl=NODE_TTL)
 
 
-async def list_nodes(js_hub: JetStreamContext) -> list[NodeRecord]:
-    """Every node whose heartbeat has not expired, by node id; malformed records are skipped."""
+InvalidRecord = Callable[[str, str], None]
+"""Told ``(key, what is wrong)`` of each node record :func:`list_nodes` skips."""
+
+
+async def list_nodes(
+    js_hub: JetStreamContext, *, on_invalid: InvalidRecord | None = None
+) -> list[NodeRecord]:
+    """Every node whose heartbeat has not expired, by node id; malformed records and records
+    that fail :func:`check_node_record` are skipped (and passed to ``on_invalid``)."""
     bucket = await nodes_bucket(js_hub)
     try:
         keys = await bucket.keys()
@@ -116,9 +183,17 @@ async def list_nodes(js_hub: JetStreamContext) -> list[NodeRecord]:
             continue
         if entry.value:
             try:
-                records.append(NodeRecord.decode(entry.value))
+                record = NodeRecord.decode(entry.value)
             except ValueError as exc:
-                _log.warning("skipping node record %s: %s", key, exc)
+                problem: str | None = str(exc)
+            else:
+                problem = check_node_record(record, key)
+            if problem is None:
+                records.append(record)
+            elif on_invalid is not None:
+                on_invalid(key, problem)
+            else:
+                _log.warning("skipping node record %s: %s", key, problem)
     return records
 
 
