@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 CONTEXT_FILE = "context.json"
+CLI_USER = "admin"
+"""The user the CLI connects as in a local domain (cim_place.local.credentials)."""
+_SERVER_VARIABLE = "CIM_PLACE_SERVER="
 DEFAULT_DIR = ".cim-place"
 DIR_ENV = "CIM_PLACE_DIR"
 FORMAT = 1
@@ -55,6 +59,8 @@ class NodeEntry:
     """Base URL of the node's gateway (``http://127.0.0.1:PORT``); "" when it has none."""
     s3: str = ""
     """Base URL of the node's S3-compatible API; "" when it has none."""
+    credentials: str | None = None
+    """Path of the node agent's credentials file (``CIM_PLACE_SERVER=<url with password>``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +88,20 @@ class DomainContext:
     """Every supervised process (role, node, pid), as of the last restart."""
     s3: dict[str, str] | None = None
     """The S3 operator key: access_key, secret_key, region (docs/S3.md)."""
+    credentials: dict[str, str] = field(default_factory=dict)
+    """Credentials file per hub user: ``admin`` (the CLI), ``operator``, ``controller``."""
     path: Path | None = field(default=None, compare=False)
+
+    def client_url(self) -> str:
+        """The hub URL with the CLI's user and password (the bare URL in an open domain).
+
+        A credentials file that cannot be read is an error naming it: connecting without it
+        would only fail later with "authorization violation".
+        """
+        creds = self.credentials.get(CLI_USER)
+        if creds is None:
+            return self.hub_url
+        return _credentialed(creds)
 
     def leaf_url(self, node: str) -> str | None:
         for entry in self.nodes:
@@ -104,9 +123,11 @@ class DomainContext:
                     "volume": e.volume,
                     "http": e.http,
                     "s3": e.s3,
+                    **({"credentials": e.credentials} if e.credentials else {}),
                 }
                 for e in self.nodes
             ],
+            "credentials": dict(self.credentials),
             "pid": self.pid,
             "started_at": self.started_at,
             "controller": self.controller,
@@ -128,9 +149,11 @@ class DomainContext:
                         str(n["volume"]),
                         str(n.get("http", "")),
                         str(n.get("s3", "")),
+                        None if n.get("credentials") is None else str(n["credentials"]),
                     )
                     for n in doc.get("nodes", [])
                 ),
+                credentials={str(k): str(v) for k, v in dict(doc.get("credentials") or {}).items()},
                 pid=int(doc["pid"]),
                 started_at=float(doc["started_at"]),
                 hub_domain=str(doc.get("hub_domain", HUB_DOMAIN)),
@@ -208,6 +231,21 @@ def find_context(start: Path | None = None) -> DomainContext | None:
     return None
 
 
+def _credentialed(path: str) -> str:
+    """The server URL in a credentials file written by `cim-place up`."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise CimPlaceError(
+            f"cannot read the CLI's credentials file {path}: {exc.strerror or exc}; start the "
+            "domain again with `cim-place up`, or pass --server with a user"
+        ) from None
+    for line in text.splitlines():
+        if line.startswith(_SERVER_VARIABLE):
+            return line[len(_SERVER_VARIABLE) :].strip()
+    raise CimPlaceError(f"{path} names no server URL; start the domain again with `cim-place up`")
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` exists (and is not a zombie)."""
     if pid <= 0:
@@ -231,10 +269,27 @@ def server_default(value: str | None) -> str | None:
     A Typer callback of the shared ``--server`` option; ``--server`` and ``$CIM_PLACE_SERVER``
     arrive here as ``value`` and are returned unchanged.
     """
-    if value:
-        return value
     try:
         context = find_context()
     except CimPlaceError:
-        return None  # a broken context file: the command reports the default URL it tried
-    return context.hub_url if context is not None else None
+        return value  # a broken context file: the command reports the URL it tried
+    if context is None:
+        return value
+    try:
+        if not value:
+            return context.client_url()
+        # The domain's own hub named without a user (`--server nats://127.0.0.1:PORT`): it
+        # admits only users, so the CLI's credentials go with it.
+        if "@" not in value and value.rstrip("/") == context.hub_url:
+            return context.client_url()
+        if "@" not in value:
+            for entry in context.nodes:
+                # A leaf of the domain: its own CLI user (a reader homed there).
+                key = f"{CLI_USER}@{entry.node}"
+                if value.rstrip("/") == entry.url and key in context.credentials:
+                    return _credentialed(context.credentials[key])
+    except CimPlaceError as exc:
+        # A callback of every command: report it as the commands do, without a traceback.
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(1) from None
+    return value

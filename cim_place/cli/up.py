@@ -35,9 +35,11 @@ from cim_place.cli.context import (
     remove_context,
     write_context,
 )
+from cim_place.cluster.nats.security import CONTROLLER, OPERATOR, agent_user
 from cim_place.errors import CimPlaceError
 from cim_place.http.settings import DEFAULT_LISTEN as DEFAULT_HTTP
 from cim_place.http.settings import OFF, parse_listen
+from cim_place.local.credentials import ADMIN, leaf_cli_key
 
 if TYPE_CHECKING:
     from cim_place.local.domain import LocalDomain
@@ -277,9 +279,19 @@ def _context_of(domain: LocalDomain) -> DomainContext:
                 str(n.volume),
                 domain.http_url(n.node),
                 domain.s3_url(n.node),
+                str(domain.credentials.path(agent_user(n.node))),
             )
             for n in domain.nodes
         ),
+        credentials={
+            user: str(domain.credentials.path(user))
+            for user in (
+                ADMIN,
+                OPERATOR,
+                CONTROLLER,
+                *(leaf_cli_key(n.node) for n in domain.nodes),
+            )
+        },
         pid=os.getpid(),
         started_at=domain.started_at,
         controller=domain.controller,

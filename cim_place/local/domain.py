@@ -27,6 +27,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import shutil
 import socket
 import sys
 import threading
@@ -40,6 +42,7 @@ from nats.aio.client import Client
 
 from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.nats.connection import connect, jetstream
+from cim_place.cluster.nats.security import ACCOUNT, CONTROLLER, agent_user, render_accounts
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
 from cim_place.cluster.state.leader import read_leader
 from cim_place.cluster.state.nodes import list_nodes
@@ -48,6 +51,7 @@ from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.errors import CimPlaceError, PortTakenError, TransportError
 from cim_place.http.s3.keys import ensure_operator_key
 from cim_place.http.settings import OFF, parse_listen
+from cim_place.local.credentials import LocalCredentials, plan_local, with_user
 from cim_place.local.servers import (
     LOCALHOST,
     Hub,
@@ -200,6 +204,8 @@ class LocalDomain:
         self.s3_key: dict[str, str] | None = None
         """The domain's S3 operator key (access_key, secret_key, region) once started."""
         self.started_at = 0.0
+        # Every process runs as its own NATS user (docs/SECURITY.md); new passwords each start.
+        self.credentials: LocalCredentials = plan_local(self.directory, self.node_ids())
         self._nc: Client | None = None
         # Every server process started, in order, so stop() reaches those still being waited on
         # in a thread when a start is cancelled (Ctrl-C): stopping them ends those waits at once.
@@ -255,7 +261,9 @@ class LocalDomain:
             self._closing = False
         self.directory.mkdir(parents=True, exist_ok=True)
         ports = self._load_ports()
+        self.credentials = plan_local(self.directory, self.node_ids())
         try:
+            await asyncio.to_thread(self._adopt_open_stores)
             say("starting the hub")
             self.hub = await asyncio.to_thread(self._start_hub, ports)
             say(f"starting {self.leaves} leaf server(s)")
@@ -267,7 +275,11 @@ class LocalDomain:
                     )
                 )
             )
-            self._nc = await connect(self.hub.url, name="cim-place-up")
+            self.credentials.write(self.hub.url, {node.node: node.url for node in self.nodes})
+            # `up` itself prepares the streams and the default policy: the controller's rights.
+            self._nc = await connect(
+                self.credentials.url(CONTROLLER, self.hub.url), name="cim-place-up"
+            )
             js_hub = jetstream(self._nc, HUB_DOMAIN)
             # The agents attach to the event store and consume the task stream: both must exist
             # before them (a controller would create them too; both calls are idempotent).
@@ -347,6 +359,27 @@ class LocalDomain:
 
     # -- servers --------------------------------------------------------------------------------
 
+    def _adopt_open_stores(self) -> None:
+        """Carry a domain started before authentication over to it.
+
+        An open server keeps JetStream state under the global account (``jetstream/$G``); with
+        users, the same state belongs to account ``CIM``. The stores are moved once, while no
+        server runs; a directory holding both cannot be merged and is refused with what to do.
+        """
+        stores = [self.directory / "hub" / "jetstream"]
+        stores += [self.directory / "nodes" / n / "nats" / "jetstream" for n in self.node_ids()]
+        for store in stores:
+            old, new = store / "jetstream" / "$G", store / "jetstream" / ACCOUNT
+            if not old.is_dir():
+                continue
+            if new.exists():
+                raise CimPlaceError(
+                    f"{store} holds state of both the open layout ($G) and the authenticated "
+                    f"one ({ACCOUNT}); remove {old} (or the whole directory) and start again"
+                )
+            shutil.move(str(old), str(new))
+            self.notes.append(f"moved {old} to {new} (the domain now runs with users)")
+
     def _start_hub(self, ports: dict[str, _Ports]) -> Hub:
         saved = ports.setdefault(HUB_DOMAIN, _Ports())
         if self.hub_port is not None:
@@ -366,6 +399,7 @@ class LocalDomain:
                 port=saved.choose("port", "hub client", self.notes),
                 http_port=saved.choose("http_port", "hub monitoring", self.notes),
                 leafnode_port=saved.choose("leafnode_port", "hub leafnode", self.notes),
+                extra=render_accounts(self.credentials.plan.hub),
             )
             return self._spawn(NatsServer(spec, directory)).wait_ready(_READY_TIMEOUT)
 
@@ -379,17 +413,22 @@ class LocalDomain:
         saved = ports.setdefault(node, _Ports())
         directory = self.directory / "nodes" / node / "nats"
 
+        link_user = self.credentials.plan.leaf_links[node]
+
         def build() -> NatsServer:
             link = LinkProxy(hub.leaf_targets) if self.link_proxies else None
+            remotes = [link.url] if link is not None else hub.leaf_urls
             spec = ServerSpec(
                 server_name=node,
                 store_dir=directory / "jetstream",
                 domain=node,
                 port=saved.choose("port", f"{node} client", self.notes),
                 http_port=saved.choose("http_port", f"{node} monitoring", self.notes),
-                leaf_remotes=[link.url] if link is not None else hub.leaf_urls,
+                leaf_remotes=[with_user(u, link_user.name, link_user.password) for u in remotes],
                 leaf_reconnect=0.25,
                 leaf_ignore_discovered=link is not None,
+                leaf_account=ACCOUNT,
+                extra=render_accounts(self.credentials.plan.leaves[node]),
             )
             server = NatsServer(spec, directory)
             server.link = link
@@ -467,7 +506,10 @@ class LocalDomain:
             path = self.agent_config_path(node.node)
             document: dict[str, object] = {
                 "node": node.node,
-                "nats": {"servers": [node.url], "hub_domain": HUB_DOMAIN},
+                "nats": {
+                    "servers": [self.credentials.url(agent_user(node.node), node.url)],
+                    "hub_domain": HUB_DOMAIN,
+                },
                 "labels": {"zone": node.zone, "host": node.node},
                 "volumes": [{"name": VOLUME, "path": str(node.volume)}],
                 "heartbeat": max(1, round(self.heartbeat)),
@@ -479,10 +521,14 @@ class LocalDomain:
             if self.scrub:
                 document["scrub"] = dict(self.scrub)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(
-                "# Written by `cim-place up` at every start; edits are overwritten.\n"
-                + yaml.safe_dump(document, sort_keys=False)
-            )
+            # It holds the agent's password: readable by this user only.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(
+                    "# Written by `cim-place up` at every start; edits are overwritten.\n"
+                    + yaml.safe_dump(document, sort_keys=False)
+                )
+            os.chmod(path, 0o600)
             command = Command(
                 self._cli("agent", "--config", str(path)),
                 self.directory / "nodes" / node.node / "agent.log",
@@ -533,9 +579,15 @@ class LocalDomain:
         for index in range(self.controllers):
             # Stable identities: the controllers of a resumed domain are the same ones.
             identity = CONTROLLER_IDENTITY if index == 0 else f"{CONTROLLER_IDENTITY}-{index + 1}"
+            # The URL with the controller's password goes through the environment, not argv
+            # (which every local user can read in the process list).
             command = Command(
-                self._cli("controller", "--server", self.hub.url, "--identity", identity),
+                self._cli("controller", "--identity", identity),
                 self.directory / f"controller-{index + 1}.log",
+                env={
+                    **os.environ,
+                    "CIM_PLACE_SERVER": self.credentials.url(CONTROLLER, self.hub.url),
+                },
             )
             self._supervise("controller", None, command)
         js_hub = jetstream(self._nc, HUB_DOMAIN)

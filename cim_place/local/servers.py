@@ -114,6 +114,9 @@ class ServerSpec:
     # Dial only the listed remote URLs, not the other hub members the hub advertises: a leaf
     # behind a LinkProxy must not find its way around the proxy.
     leaf_ignore_discovered: bool = False
+    # The account a leaf's remote binds to on this server (one defined in ``extra``): needed
+    # once the server has accounts, so the link carries that account's subjects.
+    leaf_account: str | None = None
     max_payload: int | None = None
     # Configuration text appended as it is (accounts and users, say).
     extra: str = ""
@@ -151,6 +154,8 @@ class ServerSpec:
             urls = ", ".join(_quote(u) for u in self.leaf_remotes)
             leaf.append(f'reconnect: "{round(self.leaf_reconnect * 1000)}ms"')
             ignore = ", ignore_discovered_servers: true" if self.leaf_ignore_discovered else ""
+            if self.leaf_account is not None:
+                ignore += f", account: {_quote(self.leaf_account)}"
             leaf.append(f"remotes: [ {{ urls: [{urls}]{ignore} }} ]")
         if leaf:
             lines.append("leafnodes {\n  " + "\n  ".join(leaf) + "\n}")

@@ -43,8 +43,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from cim_place.cluster.controller.demand import DemandIntake
 from cim_place.cluster.controller.drift import reconcile_drift
 from cim_place.cluster.controller.projection import ObjectView, Projection
-from cim_place.cluster.controller.removal import Removals, expire_name_versions
 from cim_place.cluster.controller.rejections import Rejections
+from cim_place.cluster.controller.removal import Removals, expire_name_versions
 from cim_place.cluster.events.readers import EventFeed, StoredEvent
 from cim_place.cluster.events.store import ensure_event_store, hub_size, nudge_sources
 from cim_place.cluster.events.types import (
