@@ -167,6 +167,7 @@ class LocalDomain:
         link_proxies: bool = False,
         http_listen: str | None = DEFAULT_HTTP,
         scrub: dict[str, str] | None = None,
+        inventory: float | None = None,
     ) -> None:
         if leaves < 1:
             raise CimPlaceError(f"a domain needs at least one leaf node, not {leaves}")
@@ -196,6 +197,8 @@ class LocalDomain:
         self.log_flags = log_flags
         # The agents' `scrub` section (interval, rate), as `up --scrub-*` gave it.
         self.scrub = dict(scrub or {})
+        # Seconds between the agents' inventory digests (None: the agents' default).
+        self.inventory = inventory
         # Called after a supervised process was restarted (its pid changed): `up` rewrites
         # context.json from it.
         self.on_change: Callable[[], None] | None = None
@@ -275,6 +278,8 @@ class LocalDomain:
                     )
                 )
             )
+            for started in self.nodes:
+                self._supervise("leaf-server", started.node, started.server)
             self.credentials.write(self.hub.url, {node.node: node.url for node in self.nodes})
             # `up` itself prepares the streams and the default policy: the controller's rights.
             self._nc = await connect(
@@ -442,7 +447,7 @@ class LocalDomain:
             return server
 
         server = self._with_port_retry(build, saved, f"leaf {node}")
-        self._supervise("leaf-server", node, server)
+        # Supervised by start() in node order once every leaf is up (they start concurrently).
         return DomainNode(node, self.zone_of(index), server, self.volume_dir(node))
 
     def _with_port_retry(
@@ -520,6 +525,8 @@ class LocalDomain:
             document["s3"] = {"listen": s3 if s3 is not None else OFF}
             if self.scrub:
                 document["scrub"] = dict(self.scrub)
+            if self.inventory is not None:
+                document["inventory"] = max(1, round(self.inventory))
             path.parent.mkdir(parents=True, exist_ok=True)
             # It holds the agent's password: readable by this user only.
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

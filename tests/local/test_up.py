@@ -251,7 +251,8 @@ async def test_library_runs_every_part_as_a_supervised_process(workdir: Path) ->
         pids = [p["pid"] for p in domain.processes()]
         assert all(isinstance(pid, int) and pid_alive(pid) for pid in pids)
         assert domain.http_url("leaf-1").startswith("http://127.0.0.1:")
-        async with connected(domain.hub_url) as nc:
+        # The domain admits only its users: the CLI's own.
+        async with connected(domain.credentials.url("admin", domain.hub_url)) as nc:
             js = jetstream(nc, "hub")
             assert [r.node for r in await list_nodes(js)] == ["leaf-1", "leaf-2"]
             applied = await (await PolicyStore.open(js, create=False)).load()

@@ -325,6 +325,10 @@ class Projection:
         """The last InventoryDigest that ``node`` published for ``volume``."""
         return self._inventories.get((node, volume))
 
+    def inventoried(self) -> list[Replica]:
+        """Every ``(node, volume)`` with an InventoryDigest."""
+        return list(self._inventories)
+
     def drift(self, node: str, volume: str) -> bool | None:
         """Whether ``node``'s last InventoryDigest for ``volume`` disagrees with the projection.
 

@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cim_place.cluster.controller.demand import DemandIntake
 from cim_place.cluster.controller.drift import reconcile_drift
+from cim_place.cluster.controller.inventory import InventoryCheck
 from cim_place.cluster.controller.projection import ObjectView, Projection
 from cim_place.cluster.controller.rejections import Rejections
 from cim_place.cluster.controller.removal import Removals, expire_name_versions
@@ -205,6 +206,7 @@ class Controller:
         self.locations: LocationStore | None = None
         self.election: LeaderElection | None = None
         self._queue: TaskQueue | None = None
+        self.inventory: InventoryCheck | None = None
         self._drain: KeyValue | None = None
         self.removals: Removals | None = None
         self._compiled: dict[str, CompiledPolicy] = {}
@@ -252,6 +254,11 @@ class Controller:
         self._sync_nodes(await list_nodes(js, on_invalid=self.rejections.node_record))
         self.removals = Removals(self, js)
         await self.removals.start()
+        # Read before the replay: claims earlier inventory checks disproved stay disbelieved.
+        self.inventory = InventoryCheck(
+            nc, js, self.projection, self.mark, subjects=self.subjects, replicas=replicas
+        )
+        await self.inventory.open()
 
         # Read counts from the agents (docs/DEMAND.md); nothing decides on them yet.
         self.demand = DemandIntake(nc, self.subjects, self.demand_window)
@@ -273,6 +280,7 @@ class Controller:
             asyncio.create_task(self._reconcile_loop(), name="cim-place-controller-reconcile"),
             asyncio.create_task(self._liveness_loop(), name="cim-place-controller-liveness"),
             asyncio.create_task(self._summary_loop(), name="cim-place-controller-summary"),
+            asyncio.create_task(self.inventory.run(), name="cim-place-controller-inventory"),
         ]
         self._scheduler = AsyncIOScheduler()
         self._scheduler.add_job(
@@ -374,18 +382,26 @@ class Controller:
         try:
             await feed.caught_up.wait()
             self.caught_up.set()
+            if self.inventory is not None:
+                self.inventory.due_all(self.projection.inventoried())
             await asyncio.Event().wait()  # delivery goes on in the feed until cancelled
         finally:
             await feed.stop()
 
     def _apply_stored(self, stored: StoredEvent) -> None:
         envelope = stored.envelope
+        if self.inventory is not None and not self.inventory.believe(stored):
+            return  # a claim an inventory check disproved (a forgery, replayed)
         dirty = self.projection.apply_event(envelope, node=stored.node, at=stored.stored_at)
         if dirty:
             self.mark(dirty)
         kind = envelope.content.type
         if kind == InventoryDigest.TYPE:
             self._check_drift(stored.node or envelope.owner, envelope)
+        if kind == InventoryDigest.TYPE and self.caught_up.is_set() and self.inventory is not None:
+            volume = envelope.content.body.get("volume")
+            if isinstance(volume, str):
+                self.inventory.due(stored.node, volume)
         if kind == TaskCompleted.TYPE:
             result = envelope.content.body.get("result")
             if isinstance(result, dict):
