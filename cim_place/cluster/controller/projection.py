@@ -60,7 +60,12 @@ from cim_place.cluster.events.types import (
     object_fields,
     parse_event,
 )
-from cim_place.cluster.events.validate import Rejection, check_event
+from cim_place.cluster.events.validate import (
+    Rejection,
+    check_event,
+    check_object_fields,
+    valid_name,
+)
 from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.state.nodes import NodeRecord, check_node_record
 from cim_place.cluster.tasks.queue import Task
@@ -365,27 +370,30 @@ class Projection:
             at = time.time()
         # Nothing reaches the state below unless it is believable (validate.py says what that
         # means); a rejection is counted, reported and otherwise ignored.
-        rejection = check_event(envelope, node or envelope.owner)
-        if rejection is not None:
-            self._reject(rejection, node or envelope.owner, envelope.content.type)
-            return set()
+        publisher = node or envelope.owner
         content = envelope.content
-        if content.type == ObjectStored.TYPE and content.kind == "event":
-            # The bulk of every rebuild: applied from the body's fields, no typed event built.
+        fields = None
+        if content.type == ObjectStored.TYPE and content.kind == "event" and valid_name(publisher):
+            # The bulk of every rebuild: read once, checked, applied without a typed event.
             fields = object_fields(content.body)
-            if fields is not None:
-                if self._deleted:
-                    self._stored_after_removal(fields[0])
-                self.applied += 1
-                self._store(fields, node or envelope.owner, envelope.sequence or 0, at)
-                return {fields[0]}
+        rejection = (
+            check_event(envelope, publisher) if fields is None else check_object_fields(fields)
+        )
+        if rejection is not None:
+            self._reject(rejection, publisher, content.type)
+            return set()
+        if fields is not None:
+            if self._deleted:
+                self._stored_after_removal(fields[0])
+            self.applied += 1
+            self._store(fields, publisher, envelope.sequence or 0, at)
+            return {fields[0]}
         try:
             event = parse_event(envelope)
         except EventBodyError as exc:
-            self._reject(Rejection("malformed", str(exc)), node or envelope.owner, content.type)
+            self._reject(Rejection("malformed", str(exc)), publisher, content.type)
             return set()
         self.applied += 1
-        publisher = node or envelope.owner
         sequence = envelope.sequence or 0
         if isinstance(event, ObjectStored):
             self._stored_after_removal(event.root)
