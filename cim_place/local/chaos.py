@@ -330,12 +330,21 @@ class Chaos:
                 for block in list(store.blocks.cids()):
                     store.blocks.block_path(block).unlink(missing_ok=True)
 
+    def _admin_url(self) -> str:
+        """The hub URL with the CLI's credentials (a local domain admits only its users)."""
+        from cim_place.local.credentials import ADMIN
+
+        return self.domain.credentials.url(ADMIN, self.domain.hub_url)
+
     async def _malformed(self, node: str) -> None:
         from cim_place.cluster.nats.connection import connected
+        from cim_place.cluster.nats.security import agent_user
         from cim_place.cluster.nats.subjects import Subjects
 
         subject = f"{Subjects().prefix}.evt.{node}.ObjectStored"
-        async with connected(self._server(node).url) as nc:
+        # As the node's own agent (the domain is authenticated): junk on its own subjects.
+        url = self.domain.credentials.url(agent_user(node), self._server(node).url)
+        async with connected(url) as nc:
             for junk in (b"", b"\xff\x00garbage", os.urandom(64)):
                 await nc.publish(subject, junk)
             await nc.flush()
@@ -366,7 +375,7 @@ class Chaos:
             "--node",
             node,
             cwd=self.work,
-            server=self.domain.hub_url,
+            server=self._admin_url(),
             timeout=ADD_TIMEOUT,
         )
         path.unlink(missing_ok=True)
@@ -391,7 +400,7 @@ class Chaos:
             "-o",
             str(target),
             cwd=self.work,
-            server=self.domain.hub_url,
+            server=self._admin_url(),
             timeout=GET_TIMEOUT,
         )
         if code is None:
@@ -421,7 +430,7 @@ class Chaos:
             files.append(str(policy))
         if files:
             await _run_cli(
-                "policy", "apply", *files, cwd=self.work, server=self.domain.hub_url, timeout=60
+                "policy", "apply", *files, cwd=self.work, server=self._admin_url(), timeout=60
             )
 
     # -- the end ----------------------------------------------------------------------------------
@@ -439,7 +448,7 @@ class Chaos:
                     acked.cid,
                     "--json",
                     cwd=self.work,
-                    server=self.domain.hub_url,
+                    server=self._admin_url(),
                     timeout=60,
                 )
                 state = ""
@@ -463,7 +472,7 @@ class Chaos:
         """Status never counts a copy that the volumes do not hold, verified."""
         for acked in self.acked:
             code, out, _ = await _run_cli(
-                "status", acked.cid, "--json", cwd=self.work, server=self.domain.hub_url, timeout=60
+                "status", acked.cid, "--json", cwd=self.work, server=self._admin_url(), timeout=60
             )
             if code != 0:
                 continue
