@@ -51,7 +51,7 @@ from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.errors import CimPlaceError, PortTakenError, TransportError
 from cim_place.http.s3.keys import ensure_operator_key
 from cim_place.http.settings import OFF, parse_listen
-from cim_place.local.credentials import LocalCredentials, plan_local, with_user
+from cim_place.local.credentials import ADMIN, LocalCredentials, plan_local, with_user
 from cim_place.local.servers import (
     LOCALHOST,
     Hub,
@@ -525,6 +525,9 @@ class LocalDomain:
             document["s3"] = {"listen": s3 if s3 is not None else OFF}
             if self.scrub:
                 document["scrub"] = dict(self.scrub)
+            # What the CLI adds stays public, as before users (gateways serve it to anyone);
+            # `add --owner admin` makes an object the CLI's own.
+            document["public_uploaders"] = [ADMIN]
             if self.inventory is not None:
                 document["inventory"] = max(1, round(self.inventory))
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,9 @@ class AgentConfig:
     """Bytes/s for fetches; None = unlimited."""
     heartbeat: float = 5.0
     inventory: float = 300.0
+    public_uploaders: tuple[str, ...] = ()
+    """Users whose uploads without an owner stay public (no owner), as in an open domain: the
+    CLI of a local domain (``cim-place up``), whose README content is read through gateways."""
     stream_listen: str | None = DEFAULT_LISTEN
     """host:port of the bulk block stream (port 0: a free one); None = no stream (NATS only)."""
     stream_advertise: str | None = None
@@ -112,6 +115,7 @@ _TOP_KEYS = {
     "tasks",
     "heartbeat",
     "inventory",
+    "public_uploaders",
     "subject_prefix",
     "blocks",
     "http",
@@ -238,6 +242,10 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
     scrub_interval = checker.positive_duration(
         scrub.get("interval", "7d"), (*root, "scrub", "interval"), "scrub.interval"
     )
+    public = doc.get("public_uploaders", [])
+    if not isinstance(public, list) or not all(isinstance(u, str) and u for u in public):
+        checker.problem((*root, "public_uploaders"), "public_uploaders must be a list of users")
+        public = []
     prefix = DEFAULT_PREFIX
     if "subject_prefix" in doc:
         prefix = (
@@ -270,6 +278,7 @@ def _check(document: object, checker: ConfigChecker) -> AgentConfig | None:
         bandwidth=bandwidth,
         heartbeat=heartbeat or 5.0,
         inventory=inventory or 300.0,
+        public_uploaders=tuple(public),
         stream_listen=stream_listen,
         stream_advertise=stream_advertise,
         stream_tls_cert=tls.get("cert"),

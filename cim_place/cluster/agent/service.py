@@ -200,6 +200,7 @@ class Agent:
             on_pinned=self._uploaded,
             # Owners come from who NATS says uploads, once the domain authenticates users.
             authenticated=access is not None,
+            public_uploaders=frozenset(config.public_uploaders),
         )
         inventory = InventoryService(
             nc,

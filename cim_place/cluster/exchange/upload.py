@@ -410,8 +410,11 @@ class UploadService:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         headroom: int = DEFAULT_HEADROOM,
         authenticated: bool = False,
+        public_uploaders: frozenset[str] = frozenset(),
     ) -> None:
         self.nc = nc
+        self.public_uploaders = public_uploaders
+        """Users whose uploads without an owner have none (public), as in an open domain."""
         self.node = node
         self._store = store
         self.authenticated = authenticated
@@ -578,6 +581,8 @@ class UploadService:
                 f"not allowed: {requester} may not upload as owner {claimed!r}; leave the "
                 f"owner out (it is you) or connect as {claimed}",
             )
+        if not claimed and requester in self.public_uploaders:
+            return ""
         return requester
 
     def _admit(self, body: Mapping[str, dagcbor.Value], size: int | None) -> ObjectStore:
