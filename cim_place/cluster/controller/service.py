@@ -55,6 +55,7 @@ from cim_place.cluster.events.types import (
     TaskCompleted,
     TaskFailed,
 )
+from cim_place.cluster.events.validate import check_source
 from cim_place.cluster.nats import kv
 from cim_place.cluster.nats.connection import DEFAULT_SERVER, connect, jetstream
 from cim_place.cluster.nats.envelope import Envelope
@@ -390,6 +391,10 @@ class Controller:
 
     def _apply_stored(self, stored: StoredEvent) -> None:
         envelope = stored.envelope
+        wrong = check_source(stored.node, stored.source)
+        if wrong is not None:
+            self.rejections.event(wrong, stored.node, envelope.content.type)
+            return
         if self.inventory is not None and not self.inventory.believe(stored):
             return  # a claim an inventory check disproved (a forgery, replayed)
         dirty = self.projection.apply_event(envelope, node=stored.node, at=stored.stored_at)

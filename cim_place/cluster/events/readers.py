@@ -70,6 +70,20 @@ def _publisher(subject: str, envelope: Envelope) -> str:
     return tokens[-2] if len(tokens) >= 2 else envelope.owner
 
 
+SOURCE_HEADER = "Nats-Stream-Source"
+
+
+def source_of(headers: dict[str, str] | None) -> str | None:
+    """The name of the stream a sourced message came from: the first token of its
+    ``Nats-Stream-Source`` header (``OUTBOX_a:<api hash> <sequence> ...``)."""
+    if not headers:
+        return None
+    value = headers.get(SOURCE_HEADER)
+    if not value:
+        return None
+    return value.split(" ", 1)[0].split(":", 1)[0]
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     """An event as the hub stored it: the envelope (with its stream sequence), the node that
@@ -78,6 +92,9 @@ class StoredEvent:
     envelope: Envelope
     node: str
     stored_at: float
+    source: str | None = None
+    """The stream the hub sourced it from (``OUTBOX_<node>``, from the ``Nats-Stream-Source``
+    header); None when the message was published to the hub's stream directly."""
 
 
 class EventReader:
@@ -182,6 +199,7 @@ class EventReader:
                         envelope,
                         _publisher(msg.subject, envelope),
                         stored_at.timestamp() if stored_at is not None else time.time(),
+                        source_of(msg.headers),
                     )
                 )
             except EnvelopeError as error:
@@ -384,7 +402,12 @@ class EventFeed:
             self.delivered += 1
             try:
                 self._handler(
-                    StoredEvent(envelope, _publisher(msg.subject, envelope), stored_ns / 1e9)
+                    StoredEvent(
+                        envelope,
+                        _publisher(msg.subject, envelope),
+                        stored_ns / 1e9,
+                        source_of(msg.headers),
+                    )
                 )
             except Exception:
                 # A bug in the handler costs this event, never the feed.

@@ -46,6 +46,7 @@ from cim_place.cluster.events.types import (
     parse_event,
 )
 from cim_place.cluster.nats.envelope import Envelope
+from cim_place.cluster.nats.subjects import outbox_stream
 from cim_place.errors import InvalidCidError
 from cim_place.objectstore.cid import split
 
@@ -58,6 +59,7 @@ __all__ = [
     "check_event",
     "check_metadata",
     "check_object_fields",
+    "check_source",
     "check_time",
     "valid_name",
 ]
@@ -129,6 +131,18 @@ def check_metadata(metadata: Mapping[str, str], what: str, limits: Limits = LIMI
         if not key or len(key) > limits.text or len(value) > limits.text:
             return f"{what} entry {key[:40]!r} is empty or longer than {limits.text} characters"
     return None
+
+
+def check_source(node: str, source: str | None) -> Rejection | None:
+    """An event the hub sourced must come from the outbox of the node its subject names.
+
+    A seized leaf may keep any subject in its own outbox, and the hub sources an outbox whole
+    (over ``$JS.S.>`` subjects that the link's permissions cannot tell apart): the source header,
+    which the hub sets, says whose outbox it really was.
+    """
+    if source is None or source == outbox_stream(node):
+        return None
+    return Rejection("wrong-source", f"sourced from {source[:80]!r}, not {outbox_stream(node)!r}")
 
 
 def check_event(

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from cim_place.cluster.controller.projection import Projection
+from cim_place.cluster.events.readers import source_of
 from cim_place.cluster.events.types import (
     AnyEvent,
     InventoryDigest,
@@ -18,7 +19,7 @@ from cim_place.cluster.events.types import (
     TaskCompleted,
     event_envelope,
 )
-from cim_place.cluster.events.validate import Rejection, check_event
+from cim_place.cluster.events.validate import Rejection, check_event, check_source
 from cim_place.cluster.nats.envelope import Content, Envelope
 from cim_place.cluster.state.nodes import NodeRecord, VolumeStatus, check_node_record
 from cim_place.objectstore.cid import RAW, make_cid
@@ -168,3 +169,13 @@ def test_the_projection_ignores_junk_heartbeats() -> None:
     projection = Projection()
     projection.sync_nodes([record(volumes=(VolumeStatus("v1", -5, 0, 0),)), record(node="n2")])
     assert set(projection.nodes) == {"n2"}
+
+
+def test_a_sourced_event_must_come_from_its_nodes_outbox() -> None:
+    header = {"Nats-Stream-Source": "OUTBOX_n1:9f2a1c 17 > >"}
+    assert source_of(header) == "OUTBOX_n1"
+    assert source_of(None) is None and source_of({}) is None
+    assert check_source("n1", source_of(header)) is None
+    assert check_source("n1", None) is None  # published to the hub's stream directly
+    wrong = check_source("n2", source_of(header))
+    assert wrong is not None and wrong.reason == "wrong-source"
