@@ -172,7 +172,10 @@ def test_the_projection_ignores_junk_heartbeats() -> None:
 
 
 def test_a_sourced_event_must_come_from_its_nodes_outbox() -> None:
-    header = {"Nats-Stream-Source": "OUTBOX_n1:9f2a1c 17 > >"}
+    # As nats-server 2.15 writes it (measured on a LocalDomain).
+    header = {
+        "Nats-Stream-Source": "OUTBOX_n1:DYW1ELw9 3 > > cim.place.evt.n1.TaskCompleted ZIVouONc"
+    }
     assert source_of(header) == "OUTBOX_n1"
     assert source_of(None) is None and source_of({}) is None
     assert check_source("n1", source_of(header)) is None
