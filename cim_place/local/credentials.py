@@ -126,15 +126,37 @@ def plan_local(
     plan = plan_domain(nodes, subjects=subjects)
     password = secrets.token_urlsafe(24)
     hub_domain = plan.hub_domain
+    # `add --name` through a leaf writes the name: the leaf's CLI user (and its link) may write
+    # KV cim-place-names in the hub's domain, and nothing else a reader may not.
+    names = [
+        f"$JS.{hub_domain}.API.STREAM.CREATE.KV_{kv.NAMES}",
+        f"$JS.{hub_domain}.API.$KV.{kv.NAMES}.>",
+    ]
+
+    def with_names(permissions: Permissions) -> Permissions:
+        publish = tuple(dict.fromkeys((*permissions.publish, *names)))
+        subscribe = permissions.subscribe
+        if permissions.subscribe == permissions.publish:  # a link: the same list both ways
+            subscribe = publish
+        return Permissions(publish, subscribe)
+
     leaves = {
         node: (
             *users,
-            User(ADMIN, password, reader_permissions(ADMIN, subjects, hub_domain, node), "reader"),
+            User(
+                ADMIN,
+                password,
+                with_names(reader_permissions(ADMIN, subjects, hub_domain, node)),
+                "reader",
+            ),
         )
         for node, users in plan.leaves.items()
     }
     links = {
-        node: replace(link, permissions=leaf_link_permissions(node, [ADMIN], subjects, hub_domain))
+        node: replace(
+            link,
+            permissions=with_names(leaf_link_permissions(node, [ADMIN], subjects, hub_domain)),
+        )
         for node, link in plan.leaf_links.items()
     }
     hub = tuple(
