@@ -214,7 +214,12 @@ def test_a_tombstone_from_a_node_is_not_read(domain: Path) -> None:
     wait_for(lambda: status_doc(cid, domain)[1].get("state") == "placed", "target placed")
     context = read_context(domain / ".cim-place")
     assert context is not None
-    leaf_url = context.leaf_url("leaf-1")
+    # The domain runs with users: the node's own agent credentials (context.json names them).
+    from cim_place.local.credentials import read_credentials
+
+    entry = next(e for e in context.nodes if e.node == "leaf-1")
+    assert entry.credentials is not None
+    leaf_url = read_credentials(Path(entry.credentials))
 
     async def forge() -> None:
         async with connected(leaf_url) as nc:
