@@ -195,6 +195,7 @@ async def _summary(js: JetStreamContext) -> dict[str, Any]:
             "draining": states.count("draining"),
         },
         "updated_at": summary.updated_at if summary else None,
+        "warnings": list(summary.warnings) if summary else [],
         "note": note or None,
     }
 
@@ -224,8 +225,15 @@ def _show_summary(doc: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
     )
     if doc["updated_at"]:
         console.print(f"summary written {_age(time.time() - doc['updated_at'])}", markup=False)
+    _show_warnings(console, doc["warnings"])
     if doc["note"]:
         console.print(f"note: {doc['note']}", markup=False, style="yellow")
+
+
+def _show_warnings(console: Any, warnings: list[str]) -> None:
+    """The controller's domain-wide warnings (policies the topology cannot satisfy), once each."""
+    for warning in warnings:
+        console.print(f"warning: {warning}", markup=False, style="yellow")
 
 
 def _show_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
@@ -358,6 +366,26 @@ async def _nodes(js: JetStreamContext) -> list[dict[str, Any]]:
     ]
 
 
+async def _nodes_and_warnings(js: JetStreamContext) -> tuple[list[dict[str, Any]], list[str]]:
+    from cim_place.cluster.state.locations import LocationStore
+
+    nodes = await _nodes(js)
+    warnings: list[str] = []
+    with contextlib.suppress(TransportError):
+        summary = await (await LocationStore(js).open(create=False)).summary()
+        warnings = list(summary.warnings) if summary is not None else []
+    return nodes, warnings
+
+
+def _show_nodes_and_warnings(
+    doc: tuple[list[dict[str, Any]], list[str]], *, as_json: bool, quiet: bool
+) -> None:
+    nodes, warnings = doc
+    _show_nodes(nodes, as_json=as_json, quiet=quiet)
+    if not as_json and not quiet:
+        _show_warnings(make_console(), warnings)
+
+
 def _show_nodes(nodes: list[dict[str, Any]], *, as_json: bool, quiet: bool) -> None:
     if as_json:
         print_json(nodes)
@@ -401,7 +429,16 @@ def nodes_command(
     domain: DomainOption = None,
 ) -> None:
     """Nodes with labels, volumes, used and free bytes, state and last heartbeat."""
-    _run(server, creds, domain, _nodes, _show_nodes, watch=watch, as_json=as_json, quiet=quiet)
+    _run(
+        server,
+        creds,
+        domain,
+        _nodes_and_warnings,
+        _show_nodes_and_warnings,
+        watch=watch,
+        as_json=as_json,
+        quiet=quiet,
+    )
 
 
 # -- tasks ----------------------------------------------------------------------------------------

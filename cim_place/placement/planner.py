@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cim_place.errors import PlacementError
+from cim_place.placement.feasibility import unmet
 from cim_place.placement.model import (
     FAR,
     DomainKey,
@@ -404,13 +405,19 @@ class _Walk:
             )
         placed = len(self.chosen)
         if placed < rule.replicas:
-            n_full = sum(self.full)
-            n_cap = sum(self.over_cap)
+            why = unmet(
+                rule, self.el.eligible, refused=len(self.el.refused), full=self.full, size=self.size
+            )
+            detail = (
+                str(why)
+                if why is not None
+                else (
+                    f"{len(self.el.eligible)} volumes pass the hard constraints "
+                    f"({len(self.el.refused)} refused), {sum(self.full)} lack room"
+                )
+            )
             out.append(
-                f"only {placed} of {rule.replicas} replicas can be placed: "
-                f"{len(self.el.eligible)} volumes pass the hard constraints "
-                f"({len(self.el.refused)} refused), {n_full} lack room, {n_cap} are over the "
-                f"load cap; add volumes that match the policy or relax its constraints"
+                f"only {placed} of {rule.replicas} replicas can be placed: {detail}"
                 + (f" (below the policy minimum of {rule.min})" if placed < rule.min else "")
             )
         return tuple(out)

@@ -167,6 +167,8 @@ class Summary:
     nodes_down: int = 0
     nodes_draining: int = 0
     updated_at: float = 0.0
+    warnings: tuple[str, ...] = ()
+    """Policies the topology cannot satisfy, one line each (placement/topology.py)."""
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -181,6 +183,7 @@ class Summary:
                     "draining": self.nodes_draining,
                 },
                 "updated_at": self.updated_at,
+                "warnings": list(self.warnings),
             },
             sort_keys=True,
         ).encode()
@@ -199,6 +202,7 @@ class Summary:
                 nodes_down=int(nodes.get("down", 0)),
                 nodes_draining=int(nodes.get("draining", 0)),
                 updated_at=float(doc.get("updated_at", 0.0)),
+                warnings=tuple(str(w) for w in doc.get("warnings", [])),
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed summary: {exc!r}") from None

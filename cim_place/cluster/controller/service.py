@@ -73,6 +73,7 @@ from cim_place.placement.rules import (
     node_map_from,
 )
 from cim_place.placement.status import OBJECT_STATES, Summary
+from cim_place.placement.topology import topology_warnings
 from cim_place.policies.model import BUILTIN_DEFAULT, Policy, PolicySet
 from cim_place.policies.selectors import ObjectFacts, match_policy
 from cim_place.runtime.lifecycle import cancel_and_wait
@@ -179,6 +180,11 @@ class Controller:
         self._departed: dict[str, float] = {}
         self._last_records: dict[str, NodeRecord] = {}
         self._node_map: NodeMap | None = None
+        self._warned: tuple[NodeMap | None, dict[str, CompiledPolicy], tuple[str, ...]] = (
+            None,
+            {},
+            (),
+        )
         self._states: dict[Cid, str] = {}
         self._under: set[Cid] = set()
         self._acting = False
@@ -661,7 +667,23 @@ class Controller:
             nodes_down=len(liveness) - up,
             nodes_draining=len(self.projection.draining),
             updated_at=time.time(),
+            warnings=self._topology_warnings(),
         )
+
+    def _topology_warnings(self) -> tuple[str, ...]:
+        """Policies in use that the node map cannot satisfy (the built-in default only when no
+        applied policy is a default); recomputed only when the map or the policies change."""
+        if not self._last_records:
+            return ()
+        policies = dict(self._compiled)
+        if any(p.match is None for p in self.projection.policies.policies):
+            policies.pop(BUILTIN_DEFAULT.name, None)
+        node_map = self.node_map(time.time())
+        cached_map, cached_policies, warnings = self._warned
+        if cached_map is not node_map or cached_policies != policies:
+            warnings = tuple(topology_warnings(policies.values(), node_map))
+            self._warned = (node_map, policies, warnings)
+        return warnings
 
 
 class _Budget:
