@@ -43,7 +43,7 @@ _DRAIN_PREFIX = "drain."
 """Keys of KV ``cim-place-drain`` (``cim_place.cluster.controller.service.DRAIN_PREFIX``)."""
 _PIPE_WIDTH = 240
 _CLEAR = "\x1b[2J\x1b[H"  # clear the screen, cursor home
-_STATES = ("placed", "progressing", "degraded", "lost")
+_STATES = ("placed", "progressing", "degraded", "lost", "expired")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (schema: docs/STATUS.md).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print the bare minimum.")]
@@ -246,7 +246,13 @@ def _show_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
     from rich.table import Table
 
     console = make_console()
-    colour = {"placed": "green", "progressing": "yellow", "degraded": "red", "lost": "bold red"}
+    colour = {
+        "placed": "green",
+        "progressing": "yellow",
+        "degraded": "red",
+        "lost": "bold red",
+        "expired": "dim",
+    }
     console.print(f"[bold]{status.cid}[/bold]" + (f"  ({status.name})" if status.name else ""))
     console.print(
         f"state: [{colour.get(status.state, 'white')}]{status.state}[/]   "

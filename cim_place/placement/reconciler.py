@@ -15,7 +15,9 @@ Steps of :func:`reconcile`:
    that way is surplus and trimmed later).
 2. An expired object (``now - first_seen > expire_after``) gets a drop for every copy that is
    not lost (a copy a fetch is still targeting waits for it), and nothing else; this is the
-   only way the last copy is ever dropped.
+   only way the last copy is ever dropped. Its state is ``expired`` (desired 0: never lost nor
+   under-replicated); once no copy is left and nothing is in flight, ``gone`` tells the
+   controller to delete its status and stop tracking it.
 3. Plan: the planner gets the node map with lost nodes down and, on late nodes, only the volumes
    holding a present copy or targeted by a fetch in flight left up (kept, never new targets).
    ``current`` is the present copies not being dropped plus the fetch targets in flight, so a
@@ -32,11 +34,12 @@ Steps of :func:`reconcile`:
    :func:`rebalance_candidates`): when the object is placed and quiet, fetch the volumes of its
    balanced ideal (``keep_current=False``) that it lacks; once confirmed, step 5 drops the copies
    the planner no longer prefers.
-7. Status: ``lost`` when no copy is present anywhere, ``placed`` when every desired volume holds a
-   pinned copy and the planner found all desired replicas, ``progressing`` when tasks are in
-   flight or issued, ``degraded`` otherwise (with the planner's reason, the grace or the
-   back-off being waited for). Conditions ``Placed``, ``Progressing``, ``Degraded`` are merged
-   with the previous status so ``last_transition`` moves only when a condition flips.
+7. Status: ``expired`` past the expiry (step 2), ``lost`` when no copy is present anywhere,
+   ``placed`` when every desired volume holds a pinned copy and the planner found all desired
+   replicas, ``progressing`` when tasks are in flight or issued, ``degraded`` otherwise (with
+   the planner's reason, the grace or the back-off being waited for). Conditions ``Placed``,
+   ``Progressing``, ``Degraded`` are merged with the previous status so ``last_transition``
+   moves only when a condition flips.
 """
 
 from __future__ import annotations
@@ -218,6 +221,8 @@ class ReconcileResult:
     requeue_after: float | None
     desired: tuple[VolumeId, ...] = ()
     placement: Placement | None = None
+    gone: bool = False
+    """The object expired and no copy is left to drop: delete its status and stop tracking it."""
 
     @property
     def fetches(self) -> tuple[Fetch, ...]:
@@ -468,7 +473,8 @@ def _expire(inp: ReconcileInput, view: _View, expire_after: float) -> ReconcileR
             Drop(node, volume, _generation(inp, failed), f"expired after {expire_after:.0f}s")
         )
     status = _status(inp, view, None, actions, [], expired=True)
-    return ReconcileResult(actions=tuple(actions), status=status, requeue_after=None)
+    gone = not actions and not view.present and not view.in_flight
+    return ReconcileResult(actions=tuple(actions), status=status, requeue_after=None, gone=gone)
 
 
 def _planning_map(
@@ -620,7 +626,7 @@ def _status(
     pinned = set(view.pinned) - view.dropping
     state: ObjectState
     if expired:
-        state = "progressing" if present else "lost"
+        state = "expired"
         reason = "Expired"
         message = (
             f"expired: first seen at {inp.obj.first_seen:.0f}, policy {inp.policy.name} keeps "
@@ -675,7 +681,7 @@ def _status(
         cid=cids.to_str(obj.cid),
         state=state,
         locations=tuple(locations),
-        desired=rule.replicas,
+        desired=0 if expired else rule.replicas,
         policy=inp.policy.name,
         name=obj.name,
         owner=obj.owner,

@@ -6,7 +6,8 @@ shard buckets ``cim-place-locations-NN``: :mod:`cim_place.cluster.state.location
 documented schema of ``cim-place status --json``:
 
     {"cid": str, "name": str | null, "owner": str, "size": int, "metadata": {str: str},
-     "policy": str, "desired": int, "state": "placed" | "progressing" | "degraded" | "lost",
+     "policy": str, "desired": int,
+     "state": "placed" | "progressing" | "degraded" | "lost" | "expired",
      "locations": [{"node": str, "volume": str, "zone": str, "state": str}],
      "conditions": [{"type": str, "status": bool, "reason": str, "message": str,
                      "last_transition": float}],
@@ -16,6 +17,9 @@ Replica states: ``pinned`` (confirmed by an ObjectStored event), ``fetching`` (a
 flight), ``dropping`` (a drop task is in flight), ``late`` (pinned on a node whose heartbeat is
 overdue but within the repair grace), ``lost`` (pinned on a node that is down past the grace).
 Conditions follow the Kubernetes habit: ``last_transition`` moves only when ``status`` flips.
+
+``expired``: the policy's ``expire_after`` has passed; its copies are being dropped (``desired``
+is 0, so it is never under-replicated nor lost), and the status is deleted once none is left.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-ObjectState = Literal["placed", "progressing", "degraded", "lost"]
-OBJECT_STATES: tuple[ObjectState, ...] = ("placed", "progressing", "degraded", "lost")
+ObjectState = Literal["placed", "progressing", "degraded", "lost", "expired"]
+OBJECT_STATES: tuple[ObjectState, ...] = ("placed", "progressing", "degraded", "lost", "expired")
 ReplicaState = Literal["pinned", "fetching", "dropping", "late", "lost"]
 REPLICA_STATES: tuple[ReplicaState, ...] = ("pinned", "fetching", "dropping", "late", "lost")
 CONDITION_TYPES = ("Placed", "Progressing", "Degraded")

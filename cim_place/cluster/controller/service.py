@@ -576,6 +576,15 @@ class Controller:
             self.projection.task_enqueued(task, now)
             budget.take(action.node, action.kind, obj.size)
             self.metrics.tasks_queued.labels(action.kind).inc()
+        if result.gone:
+            # Expired and every copy dropped: it leaves the listing and the projection.
+            if self._acting:
+                await self.locations.delete(cid)
+            self.projection.forget(cid)
+            self._states.pop(cid, None)
+            self._under.discard(cid)
+            self.reconciled += 1
+            return result
         if self._acting:
             await self.locations.put(result.status)
         self._note_state(cid, result)
