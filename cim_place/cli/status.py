@@ -43,7 +43,7 @@ _DRAIN_PREFIX = "drain."
 """Keys of KV ``cim-place-drain`` (``cim_place.cluster.controller.service.DRAIN_PREFIX``)."""
 _PIPE_WIDTH = 240
 _CLEAR = "\x1b[2J\x1b[H"  # clear the screen, cursor home
-_STATES = ("placed", "progressing", "degraded", "lost", "removed")
+_STATES = ("placed", "progressing", "degraded", "lost", "removed", "expired")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (schema: docs/STATUS.md).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print the bare minimum.")]
@@ -198,6 +198,7 @@ async def _summary(js: JetStreamContext) -> dict[str, Any]:
             "draining": states.count("draining"),
         },
         "updated_at": summary.updated_at if summary else None,
+        "warnings": list(summary.warnings) if summary else [],
         "note": note or None,
     }
 
@@ -235,8 +236,15 @@ def _show_summary(doc: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
         )
     if doc["updated_at"]:
         console.print(f"summary written {_age(time.time() - doc['updated_at'])}", markup=False)
+    _show_warnings(console, doc["warnings"])
     if doc["note"]:
         console.print(f"note: {doc['note']}", markup=False, style="yellow")
+
+
+def _show_warnings(console: Any, warnings: list[str]) -> None:
+    """The controller's domain-wide warnings (policies the topology cannot satisfy), once each."""
+    for warning in warnings:
+        console.print(f"warning: {warning}", markup=False, style="yellow")
 
 
 def _show_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
@@ -262,6 +270,7 @@ def _print_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
         "degraded": "red",
         "lost": "bold red",
         "removed": "dim",
+        "expired": "dim",
     }
     console.print(f"[bold]{status.cid}[/bold]" + (f"  ({status.name})" if status.name else ""))
     console.print(
@@ -386,6 +395,26 @@ async def _nodes(js: JetStreamContext) -> list[dict[str, Any]]:
     ]
 
 
+async def _nodes_and_warnings(js: JetStreamContext) -> tuple[list[dict[str, Any]], list[str]]:
+    from cim_place.cluster.state.locations import LocationStore
+
+    nodes = await _nodes(js)
+    warnings: list[str] = []
+    with contextlib.suppress(TransportError):
+        summary = await (await LocationStore(js).open(create=False)).summary()
+        warnings = list(summary.warnings) if summary is not None else []
+    return nodes, warnings
+
+
+def _show_nodes_and_warnings(
+    doc: tuple[list[dict[str, Any]], list[str]], *, as_json: bool, quiet: bool
+) -> None:
+    nodes, warnings = doc
+    _show_nodes(nodes, as_json=as_json, quiet=quiet)
+    if not as_json and not quiet:
+        _show_warnings(make_console(), warnings)
+
+
 def _show_nodes(nodes: list[dict[str, Any]], *, as_json: bool, quiet: bool) -> None:
     if as_json:
         print_json(nodes)
@@ -429,7 +458,16 @@ def nodes_command(
     domain: DomainOption = None,
 ) -> None:
     """Nodes with labels, volumes, used and free bytes, state and last heartbeat."""
-    _run(server, creds, domain, _nodes, _show_nodes, watch=watch, as_json=as_json, quiet=quiet)
+    _run(
+        server,
+        creds,
+        domain,
+        _nodes_and_warnings,
+        _show_nodes_and_warnings,
+        watch=watch,
+        as_json=as_json,
+        quiet=quiet,
+    )
 
 
 # -- tasks ----------------------------------------------------------------------------------------

@@ -80,10 +80,10 @@ CONTROLLER_IDENTITY = "cim-place-up"
 # wheel): the same three copies in different zones.
 _DEFAULT_POLICY = """\
 name: default
-description: Three copies, each in a different zone.
+description: Three copies, one per zone while there are enough zones.
 replicas: 3
 spread:
-  domain: zone
+  domain: host
   max_per_domain: 1
 repair:
   grace: 15m

@@ -8,7 +8,10 @@ Steps of :func:`plan` (see DESIGN.md, "The control loop", for the simulation beh
    from a splitmix64 mix of the object key xor the volume's seed, ``w`` the capacity weight times
    the matching soft preferences. Rank by score, ties by volume id.
 3. Bounded load: a volume without room for the object, or whose used bytes exceed
-   ``(1 + eps)`` times its fair share, takes no new replica. Existing copies are exempt.
+   ``(1 + eps)`` times its fair share, takes no new replica while another volume of the same
+   failure-domain level can (the cap balances, it never costs a copy or a domain). Existing
+   copies are exempt. The fair share follows the spread (:mod:`placement.shares`): a zone that
+   must hold a copy of every object has the share that implies.
 4. Locality: the first ``min_local`` copies go to the eligible volumes nearest the consumer.
 5. Walk the ranking, existing valid copies first (minimal churn), taking a volume when its
    failure domain is still unused; when domains run out, walk again one level narrower (zone,
@@ -29,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cim_place.errors import PlacementError
+from cim_place.placement.feasibility import unmet
 from cim_place.placement.model import (
     FAR,
     DomainKey,
@@ -43,6 +47,7 @@ from cim_place.placement.model import (
     VolumeId,
     VolumeState,
 )
+from cim_place.placement.shares import expected_copies
 
 U64 = npt.NDArray[np.uint64]
 F64 = npt.NDArray[np.float64]
@@ -106,7 +111,8 @@ class Eligibility:
     used: F64
     free: npt.NDArray[np.int64]
     cap_factor: F64 | None
-    """``(1 + eps) * w_v / sum(w)`` per volume: the load cap is ``cap_factor * total bytes``."""
+    """``(1 + eps) * s_v / sum(s)`` per volume, ``s`` the expected copies per object under the
+    rule's spread (:mod:`placement.shares`): the load cap is ``cap_factor * total bytes``."""
     used_total: int
     domains: dict[SpreadLevel, list[DomainKey]]
     """Failure domain of each eligible volume at each level."""
@@ -121,11 +127,12 @@ class Eligibility:
                 eligible.append(volume)
             else:
                 refused[volume.id] = verdict
-        base = np.array([v.base_weight for v in eligible], dtype=np.float64)
-        total_weight = float(base.sum()) if eligible else 0.0
         cap_factor: F64 | None = None
-        if rule.load_cap is not None and total_weight > 0:
-            cap_factor = (1.0 + rule.load_cap) * (base / total_weight)
+        if rule.load_cap is not None and eligible:
+            shares = expected_copies(rule, eligible)
+            total_share = float(shares.sum())
+            if total_share > 0:
+                cap_factor = (1.0 + rule.load_cap) * (shares / total_share)
         return cls(
             rule=rule,
             node_map=node_map,
@@ -290,35 +297,48 @@ class _Walk:
             domain = domains[i]
             counts[domain] = counts.get(domain, 0) + 1
 
-    def fill(self, order: Sequence[int], target: int, verdict: Verdict) -> int:
-        """Take from ``order`` until ``target`` volumes are chosen, widest domains first."""
+    def fill(
+        self, order: Sequence[int], target: int, verdict: Verdict, spill: Sequence[int] = ()
+    ) -> int:
+        """Take from ``order`` until ``target`` volumes are chosen, widest domains first.
+
+        ``spill``: volumes over the load cap, taken at a level only when ``order`` has no
+        admissible volume left there. The cap balances load; it must never cost a copy or a
+        failure domain that the rule could have had (a zone whose only volume is over the cap
+        still gets the copy rather than a second zone doubling up).
+        """
         taken = 0
         for level in self.rule.spread_levels():
-            for i in order:
-                if len(self.chosen) >= target:
-                    return taken
-                if self.admissible(i, level):
-                    self.take(i, verdict)
-                    taken += 1
+            for pool in (order, spill):
+                for i in pool:
+                    if len(self.chosen) >= target:
+                        return taken
+                    if self.admissible(i, level):
+                        self.take(i, verdict)
+                        taken += 1
         return taken
 
     def run(self) -> None:
         rule = self.rule
         replicas = rule.replicas
         candidates = [i for i in self.ranking if self.available(i)]
+        spill = [i for i in self.ranking if self.over_cap[i] and not self.full[i]]
         locality = rule.locality
         if locality is not None and locality.min_local > 0:
-            distance = {i: locality.distance(self.el.eligible[i]) for i in candidates}
+            eligible = self.el.eligible
+            distance = {i: locality.distance(eligible[i]) for i in candidates + spill}
             near = [i for i in candidates if distance[i] < FAR]
             near.sort(key=lambda i: (not self.kept[i], distance[i], self.rank[i]))
-            self.local_count = self.fill(near, locality.min_local, Verdict.LOCAL)
+            near_spill = [i for i in spill if distance[i] < FAR]
+            near_spill.sort(key=lambda i: (distance[i], self.rank[i]))
+            self.local_count = self.fill(near, locality.min_local, Verdict.LOCAL, near_spill)
             if locality.hard:
                 self.local_shortfall = locality.min_local - self.local_count
         # Existing copies first: among volumes the rule allows, keeping one moves no data.
         order = [i for i in candidates if self.kept[i]] + [
             i for i in candidates if not self.kept[i]
         ]
-        self.fill(order, replicas - self.local_shortfall, Verdict.RANKED)
+        self.fill(order, replicas - self.local_shortfall, Verdict.RANKED, spill)
 
     def placement(self, explain: bool) -> Placement:
         el = self.el
@@ -385,13 +405,19 @@ class _Walk:
             )
         placed = len(self.chosen)
         if placed < rule.replicas:
-            n_full = sum(self.full)
-            n_cap = sum(self.over_cap)
+            why = unmet(
+                rule, self.el.eligible, refused=len(self.el.refused), full=self.full, size=self.size
+            )
+            detail = (
+                str(why)
+                if why is not None
+                else (
+                    f"{len(self.el.eligible)} volumes pass the hard constraints "
+                    f"({len(self.el.refused)} refused), {sum(self.full)} lack room"
+                )
+            )
             out.append(
-                f"only {placed} of {rule.replicas} replicas can be placed: "
-                f"{len(self.el.eligible)} volumes pass the hard constraints "
-                f"({len(self.el.refused)} refused), {n_full} lack room, {n_cap} are over the "
-                f"load cap; add volumes that match the policy or relax its constraints"
+                f"only {placed} of {rule.replicas} replicas can be placed: {detail}"
                 + (f" (below the policy minimum of {rule.min})" if placed < rule.min else "")
             )
         return tuple(out)

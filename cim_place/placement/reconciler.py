@@ -19,7 +19,9 @@ Steps of :func:`reconcile`:
    expired one (``now - first_seen > expire_after``) get a drop for every copy that is not lost
    (a copy a fetch is still targeting waits for it), and nothing else. These are the only ways
    the last copy is ever dropped: the minimum of step 5 protects content from the controller's
-   own decisions, not from an explicit removal.
+   own decisions, not from an explicit removal. An expired object's state is ``expired``
+   (desired 0: never lost nor under-replicated); once no copy is left and nothing is in flight,
+   ``gone`` tells the controller to delete its status and stop tracking it.
 3. Plan: the planner gets the node map with lost nodes down and, on late nodes, only the volumes
    holding a present copy or targeted by a fetch in flight left up (kept, never new targets).
    ``current`` is the present copies not being dropped plus the fetch targets in flight, so a
@@ -39,12 +41,13 @@ Steps of :func:`reconcile`:
    :func:`rebalance_candidates`): when the object is placed and quiet, fetch the volumes of its
    balanced ideal (``keep_current=False``) that it lacks; once confirmed, step 5 drops the copies
    the planner no longer prefers.
-7. Status: ``lost`` when no verified copy is present anywhere, ``degraded`` while a damaged
-   replica leaves fewer verified copies than desired, ``placed`` when every desired volume holds a
-   pinned copy and the planner found all desired replicas, ``progressing`` when tasks are in
-   flight or issued, ``degraded`` otherwise (with the planner's reason, the grace or the
-   back-off being waited for). Conditions ``Placed``, ``Progressing``, ``Degraded`` are merged
-   with the previous status so ``last_transition`` moves only when a condition flips.
+7. Status: ``removed`` or ``expired`` (step 2), ``lost`` when no verified copy is present
+   anywhere, ``degraded`` while a damaged replica leaves fewer verified copies than desired,
+   ``placed`` when every desired volume holds a pinned copy and the planner found all desired
+   replicas, ``progressing`` when tasks are in flight or issued, ``degraded`` otherwise (with the
+   planner's reason, the grace or the back-off being waited for). Conditions ``Placed``,
+   ``Progressing``, ``Degraded`` are merged with the previous status so ``last_transition``
+   moves only when a condition flips.
 """
 
 from __future__ import annotations
@@ -250,6 +253,8 @@ class ReconcileResult:
     requeue_after: float | None
     desired: tuple[VolumeId, ...] = ()
     placement: Placement | None = None
+    gone: bool = False
+    """The object expired and no copy is left to drop: delete its status and stop tracking it."""
 
     @property
     def fetches(self) -> tuple[Fetch, ...]:
@@ -550,7 +555,8 @@ def _drop_every_copy(
         )
         actions.append(Drop(node, volume, _generation(inp, failed), reason))
     status = _status(inp, view, None, actions, [], expired=removed is None, removed=removed)
-    return ReconcileResult(actions=tuple(actions), status=status, requeue_after=None)
+    gone = removed is None and not actions and not view.present and not view.in_flight
+    return ReconcileResult(actions=tuple(actions), status=status, requeue_after=None, gone=gone)
 
 
 def _planning_map(
@@ -716,7 +722,7 @@ def _status(
         )
         degraded = (False, "Removed", message)
     elif expired:
-        state = "progressing" if present else "lost"
+        state = "expired"
         reason = "Expired"
         message = (
             f"expired: first seen at {inp.obj.first_seen:.0f}, policy {inp.policy.name} keeps "
@@ -779,7 +785,7 @@ def _status(
         cid=cids.to_str(obj.cid),
         state=state,
         locations=tuple(locations),
-        desired=rule.replicas,
+        desired=0 if expired else rule.replicas,
         policy=inp.policy.name,
         name=obj.name,
         owner=obj.owner,

@@ -7,7 +7,7 @@ documented schema of ``cim-place status --json``:
 
     {"cid": str, "name": str | null, "owner": str, "size": int, "metadata": {str: str},
      "policy": str, "desired": int,
-     "state": "placed" | "progressing" | "degraded" | "lost" | "removed",
+     "state": "placed" | "progressing" | "degraded" | "lost" | "removed" | "expired",
      "locations": [{"node": str, "volume": str, "zone": str, "state": str,
                     "verified_at": float (when known), "cause"?: str}],
      "conditions": [{"type": str, "status": bool, "reason": str, "message": str,
@@ -25,6 +25,9 @@ verified copy exists anywhere (docs/DURABILITY.md).
 ``cached`` (an extra copy that demand added, with the demand that caused it in ``cause``; never
 counted towards the policy's copies: docs/DEMAND.md). ``cause`` is written only when set.
 Conditions follow the Kubernetes habit: ``last_transition`` moves only when ``status`` flips.
+
+``expired``: the policy's ``expire_after`` has passed; its copies are being dropped (``desired``
+is 0, so it is never under-replicated nor lost), and the status is deleted once none is left.
 """
 
 from __future__ import annotations
@@ -34,8 +37,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-ObjectState = Literal["placed", "progressing", "degraded", "lost", "removed"]
-OBJECT_STATES: tuple[ObjectState, ...] = ("placed", "progressing", "degraded", "lost", "removed")
+ObjectState = Literal["placed", "progressing", "degraded", "lost", "removed", "expired"]
+OBJECT_STATES: tuple[ObjectState, ...] = (
+    "placed",
+    "progressing",
+    "degraded",
+    "lost",
+    "removed",
+    "expired",
+)
 ReplicaState = Literal[
     "pinned", "fetching", "dropping", "late", "lost", "damaged", "repairing", "cached"
 ]
@@ -222,6 +232,8 @@ class Summary:
 
     rejected_events: int = 0
     """Events and node records the controller refused (failed validation) since it started."""
+    warnings: tuple[str, ...] = ()
+    """Policies the topology cannot satisfy, one line each (placement/topology.py)."""
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -239,6 +251,7 @@ class Summary:
                 },
                 "updated_at": self.updated_at,
                 "rejected_events": self.rejected_events,
+                "warnings": list(self.warnings),
             },
             sort_keys=True,
         ).encode()
@@ -259,6 +272,7 @@ class Summary:
                 updated_at=float(doc.get("updated_at", 0.0)),
                 damaged_replicas=int(doc.get("damaged_replicas", 0)),
                 rejected_events=int(doc.get("rejected_events", 0)),
+                warnings=tuple(str(w) for w in doc.get("warnings", [])),
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed summary: {exc!r}") from None

@@ -314,13 +314,16 @@ def test_expiry_drops_every_copy_and_says_why() -> None:
     expired = run(nm, held, pol=pol, now=200.0)
     assert sorted((d.node, d.volume) for d in expired.drops) == sorted(held)
     assert not expired.fetches
-    assert expired.status.state == "progressing"
+    assert expired.status.state == "expired" and expired.status.desired == 0
+    assert not expired.gone
     status, reason, message = condition(expired, "Placed")
     assert not status and reason == "Expired" and "expired" in message
     again = run(nm, held, pol=pol, now=201.0, in_flight=flights(expired.actions))
-    assert again.actions == ()
+    assert again.actions == () and again.status.state == "expired" and not again.gone
     gone = run(nm, set(), pol=pol, now=300.0)
-    assert gone.status.state == "lost" and condition(gone, "Placed")[1] == "Expired"
+    assert gone.status.state == "expired" and condition(gone, "Placed")[1] == "Expired"
+    assert condition(gone, "Degraded")[0] is False  # never counted as lost
+    assert gone.gone and gone.actions == ()
 
 
 def test_unsatisfiable_constraints_degrade_with_reason() -> None:

@@ -41,7 +41,7 @@ def test_the_example_directory_is_valid_as_one_set() -> None:
     assert [c.name for c in loaded.policy_set.consumers] == ["website-blog", "website-shop"]
     default = loaded.policy_set.default
     assert default is not None and default.replicas == Replicas(3, 3)
-    assert default.spread == Spread("zone", 1)
+    assert default.spread == Spread("host", 1)  # one per zone while zones last (its comment)
     scratch = loaded.policy_set.policy("scratch")
     assert scratch is not None and scratch.expire_after_seconds == 7 * 86400
     media = loaded.policy_set.policy("media")

@@ -87,6 +87,7 @@ from cim_place.placement.rules import (
     node_map_from,
 )
 from cim_place.placement.status import OBJECT_STATES, Summary
+from cim_place.placement.topology import topology_warnings
 from cim_place.policies.model import BUILTIN_DEFAULT, Policy, PolicySet
 from cim_place.policies.selectors import ObjectFacts, match_policy
 from cim_place.runtime.lifecycle import cancel_and_wait
@@ -222,6 +223,11 @@ class Controller:
         self._departed: dict[str, float] = {}
         self._last_records: dict[str, NodeRecord] = {}
         self._node_map: NodeMap | None = None
+        self._warned: tuple[NodeMap | None, dict[str, CompiledPolicy], tuple[str, ...]] = (
+            None,
+            {},
+            (),
+        )
         self._states: dict[Cid, str] = {}
         self._under: set[Cid] = set()
         self._below_min: set[Cid] = set()
@@ -682,6 +688,15 @@ class Controller:
             self.projection.task_enqueued(task, now)
             budget.take(action.node, action.kind, obj.size)
             self.metrics.tasks_queued.labels(action.kind).inc()
+        if result.gone:
+            # Expired and every copy dropped: it leaves the listing and the projection.
+            if self._acting:
+                await self.locations.delete(cid)
+            self.projection.forget(cid)
+            self._states.pop(cid, None)
+            self._under.discard(cid)
+            self.reconciled += 1
+            return result
         if self._acting:
             await self.locations.put(result.status)
         self._note_state(cid, result)
@@ -794,7 +809,23 @@ class Controller:
             updated_at=time.time(),
             damaged_replicas=self.projection.damaged_replicas,
             rejected_events=self.rejections.total,
+            warnings=self._topology_warnings(),
         )
+
+    def _topology_warnings(self) -> tuple[str, ...]:
+        """Policies in use that the node map cannot satisfy (the built-in default only when no
+        applied policy is a default); recomputed only when the map or the policies change."""
+        if not self._last_records:
+            return ()
+        policies = dict(self._compiled)
+        if any(p.match is None for p in self.projection.policies.policies):
+            policies.pop(BUILTIN_DEFAULT.name, None)
+        node_map = self.node_map(time.time())
+        cached_map, cached_policies, warnings = self._warned
+        if cached_map is not node_map or cached_policies != policies:
+            warnings = tuple(topology_warnings(policies.values(), node_map))
+            self._warned = (node_map, policies, warnings)
+        return warnings
 
 
 class _Budget:
