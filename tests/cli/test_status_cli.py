@@ -179,6 +179,7 @@ def test_summary_and_filter(domain_state: Hub, tmp_path: Path) -> None:
         "degraded": 1,
         "lost": 0,
         "removed": 0,
+        "expired": 0,
     }
     assert summary["under_replicated"] == 1 and summary["bytes"] == 4106
     assert summary["nodes"]["up"] == 1 and summary["nodes"]["late"] == 1

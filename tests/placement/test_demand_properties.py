@@ -112,7 +112,7 @@ def test_demand_never_affects_required_copies(
             holdings = [*with_demand.get(i, ()), *cached]
             current = required_current(holdings, cached)
             with_demand[i] = plan(obj, rule, node_map, current, eligibility=el).desired
-            assert with_demand[i] == plain[i]
+            assert set(with_demand[i]) == set(plain[i])  # the same copies, in any order
 
     replan()
     now = 0.0
