@@ -1,4 +1,5 @@
-"""A node's gateway, wired to the domain: the agent hands over its parts, this builds the rest.
+"""A node's gateway and dashboard, wired to the domain: the agent hands over its parts, this
+builds the rest.
 
 Composes :class:`~cim_place.http.gateway.Gateway` with the domain-wide content source (who-has
 and the verified fetch of ``cluster.exchange``, into this node's emptiest volume), the names of
@@ -32,6 +33,7 @@ from cim_place.http.gateway import Gateway, ReadObserver
 from cim_place.http.gateway_request import BadRequest
 from cim_place.http.server import HttpServers, HttpSettings, Listener
 from cim_place.http.sources import Access, Identify, OpenAccess
+from cim_place.http.ui import add_dashboard
 from cim_place.interfaces import BlockSource, Pin
 from cim_place.objectstore.cid import Cid, to_str
 from cim_place.objectstore.store import ObjectStore
@@ -176,7 +178,15 @@ async def start_node_http(
     listeners = list(extra)
     if settings is not None:
         gateway = gateway_for(parts, settings)
-        listeners.insert(0, Listener("gateway", gateway.app(), settings.listen, settings.tls))
+        app = gateway.app()
+        # The dashboard shares the gateway's listener (and its TLS and tokens).
+        add_dashboard(
+            app,
+            lambda: jetstream(parts.nc, parts.hub_domain),
+            identify=Identify(settings.tokens),
+            secured=parts.secured,
+        )
+        listeners.insert(0, Listener("gateway", app, settings.listen, settings.tls))
     servers = HttpServers(listeners)
     await servers.start()
     return servers
