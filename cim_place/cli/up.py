@@ -401,6 +401,8 @@ def _print_summary(context: DomainContext, directory: Path, *, detached: bool) -
     console.print(table)
     for note in context.notes:
         console.print(f"note: {note}", markup=False)
+    if context.dashboard:
+        console.print(f"dashboard: {context.dashboard}", markup=False)
     how = "`cim-place down`" if detached else "Ctrl-C or `cim-place down`"
     console.print(
         f"ready (pid {context.pid}); commands run here find it through "

@@ -93,12 +93,13 @@ function renderNodes(nodes) {
     const fillBar = el("span");
     fillBar.style.width = `${total ? Math.max(1, (100 * node.used) / total) : 0}%`;
     bar.append(fillBar);
-    bar.title = total ? `${((100 * node.used) / total).toFixed(1)}% used` : "";
+    const usage = el("div", null, "usage");
+    usage.append(bar, el("span", total ? `${((100 * node.used) / total).toFixed(1)}%` : ""));
     const tr = row([
       node.node, node.labels.zone || "", badge(node.state),
       node.volumes.map((v) => v.name).join(", "),
       { text: size(node.used), cls: "num" }, { text: size(node.free), cls: "num" },
-      bar, ago(node.heartbeat_at),
+      usage, ago(node.heartbeat_at),
     ]);
     tr.dataset.node = node.node;
     return tr;
@@ -118,7 +119,7 @@ function renderObjects(page) {
   }), 6, view.q || view.state ? "no object matches" : "no objects yet");
   const first = (view.cursors.length - 1) * PAGE;
   document.getElementById("page-info").textContent =
-    page.matched ? `${first + 1}–${first + page.objects.length} of ${page.matched}` : "";
+    page.matched ? `${first + 1}-${first + page.objects.length} of ${page.matched}` : "";
   document.getElementById("prev").disabled = view.cursors.length < 2;
   const next = document.getElementById("next");
   next.disabled = !page.next;
@@ -142,9 +143,12 @@ function renderObject(doc) {
     list.append(el("dt", key), dd);
   }
   fill("replicas-body", doc.locations.map((l) => row([l.node, l.volume, l.zone, badge(l.state)])), 4, "no replica");
-  fill("conditions-body", doc.conditions.map((c) => row([
-    c.type, badge(String(c.status)), c.reason, c.message, ago(c.last_transition),
-  ])), 5, "no conditions yet");
+  fill("conditions-body", doc.conditions.map((c) => {
+    // Placed and Progressing are good news when true, Degraded when false.
+    const good = c.type === "Degraded" ? !c.status : c.status || c.type === "Progressing";
+    const flag = el("span", c.status ? "yes" : "no", "badge " + (good ? "placed" : "degraded"));
+    return row([c.type, flag, c.reason, c.message, ago(c.last_transition)]);
+  }), 5, "no conditions yet");
   fill("history-body", doc.tasks.slice().reverse().map((t) => row([
     ago(t.at), t.action || "?", t.node, badge(t.outcome),
     t.outcome === "failed" ? t.reason : `${t.duration.toFixed(2)} s, attempt ${t.attempts}`,
