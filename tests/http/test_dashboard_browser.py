@@ -104,6 +104,7 @@ def replicas_pinned(driver: Any) -> int:
 def shoot(driver: Any, tmp_path: Path, name: str) -> None:
     path = tmp_path / name
     # The whole page: a window as tall as its content (plus what the window adds around it).
+    driver.set_window_size(1440, 900)
     height = driver.execute_script("return document.documentElement.scrollHeight")
     frame = driver.execute_script("return window.outerHeight - window.innerHeight")
     driver.set_window_size(1440, max(900, int(height) + int(frame) + 8))

@@ -52,12 +52,12 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
 
 
 def _text_param(request: web.Request, name: str) -> str:
-    text = request.query.get(name, "").strip()
+    text = request.query.get(name, "")
     if len(text) > MAX_QUERY:
         raise BadParameter(f"{name} is longer than {MAX_QUERY} characters")
-    if any(ord(ch) < 32 for ch in text):
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
         raise BadParameter(f"{name} holds control characters")
-    return text
+    return text.strip()
 
 
 def matches(status: ObjectStatus, query: str) -> bool:
