@@ -148,6 +148,13 @@ def test_up_status_down_and_resume(workdir: Path) -> None:
     assert all(url.startswith("http://127.0.0.1:") for url in gateways.values())
     with urllib.request.urlopen(f"{gateways['leaf-3']}/ipfs/{other_cid}", timeout=60) as resp:
         assert resp.read() == b"stored on leaf-2"
+    # The dashboard: named in the summary and in context.json, served by every gateway.
+    doc = json.loads((state / "context.json").read_text())
+    assert doc["dashboard"] == f"{gateways['leaf-1']}/ui/"
+    assert f"dashboard: {doc['dashboard']}" in out
+    assert [n["dashboard"] for n in doc["nodes"]] == [f"{url}/ui/" for url in gateways.values()]
+    with urllib.request.urlopen(f"{gateways['leaf-2']}/ui/api/nodes", timeout=30) as resp:
+        assert len(json.loads(resp.read())) == 3
 
     assert "stopped" in ok("down", "--dir", str(state), cwd=workdir)
     wait_gone([first.pid])
