@@ -31,6 +31,8 @@ MAX_LIMIT = 500
 MAX_QUERY = 256
 HISTORY = 50
 """Task events shown for one object."""
+HISTORY_TTL = 5.0
+"""Seconds one object's task history is reused: reading it scans the task events."""
 JetStreamOf = Callable[[], JetStreamContext]
 
 
@@ -93,6 +95,7 @@ class DashboardApi:
         self._js = js
         self._listing: tuple[float, list[ObjectStatus]] | None = None
         self._listing_lock = asyncio.Lock()
+        self._history: dict[str, tuple[float, list[dict[str, Any]], str | None]] = {}
 
     async def _records(self) -> list[ObjectStatus]:
         async with self._listing_lock:
@@ -186,6 +189,19 @@ class DashboardApi:
             return doc
 
         return await self._answer(read)
+
+    async def _task_history(
+        self, js: JetStreamContext, cid: str
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        now = time.monotonic()
+        cached = self._history.get(cid)
+        if cached is not None and now - cached[0] <= HISTORY_TTL:
+            return cached[1], cached[2]
+        history, note = await overview.task_events(js, HISTORY, root=cid, completed=True)
+        # Only the objects open in a page now are worth keeping.
+        self._history = {k: v for k, v in self._history.items() if now - v[0] <= HISTORY_TTL}
+        self._history[cid] = (time.monotonic(), history, note)
+        return history, note
 
 
 def error(status: int, reason: str) -> web.Response:
