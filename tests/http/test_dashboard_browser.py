@@ -1,7 +1,8 @@
 """The dashboard in a real browser: Debian's headless Chromium driven by Selenium, against a local
 domain of three supervised agents. What a person sees after an object is added (it appears,
-placed, with its replicas), damaged (one node's agent stops answering: the object turns degraded)
-and repaired (the agent resumes: placed again). Screenshots go to the test's tmp dir, and to
+placed, with its replicas), damaged (a byte flipped in a block file, found by ``cim-place scrub``:
+the replica shows damaged, the object degraded) and repaired (placed again, the repair task in
+its history). Screenshots go to the test's tmp dir, and to
 ``$CIM_PLACE_SCREENSHOTS`` when set (that is how ``docs/dashboard*.png`` were made)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from cim_place.cluster.exchange.fetch import wait_for_holder
 from cim_place.cluster.exchange.upload import upload
 from cim_place.cluster.nats.connection import connected
 from cim_place.local.domain import LocalDomain
+from cim_place.objectstore.blockstore import block_name
 from cim_place.objectstore.cid import to_str
 
 pytestmark = [pytest.mark.browser, pytest.mark.nats, pytest.mark.timeout(600)]
@@ -31,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 # A name and metadata that would run script if the page ever put them in as HTML.
+CLI = [sys.executable, "-m", "cim_place.cli"]
 HOSTILE = "reports/<img src=x onerror=alert(1)>.txt"
 
 
@@ -132,7 +136,8 @@ async def test_dashboard_shows_add_damage_and_repair(
         )
     cid = to_str(result.cid)
 
-    dashboard = f"{domain.http_url(first.node)}/ui/"
+    # The middle node's dashboard: it keeps running while the other agents are paused below.
+    dashboard = f"{domain.http_url(domain.nodes[1].node)}/ui/"
     browser.get(dashboard)
     await until("three nodes up", lambda: text(browser, "#nodes-body").count(" up ") >= 3)
     await until("28 objects", lambda: "1-25 of 28" in text(browser, "#page-info"))
@@ -161,23 +166,46 @@ async def test_dashboard_shows_add_damage_and_repair(
     assert cid in text(browser, "#object-facts")
     assert "<b>bold?</b>" in text(browser, "#object-facts")
 
-    # Damage: the last node's agent stops (SIGSTOP, so its supervisor does not restart it).
-    agent = next(p for p in domain.processes() if p["role"] == "agent" and p["node"] == last.node)
-    pid = int(str(agent["pid"]))
-    os.kill(pid, signal.SIGSTOP)
+    # Damage: a byte flipped in the object's block on the middle node, found by `cim-place
+    # scrub`. The other two holders' agents are paused first (SIGSTOP, so their supervisor does
+    # not restart them): the repair has nobody to fetch from, and the damage stays on screen.
+    middle = domain.nodes[1]
+    (block,) = domain.volume_dir(middle.node).rglob(block_name(result.cid) + ".data")
+    damaged = bytearray(block.read_bytes())
+    damaged[10] ^= 0x01
+    block.write_bytes(bytes(damaged))
+    holders = [
+        int(str(p["pid"]))
+        for p in domain.processes()
+        if p["role"] == "agent" and p["node"] in (first.node, last.node)
+    ]
+    for pid in holders:
+        os.kill(pid, signal.SIGSTOP)
     try:
+        scrub = await asyncio.to_thread(
+            subprocess.run,
+            [*CLI, "scrub", "--node", middle.node, "--server", domain.hub_url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert scrub.returncode == 0, scrub.stderr
         await until(
-            f"{last.node} late",
-            lambda: "late" in text(browser, f'#nodes-body tr[data-node="{last.node}"]'),
+            f"the replica on {middle.node} damaged",
+            lambda: any(
+                state in text(browser, "#replicas-body") for state in ("damaged", "repairing")
+            ),
         )
         await until("the object degraded", lambda: "degraded" in text(browser, "#object-facts"))
-        assert "late" in text(browser, "#replicas-body")
         await until("degraded in the list", lambda: "degraded" in text(browser, "#objects-body"))
+        assert "1 damaged" in text(browser, "#object-facts")
         shoot(browser, tmp_path, "dashboard-object.png")
     finally:
-        os.kill(pid, signal.SIGCONT)
+        for pid in holders:
+            os.kill(pid, signal.SIGCONT)
 
     # Repair: the agent is back, its copy counts again.
     await until("the object placed again", lambda: "placed" in text(browser, "#object-facts"))
     await until("three pinned replicas", lambda: replicas_pinned(browser) == 3)
     await until("every node up", lambda: "late" not in text(browser, "#nodes-body"))
+    await until("the repair in the history", lambda: "repair" in text(browser, "#history-body"))

@@ -127,9 +127,10 @@ function renderObjects(page) {
 }
 
 function renderObject(doc) {
+  const damaged = doc.locations.filter((l) => l.state === "damaged" || l.state === "repairing").length;
   const facts = [
     ["cid", doc.cid], ["name", doc.name || "—"], ["state", badge(doc.state)],
-    ["copies", `${doc.pinned} pinned of ${doc.desired} desired`], ["policy", doc.policy || "—"],
+    ["copies", `${doc.pinned} pinned of ${doc.desired} desired` + (damaged ? `, ${damaged} damaged` : "")], ["policy", doc.policy || "—"],
     ["size", size(doc.size)], ["owner", doc.owner || "—"], ["updated", ago(doc.updated_at)],
   ];
   for (const [key, value] of Object.entries(doc.metadata || {})) facts.push([`meta: ${key}`, String(value)]);
@@ -142,7 +143,9 @@ function renderObject(doc) {
     dd.dataset.fact = key;
     list.append(el("dt", key), dd);
   }
-  fill("replicas-body", doc.locations.map((l) => row([l.node, l.volume, l.zone, badge(l.state)])), 4, "no replica");
+  fill("replicas-body", doc.locations.map((l) => row([
+    l.node, l.volume, l.zone, badge(l.state), l.verified_at ? ago(l.verified_at) : "",
+  ])), 5, "no replica");
   fill("conditions-body", doc.conditions.map((c) => {
     // Placed and Progressing are good news when true, Degraded when false.
     const good = c.type === "Degraded" ? !c.status : c.status || c.type === "Progressing";
