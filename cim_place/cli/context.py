@@ -62,10 +62,9 @@ class NodeEntry:
     credentials: str | None = None
     """Path of the node agent's credentials file (``CIM_PLACE_SERVER=<url with password>``)."""
 
-    @property
-    def dashboard(self) -> str:
-        """The node's web dashboard (``<http>/ui/``); "" without HTTP."""
-        return f"{self.http.rstrip('/')}/ui/" if self.http else ""
+    dashboard: str = ""
+    """The node's web dashboard (``<http>/ui/``, with the operator's ``?token=`` in a domain
+    with users); "" without HTTP."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +165,7 @@ class DomainContext:
                         str(n.get("http", "")),
                         str(n.get("s3", "")),
                         None if n.get("credentials") is None else str(n["credentials"]),
+                        dashboard=str(n.get("dashboard", "")),
                     )
                     for n in doc.get("nodes", [])
                 ),

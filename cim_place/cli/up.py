@@ -280,6 +280,7 @@ def _context_of(domain: LocalDomain) -> DomainContext:
                 domain.http_url(n.node),
                 domain.s3_url(n.node),
                 str(domain.credentials.path(agent_user(n.node))),
+                dashboard=domain.dashboard_url(n.node),
             )
             for n in domain.nodes
         ),

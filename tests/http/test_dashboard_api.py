@@ -76,7 +76,7 @@ async def test_nodes_summary_and_unknown_object(domain: Domain) -> None:
 
 
 async def test_secured_domain_answers_only_the_operator() -> None:
-    def no_domain() -> Any:
+    async def no_domain() -> Any:
         raise AssertionError("the access rule answers before the domain is read")
 
     app = web.Application()

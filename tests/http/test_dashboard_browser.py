@@ -24,6 +24,7 @@ import pytest
 from cim_place.cluster.exchange.fetch import wait_for_holder
 from cim_place.cluster.exchange.upload import upload
 from cim_place.cluster.nats.connection import connected
+from cim_place.local.credentials import ADMIN
 from cim_place.local.domain import LocalDomain
 from cim_place.objectstore.blockstore import block_name
 from cim_place.objectstore.cid import to_str
@@ -125,7 +126,7 @@ async def test_dashboard_shows_add_damage_and_repair(
 
     domain = local_domain
     first, last = domain.nodes[0], domain.nodes[-1]
-    async with connected(first.url) as nc:
+    async with connected(domain.credentials.url(ADMIN, first.url)) as nc:
         assert await wait_for_holder(nc, first.node, timeout=20)
         for index in range(27):  # more than a page of 25
             body = f"object {index}\n".encode()
@@ -137,8 +138,13 @@ async def test_dashboard_shows_add_damage_and_repair(
     cid = to_str(result.cid)
 
     # The middle node's dashboard: it keeps running while the other agents are paused below.
+    # The domain has users: the page is the operator's, opened with its token (context.json's
+    # dashboard URL), which the page trades for a cookie.
     dashboard = f"{domain.http_url(domain.nodes[1].node)}/ui/"
     browser.get(dashboard)
+    await until("a refusal without the token", lambda: "operator" in browser.page_source)
+    browser.get(domain.dashboard_url(domain.nodes[1].node))
+    assert browser.current_url == dashboard  # the token left the address bar
     await until("three nodes up", lambda: text(browser, "#nodes-body").count(" up ") >= 3)
     await until("28 objects", lambda: "1-25 of 28" in text(browser, "#page-info"))
     await until("28 placed", lambda: text(browser, '[data-card="placed"] .value') == "28")
@@ -184,7 +190,14 @@ async def test_dashboard_shows_add_damage_and_repair(
     try:
         scrub = await asyncio.to_thread(
             subprocess.run,
-            [*CLI, "scrub", "--node", middle.node, "--server", domain.hub_url],
+            [
+                *CLI,
+                "scrub",
+                "--node",
+                middle.node,
+                "--server",
+                domain.credentials.url(ADMIN, domain.hub_url),
+            ],
             capture_output=True,
             text=True,
             timeout=120,

@@ -33,7 +33,7 @@ HISTORY = 50
 """Task events shown for one object."""
 HISTORY_TTL = 5.0
 """Seconds one object's task history is reused: reading it scans the task events."""
-JetStreamOf = Callable[[], JetStreamContext]
+JetStreamOf = Callable[[], Awaitable[JetStreamContext]]
 
 
 class BadParameter(CimPlaceError):
@@ -101,7 +101,7 @@ class DashboardApi:
         async with self._listing_lock:
             now = time.monotonic()
             if self._listing is None or now - self._listing[0] > LISTING_TTL:
-                records = await overview.listing(self._js(), None)
+                records = await overview.listing(await self._js(), None)
                 records.sort(key=lambda status: status.cid)
                 self._listing = (time.monotonic(), records)
             return self._listing[1]
@@ -118,15 +118,21 @@ class DashboardApi:
         return web.json_response(doc, headers={"Cache-Control": "no-store"})
 
     async def summary(self, request: web.Request) -> web.Response:
-        return await self._answer(lambda: overview.summary(self._js()))
+        async def read() -> dict[str, Any]:
+            return await overview.summary(await self._js())
+
+        return await self._answer(read)
 
     async def nodes(self, request: web.Request) -> web.Response:
-        return await self._answer(lambda: overview.nodes(self._js()))
+        async def read() -> list[dict[str, Any]]:
+            return await overview.nodes(await self._js())
+
+        return await self._answer(read)
 
     async def tasks(self, request: web.Request) -> web.Response:
         async def read() -> dict[str, Any]:
             limit = _int_param(request, "limit", 20, 1, MAX_LIMIT)
-            doc = await overview.tasks(self._js(), limit)
+            doc = await overview.tasks(await self._js(), limit)
             try:
                 records = await self._records()
             except TransportError as exc:
@@ -179,7 +185,7 @@ class DashboardApi:
             ref = request.match_info["ref"]
             if len(ref) > MAX_QUERY or any(ord(ch) < 32 for ch in ref):
                 raise BadParameter("not a CID or a name")
-            js = self._js()
+            js = await self._js()
             status = await overview.object_status(js, ref)
             history, note = await overview.task_events(js, HISTORY, root=status.cid, completed=True)
             doc = status.to_dict()

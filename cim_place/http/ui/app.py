@@ -4,21 +4,25 @@ the JSON API under ``/ui/api/``, and the access rule of ``docs/SECURITY.md``.
 In a domain that authenticates its users the dashboard shows the whole domain, so it answers
 only the operator (user ``operator``: a bearer token of ``http.tokens`` or a client certificate
 whose common name is ``operator``): 401 for an anonymous client or an unknown token, 403 for
-anyone else. In an open domain it answers everyone, as the gateway does.
+anyone else. In an open domain it answers everyone, as the gateway does. A browser cannot send a
+bearer header from its address bar, so ``/ui/?token=T`` trades a valid token for an HttpOnly,
+SameSite=Strict cookie (path ``/ui/``) and redirects to ``/ui/``, off the address bar.
 """
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
 
 from cim_place.cluster.nats.security import OPERATOR
-from cim_place.http.sources import Identify, UnknownTokenError
+from cim_place.http.sources import Identify, UnknownTokenError, token_digest
 from cim_place.http.ui.api import DashboardApi, JetStreamOf, error
 
 PREFIX = "/ui"
+COOKIE = "cim_place_ui"
 _FILES = {
     "index.html": "text/html",
     "dashboard.css": "text/css",
@@ -40,11 +44,32 @@ def _static(name: str) -> bytes:
     return (resources.files("cim_place.http.ui") / "static" / name).read_bytes()
 
 
+def _token_user(identify: Identify, token: str) -> str | None:
+    digest = token_digest(token)
+    for known, user in identify.tokens.items():
+        if hmac.compare_digest(known, digest):
+            return user
+    raise UnknownTokenError("the dashboard token is not known to this node")
+
+
 def _guarded(handler: Handler, identify: Identify, secured: bool) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         if secured:
+            offered = request.query.get("token", "")
             try:
-                user = identify(request)
+                if offered and request.path == f"{PREFIX}/":
+                    if _token_user(identify, offered) != OPERATOR:
+                        return error(403, "that token is not the operator's")
+                    found = web.HTTPFound(f"{PREFIX}/")
+                    found.set_cookie(
+                        COOKIE, offered, path=f"{PREFIX}/", httponly=True, samesite="Strict"
+                    )
+                    return found
+                cookie = request.cookies.get(COOKIE, "")
+                if cookie and "Authorization" not in request.headers:
+                    user = _token_user(identify, cookie)
+                else:
+                    user = identify(request)
             except UnknownTokenError as exc:
                 return _unauthorized(str(exc))
             if user is None:
