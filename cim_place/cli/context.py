@@ -62,6 +62,10 @@ class NodeEntry:
     credentials: str | None = None
     """Path of the node agent's credentials file (``CIM_PLACE_SERVER=<url with password>``)."""
 
+    dashboard: str = ""
+    """The node's web dashboard (``<http>/ui/``, with the operator's ``?token=`` in a domain
+    with users); "" without HTTP."""
+
 
 @dataclass(frozen=True, slots=True)
 class ProcessEntry:
@@ -109,6 +113,15 @@ class DomainContext:
                 return entry.url
         return None
 
+    @property
+    def dashboard(self) -> str:
+        """The web dashboard of the first node that serves HTTP ("" when none does); every
+        node's gateway serves the same dashboard at ``<http>/ui/``."""
+        for entry in self.nodes:
+            if entry.http:
+                return entry.dashboard
+        return ""
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -124,10 +137,12 @@ class DomainContext:
                     "http": e.http,
                     "s3": e.s3,
                     **({"credentials": e.credentials} if e.credentials else {}),
+                    "dashboard": e.dashboard,
                 }
                 for e in self.nodes
             ],
             "credentials": dict(self.credentials),
+            "dashboard": self.dashboard,
             "pid": self.pid,
             "started_at": self.started_at,
             "controller": self.controller,
@@ -150,6 +165,7 @@ class DomainContext:
                         str(n.get("http", "")),
                         str(n.get("s3", "")),
                         None if n.get("credentials") is None else str(n["credentials"]),
+                        dashboard=str(n.get("dashboard", "")),
                     )
                     for n in doc.get("nodes", [])
                 ),

@@ -1,6 +1,7 @@
 """`cim-place status`, `nodes` and `tasks`: what the domain holds, who holds it, what is pending.
 
-Everything is read from the hub's materialised state, never by asking every node:
+What they show is read by :mod:`cim_place.cluster.state.overview` (shared with the dashboard),
+from the hub's materialised state, never by asking every node:
 
 - ``status``: the domain summary and single objects from KV ``cim-place-locations``
   (:class:`cim_place.cluster.state.locations.LocationStore`, one KV get per object), names resolved
@@ -18,7 +19,6 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
@@ -28,22 +28,22 @@ from nats.js import JetStreamContext
 
 from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, run_in_domain
 from cim_place.cli._output import EXIT_ERROR, EXIT_USAGE, handles_errors, print_json
-from cim_place.errors import CimPlaceError, TransportError
+from cim_place.cluster.state.overview import LATE_AFTER, STATES, node_state
+from cim_place.cluster.state.overview import listing as _listing
+from cim_place.cluster.state.overview import nodes as _nodes
+from cim_place.cluster.state.overview import object_status as _object_status
+from cim_place.cluster.state.overview import summary as _summary
+from cim_place.cluster.state.overview import tasks as _tasks
+from cim_place.errors import TransportError
 
 if TYPE_CHECKING:
-    from cim_place.cluster.state.nodes import NodeRecord
     from cim_place.placement.status import ObjectStatus
 
-LATE_AFTER = 15.0
-"""Seconds without a heartbeat after which a node shows as ``late`` (the controller's default
-``late_after``: 3 beats at the default 5 s); its record expires from the bucket after 30 s, and it
-is then no longer listed."""
+__all__ = ["LATE_AFTER", "make_console", "node_state", "register"]
+
 WATCH_INTERVAL = 1.0
-_DRAIN_PREFIX = "drain."
-"""Keys of KV ``cim-place-drain`` (``cim_place.cluster.controller.service.DRAIN_PREFIX``)."""
 _PIPE_WIDTH = 240
 _CLEAR = "\x1b[2J\x1b[H"  # clear the screen, cursor home
-_STATES = ("placed", "progressing", "degraded", "lost", "removed", "expired")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (schema: docs/STATUS.md).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print the bare minimum.")]
@@ -118,89 +118,7 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.0f}h ago"
 
 
-async def _draining(js: JetStreamContext) -> set[str]:
-    """Nodes the controller drains: the ``drain.<node>`` keys of KV ``cim-place-drain``.
-
-    Read here rather than through ``cim_place.cluster.controller.service.draining_nodes``:
-    importing the
-    controller (scheduler, metrics, reconciler) cost about 0.2 s of every ``cim-place status``.
-    """
-    from cim_place.cluster.nats import kv
-
-    try:
-        bucket = await js.key_value(kv.DRAIN)
-        keys = await bucket.keys()
-    except Exception:
-        return set()  # no bucket, no keys, or unreadable: the drain list is only an annotation
-    return {key[len(_DRAIN_PREFIX) :] for key in keys if key.startswith(_DRAIN_PREFIX)}
-
-
-def node_state(record: NodeRecord, now: float, draining: set[str]) -> str:
-    """``draining``, ``up`` (heartbeat within LATE_AFTER) or ``late``."""
-    if record.node in draining:
-        return "draining"
-    return "up" if now - record.heartbeat_at <= LATE_AFTER else "late"
-
-
 # -- status ---------------------------------------------------------------------------------------
-
-
-async def _object_status(js: JetStreamContext, ref: str) -> ObjectStatus:
-    from cim_place.cluster.state.locations import LocationStore
-    from cim_place.cluster.state.names import NameRegistry
-    from cim_place.objectstore import cid as cids
-
-    try:
-        cid_text = cids.to_str(cids.parse(ref.strip()))
-        named = False
-    except CimPlaceError:
-        cid_text = cids.to_str(await NameRegistry(js).resolve(ref))
-        named = True
-    store = await LocationStore(js).open(create=False)
-    status = await store.get(cid_text)
-    if status is None:
-        what = f"{ref} ({cid_text})" if named else cid_text
-        raise CimPlaceError(
-            f"unknown object {what}: the domain tracks no status for it; add it with "
-            "`cim-place add --server LEAF FILE` (a new object appears once the controller "
-            "has seen its ObjectStored event)"
-        )
-    return status
-
-
-async def _summary(js: JetStreamContext) -> dict[str, Any]:
-    from cim_place.cluster.state.locations import LocationStore
-
-    states = [node["state"] for node in await _nodes(js)]
-    summary = None
-    note = ""
-    try:
-        summary = await (await LocationStore(js).open(create=False)).summary()
-        if summary is None:
-            note = "no summary yet: the controller writes one after its first pass"
-    except TransportError as error:
-        note = str(error)
-    by_state = dict.fromkeys(_STATES, 0)
-    if summary is not None:
-        by_state.update(summary.by_state)
-    return {
-        "objects": summary.objects if summary else 0,
-        "by_state": by_state,
-        "under_replicated": summary.under_replicated if summary else 0,
-        "damaged_replicas": summary.damaged_replicas if summary else 0,
-        "lost": summary.lost if summary else 0,
-        "bytes": summary.total_bytes if summary else 0,
-        "rejected_events": summary.rejected_events if summary else 0,
-        "nodes": {
-            "up": states.count("up"),
-            "late": states.count("late"),
-            "down": summary.nodes_down if summary else 0,
-            "draining": states.count("draining"),
-        },
-        "updated_at": summary.updated_at if summary else None,
-        "warnings": list(summary.warnings) if summary else [],
-        "note": note or None,
-    }
 
 
 def _show_summary(doc: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
@@ -299,13 +217,6 @@ def _print_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
         console.print(conditions)
 
 
-async def _listing(js: JetStreamContext, state: str | None) -> list[ObjectStatus]:
-    from cim_place.cluster.state.locations import LocationStore
-
-    store = await LocationStore(js).open(create=False)
-    return [status async for status in store.list(state=state)]
-
-
 def _show_listing(statuses: list[ObjectStatus], *, as_json: bool, quiet: bool) -> None:
     if as_json:
         print_json([s.to_dict() for s in statuses])
@@ -337,7 +248,7 @@ def status_command(
     filter_state: Annotated[
         str | None,
         typer.Option(
-            "--filter", "-f", help="List the objects in this state: " + " | ".join(_STATES) + "."
+            "--filter", "-f", help="List the objects in this state: " + " | ".join(STATES) + "."
         ),
     ] = None,
     as_json: JsonOption = False,
@@ -347,9 +258,9 @@ def status_command(
     domain: DomainOption = None,
 ) -> None:
     """Where objects live and whether they are healthy (from the materialised locations)."""
-    if filter_state is not None and filter_state not in _STATES:
+    if filter_state is not None and filter_state not in STATES:
         typer.echo(
-            f"error: --filter {filter_state!r} is not a state; use one of {', '.join(_STATES)}",
+            f"error: --filter {filter_state!r} is not a state; use one of {', '.join(STATES)}",
             err=True,
         )
         raise typer.Exit(EXIT_USAGE)
@@ -366,33 +277,6 @@ def status_command(
 
 
 # -- nodes ----------------------------------------------------------------------------------------
-
-
-async def _nodes(js: JetStreamContext) -> list[dict[str, Any]]:
-    from cim_place.cluster.state.nodes import list_nodes
-
-    records = await list_nodes(js)
-    draining = await _draining(js)
-    now = time.time()
-    return [
-        {
-            "node": r.node,
-            "state": node_state(r, now, draining),
-            "labels": dict(r.labels),
-            "tags": list(r.tags),
-            "volumes": [
-                {"name": v.name, "capacity": v.capacity, "used": v.used, "free": v.free}
-                for v in r.volumes
-            ],
-            "used": sum(v.used for v in r.volumes),
-            "free": sum(v.free for v in r.volumes),
-            "version": r.version,
-            "started_at": r.started_at,
-            "heartbeat_at": r.heartbeat_at,
-            "heartbeat_age": round(max(0.0, now - r.heartbeat_at), 3),
-        }
-        for r in records
-    ]
 
 
 async def _nodes_and_warnings(js: JetStreamContext) -> tuple[list[dict[str, Any]], list[str]]:
@@ -471,93 +355,6 @@ def nodes_command(
 
 
 # -- tasks ----------------------------------------------------------------------------------------
-
-
-async def _queue(js: JetStreamContext) -> tuple[dict[str, dict[str, int]], str | None]:
-    """Per node: queued (waiting) and running (delivered, not yet acked) tasks."""
-    import nats.errors
-    import nats.js.errors
-
-    from cim_place.cluster.nats.subjects import TASKS_STREAM, Subjects
-
-    subjects = Subjects()
-    try:
-        info = await js.stream_info(TASKS_STREAM, subjects_filter=subjects.all_tasks)
-        consumers = await js.consumers_info(TASKS_STREAM)
-    except nats.js.errors.NotFoundError:
-        return {}, f"stream {TASKS_STREAM} does not exist yet: no task was ever queued"
-    except nats.errors.Error as error:
-        raise TransportError(f"cannot read stream {TASKS_STREAM}: {error}") from error
-    per_node: dict[str, dict[str, int]] = {}
-    prefix = subjects.task("x")[:-1]
-    for subject, count in (info.state.subjects or {}).items():
-        node = subject[len(prefix) :] if subject.startswith(prefix) else subject
-        per_node.setdefault(node, {"queued": 0, "running": 0})["queued"] += int(count)
-    for consumer in consumers:
-        name = consumer.name or ""
-        if not name.startswith("tasks-"):
-            continue
-        node = name[len("tasks-") :]
-        running = int(consumer.num_ack_pending or 0)
-        entry = per_node.setdefault(node, {"queued": 0, "running": 0})
-        entry["running"] = running
-        # A work queue keeps a task until it is acked: the running ones are in the count too.
-        entry["queued"] = max(0, entry["queued"] - running)
-    return dict(sorted(per_node.items())), None
-
-
-async def _failed(js: JetStreamContext, limit: int) -> tuple[list[dict[str, Any]], str | None]:
-    """The last ``limit`` TaskFailed events, oldest first."""
-    from cim_place.cluster.events.readers import EventReader
-    from cim_place.cluster.events.types import TaskFailed
-    from cim_place.cluster.nats.subjects import Subjects
-    from cim_place.cluster.tasks.queue import TASK_FAILED
-    from cim_place.objectstore import cid as cids
-
-    reader = EventReader(js, filter_subject=f"{Subjects().prefix}.evt.*.{TASK_FAILED}")
-    recent: deque[dict[str, Any]] = deque(maxlen=limit)
-    try:
-        remaining = await reader.pending()
-        while remaining > 0:
-            batch = await reader.fetch(timeout=1.0)
-            if not batch:
-                break
-            remaining -= len(batch)
-            for envelope in batch:
-                try:
-                    failed = TaskFailed.from_body(envelope.content.body)
-                except CimPlaceError:
-                    continue
-                recent.append(
-                    {
-                        "task_id": failed.task_id,
-                        "action": failed.action,
-                        "node": failed.node,
-                        "root": cids.to_str(failed.root) if failed.root is not None else None,
-                        "volume": failed.volume,
-                        "attempts": failed.attempts,
-                        "permanent": failed.permanent,
-                        "reason": failed.reason,
-                        "sequence": envelope.sequence,
-                    }
-                )
-    except TransportError as error:
-        return [], f"failed tasks unknown: {error}"
-    finally:
-        await reader.close()
-    return list(recent), None
-
-
-async def _tasks(js: JetStreamContext, limit: int) -> dict[str, Any]:
-    queue, queue_note = await _queue(js)
-    failed, failed_note = await _failed(js, limit)
-    return {
-        "queued": sum(n["queued"] for n in queue.values()),
-        "running": sum(n["running"] for n in queue.values()),
-        "nodes": queue,
-        "failed": failed,
-        "notes": [n for n in (queue_note, failed_note) if n],
-    }
 
 
 def _show_tasks(doc: dict[str, Any], *, as_json: bool, quiet: bool) -> None:

@@ -280,6 +280,7 @@ def _context_of(domain: LocalDomain) -> DomainContext:
                 domain.http_url(n.node),
                 domain.s3_url(n.node),
                 str(domain.credentials.path(agent_user(n.node))),
+                dashboard=domain.dashboard_url(n.node),
             )
             for n in domain.nodes
         ),
@@ -401,6 +402,8 @@ def _print_summary(context: DomainContext, directory: Path, *, detached: bool) -
     console.print(table)
     for note in context.notes:
         console.print(f"note: {note}", markup=False)
+    if context.dashboard:
+        console.print(f"dashboard: {context.dashboard}", markup=False)
     how = "`cim-place down`" if detached else "Ctrl-C or `cim-place down`"
     console.print(
         f"ready (pid {context.pid}); commands run here find it through "

@@ -1,4 +1,5 @@
-"""A node's gateway, wired to the domain: the agent hands over its parts, this builds the rest.
+"""A node's gateway and dashboard, wired to the domain: the agent hands over its parts, this
+builds the rest.
 
 Composes :class:`~cim_place.http.gateway.Gateway` with the domain-wide content source (who-has
 and the verified fetch of ``cluster.exchange``, into this node's emptiest volume), the names of
@@ -13,15 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
+from aiohttp import web
 
 from cim_place.cluster.exchange.fetch import Holder, Labels, fetch_dag
 from cim_place.cluster.exchange.holders import find_holders
-from cim_place.cluster.nats.connection import jetstream
+from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.security import may_read
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.locations import LocationStore
@@ -32,6 +34,7 @@ from cim_place.http.gateway import Gateway, ReadObserver
 from cim_place.http.gateway_request import BadRequest
 from cim_place.http.server import HttpServers, HttpSettings, Listener
 from cim_place.http.sources import Access, Identify, OpenAccess
+from cim_place.http.ui import add_dashboard
 from cim_place.interfaces import BlockSource, Pin
 from cim_place.objectstore.cid import Cid, to_str
 from cim_place.objectstore.store import ObjectStore
@@ -168,6 +171,36 @@ def gateway_for(parts: NodeParts, settings: HttpSettings) -> Gateway:
     )
 
 
+def dashboard_reader(
+    parts: NodeParts, settings: HttpSettings, app: web.Application
+) -> Callable[[], Awaitable[Any]]:
+    """How the dashboard reaches the hub: the agent's connection, or (``dashboard_server``) a
+    connection of its own as the read-only operator, which may read what an agent may not
+    (the locations, the task stream), opened on first use and closed with the listener."""
+    if settings.dashboard_server is None:
+
+        async def agents() -> Any:
+            return jetstream(parts.nc, parts.hub_domain)
+
+        return agents
+    server = settings.dashboard_server
+    opened: list[Any] = []
+    lock = asyncio.Lock()
+
+    async def operators() -> Any:
+        async with lock:
+            if not opened:
+                opened.append(await connect([server], name=f"cim-place-dashboard-{parts.node}"))
+        return jetstream(opened[0], parts.hub_domain)
+
+    async def close(_: web.Application) -> None:
+        for nc in opened:
+            await nc.close()
+
+    app.on_cleanup.append(close)
+    return operators
+
+
 async def start_node_http(
     parts: NodeParts, settings: HttpSettings | None, extra: Sequence[Listener] = ()
 ) -> HttpServers:
@@ -176,7 +209,15 @@ async def start_node_http(
     listeners = list(extra)
     if settings is not None:
         gateway = gateway_for(parts, settings)
-        listeners.insert(0, Listener("gateway", gateway.app(), settings.listen, settings.tls))
+        app = gateway.app()
+        # The dashboard shares the gateway's listener (and its TLS and tokens).
+        add_dashboard(
+            app,
+            dashboard_reader(parts, settings, app),
+            identify=Identify(settings.tokens),
+            secured=parts.secured,
+        )
+        listeners.insert(0, Listener("gateway", app, settings.listen, settings.tls))
     servers = HttpServers(listeners)
     await servers.start()
     return servers

@@ -36,6 +36,9 @@ class HttpSettings:
     tls: TlsFiles | None = None
     tokens: Mapping[str, str] = field(default_factory=dict)
     """Bearer tokens: the SHA-256 (hex) of each token -> the user it stands for."""
+    dashboard_server: str | None = None
+    """NATS URL (with the read-only operator's credentials) the dashboard reads the domain
+    through; None: the agent's own connection (enough in an open domain)."""
 
 
 def parse_listen(text: str, *, what: str = "http.listen") -> tuple[str, int]:

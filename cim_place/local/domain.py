@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -42,7 +44,13 @@ from nats.aio.client import Client
 
 from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.nats.connection import connect, jetstream
-from cim_place.cluster.nats.security import ACCOUNT, CONTROLLER, agent_user, render_accounts
+from cim_place.cluster.nats.security import (
+    ACCOUNT,
+    CONTROLLER,
+    OPERATOR,
+    agent_user,
+    render_accounts,
+)
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
 from cim_place.cluster.state.leader import read_leader
 from cim_place.cluster.state.nodes import list_nodes
@@ -209,6 +217,8 @@ class LocalDomain:
         self.started_at = 0.0
         # Every process runs as its own NATS user (docs/SECURITY.md); new passwords each start.
         self.credentials: LocalCredentials = plan_local(self.directory, self.node_ids())
+        self.dashboard_token = secrets.token_urlsafe(24)
+        """The operator's token for the nodes' dashboards (new on every start)."""
         self._nc: Client | None = None
         # Every server process started, in order, so stop() reaches those still being waited on
         # in a thread when a start is cancelled (Ctrl-C): stopping them ends those waits at once.
@@ -501,6 +511,12 @@ class LocalDomain:
         """Base URL of ``node``'s S3 API ("" when it has none)."""
         return self._s3_urls.get(node, "")
 
+    def dashboard_url(self, node: str) -> str:
+        """``node``'s dashboard with the operator's token ("" when it has no gateway); the page
+        trades the token for a cookie and drops it from the address bar."""
+        base = self.http_url(node)
+        return f"{base}/ui/?token={self.dashboard_token}" if base else ""
+
     def http_url(self, node: str) -> str:
         """Base URL of ``node``'s gateway ("" when it has none)."""
         return self._http_urls.get(node, "")
@@ -520,7 +536,18 @@ class LocalDomain:
                 "heartbeat": max(1, round(self.heartbeat)),
             }
             listen = self._gateway_listen(index, node.node, ports)
-            document["http"] = {"listen": listen if listen is not None else OFF}
+            http: dict[str, object] = {"listen": listen if listen is not None else OFF}
+            if listen is not None:
+                # The dashboard answers only the operator once users exist: this token, named
+                # (with it) in context.json's dashboard URL.
+                digest = hashlib.sha256(self.dashboard_token.encode()).hexdigest()
+                http["tokens"] = {digest: OPERATOR}
+                # The dashboard reads the locations, the task stream and the task events as the
+                # CLI's user here does (an agent's own user may not; the read-only operator may
+                # not open a reader on the events); the dashboard code only reads.
+                assert self.hub is not None
+                http["dashboard_server"] = self.credentials.url(ADMIN, self.hub.url)
+            document["http"] = http
             s3 = self._s3_listen(node.node, ports)
             document["s3"] = {"listen": s3 if s3 is not None else OFF}
             if self.scrub:

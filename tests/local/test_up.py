@@ -148,6 +148,22 @@ def test_up_status_down_and_resume(workdir: Path) -> None:
     assert all(url.startswith("http://127.0.0.1:") for url in gateways.values())
     with urllib.request.urlopen(f"{gateways['leaf-3']}/ipfs/{other_cid}", timeout=60) as resp:
         assert resp.read() == b"stored on leaf-2"
+    # The dashboard: named in the summary and in context.json, served by every gateway.
+    doc = json.loads((state / "context.json").read_text())
+    assert doc["dashboard"].startswith(f"{gateways['leaf-1']}/ui/?token=")
+    assert f"dashboard: {doc['dashboard']}" in out
+    token = doc["dashboard"].split("?token=")[1]
+    assert [n["dashboard"] for n in doc["nodes"]] == [
+        f"{url}/ui/?token={token}" for url in gateways.values()
+    ]
+    # The domain has users: the operator's token opens the API, nothing else does.
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(f"{gateways['leaf-2']}/ui/api/nodes", timeout=30)
+    asked = urllib.request.Request(
+        f"{gateways['leaf-2']}/ui/api/nodes", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(asked, timeout=30) as resp:
+        assert len(json.loads(resp.read())) == 3
 
     assert "stopped" in ok("down", "--dir", str(state), cwd=workdir)
     wait_gone([first.pid])

@@ -5,6 +5,7 @@
       tls: {cert: /etc/cim-place/tls/http.pem, key: /etc/cim-place/tls/http-key.pem,
             client_ca: /etc/cim-place/tls/clients-ca.pem}   # client_ca: optional, mTLS
       tokens: {<sha256 hex of a token>: alice}              # bearer tokens, stored hashed
+      dashboard_server: nats://operator:PW@hub:4222         # the dashboard reads as this user
 
 Checked like the rest of the file: every problem is reported with its position.
 """
@@ -52,7 +53,7 @@ def check_http(value: object, checker: ConfigChecker, root: YamlPath) -> HttpSet
     at: YamlPath = (*root, "http")
     if value is None or value is False or value == OFF:
         return None
-    section = checker.section(value, at, {"listen", "tls", "tokens"})
+    section = checker.section(value, at, {"listen", "tls", "tokens", "dashboard_server"})
     raw = section.get("listen", OFF)
     # YAML 1.1 reads a bare `off` as false.
     if raw is False or raw is None or raw == OFF:
@@ -83,9 +84,14 @@ def check_http(value: object, checker: ConfigChecker, root: YamlPath) -> HttpSet
                     )
                 elif name := checker.text(user, (*at, "tokens", digest), "a token's user"):
                     tokens[digest] = name
+    dashboard_server = None
+    if "dashboard_server" in section:
+        dashboard_server = checker.text(
+            section["dashboard_server"], (*at, "dashboard_server"), "a NATS URL"
+        )
     if listen is None:
         return None
-    return HttpSettings(listen=listen, tls=tls, tokens=tokens)
+    return HttpSettings(listen=listen, tls=tls, tokens=tokens, dashboard_server=dashboard_server)
 
 
 def _check_tls(value: object, checker: ConfigChecker, at: YamlPath) -> TlsFiles | None:
