@@ -22,6 +22,7 @@ from cim_place.cluster.exchange.upload import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
 from cim_place.cluster.state.locations import LocationStore
+from cim_place.local.credentials import ADMIN
 from cim_place.local.domain import LocalDomain
 from cim_place.objectstore.testdata import chacha_stream
 from cim_place.placement.status import ObjectStatus
@@ -59,7 +60,7 @@ async def test_forty_mixed_objects_placed_one_copy_per_zone_five_rounds(tmp_path
             "leaf-4": "zone-1",
             "leaf-5": "zone-2",
         }
-        async with connected(domain.hub_url) as nc:
+        async with connected(domain.credentials.url(ADMIN, domain.hub_url)) as nc:
             js = jetstream(nc, HUB_DOMAIN)
             locations = await LocationStore(js).open(create=True)
             for round_ in range(ROUNDS):
