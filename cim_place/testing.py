@@ -13,7 +13,9 @@ Fixtures (function scoped unless noted):
 - ``nats_client``: the ``connected`` helper: ``async with nats_client(url) as nc``. Test code can
   also import ``connected`` from here.
 
-Helper: ``secured_server(directory, users, name)`` starts one hub server (domain ``hub``) whose
+Helpers: ``until(check, what, timeout=60)`` waits for a condition under a generous wall-clock
+limit (a guard against hangs on a loaded machine, never a speed check);
+``secured_server(directory, users, name)`` starts one hub server (domain ``hub``) whose
 accounts are the given generated users (``cim_place.cluster.nats.security``); ``.url(user)`` gives a
 client URL with that user's credentials.
 
@@ -23,8 +25,9 @@ lists the nats-server processes still running under this process (the no-leak ch
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +54,20 @@ __all__ = [
     "connected",
     "nats_server_children",
     "secured_server",
+    "until",
 ]
+
+
+async def until(
+    check: Callable[[], bool], what: str = "the condition", timeout: float = 60.0
+) -> None:
+    """Wait until ``check()`` holds; fail naming ``what`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 class LeafFactory(Protocol):

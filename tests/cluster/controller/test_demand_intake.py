@@ -3,15 +3,13 @@ nats-server: one report per interval, never per read; reports are validated befo
 
 from __future__ import annotations
 
-import asyncio
-
 from cim_place.cluster.agent.demand import DemandReporter
 from cim_place.cluster.controller.demand import DemandIntake
 from cim_place.cluster.nats.envelope import Content, Envelope
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.local.servers import NatsServer
 from cim_place.placement.demand_window import DemandReport, DemandWindow, ReadCount
-from cim_place.testing import ClientFactory
+from cim_place.testing import ClientFactory, until
 
 CID = b"\x01\x55\x12\x20" + bytes(32)
 
@@ -24,14 +22,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-async def until(condition: object, what: str) -> None:
-    for _ in range(500):
-        if callable(condition) and condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_reads_become_one_report_in_the_controller_window(
