@@ -290,3 +290,32 @@ async def test_a_new_leaf_receives_what_the_planner_says_copy_then_drop(
     assert all(count >= 3 for count in lowest.values()), lowest  # copy first, then drop
     for cid in objects:
         await wait_status(domain.hub, cid, "placed", 3)
+
+
+async def test_an_expired_object_is_expired_never_lost_and_leaves_the_listing(
+    domain: Domain,
+) -> None:
+    await apply_policy(domain.hub, policy_text(2) + "expire_after: 4s\n")
+    cid = await add(domain, "n1", "short-lived")
+    seen: set[str] = set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 120
+    while loop.time() < deadline:
+        status = await status_of(domain.hub, cid)
+        if status is None and seen:
+            break
+        if status is not None:
+            seen.add(status.state)
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"the expired object is still listed (states seen: {seen})")
+    # "expired" may last less than one poll (the drops are quick); it is never "lost".
+    assert "lost" not in seen
+    await until(lambda: not domain.holders(cid), timeout=30)
+    async with connected(domain.hub.url) as nc:
+        store = await LocationStore(jetstream(nc, "hub")).open(create=False)
+        assert cids.to_str(cid) not in {s.cid async for s in store.list()}
+    controller = domain.controllers[0]
+    await until(lambda: controller.projection.object(cid) is None, timeout=10)
+    summary = controller.summary()
+    assert summary.by_state.get("lost") == 0 and summary.under_replicated == 0
