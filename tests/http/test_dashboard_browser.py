@@ -97,9 +97,39 @@ async def until(what: str, check: Callable[[], bool], timeout: float = 120.0) ->
 
 
 def text(driver: Any, css: str) -> str:
+    """The text of every element matching ``css``, read in one script: the page redraws every
+    2 s, so elements found first and read after may be gone (stale) by the time they are read.
+    Table cells are separated by spaces, as a person reads them (innerText puts tabs)."""
+    return str(
+        driver.execute_script(
+            "return Array.from(document.querySelectorAll(arguments[0]))"
+            ".map(e => e.innerText.replace(/\\t/g, ' ')).join('\\n')",
+            css,
+        )
+    )
+
+
+def row_cids(driver: Any) -> list[str]:
+    return list(
+        driver.execute_script(
+            "return Array.from(document.querySelectorAll('#objects-body tr'))"
+            ".map(r => r.getAttribute('data-cid'))"
+        )
+    )
+
+
+def click(driver: Any, css: str) -> None:
+    """Click the element ``css``, again if a redraw replaced it between finding and clicking."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    return "\n".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, css))
+    for _ in range(20):
+        try:
+            driver.find_element(By.CSS_SELECTOR, css).click()
+            return
+        except StaleElementReferenceException:
+            time.sleep(0.1)
+    raise AssertionError(f"{css} kept being redrawn before it could be clicked")
 
 
 def replicas_pinned(driver: Any) -> int:
@@ -149,7 +179,7 @@ async def test_dashboard_shows_add_damage_and_repair(
     await until("28 objects", lambda: "1-25 of 28" in text(browser, "#page-info"))
     await until("28 placed", lambda: text(browser, '[data-card="placed"] .value') == "28")
     shoot(browser, tmp_path, "dashboard.png")
-    browser.find_element(By.ID, "next").click()
+    click(browser, "#next")
     await until("the second page", lambda: "26-28 of 28" in text(browser, "#page-info"))
 
     # Search by name glob: only the object, placed, its name shown as text.
@@ -162,11 +192,10 @@ async def test_dashboard_shows_add_damage_and_repair(
             and "1-1 of 1" in text(browser, "#page-info")
         ),
     )
-    rows = browser.find_elements(By.CSS_SELECTOR, "#objects-body tr")
-    assert [row.get_attribute("data-cid") for row in rows] == [cid]
-    assert HOSTILE in rows[0].text
+    assert row_cids(browser) == [cid]
+    assert HOSTILE in text(browser, "#objects-body tr")
     assert not browser.find_elements(By.CSS_SELECTOR, "#objects-body img, #object b")
-    rows[0].click()
+    click(browser, f'#objects-body tr[data-cid="{cid}"]')
     await until("three pinned replicas", lambda: replicas_pinned(browser) == 3)
     await until("fetch tasks in the history", lambda: "fetch" in text(browser, "#history-body"))
     assert cid in text(browser, "#object-facts")
