@@ -261,6 +261,16 @@ class Shell:
     def _env(self) -> dict[str, str]:
         return {**self.env, **self.variables}
 
+    def _bash(self, script: str) -> dict[str, Any]:
+        """How a command runs: bash in the section's directory, stderr into stdout."""
+        return {
+            "args": ["bash", "-c", script],
+            "cwd": self.cwd,
+            "env": self._env(),
+            "stdout": subprocess.PIPE,
+            "stderr": subprocess.STDOUT,
+        }
+
     def run(self, command: Command) -> None:
         where = f"README.md:{command.line}: {command.code}"
         script = f"set -o pipefail\n{command.code}\n"
@@ -271,15 +281,7 @@ class Shell:
         if command.watch:
             code, output = self._watch(script, where)
         else:
-            done = subprocess.run(
-                ["bash", "-c", script],
-                cwd=self.cwd,
-                env=self._env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                timeout=COMMAND_GUARD,
-                check=False,
-            )
+            done = subprocess.run(**self._bash(script), timeout=COMMAND_GUARD, check=False)
             code, output = done.returncode, done.stdout.decode(errors="replace")
         self.log.append(
             f"$ {command.code}   [exit {code}, {time.monotonic() - started:.1f} s]\n{output}"
@@ -292,14 +294,8 @@ class Shell:
 
     def _watch(self, script: str, where: str) -> tuple[int, str]:
         """Run until the first refresh has printed, give it another, then Ctrl-C."""
-        process = subprocess.Popen(
-            ["bash", "-c", script],
-            cwd=self.cwd,
-            env=self._env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, as a terminal's foreground job
-        )
+        # Its own process group, as a terminal's foreground job.
+        process = subprocess.Popen(**self._bash(script), start_new_session=True)
         chunks: list[bytes] = []
         first = threading.Event()
 
