@@ -14,7 +14,8 @@ The convention (also stated at the top of README.md's source):
 - A command with ``--watch`` runs as written until it has printed its first refresh and had time
   for another, then gets Ctrl-C (SIGINT to its process group), as a person would stop it; it
   must exit 0. The test then waits for what the README says the watch shows (:data:`WAITS`, in
-  README order), polling the same view with ``--json``, with a generous hang guard.
+  README order), polling the same view with ``--json``, with a generous hang guard. A command
+  that shows something "seconds later" has a WAITS entry too (the blocks freed after ``rm``).
 - What cannot run inside a test is listed in :data:`NOT_RUN` with the reason and where it is
   covered; the test fails if an entry is no longer in the README, or if a command is neither run
   nor listed.
@@ -70,11 +71,7 @@ REQUIRES = {"promtool": "Debian's prometheus package (scripts/install-test-deps.
 they cannot be (tests/local/test_alerts.py skips the same way)."""
 
 
-# -- what the README's `--watch` commands are said to show -------------------------------------
-
-
-JsonRunner = Callable[..., Any]
-"""run_json("status", "docs/report.pdf"): the command's --json output, or None on failure."""
+# -- what the README says a command shows after a while -------------------------------------
 
 
 def _pinned(doc: Any) -> dict[str, str]:
@@ -97,36 +94,54 @@ def _settled(doc: Any) -> bool:
     return len(pinned) == 3 and len(set(pinned.values())) == 3 and not others
 
 
-def _placed(run_json: JsonRunner) -> bool:
-    return _settled(run_json("status", "docs/report.pdf"))
+def _placed(shell: Shell) -> bool:
+    return _settled(shell.run_json("status", "docs/report.pdf"))
 
 
-def _moved_to_the_consumer(run_json: JsonRunner) -> bool:
-    doc = run_json("status", "docs/report.pdf")
+def _moved_to_the_consumer(shell: Shell) -> bool:
+    doc = shell.run_json("status", "docs/report.pdf")
     return _settled(doc) and doc["policy"] == "documents" and "leaf-5" in _pinned(doc)
 
 
-def _leaf1_gone(run_json: JsonRunner) -> bool:
-    nodes = run_json("nodes")
+def _leaf1_gone(shell: Shell) -> bool:
+    nodes = shell.run_json("nodes")
     if not isinstance(nodes, list):
         return False
     states = {str(n["node"]): n.get("state") for n in nodes}
     return bool(states.get("leaf-1", "down") == "down")
 
 
-def _repaired(run_json: JsonRunner) -> bool:
-    doc = run_json("status", "docs/report.pdf")
+def _repaired(shell: Shell) -> bool:
+    doc = shell.run_json("status", "docs/report.pdf")
     if not _settled(doc):
         return False
     lost = {loc["node"] for loc in doc["locations"] if loc.get("state") == "lost"}
     return "leaf-4" in _pinned(doc) and "leaf-1" not in _pinned(doc) and lost == {"leaf-1"}
 
 
+def _blocks_freed(shell: Shell) -> bool:
+    """No block file left on any volume (report.pdf was the only object added)."""
+    volumes = list(shell.cwd.glob(".cim-place/nodes/*/v0/blocks"))
+    held = [
+        path
+        for volume in volumes
+        for path in volume.rglob("*")
+        if path.is_file() and not path.relative_to(volume).parts[0].startswith(".")
+    ]
+    return bool(volumes) and not held
+
+
 @dataclass(frozen=True)
 class Wait:
+    """After ``command`` (whose comment starts with ``comment``): wait until ``until``."""
+
     command: str
     what: str
-    until: Callable[[JsonRunner], bool]
+    until: Callable[[Shell], bool]
+    comment: str = ""
+
+    def matches(self, step: Command) -> bool:
+        return step.code == self.command and step.comment.startswith(self.comment)
 
 
 WAITS = [
@@ -142,7 +157,14 @@ WAITS = [
         "repaired on leaf-4, the leaf-1 copy lost",
         _repaired,
     ),
+    Wait(
+        "du -sb .cim-place/nodes/*/v0",
+        "the removed object's blocks freed on every node",
+        _blocks_freed,
+        comment="seconds later",
+    ),
 ]
+"""In README order; every `--watch` command has one."""
 
 
 # -- reading the README -------------------------------------------------------------------------
@@ -339,7 +361,7 @@ class Shell:
     def wait(self, wait: Wait) -> None:
         started = time.monotonic()
         deadline = started + WAIT_GUARD
-        while not wait.until(self.run_json):
+        while not wait.until(self):
             if time.monotonic() > deadline:
                 status = self.run_json("status", "docs/report.pdf")
                 raise AssertionError(
@@ -395,7 +417,8 @@ def test_the_convention_reads_the_readme() -> None:
     removed = [c for c in commands if c.code == "cim-place status $CID"]
     assert [c.expect for c in removed] == [1]
     watches = [c.code for c in commands if c.watch]
-    assert watches == [w.command for w in WAITS], "each --watch in README.md needs its WAITS entry"
+    waited = [w.command for w in WAITS if "--watch" in w.command]
+    assert watches == waited, "each --watch in README.md needs its WAITS entry"
     files = [s.name for section in sections for s in section.steps if isinstance(s, FileBlock)]
     assert files == ["shop.yaml"]
     for name in ("rm", "down", "promtool"):
@@ -406,7 +429,7 @@ def test_the_convention_reads_the_readme() -> None:
 def test_every_readme_command_runs(tmp_path: Path) -> None:
     assert shutil.which("cim-place", path=str(BIN)), f"no cim-place in {BIN}"
     env = _environment()
-    waits = iter(WAITS)
+    pending = list(WAITS)
     shells: list[Shell] = []
     try:
         for number, section in enumerate(read_readme(README.read_text())):
@@ -427,11 +450,11 @@ def test_every_readme_command_runs(tmp_path: Path) -> None:
                     warnings.warn(missing, stacklevel=1)
                 else:
                     shell.run(step)
-                    if step.watch:
-                        wait = next(waits)
-                        assert wait.command == step.code, f"README.md:{step.line}: WAITS order"
-                        shell.wait(wait)
-        assert next(waits, None) is None, "a WAITS entry matched no --watch command"
+                    if pending and pending[0].matches(step):
+                        shell.wait(pending.pop(0))
+                    else:
+                        assert not step.watch, f"README.md:{step.line}: no WAITS entry for it"
+        assert not pending, f"WAITS entries matched no command: {[w.command for w in pending]}"
     finally:
         for shell in shells:
             shell.stop_domain()
