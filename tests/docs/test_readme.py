@@ -45,7 +45,6 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.nats, pytest.mark.timeout(1200)]
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -426,6 +425,8 @@ def test_the_convention_reads_the_readme() -> None:
     assert any("/ui/" in t for t in texts), "the README lost its dashboard"
 
 
+@pytest.mark.nats  # `cim-place up` starts nats-server processes
+@pytest.mark.timeout(1200)
 def test_every_readme_command_runs(tmp_path: Path) -> None:
     assert shutil.which("cim-place", path=str(BIN)), f"no cim-place in {BIN}"
     env = _environment()
