@@ -20,7 +20,7 @@ import fcntl
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -100,8 +100,10 @@ class ObjectStore:
     ) -> list[Pin]:
         """Import a CAR v1 file, all or nothing, and pin each of its roots.
 
-        ``name`` needs a CAR with exactly one root. Raises CarError when the file is truncated,
-        damaged or misses blocks of a root's DAG; then nothing is imported or pinned.
+        ``name`` needs a CAR with exactly one root. A root already pinned keeps its name, owner
+        and metadata unless ``name`` or ``owner`` is given (importing a CAR exported from this
+        store must not unname it). Raises CarError when the file is truncated, damaged or misses
+        blocks of a root's DAG; then nothing is imported or pinned.
         """
 
         def one_root_if_named(roots: list[Cid]) -> None:
@@ -114,8 +116,9 @@ class ObjectStore:
         with self._gc_lock(fcntl.LOCK_SH):
             result = car.import_car(stream, self.blocks, check_roots=one_root_if_named)
             now = time.time()
-            pins = [
-                Pin(
+            pins = []
+            for root in result.roots:
+                pin = Pin(
                     root=root,
                     size=self._content_size(root),
                     blocks=result.dag_blocks[root],
@@ -123,8 +126,12 @@ class ObjectStore:
                     owner=owner,
                     pinned_at=now,
                 )
-                for root in result.roots
-            ]
+                before = self.pins.get(root)
+                if before is not None and name is None and not owner:
+                    pin = replace(
+                        pin, name=before.name, owner=before.owner, metadata=before.metadata
+                    )
+                pins.append(pin)
             for pin in pins:
                 self.pins.add(pin)
         return pins

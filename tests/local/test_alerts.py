@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cim_place.cluster.agent.metrics import AgentMetrics
-from cim_place.cluster.controller.service import ControllerMetrics
+from cim_place.cluster.controller.metrics import ControllerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"

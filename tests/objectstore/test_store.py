@@ -152,6 +152,20 @@ def test_export_import_between_stores(tmp_path: Path) -> None:
         assert b"".join(second.cat(pin.root)) == data
 
 
+def test_importing_a_pinned_root_keeps_its_name(store: ObjectStore) -> None:
+    """Re-importing one's own export must not unname the pin (README: export, then import)."""
+    pin = store.add(io.BytesIO(content("k", MiB + 7)), name="report", owner="alice")
+    car = io.BytesIO()
+    store.export_car(pin.root, car)
+    car.seek(0)
+    [kept] = store.import_car(car)
+    assert (kept.name, kept.owner) == ("report", "alice")
+    assert store.resolve("report") == pin.root
+    car.seek(0)
+    [renamed] = store.import_car(car, name="report-2")
+    assert renamed.name == "report-2" and renamed.owner == ""
+
+
 def _car_of(tmp_path: Path, data: bytes) -> bytes:
     with ObjectStore(tmp_path / "source") as source:
         pin = source.add(io.BytesIO(data))

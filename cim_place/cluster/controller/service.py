@@ -38,11 +38,11 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cim_place.cluster.controller.demand import DemandIntake
 from cim_place.cluster.controller.drift import reconcile_drift
 from cim_place.cluster.controller.inventory import InventoryCheck
+from cim_place.cluster.controller.metrics import ControllerMetrics
 from cim_place.cluster.controller.projection import ObjectView, Projection
 from cim_place.cluster.controller.rejections import Rejections
 from cim_place.cluster.controller.removal import Removals, expire_name_versions
@@ -91,7 +91,6 @@ from cim_place.placement.topology import topology_warnings
 from cim_place.policies.model import BUILTIN_DEFAULT, Policy, PolicySet
 from cim_place.policies.selectors import ObjectFacts, match_policy
 from cim_place.runtime.lifecycle import cancel_and_wait
-from cim_place.runtime.metrics import serve_metrics
 
 _log = logging.getLogger(__name__)
 # APScheduler logs every run of the full pass at INFO; the controller logs what matters itself.
@@ -131,62 +130,6 @@ class ControllerConfig:
     rebalance_per_pass: int = 100
     summary_every: float = 1.0
     metrics: str | None = None
-
-
-class ControllerMetrics:
-    def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        self.objects = Gauge(
-            "cim_place_controller_objects", "Objects by state.", ["state"], registry=r
-        )
-        self.under_replicated = Gauge(
-            "cim_place_controller_under_replicated",
-            "Objects below their desired copies.",
-            registry=r,
-        )
-        self.tasks_queued = Counter(
-            "cim_place_controller_tasks_queued", "Tasks enqueued.", ["kind"], registry=r
-        )
-        self.tasks_in_flight = Gauge(
-            "cim_place_controller_tasks_in_flight", "Tasks enqueued and not reported.", registry=r
-        )
-        self.tasks_failed = Counter(
-            "cim_place_controller_tasks_failed", "TaskFailed events seen.", registry=r
-        )
-        self.drift_reconciled = Counter(
-            "cim_place_controller_drift_roots",
-            "Roots re-announced by nodes whose inventory digest disagreed with the projection.",
-            registry=r,
-        )
-        self.damaged_replicas = Gauge(
-            "cim_place_controller_damaged_replicas",
-            "Replicas reported damaged and not yet repaired, domain-wide.",
-            registry=r,
-        )
-        self.bytes_moved = Counter(
-            "cim_place_controller_bytes_moved", "Bytes fetched by completed tasks.", registry=r
-        )
-        self.reconcile_seconds = Histogram(
-            "cim_place_controller_reconcile_seconds",
-            "Time to reconcile one object.",
-            buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1),
-            registry=r,
-        )
-        self.leader = Gauge(
-            "cim_place_controller_leader", "1 while this controller leads.", registry=r
-        )
-        # For the alert rules (deploy/prometheus/alerts.yaml).
-        self.below_min = Gauge(
-            "cim_place_controller_objects_below_min",
-            "Objects with fewer pinned copies than their policy's minimum.",
-            registry=r,
-        )
-        self.nodes = Gauge(
-            "cim_place_controller_nodes",
-            "Nodes by liveness as the controller sees them (up, late, down, draining).",
-            ["state"],
-            registry=r,
-        )
 
 
 class Controller:
@@ -295,7 +238,7 @@ class Controller:
         )
         self._scheduler.start()
         if config.metrics:
-            serve_metrics(self.metrics.registry, config.metrics)
+            self.metrics.serve(config.metrics)
         await self.election.start()
         _log.info("controller %s started", self.identity)
 

@@ -366,6 +366,8 @@ def agent_permissions(node: str, subjects: Subjects, hub_domain: str) -> Permiss
         *_kv_write(hub_domain, "cim-place-event-sources"),
         # Heartbeat: its own key of the nodes bucket; the other nodes' records are read.
         *_kv_write(hub_domain, kv.NODES, node),
+        # Its gateway's /name/{name} resolves domain names (cim_place/http/node.py).
+        *_kv_read(hub_domain, kv.NAMES),
         # Its read counts (demand-driven copies, docs/DEMAND.md).
         subjects.demand(node),
         # Fetching from peers and finding holders.

@@ -236,6 +236,25 @@ async def test_an_agent_publishes_only_its_own_events(domain: Domain) -> None:
         await agent.close()
 
 
+async def test_an_agent_reads_the_names_its_gateway_resolves_but_cannot_write_them(
+    domain: Domain,
+) -> None:
+    controller = await _controller(domain)
+    names = await kv.ensure_bucket(jetstream(controller, "hub"), kv.NAMES, history=5)
+    await names.put("docs.report", b"{}")
+    violations = Violations()
+    agent = await _client(domain, "agent-a", domain.leaves["a"], violations)
+    try:
+        bucket = await jetstream(agent, "hub").key_value(kv.NAMES)
+        assert (await bucket.get("docs.report")).value == b"{}"
+        await agent.publish(f"$KV.{kv.NAMES}.docs.report", b"forged")
+        await violations.wait(f'publish to "$KV.{kv.NAMES}.docs.report"')
+        assert not any("DIRECT.GET" in v or "STREAM.INFO" in v for v in violations.seen)
+    finally:
+        await agent.close()
+        await controller.close()
+
+
 async def test_an_agent_consumes_only_its_own_tasks(domain: Domain) -> None:
     controller = await _controller(domain)
     js = jetstream(controller, "hub")

@@ -1,0 +1,44 @@
+"""Prometheus metrics of a controller (:class:`cim_place.runtime.metrics.Metrics`).
+
+The alert rules (deploy/prometheus/alerts.yaml) and the Grafana dashboard read these names:
+never rename one. Input rejected by validation is counted in the same registry by
+:class:`cim_place.cluster.nats.validation.Rejections`.
+"""
+
+from __future__ import annotations
+
+from cim_place.runtime.metrics import Metrics, counter, gauge, histogram
+
+_PREFIX = "cim_place_controller_"
+
+
+class ControllerMetrics(Metrics):
+    objects = gauge(_PREFIX + "objects", "Objects by state.", ["state"])
+    under_replicated = gauge(_PREFIX + "under_replicated", "Objects below their desired copies.")
+    tasks_queued = counter(_PREFIX + "tasks_queued", "Tasks enqueued.", ["kind"])
+    tasks_in_flight = gauge(_PREFIX + "tasks_in_flight", "Tasks enqueued and not reported.")
+    tasks_failed = counter(_PREFIX + "tasks_failed", "TaskFailed events seen.")
+    drift_reconciled = counter(
+        _PREFIX + "drift_roots",
+        "Roots re-announced by nodes whose inventory digest disagreed with the projection.",
+    )
+    damaged_replicas = gauge(
+        _PREFIX + "damaged_replicas", "Replicas reported damaged and not yet repaired, domain-wide."
+    )
+    bytes_moved = counter(_PREFIX + "bytes_moved", "Bytes fetched by completed tasks.")
+    reconcile_seconds = histogram(
+        _PREFIX + "reconcile_seconds",
+        "Time to reconcile one object.",
+        buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1),
+    )
+    leader = gauge(_PREFIX + "leader", "1 while this controller leads.")
+    # For the alert rules (deploy/prometheus/alerts.yaml).
+    below_min = gauge(
+        _PREFIX + "objects_below_min",
+        "Objects with fewer pinned copies than their policy's minimum.",
+    )
+    nodes = gauge(
+        _PREFIX + "nodes",
+        "Nodes by liveness as the controller sees them (up, late, down, draining).",
+        ["state"],
+    )
