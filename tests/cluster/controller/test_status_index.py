@@ -1,0 +1,196 @@
+"""The status index without NATS: pages equal a filter over every row, cursors visit each row
+once, name globs agree with fnmatch, and hostile requests are refused naming the problem."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cim_place.cluster.controller import status_index
+from cim_place.cluster.controller.status_api import BadStatusQuery, parse_request
+from cim_place.cluster.controller.status_index import (
+    MAX_LIMIT,
+    Query,
+    Row,
+    StatusIndex,
+    glob_regex,
+    name_matches,
+    row_of,
+)
+from cim_place.objectstore.cid import RAW, make_cid, to_str
+from cim_place.placement.status import OBJECT_STATES, Location, ObjectStatus
+
+NODES = ["n1", "n2", "n3", "n4", "n5", "n6"]
+POLICIES = ["default", "docs", "ledger"]
+NAMES = [None, "docs/a", "docs/b.pdf", "ledger/2026/01", "Docs/A", "été/ß", "x", ""]
+
+
+def cid(i: int) -> str:
+    return to_str(make_cid(RAW, i.to_bytes(4, "big")))
+
+
+def status(i: int, rng: random.Random) -> ObjectStatus:
+    nodes = rng.sample(NODES, rng.randint(0, 6))
+    return ObjectStatus(
+        cid=cid(i),
+        state=rng.choice(OBJECT_STATES),
+        locations=tuple(
+            Location(node, "v0", state=rng.choice(("pinned", "fetching"))) for node in nodes
+        ),
+        desired=rng.randint(0, 5),
+        policy=rng.choice(POLICIES),
+        name=rng.choice(NAMES),
+        size=rng.randint(0, 1 << 40),
+    )
+
+
+def brute(model: dict[str, Row], query: Query) -> list[Row]:
+    return [row for _, row in sorted(model.items()) if query.matches(row)][: query.limit]
+
+
+def walk(index: StatusIndex, query: Query) -> list[Row]:
+    seen: list[Row] = []
+    after = None
+    while True:
+        page = index.page(
+            Query(query.state, query.node, query.policy, query.name, after, query.limit)
+        )
+        seen.extend(page.rows)
+        if page.next is None:
+            return seen
+        assert page.next == page.rows[-1].cid
+        after = page.next
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pages_equal_a_filter_over_every_row(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(status_index, "MERGE_AT", 7)  # many merges, rows in both tables
+    rng = random.Random(seed)
+    index = StatusIndex()
+    model: dict[str, Row] = {}
+    for _ in range(400):
+        i = rng.randrange(120)
+        if rng.random() < 0.2:
+            index.remove(cid(i))
+            model.pop(cid(i), None)
+        else:
+            s = status(i, rng)
+            index.update(s)
+            model[s.cid] = row_of(s)
+        assert len(index) == len(model)
+    assert all(index.get(key) == row for key, row in model.items())
+    assert index.get(cid(10_000)) is None
+    queries = [Query(limit=rng.randint(1, 9))]
+    for _ in range(25):
+        queries.append(
+            Query(
+                state=rng.choice([None, *OBJECT_STATES]),
+                node=rng.choice([None, *NODES]),
+                policy=rng.choice([None, *POLICIES]),
+                name=rng.choice([None, "docs/*", "*", "?", "*/*", "[!d]*", "été*", "[a-z]"]),
+                limit=rng.randint(1, 9),
+            )
+        )
+    for query in queries:
+        every = [row for _, row in sorted(model.items()) if query.matches(row)]
+        assert walk(index, query) == every  # each row once, in CID order
+        after = rng.choice([None, *model])
+        cut = Query(query.state, query.node, query.policy, query.name, after, query.limit)
+        assert index.page(cut).rows == brute(model, cut)
+
+
+def test_many_nodes_spill_and_still_filter() -> None:
+    index = StatusIndex()
+    many = ObjectStatus(cid(1), "placed", tuple(Location(n, "v0") for n in NODES), 6, "default")
+    index.update(many)
+    index.flush()
+    assert [r.cid for r in index.page(Query(node="n6")).rows] == [cid(1)]
+    assert index.get(cid(1)) == row_of(many)
+    index.update(ObjectStatus(cid(1), "placed", (Location("n1", "v0"),), 1, "default"))
+    assert index.page(Query(node="n6")).rows == []
+
+
+def test_unknown_node_or_policy_is_an_empty_page() -> None:
+    index = StatusIndex()
+    index.update(ObjectStatus(cid(1), "placed", (Location("n1", "v0"),), 1, "default"))
+    assert index.page(Query(node="n9")).rows == [] and index.page(Query(policy="x")).rows == []
+
+
+def test_renamed_and_removed_names_are_compacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(status_index, "MERGE_AT", 50)
+    index = StatusIndex()
+    for generation in range(3):
+        for i in range(40_000):
+            index.update(
+                ObjectStatus(cid(i), "placed", (), 1, "default", name=f"g{generation}/{i}")
+            )
+    assert len(index) == 40_000
+    assert index.get(cid(5)) is not None and index.get(cid(5)).name == "g2/5"  # type: ignore[union-attr]
+    found = walk(index, Query(name="g2/1*", limit=MAX_LIMIT))
+    assert len(found) == len([i for i in range(40_000) if str(i).startswith("1")])
+    assert walk(index, Query(name="g1/*", limit=MAX_LIMIT)) == []
+
+
+names = st.text(alphabet="ab/.é*?[]!-\\", max_size=6)
+globs = st.text(alphabet="ab/.é*?[]!-\\", max_size=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(glob=globs, name=names)
+def test_glob_translation_agrees_with_fnmatch(glob: str, name: str) -> None:
+    assert name_matches(glob, name) == fnmatch.fnmatchcase(name, glob)
+
+
+@settings(max_examples=150, deadline=None)
+@given(glob=globs, chosen=st.lists(names, max_size=8))
+def test_glob_over_the_blob_agrees_with_fnmatch(glob: str, chosen: list[str]) -> None:
+    index = StatusIndex()
+    for i, name in enumerate(chosen):
+        index.update(ObjectStatus(cid(i), "placed", (), 1, "default", name=name))
+    listed = {row.cid for row in walk(index, Query(name=glob, limit=3))}
+    assert listed == {cid(i) for i, name in enumerate(chosen) if fnmatch.fnmatchcase(name, glob)}
+    assert "\n" not in glob_regex(glob).replace("[^\n]", "").replace("(?!\n)", "")
+
+
+def request(**fields: object) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def test_a_good_request_parses() -> None:
+    query = parse_request(
+        request(state="lost", node="n1", policy="docs", name="docs/*", after=cid(3), limit=10)
+    )
+    assert query == Query("lost", "n1", "docs", "docs/*", cid(3), 10)
+    assert parse_request(request()) == Query()
+    assert parse_request(request(cid=cid(1))) == cid(1)
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b"\xff", "JSON"),
+        (b"[]", "object"),
+        (request(state="sideways"), "sideways"),
+        (request(state=1), "state"),
+        (request(limit=0), "limit"),
+        (request(limit=MAX_LIMIT + 1), "limit"),
+        (request(limit=True), "limit"),
+        (request(limit="5"), "limit"),
+        (request(node="no such"), "node"),
+        (request(name="a" * 2000), "name"),
+        (request(name="a\x01"), "name"),
+        (request(after="x" * 500), "after"),
+        (request(colour="red"), "colour"),
+        (request(cid=cid(1), state="lost"), "cid"),
+        (b"{" + b" " * 10_000 + b"}", "bytes"),
+    ],
+)
+def test_hostile_requests_are_refused_naming_the_problem(body: bytes, named: str) -> None:
+    with pytest.raises(BadStatusQuery) as info:
+        parse_request(body)
+    assert named in str(info.value) and "\n" not in str(info.value)
