@@ -46,6 +46,8 @@ from cim_place.cluster.controller.metrics import ControllerMetrics
 from cim_place.cluster.controller.projection import ObjectView, Projection
 from cim_place.cluster.controller.rejections import Rejections
 from cim_place.cluster.controller.removal import Removals, expire_name_versions
+from cim_place.cluster.controller.status_api import StatusQueries
+from cim_place.cluster.controller.status_index import StatusIndex
 from cim_place.cluster.events.readers import EventFeed, StoredEvent
 from cim_place.cluster.events.store import ensure_event_store, hub_size, nudge_sources
 from cim_place.cluster.events.types import (
@@ -154,6 +156,9 @@ class Controller:
         self.inventory: InventoryCheck | None = None
         self._drain: KeyValue | None = None
         self.removals: Removals | None = None
+        # Rows of `cim-place status --state/--node/--policy/--name`, written at each reconcile.
+        self.status_index = StatusIndex()
+        self.status_queries: StatusQueries | None = None
         self._compiled: dict[str, CompiledPolicy] = {}
         # What an object gets while its policy is not compiled (none loaded yet, or it failed).
         self._fallback = compile_policy(BUILTIN_DEFAULT)
@@ -204,6 +209,14 @@ class Controller:
         self._sync_nodes(await list_nodes(js, on_invalid=self.rejections.node_record))
         self.removals = Removals(self, js)
         await self.removals.start()
+        self.status_queries = StatusQueries(
+            nc,
+            self.subjects,
+            self.status_index,
+            is_leader=lambda: self.is_leader,
+            tracked=lambda: len(self.projection),
+        )
+        await self.status_queries.start()
         # Read before the replay: claims earlier inventory checks disproved stay disbelieved.
         self.inventory = InventoryCheck(
             nc, js, self.projection, self.mark, subjects=self.subjects, replicas=replicas
@@ -252,6 +265,8 @@ class Controller:
                 await self.election.stop()
         if self.removals is not None:
             await self.removals.stop()
+        if self.status_queries is not None:
+            await self.status_queries.stop()
         await cancel_and_wait(self._tasks)
         self._tasks = []
         if self.demand is not None:
@@ -636,6 +651,7 @@ class Controller:
             if self._acting:
                 await self.locations.delete(cid)
             self.projection.forget(cid)
+            self.status_index.remove(result.status.cid)
             self._states.pop(cid, None)
             self._under.discard(cid)
             self.reconciled += 1
@@ -669,6 +685,7 @@ class Controller:
 
     def _note_state(self, cid: Cid, result: ReconcileResult) -> None:
         self._states[cid] = result.status.state
+        self.status_index.update(result.status)
         if result.status.state != "removed" and result.status.pinned < result.status.desired:
             self._under.add(cid)
         else:

@@ -27,85 +27,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from cim_place.cluster.controller.status_index import MAX_LIMIT, Query, StatusIndex
-from cim_place.cluster.nats.subjects import Subjects, check_node_id
-from cim_place.errors import CimPlaceError
-from cim_place.placement.status import OBJECT_STATES
+from cim_place.cluster.controller.status_index import StatusIndex
+from cim_place.cluster.controller.status_rows import STATUS_API, BadStatusQuery, parse_request
+from cim_place.cluster.nats.subjects import Subjects
 
-__all__ = [
-    "MAX_REQUEST",
-    "STATUS_API",
-    "BadStatusQuery",
-    "StatusQueries",
-    "answer",
-    "parse_request",
-]
+__all__ = ["STATUS_API", "StatusQueries", "answer"]
 
-STATUS_API = "status"
-"""``<prefix>.api.status``: the subject of status listings."""
-MAX_REQUEST = 4096
-_MAX_TEXT = {"name": 1024, "policy": 128, "after": 256, "cid": 256}
-_KEYS = ("state", "node", "policy", "name", "after", "limit", "cid")
 _log = logging.getLogger(__name__)
-
-
-class BadStatusQuery(CimPlaceError):
-    """A status request the controller refuses; the message names the field and the problem."""
-
-
-def _text(doc: dict[str, Any], key: str) -> str | None:
-    value = doc.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadStatusQuery(f"{key} must be a string, got {type(value).__name__}")
-    if len(value) > _MAX_TEXT.get(key, 128):
-        raise BadStatusQuery(f"{key} is longer than {_MAX_TEXT.get(key, 128)} characters")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise BadStatusQuery(f"{key} holds control characters")
-    return value
-
-
-def parse_request(data: bytes) -> Query | str:
-    """The query of a request (or the CID text of a one-row request); BadStatusQuery else."""
-    if len(data) > MAX_REQUEST:
-        raise BadStatusQuery(f"a status request is at most {MAX_REQUEST} bytes, got {len(data)}")
-    try:
-        doc = json.loads(data) if data else {}
-    except ValueError:
-        raise BadStatusQuery("a status request is JSON") from None
-    if not isinstance(doc, dict):
-        raise BadStatusQuery("a status request is a JSON object")
-    unknown = sorted(str(key) for key in doc if key not in _KEYS)
-    if unknown:
-        raise BadStatusQuery(f"unknown field {unknown[0][:40]!r}; fields: {', '.join(_KEYS)}")
-    cid = _text(doc, "cid")
-    if cid is not None:
-        if len(doc) > 1:
-            raise BadStatusQuery("cid asks for one object: give it alone")
-        return cid
-    state = _text(doc, "state")
-    if state is not None and state not in OBJECT_STATES:
-        raise BadStatusQuery(
-            f"state {state[:40]!r} is not an object state; use one of {', '.join(OBJECT_STATES)}"
-        )
-    node = _text(doc, "node")
-    if node is not None:
-        try:
-            check_node_id(node)
-        except CimPlaceError as exc:
-            raise BadStatusQuery(str(exc)) from None
-    limit = doc.get("limit", 100)
-    if type(limit) is not int or not 1 <= limit <= MAX_LIMIT:
-        raise BadStatusQuery(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {limit!r}")
-    return Query(
-        state=state,
-        node=node,
-        policy=_text(doc, "policy"),
-        name=_text(doc, "name"),
-        after=_text(doc, "after"),
-        limit=limit,
-    )
 
 
 def answer(index: StatusIndex, data: bytes, tracked: int = 0) -> dict[str, Any]:

@@ -17,11 +17,9 @@ Layout, for a million objects in well under 100 bytes each besides the names:
   when it reaches :data:`MERGE_AT` rows (one ``np.insert`` per column, a memory move of the
   columns); a page reads both;
 - a removed row is marked dead in place and dropped at the next merge;
-- names are appended to one ``\\n``-separated UTF-8 blob and a row holds its name's number; a
-  name glob becomes one regular expression run over the whole blob in C
-  (:func:`glob_regex`), whose matches select the rows through a table of name numbers. The
-  result is kept while the blob is unchanged, so the following pages of the same glob cost no
-  search. Names replaced or dropped stay in the blob until they outnumber the live ones.
+- a row holds a name number into one blob of names; a name glob is one regular expression run
+  over the blob, whose matches select rows through a table of name numbers
+  (:mod:`cim_place.cluster.controller.status_names`).
 
 The cursor is the last CID returned (text); pages after it are stable while objects come and go:
 an object added behind the cursor is simply not seen by that walk, none is shown twice.
@@ -29,151 +27,26 @@ an object added behind the cursor is simply not seen by that walk, none is shown
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from array import array
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
+from cim_place.cluster.controller.status_names import NO_NAME, NameBlob
+from cim_place.cluster.controller.status_rows import MAX_LIMIT, Page, Query, Row
 from cim_place.placement.status import OBJECT_STATES, ObjectStatus
 
-__all__ = ["MAX_LIMIT", "MERGE_AT", "Page", "Query", "Row", "StatusIndex", "glob_regex", "row_of"]
+__all__ = ["MAX_LIMIT", "MERGE_AT", "Page", "Query", "Row", "StatusIndex"]
 
-MAX_LIMIT = 1000
-"""Most rows one page may ask for (a reply stays far below NATS' 1 MiB payload limit)."""
 MERGE_AT = 4096
 """New rows kept aside before they are merged into the sorted columns."""
 _DEAD = 255
 _WIDE = 4
 """Node ids kept inline per row; more spill into a side dict keyed by CID."""
-_NO_NAME = 0
 _STATE_CODE: dict[str, int] = {state: code for code, state in enumerate(OBJECT_STATES)}
 _Values = tuple[int, int, int, int, int, int, int, tuple[int, ...]]
 """A row of the side table: state, policy, pinned, desired, damaged, size, name, node ids."""
 _FIRST_CHUNK = 4096
 _MAX_CHUNK = 1 << 18
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One object as a listing shows it."""
-
-    cid: str
-    name: str | None
-    state: str
-    policy: str
-    pinned: int
-    desired: int
-    damaged: int
-    size: int
-    nodes: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "cid": self.cid,
-            "name": self.name,
-            "state": self.state,
-            "policy": self.policy,
-            "pinned": self.pinned,
-            "desired": self.desired,
-            "damaged": self.damaged,
-            "size": self.size,
-            "nodes": list(self.nodes),
-        }
-
-
-def row_of(status: ObjectStatus) -> Row:
-    """The row of a materialised status (also what a listing without a controller shows)."""
-    return Row(
-        cid=status.cid,
-        name=status.name,
-        state=status.state,
-        policy=status.policy,
-        pinned=status.pinned,
-        desired=status.desired,
-        damaged=status.damaged,
-        size=status.size,
-        nodes=tuple(dict.fromkeys(loc.node for loc in status.locations)),
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    """Filters of one page (each None: any), the cursor and the page size (already checked)."""
-
-    state: str | None = None
-    node: str | None = None
-    policy: str | None = None
-    name: str | None = None
-    """A glob over the object's name (``fnmatch`` rules, case-sensitive; ``*`` crosses ``/``)."""
-    after: str | None = None
-    limit: int = 100
-
-    def matches(self, row: Row) -> bool:
-        """The same filters over one row (for listings read without the index)."""
-        return (
-            (self.state is None or row.state == self.state)
-            and (self.policy is None or row.policy == self.policy)
-            and (self.node is None or self.node in row.nodes)
-            and (self.name is None or (row.name is not None and name_matches(self.name, row.name)))
-            and (self.after is None or row.cid > self.after)
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    rows: list[Row]
-    next: str | None
-    """The cursor of the following page (the last CID here), None on the last page."""
-
-
-def glob_regex(glob: str) -> str:
-    """A regular expression matching what ``fnmatch.fnmatchcase(name, glob)`` matches, for names
-    without a newline, that never matches a newline (so it stays inside one line of the blob)."""
-    parts: list[str] = []
-    i, n = 0, len(glob)
-    while i < n:
-        char = glob[i]
-        i += 1
-        if char == "*":
-            if not parts or parts[-1] != "[^\n]*":
-                parts.append("[^\n]*")
-        elif char == "?":
-            parts.append("[^\n]")
-        elif char == "[":
-            j = i
-            if j < n and glob[j] == "!":
-                j += 1
-            if j < n and glob[j] == "]":
-                j += 1
-            while j < n and glob[j] != "]":
-                j += 1
-            if j >= n:
-                parts.append(re.escape(char))
-                continue
-            # fnmatch's own translation of the bracket expression keeps its rules (ranges,
-            # negation, empty ranges); the lookahead keeps a negated class off the separator.
-            inner = fnmatch.translate(glob[i - 1 : j + 1])
-            parts.append("(?!\n)" + inner[len("(?s:") : -len(")\\Z")])
-            i = j + 1
-        else:
-            parts.append(re.escape(char))
-    return "".join(parts)
-
-
-_single: dict[str, re.Pattern[str]] = {}
-
-
-def name_matches(glob: str, name: str) -> bool:
-    """``fnmatch.fnmatchcase`` with the index's translation (names with a newline never match)."""
-    pattern = _single.get(glob)
-    if pattern is None:
-        if len(_single) > 64:
-            _single.clear()
-        pattern = _single[glob] = re.compile(f"(?:{glob_regex(glob)})\\Z")
-    return "\n" not in name and pattern.match(name) is not None
 
 
 class StatusIndex:
@@ -196,12 +69,7 @@ class StatusIndex:
         self._policy_id: dict[str, int] = {}
         self._node_names: list[str] = [""]  # id 0: no node
         self._node_id: dict[str, int] = {}
-        self._blob = bytearray(b"\n")
-        self._name_at = array("q", [-1])  # name number -> offset of the "\n" before it (0: none)
-        self._garbage = 0
-        self._version = 0
-        self._text: tuple[int, str, np.ndarray] | None = None
-        self._globbed: tuple[int, str, np.ndarray] | None = None
+        self._names = NameBlob()
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -222,7 +90,7 @@ class StatusIndex:
         pos = self._find(key)
         if pos < 0:
             old = self._delta.get(key)
-            name = self._name_of(old[6] if old else _NO_NAME, status.name)
+            name = self._name_of(old[6] if old else NO_NAME, status.name)
             self._delta[key] = (state, policy, pinned, desired, damaged, status.size, name, nodes)
             if len(self._delta) >= MERGE_AT:
                 self._merge()
@@ -254,7 +122,7 @@ class StatusIndex:
         if pos >= 0 and self._state[pos] != _DEAD:
             self._state[pos] = _DEAD
             self._drop_name(int(self._name[pos]))
-            self._name[pos] = _NO_NAME
+            self._name[pos] = NO_NAME
             self._dead += 1
 
     # -- reading --------------------------------------------------------------------------------
@@ -282,7 +150,7 @@ class StatusIndex:
         node = self._node_id.get(query.node) if query.node is not None else None
         if (query.policy is not None and policy is None) or (query.node is not None and not node):
             return Page([], None)
-        names = None if query.name is None else self._name_table(query.name)
+        names = None if query.name is None else self._names.table(query.name)
         after = None if query.after is None else query.after.encode()
         keys = self._keys
         pos = 0 if after is None else int(np.searchsorted(keys, after, side="right"))
@@ -388,75 +256,26 @@ class StatusIndex:
         return np.array([p for p in found if p >= 0], dtype=np.int64)
 
     def _name_text(self, number: int) -> str | None:
-        if number == _NO_NAME:
-            return None
-        start = self._name_at[number] + 1
-        return self._blob[start : self._blob.index(b"\n", start)].decode()
+        return self._names.text(number)
 
     def _name_of(self, current: int, name: str | None) -> int:
         """The name number for ``name``, reusing ``current`` when it is the same name."""
-        if current != _NO_NAME and self._name_text(current) == name:
+        if current != NO_NAME and self._names.text(current) == name:
             return current
         self._drop_name(current)
-        if name is None:
-            return _NO_NAME
-        # A newline would split the name in two lines of the blob; such a name matches no glob.
-        self._version += 1
-        return self._append_name(name.replace("\n", "\x00"))
+        return NO_NAME if name is None else self._names.add(name)
 
     def _drop_name(self, number: int) -> None:
-        if number == _NO_NAME:
-            return
-        self._garbage += 1
-        if self._garbage > 65536 and self._garbage * 2 > len(self._name_at):
-            self._compact_names()
-
-    def _name_table(self, glob: str) -> np.ndarray:
-        """A bool per name number: whether that name matches ``glob`` (kept while unchanged)."""
-        if self._globbed is not None and self._globbed[:2] == (self._version, glob):
-            return self._globbed[2]
-        text, starts = self._decoded()
-        pattern = re.compile(f"\n(?:{glob_regex(glob)})(?=\n)")
-        table = np.zeros(len(self._name_at), dtype=bool)
-        hits = np.fromiter((m.start() for m in pattern.finditer(text)), dtype=np.int64)
-        table[np.searchsorted(starts, hits)] = True
-        table[_NO_NAME] = False
-        self._globbed = (self._version, glob, table)
-        return table
-
-    def _decoded(self) -> tuple[str, np.ndarray]:
-        """The blob as text and where each name's line starts in it (in characters)."""
-        if self._text is not None and self._text[0] == self._version:
-            return self._text[1], self._text[2]
-        text = self._blob.decode()
-        starts = np.frombuffer(self._name_at, dtype=np.int64).copy()
-        if len(text) != len(self._blob):  # not ASCII: bytes before a start -> characters
-            raw = np.frombuffer(bytes(self._blob), dtype=np.uint8)
-            tails = np.concatenate(([0], np.cumsum((raw & 0xC0) == 0x80)))
-            starts[1:] -= tails[starts[1:]]
-        self._text = (self._version, text, starts)
-        return text, starts
-
-    def _compact_names(self) -> None:
-        """Rewrite the blob with the live names only (renames and removals left the rest)."""
-        main = [(int(p), int(self._name[p])) for p in np.flatnonzero(self._name != _NO_NAME)]
-        side = [(key, values[6]) for key, values in self._delta.items() if values[6] != _NO_NAME]
-        main_texts = [(p, self._name_text(number) or "") for p, number in main]
-        side_texts = [(key, self._name_text(number) or "") for key, number in side]
-        self._blob = bytearray(b"\n")
-        self._name_at = array("q", [-1])
-        self._garbage = 0
-        self._version += 1
-        for p, text in main_texts:
-            self._name[p] = self._append_name(text)
-        for key, text in side_texts:
-            values = self._delta[key]
-            self._delta[key] = (*values[:6], self._append_name(text), values[7])
-
-    def _append_name(self, text: str) -> int:
-        self._name_at.append(len(self._blob) - 1)
-        self._blob += text.encode() + b"\n"
-        return len(self._name_at) - 1
+        if number != NO_NAME and self._names.drop():
+            # Rewrite the blob with the names rows still use (renames and removals left others).
+            main = np.flatnonzero(self._name != NO_NAME)
+            side = [key for key, values in self._delta.items() if values[6] != NO_NAME]
+            numbers = [int(n) for n in self._name[main]] + [self._delta[k][6] for k in side]
+            renumbered = self._names.rebuild(numbers)
+            self._name[main] = renumbered[: len(main)]
+            for key, number in zip(side, renumbered[len(main) :], strict=True):
+                values = self._delta[key]
+                self._delta[key] = (*values[:6], number, values[7])
 
     def _merge(self) -> None:
         """Move the side table into the sorted columns, dropping dead rows on the way."""

@@ -12,14 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cim_place.cluster.controller import status_index
-from cim_place.cluster.controller.status_api import BadStatusQuery, parse_request
-from cim_place.cluster.controller.status_index import (
+from cim_place.cluster.controller.status_index import StatusIndex
+from cim_place.cluster.controller.status_rows import (
     MAX_LIMIT,
+    BadStatusQuery,
     Query,
     Row,
-    StatusIndex,
     glob_regex,
     name_matches,
+    parse_request,
     row_of,
 )
 from cim_place.objectstore.cid import RAW, make_cid, to_str
