@@ -27,9 +27,8 @@ import typer
 from nats.js import JetStreamContext
 
 from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, run_in_domain
-from cim_place.cli._output import EXIT_ERROR, EXIT_USAGE, handles_errors, print_json
+from cim_place.cli._output import EXIT_ERROR, EXIT_USAGE, fail, handles_errors, print_json
 from cim_place.cluster.state.overview import LATE_AFTER, STATES, node_state
-from cim_place.cluster.state.overview import listing as _listing
 from cim_place.cluster.state.overview import nodes as _nodes
 from cim_place.cluster.state.overview import object_status as _object_status
 from cim_place.cluster.state.overview import summary as _summary
@@ -99,7 +98,7 @@ def make_console() -> Any:
     return Console(soft_wrap=True, width=None if sys.stdout.isatty() else _PIPE_WIDTH)
 
 
-def _size(value: int) -> str:
+def size_text(value: int) -> str:
     size = float(value)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
@@ -140,7 +139,7 @@ def _show_summary(doc: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
     nodes = doc["nodes"]
     console.print(
         f"under-replicated: {doc['under_replicated']}   damaged replicas: "
-        f"{doc['damaged_replicas']}   lost: {doc['lost']}   bytes: {_size(doc['bytes'])}   "
+        f"{doc['damaged_replicas']}   lost: {doc['lost']}   bytes: {size_text(doc['bytes'])}   "
         f"nodes: {nodes['up']} up, {nodes['late']} late, {nodes['down']} down, "
         f"{nodes['draining']} draining",
         markup=False,
@@ -196,7 +195,7 @@ def _print_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
         f"policy: {status.policy or '-'}   copies: {status.pinned} pinned of {status.desired} "
         f"desired"
         + (f" ({status.damaged} damaged)" if status.damaged else "")
-        + f"   size: {_size(status.size)}"
+        + f"   size: {size_text(status.size)}"
     )
     table = Table(title="replicas", title_justify="left")
     for column in ("node", "volume", "zone", "state", "verified"):
@@ -217,62 +216,62 @@ def _print_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
         console.print(conditions)
 
 
-def _show_listing(statuses: list[ObjectStatus], *, as_json: bool, quiet: bool) -> None:
-    if as_json:
-        print_json([s.to_dict() for s in statuses])
-        return
-    if quiet:
-        for s in statuses:
-            typer.echo(s.cid)
-        return
-    from rich.table import Table
-
-    table = Table()
-    for column in ("cid", "name", "state", "copies", "policy", "size"):
-        table.add_column(column)
-    for s in statuses:
-        table.add_row(
-            s.cid, s.name or "", s.state, f"{s.pinned}/{s.desired}", s.policy, _size(s.size)
-        )
-    console = make_console()
-    console.print(table)
-    console.print(f"{len(statuses)} object(s)", markup=False)
-
-
 @handles_errors
 def status_command(
     ref: Annotated[
         str | None, typer.Argument(help="A CID or a domain-wide name (none: the summary).")
     ] = None,
     watch: WatchOption = False,
-    filter_state: Annotated[
+    state: Annotated[
         str | None,
         typer.Option(
-            "--filter", "-f", help="List the objects in this state: " + " | ".join(STATES) + "."
+            "--state", "--filter", "-f", help="List objects in this state: " + " | ".join(STATES)
         ),
     ] = None,
+    node: Annotated[
+        str | None, typer.Option("--node", help="List objects with a copy on this node.")
+    ] = None,
+    policy: Annotated[
+        str | None, typer.Option("--policy", help="List objects placed by this policy.")
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="List objects whose name matches this glob ('docs/*')."),
+    ] = None,
+    after: Annotated[
+        str | None,
+        typer.Option("--after", help="List from after this CID (the previous page's last)."),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", help="Objects per page (1-1000).", show_default=True)
+    ] = 100,
+    every: Annotated[
+        bool, typer.Option("--all", help="Follow the pages to the end of the listing.")
+    ] = False,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
     server: ServerOption = None,
     creds: CredsOption = None,
     domain: DomainOption = None,
 ) -> None:
-    """Where objects live and whether they are healthy (from the materialised locations)."""
-    if filter_state is not None and filter_state not in STATES:
-        typer.echo(
-            f"error: --filter {filter_state!r} is not a state; use one of {', '.join(STATES)}",
-            err=True,
+    """Where objects live and whether they are healthy; list them by state, node, policy or name
+    (pages ordered by CID, served by the controller's status index)."""
+    from cim_place.cli import _listing
+
+    listing = any(v is not None for v in (state, node, policy, name, after))
+    query = _listing.make_query(state, node, policy, name, after, limit)
+    if ref is not None and (listing or every):
+        raise fail(
+            "give a CID or NAME, or listing flags (--state, --node, --policy, --name, "
+            "--after, --all), not both",
+            EXIT_USAGE,
         )
-        raise typer.Exit(EXIT_USAGE)
-    if ref is not None and filter_state is not None:
-        typer.echo("error: give a CID or NAME, or --filter STATE, not both", err=True)
-        raise typer.Exit(EXIT_USAGE)
     render: Callable[[JetStreamContext], Awaitable[Any]] = _summary
     show: _Show = _show_summary
     if ref is not None:
         render, show = partial(_object_status, ref=ref), _show_object
-    elif filter_state is not None:
-        render, show = partial(_listing, state=filter_state), _show_listing
+    elif listing or every:
+        render, show = partial(_listing.fetch, query=query, every=every), _listing.show_page
     _run(server, creds, domain, render, show, watch=watch, as_json=as_json, quiet=quiet)
 
 
@@ -322,8 +321,8 @@ def _show_nodes(nodes: list[dict[str, Any]], *, as_json: bool, quiet: bool) -> N
             f"[{style.get(node['state'], 'white')}]{node['state']}[/]",
             labels,
             ", ".join(v["name"] for v in node["volumes"]),
-            _size(node["used"]),
-            _size(node["free"]),
+            size_text(node["used"]),
+            size_text(node["free"]),
             _age(node["heartbeat_age"]),
         )
     console = make_console()

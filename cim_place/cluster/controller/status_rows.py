@@ -120,19 +120,26 @@ class Page:
     """The cursor of the following page (the last CID here), None on the last page."""
 
 
+_STAR = object()
+
+
 def glob_regex(glob: str) -> str:
     """A regular expression matching what ``fnmatch.fnmatchcase(name, glob)`` matches, for names
-    without a newline, that never matches a newline (so it stays inside one line of the blob)."""
-    parts: list[str] = []
+    without a newline, that never matches a newline (so it stays inside one line of the blob).
+
+    As ``fnmatch`` does, the text between two stars is an atomic group that takes its first
+    occurrence (``(?>[^\\n]*?X)``): without it ``*a*a*a*b`` backtracks exponentially, and the
+    glob comes from whoever asks."""
+    tokens: list[object] = []
     i, n = 0, len(glob)
     while i < n:
         char = glob[i]
         i += 1
         if char == "*":
-            if not parts or parts[-1] != "[^\n]*":
-                parts.append("[^\n]*")
+            if not tokens or tokens[-1] is not _STAR:
+                tokens.append(_STAR)
         elif char == "?":
-            parts.append("[^\n]")
+            tokens.append("[^\n]")
         elif char == "[":
             j = i
             if j < n and glob[j] == "!":
@@ -142,16 +149,27 @@ def glob_regex(glob: str) -> str:
             while j < n and glob[j] != "]":
                 j += 1
             if j >= n:
-                parts.append(re.escape(char))
+                tokens.append(re.escape(char))
                 continue
             # fnmatch's own translation of the bracket expression keeps its rules (ranges,
             # negation, empty ranges); the lookahead keeps a negated class off the separator.
             inner = fnmatch.translate(glob[i - 1 : j + 1])
-            parts.append("(?!\n)" + inner[len("(?s:") : -len(")\\Z")])
+            tokens.append("(?!\n)" + inner[len("(?s:") : -len(")\\Z")])
             i = j + 1
         else:
-            parts.append(re.escape(char))
-    return "".join(parts)
+            tokens.append(re.escape(char))
+    segments: list[list[str]] = [[]]
+    for token in tokens:
+        if token is _STAR:
+            segments.append([])
+        else:
+            assert isinstance(token, str)
+            segments[-1].append(token)
+    if len(segments) == 1:
+        return "".join(segments[0])
+    first, *middle, last = ("".join(segment) for segment in segments)
+    atomic = "".join(f"(?>[^\n]*?{segment})" for segment in middle)
+    return f"{first}{atomic}[^\n]*{last}"
 
 
 _single: dict[str, re.Pattern[str]] = {}
@@ -168,7 +186,12 @@ def name_matches(glob: str, name: str) -> bool:
 
 
 class BadStatusQuery(CimPlaceError):
-    """A status request the controller refuses; the message names the field and the problem."""
+    """A status request the controller refuses; the message names the field and the problem,
+    ``field`` is that field ("" when the request as a whole is wrong)."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def _text(doc: dict[str, Any], key: str) -> str | None:
@@ -176,11 +199,11 @@ def _text(doc: dict[str, Any], key: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise BadStatusQuery(f"{key} must be a string, got {type(value).__name__}")
+        raise BadStatusQuery(f"{key} must be a string, got {type(value).__name__}", key)
     if len(value) > _MAX_TEXT.get(key, 128):
-        raise BadStatusQuery(f"{key} is longer than {_MAX_TEXT.get(key, 128)} characters")
+        raise BadStatusQuery(f"{key} is longer than {_MAX_TEXT.get(key, 128)} characters", key)
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise BadStatusQuery(f"{key} holds control characters")
+        raise BadStatusQuery(f"{key} holds control characters", key)
     return value
 
 
@@ -200,22 +223,25 @@ def parse_request(data: bytes) -> Query | str:
     cid = _text(doc, "cid")
     if cid is not None:
         if len(doc) > 1:
-            raise BadStatusQuery("cid asks for one object: give it alone")
+            raise BadStatusQuery("cid asks for one object: give it alone", "cid")
         return cid
     state = _text(doc, "state")
     if state is not None and state not in OBJECT_STATES:
         raise BadStatusQuery(
-            f"state {state[:40]!r} is not an object state; use one of {', '.join(OBJECT_STATES)}"
+            f"state {state[:40]!r} is not an object state; use one of {', '.join(OBJECT_STATES)}",
+            "state",
         )
     node = _text(doc, "node")
     if node is not None:
         try:
             check_node_id(node)
         except CimPlaceError as exc:
-            raise BadStatusQuery(str(exc)) from None
+            raise BadStatusQuery(str(exc), "node") from None
     limit = doc.get("limit", 100)
     if type(limit) is not int or not 1 <= limit <= MAX_LIMIT:
-        raise BadStatusQuery(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {limit!r}")
+        raise BadStatusQuery(
+            f"limit must be a whole number from 1 to {MAX_LIMIT}, got {limit!r}", "limit"
+        )
     return Query(
         state=state,
         node=node,
