@@ -243,8 +243,8 @@ def status_command(
         typer.Option("--after", help="List from after this CID (the previous page's last)."),
     ] = None,
     limit: Annotated[
-        int, typer.Option("--limit", help="Objects per page (1-1000).", show_default=True)
-    ] = 100,
+        int | None, typer.Option("--limit", help="Objects per page, 1-1000 [default: 100].")
+    ] = None,
     every: Annotated[
         bool, typer.Option("--all", help="Follow the pages to the end of the listing.")
     ] = False,
@@ -258,8 +258,8 @@ def status_command(
     (pages ordered by CID, served by the controller's status index)."""
     from cim_place.cli import _listing
 
-    listing = any(v is not None for v in (state, node, policy, name, after))
-    query = _listing.make_query(state, node, policy, name, after, limit)
+    listing = any(v is not None for v in (state, node, policy, name, after, limit))
+    query = _listing.make_query(state, node, policy, name, after, 100 if limit is None else limit)
     if ref is not None and (listing or every):
         raise fail(
             "give a CID or NAME, or listing flags (--state, --node, --policy, --name, "

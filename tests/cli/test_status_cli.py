@@ -185,10 +185,14 @@ def test_summary_and_filter(domain_state: Hub, tmp_path: Path) -> None:
     assert summary["nodes"]["up"] == 1 and summary["nodes"]["late"] == 1
     assert "under-replicated: 1" in ok("status", "--server", url, cwd=tmp_path)
 
-    listed = json.loads(
-        ok("status", "--filter", "degraded", "--json", "--server", url, cwd=tmp_path)
-    )
-    assert [s["cid"] for s in listed] == [DEGRADED]
+    # No controller runs here: the listing is read by a scan of the locations, said on stderr.
+    done = run("status", "--filter", "degraded", "--json", "--server", url, cwd=tmp_path)
+    assert done.returncode == 0 and "scan" in done.stderr
+    listed = json.loads(done.stdout)
+    assert [s["cid"] for s in listed["objects"]] == [DEGRADED] and listed["source"] == "scan"
+    named = json.loads(ok("status", "--name", "reports/*", "--json", "--server", url, cwd=tmp_path))
+    assert [s["cid"] for s in named["objects"]] == [PLACED]
+    assert named["objects"][0]["nodes"] == ["n1", "n2", "n3"]
     quiet = ok("status", "--filter", "placed", "-q", "--server", url, cwd=tmp_path)
     assert quiet.split() == [PLACED]
 
