@@ -189,8 +189,11 @@ class StatusIndex:
             )
             rows.sort(key=lambda item: item[0])
         chosen = rows[:want]
+        built = iter(
+            self._rows_at([ref for _, ref in chosen[: query.limit] if isinstance(ref, int)])
+        )
         shown = [
-            self._row_at(ref) if isinstance(ref, int) else self._row_from(key, ref)
+            next(built) if isinstance(ref, int) else self._row_from(key, ref)
             for key, ref in chosen[: query.limit]
         ]
         return Page(shown, shown[-1].cid if len(chosen) > query.limit else None)
@@ -205,19 +208,43 @@ class StatusIndex:
         return pos if pos < len(keys) and keys[pos] == key else -1
 
     def _row_at(self, pos: int) -> Row:
-        key = bytes(self._keys[pos])
-        nodes = tuple(self._node_names[i] for i in self._nodes[pos].tolist() if i)
-        return Row(
-            cid=key.decode(),
-            name=self._name_text(int(self._name[pos])),
-            state=OBJECT_STATES[int(self._state[pos])],
-            policy=self._policies[int(self._policy[pos])],
-            pinned=int(self._pinned[pos]),
-            desired=int(self._desired[pos]),
-            damaged=int(self._damaged[pos]),
-            size=int(self._size[pos]),
-            nodes=nodes + tuple(self._node_names[i] for i in self._spill.get(key, ())),
+        return self._rows_at([pos])[0]
+
+    def _rows_at(self, positions: list[int]) -> list[Row]:
+        """Rows at ``positions``: one gather per column, not a numpy scalar per field."""
+        at = np.array(positions, dtype=np.int64)
+        node_names, policies, spill, text = (
+            self._node_names,
+            self._policies,
+            self._spill,
+            self._names.text,
         )
+        return [
+            Row(
+                cid=key.decode(),
+                name=text(name),
+                state=OBJECT_STATES[state],
+                policy=policies[policy],
+                pinned=pinned,
+                desired=desired,
+                damaged=damaged,
+                size=size,
+                nodes=tuple(node_names[i] for i in inline if i)
+                + tuple(node_names[i] for i in spill.get(key, ())),
+            )
+            for key, state, policy, pinned, desired, damaged, size, name, inline in zip(
+                self._keys[at].tolist(),
+                self._state[at].tolist(),
+                self._policy[at].tolist(),
+                self._pinned[at].tolist(),
+                self._desired[at].tolist(),
+                self._damaged[at].tolist(),
+                self._size[at].tolist(),
+                self._name[at].tolist(),
+                self._nodes[at].tolist(),
+                strict=True,
+            )
+        ]
 
     def _row_from(self, key: bytes, values: _Values) -> Row:
         state, policy, pinned, desired, damaged, size, name, nodes = values
