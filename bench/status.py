@@ -23,9 +23,16 @@ Two parts, each with its own baseline printed beside it:
    round trip to an echo responder, a raw KV get of a tiny key, and ``python -c pass`` /
    ``python -c "import nats"``.
 
-Quick run: ``.venv/bin/python bench/status.py`` (100k objects in both parts).
+3. **status index** (bench/status_index.py): ``--index-objects`` rows in the controller's
+   status index served by its handler on a real hub: one object and pages of 100 for each
+   listing filter (targets p99 <= 10 ms and <= 50 ms), beside a scan of ``--scan-objects``
+   statuses in the location shards (what ``status --filter`` did before the index).
+
+Quick run: ``.venv/bin/python bench/status.py`` (100k objects in every part).
 Issue 6's target size: ``.venv/bin/python bench/status.py --objects 1000000
---projection-objects 1000000`` (about 3 minutes; the bucket takes about 650 MiB of disk).
+--projection-objects 1000000 --skip-index`` (about 3 minutes; the bucket takes about 650 MiB of
+disk). The index at that size: ``--skip-projection --skip-store --index-objects 1000000
+--scan-objects 200000`` (about 4 minutes on a busy machine).
 """
 
 from __future__ import annotations
@@ -380,8 +387,13 @@ def main() -> None:
     parser.add_argument(
         "--settle", type=float, default=130.0, help="seconds idle between the load and the gets"
     )
+    parser.add_argument("--index-objects", type=int, default=100_000, help="rows in the index")
+    parser.add_argument(
+        "--scan-objects", type=int, default=None, help="statuses scanned beside the index"
+    )
     parser.add_argument("--skip-projection", action="store_true")
     parser.add_argument("--skip-store", action="store_true")
+    parser.add_argument("--skip-index", action="store_true")
     args = parser.parse_args()
     if not args.skip_projection:
         bench_projection(args.projection_objects, args.rate_events)
@@ -392,6 +404,10 @@ def main() -> None:
                 asyncio.run(bench_store(hub, args.objects, args.samples, args.settle))
             finally:
                 hub.stop()
+    if not args.skip_index:
+        from status_index import bench_index  # bench/status_index.py, beside this script
+
+        bench_index(args.index_objects, args.samples, args.scan_objects or args.index_objects)
 
 
 if __name__ == "__main__":

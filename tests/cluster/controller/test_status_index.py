@@ -15,6 +15,7 @@ from cim_place.cluster.controller import status_index
 from cim_place.cluster.controller.status_index import StatusIndex
 from cim_place.cluster.controller.status_rows import (
     MAX_LIMIT,
+    STATUS_API,
     BadStatusQuery,
     Query,
     Row,
@@ -195,3 +196,30 @@ def test_hostile_requests_are_refused_naming_the_problem(body: bytes, named: str
     with pytest.raises(BadStatusQuery) as info:
         parse_request(body)
     assert named in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_operator_may_ask_and_the_controller_may_answer() -> None:
+    from cim_place.cluster.nats.security import controller_permissions, operator_permissions
+    from cim_place.cluster.nats.subjects import Subjects
+
+    subjects = Subjects()
+    subject = subjects.api(STATUS_API)
+
+    def allowed(patterns: tuple[str, ...]) -> bool:
+        tokens = subject.split(".")
+        for pattern in patterns:
+            parts = pattern.split(".")
+            if (
+                parts[-1] == ">"
+                and len(tokens) >= len(parts)
+                and all(p in ("*", t) for p, t in zip(parts[:-1], tokens, strict=False))
+            ):
+                return True
+            if len(parts) == len(tokens) and all(
+                p in ("*", t) for p, t in zip(parts, tokens, strict=True)
+            ):
+                return True
+        return False
+
+    assert allowed(operator_permissions(subjects, "hub").publish)
+    assert allowed(controller_permissions(subjects, "hub").subscribe)
