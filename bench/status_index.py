@@ -169,7 +169,8 @@ async def bench_api(nc: Client, index: StatusIndex, count: int, samples: int) ->
             "--state lost --node node-07 --policy scratch",
             {"state": "lost", "node": "node-07", "policy": "scratch"},
         ),
-        ("nothing matches (pass over every row)", {"state": "lost", "policy": "nope"}),
+        ("--state expired: none (a pass over every row)", {"state": "expired"}),
+        ("--name nobody/*: none (a pass over every row)", {"name": "nobody/*"}),
     ]
     for label, request in pages:
 

@@ -159,21 +159,25 @@ class StatusIndex:
         chunk = _FIRST_CHUNK
         while pos < len(keys) and len(found) < want:
             end = min(len(keys), pos + chunk)
-            mask = (
-                (self._state[pos:end] != _DEAD) if state is None else self._state[pos:end] == state
-            )
-            if policy is not None:
-                mask &= self._policy[pos:end] == policy
+            # The first filter runs over the chunk; the others only over the rows it kept (a
+            # gather each), so a rare combination costs one compare per row, not four.
+            if state is not None:
+                hits = np.flatnonzero(self._state[pos:end] == state) + pos
+            elif policy is not None:
+                hits = np.flatnonzero(self._policy[pos:end] == policy) + pos
+                hits = hits[self._state[hits] != _DEAD]
+            else:
+                hits = np.flatnonzero(self._state[pos:end] != _DEAD) + pos
+            if policy is not None and state is not None:
+                hits = hits[self._policy[hits] == policy]
             if node:
-                on = (self._nodes[pos:end] == node).any(axis=1)
+                on = (self._nodes[hits] == node).any(axis=1)
                 if spilled is not None:
-                    inside = spilled[(spilled >= pos) & (spilled < end)]
-                    on[inside - pos] = True
-                mask &= on
+                    on |= np.isin(hits, spilled)
+                hits = hits[on]
             if names is not None:
-                mask &= names[self._name[pos:end]]
-            hits = np.flatnonzero(mask)[: want - len(found)]
-            found.extend((hits + pos).tolist())
+                hits = hits[names[self._name[hits]]]
+            found.extend(hits[: want - len(found)].tolist())
             pos = end
             chunk = min(chunk * 4, _MAX_CHUNK)
         rows: list[tuple[bytes, int | _Values]] = [(bytes(keys[p]), p) for p in found]
