@@ -229,7 +229,7 @@ def status_command(
         ),
     ] = None,
     node: Annotated[
-        str | None, typer.Option("--node", help="List objects with a copy on this node.")
+        str | None, typer.Option("--node", help="List objects with a location (copy) on this node.")
     ] = None,
     policy: Annotated[
         str | None, typer.Option("--policy", help="List objects placed by this policy.")
@@ -243,7 +243,7 @@ def status_command(
         typer.Option("--after", help="List from after this CID (the previous page's last)."),
     ] = None,
     limit: Annotated[
-        int | None, typer.Option("--limit", help="Objects per page, 1-1000 [default: 100].")
+        int | None, typer.Option("--limit", help="Objects per page, 1-1000 (default 100).")
     ] = None,
     every: Annotated[
         bool, typer.Option("--all", help="Follow the pages to the end of the listing.")

@@ -166,17 +166,19 @@ class StatusIndex:
             elif policy is not None:
                 hits = np.flatnonzero(self._policy[pos:end] == policy) + pos
                 hits = hits[self._state[hits] != _DEAD]
+            elif names is not None:  # a dead row has no name: the table excludes it
+                hits = np.flatnonzero(names[self._name[pos:end]]) + pos
             else:
                 hits = np.flatnonzero(self._state[pos:end] != _DEAD) + pos
             if policy is not None and state is not None:
                 hits = hits[self._policy[hits] == policy]
+            if names is not None and (state is not None or policy is not None):
+                hits = hits[names[self._name[hits]]]
             if node:
                 on = (self._nodes[hits] == node).any(axis=1)
                 if spilled is not None:
                     on |= np.isin(hits, spilled)
                 hits = hits[on]
-            if names is not None:
-                hits = hits[names[self._name[hits]]]
             found.extend(hits[: want - len(found)].tolist())
             pos = end
             chunk = min(chunk * 4, _MAX_CHUNK)
