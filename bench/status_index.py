@@ -39,7 +39,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from cim_place.cluster.controller.status_api import StatusQueries
-from cim_place.cluster.controller.status_index import StatusIndex
+from cim_place.cluster.controller.status_index import MERGE_AT, StatusIndex
 from cim_place.cluster.controller.status_rows import STATUS_API
 from cim_place.cluster.nats import kv
 from cim_place.cluster.nats.connection import connected, jetstream
@@ -72,9 +72,9 @@ def state_of(i: int) -> str:
     return "placed"
 
 
-def statuses(count: int) -> Iterator[ObjectStatus]:
-    rng = random.Random(11)
-    for i in range(count):
+def statuses(count: int, start: int = 0) -> Iterator[ObjectStatus]:
+    rng = random.Random(11 + start)
+    for i in range(start, start + count):
         state = state_of(i)
         yield ObjectStatus(
             cid=to_str(cid_of(i)),
@@ -132,6 +132,22 @@ def fill(count: int) -> StatusIndex:
         f"{count / seconds:9.0f} statuses/s; held {held / 2**20:.1f} MiB, "
         f"{held / count:.0f} bytes/object"
     )
+    # A merge of the side table blocks the controller's loop: once per MERGE_AT new objects.
+    extra = list(statuses(MERGE_AT - 1, start=count))
+    started = time.perf_counter()
+    for status in extra:
+        index.update(status)
+    updates = (time.perf_counter() - started) / len(extra)
+    started = time.perf_counter()
+    index.flush()
+    merge = time.perf_counter() - started
+    print(
+        f"update of a new row {updates * 1e6:.1f} us; merge of {MERGE_AT} new rows into "
+        f"{count}: {merge * 1000:.1f} ms"
+    )
+    for status in extra:
+        index.remove(status.cid)
+    index.flush()
     return index
 
 
