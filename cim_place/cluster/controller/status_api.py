@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -88,8 +88,3 @@ class StatusQueries:
             doc = {"error": "the controller failed to answer; see its log", "code": "failed"}
         with contextlib.suppress(nats.errors.Error):
             await msg.respond(json.dumps(doc, separators=(",", ":")).encode())
-
-
-def known(values: Collection[str]) -> str:
-    """``a, b, c`` (for error messages)."""
-    return ", ".join(sorted(values)) or "none"

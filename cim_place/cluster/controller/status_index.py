@@ -27,8 +27,6 @@ an object added behind the cursor is simply not seen by that walk, none is shown
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 
 from cim_place.cluster.controller.status_names import NO_NAME, NameBlob
@@ -137,9 +135,11 @@ class StatusIndex:
         return None if pos < 0 or self._state[pos] == _DEAD else self._row_at(pos)
 
     def policies(self) -> list[str]:
+        """Every policy a row ever named (a policy no object uses any more stays listed)."""
         return list(self._policies)
 
     def nodes(self) -> list[str]:
+        """Every node a row ever named."""
         return self._node_names[1:]
 
     def page(self, query: Query) -> Page:
@@ -348,8 +348,3 @@ class StatusIndex:
     def flush(self) -> None:
         """Merge the side table now (a bench or a test that wants the sorted columns only)."""
         self._merge()
-
-    def load(self, statuses: Iterable[ObjectStatus]) -> None:
-        """Record many statuses (as :meth:`update` each)."""
-        for status in statuses:
-            self.update(status)
