@@ -223,3 +223,32 @@ def test_the_operator_may_ask_and_the_controller_may_answer() -> None:
 
     assert allowed(operator_permissions(subjects, "hub").publish)
     assert allowed(controller_permissions(subjects, "hub").subscribe)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_walk_while_objects_come_and_go_shows_each_once(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(status_index, "MERGE_AT", 5)
+    rng = random.Random(seed)
+    index = StatusIndex()
+    for i in range(150):
+        index.update(status(i, rng))
+    present_throughout = {cid(i) for i in range(150)}
+    seen: list[str] = []
+    after = None
+    while True:
+        page = index.page(Query(after=after, limit=rng.randint(1, 12)))
+        seen.extend(row.cid for row in page.rows)
+        for _ in range(rng.randint(0, 6)):  # between pages: adds, changes, removals
+            i = rng.randrange(300)
+            if rng.random() < 0.3:
+                index.remove(cid(i))
+                present_throughout.discard(cid(i))
+            else:
+                index.update(status(i, rng))
+        if page.next is None:
+            break
+        after = page.next
+    assert len(seen) == len(set(seen)) and seen == sorted(seen)
+    assert present_throughout <= set(seen)
