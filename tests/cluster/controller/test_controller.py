@@ -317,5 +317,6 @@ async def test_an_expired_object_is_expired_never_lost_and_leaves_the_listing(
         assert cids.to_str(cid) not in {s.cid async for s in store.list()}
     controller = domain.controllers[0]
     await until(lambda: controller.projection.object(cid) is None, timeout=10)
+    assert controller.status_index.get(cids.to_str(cid)) is None  # gone from `status --state`
     summary = controller.summary()
     assert summary.by_state.get("lost") == 0 and summary.under_replicated == 0
