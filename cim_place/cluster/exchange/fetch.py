@@ -52,6 +52,7 @@ from cim_place.cluster.exchange.blocks import (
     encode_grant_request,
     encode_request,
 )
+from cim_place.cluster.exchange.ratelimit import BandwidthLimit, Throttle
 from cim_place.cluster.exchange.stream import Block, StreamClient
 from cim_place.cluster.nats.security import AccessDeniedError
 from cim_place.cluster.nats.subjects import Subjects
@@ -209,31 +210,6 @@ def order_holders(holders: Sequence[Holder], near: Labels | None) -> list[list[H
     return [tiers[rank] for rank in sorted(tiers)]
 
 
-class BandwidthLimit:
-    """A token bucket: ``await limit.take(n)`` returns once ``n`` bytes fit in ``rate`` bytes/s.
-
-    Shareable between concurrent fetches of one agent so that their sum respects the limit.
-    """
-
-    def __init__(self, rate: float, *, burst: float | None = None) -> None:
-        if rate <= 0:
-            raise ValueError(f"bandwidth limit must be > 0 bytes/s, not {rate}")
-        self.rate = float(rate)
-        self.burst = float(burst if burst is not None else max(rate, 1 << 20))
-        self._tokens = self.burst
-        self._stamp = time.monotonic()
-        self._lock = asyncio.Lock()
-
-    async def take(self, amount: int) -> None:
-        async with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            self._tokens -= amount
-            if self._tokens < 0:
-                await asyncio.sleep(-self._tokens / self.rate)
-
-
 async def _in_thread(func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """``asyncio.to_thread`` that, when cancelled, still waits for the thread to finish.
 
@@ -290,7 +266,7 @@ class _Fetch:
         subjects: Subjects,
         near: Labels | None,
         timeout: float,
-        bandwidth: BandwidthLimit | None,
+        bandwidth: Throttle | None,
         progress: Callable[[int, int], None] | None,
         stream: bool = True,
         stream_tls: ssl.SSLContext | None = None,
@@ -306,6 +282,11 @@ class _Fetch:
         self.window = max(1, window)
         self.batch = max(1, min(batch, MAX_REQUEST_CIDS))
         self.batch_bytes = max(1, batch_bytes)
+        if bandwidth is not None:
+            # A throttled fetch asks for about a quarter second of traffic per batch: what a
+            # holder sends on NATS is not flow controlled, so big batches would arrive at full
+            # speed and only wait in this process's buffers.
+            self.batch_bytes = min(self.batch_bytes, max(1, int(bandwidth.rate / 4)))
         # Expected block sizes from the parents' link sizes (exact for leaves), to fill batches
         # by bytes; an internal node's link size covers its subtree, so it is capped.
         self.sizes: dict[Cid, int] = {}
@@ -897,7 +878,7 @@ async def fetch_dag(
     subjects: Subjects | None = None,
     near: Labels | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-    bandwidth: BandwidthLimit | None = None,
+    bandwidth: Throttle | None = None,
     progress: Callable[[int, int], None] | None = None,
     stream: bool = True,
     stream_tls: ssl.SSLContext | None = None,
