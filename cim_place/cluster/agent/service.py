@@ -35,6 +35,7 @@ from cim_place.cluster.agent.demand import DemandReporter
 from cim_place.cluster.agent.inventory import InventoryService
 from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.agent.repair import (
+    RepairLimits,
     refresh_damaged_gauge,
     repair_replica,
     sweep_leftovers_forever,
@@ -109,6 +110,7 @@ class Agent:
             host=config.labels.get("host", ""),
         )
         self.bandwidth = BandwidthLimit(config.bandwidth) if config.bandwidth else None
+        self.limits = RepairLimits(self.bandwidth)
         # How this agent verifies peers' TLS block streams (plain streams need nothing).
         try:
             self.stream_client_tls = client_tls(config.stream_tls_ca)
@@ -632,7 +634,7 @@ class Agent:
                 blocks,
                 subjects=self.subjects,
                 near=self.near,
-                bandwidth=self.bandwidth,
+                bandwidth=self.limits.for_task(task),
                 stream_tls=self.stream_client_tls,
             )
         finally:
@@ -645,7 +647,7 @@ class Agent:
             return TaskOutcome.failed(f"{to_str(task.root)} is not pinned on {self.node}")
         volume, pin = located
         assert self.scrub is not None
-        problem, repaired = await repair_replica(
+        problem, repaired, fetched = await repair_replica(
             task.root,
             volume,
             self.volumes[volume],
@@ -659,9 +661,14 @@ class Agent:
         # Verified whole: ObjectStored tells the controller the replica counts again.
         await self._announce_stored(pin, volume)
         refresh_damaged_gauge(self.scrub, self.metrics)
-        return TaskOutcome.completed(
-            {"volume": volume, "blocks_repaired": repaired, "already": not repaired}
-        )
+        outcome: dict[str, Value] = {
+            "volume": volume,
+            "blocks_repaired": repaired,
+            "already": not repaired,
+        }
+        if fetched is not None:  # what the repair moved, and how fast (repair.bandwidth)
+            outcome.update(bytes_fetched=fetched.bytes_fetched, fetch_seconds=fetched.seconds)
+        return TaskOutcome.completed(outcome)
 
     async def _publish_damage(self, event: ReplicaDamaged) -> None:
         assert self.publisher is not None
