@@ -90,7 +90,7 @@ async def completed_repairs(js_hub: object, want: int) -> list[TaskCompleted]:
 async def test_a_repair_moves_its_bytes_at_the_policy_bandwidth(
     agents: tuple[Hub, Agent, Agent],
 ) -> None:
-    hub, agent_a, agent_b = agents
+    hub, _, agent_b = agents
     data = chacha_stream("repair-bandwidth", SIZE).read()
     async with connected(hub.url) as nc:
         js_hub = jetstream(nc, "hub")
