@@ -114,6 +114,10 @@ class CompiledPolicy:
     """Seconds a copy on a node that went down still counts as present (state ``late``)."""
     expire_after: float | None = None
     """Seconds after an object was first seen that all its copies are dropped; None: never."""
+    repair_max_concurrent: int = 4
+    """Repair tasks of this policy's objects in flight at once, domain-wide."""
+    repair_bandwidth: int | None = None
+    """Bytes/s a repair's fetch may use on the node it runs on; None: unlimited."""
 
 
 def compile_policy(policy: Policy, consumers: Iterable[Consumer] = ()) -> CompiledPolicy:
@@ -123,6 +127,8 @@ def compile_policy(policy: Policy, consumers: Iterable[Consumer] = ()) -> Compil
         rule=rule_for(policy, consumers),
         min_copies=policy.replicas.min,
         repair_grace=float(policy.repair.grace_seconds),
+        repair_max_concurrent=policy.repair.max_concurrent,
+        repair_bandwidth=policy.repair.bandwidth_bytes_per_second,
         expire_after=(
             None if policy.expire_after_seconds is None else float(policy.expire_after_seconds)
         ),
