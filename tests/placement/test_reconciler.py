@@ -459,10 +459,16 @@ def test_rule_for_translates_a_policy() -> None:
         ("legacy", LabelOp.NOT_EXISTS),
     }
     weights = sorted(pref.weight for pref in rule.preferences)
-    assert weights == [preference_factor(50), preference_factor(100), 10.0]
+    assert weights == [preference_factor(50), preference_factor(100)]
     assert preference_factor(100) == 2.0
     assert rule.locality is not None and rule.locality.hard
     assert {r.key for r in rule.locality.requirements} == {"region", "zone", "host"}
+    # The second consumer counts as the first does: its own min_local copies, hard too.
+    (blog,) = rule.also_near
+    assert blog.hard and blog.min_local == 1
+    assert [(r.key, r.op, r.values) for r in blog.requirements] == [
+        ("zone", LabelOp.IN, frozenset({"z2"}))
+    ]
     with pytest.raises(PolicyError, match="not declared"):
         rule_for(p, consumers[1:])
 
