@@ -57,6 +57,7 @@ from cim_place.cluster.exchange.fetch import (
     Holder,
     Labels,
     fetch_dag,
+    request_timeout,
 )
 from cim_place.cluster.exchange.holders import HolderResponder, find_holders, holder_of
 from cim_place.cluster.exchange.stream import BlockStreamServer, client_tls, server_tls
@@ -64,7 +65,13 @@ from cim_place.cluster.exchange.upload import UploadService
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.nats.security import ReadAccess, identity_of
-from cim_place.cluster.state.nodes import Heartbeat, NodeRecord, VolumeStatus, list_nodes
+from cim_place.cluster.state.nodes import (
+    Heartbeat,
+    NodeRecord,
+    VolumeStatus,
+    heartbeat_grace,
+    list_nodes,
+)
 from cim_place.cluster.tasks.queue import Task, TaskOutcome, TaskResult, TaskWorker
 from cim_place.errors import CimPlaceError, StoreError, StoreFullError, TransportError
 from cim_place.http.node import NodeParts, start_node_http
@@ -111,6 +118,8 @@ class Agent:
         )
         self.bandwidth = BandwidthLimit(config.bandwidth) if config.bandwidth else None
         self.limits = RepairLimits(self.bandwidth)
+        # A holder silent for the heartbeat grace is left for another (dead peers are noticed).
+        self.fetch_timeout = request_timeout(heartbeat_grace(config.heartbeat))
         # How this agent verifies peers' TLS block streams (plain streams need nothing).
         try:
             self.stream_client_tls = client_tls(config.stream_tls_ca)
@@ -635,6 +644,7 @@ class Agent:
                 subjects=self.subjects,
                 near=self.near,
                 bandwidth=self.limits.for_task(task),
+                timeout=self.fetch_timeout,
                 stream_tls=self.stream_client_tls,
             )
         finally:

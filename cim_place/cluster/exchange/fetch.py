@@ -71,6 +71,7 @@ __all__ = [
     "Labels",
     "fetch_dag",
     "order_holders",
+    "request_timeout",
     "wait_for_holder",
 ]
 
@@ -93,11 +94,26 @@ _LOOKUP_CHUNK = 256
 # The size assumed for a block whose size no parent link told (the root, internal nodes).
 _UNKNOWN_SIZE = 1 << 20
 DEFAULT_TIMEOUT = 10.0
+MIN_TIMEOUT = 3.0
+"""The shortest wait for a reply :func:`request_timeout` gives: below it a busy but live holder
+(a loaded machine, a large block) would be taken for a dead one."""
 # A holder that fails this many requests in a row (timeouts, lost messages, refusals) is dropped.
 _MAX_HOLDER_FAILURES = 3
 # Blocks received on a stream whose verification and write may run in threads at once: enough to
 # keep the socket read while hashing, few enough to bound memory (blocks are at most 4 MiB).
 _VERIFY_AHEAD = 8
+
+
+def request_timeout(grace: float) -> float:
+    """The wait for each reply that lets a fetch leave a holder that stopped answering within
+    ``grace`` seconds (the heartbeat grace, :func:`cim_place.cluster.state.nodes.heartbeat_grace`).
+
+    A dead holder costs a fetch at most two waits: its stream grant request, then the NATS
+    request of the same batch. After that first failure the fetch asks the other holders for
+    everything (a holder with failed requests is asked again only when no other is left), so
+    the transfer goes on elsewhere. Hence half the grace, but never below ``MIN_TIMEOUT``.
+    """
+    return max(MIN_TIMEOUT, grace / 2)
 
 
 class BlockUnavailableError(TransportError):
@@ -321,7 +337,11 @@ class _Fetch:
         yet asked for it, then among those whose request failed (timeouts pass)."""
         refused = self.refused.get(cid, set())
         failed = self.failed.get(cid, set())
-        for avoid in (refused | failed, refused):
+        # A holder whose last request failed (a timeout: it may be dead) is avoided for every
+        # CID, not only the ones it failed, while another holder can be asked: a dead peer then
+        # costs one timeout, not one per batch until it is skipped.
+        failing = {node for node, streak in self.streak.items() if streak}
+        for avoid in (refused | failed | failing, refused | failed, refused):
             for tier in self.tiers:
                 candidates = [h for h in tier if self._usable(h) and h.node not in avoid]
                 if candidates:
