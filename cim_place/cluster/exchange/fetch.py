@@ -166,6 +166,7 @@ class HolderStats:
     skipped: bool = False
     """True when the holder was dropped for the rest of the fetch."""
     reason: str = ""
+    """Why it was skipped; while it is not, why its last request failed ("" when none did)."""
     stream_blocks: int = 0
     """Of ``blocks``, those that came over the holder's block stream (the rest over NATS)."""
     stream_bytes: int = 0
@@ -252,6 +253,8 @@ class _Batch:
     missing: list[Cid] = field(default_factory=list)
     children: list[Cid] = field(default_factory=list)
     failed: str = ""
+    absent: bool = False
+    """The holder's subject has no responders (no agent serves it)."""
     corrupt: bool = False
     denied: str = ""
 
@@ -502,8 +505,11 @@ class _Fetch:
             self.walk.append(cid)
         if batch.failed:
             stats.failures += 1
+            if not stats.skipped:
+                stats.reason = batch.failed
             self.streak[batch.holder.node] = self.streak.get(batch.holder.node, 0) + 1
-            if self.streak[batch.holder.node] >= _MAX_HOLDER_FAILURES:
+            if batch.absent or self.streak[batch.holder.node] >= _MAX_HOLDER_FAILURES:
+                # No responders: no agent serves that node at all, asking again is pointless.
                 self._skip(batch.holder.node, f"{stats.failures} failed requests: {batch.failed}")
         else:
             self.streak[batch.holder.node] = 0
@@ -548,6 +554,7 @@ class _Fetch:
             batch.missing += rest.missing
             batch.children += rest.children
             batch.failed, batch.corrupt, batch.denied = rest.failed, rest.corrupt, rest.denied
+            batch.absent = rest.absent
         return batch
 
     # -- the block stream --
@@ -759,6 +766,7 @@ class _Fetch:
             if not data:
                 subject = self.subjects.block_get(batch.holder.node)
                 batch.failed = f"no agent serves {subject} (no responders)"
+                batch.absent = True
                 return
             if self.bandwidth is not None:
                 await self.bandwidth.take(len(data))
