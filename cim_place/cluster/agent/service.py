@@ -591,6 +591,9 @@ class Agent:
     async def _fetch(self, task: Task) -> TaskOutcome:
         located = self.pinned_on(task.root)
         if located is not None and (task.volume is None or located[0] == task.volume):
+            # Asked for a copy the controller does not count (its ObjectStored lost, or a forged
+            # ObjectRemoved believed): say again that it is here, or it would ask forever.
+            await self._announce(ObjectStored, located[1], located[0])
             return TaskOutcome.completed({"volume": located[0], "already": True})
         volume = self._choose_volume(None, task.volume)
         store = self.volumes[volume]
