@@ -105,9 +105,7 @@ async def test_a_fetch_fails_over_when_its_holder_stops_answering(
                 with contextlib.suppress(Exception):
                     await server.stop()
     assert frozen, "leaf-a was never frozen"
-    print(
-        f"fetch of {size} bytes with leaf-a frozen: {result.seconds:.2f} s, request timeout {timeout} s"
-    )
+    print(f"{size} bytes with leaf-a frozen: {result.seconds:.2f} s, timeout {timeout} s")
     assert b"".join(read_file(store, root)) == content("dead-holder", size)
     a, b = result.holders["leaf-a"], result.holders["leaf-b"]
     assert a.blocks >= 1 and a.failures >= 1  # it served, then stopped answering
