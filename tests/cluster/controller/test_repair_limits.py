@@ -6,6 +6,9 @@ at once, so the controller has nine repairs to issue. The policy allows 2 at a t
 each slow (``bandwidth: 1MiB/s``, 1 MiB to move): every time the controller records a task, the
 repair tasks it has in flight are counted. The count never exceeds 2, reaches 2 (the limit, not
 something else, is what holds them back), and every object ends placed with its exact bytes.
+
+Replacing the copies of a node lost past the grace is repair work too: when n3 is gone and a
+new node n4 arrives, the six fetches to n4 run at most 2 at a time, under the same bandwidth.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from cim_place.objectstore import dag
 from cim_place.objectstore.cid import RAW, Cid, codec_of
 from cim_place.objectstore.testdata import chacha_stream
 from cim_place.policies.validate import load_text
-from cim_place.testing import LeafFactory
+from cim_place.testing import LeafFactory, until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -109,6 +112,20 @@ async def all_placed(hub: Hub, roots: list[Cid], timeout: float = 120.0) -> None
     raise AssertionError(f"not every object was placed: {sorted(last.values())}")
 
 
+async def lost_on(hub: Hub, roots: list[Cid], node: str, timeout: float = 120.0) -> None:
+    for _ in range(int(timeout / 0.2)):  # a hang guard
+        async with connected(hub.url) as nc:
+            store = await LocationStore(jetstream(nc, "hub")).open(create=False)
+            statuses = [await store.get(root) for root in roots]
+        if all(
+            s is not None and any(loc.node == node and loc.state == "lost" for loc in s.locations)
+            for s in statuses
+        ):
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the copies on {node} were never counted lost")
+
+
 async def test_repairs_never_exceed_max_concurrent_and_all_complete(
     domain: tuple[Hub, Controller, dict[str, Agent]],
 ) -> None:
@@ -158,3 +175,62 @@ async def test_repairs_never_exceed_max_concurrent_and_all_complete(
     for root, data in contents.items():
         for agent in agents.values():
             assert b"".join(agent.volumes["v0"].cat(root)) == data
+
+
+async def test_replacing_copies_lost_with_a_node_is_repair_work_under_the_same_cap(
+    domain: tuple[Hub, Controller, dict[str, Agent]], leaf_factory: LeafFactory, tmp_path: Path
+) -> None:
+    """n3 goes away for good; its copies are replaced on a new node n4 in its place. Those
+    fetches are repairs: at most 2 in flight, each under the policy's bandwidth."""
+    hub, controller, agents = domain
+    contents: dict[Cid, bytes] = {}
+    async with connected(hub.url) as nc:
+        assert await wait_for_holder(nc, "n1", timeout=10)
+        for i in range(6):
+            data = chacha_stream(f"repair-lost-{i}", SIZE).read()
+            result = await upload(nc, "n1", io.BytesIO(data), size=SIZE)
+            contents[result.cid] = data
+    roots = list(contents)
+    await all_placed(hub, roots)
+
+    projection = controller.projection
+    record = projection.task_enqueued
+    counts: list[int] = []
+    repairs: list[Task] = []
+
+    def counting(task: Task, now: float, *, repair_policy: str | None = None) -> None:
+        record(task, now, repair_policy=repair_policy)
+        if repair_policy is not None:
+            repairs.append(task)
+        counts.append(sum(1 for t in projection.in_flight() if t.repair_policy is not None))
+
+    projection.task_enqueued = counting  # type: ignore[method-assign]
+
+    # n3 goes away and stays away past the grace: its copies are lost (with no fourth zone yet,
+    # nowhere to replace them). Then n4 arrives in a zone of its own.
+    await agents.pop("n3").stop(grace=1)
+    await lost_on(hub, roots, "n3")
+    leaf = leaf_factory("n4")
+    n4 = Agent(
+        AgentConfig(
+            node="n4",
+            volumes=(VolumeConfig("v0", tmp_path / "n4" / "v0"),),
+            servers=(leaf.url,),
+            labels={"region": "eu", "zone": "z4", "host": "n4"},
+            heartbeat=0.5,
+            inventory=3600,
+            scrub_interval=3600 * 24,
+        ),
+        fsync="none",
+    )
+    agents["n4"] = n4  # stopped by the fixture
+    await n4.start()
+    await until(lambda: all(n4.pinned_on(r) for r in roots), "n4 holds every object", 120)
+    await all_placed(hub, roots)
+    assert {(t.kind, t.node) for t in repairs} == {("fetch", "n4")}
+    assert {t.root for t in repairs} == set(roots)
+    assert all(t.rate_limit == 1024 * 1024 for t in repairs)
+    print(f"replacement fetches in flight after each enqueue: {counts}")
+    assert max(counts) == LIMIT
+    for root, data in contents.items():
+        assert b"".join(n4.volumes["v0"].cat(root)) == data
