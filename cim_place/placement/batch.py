@@ -97,7 +97,7 @@ def plan_batch(
     # domains); a cap at a wider level is left to the scalar walk.
     vectorisable = (
         groups >= r
-        and (rule.locality is None or rule.locality.min_local == 0)
+        and not any(locality.min_local for locality in rule.localities)
         and rule.cap_domain_level >= rule.spread
     )
     rows = min(batch_rows, len(keys))

@@ -13,7 +13,7 @@ Constraints, checked in this order (the first that cannot be met is named):
 - ``capacity``: of those, fewer have room for the object (only for one object's plan);
 - ``spread``: ``max_per_domain`` copies per domain at the cap level, over the domains that have
   usable volumes, add up to fewer than the copies desired;
-- ``locality``: a hard locality has no usable volume near its consumer.
+- ``locality``: a hard locality has too few usable volumes near one of its consumers.
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ def unmet(
                 f"in another {name} or raise spread.max_per_domain",
                 fits,
             )
-    locality = rule.locality
-    if locality is not None and locality.hard and locality.min_local > 0:
+    for locality in rule.localities:
+        if not locality.hard or locality.min_local <= 0:
+            continue
         near = [v for v in roomy if locality.distance(v) < FAR]
         if len(near) < locality.min_local:
             wanted = ", ".join(str(r) for r in locality.requirements) or "anywhere"

@@ -315,6 +315,10 @@ class PlacementRule:
     excluded_nodes: frozenset[str] = frozenset()
     preferences: tuple[Preference, ...] = ()
     locality: Locality | None = None
+    also_near: tuple[Locality, ...] = ()
+    """The further consumers of the locality, in order: each gets its own ``min_local`` copies
+    at or nearest to it, as ``locality`` (the first) does; a copy near two consumers counts for
+    both."""
     load_cap: float | None = 0.25
 
     def __post_init__(self) -> None:
@@ -326,11 +330,14 @@ class PlacementRule:
             raise PlacementError(f"max_per_domain {self.max_per_domain} must be >= 1")
         if self.load_cap is not None and not self.load_cap >= 0:
             raise PlacementError(f"load_cap {self.load_cap} must be >= 0 (or None: no cap)")
-        if self.locality is not None and self.locality.min_local > self.replicas:
-            raise PlacementError(
-                f"locality asks for {self.locality.min_local} local copies but the rule has only "
-                f"{self.replicas} replicas"
-            )
+        if self.also_near and self.locality is None:
+            raise PlacementError("further consumers (also_near) need a first one (locality)")
+        for locality in self.localities:
+            if locality.min_local > self.replicas:
+                raise PlacementError(
+                    f"locality asks for {locality.min_local} local copies but the rule has only "
+                    f"{self.replicas} replicas"
+                )
         # Canonical order, so that equal rules give bit-identical weights (float products
         # depend on the order of their factors) and equal outputs.
         object.__setattr__(
@@ -339,6 +346,11 @@ class PlacementRule:
         object.__setattr__(
             self, "preferences", tuple(sorted(self.preferences, key=Preference.sort_key))
         )
+
+    @property
+    def localities(self) -> tuple[Locality, ...]:
+        """Every consumer's locality, the first one first."""
+        return (self.locality, *self.also_near) if self.locality is not None else ()
 
     @property
     def cap_domain_level(self) -> SpreadLevel:

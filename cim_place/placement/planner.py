@@ -12,7 +12,8 @@ Steps of :func:`plan` (see DESIGN.md, "The control loop", for the simulation beh
    failure-domain level can (the cap balances, it never costs a copy or a domain). Existing
    copies are exempt. The fair share follows the spread (:mod:`placement.shares`): a zone that
    must hold a copy of every object has the share that implies.
-4. Locality: the first ``min_local`` copies go to the eligible volumes nearest the consumer.
+4. Locality: for each consumer in turn, ``min_local`` copies go to the eligible volumes nearest
+   it (copies already chosen near it, for an earlier consumer, count).
 5. Walk the ranking, existing valid copies first (minimal churn), taking a volume when its
    failure domain is still unused; when domains run out, walk again one level narrower (zone,
    then host, then volume), so replicas spread as far apart as the topology allows. Two
@@ -272,8 +273,10 @@ class _Walk:
         self.chosen_set: set[int] = set()
         self.verdict: dict[int, Verdict] = {}
         self.counts: dict[SpreadLevel, dict[DomainKey, int]] = {level: {} for level in SpreadLevel}
-        self.local_shortfall = 0
-        self.local_count = 0
+        # Per locality with min_local > 0, in the rule's order: copies near it, and how many
+        # a hard locality could not place.
+        self.local_count: list[int] = []
+        self.local_shortfall: list[int] = []
 
     def available(self, i: int) -> bool:
         return not (self.full[i] or self.over_cap[i])
@@ -323,22 +326,38 @@ class _Walk:
         replicas = rule.replicas
         candidates = [i for i in self.ranking if self.available(i)]
         spill = [i for i in self.ranking if self.over_cap[i] and not self.full[i]]
-        locality = rule.locality
-        if locality is not None and locality.min_local > 0:
-            eligible = self.el.eligible
+        eligible = self.el.eligible
+        for locality in rule.localities:
+            if locality.min_local <= 0:
+                continue
+            # Each consumer in turn: copies already chosen for an earlier consumer count when
+            # they are as near this one as any volume is (a copy in the first consumer's zone
+            # is no copy near a second consumer in another zone of the same region); the rest
+            # of its min_local go to the volumes nearest it, within the replicas that the hard
+            # shortfalls so far leave.
             distance = {i: locality.distance(eligible[i]) for i in candidates + spill}
+            best = min(distance.values(), default=FAR)
+            here = sum(1 for i in self.chosen if best < FAR and distance.get(i, FAR) <= best)
+            need = locality.min_local - here
+            if need <= 0:
+                self.local_count.append(here)
+                continue
             near = [i for i in candidates if distance[i] < FAR]
             near.sort(key=lambda i: (not self.kept[i], distance[i], self.rank[i]))
             near_spill = [i for i in spill if distance[i] < FAR]
             near_spill.sort(key=lambda i: (distance[i], self.rank[i]))
-            self.local_count = self.fill(near, locality.min_local, Verdict.LOCAL, near_spill)
+            target = min(len(self.chosen) + need, replicas - sum(self.local_shortfall))
+            taken = self.fill(near, target, Verdict.LOCAL, near_spill)
+            self.local_count.append(here + taken)
             if locality.hard:
-                self.local_shortfall = locality.min_local - self.local_count
+                self.local_shortfall.append(need - taken)
+            else:
+                self.local_shortfall.append(0)
         # Existing copies first: among volumes the rule allows, keeping one moves no data.
         order = [i for i in candidates if self.kept[i]] + [
             i for i in candidates if not self.kept[i]
         ]
-        self.fill(order, replicas - self.local_shortfall, Verdict.RANKED, spill)
+        self.fill(order, replicas - sum(self.local_shortfall), Verdict.RANKED, spill)
 
     def placement(self, explain: bool) -> Placement:
         el = self.el
@@ -347,11 +366,12 @@ class _Walk:
             desired = tuple(vols[i].id for i in self.chosen)
             return Placement(desired=desired, reasons=(), degraded=self._degraded())
         reasons: list[Reason] = []
-        locality = self.rule.locality
+        localities = self.rule.localities
         for i in self.chosen:
             detail = ""
-            if locality is not None and self.verdict[i] in (Verdict.LOCAL, Verdict.KEPT):
-                detail = _NEARNESS.get(locality.distance(vols[i]), "")
+            if localities and self.verdict[i] in (Verdict.LOCAL, Verdict.KEPT):
+                nearest = min(locality.distance(vols[i]) for locality in localities)
+                detail = _NEARNESS.get(nearest, "")
             reasons.append(Reason(vols[i].id, True, self.verdict[i], detail, self.rank[i]))
         worst_taken = max((self.rank[i] for i in self.chosen), default=0)
         spread_domains = el.domains[self.rule.spread]
@@ -395,12 +415,15 @@ class _Walk:
     def _degraded(self) -> tuple[str, ...]:
         out: list[str] = []
         rule = self.rule
-        if self.local_shortfall:
-            assert rule.locality is not None
-            wanted = rule.locality.min_local
-            near = ", ".join(str(r) for r in rule.locality.requirements) or "anywhere"
+        active = [loc for loc in rule.localities if loc.min_local > 0]
+        for locality, count, short in zip(
+            active, self.local_count, self.local_shortfall, strict=False
+        ):
+            if not short:
+                continue
+            near = ", ".join(str(r) for r in locality.requirements) or "anywhere"
             out.append(
-                f"locality: only {self.local_count} of {wanted} local copies fit near the "
+                f"locality: only {count} of {locality.min_local} local copies fit near the "
                 f"consumer ({near}); hard locality leaves the rest unplaced"
             )
         placed = len(self.chosen)

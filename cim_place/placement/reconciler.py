@@ -30,6 +30,9 @@ Steps of :func:`reconcile`:
    there, or a failed fetch there is still backing off (retried with ``generation + 1`` after
    :class:`RetryPolicy` back-off; after ``give_up_after`` failures, or a permanent one, the volume
    is no longer offered to the planner). Holders: nodes with a present copy, up ones first.
+   While a copy is lost (its node down past the grace) these fetches are repairs
+   (:func:`is_repair`), like step 5b's: the controller keeps at most the policy's
+   ``repair.max_concurrent`` of them in flight and gives them its ``repair.bandwidth``.
 5. Drop surplus copies (present, not desired) only when every desired volume holds a pinned copy
    and no fetch is in flight (copy before drop; a move is copy-then-drop), one drop per copy,
    draining volumes first, and only while at least ``max(min, 1)`` pinned copies on up nodes
@@ -79,6 +82,7 @@ from cim_place.placement.status import (
 )
 
 __all__ = [
+    "REPLACING",
     "Action",
     "Drop",
     "FailedTask",
@@ -90,6 +94,7 @@ __all__ = [
     "Repair",
     "Replica",
     "RetryPolicy",
+    "is_repair",
     "rebalance_candidates",
     "reconcile",
 ]
@@ -98,6 +103,8 @@ Replica = tuple[str, str]
 """A copy's place: ``(node id, volume name)``; its planner volume id is ``node/volume``."""
 
 TaskKind = Literal["fetch", "drop", "verify", "repair"]
+
+REPLACING = "replacing a copy lost with its node"
 
 
 def _vid(node: str, volume: str) -> VolumeId:
@@ -167,6 +174,9 @@ class Fetch:
     holders: tuple[str, ...]
     generation: int
     reason: str = ""
+    repair: bool = False
+    """True when the copy replaces one lost with its node: repair work, under the policy's
+    ``repair.max_concurrent`` and ``repair.bandwidth`` (see :func:`is_repair`)."""
 
     @property
     def kind(self) -> Literal["fetch"]:
@@ -204,6 +214,13 @@ class Repair:
 
 
 Action = Fetch | Drop | Repair
+
+
+def is_repair(action: Action) -> bool:
+    """Whether ``action`` repairs the object: it re-fetches a damaged replica's blocks, or it
+    replaces a copy whose node is down past the grace. First placement, moves and drops are
+    not repairs."""
+    return isinstance(action, Repair) or (isinstance(action, Fetch) and action.repair)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -389,7 +406,8 @@ def reconcile(inp: ReconcileInput) -> ReconcileResult:
     blocked: list[str] = []
     holders = _holders(view)
 
-    # Step 4: fetch what is missing.
+    # Step 4: fetch what is missing (a repair when a copy was lost with its node).
+    replacing = "lost" in view.state.values()
     for vid in desired:
         if vid in held or vid in view.fetching:
             continue
@@ -409,7 +427,10 @@ def reconcile(inp: ReconcileInput) -> ReconcileResult:
                     f"retrying in {wait:.0f}s"
                 )
                 continue
-        actions.append(Fetch(node, volume, holders, generation, "missing desired copy"))
+        if replacing:
+            actions.append(Fetch(node, volume, holders, generation, REPLACING, repair=True))
+        else:
+            actions.append(Fetch(node, volume, holders, generation, "missing desired copy"))
 
     # Step 5: drop surplus, copy before drop, never below the floor.
     desired_set = set(desired)

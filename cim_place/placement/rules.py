@@ -26,11 +26,11 @@ Translation choices (documented here because ``policy explain`` shows their effe
   multiplier ``1 + w / 100`` (:func:`preference_factor`): weight 100 doubles a volume's chance to
   be picked first, 1000 makes it 11 times as likely, 1 is nearly neutral. A multiplier never
   excludes a volume.
-- **Locality**: the first consumer in ``near`` becomes the planner's :class:`Locality` (its
-  declared labels as ``key in {value}`` requirements, ``min_local``, hard or soft). The planner
-  knows one consumer per rule: each further consumer becomes a soft preference (multiplier
-  :data:`EXTRA_CONSUMER_FACTOR`) for volumes in its zone (or on its host / in its region when it
-  declares no zone), and hard locality is enforced for the first consumer only. A consumer
+- **Locality**: each consumer in ``near`` becomes a planner :class:`Locality` (its declared
+  labels as ``key in {value}`` requirements, ``min_local``, hard or soft): the first is the
+  rule's ``locality``, the others its ``also_near``, and the planner gives each its own
+  ``min_local`` copies at or nearest to it (a copy as near one consumer as any volume is counts
+  for it, whichever consumer it was placed for). A consumer
   declared only by its ``service`` counts once its reads have located it
   (:func:`cim_place.placement.demand.locate_consumers` fills in its labels); before that it is
   skipped.
@@ -59,7 +59,6 @@ from cim_place.policies.model import BUILTIN_DEFAULT, Consumer, Policy
 from cim_place.policies.model import LabelRequirement as PolicyLabelRequirement
 
 __all__ = [
-    "EXTRA_CONSUMER_FACTOR",
     "CompiledPolicy",
     "Liveness",
     "NodeLiveness",
@@ -72,9 +71,6 @@ __all__ = [
     "requirement_for",
     "rule_for",
 ]
-
-EXTRA_CONSUMER_FACTOR = 10.0
-"""Straw2 multiplier for volumes near the second and later consumers of a locality."""
 
 _LEVELS: Mapping[str, SpreadLevel] = {
     "region": SpreadLevel.REGION,
@@ -114,6 +110,10 @@ class CompiledPolicy:
     """Seconds a copy on a node that went down still counts as present (state ``late``)."""
     expire_after: float | None = None
     """Seconds after an object was first seen that all its copies are dropped; None: never."""
+    repair_max_concurrent: int = 4
+    """Repair tasks of this policy's objects in flight at once, domain-wide."""
+    repair_bandwidth: int | None = None
+    """Bytes/s a repair's fetch may use on the node it runs on; None: unlimited."""
 
 
 def compile_policy(policy: Policy, consumers: Iterable[Consumer] = ()) -> CompiledPolicy:
@@ -123,6 +123,8 @@ def compile_policy(policy: Policy, consumers: Iterable[Consumer] = ()) -> Compil
         rule=rule_for(policy, consumers),
         min_copies=policy.replicas.min,
         repair_grace=float(policy.repair.grace_seconds),
+        repair_max_concurrent=policy.repair.max_concurrent,
+        repair_bandwidth=policy.repair.bandwidth_bytes_per_second,
         expire_after=(
             None if policy.expire_after_seconds is None else float(policy.expire_after_seconds)
         ),
@@ -162,27 +164,23 @@ def rule_for(policy: Policy, consumers: Iterable[Consumer] = ()) -> PlacementRul
             # (placement.demand.locate_consumers gives it one); until then it places nothing.
             if consumer.labels:
                 near.append(consumer)
+    also_near: tuple[Locality, ...] = ()
     if near:
         assert policy.locality is not None
-        locality = Locality(
-            tuple(
-                LabelRequirement(key, LabelOp.IN, frozenset({value}))
-                for key, value in sorted(near[0].labels.items())
-            ),
-            min_local=min(policy.locality.min_local, desired),
-            hard=policy.locality.mode == "hard",
-        )
-        for extra in near[1:]:
-            key = next((k for k in ("zone", "host", "region") if k in extra.labels), None)
-            if key is not None:
-                preferences.append(
-                    Preference(
-                        EXTRA_CONSUMER_FACTOR,
-                        requirement=LabelRequirement(
-                            key, LabelOp.IN, frozenset({extra.labels[key]})
-                        ),
-                    )
-                )
+        min_local = min(policy.locality.min_local, desired)
+        hard = policy.locality.mode == "hard"
+        localities = [
+            Locality(
+                tuple(
+                    LabelRequirement(key, LabelOp.IN, frozenset({value}))
+                    for key, value in sorted(consumer.labels.items())
+                ),
+                min_local=min_local,
+                hard=hard,
+            )
+            for consumer in near
+        ]
+        locality, also_near = localities[0], tuple(localities[1:])
     return PlacementRule(
         replicas=desired,
         min=min(policy.replicas.min, desired),
@@ -194,6 +192,7 @@ def rule_for(policy: Policy, consumers: Iterable[Consumer] = ()) -> PlacementRul
         excluded_nodes=frozenset(policy.constraints.exclude_nodes),
         preferences=tuple(preferences),
         locality=locality,
+        also_near=also_near,
     )
 
 

@@ -20,8 +20,8 @@ volumes (:func:`expected_copies`):
    domain are water-filled the same way.
 3. Recurse into each domain with its expected copies.
 
-A locality rule's nearest volumes (those the walk fills first) take ``min_local`` copies per
-object among themselves; a near volume's share is the larger of the two estimates.
+Each consumer's nearest volumes (those the walk fills first for it) take ``min_local`` copies
+per object among themselves; a near volume's share is the largest of the estimates.
 
 This is the expected load of the first-choice walk when no cap binds; straw2 over domains of
 unequal weight draws the domains without replacement, which gives light domains slightly more
@@ -86,8 +86,9 @@ def expected_copies(rule: PlacementRule, volumes: Sequence[Volume]) -> F64:
         return shares
     weights = [v.base_weight for v in volumes]
     _fill(rule, volumes, weights, list(range(n)), float(rule.replicas), rule.spread, shares)
-    locality = rule.locality
-    if locality is not None and locality.min_local > 0:
+    for locality in rule.localities:
+        if locality.min_local <= 0:
+            continue
         distance = [locality.distance(v) for v in volumes]
         nearest = min(distance)
         if nearest < FAR:

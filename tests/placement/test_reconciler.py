@@ -19,6 +19,7 @@ from cim_place.placement.model import (
 )
 from cim_place.placement.planner import plan
 from cim_place.placement.reconciler import (
+    REPLACING,
     Drop,
     FailedTask,
     Fetch,
@@ -27,6 +28,7 @@ from cim_place.placement.reconciler import (
     ReconcileInput,
     ReconcileResult,
     Replica,
+    is_repair,
     rebalance_candidates,
     reconcile,
 )
@@ -163,6 +165,7 @@ def test_three_copies_in_three_zones_from_one_copy() -> None:
     zones = {nm.get(f"{f.node}/{f.volume}").zone for f in first.fetches}  # type: ignore[union-attr]
     assert len(zones) == 2 and "z1" not in zones
     assert all(f.holders == ("n1",) for f in first.fetches)
+    assert not any(is_repair(f) for f in first.fetches)  # first placement is no repair
     assert first.status.state == "progressing"
     assert first.desired[0] == "n1/v" or "n1/v" in first.desired
     # Level-triggered: with those fetches in flight, nothing new.
@@ -230,9 +233,10 @@ def test_node_lost_after_grace_is_replaced() -> None:
     assert {(loc.node, loc.state) for loc in within.status.locations} >= {(gone, "late")}
     after = run(nm_down, held, liveness=liveness, now=NOW - 70 + 900)
     assert after.fetches == (
-        Fetch(spare, "v", after.fetches[0].holders, 0, "missing desired copy"),
+        Fetch(spare, "v", after.fetches[0].holders, 0, REPLACING, repair=True),
     )
     assert gone not in after.fetches[0].holders
+    assert is_repair(after.fetches[0])  # under repair.max_concurrent and repair.bandwidth
     assert not after.drops
     assert (gone, "lost") in {(loc.node, loc.state) for loc in after.status.locations}
     # Once the replacement is confirmed: placed, and the lost copy is never dropped.
@@ -455,10 +459,16 @@ def test_rule_for_translates_a_policy() -> None:
         ("legacy", LabelOp.NOT_EXISTS),
     }
     weights = sorted(pref.weight for pref in rule.preferences)
-    assert weights == [preference_factor(50), preference_factor(100), 10.0]
+    assert weights == [preference_factor(50), preference_factor(100)]
     assert preference_factor(100) == 2.0
     assert rule.locality is not None and rule.locality.hard
     assert {r.key for r in rule.locality.requirements} == {"region", "zone", "host"}
+    # The second consumer counts as the first does: its own min_local copies, hard too.
+    (blog,) = rule.also_near
+    assert blog.hard and blog.min_local == 1
+    assert [(r.key, r.op, r.values) for r in blog.requirements] == [
+        ("zone", LabelOp.IN, frozenset({"z2"}))
+    ]
     with pytest.raises(PolicyError, match="not declared"):
         rule_for(p, consumers[1:])
 

@@ -5,6 +5,10 @@ A repair re-checks the replica, deletes its corrupt blocks (so they count as abs
 verified fetch bring back exactly what is absent from the holders the controller named (nodes
 with a verified copy); the fetch keeps whatever is present and valid, so only the bad blocks
 move. The replica is then checked whole once more before the agent announces it stored again.
+
+A repair task may carry a rate limit (its policy's ``repair.bandwidth``): :class:`RepairLimits`
+keeps one shared limit per rate, so the repairs of one policy on this node share it, on top of
+the agent's own ``tasks.bandwidth``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.agent.scrubbing import ScrubService
 from cim_place.cluster.exchange.fetch import FetchResult, Holder
+from cim_place.cluster.exchange.ratelimit import BandwidthLimit, Throttle, combined
+from cim_place.cluster.tasks.queue import Task
 from cim_place.errors import StoreError
 from cim_place.objectstore import leftovers
 from cim_place.objectstore.cid import Cid, to_str
@@ -25,6 +31,24 @@ from cim_place.objectstore.store import ObjectStore
 _log = logging.getLogger(__name__)
 
 FetchInto = Callable[[ObjectStore, leftovers.JournaledBlocks, list[Holder]], Awaitable[FetchResult]]
+
+
+class RepairLimits:
+    """The throttle of each task's fetch: the agent's own limit, and for a task with a rate
+    limit one limit shared by every task with that rate (in practice: one policy's repairs)."""
+
+    def __init__(self, agent_limit: BandwidthLimit | None) -> None:
+        self.agent_limit = agent_limit
+        self._by_rate: dict[int, BandwidthLimit] = {}
+
+    def for_task(self, task: Task) -> Throttle | None:
+        rate = task.rate_limit
+        if not rate:
+            return self.agent_limit
+        limit = self._by_rate.get(rate)
+        if limit is None:
+            limit = self._by_rate[rate] = BandwidthLimit(rate)
+        return combined(self.agent_limit, limit)
 
 
 async def repair_replica(
@@ -36,20 +60,20 @@ async def repair_replica(
     holders: Callable[[], Awaitable[list[Holder]]],
     fetch: FetchInto,
     metrics: AgentMetrics,
-) -> tuple[str | None, int]:
-    """``(None, blocks repaired)`` once the replica on ``volume`` is whole (0: it already was),
-    or ``(why, 0)`` when it is not and the repair should be retried."""
+) -> tuple[str | None, int, FetchResult | None]:
+    """``(None, blocks repaired, fetch)`` once the replica on ``volume`` is whole (0 and None:
+    it already was), or ``(why, 0, None)`` when it is not and the repair should be retried."""
     scrubber = scrub.scrubbers[volume]
     _, _, damage = await asyncio.to_thread(scrubber.check_root, root)
     if not damage:
-        return None, 0
+        return None, 0, None
     for item in damage:
         if item.problem == "corrupt":  # absent now, so the fetch brings a good copy
             await asyncio.to_thread(store.blocks.delete, item.block)
     found = await holders()
     if not found:
         metrics.repairs.labels("failed").inc()
-        return f"no verified holder of {to_str(root)} answers", 0
+        return f"no verified holder of {to_str(root)} answers", 0, None
     with scrub.busy(volume), leftovers.journaled(store) as journaled:
         result = await fetch(store, journaled, found)
     metrics.blocks_fetched.inc(result.blocks_fetched)
@@ -57,9 +81,9 @@ async def repair_replica(
     _, _, still = await asyncio.to_thread(scrubber.check_root, root)
     if still:
         metrics.repairs.labels("failed").inc()
-        return f"{len(still)} block(s) of {to_str(root)} still damaged after repair", 0
+        return f"{len(still)} block(s) of {to_str(root)} still damaged after repair", 0, None
     metrics.repairs.labels("done").inc()
-    return None, len(damage)
+    return None, len(damage), result
 
 
 def refresh_damaged_gauge(scrub: ScrubService | None, metrics: AgentMetrics) -> None:

@@ -35,6 +35,7 @@ from cim_place.cluster.agent.demand import DemandReporter
 from cim_place.cluster.agent.inventory import InventoryService
 from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.agent.repair import (
+    RepairLimits,
     refresh_damaged_gauge,
     repair_replica,
     sweep_leftovers_forever,
@@ -56,6 +57,7 @@ from cim_place.cluster.exchange.fetch import (
     Holder,
     Labels,
     fetch_dag,
+    request_timeout,
 )
 from cim_place.cluster.exchange.holders import HolderResponder, find_holders, holder_of
 from cim_place.cluster.exchange.stream import BlockStreamServer, client_tls, server_tls
@@ -63,7 +65,13 @@ from cim_place.cluster.exchange.upload import UploadService
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.nats.security import ReadAccess, identity_of
-from cim_place.cluster.state.nodes import Heartbeat, NodeRecord, VolumeStatus, list_nodes
+from cim_place.cluster.state.nodes import (
+    Heartbeat,
+    NodeRecord,
+    VolumeStatus,
+    heartbeat_grace,
+    list_nodes,
+)
 from cim_place.cluster.tasks.queue import Task, TaskOutcome, TaskResult, TaskWorker
 from cim_place.errors import CimPlaceError, StoreError, StoreFullError, TransportError
 from cim_place.http.node import NodeParts, start_node_http
@@ -109,6 +117,9 @@ class Agent:
             host=config.labels.get("host", ""),
         )
         self.bandwidth = BandwidthLimit(config.bandwidth) if config.bandwidth else None
+        self.limits = RepairLimits(self.bandwidth)
+        # A holder silent for the heartbeat grace is left for another (dead peers are noticed).
+        self.fetch_timeout = request_timeout(heartbeat_grace(config.heartbeat))
         # How this agent verifies peers' TLS block streams (plain streams need nothing).
         try:
             self.stream_client_tls = client_tls(config.stream_tls_ca)
@@ -580,6 +591,9 @@ class Agent:
     async def _fetch(self, task: Task) -> TaskOutcome:
         located = self.pinned_on(task.root)
         if located is not None and (task.volume is None or located[0] == task.volume):
+            # Asked for a copy the controller does not count (its ObjectStored lost, or a forged
+            # ObjectRemoved believed): say again that it is here, or it would ask forever.
+            await self._announce(ObjectStored, located[1], located[0])
             return TaskOutcome.completed({"volume": located[0], "already": True})
         volume = self._choose_volume(None, task.volume)
         store = self.volumes[volume]
@@ -632,7 +646,8 @@ class Agent:
                 blocks,
                 subjects=self.subjects,
                 near=self.near,
-                bandwidth=self.bandwidth,
+                bandwidth=self.limits.for_task(task),
+                timeout=self.fetch_timeout,
                 stream_tls=self.stream_client_tls,
             )
         finally:
@@ -645,7 +660,7 @@ class Agent:
             return TaskOutcome.failed(f"{to_str(task.root)} is not pinned on {self.node}")
         volume, pin = located
         assert self.scrub is not None
-        problem, repaired = await repair_replica(
+        problem, repaired, fetched = await repair_replica(
             task.root,
             volume,
             self.volumes[volume],
@@ -659,9 +674,14 @@ class Agent:
         # Verified whole: ObjectStored tells the controller the replica counts again.
         await self._announce_stored(pin, volume)
         refresh_damaged_gauge(self.scrub, self.metrics)
-        return TaskOutcome.completed(
-            {"volume": volume, "blocks_repaired": repaired, "already": not repaired}
-        )
+        outcome: dict[str, Value] = {
+            "volume": volume,
+            "blocks_repaired": repaired,
+            "already": not repaired,
+        }
+        if fetched is not None:  # what the repair moved, and how fast (repair.bandwidth)
+            outcome.update(bytes_fetched=fetched.bytes_fetched, fetch_seconds=fetched.seconds)
+        return TaskOutcome.completed(outcome)
 
     async def _publish_damage(self, event: ReplicaDamaged) -> None:
         assert self.publisher is not None

@@ -17,8 +17,12 @@ projection (:meth:`Projection.drift`), and the memory of what it found:
    replay, so a restart re-believes no forgery; a later ``ObjectStored`` (a real copy made since)
    is believed as usual.
 
-Roots the node holds that the projection does not know (an ``ObjectRemoved`` that lied) are not
-added back: who-has answers only for the roots asked about. They are logged.
+Roots the node holds that the projection does not know (an ``ObjectRemoved`` that lied, forged
+or stale) are not added back here: who-has answers only for the roots asked about. The same
+digest makes the controller list the node's pins and ask it to announce every root where the two
+differ (:mod:`cim_place.cluster.controller.drift`); the node's ``ObjectStored`` brings the copy
+back into the view. A fetch the controller sends meanwhile finds the copy pinned and the agent
+announces it then too.
 """
 
 from __future__ import annotations

@@ -118,6 +118,8 @@ class TaskInFlight:
     root: Cid
     volume: str | None
     enqueued_at: float
+    repair_policy: str | None = None
+    """The policy whose ``repair.max_concurrent`` this task counts against (None: no repair)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -547,10 +549,11 @@ class Projection:
 
     # -- tasks ------------------------------------------------------------------------------------
 
-    def task_enqueued(self, task: Task, now: float) -> None:
-        """Record a task the controller just enqueued; a TaskCompleted/TaskFailed ends it."""
+    def task_enqueued(self, task: Task, now: float, *, repair_policy: str | None = None) -> None:
+        """Record a task the controller just enqueued; a TaskCompleted/TaskFailed ends it.
+        ``repair_policy``: the policy whose repair limit the task counts against, if any."""
         self._tasks[task.id] = TaskInFlight(
-            task.id, task.kind, task.node, task.root, task.volume, now
+            task.id, task.kind, task.node, task.root, task.volume, now, repair_policy
         )
         self._tasks_by_cid.setdefault(task.root, set()).add(task.id)
 

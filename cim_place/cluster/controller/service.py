@@ -48,6 +48,7 @@ from cim_place.cluster.controller.rejections import Rejections
 from cim_place.cluster.controller.removal import Removals, expire_name_versions
 from cim_place.cluster.controller.status_api import StatusQueries
 from cim_place.cluster.controller.status_index import StatusIndex
+from cim_place.cluster.controller.repairs import RepairSlots
 from cim_place.cluster.events.readers import EventFeed, StoredEvent
 from cim_place.cluster.events.store import ensure_event_store, hub_size, nudge_sources
 from cim_place.cluster.events.types import (
@@ -77,6 +78,7 @@ from cim_place.placement.reconciler import (
     ObjectInfo,
     ReconcileInput,
     ReconcileResult,
+    is_repair,
     rebalance_candidates,
     reconcile,
 )
@@ -619,12 +621,17 @@ class Controller:
         inp = replace(inp, previous=await self.locations.get(cid))
         result = reconcile(inp)
         budget = self._budget()
+        slots = RepairSlots(self.projection.in_flight())
         postponed = False
         obj = inp.obj
+        policy = inp.policy
         for action in result.actions:
             if not self._acting:
                 return result  # deposed: not one more task
-            if not budget.allows(action.node, action.kind, obj.size):
+            repair = is_repair(action)
+            if not budget.allows(action.node, action.kind, obj.size) or (
+                repair and not slots.allows(policy)
+            ):
                 postponed = True
                 continue
             task = Task.create(
@@ -639,11 +646,14 @@ class Controller:
                 name=obj.name,
                 owner=obj.owner,
                 metadata=obj.metadata,
+                rate_limit=policy.repair_bandwidth if repair else None,
             )
             if self.projection.task(task.id) is not None:
                 continue
             await self._queue.enqueue(task)
-            self.projection.task_enqueued(task, now)
+            self.projection.task_enqueued(task, now, repair_policy=policy.name if repair else None)
+            if repair:
+                slots.take(policy)
             budget.take(action.node, action.kind, obj.size)
             self.metrics.tasks_queued.labels(action.kind).inc()
         if result.gone:

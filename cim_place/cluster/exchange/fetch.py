@@ -52,6 +52,7 @@ from cim_place.cluster.exchange.blocks import (
     encode_grant_request,
     encode_request,
 )
+from cim_place.cluster.exchange.ratelimit import BandwidthLimit, Throttle
 from cim_place.cluster.exchange.stream import Block, StreamClient
 from cim_place.cluster.nats.security import AccessDeniedError
 from cim_place.cluster.nats.subjects import Subjects
@@ -70,6 +71,7 @@ __all__ = [
     "Labels",
     "fetch_dag",
     "order_holders",
+    "request_timeout",
     "wait_for_holder",
 ]
 
@@ -92,11 +94,26 @@ _LOOKUP_CHUNK = 256
 # The size assumed for a block whose size no parent link told (the root, internal nodes).
 _UNKNOWN_SIZE = 1 << 20
 DEFAULT_TIMEOUT = 10.0
+MIN_TIMEOUT = 3.0
+"""The shortest wait for a reply :func:`request_timeout` gives: below it a busy but live holder
+(a loaded machine, a large block) would be taken for a dead one."""
 # A holder that fails this many requests in a row (timeouts, lost messages, refusals) is dropped.
 _MAX_HOLDER_FAILURES = 3
 # Blocks received on a stream whose verification and write may run in threads at once: enough to
 # keep the socket read while hashing, few enough to bound memory (blocks are at most 4 MiB).
 _VERIFY_AHEAD = 8
+
+
+def request_timeout(grace: float) -> float:
+    """The wait for each reply that lets a fetch leave a holder that stopped answering within
+    ``grace`` seconds (the heartbeat grace, :func:`cim_place.cluster.state.nodes.heartbeat_grace`).
+
+    A dead holder costs a fetch at most two waits: its stream grant request, then the NATS
+    request of the same batch. After that first failure the fetch asks the other holders for
+    everything (a holder with failed requests is asked again only when no other is left), so
+    the transfer goes on elsewhere. Hence half the grace, but never below ``MIN_TIMEOUT``.
+    """
+    return max(MIN_TIMEOUT, grace / 2)
 
 
 class BlockUnavailableError(TransportError):
@@ -149,6 +166,7 @@ class HolderStats:
     skipped: bool = False
     """True when the holder was dropped for the rest of the fetch."""
     reason: str = ""
+    """Why it was skipped; while it is not, why its last request failed ("" when none did)."""
     stream_blocks: int = 0
     """Of ``blocks``, those that came over the holder's block stream (the rest over NATS)."""
     stream_bytes: int = 0
@@ -209,31 +227,6 @@ def order_holders(holders: Sequence[Holder], near: Labels | None) -> list[list[H
     return [tiers[rank] for rank in sorted(tiers)]
 
 
-class BandwidthLimit:
-    """A token bucket: ``await limit.take(n)`` returns once ``n`` bytes fit in ``rate`` bytes/s.
-
-    Shareable between concurrent fetches of one agent so that their sum respects the limit.
-    """
-
-    def __init__(self, rate: float, *, burst: float | None = None) -> None:
-        if rate <= 0:
-            raise ValueError(f"bandwidth limit must be > 0 bytes/s, not {rate}")
-        self.rate = float(rate)
-        self.burst = float(burst if burst is not None else max(rate, 1 << 20))
-        self._tokens = self.burst
-        self._stamp = time.monotonic()
-        self._lock = asyncio.Lock()
-
-    async def take(self, amount: int) -> None:
-        async with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            self._tokens -= amount
-            if self._tokens < 0:
-                await asyncio.sleep(-self._tokens / self.rate)
-
-
 async def _in_thread(func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """``asyncio.to_thread`` that, when cancelled, still waits for the thread to finish.
 
@@ -260,6 +253,8 @@ class _Batch:
     missing: list[Cid] = field(default_factory=list)
     children: list[Cid] = field(default_factory=list)
     failed: str = ""
+    absent: bool = False
+    """The holder's subject has no responders (no agent serves it)."""
     corrupt: bool = False
     denied: str = ""
 
@@ -290,7 +285,7 @@ class _Fetch:
         subjects: Subjects,
         near: Labels | None,
         timeout: float,
-        bandwidth: BandwidthLimit | None,
+        bandwidth: Throttle | None,
         progress: Callable[[int, int], None] | None,
         stream: bool = True,
         stream_tls: ssl.SSLContext | None = None,
@@ -306,6 +301,11 @@ class _Fetch:
         self.window = max(1, window)
         self.batch = max(1, min(batch, MAX_REQUEST_CIDS))
         self.batch_bytes = max(1, batch_bytes)
+        if bandwidth is not None:
+            # A throttled fetch asks for about a quarter second of traffic per batch: what a
+            # holder sends on NATS is not flow controlled, so big batches would arrive at full
+            # speed and only wait in this process's buffers.
+            self.batch_bytes = min(self.batch_bytes, max(1, int(bandwidth.rate / 4)))
         # Expected block sizes from the parents' link sizes (exact for leaves), to fill batches
         # by bytes; an internal node's link size covers its subtree, so it is capped.
         self.sizes: dict[Cid, int] = {}
@@ -340,7 +340,11 @@ class _Fetch:
         yet asked for it, then among those whose request failed (timeouts pass)."""
         refused = self.refused.get(cid, set())
         failed = self.failed.get(cid, set())
-        for avoid in (refused | failed, refused):
+        # A holder whose last request failed (a timeout: it may be dead) is avoided for every
+        # CID, not only the ones it failed, while another holder can be asked: a dead peer then
+        # costs one timeout, not one per batch until it is skipped.
+        failing = {node for node, streak in self.streak.items() if streak}
+        for avoid in (refused | failed | failing, refused | failed, refused):
             for tier in self.tiers:
                 candidates = [h for h in tier if self._usable(h) and h.node not in avoid]
                 if candidates:
@@ -501,8 +505,11 @@ class _Fetch:
             self.walk.append(cid)
         if batch.failed:
             stats.failures += 1
+            if not stats.skipped:
+                stats.reason = batch.failed
             self.streak[batch.holder.node] = self.streak.get(batch.holder.node, 0) + 1
-            if self.streak[batch.holder.node] >= _MAX_HOLDER_FAILURES:
+            if batch.absent or self.streak[batch.holder.node] >= _MAX_HOLDER_FAILURES:
+                # No responders: no agent serves that node at all, asking again is pointless.
                 self._skip(batch.holder.node, f"{stats.failures} failed requests: {batch.failed}")
         else:
             self.streak[batch.holder.node] = 0
@@ -547,6 +554,7 @@ class _Fetch:
             batch.missing += rest.missing
             batch.children += rest.children
             batch.failed, batch.corrupt, batch.denied = rest.failed, rest.corrupt, rest.denied
+            batch.absent = rest.absent
         return batch
 
     # -- the block stream --
@@ -758,6 +766,7 @@ class _Fetch:
             if not data:
                 subject = self.subjects.block_get(batch.holder.node)
                 batch.failed = f"no agent serves {subject} (no responders)"
+                batch.absent = True
                 return
             if self.bandwidth is not None:
                 await self.bandwidth.take(len(data))
@@ -897,7 +906,7 @@ async def fetch_dag(
     subjects: Subjects | None = None,
     near: Labels | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-    bandwidth: BandwidthLimit | None = None,
+    bandwidth: Throttle | None = None,
     progress: Callable[[int, int], None] | None = None,
     stream: bool = True,
     stream_tls: ssl.SSLContext | None = None,

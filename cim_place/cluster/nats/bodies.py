@@ -22,7 +22,8 @@ Annotations and what they accept on the wire:
 
 A key may be absent when its field has a default (the default is used: an event store keeps old
 events, so a field added later must have one) or is optional (None). ``field(metadata=wire("k"))``
-puts a field under another key; ``wire(None)`` keeps it off the wire (it takes its default).
+puts a field under another key; ``wire(None)`` keeps it off the wire (it takes its default);
+``field(metadata=sparse())`` sends it only when it differs from its default.
 Values are checked with exact types: the DAG-CBOR decoder returns plain dicts, lists, str and
 int, and an exact test is what the controller can afford on every event.
 """
@@ -63,10 +64,11 @@ from cim_place.cluster.nats.fields import (
 from cim_place.objectstore.cid import Cid
 from cim_place.objectstore.dagcbor import Link, Value
 
-__all__ = ["BodyCodec", "Check", "CidLink", "MaxItems", "Size", "wire"]
+__all__ = ["BodyCodec", "Check", "CidLink", "MaxItems", "Size", "sparse", "wire"]
 
 T = TypeVar("T")
 _WIRE = "cim_place.wire"
+_SPARSE = "cim_place.sparse"
 _ABSENT: Any = object()
 
 
@@ -81,6 +83,12 @@ CidLink = Annotated[Cid, _AsLink]
 def wire(key: str | None) -> dict[str, str | None]:
     """Field metadata: travel under ``key`` instead of the field's name; None: do not travel."""
     return {_WIRE: key}
+
+
+def sparse() -> dict[str, bool]:
+    """Field metadata: the key is left out while the value is the field's default, so a field
+    added later changes no existing message's bytes (and readers that predate it see none)."""
+    return {_SPARSE: True}
 
 
 Compiled = tuple[Reader, "Writer | None", "tuple[str, str] | None"]
@@ -137,6 +145,9 @@ class BodyCodec(Generic[T]):
                 raise TypeError(f"{cls.__name__}.{spec.name} does not travel: give it a default")
         self.fields: tuple[_Field, ...] = tuple(fields)
         self.sent: tuple[_Field, ...] = tuple(f for f in fields if f.key)
+        self._sparse = frozenset(
+            spec.name for spec in dataclasses.fields(cls) if spec.metadata.get(_SPARSE)
+        )
         self._decode: Callable[[Mapping[str, Value], str], T] = self._generate(build=True)
         self._values: Callable[[Mapping[str, Value], str], tuple[Any, ...]] = self._generate(
             build=False
@@ -149,6 +160,8 @@ class BodyCodec(Generic[T]):
         out: dict[str, Value] = {}
         for f in self.sent:
             value = getattr(body, f.name)
+            if f.name in self._sparse and value == f.default:
+                continue
             out[f.key] = value if f.write is None else f.write(value)
         return out
 

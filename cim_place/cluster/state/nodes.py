@@ -31,6 +31,18 @@ from cim_place.runtime.lifecycle import cancel_and_wait
 
 NODE_TTL = 30.0
 """Seconds after its last heartbeat that a node's record expires (the bucket's TTL)."""
+LATE_BEATS = 3
+"""Heartbeats a node may miss before it is late (the controller's default ``late_after``:
+15 s at the default 5 s interval)."""
+
+
+def heartbeat_grace(interval: float) -> float:
+    """Seconds a node may stay silent before it counts as late: ``LATE_BEATS`` heartbeat
+    intervals, at most the record's TTL. A peer that does not answer for this long is treated
+    as gone by the block exchange too (:func:`cim_place.cluster.exchange.fetch.request_timeout`).
+    """
+    return min(NODE_TTL, LATE_BEATS * interval)
+
 
 _log = logging.getLogger(__name__)
 

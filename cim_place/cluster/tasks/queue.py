@@ -62,7 +62,7 @@ from nats.js.api import (
 )
 
 from cim_place.cluster.events.types import TaskCompleted, TaskFailed
-from cim_place.cluster.nats.bodies import BodyCodec, Check, CidLink, MaxItems, wire
+from cim_place.cluster.nats.bodies import BodyCodec, Check, CidLink, MaxItems, sparse, wire
 from cim_place.cluster.nats.envelope import (
     CORRELATION,
     MSG_ID,
@@ -193,6 +193,9 @@ class Task:
     """For fetch: the object's name, owner and metadata, recorded on the new replica's pin."""
     owner: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    rate_limit: int | None = field(default=None, metadata=sparse())
+    """Bytes/s the fetch of this task may use (a repair under a policy's ``repair.bandwidth``);
+    None: only the agent's own limit applies."""
 
     @classmethod
     def create(
@@ -209,6 +212,7 @@ class Task:
         name: str | None = None,
         owner: str = "",
         metadata: Mapping[str, str] | None = None,
+        rate_limit: int | None = None,
     ) -> Task:
         """A task with its deterministic id (see :func:`task_id`)."""
         return cls(
@@ -224,6 +228,7 @@ class Task:
             name=name,
             owner=owner,
             metadata=dict(metadata or {}),
+            rate_limit=rate_limit,
         )
 
     @property

@@ -22,6 +22,8 @@ import pytest
 from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.controller.service import Controller, ControllerConfig
+from cim_place.cluster.events.store import EventPublisher
+from cim_place.cluster.events.types import ObjectRemoved
 from cim_place.cluster.exchange.fetch import (
     BlockUnavailableError,
     Holder,
@@ -268,3 +270,40 @@ async def test_scrub_of_a_node_without_an_agent_exits_1(hub1: Hub) -> None:
     assert err.strip().splitlines() == [
         "error: nobody: no agent of node nobody answers (is it running?)"
     ]
+
+
+@pytest.mark.parametrize("digest", [True, False], ids=["next-digest", "fetch-answered"])
+async def test_a_forged_removal_is_corrected_while_the_node_holds_the_content(
+    domain: tuple[Hub, dict[str, Agent]], digest: bool
+) -> None:
+    """An ObjectRemoved for a copy n2 still holds (forged with n2's name, or stale) is believed
+    for a moment. n2's next inventory digest disagrees with the view, so n2 is asked and
+    announces the copy again; without a digest (agents here send one an hour), the fetch the
+    controller sends n2 to replace the copy finds it pinned and n2 announces it then (it used
+    to complete without an announcement, and the controller to ask again and again). Either
+    way the object is placed with n2's copy, which is never fetched again."""
+    hub, agents = domain
+    root, data = await add(hub, "durability-forged-removal")
+    await wait_for(hub, root, placed)
+    n2 = agents["n2"]
+    pin = n2.volumes["v0"].pins.get(root)
+    assert pin is not None
+    fetched_before = n2.metrics.bytes_fetched._value.get()
+    async with connected(n2.config.servers[0]) as nc:
+        publisher = EventPublisher(nc.jetstream(), "n2")
+        await publisher.publish_event(
+            ObjectRemoved(root=root, size=pin.size, blocks=pin.blocks, volume="v0", owner="")
+        )
+    if digest:
+        await n2.publish_inventory()
+    final = await wait_for(
+        hub,
+        root,
+        lambda s: (
+            placed(s) and any(loc.node == "n2" and loc.state == "pinned" for loc in s.locations)
+        ),
+    )
+    assert {loc.node for loc in final.locations} == {"n1", "n2", "n3"}
+    assert n2.volumes["v0"].pins.get(root) is not None
+    assert b"".join(n2.volumes["v0"].cat(root)) == data
+    assert n2.metrics.bytes_fetched._value.get() == fetched_before  # nothing moved again

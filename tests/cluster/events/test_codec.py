@@ -419,3 +419,14 @@ def test_a_bad_task_field_is_named(change: dict[str, Any], problem: str) -> None
     envelope = Envelope("t1", "t1", None, "x", Content("command", "DropObject", body))
     with pytest.raises(TaskFormatError, match=problem):
         decode_task(decode(envelope.encode()))
+
+
+def test_a_rate_limit_travels_only_when_set() -> None:
+    base = Task.create("repair", "n1", cid_of(b"x"), generation=2, holders=("n2",))
+    assert "rate_limit" not in base.body()
+    limited = Task.create(
+        "repair", "n1", cid_of(b"x"), generation=2, holders=("n2",), rate_limit=2 << 20
+    )
+    assert limited.body()["rate_limit"] == 2 << 20
+    assert decode_task(decode(task_envelope(limited).encode())) == limited
+    assert decode_task(decode(task_envelope(base).encode())).rate_limit is None

@@ -1,0 +1,121 @@
+"""``repair.bandwidth`` on real servers (a 1-server hub, two leaves with agents): a repair task
+carrying a rate limit moves its bytes at that rate.
+
+The figure the policy promises is measured from the transfer itself: the bytes the repair
+fetched and the seconds its fetch took, as the agent reports them in TaskCompleted. 8 MiB are
+repaired at 2 MiB/s (about 4 s), long enough for the bucket's small burst not to count.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
+from cim_place.cluster.agent.service import Agent
+from cim_place.cluster.events.readers import EventReader
+from cim_place.cluster.events.store import ensure_event_store
+from cim_place.cluster.events.types import TaskCompleted, parse_event
+from cim_place.cluster.exchange.fetch import wait_for_holder
+from cim_place.cluster.exchange.upload import upload
+from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.nats.subjects import Subjects
+from cim_place.cluster.tasks.queue import Task, TaskQueue, ensure_task_stream
+from cim_place.local.servers import Hub
+from cim_place.objectstore import dag
+from cim_place.objectstore.cid import RAW, codec_of
+from cim_place.objectstore.testdata import chacha_stream
+from cim_place.testing import LeafFactory, until
+
+pytestmark = pytest.mark.timeout(180)
+
+MiB = 1 << 20
+SIZE = 8 * MiB + 3
+LIMIT = 2 * MiB
+
+
+def config(name: str, url: str, tmp: Path, zone: str) -> AgentConfig:
+    return AgentConfig(
+        node=name,
+        volumes=(VolumeConfig("v0", tmp / name / "v0"),),
+        servers=(url,),
+        labels={"region": "eu", "zone": zone, "host": name},
+        heartbeat=0.5,
+        inventory=3600,
+        scrub_interval=3600 * 24,
+    )
+
+
+@pytest.fixture
+async def agents(
+    hub1: Hub, leaf_factory: LeafFactory, tmp_path: Path
+) -> AsyncIterator[tuple[Hub, Agent, Agent]]:
+    leaf_a = leaf_factory("node-a")
+    leaf_b = leaf_factory("node-b")
+    async with connected(hub1.url) as nc:
+        js_hub = jetstream(nc, "hub")
+        await ensure_event_store(js_hub, replicas=1)
+        await ensure_task_stream(js_hub, 1)
+    agent_a = Agent(config("node-a", leaf_a.url, tmp_path, "z1"), fsync="none")
+    agent_b = Agent(config("node-b", leaf_b.url, tmp_path, "z2"), fsync="none")
+    await agent_a.start()
+    await agent_b.start()
+    try:
+        yield hub1, agent_a, agent_b
+    finally:
+        await agent_a.stop(grace=1)
+        await agent_b.stop(grace=1)
+
+
+async def completed_repairs(js_hub: object, want: int) -> list[TaskCompleted]:
+    reader = EventReader(js_hub, filter_subject=Subjects().events_of_type("TaskCompleted"))
+    done: list[TaskCompleted] = []
+    try:
+        for _ in range(180):  # a hang guard: the repair itself takes about 4 s
+            for envelope in await reader.fetch(timeout=0.5):
+                event = parse_event(envelope)
+                if isinstance(event, TaskCompleted) and event.action == "repair":
+                    done.append(event)
+            if len(done) >= want:
+                return done
+    finally:
+        await reader.close()
+    raise AssertionError(f"only {len(done)} of {want} repair tasks completed")
+
+
+async def test_a_repair_moves_its_bytes_at_the_policy_bandwidth(
+    agents: tuple[Hub, Agent, Agent],
+) -> None:
+    hub, _, agent_b = agents
+    data = chacha_stream("repair-bandwidth", SIZE).read()
+    async with connected(hub.url) as nc:
+        js_hub = jetstream(nc, "hub")
+        assert await wait_for_holder(nc, "node-a", timeout=10)
+        root = (await upload(nc, "node-a", io.BytesIO(data), size=SIZE)).cid
+        queue = TaskQueue(js_hub)
+        await queue.enqueue(Task.create("fetch", "node-b", root, generation=1, holders=["node-a"]))
+        await until(lambda: agent_b.pinned_on(root) is not None, "node-b holds the object")
+
+        # Every leaf of node-b's replica is lost: the repair fetches the whole content again.
+        store_b = agent_b.volumes["v0"]
+        leaves = [c for c in dag.walk_cids(store_b.blocks, root) if codec_of(c) == RAW]
+        for leaf in leaves:
+            os.unlink(store_b.blocks.block_path(leaf))
+        await queue.enqueue(
+            Task.create(
+                "repair", "node-b", root, generation=2, holders=["node-a"], rate_limit=LIMIT
+            )
+        )
+        (repair,) = await completed_repairs(js_hub, 1)
+    assert b"".join(store_b.cat(root)) == data
+    moved = repair.result["bytes_fetched"]
+    seconds = repair.result["fetch_seconds"]
+    assert isinstance(moved, int) and isinstance(seconds, float)
+    assert moved >= 8 * MiB
+    rate = moved / seconds
+    print(f"repair moved {moved} bytes in {seconds:.3f} s: {rate / MiB:.3f} MiB/s, limit 2 MiB/s")
+    assert 0.9 * LIMIT <= rate <= 1.1 * LIMIT
