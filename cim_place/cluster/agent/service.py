@@ -300,7 +300,8 @@ class Agent:
     def _record_read(self, root: Cid, requester: str | None, size: int) -> None:
         """A read served here to a client of this node (the gateway): demand at this node."""
         if self.demand is not None:
-            self.demand.record_read(root, self.node, requester or "", size)
+            local = self._pin_of(root) is not None
+            self.demand.record_read(root, self.node, requester or "", size, local)
 
     def _stream_server_tls(self) -> ssl.SSLContext | None:
         cert, key = self.config.stream_tls_cert, self.config.stream_tls_key
@@ -386,6 +387,8 @@ class Agent:
                 demand_reads=self.demand.reads_recorded,
                 demand_dropped=self.demand.reads_dropped,
                 demand_reports=self.demand.reports_sent,
+                read_local=self.demand.bytes_local,
+                read_remote=self.demand.bytes_remote,
             )
         delta = {key: max(0, value - self._synced.get(key, 0)) for key, value in current.items()}
         self._synced = current
@@ -395,6 +398,8 @@ class Agent:
         self.metrics.demand_reads.inc(delta.get("demand_reads", 0))
         self.metrics.demand_reads_dropped.inc(delta.get("demand_dropped", 0))
         self.metrics.demand_reports.inc(delta.get("demand_reports", 0))
+        self.metrics.read_bytes.labels("local").inc(delta.get("read_local", 0))
+        self.metrics.read_bytes.labels("remote").inc(delta.get("read_remote", 0))
         for service in ("blocks", "has", "upload", "tasks"):
             self.metrics.malformed_messages.labels(service).inc(
                 delta.get(f"malformed_{service}", 0)

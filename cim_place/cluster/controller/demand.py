@@ -9,6 +9,7 @@ counted and dropped, never fatal, like a bad event. Deciding on the counts is th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -32,6 +33,8 @@ class DemandIntake:
         self.received = 0
         self.refused = 0
         self.last_report: DemandReport | None = None
+        self.on_report: Callable[[DemandReport], None] | None = None
+        """Told of each report once folded in (the controller's demand decisions)."""
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -58,3 +61,5 @@ class DemandIntake:
         self.window.add(report)
         self.received += 1
         self.last_report = report
+        if self.on_report is not None:
+            self.on_report(report)

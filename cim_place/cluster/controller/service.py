@@ -39,6 +39,7 @@ from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from cim_place.cluster.controller.cached import CachedCopies
 from cim_place.cluster.controller.demand import DemandIntake
 from cim_place.cluster.controller.drift import reconcile_drift
 from cim_place.cluster.controller.inventory import InventoryCheck
@@ -67,6 +68,7 @@ from cim_place.cluster.state.policies import watch_policies
 from cim_place.cluster.tasks.queue import Task, TaskQueue, ensure_task_stream
 from cim_place.errors import CimPlaceError, PolicyError, TransportError
 from cim_place.objectstore.cid import Cid, to_str
+from cim_place.placement.demand_reconcile import required_input
 from cim_place.placement.demand_window import DemandWindow
 from cim_place.placement.model import NodeMap, PlacedObject
 from cim_place.placement.reconciler import (
@@ -145,7 +147,14 @@ class Controller:
         self.rejections = Rejections(self.metrics.registry, prefix=config.prefix)
         self.projection.on_reject = self.rejections.event
         self.nc: Client | None = None
-        self.demand_window = DemandWindow(horizon=3600.0, slot=60.0)
+        # Demand-driven cached copies (docs/DEMAND.md): the ledger, decisions and their tasks.
+        self.cached = CachedCopies(
+            self.projection,
+            self.metrics.registry,
+            self.mark,
+            identity=self.identity,
+            max_fetches_per_node=config.max_tasks_per_node,
+        )
         self.demand: DemandIntake | None = None
         self.js: JetStreamContext | None = None
         self.locations: LocationStore | None = None
@@ -210,8 +219,9 @@ class Controller:
         )
         await self.inventory.open()
 
-        # Read counts from the agents (docs/DEMAND.md); nothing decides on them yet.
+        # Read counts from the agents (docs/DEMAND.md); each report marks objects to decide.
         self.demand = DemandIntake(nc, self.subjects, self.demand_window)
+        self.demand.on_report = self.cached.on_report
         await self.demand.start()
 
         self.election = LeaderElection(
@@ -231,6 +241,9 @@ class Controller:
             asyncio.create_task(self._liveness_loop(), name="cim-place-controller-liveness"),
             asyncio.create_task(self._summary_loop(), name="cim-place-controller-summary"),
             asyncio.create_task(self.inventory.run(), name="cim-place-controller-inventory"),
+            asyncio.create_task(
+                self.cached.sweep_loop(self.cached.sweep_every), name="cim-place-controller-cached"
+            ),
         ]
         self._scheduler = AsyncIOScheduler()
         self._scheduler.add_job(
@@ -271,6 +284,10 @@ class Controller:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    @property
+    def demand_window(self) -> DemandWindow:
+        return self.cached.window
 
     @property
     def is_leader(self) -> bool:
@@ -407,6 +424,8 @@ class Controller:
             except PolicyError as exc:
                 _log.error("policy %s cannot be used: %s", policy.name, exc)
         self._compiled = compiled
+        if self.cached.set_policies(policies) and self.demand is not None:
+            self.demand.window = self.cached.window
         self.mark(self.projection.set_policies(policies))
 
     async def _watch_nodes(self) -> None:
@@ -602,7 +621,9 @@ class Controller:
         if inp is None:
             return None
         inp = replace(inp, previous=await self.locations.get(cid))
-        result = reconcile(inp)
+        # Cached copies and demand tasks are invisible to the reconciler (cached.py).
+        cached = self.cached.volumes(cid, inp)
+        result = reconcile(required_input(inp, cached))
         budget = self._budget()
         postponed = False
         obj = inp.obj
@@ -631,6 +652,9 @@ class Controller:
             self.projection.task_enqueued(task, now)
             budget.take(action.node, action.kind, obj.size)
             self.metrics.tasks_queued.labels(action.kind).inc()
+        if self._acting and not result.gone:
+            await self.cached.act(self._queue, cid, inp, result, now, lambda: self._acting)
+            result = self.cached.status(cid, result, inp.node_map)
         if result.gone:
             # Expired and every copy dropped: it leaves the listing and the projection.
             if self._acting:
@@ -699,6 +723,7 @@ class Controller:
                 continue
             policy = self.policy_for(_facts(cid, view))
             volumes = frozenset(f"{node}/{volume}" for node, volume in view.replicas)
+            volumes -= self.cached.occupied(cid)
             by_policy.setdefault(policy.name, []).append((PlacedObject(cid, view.size), volumes))
         started = 0
         for name, objects in by_policy.items():
