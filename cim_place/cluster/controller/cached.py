@@ -189,9 +189,14 @@ class CachedCopies:
         self.mark(self.ledger.objects() | {key[0] for key in self.pending})
 
     async def sweep_loop(self, every: Callable[[], float]) -> None:
+        # Looks every second whether a sweep is due: the period follows the policies applied
+        # (none at start), so sleeping a whole period computed earlier could wait too long.
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(every())
-            self.sweep()
+            await asyncio.sleep(1.0)
+            if time.monotonic() - last >= every():
+                last = time.monotonic()
+                self.sweep()
 
     def sweep_every(self) -> float:
         """A quarter of the shortest ``keep``, between 1 s and 60 s."""
