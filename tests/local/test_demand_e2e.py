@@ -164,6 +164,7 @@ async def test_a_read_object_gains_a_cached_copy_that_goes_when_reads_stop(
                     after = time.monotonic()
                     for _ in range(3):
                         await read()
+                    last_read = time.monotonic()
 
                     def later() -> list[DemandReport]:
                         return [r for at, r in reports if at > after]
@@ -173,7 +174,6 @@ async def test_a_read_object_gains_a_cached_copy_that_goes_when_reads_stop(
                     )
                     assert sum(r.remote_bytes for r in later()) == 0
                     assert sum(r.remote_bytes for _, r in reports) >= 5 * SIZE
-                    last_read = time.monotonic()
 
                     # Nobody reads it any more: the cached copy goes after keep.
                     await wait_for(lambda: not cached(current["status"]), "drop of the copy")
