@@ -29,14 +29,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
+from cim_place.cluster.controller.demand import (
+    DEFAULT_HORIZON,
+    DEFAULT_SLOT,
+    DemandMetrics,
+    window_shape,
+)
 from cim_place.cluster.controller.projection import Projection
 from cim_place.cluster.tasks.queue import Task, TaskQueue
 from cim_place.objectstore.cid import Cid
@@ -55,64 +60,13 @@ from cim_place.placement.reconciler import ReconcileInput, ReconcileResult
 from cim_place.placement.status import Location
 from cim_place.policies.model import PolicySet
 
-__all__ = ["DEMAND_GENERATION", "CachedCopies", "DemandMetrics", "window_shape"]
+__all__ = ["DEMAND_GENERATION", "CachedCopies"]
 
 _log = logging.getLogger(__name__)
 
 DEMAND_GENERATION = 1 << 48
 """Added to an object's event sequence for the generation of a demand task: the reconciler's
 generations stay far below, so the two never derive the same task id."""
-
-DEFAULT_HORIZON = 3600.0
-DEFAULT_SLOT = 60.0
-
-
-def window_shape(rules: Iterable[DemandRule]) -> tuple[float, float]:
-    """``(horizon, slot)`` of the controller's window for the applied rules: the horizon is the
-    longest ``window`` (at least one slot), the slot a tenth of the shortest window, between 1 s
-    and 60 s (a 10 s window counted in 60 s slots would forget reads at every minute)."""
-    windows = [r.window for r in rules]
-    if not windows:
-        return DEFAULT_HORIZON, DEFAULT_SLOT
-    slot = min(DEFAULT_SLOT, max(1.0, math.floor(min(windows) / 10)))
-    return max(max(windows), slot), slot
-
-
-class DemandMetrics:
-    """The controller's demand counters (docs/DEMAND.md, deploy/grafana)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.reports = Counter(
-            "cim_place_controller_demand_reports", "Demand reports folded in.", registry=r
-        )
-        self.reads = Counter(
-            "cim_place_controller_demand_reads", "Reads counted in demand reports.", registry=r
-        )
-        self.decisions = Counter(
-            "cim_place_controller_demand_decisions", "Demand decisions taken.", registry=r
-        )
-        self.added = Counter(
-            "cim_place_controller_cached_added", "Cached copies confirmed.", registry=r
-        )
-        self.dropped = Counter(
-            "cim_place_controller_cached_dropped",
-            "Cached copies gone (dropped, evicted or lost).",
-            ["reason"],
-            registry=r,
-        )
-        self.cached = Gauge(
-            "cim_place_controller_cached_copies", "Cached copies in the domain.", registry=r
-        )
-        self.cached_bytes = Gauge(
-            "cim_place_controller_cached_bytes", "Bytes of cached copies.", registry=r
-        )
-        self.read_bytes = Counter(
-            "cim_place_controller_read_bytes",
-            "Bytes read by clients per serving node, from a local copy or fetched from others.",
-            ["node", "source"],
-            registry=r,
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,24 +3,79 @@
 Each report is validated before it touches the window (an envelope carrying a
 ``DemandReported`` event whose reporter is the node of the subject it came on); a bad one is
 counted and dropped, never fatal, like a bad event. Deciding on the counts is the pure
-:func:`cim_place.placement.demand.decide`.
+:func:`cim_place.placement.demand.decide`, driven by :mod:`cim_place.cluster.controller.cached`;
+the shape of the window and the demand metrics are here.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from cim_place.cluster.nats.envelope import EnvelopeError, decode
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import PlacementError
+from cim_place.placement.demand import DemandRule
 from cim_place.placement.demand_window import DEMAND_REPORTED, DemandReport, DemandWindow
 
 log = logging.getLogger(__name__)
+
+DEFAULT_HORIZON = 3600.0
+DEFAULT_SLOT = 60.0
+
+
+def window_shape(rules: Iterable[DemandRule]) -> tuple[float, float]:
+    """``(horizon, slot)`` of the controller's window for the applied rules: the horizon is the
+    longest ``window`` (at least one slot), the slot a tenth of the shortest window, between 1 s
+    and 60 s (a 10 s window counted in 60 s slots would forget reads at every minute)."""
+    windows = [r.window for r in rules]
+    if not windows:
+        return DEFAULT_HORIZON, DEFAULT_SLOT
+    slot = min(DEFAULT_SLOT, max(1.0, math.floor(min(windows) / 10)))
+    return max(max(windows), slot), slot
+
+
+class DemandMetrics:
+    """The controller's demand counters (docs/DEMAND.md, deploy/grafana)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.reports = Counter(
+            "cim_place_controller_demand_reports", "Demand reports folded in.", registry=r
+        )
+        self.reads = Counter(
+            "cim_place_controller_demand_reads", "Reads counted in demand reports.", registry=r
+        )
+        self.decisions = Counter(
+            "cim_place_controller_demand_decisions", "Demand decisions taken.", registry=r
+        )
+        self.added = Counter(
+            "cim_place_controller_cached_added", "Cached copies confirmed.", registry=r
+        )
+        self.dropped = Counter(
+            "cim_place_controller_cached_dropped",
+            "Cached copies gone (dropped, evicted or lost).",
+            ["reason"],
+            registry=r,
+        )
+        self.cached = Gauge(
+            "cim_place_controller_cached_copies", "Cached copies in the domain.", registry=r
+        )
+        self.cached_bytes = Gauge(
+            "cim_place_controller_cached_bytes", "Bytes of cached copies.", registry=r
+        )
+        self.read_bytes = Counter(
+            "cim_place_controller_read_bytes",
+            "Bytes read by clients per serving node, from a local copy or fetched from others.",
+            ["node", "source"],
+            registry=r,
+        )
 
 
 class DemandIntake:
