@@ -142,7 +142,9 @@ class CachedCopies:
         """Mark every object holding cached copies or demand tasks (``keep`` runs out)."""
         self.mark(self.ledger.objects() | {key[0] for key in self.pending})
 
-    async def sweep_loop(self, every: Callable[[], float]) -> None:
+    async def sweep_loop(
+        self, every: Callable[[], float], also: Callable[[], None] | None = None
+    ) -> None:
         # Looks every second whether a sweep is due: the period follows the policies applied
         # (none at start), so sleeping a whole period computed earlier could wait too long.
         last = time.monotonic()
@@ -151,11 +153,17 @@ class CachedCopies:
             if time.monotonic() - last >= every():
                 last = time.monotonic()
                 self.sweep()
+                if also is not None:
+                    try:
+                        also()
+                    except Exception:  # a bug must not stop the sweeps
+                        _log.exception("after the demand sweep")
 
     def sweep_every(self) -> float:
-        """A quarter of the shortest ``keep``, between 1 s and 60 s."""
+        """A quarter of the shortest ``keep``, between 1 s and 60 s (10 s without demand rules:
+        the service consumers are looked at on the same beat)."""
         if not self.rules:
-            return 60.0
+            return 10.0
         return min(60.0, max(1.0, min(r.keep for r in self.rules.values()) / 4))
 
     # -- the reconciler's side ---------------------------------------------------------------

@@ -43,6 +43,7 @@ from cim_place.cluster.controller.cached import CachedCopies
 from cim_place.cluster.controller.demand import DemandIntake
 from cim_place.cluster.controller.drift import reconcile_drift
 from cim_place.cluster.controller.inventory import InventoryCheck
+from cim_place.cluster.controller.located import LocatedConsumers
 from cim_place.cluster.controller.metrics import ControllerMetrics
 from cim_place.cluster.controller.projection import ObjectView, Projection
 from cim_place.cluster.controller.rejections import Rejections
@@ -155,6 +156,7 @@ class Controller:
             identity=self.identity,
             max_fetches_per_node=config.max_tasks_per_node,
         )
+        self.located = LocatedConsumers()
         self.demand: DemandIntake | None = None
         self.js: JetStreamContext | None = None
         self.locations: LocationStore | None = None
@@ -242,7 +244,8 @@ class Controller:
             asyncio.create_task(self._summary_loop(), name="cim-place-controller-summary"),
             asyncio.create_task(self.inventory.run(), name="cim-place-controller-inventory"),
             asyncio.create_task(
-                self.cached.sweep_loop(self.cached.sweep_every), name="cim-place-controller-cached"
+                self.cached.sweep_loop(self.cached.sweep_every, self._relocate_consumers),
+                name="cim-place-controller-cached",
             ),
         ]
         self._scheduler = AsyncIOScheduler()
@@ -417,16 +420,26 @@ class Controller:
             await asyncio.sleep(1.0)
 
     def _set_policies(self, policies: PolicySet) -> None:
+        if self.cached.set_policies(policies) and self.demand is not None:
+            self.demand.window = self.cached.window
+        now = time.time()
+        # Consumers declared by service are where their reads come from (located.py).
+        consumers = self.located.consumers(policies, self.demand_window, self.node_map(now), now)
         compiled: dict[str, CompiledPolicy] = {}
         for policy in (*policies.policies, BUILTIN_DEFAULT):
             try:
-                compiled[policy.name] = compile_policy(policy, policies.consumers)
+                compiled[policy.name] = compile_policy(policy, consumers)
             except PolicyError as exc:
                 _log.error("policy %s cannot be used: %s", policy.name, exc)
         self._compiled = compiled
-        if self.cached.set_policies(policies) and self.demand is not None:
-            self.demand.window = self.cached.window
         self.mark(self.projection.set_policies(policies))
+
+    def _relocate_consumers(self) -> None:
+        """A service consumer that moved: compile again and look at every object."""
+        policies, now = self.projection.policies, time.time()
+        if self.located.moved(policies, self.demand_window, self.node_map(now), now):
+            self._set_policies(policies)
+            self.mark(self.projection.cids())
 
     async def _watch_nodes(self) -> None:
         # Heartbeats change every few seconds; polling the bucket costs one keys() + gets and

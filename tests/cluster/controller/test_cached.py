@@ -20,7 +20,7 @@ from cim_place.placement.demand_cache import CachedCopy
 from cim_place.placement.demand_reconcile import required_input
 from cim_place.placement.demand_window import DemandReport, ReadCount, ReadRecorder
 from cim_place.placement.reconciler import Drop, reconcile
-from cim_place.policies.model import Demand, Policy, PolicySet, Replicas
+from cim_place.policies.model import Consumer, Demand, Locality, Policy, PolicySet, Replicas
 
 A = make_cid(RAW, b"a hot object")
 NODES = {"n1": "z1", "n2": "z2", "n3": "z3", "n4": "z1", "n5": "z2"}
@@ -131,3 +131,36 @@ def test_a_cached_copy_is_kept_out_of_the_reconciler_and_dropped_after_keep() ->
     inp2 = replace(inp2, previous=status)
     assert again.cached.volumes(A, inp2) == {volume}
     assert again.cached.ledger.get(A, volume) is not None
+
+
+def test_a_service_consumer_is_where_its_reads_come_from() -> None:
+    now = time.time()
+    c = controller(now)
+    shop = Consumer("shop", {}, service="shop-web")
+    near = Policy(name="p", replicas=Replicas(3, 3), locality=Locality(near=("shop",)))
+    policies = PolicySet(policies=(near,), consumers=(shop,))
+    c._set_policies(policies)
+    # No reads yet: the consumer has no place, so it places nothing.
+    assert c._compiled["p"].rule.locality is None
+    assert not c.located.moved(policies, c.demand_window, c.node_map(now), now)
+
+    def read_from(node: str, reads: int) -> None:
+        count = ReadCount(A, node, "shop-web", reads, 100 * reads, now)
+        c.demand_window.add(DemandReport(node, now - 1, now, (count,)))
+
+    read_from("n4", 9)
+    c._relocate_consumers()
+    assert c.located.where == {"shop": "n4"}
+    locality = c._compiled["p"].rule.locality
+    assert locality is not None and "n4" in str(locality)
+
+    # A few reads from n5 do not move it (hysteresis); the site moving there does.
+    read_from("n5", 12)
+    c._relocate_consumers()
+    assert c.located.where == {"shop": "n4"}
+    read_from("n5", 12)
+    assert c.located.moved(policies, c.demand_window, c.node_map(now), now)
+    c._relocate_consumers()
+    assert c.located.where == {"shop": "n5"}
+    locality = c._compiled["p"].rule.locality
+    assert locality is not None and "n5" in str(locality) and "n4" not in str(locality)
