@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 from nats.aio.msg import Msg
 
+from cim_place.cli.placing import place_in_domain
 from cim_place.cluster.exchange.upload import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import decode
@@ -35,6 +36,7 @@ from cim_place.local.domain import LocalDomain
 from cim_place.objectstore.testdata import chacha_stream
 from cim_place.placement.demand_window import DemandReport
 from cim_place.placement.status import ObjectStatus
+from cim_place.policies.selectors import ObjectFacts
 from cim_place.policies.validate import load_text
 
 pytestmark = pytest.mark.nats
@@ -159,6 +161,13 @@ async def test_a_read_object_gains_a_cached_copy_that_goes_when_reads_stop(
                     status = current["status"]
                     assert status is not None and status.state == "placed"
                     assert (status.pinned, status.desired) == (3, 3)
+                    # `policy explain` names it, outside the placement.
+                    applied = await store.load()
+                    found = await place_in_domain(js, cid, ObjectFacts(cid=cid), applied.policy_set)
+                    assert found.placing is not None
+                    assert found.placing.cached == (("leaf-5/v0", cause),)
+                    assert {v.split("/")[0] for v in found.placing.desired} == REQUIRED
+                    assert "cached on leaf-5/v0" in found.placing.render()
 
                     # Reads through leaf-5 now come from its own copy.
                     after = time.monotonic()
