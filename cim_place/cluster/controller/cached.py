@@ -64,6 +64,9 @@ __all__ = ["DEMAND_GENERATION", "CachedCopies"]
 
 _log = logging.getLogger(__name__)
 
+_MAX_EXPLAINED = 10_000
+"""Last decisions kept for explain (objects with cached copies or unmet demand)."""
+
 DEMAND_GENERATION = 1 << 48
 """Added to an object's event sequence for the generation of a demand task: the reconciler's
 generations stay far below, so the two never derive the same task id."""
@@ -99,7 +102,6 @@ class CachedCopies:
         self.rules: dict[str, DemandRule] = {}
         self.window = DemandWindow(horizon=DEFAULT_HORIZON, slot=DEFAULT_SLOT)
         self.last_decision: dict[Cid, DemandDecision] = {}
-        self._recovered: set[Cid] = set()
         self._contexts: dict[str, tuple[NodeMap, DemandContext]] = {}
 
     # -- policies and reports ----------------------------------------------------------------
@@ -170,9 +172,11 @@ class CachedCopies:
 
     def volumes(self, cid: Cid, inp: ReconcileInput) -> frozenset[VolumeId]:
         """Every volume of ``cid`` that a cached copy or a demand task occupies, after bringing
-        the ledger up to date with the confirmed replicas (on the first call per object, the
-        status last written names the cached copies a previous controller made). A removed or
-        expired object has none: the reconciler then drops every copy, cached ones included."""
+        the ledger up to date with the confirmed replicas. The status last written names the
+        cached copies: one still a replica but not in the ledger was made by a previous
+        controller (a copy leaves the ledger only once its replica is gone, or when adopted,
+        and the status written then no longer lists it). A removed or expired object has none:
+        the reconciler then drops every copy, cached ones included."""
         policy = inp.policy
         if inp.removed is not None or (
             policy.expire_after is not None and inp.now - inp.obj.first_seen > policy.expire_after
@@ -185,9 +189,7 @@ class CachedCopies:
         replicas = inp.confirmed
         previous_locations = inp.previous.locations if inp.previous is not None else ()
         present = {f"{node}/{volume}" for node, volume in replicas}
-        if cid not in self._recovered:
-            self._recovered.add(cid)
-            self._recover(cid, present, previous_locations)
+        self._recover(cid, present, previous_locations)
         for volume in {v for c, v in self.pending if c == cid}:
             pending = self.pending[(cid, volume)]
             running = self.projection.task(pending.task_id) is not None
@@ -286,7 +288,14 @@ class CachedCopies:
                     *(f"{a.locus}: waits for placed" for a in decision.add),
                 ),
             )
-        self.last_decision[cid] = decision
+        # Kept for explain while there is something to say; bounded, oldest first out.
+        if decision.add or decision.drop or decision.refresh or decision.skipped:
+            self.last_decision.pop(cid, None)
+            self.last_decision[cid] = decision
+            if len(self.last_decision) > _MAX_EXPLAINED:
+                del self.last_decision[next(iter(self.last_decision))]
+        else:
+            self.last_decision.pop(cid, None)
         return decision
 
     async def act(
