@@ -34,14 +34,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from prometheus_client import CollectorRegistry
-
 from cim_place.cluster.controller.demand import (
     DEFAULT_HORIZON,
     DEFAULT_SLOT,
-    DemandMetrics,
     window_shape,
 )
+from cim_place.cluster.controller.metrics import ControllerMetrics
 from cim_place.cluster.controller.projection import Projection
 from cim_place.cluster.tasks.queue import Task, TaskQueue
 from cim_place.objectstore.cid import Cid
@@ -86,14 +84,14 @@ class CachedCopies:
     def __init__(
         self,
         projection: Projection,
-        registry: CollectorRegistry,
+        metrics: ControllerMetrics,
         mark: Callable[[Iterable[Cid]], None],
         *,
         identity: str = "",
         max_fetches_per_node: int = 16,
     ) -> None:
         self.projection = projection
-        self.metrics = DemandMetrics(registry)
+        self.metrics = metrics
         self.mark = mark
         self.identity = identity
         self.max_fetches_per_node = max_fetches_per_node
@@ -119,7 +117,7 @@ class CachedCopies:
 
     def on_report(self, report: DemandReport) -> None:
         """After a report was folded into the window: mark the objects worth a decision."""
-        self.metrics.reports.inc()
+        self.metrics.demand_reports.inc()
         local = report.local_bytes
         remote = report.remote_bytes
         if local:
@@ -131,7 +129,7 @@ class CachedCopies:
         least = min(r.min_reads for r in self.rules.values())
         due = []
         for count in report.counts:
-            self.metrics.reads.inc(count.reads)
+            self.metrics.demand_reads.inc(count.reads)
             cid = count.cid
             if cid not in self.projection:
                 continue
@@ -197,7 +195,7 @@ class CachedCopies:
                 if volume in present:
                     del self.pending[(cid, volume)]
                     self.ledger.put(pending.copy)
-                    self.metrics.added.inc()
+                    self.metrics.cached_added.inc()
                     _log.info(
                         "cached copy of %s on %s: %s", cid.hex()[:16], volume, pending.copy.cause
                     )
@@ -232,11 +230,11 @@ class CachedCopies:
     def _gone(self, cid: Cid, volume: VolumeId, reason: str) -> None:
         if self.ledger.get(cid, volume) is not None:
             self.ledger.remove(cid, volume)
-            self.metrics.dropped.labels(_reason_label(reason)).inc()
+            self.metrics.cached_dropped.labels(_reason_label(reason)).inc()
             _log.info("cached copy of %s on %s gone: %s", cid.hex()[:16], volume, reason)
 
     def _gauges(self) -> None:
-        self.metrics.cached.set(len(self.ledger))
+        self.metrics.cached_copies.set(len(self.ledger))
         self.metrics.cached_bytes.set(self.ledger.total())
 
     def status(self, cid: Cid, result: ReconcileResult, node_map: NodeMap) -> ReconcileResult:
@@ -312,7 +310,7 @@ class CachedCopies:
         if decision is None:
             return 0
         if decision.add or decision.drop:
-            self.metrics.decisions.inc()
+            self.metrics.demand_decisions.inc()
         for copy in decision.adopted:
             self.ledger.remove(copy.cid, copy.volume)
         for copy in decision.refresh:

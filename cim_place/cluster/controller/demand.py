@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from cim_place.cluster.nats.envelope import EnvelopeError, decode
 from cim_place.cluster.nats.subjects import Subjects
@@ -39,43 +38,6 @@ def window_shape(rules: Iterable[DemandRule]) -> tuple[float, float]:
         return DEFAULT_HORIZON, DEFAULT_SLOT
     slot = min(DEFAULT_SLOT, max(1.0, math.floor(min(windows) / 10)))
     return max(max(windows), slot), slot
-
-
-class DemandMetrics:
-    """The controller's demand counters (docs/DEMAND.md, deploy/grafana)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.reports = Counter(
-            "cim_place_controller_demand_reports", "Demand reports folded in.", registry=r
-        )
-        self.reads = Counter(
-            "cim_place_controller_demand_reads", "Reads counted in demand reports.", registry=r
-        )
-        self.decisions = Counter(
-            "cim_place_controller_demand_decisions", "Demand decisions taken.", registry=r
-        )
-        self.added = Counter(
-            "cim_place_controller_cached_added", "Cached copies confirmed.", registry=r
-        )
-        self.dropped = Counter(
-            "cim_place_controller_cached_dropped",
-            "Cached copies gone (dropped, evicted or lost).",
-            ["reason"],
-            registry=r,
-        )
-        self.cached = Gauge(
-            "cim_place_controller_cached_copies", "Cached copies in the domain.", registry=r
-        )
-        self.cached_bytes = Gauge(
-            "cim_place_controller_cached_bytes", "Bytes of cached copies.", registry=r
-        )
-        self.read_bytes = Counter(
-            "cim_place_controller_read_bytes",
-            "Bytes read by clients per serving node, from a local copy or fetched from others.",
-            ["node", "source"],
-            registry=r,
-        )
 
 
 class DemandIntake:

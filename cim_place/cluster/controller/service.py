@@ -151,7 +151,7 @@ class Controller:
         # Demand-driven cached copies (docs/DEMAND.md): the ledger, decisions and their tasks.
         self.cached = CachedCopies(
             self.projection,
-            self.metrics.registry,
+            self.metrics,
             self.mark,
             identity=self.identity,
             max_fetches_per_node=config.max_tasks_per_node,
