@@ -34,6 +34,8 @@ class Placing:
     degraded: tuple[str, ...]
     cached: tuple[tuple[str, str], ...] = ()
     """Cached copies (volume, the demand that caused it): never part of the placement."""
+    demand: tuple[str, ...] = ()
+    """The leading controller's reads and last demand decision (``api.demand``), in words."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -52,6 +54,7 @@ class Placing:
             ],
             "degraded": list(self.degraded),
             "cached": [{"volume": volume, "cause": cause} for volume, cause in self.cached],
+            "demand": list(self.demand),
         }
 
     def render(self) -> str:
@@ -67,6 +70,9 @@ class Placing:
             "the policy's copies; dropped when the reads stop)"
             for volume, cause in self.cached
         ]
+        if self.demand:
+            lines += ["", "demand (the leading controller):"]
+            lines += [f"  {line}" for line in self.demand]
         return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from cim_place.cli.placing import place_in_domain
+from cim_place.cluster.controller.demand_api import request_demand
 from cim_place.cluster.exchange.upload import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import decode
@@ -168,6 +169,10 @@ async def test_a_read_object_gains_a_cached_copy_that_goes_when_reads_stop(
                     assert found.placing.cached == (("leaf-5/v0", cause),)
                     assert {v.split("/")[0] for v in found.placing.desired} == REQUIRED
                     assert "cached on leaf-5/v0" in found.placing.render()
+                    # ... and the leading controller says why, from its window and decision.
+                    lines = await request_demand(nc, cid)
+                    assert any(line.startswith("cached on leaf-5/v0: ") for line in lines), lines
+                    assert any("leaf-5" in line for line in lines if "reads in" in line), lines
 
                     # Reads through leaf-5 now come from its own copy.
                     after = time.monotonic()

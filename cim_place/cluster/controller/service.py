@@ -41,6 +41,7 @@ from nats.js.kv import KeyValue
 
 from cim_place.cluster.controller.cached import CachedCopies
 from cim_place.cluster.controller.demand import DemandIntake
+from cim_place.cluster.controller.demand_api import DemandQueries
 from cim_place.cluster.controller.drift import reconcile_drift
 from cim_place.cluster.controller.inventory import InventoryCheck
 from cim_place.cluster.controller.located import LocatedConsumers
@@ -225,6 +226,10 @@ class Controller:
         self.demand = DemandIntake(nc, self.subjects, self.demand_window)
         self.demand.on_report = self.cached.on_report
         await self.demand.start()
+        queries = DemandQueries(
+            nc, self.subjects, self.cached, is_leader=lambda: self.is_leader, policy_of=self._policy
+        )
+        await queries.start()  # `policy explain` asks on api.demand; closed with the connection
 
         self.election = LeaderElection(
             js,
@@ -565,6 +570,10 @@ class Controller:
 
     def _requeue(self, cid: Cid, after: float) -> None:
         asyncio.get_running_loop().call_later(after, self.mark, (cid,))
+
+    def _policy(self, cid: Cid) -> str | None:
+        view = self.projection.object(cid)
+        return None if view is None else self.policy_for(_facts(cid, view)).name
 
     def policy_for(self, facts: ObjectFacts) -> CompiledPolicy:
         policies = self.projection.policies.policies
