@@ -124,16 +124,21 @@ class CachedCopies:
             self.metrics.read_bytes.labels(report.reporter, "local").inc(local)
         if remote:
             self.metrics.read_bytes.labels(report.reporter, "remote").inc(remote)
+        self.metrics.demand_reads.inc(sum(c.reads for c in report.counts))
         if not self.rules:
             return
         least = min(r.min_reads for r in self.rules.values())
         due = []
         for count in report.counts:
-            self.metrics.demand_reads.inc(count.reads)
             cid = count.cid
-            if cid not in self.projection:
-                continue
-            if self.ledger.of_object(cid) or self.window.reads_at(cid, count.node) >= least:
+            if self.ledger.of_object(cid):
+                due.append(cid)  # its last read moves (the window may be shorter than keep)
+            elif (
+                cid in self.projection
+                and self.window.reads_at(cid, count.node) >= least
+                # Reads where a copy already is earn nothing.
+                and all(node != count.node for node, _ in self.projection.replicas(cid))
+            ):
                 due.append(cid)
         if due:
             self.mark(due)
