@@ -11,7 +11,7 @@ import asyncio
 import getpass
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import nats.errors
 import typer
@@ -144,5 +144,22 @@ def run_in_domain(
         async with connected(server, creds=creds) as nc:
             chosen = await choose_domain(nc, domain)
             return await action(jetstream(nc, chosen))
+
+    return asyncio.run(run())
+
+
+def run_with_connection(
+    server: str | None,
+    creds: str | None,
+    domain: str | None,
+    action: Callable[[Any, JetStreamContext], Awaitable[T]],
+) -> T:
+    """As :func:`run_in_domain`, for an action that also asks on core NATS: ``action(nc, js)``."""
+    from cim_place.cluster.nats.connection import connected, jetstream
+
+    async def run() -> T:
+        async with connected(server, creds=creds) as nc:
+            chosen = await choose_domain(nc, domain)
+            return await action(nc, jetstream(nc, chosen))
 
     return asyncio.run(run())

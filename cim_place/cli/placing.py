@@ -32,6 +32,10 @@ class Placing:
     current: tuple[str, ...]
     reasons: tuple[Reason, ...]
     degraded: tuple[str, ...]
+    cached: tuple[tuple[str, str], ...] = ()
+    """Cached copies (volume, the demand that caused it): never part of the placement."""
+    demand: tuple[str, ...] = ()
+    """The leading controller's reads and last demand decision (``api.demand``), in words."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -49,6 +53,8 @@ class Placing:
                 for r in self.reasons
             ],
             "degraded": list(self.degraded),
+            "cached": [{"volume": volume, "cause": cause} for volume, cause in self.cached],
+            "demand": list(self.demand),
         }
 
     def render(self) -> str:
@@ -59,6 +65,14 @@ class Placing:
         ]
         lines += [f"  {reason}" for reason in self.reasons]
         lines += [f"  degraded: {message}" for message in self.degraded]
+        lines += [
+            f"  cached on {volume}: {cause or 'demand'} (an extra copy, not counted towards "
+            "the policy's copies; dropped when the reads stop)"
+            for volume, cause in self.cached
+        ]
+        if self.demand:
+            lines += ["", "demand (the leading controller):"]
+            lines += [f"  {line}" for line in self.demand]
         return "\n".join(lines)
 
 
@@ -112,7 +126,14 @@ async def place_in_domain(
         if loc.state in ("pinned", "late")
     )
     placement = plan(PlacedObject(root, facts.size or 0), compiled.rule, node_map, current)
+    cached = tuple(
+        (f"{loc.node}/{loc.volume}", loc.cause)
+        for loc in (status.locations if status else ())
+        if loc.state == "cached"
+    )
     return Found(
         facts,
-        Placing(policy.name, placement.desired, current, placement.reasons, placement.degraded),
+        Placing(
+            policy.name, placement.desired, current, placement.reasons, placement.degraded, cached
+        ),
     )

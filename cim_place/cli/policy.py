@@ -9,13 +9,21 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from nats.js import JetStreamContext
 
-from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, actor, run_in_domain
+from cim_place.cli._domain import (
+    CredsOption,
+    DomainOption,
+    ServerOption,
+    actor,
+    run_in_domain,
+    run_with_connection,
+)
 from cim_place.cli._output import JsonOption, handles_errors, print_json
 from cim_place.cluster.state.policies import PolicyStore, StoredSet
 from cim_place.errors import InvalidCidError, PolicyError
@@ -323,14 +331,19 @@ def explain(
             typer.echo(render(explanation))
         return
 
-    async def in_domain(js: JetStreamContext) -> tuple[Explanation, Placing | None]:
+    async def in_domain(nc: Any, js: JetStreamContext) -> tuple[Explanation, Placing | None]:
         from cim_place.cli.placing import place_in_domain
+        from cim_place.cluster.controller.demand_api import request_demand
 
         stored = await (await PolicyStore.open(js, create=False)).load()
         found = await place_in_domain(js, ref, facts, stored.policy_set)
-        return explain_object(stored.policy_set, found.facts), found.placing
+        placing = found.placing
+        if placing is not None and found.facts.cid:
+            lines = await request_demand(nc, found.facts.cid)
+            placing = replace(placing, demand=tuple(lines))
+        return explain_object(stored.policy_set, found.facts), placing
 
-    explanation, placing = run_in_domain(server, creds, domain, in_domain)
+    explanation, placing = run_with_connection(server, creds, domain, in_domain)
     if as_json:
         doc = explanation.to_dict()
         doc["placement"] = placing.to_dict() if placing is not None else None

@@ -198,12 +198,15 @@ def _print_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
         + f"   size: {size_text(status.size)}"
     )
     table = Table(title="replicas", title_justify="left")
-    for column in ("node", "volume", "zone", "state", "verified"):
+    # A cached copy says which demand caused it (docs/DEMAND.md); the column only when one does.
+    causes = any(loc.cause for loc in status.locations)
+    for column in ("node", "volume", "zone", "state", "verified", *(("cause",) if causes else ())):
         table.add_column(column)
     now = time.time()
     for loc in status.locations:
         verified = _age(now - loc.verified_at) if loc.verified_at else ""
-        table.add_row(loc.node, loc.volume, loc.zone, loc.state, verified)
+        cells = (loc.node, loc.volume, loc.zone, loc.state, verified)
+        table.add_row(*cells, *((loc.cause,) if causes else ()))
     console.print(table)
     if status.conditions:
         conditions = Table(title="conditions", title_justify="left")

@@ -53,6 +53,10 @@ class DemandReport:
     end: float
     counts: tuple[ReadCount, ...]
     dropped_reads: int = 0
+    local_bytes: int = 0
+    """Bytes the reporter served from a copy of its own in the period."""
+    remote_bytes: int = 0
+    """Bytes the reporter served that it had to fetch from other nodes (no copy of its own)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +64,8 @@ class DemandReport:
             "start": self.start,
             "end": self.end,
             "dropped_reads": self.dropped_reads,
+            "local_bytes": self.local_bytes,
+            "remote_bytes": self.remote_bytes,
             "counts": [
                 [c.cid, c.node, c.service, c.reads, c.bytes, c.last_read] for c in self.counts
             ],
@@ -82,10 +88,16 @@ class DemandReport:
                 end=float(value["end"]),
                 counts=counts,
                 dropped_reads=int(value.get("dropped_reads", 0)),
+                local_bytes=int(value.get("local_bytes", 0)),
+                remote_bytes=int(value.get("remote_bytes", 0)),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise PlacementError(f"malformed demand report: {exc}") from None
-        if not report.start <= report.end or any(c.reads < 1 or c.bytes < 0 for c in counts):
+        if (
+            not report.start <= report.end
+            or any(c.reads < 1 or c.bytes < 0 for c in counts)
+            or min(report.local_bytes, report.remote_bytes) < 0
+        ):
             raise PlacementError("malformed demand report: bad period or counts")
         return report
 
@@ -111,12 +123,27 @@ class ReadRecorder:
         self._start = start
         self._table: dict[tuple[Cid, str, str], list[float]] = {}
         self._dropped = 0
+        self._local = 0
+        self._remote = 0
 
     def __len__(self) -> int:
         return len(self._table)
 
-    def record_read(self, cid: Cid, node: str, service: str, now: float, size: int = 0) -> None:
-        """One read of ``size`` bytes of ``cid`` by ``service`` from ``node``."""
+    def record_read(
+        self,
+        cid: Cid,
+        node: str,
+        service: str,
+        now: float,
+        size: int = 0,
+        local: bool | None = None,
+    ) -> None:
+        """One read of ``size`` bytes of ``cid`` by ``service`` from ``node``; ``local``: served
+        from a copy of the reporter's own (True) or fetched from others (False)."""
+        if local is True:
+            self._local += size
+        elif local is False:
+            self._remote += size
         key = (cid, node, service)
         entry = self._table.get(key)
         if entry is None:
@@ -141,7 +168,8 @@ class ReadRecorder:
         start, self._start = self._start, now
         table, self._table = self._table, {}
         dropped, self._dropped = self._dropped, 0
-        if not table and not dropped:
+        local, remote, self._local, self._remote = self._local, self._remote, 0, 0
+        if not table and not dropped and not local and not remote:
             return []
         counts = [
             ReadCount(cid, node, service, int(e[0]), int(e[1]), e[2])
@@ -151,7 +179,13 @@ class ReadRecorder:
         chunks = [counts[i : i + step] for i in range(0, len(counts), step)] or [[]]
         return [
             DemandReport(
-                self.reporter, start, now, tuple(chunk), dropped_reads=dropped if i == 0 else 0
+                self.reporter,
+                start,
+                now,
+                tuple(chunk),
+                dropped_reads=dropped if i == 0 else 0,
+                local_bytes=local if i == 0 else 0,
+                remote_bytes=remote if i == 0 else 0,
             )
             for i, chunk in enumerate(chunks)
         ]

@@ -64,6 +64,7 @@ def s3_node_of(agent: Agent) -> S3Node:
         on_unpinned=agent._announce_removed,
         nc=agent.nc,
         subjects=agent.subjects,
+        on_read=agent._record_read,
     )
 
 

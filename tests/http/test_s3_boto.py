@@ -275,6 +275,9 @@ async def test_get_from_a_node_that_does_not_hold_it(
         assert got == data
         assert put["ETag"] == f'"{hashlib.md5(data).hexdigest()}"'
         assert agent.pinned_on(cid) is None  # a cached read, not a replica
+        # One read for demand at node-b, of bytes it had to fetch (docs/DEMAND.md).
+        assert agent.demand is not None and agent.demand.reads_recorded == 1
+        assert (agent.demand.bytes_remote, agent.demand.bytes_local) == (len(data), 0)
     finally:
         await runner.cleanup()
         await agent.stop(grace=1)

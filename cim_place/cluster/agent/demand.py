@@ -49,13 +49,27 @@ class DemandReporter:
         self.reports_sent = 0
         self.reads_recorded = 0
         self.reads_dropped = 0
+        self.bytes_local = 0
+        self.bytes_remote = 0
         self._task: asyncio.Task[None] | None = None
 
-    def record_read(self, cid: Cid, reader_node: str, service: str = "", size: int = 0) -> None:
+    def record_read(
+        self,
+        cid: Cid,
+        reader_node: str,
+        service: str = "",
+        size: int = 0,
+        local: bool | None = None,
+    ) -> None:
         """One read of ``cid`` by ``service`` running at ``reader_node`` (this node for the
-        gateway, S3 and ``get``; the requesting node for blocks served to another node)."""
+        gateway, S3 and ``get``; the requesting node for blocks served to another node).
+        ``local``: served from this node's own copy (True) or fetched from others (False)."""
         self.reads_recorded += 1
-        self.recorder.record_read(cid, reader_node, service, self.clock(), size)
+        if local is True:
+            self.bytes_local += size
+        elif local is False:
+            self.bytes_remote += size
+        self.recorder.record_read(cid, reader_node, service, self.clock(), size, local)
 
     async def flush(self) -> int:
         """Publish what is due; returns the number of reports sent."""

@@ -29,6 +29,11 @@ class AgentMetrics(Metrics):
         "cim_place_demand_reads_dropped", "Reads not counted because the read table was full."
     )
     demand_reports = counter("cim_place_demand_reports", "Demand reports published.")
+    read_bytes = counter(
+        "cim_place_read_bytes",
+        "Bytes of objects read by clients of this node: from a local copy or fetched.",
+        ["source"],
+    )
     # Integrity and protocol hygiene.
     verification_failures = counter(
         "cim_place_verification_failures",

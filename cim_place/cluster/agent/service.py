@@ -64,7 +64,7 @@ from cim_place.cluster.exchange.stream import BlockStreamServer, client_tls, ser
 from cim_place.cluster.exchange.upload import UploadService
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.envelope import Envelope
-from cim_place.cluster.nats.security import ReadAccess, identity_of
+from cim_place.cluster.nats.security import AGENT_PREFIX, ReadAccess, identity_of
 from cim_place.cluster.state.nodes import (
     Heartbeat,
     NodeRecord,
@@ -186,6 +186,7 @@ class Agent:
         self._blocks = BlockServer(nc, self.node, served, subjects=self.subjects, access=access)
         # A block refused as corrupt damages the replicas that hold it: re-check and report.
         self._blocks.stats.on_corrupt = scrub.suspect
+        self._blocks.on_read = self._record_served
         self._stream = None
         if config.stream_listen is not None:
             # Bulk blocks go over a direct TCP stream; grants (and access checks) stay on NATS.
@@ -311,7 +312,18 @@ class Agent:
     def _record_read(self, root: Cid, requester: str | None, size: int) -> None:
         """A read served here to a client of this node (the gateway): demand at this node."""
         if self.demand is not None:
-            self.demand.record_read(root, self.node, requester or "", size)
+            local = self._pin_of(root) is not None
+            self.demand.record_read(root, self.node, requester or "", size, local)
+
+    def _record_served(self, root: Cid, requester: str | None) -> None:
+        """An object read from this node's blocks by a client (``get``, an application): a
+        local read here. Agents' requests are fetches for tasks (cached copies included:
+        counting them would make a cache fill look like demand), and an anonymous requester
+        (an open domain) cannot be told from an agent: neither is counted."""
+        if self.demand is None or requester is None or requester.startswith(AGENT_PREFIX):
+            return
+        pin = self._pin_of(root)
+        self.demand.record_read(root, self.node, requester, pin.size if pin else 0, True)
 
     def _stream_server_tls(self) -> ssl.SSLContext | None:
         cert, key = self.config.stream_tls_cert, self.config.stream_tls_key
@@ -397,6 +409,8 @@ class Agent:
                 demand_reads=self.demand.reads_recorded,
                 demand_dropped=self.demand.reads_dropped,
                 demand_reports=self.demand.reports_sent,
+                read_local=self.demand.bytes_local,
+                read_remote=self.demand.bytes_remote,
             )
         delta = {key: max(0, value - self._synced.get(key, 0)) for key, value in current.items()}
         self._synced = current
@@ -406,6 +420,8 @@ class Agent:
         self.metrics.demand_reads.inc(delta.get("demand_reads", 0))
         self.metrics.demand_reads_dropped.inc(delta.get("demand_dropped", 0))
         self.metrics.demand_reports.inc(delta.get("demand_reports", 0))
+        self.metrics.read_bytes.labels("local").inc(delta.get("read_local", 0))
+        self.metrics.read_bytes.labels("remote").inc(delta.get("read_remote", 0))
         for service in ("blocks", "has", "upload", "tasks"):
             self.metrics.malformed_messages.labels(service).inc(
                 delta.get(f"malformed_{service}", 0)
@@ -778,6 +794,7 @@ def _s3_listener(agent: Agent) -> Listener:
         on_unpinned=agent._announce_removed,
         nc=agent.nc,
         subjects=agent.subjects,
+        on_read=agent._record_read,
     )
     return Listener("s3", build_s3_app(node, region=region), listen=listen)
 

@@ -42,3 +42,18 @@ class ControllerMetrics(Metrics):
         "Nodes by liveness as the controller sees them (up, late, down, draining).",
         ["state"],
     )
+    # Demand-driven cached copies (docs/DEMAND.md, cluster/controller/cached.py).
+    demand_reports = counter(_PREFIX + "demand_reports", "Demand reports folded in.")
+    demand_reads = counter(_PREFIX + "demand_reads", "Reads counted in demand reports.")
+    demand_decisions = counter(_PREFIX + "demand_decisions", "Demand decisions taken.")
+    cached_added = counter(_PREFIX + "cached_added", "Cached copies confirmed.")
+    cached_dropped = counter(
+        _PREFIX + "cached_dropped", "Cached copies gone (dropped, evicted or lost).", ["reason"]
+    )
+    cached_copies = gauge(_PREFIX + "cached_copies", "Cached copies in the domain.")
+    cached_bytes = gauge(_PREFIX + "cached_bytes", "Bytes of cached copies.")
+    read_bytes = counter(
+        _PREFIX + "read_bytes",
+        "Bytes read by clients per serving node, from a local copy or fetched from others.",
+        ["node", "source"],
+    )

@@ -39,9 +39,12 @@ from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from cim_place.cluster.controller.cached import CachedCopies
 from cim_place.cluster.controller.demand import DemandIntake
+from cim_place.cluster.controller.demand_api import DemandQueries
 from cim_place.cluster.controller.drift import reconcile_drift
 from cim_place.cluster.controller.inventory import InventoryCheck
+from cim_place.cluster.controller.located import LocatedConsumers
 from cim_place.cluster.controller.metrics import ControllerMetrics
 from cim_place.cluster.controller.projection import ObjectView, Projection
 from cim_place.cluster.controller.rejections import Rejections
@@ -70,6 +73,7 @@ from cim_place.cluster.state.policies import watch_policies
 from cim_place.cluster.tasks.queue import Task, TaskQueue, ensure_task_stream
 from cim_place.errors import CimPlaceError, PolicyError, TransportError
 from cim_place.objectstore.cid import Cid, to_str
+from cim_place.placement.demand_reconcile import required_input
 from cim_place.placement.demand_window import DemandWindow
 from cim_place.placement.model import NodeMap, PlacedObject
 from cim_place.placement.reconciler import (
@@ -149,7 +153,15 @@ class Controller:
         self.rejections = Rejections(self.metrics.registry, prefix=config.prefix)
         self.projection.on_reject = self.rejections.event
         self.nc: Client | None = None
-        self.demand_window = DemandWindow(horizon=3600.0, slot=60.0)
+        # Demand-driven cached copies (docs/DEMAND.md): the ledger, decisions and their tasks.
+        self.cached = CachedCopies(
+            self.projection,
+            self.metrics,
+            self.mark,
+            identity=self.identity,
+            max_fetches_per_node=config.max_tasks_per_node,
+        )
+        self.located = LocatedConsumers()
         self.demand: DemandIntake | None = None
         self.js: JetStreamContext | None = None
         self.locations: LocationStore | None = None
@@ -225,9 +237,14 @@ class Controller:
         )
         await self.inventory.open()
 
-        # Read counts from the agents (docs/DEMAND.md); nothing decides on them yet.
+        # Read counts from the agents (docs/DEMAND.md); each report marks objects to decide.
         self.demand = DemandIntake(nc, self.subjects, self.demand_window)
+        self.demand.on_report = self.cached.on_report
         await self.demand.start()
+        queries = DemandQueries(
+            nc, self.subjects, self.cached, is_leader=lambda: self.is_leader, policy_of=self._policy
+        )
+        await queries.start()  # `policy explain` asks on api.demand; closed with the connection
 
         self.election = LeaderElection(
             js,
@@ -246,6 +263,10 @@ class Controller:
             asyncio.create_task(self._liveness_loop(), name="cim-place-controller-liveness"),
             asyncio.create_task(self._summary_loop(), name="cim-place-controller-summary"),
             asyncio.create_task(self.inventory.run(), name="cim-place-controller-inventory"),
+            asyncio.create_task(
+                self.cached.sweep_loop(self.cached.sweep_every, self._relocate_consumers),
+                name="cim-place-controller-cached",
+            ),
         ]
         self._scheduler = AsyncIOScheduler()
         self._scheduler.add_job(
@@ -288,6 +309,10 @@ class Controller:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    @property
+    def demand_window(self) -> DemandWindow:
+        return self.cached.window
 
     @property
     def is_leader(self) -> bool:
@@ -417,14 +442,26 @@ class Controller:
             await asyncio.sleep(1.0)
 
     def _set_policies(self, policies: PolicySet) -> None:
+        if self.cached.set_policies(policies) and self.demand is not None:
+            self.demand.window = self.cached.window
+        now = time.time()
+        # Consumers declared by service are where their reads come from (located.py).
+        consumers = self.located.consumers(policies, self.demand_window, self.node_map(now), now)
         compiled: dict[str, CompiledPolicy] = {}
         for policy in (*policies.policies, BUILTIN_DEFAULT):
             try:
-                compiled[policy.name] = compile_policy(policy, policies.consumers)
+                compiled[policy.name] = compile_policy(policy, consumers)
             except PolicyError as exc:
                 _log.error("policy %s cannot be used: %s", policy.name, exc)
         self._compiled = compiled
         self.mark(self.projection.set_policies(policies))
+
+    def _relocate_consumers(self) -> None:
+        """A service consumer that moved: compile again and look at every object."""
+        policies, now = self.projection.policies, time.time()
+        if self.located.moved(policies, self.demand_window, self.node_map(now), now):
+            self._set_policies(policies)
+            self.mark(self.projection.cids())
 
     async def _watch_nodes(self) -> None:
         # Heartbeats change every few seconds; polling the bucket costs one keys() + gets and
@@ -551,6 +588,10 @@ class Controller:
     def _requeue(self, cid: Cid, after: float) -> None:
         asyncio.get_running_loop().call_later(after, self.mark, (cid,))
 
+    def _policy(self, cid: Cid) -> str | None:
+        view = self.projection.object(cid)
+        return None if view is None else self.policy_for(_facts(cid, view)).name
+
     def policy_for(self, facts: ObjectFacts) -> CompiledPolicy:
         policies = self.projection.policies.policies
         chosen: Policy = match_policy(policies, facts)[0]
@@ -619,7 +660,9 @@ class Controller:
         if inp is None:
             return None
         inp = replace(inp, previous=await self.locations.get(cid))
-        result = reconcile(inp)
+        # Cached copies and demand tasks are invisible to the reconciler (cached.py).
+        cached = self.cached.volumes(cid, inp)
+        result = reconcile(required_input(inp, cached))
         budget = self._budget()
         slots = RepairSlots(self.projection.in_flight())
         postponed = False
@@ -656,6 +699,9 @@ class Controller:
                 slots.take(policy)
             budget.take(action.node, action.kind, obj.size)
             self.metrics.tasks_queued.labels(action.kind).inc()
+        if self._acting and not result.gone:
+            await self.cached.act(self._queue, cid, inp, result, now, lambda: self._acting)
+            result = self.cached.status(cid, result, inp.node_map)
         if result.gone:
             # Expired and every copy dropped: it leaves the listing and the projection.
             if self._acting:
@@ -726,6 +772,7 @@ class Controller:
                 continue
             policy = self.policy_for(_facts(cid, view))
             volumes = frozenset(f"{node}/{volume}" for node, volume in view.replicas)
+            volumes -= self.cached.occupied(cid)
             by_policy.setdefault(policy.name, []).append((PlacedObject(cid, view.size), volumes))
         started = 0
         for name, objects in by_policy.items():

@@ -554,6 +554,9 @@ class BlockServer:
         # None: no block stream; grant requests are answered "use NATS".
         self.stream = stream
         self.stats = ServeStats()
+        # Told once per object read (a request that asks for the root itself, or a stream
+        # grant) with the requester: demand counting, docs/DEMAND.md.
+        self.on_read: Callable[[Cid, str | None], None] | None = None
         self._slots = asyncio.Semaphore(max(1, concurrency))
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Any = None
@@ -627,6 +630,8 @@ class BlockServer:
         writer = _ReplyWriter(self._reply_limit(asked))
         if self.access is not None and await self._refused(msg.reply, root, cids, writer):
             return
+        if self.on_read is not None and root is not None and root in cids:
+            self.on_read(root, requester_of(reply))
         # Read ahead one block in a thread while the previous one is being sent.
         loop = asyncio.get_running_loop()
         pending: asyncio.Future[tuple[bytes | None, str]] | None = None
@@ -675,6 +680,8 @@ class BlockServer:
             # root here it would serve nothing, while the NATS path serves what this node has.
             await self._send(msg.reply, writer.end(Status.OK, "the root is not on this node"))
             return
+        if self.on_read is not None:
+            self.on_read(root, requester)
         await self._send(msg.reply, writer.grant(self.stream.grant(root, requester)))
         await self._send(msg.reply, writer.end())
 

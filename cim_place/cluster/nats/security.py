@@ -370,6 +370,9 @@ def agent_permissions(node: str, subjects: Subjects, hub_domain: str) -> Permiss
         *_kv_read(hub_domain, kv.NAMES),
         # Its read counts (demand-driven copies, docs/DEMAND.md).
         subjects.demand(node),
+        # The gateway and S3 of a node that holds no copy read an object's owner and readers
+        # from its status (http/node.py DomainAccess); agents may read every block anyway.
+        *(r for b in (kv.LOCATIONS, *kv.LOCATION_SHARD_BUCKETS) for r in _kv_read(hub_domain, b)),
         # Fetching from peers and finding holders.
         f"{subjects.prefix}.blk.*.get",
         subjects.has,

@@ -37,6 +37,7 @@ from cim_place.http.s3.sigv4 import (
     parse_query,
     verify,
 )
+from cim_place.objectstore.cid import Cid
 from cim_place.objectstore.store import ObjectStore
 
 _log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class S3Node:
     """The node's NATS connection: with it, a GET of content held only by other nodes fetches
     it through the domain's verified fetch; without it, such a GET is ServiceUnavailable."""
     subjects: Subjects = field(default_factory=Subjects)
+    on_read: Callable[[Cid, str | None, int], None] | None = None
+    """Told of each object GET (root, access key, bytes): demand counting, docs/DEMAND.md."""
 
 
 S3_CONTEXT = web.AppKey("s3", S3Context)
@@ -86,6 +89,7 @@ def build_s3_app(
         region=region,
         nc=node.nc,
         subjects=node.subjects,
+        on_read=node.on_read,
     )
     cache: dict[str, tuple[float, S3Key | None]] = {}
 

@@ -96,6 +96,7 @@ class S3Context:
     region: str
     nc: Any = None
     subjects: Subjects = field(default_factory=Subjects)
+    on_read: Callable[[Cid, str | None, int], None] | None = None
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="cim-place-s3")
     )

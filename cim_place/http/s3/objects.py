@@ -152,6 +152,8 @@ async def get_object(ctx: S3Context, req: S3Request) -> web.StreamResponse:
     if req.http.method == "HEAD" or length == 0:
         await response.write_eof()
         return response
+    if ctx.on_read is not None:  # demand counting (docs/DEMAND.md)
+        ctx.on_read(root, req.access_key, length)
     with contextlib.suppress(ConnectionResetError):  # the client went away
         await _stream(ctx, store, record, first, length, response)
     return response

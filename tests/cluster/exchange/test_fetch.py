@@ -92,6 +92,27 @@ async def test_multi_chunk_file_arrives_whole(
     assert (again.blocks_fetched, again.blocks_present) == (0, blocks)
 
 
+async def test_a_dag_fetch_is_one_read_for_demand(
+    pair: Pair, clients: tuple[Any, Any], volume: FsBlockStore, tmp_path: Path
+) -> None:
+    """The block server tells its demand counter once per object read, not per block or batch
+    (docs/DEMAND.md); the requester is None here, an open domain."""
+    nc_a, nc_b = clients
+    with FsBlockStore(tmp_path / "volume-a", fsync="none") as source:
+        root = import_into(source, 5 * MiB, "unixfs-v0-2015")
+        server = BlockServer(nc_a, "leaf-a", source)
+        reads: list[tuple[Any, str | None]] = []
+        server.on_read = lambda cid, requester: reads.append((cid, requester))
+        await server.start()
+        try:
+            assert await wait_for_holder(nc_b, "leaf-a", timeout=10.0)
+            await fetch_dag(nc_b, root, [Holder("leaf-a")], volume, window=3, batch=4)
+        finally:
+            await server.stop()
+    assert server.stats.blocks_served == 21
+    assert reads == [(root, None)]
+
+
 async def test_corrupt_holder_is_skipped_for_a_good_one(
     pair: Pair, clients: tuple[Any, Any], volume: FsBlockStore
 ) -> None:
