@@ -22,7 +22,7 @@ import nats.errors
 from aiohttp import web
 
 from cim_place.cluster.exchange.fetch import Holder, Labels, fetch_dag
-from cim_place.cluster.exchange.holders import find_holders
+from cim_place.cluster.exchange.holders import find_block_holders
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.security import may_read
 from cim_place.cluster.nats.subjects import Subjects
@@ -103,15 +103,14 @@ def gateway_for(parts: NodeParts, settings: HttpSettings) -> Gateway:
     """The gateway of one node."""
 
     async def holders_of(root: Cid) -> list[Holder]:
-        # This node answers who-has too when it holds the root pinned: wait for one more.
-        expected = 2 if parts.pin_of(root) is not None else 1
+        # A block query: ``root`` may be a child block a verifying client names alone, which
+        # no node holds pinned; the nodes that have it as a block serve it (open domains).
         try:
-            found = await find_holders(
-                parts.nc, root, timeout=HOLDER_TIMEOUT, expected=expected, subjects=parts.subjects
+            return await find_block_holders(
+                parts.nc, root, timeout=HOLDER_TIMEOUT, exclude=parts.node, subjects=parts.subjects
             )
         except nats.errors.Error as exc:
             raise TransportError(f"cannot ask the domain who holds {to_str(root)}: {exc}") from None
-        return [holder for holder in found if holder.node != parts.node]
 
     fetching = asyncio.Semaphore(MAX_FETCHES)
 

@@ -146,3 +146,38 @@ async def test_further_listeners_bind_beside_the_gateway(
             await agent.stop(grace=1)
         assert agent.http is None
     assert seen == ["node-c", "node-c"]
+
+
+async def test_local_root_with_missing_children_fetches_them(domain: Domain) -> None:
+    """The root is here (pinned, then two leaves lost), the rest only on the other node: the
+    gateway fetches the missing blocks through the domain, verified, instead of answering 404."""
+    data = chacha_stream("gateway-partial", SIZE).read()
+    root = await upload_to(domain, "node-a", data)
+    assert await upload_to(domain, "node-b", data) == root
+    store = domain.b.volumes["v0"]
+    links = dagpb.decode_node(store.blocks.get(root)).links
+    for index in (1, 4):
+        assert store.blocks.delete(links[index].hash)
+    async with aiohttp.ClientSession(base_url=domain.url(domain.b)) as http:
+        async with http.get(f"/ipfs/{to_str(root)}") as resp:
+            assert resp.status == 200 and await resp.read() == data
+        async with http.get(f"/ipfs/{to_str(root)}?format=car") as resp:
+            roots, sections = car.read_car(io.BytesIO(await resp.read()))
+            assert roots == [root] and len(list(sections)) == 7
+    for index in (1, 4):
+        assert store.blocks.has(links[index].hash)
+
+
+async def test_child_block_alone_on_a_fresh_node(domain: Domain) -> None:
+    """A verifying client that asks a node for a child block it never led there (another
+    gateway served the root): the block is found in the domain and served, verified."""
+    data = chacha_stream("gateway-child", SIZE).read()
+    root = await upload_to(domain, "node-a", data)
+    store = domain.a.volumes["v0"]
+    leaf = dagpb.decode_node(store.blocks.get(root)).links[3].hash
+    async with (
+        aiohttp.ClientSession(base_url=domain.url(domain.b)) as http,
+        http.get(f"/ipfs/{to_str(leaf)}?format=raw") as resp,
+    ):
+        assert resp.status == 200
+        assert await resp.read() == data[3 * MiB : 4 * MiB]

@@ -202,7 +202,12 @@ class Agent:
             await self._stream.start()
             self._blocks.stream = self._stream
         self._holders = HolderResponder(
-            nc, self.node, [s.pins for s in stores], labels=config.labels, subjects=self.subjects
+            nc,
+            self.node,
+            [s.pins for s in stores],
+            labels=config.labels,
+            subjects=self.subjects,
+            blocks=blocks if access is None else None,  # unpinned blocks: served when open
         )
         self._uploads = UploadService(
             nc,

@@ -11,7 +11,15 @@ silent, which keeps the fan-in proportional to the number of holders, not of nod
 Wire format, DAG-CBOR (``cim_place.objectstore.dagcbor``), CIDs as links::
 
     request  {"v": 1, "cids": [Link, ...]}                      at most MAX_QUERY_CIDS
+             {"v": 1, "cids": [Link, ...], "blocks": true}     (a block query, see below)
     reply    {"v": 1, "node": str, "labels": {str: str}, "roots": [Link, ...]}
+             ... "blocks": [Link, ...]                          (only to a block query)
+
+A *block query* (:func:`find_block_holders`) asks also for CIDs held as a block, not pinned
+as a root: the gateway's way to find a child block that a verifying client names alone. A
+responder given its ``blocks`` (an open domain's agent; where object access is enforced a
+block is served only under a pinned root, so it is not offered) answers those in ``blocks``;
+a responder of an older version ignores the flag and answers pinned roots only.
 
 A request that cannot be decoded, names too many CIDs or has no reply subject is counted in
 ``HasStats.malformed`` and ignored: a responder never raises on bad input.
@@ -30,9 +38,9 @@ from typing import Any
 from cim_place.cluster.exchange.fetch import Holder
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import InvalidCidError, ProtocolError, StoreError
-from cim_place.interfaces import PinIndex
+from cim_place.interfaces import BlockSource, PinIndex
 from cim_place.objectstore import dagcbor
-from cim_place.objectstore.cid import Cid, split
+from cim_place.objectstore.cid import RAW, Cid, codec_of, split
 
 __all__ = [
     "MAX_QUERY_CIDS",
@@ -43,6 +51,7 @@ __all__ = [
     "decode_query",
     "encode_answer",
     "encode_query",
+    "find_block_holders",
     "find_holders",
     "who_has",
 ]
@@ -66,10 +75,13 @@ class QueryError(ProtocolError):
 # -- wire format ---------------------------------------------------------------------------------
 
 
-def encode_query(roots: Sequence[Cid]) -> bytes:
+def encode_query(roots: Sequence[Cid], *, blocks: bool = False) -> bytes:
     if len(roots) > MAX_QUERY_CIDS:
         raise ValueError(f"{len(roots)} roots in one who-has query; at most {MAX_QUERY_CIDS}")
-    return dagcbor.encode({"v": VERSION, "cids": [dagcbor.Link(cid) for cid in roots]})
+    query: dict[str, dagcbor.Value] = {"v": VERSION, "cids": [dagcbor.Link(c) for c in roots]}
+    if blocks:
+        query["blocks"] = True
+    return dagcbor.encode(query)
 
 
 def _links(value: dagcbor.Value, what: str) -> list[Cid]:
@@ -105,18 +117,27 @@ def _map(data: bytes, what: str) -> dict[str, dagcbor.Value]:
 
 def decode_query(data: bytes) -> list[Cid]:
     """The roots a who-has request asks about; raises QueryError saying what is wrong."""
-    return _links(_map(data, "who-has request").get("cids"), "who-has request 'cids'")
+    return decode_block_query(data)[0]
 
 
-def encode_answer(node: str, labels: Mapping[str, str], roots: Sequence[Cid]) -> bytes:
-    return dagcbor.encode(
-        {
-            "v": VERSION,
-            "node": node,
-            "labels": dict(labels),
-            "roots": [dagcbor.Link(cid) for cid in roots],
-        }
-    )
+def decode_block_query(data: bytes) -> tuple[list[Cid], bool]:
+    """(the CIDs asked about, whether blocks held unpinned count); raises QueryError."""
+    value = _map(data, "who-has request")
+    return _links(value.get("cids"), "who-has request 'cids'"), value.get("blocks") is True
+
+
+def encode_answer(
+    node: str, labels: Mapping[str, str], roots: Sequence[Cid], blocks: Sequence[Cid] = ()
+) -> bytes:
+    answer: dict[str, dagcbor.Value] = {
+        "v": VERSION,
+        "node": node,
+        "labels": dict(labels),
+        "roots": [dagcbor.Link(cid) for cid in roots],
+    }
+    if blocks:
+        answer["blocks"] = [dagcbor.Link(cid) for cid in blocks]
+    return dagcbor.encode(answer)
 
 
 def decode_answer(data: bytes) -> tuple[str, dict[str, str], list[Cid]]:
@@ -130,6 +151,14 @@ def decode_answer(data: bytes) -> tuple[str, dict[str, str], list[Cid]]:
         raise QueryError(f"who-has reply of {node} has labels that are not strings")
     text_labels = {key: value for key, value in labels.items() if isinstance(value, str)}
     return node, text_labels, _links(value.get("roots"), "who-has reply 'roots'")
+
+
+def decode_block_answer(data: bytes) -> tuple[str, dict[str, str], list[Cid], list[Cid]]:
+    """(node, labels, pinned roots, blocks held unpinned) of a reply to a block query."""
+    node, labels, roots = decode_answer(data)
+    raw = dagcbor.decode(bytes(data))
+    held = raw.get("blocks", []) if isinstance(raw, dict) else []
+    return node, labels, roots, _links(held, "who-has reply 'blocks'")
 
 
 def holder_of(node: str, labels: Mapping[str, str]) -> Holder:
@@ -173,7 +202,8 @@ class HolderResponder:
 
     ``pins`` is one PinIndex per volume of the agent; a root counts as held when any volume
     has it pinned. ``labels`` (region, zone, host and any other label of the node) travel in
-    every answer; assign ``responder.labels`` to change them while running.
+    every answer; assign ``responder.labels`` to change them while running. ``blocks``, when
+    given, answers block queries (see the module docstring) for the blocks it has.
     """
 
     def __init__(
@@ -184,10 +214,12 @@ class HolderResponder:
         *,
         labels: Mapping[str, str] | None = None,
         subjects: Subjects | None = None,
+        blocks: BlockSource | None = None,
     ) -> None:
         self.nc = nc
         self.node = node
         self.pins: list[PinIndex] = list(pins) if isinstance(pins, Sequence) else [pins]
+        self.blocks = blocks
         self.labels: dict[str, str] = dict(labels or {})
         self.subjects = subjects if subjects is not None else Subjects()
         self.subject = self.subjects.has
@@ -219,30 +251,42 @@ class HolderResponder:
                 found.append(root)
         return found
 
+    def held_blocks(self, cids: Sequence[Cid], pinned: Sequence[Cid]) -> list[Cid]:
+        """The CIDs among ``cids`` not in ``pinned`` whose block this node has."""
+        if self.blocks is None:
+            return []
+        skip = set(pinned)
+        return [cid for cid in dict.fromkeys(cids) if cid not in skip and self.blocks.has(cid)]
+
+    def _answer(self, roots: Sequence[Cid], blocks: bool) -> tuple[list[Cid], list[Cid]]:
+        held = self.held(roots)
+        return held, self.held_blocks(roots, held) if blocks else []
+
     async def _on_query(self, msg: Any) -> None:
         self.stats.requests += 1
         try:
             if not msg.reply:
                 raise QueryError("no reply subject")
-            roots = decode_query(msg.data)
+            roots, blocks = decode_block_query(msg.data)
         except QueryError as exc:
             self.stats.malformed += 1
             _log.warning("ignoring a malformed who-has request on %s: %s", self.subject, exc)
             return
         try:
             if len(roots) <= _INLINE_LOOKUPS:
-                held = self.held(roots)
+                held, unpinned = self._answer(roots, blocks)
             else:
-                held = await asyncio.to_thread(self.held, roots)
+                held, unpinned = await asyncio.to_thread(self._answer, roots, blocks)
         except StoreError as exc:
             self.stats.errors += 1
             _log.error("cannot answer a who-has request: %s", exc)
             return
-        if not held:
+        if not held and not unpinned:
             self.stats.silent += 1
             return
         try:
-            await self.nc.publish(msg.reply, encode_answer(self.node, self.labels, held))
+            answer = encode_answer(self.node, self.labels, held, unpinned)
+            await self.nc.publish(msg.reply, answer)
         except Exception as exc:  # a closed or reconnecting connection: the asker times out
             self.stats.errors += 1
             _log.warning("cannot answer a who-has request: %s", exc)
@@ -325,3 +369,57 @@ async def find_holders(
     """
     holders = await who_has(nc, [root], timeout=timeout, expected=expected, subjects=subjects)
     return holders[root]
+
+
+async def find_block_holders(
+    nc: Any,
+    cid: Cid,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    exclude: str = "",
+    subjects: Subjects | None = None,
+) -> list[Holder]:
+    """The nodes that hold ``cid`` pinned as a root, then those that hold it as a block
+    (nearest-first ordering is the fetcher's), never ``exclude``; [] when none answers.
+
+    Returns at the first answer that makes the whole DAG under ``cid`` available: a node that
+    holds it pinned, or any holder of a raw block (a leaf: its DAG is itself). Otherwise it
+    gathers answers for ``timeout`` seconds.
+    """
+    subject = (subjects if subjects is not None else Subjects()).has
+    answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_answer(msg: Any) -> None:
+        answers.put_nowait(msg.data)
+
+    pinned: dict[str, Holder] = {}
+    unpinned: dict[str, Holder] = {}
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_answer)
+    try:
+        await nc.publish(subject, encode_query([cid], blocks=True), reply=inbox)
+        await nc.flush()
+        deadline = time.monotonic() + timeout
+        while not pinned and not (unpinned and codec_of(cid) == RAW):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                data = await asyncio.wait_for(answers.get(), left)
+            except TimeoutError:
+                break
+            try:
+                node, labels, roots, blocks = decode_block_answer(data)
+            except (QueryError, dagcbor.DagCborError, InvalidCidError, ValueError) as exc:
+                _log.warning("ignoring a malformed who-has reply: %s", exc)
+                continue
+            if node == exclude:
+                continue
+            if cid in roots:
+                pinned[node] = holder_of(node, labels)
+            elif cid in blocks:
+                unpinned[node] = holder_of(node, labels)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return [pinned[n] for n in sorted(pinned)] + [unpinned[n] for n in sorted(unpinned)]

@@ -20,11 +20,12 @@ from cim_place.cluster.exchange.holders import (
     decode_query,
     encode_answer,
     encode_query,
+    find_block_holders,
     find_holders,
     who_has,
 )
 from cim_place.cluster.nats.subjects import Subjects
-from cim_place.objectstore import dagcbor
+from cim_place.objectstore import dagcbor, dagpb
 from cim_place.objectstore.cid import RAW, Cid, make_cid, to_str
 from cim_place.objectstore.store import ObjectStore
 from cim_place.testing import LeafFactory, connected
@@ -182,3 +183,33 @@ async def test_garbage_does_not_kill_the_responder(
         assert await find_holders(nc_b, pin.root, timeout=2, expected=1) != []
     finally:
         await responder.stop()
+
+
+async def test_block_query_finds_unpinned_blocks_only_where_offered(
+    two_leaves: tuple[Any, Any], stores: tuple[ObjectStore, ObjectStore]
+) -> None:
+    """A block query names a child block: a responder given its blocks answers for it, pinned
+    roots still come first, and a responder without blocks stays silent as before."""
+    nc_a, nc_b = two_leaves
+    store_a, store_b = stores
+    data = bytes(range(256)) * 12_000  # three 1 MiB leaves
+    pin_a = store_a.add(io.BytesIO(data))
+    store_b.add(io.BytesIO(data))
+    leaf = dagpb.decode_node(store_a.blocks.get(pin_a.root)).links[1].hash
+    responders = [
+        HolderResponder(nc_a, "leaf-a", store_a.pins, labels=LABELS_A, blocks=store_a.blocks),
+        HolderResponder(nc_b, "leaf-b", store_b.pins, labels=LABELS_B),
+    ]
+    for responder in responders:
+        await responder.start()
+    try:
+        async with connected(nc_a.connected_url.geturl(), name="fetcher") as nc:
+            assert [h.node for h in await find_block_holders(nc, leaf, timeout=2)] == ["leaf-a"]
+            assert await find_block_holders(nc, leaf, timeout=0.3, exclude="leaf-a") == []
+            assert await find_holders(nc, leaf, timeout=0.3) == []  # a plain query: roots only
+            roots = await find_block_holders(nc, pin_a.root, timeout=2)
+            assert roots and roots[0].node in {"leaf-a", "leaf-b"}
+            assert await find_block_holders(nc, unknown_cid(), timeout=0.3) == []
+    finally:
+        for responder in responders:
+            await responder.stop()
