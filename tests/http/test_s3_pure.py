@@ -9,10 +9,12 @@ import pytest
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cim_place.http.s3.context import domain_name
 from cim_place.http.s3.errors import S3Error
-from cim_place.http.s3.listing import page
+from cim_place.http.s3.listing import Page, page
 from cim_place.http.s3.ranges import check_conditions, parse_range
 from cim_place.http.s3.sigv4 import parse_authorization, parse_query, verify
 from cim_place.http.s3.xml import parse_complete, parse_delete
@@ -74,6 +76,65 @@ def test_listing_pages_with_delimiter() -> None:
     assert (first.keys, first.prefixes, first.truncated) == (("b",), ("a/",), True)
     second = page(keys, prefix="", delimiter="/", after=first.last, max_keys=2)
     assert (second.keys, second.prefixes, second.truncated) == (("d",), ("c/",), False)
+
+
+def scan_page(keys: list[str], *, prefix: str, delimiter: str, after: str, max_keys: int) -> Page:
+    """A page by a scan of every key: what the ordered page must equal."""
+    out: list[str] = []
+    prefixes: list[str] = []
+    last = ""
+    skip_under = after if delimiter and after.endswith(delimiter) else ""
+    for key in keys:
+        if not key.startswith(prefix) or (after and key <= after):
+            continue
+        if skip_under and key.startswith(skip_under):
+            continue
+        entry, is_prefix = key, False
+        if delimiter and (cut := key.find(delimiter, len(prefix))) >= 0:
+            entry, is_prefix = key[: cut + len(delimiter)], True
+        if is_prefix and prefixes and prefixes[-1] == entry:
+            continue
+        if len(out) + len(prefixes) >= max_keys:
+            return Page(tuple(out), tuple(prefixes), True, last)
+        (prefixes if is_prefix else out).append(entry)
+        last = entry
+        if is_prefix:
+            skip_under = entry
+    return Page(tuple(out), tuple(prefixes), False, last)
+
+
+_ALPHABET = st.sampled_from(["a", "b", "/", "-", "é", "\U0001f600", "~"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    keys=st.sets(st.text(_ALPHABET, min_size=1, max_size=6), max_size=40),
+    prefix=st.text(_ALPHABET, max_size=2),
+    delimiter=st.sampled_from(["", "/", "-", "ab"]),
+    after=st.text(_ALPHABET, max_size=4),
+    max_keys=st.integers(0, 6),
+)
+def test_ordered_pages_equal_a_scan(
+    keys: set[str], prefix: str, delimiter: str, after: str, max_keys: int
+) -> None:
+    ordered = sorted(keys, key=lambda k: k.encode())
+    assert ordered == sorted(keys)  # str order is UTF-8 byte order
+    expected = scan_page(
+        ordered, prefix=prefix, delimiter=delimiter, after=after, max_keys=max_keys
+    )
+    got = page(ordered, prefix=prefix, delimiter=delimiter, after=after, max_keys=max_keys)
+    assert got == expected
+    # Walking every page from the start lists each key or common prefix once, in order.
+    seen: list[str] = []
+    resume = ""
+    while True:
+        step = page(ordered, prefix=prefix, delimiter=delimiter, after=resume, max_keys=3)
+        seen += list(step.keys) + list(step.prefixes)
+        if not step.truncated:
+            break
+        resume = step.last
+    full = scan_page(ordered, prefix=prefix, delimiter=delimiter, after="", max_keys=10**6)
+    assert sorted(seen) == sorted(full.keys + full.prefixes)
 
 
 def test_xml_bodies() -> None:

@@ -105,9 +105,8 @@ async def _listing(ctx: S3Context, req: S3Request, after: str) -> tuple[list[str
     prefix = req.query.get("prefix", "")
     delimiter = req.query.get("delimiter", "")
     max_keys = max_keys_of(req.query.get("max-keys"))
-    records = await ctx.index.objects(req.bucket)
-    by_key = {r.key: r for r in records}
-    result = page(list(by_key), prefix=prefix, delimiter=delimiter, after=after, max_keys=max_keys)
+    keys, by_key = await ctx.index.ordered(req.bucket)
+    result = page(keys, prefix=prefix, delimiter=delimiter, after=after, max_keys=max_keys)
     inner = [
         element("Name", req.bucket),
         element("Prefix", _enc(prefix, enc)),

@@ -7,8 +7,8 @@ Objects (KV ``cim-place-s3-objects``): one key per object, ``<bucket>.<key in ba
 (a bucket's dots become ``_``, which bucket names never hold, so ``<bucket>.>`` selects exactly
 one bucket; base32hex keeps any UTF-8 key a valid KV key token). The value is the JSON of
 :class:`ObjectRecord`: the S3 key, root CID, ETag, size, mtime, user metadata, stored headers,
-the node that took it. Listing reads a bucket's keys with one watch and sorts them in memory:
-O(objects in the bucket) per page, fine for thousands, not for millions (docs/S3.md).
+the node that took it. Listings read the keys in order from ``cim_place.http.s3.ordered`` (a
+sorted index each node keeps up to date from this KV), not from a scan of the bucket.
 
 Uploads (KV ``cim-place-s3-uploads``): ``<upload id>.meta`` (bucket, key, node, volume,
 metadata, initiated) and one ``<upload id>.p<number>`` per part (ETag, size), so parts sent in
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import nats.js.errors
@@ -31,6 +31,9 @@ from nats.js.kv import KeyValue
 
 from cim_place.cluster.nats.kv import ensure_bucket
 from cim_place.errors import TransportError
+
+if TYPE_CHECKING:
+    from cim_place.http.s3.ordered import OrderedKeys
 
 BUCKETS = "cim-place-s3-buckets"
 OBJECTS = "cim-place-s3-objects"
@@ -96,6 +99,7 @@ class S3Index:
     def __init__(self, js: JetStreamContext) -> None:
         self._js = js
         self._kvs: dict[str, KeyValue] = {}
+        self._ordered: OrderedKeys | None = None
 
     async def _kv(self, name: str) -> KeyValue:
         kv = self._kvs.get(name)
@@ -166,6 +170,17 @@ class S3Index:
 
     async def delete(self, bucket: str, key: str) -> None:
         await self._delete(OBJECTS, object_kv_key(bucket, key))
+
+    async def ordered(self, bucket: str) -> tuple[Sequence[str], Mapping[str, ObjectRecord]]:
+        """The keys of ``bucket`` sorted, and what a listing shows of each (the ordered
+        index, up to date with every write acknowledged before the call)."""
+        if self._ordered is None:
+            from cim_place.http.s3.ordered import OrderedKeys
+
+            await self._kv(OBJECTS)
+            self._ordered = OrderedKeys(self._js)
+        keys = await self._ordered.bucket(bucket)
+        return keys.keys, keys.records
 
     async def objects(self, bucket: str, *, limit: int = 0) -> list[ObjectRecord]:
         """The bucket's objects sorted by key (UTF-8 byte order, as S3 lists them)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,32 +24,40 @@ class Page:
 
 
 def page(keys: Sequence[str], *, prefix: str, delimiter: str, after: str, max_keys: int) -> Page:
-    """``keys`` sorted; entries after ``after`` (a key, or a common prefix already returned)."""
+    """``keys`` sorted; entries after ``after`` (a key, or a common prefix already returned).
+
+    Binary searches find where the page starts and skip the keys under a common prefix, so a
+    page costs O(log n + page) whatever the number of keys.
+    """
     out: list[str] = []
     prefixes: list[str] = []
     last = ""
-    skip_under = after if delimiter and after.endswith(delimiter) else ""
-    for key in keys:
-        if not key.startswith(prefix) or (after and key <= after):
-            continue
-        if skip_under and key.startswith(skip_under):
-            continue
+    start = bisect.bisect_left(keys, prefix)
+    if after:
+        start = max(start, bisect.bisect_right(keys, after))
+        if delimiter and after.endswith(delimiter):
+            start = max(start, _past(keys, after, start))
+    i = start
+    while i < len(keys):
+        key = keys[i]
+        if not key.startswith(prefix):
+            break
         entry = key
-        is_prefix = False
-        if delimiter:
-            cut = key.find(delimiter, len(prefix))
-            if cut >= 0:
-                entry = key[: cut + len(delimiter)]
-                is_prefix = True
-        if is_prefix and prefixes and prefixes[-1] == entry:
-            continue
+        cut = key.find(delimiter, len(prefix)) if delimiter else -1
+        if cut >= 0:
+            entry = key[: cut + len(delimiter)]
         if len(out) + len(prefixes) >= max_keys:
             return Page(tuple(out), tuple(prefixes), True, last)
-        (prefixes if is_prefix else out).append(entry)
+        (prefixes if cut >= 0 else out).append(entry)
         last = entry
-        if is_prefix:
-            skip_under = entry
+        i = _past(keys, entry, i) if cut >= 0 else i + 1
     return Page(tuple(out), tuple(prefixes), False, last)
+
+
+def _past(keys: Sequence[str], head: str, lo: int) -> int:
+    """The index after the last key that starts with ``head`` (keys from ``lo`` on)."""
+    size = len(head)
+    return bisect.bisect_right(keys, head, lo=lo, key=lambda k: k[:size])
 
 
 def max_keys_of(text: str | None) -> int:
