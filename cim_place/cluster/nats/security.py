@@ -339,6 +339,25 @@ def _kv_write(domain: str, bucket: str, key: str = ">") -> list[str]:
     ]
 
 
+S3_AGENT_KV: tuple[tuple[str, bool], ...] = (
+    # (bucket, written) for the S3 API and gateway of every agent (cim_place/http): the access
+    # keys it verifies signatures with (read only; `cim-place s3 key` writes them as admin),
+    # buckets, the object index, multipart uploads, the domain names S3 objects get, and the
+    # locations (read above, for the gateway's access rule).
+    ("cim-place-s3-keys", False),
+    ("cim-place-s3-buckets", True),
+    ("cim-place-s3-objects", True),
+    ("cim-place-s3-uploads", True),
+    (kv.NAMES, True),
+)
+
+
+def _kv(domain: str, bucket: str, write: bool) -> list[str]:
+    # Listings read these buckets with pull consumers (cim_place/http/s3/index.kv_entries).
+    pull = _both(domain, f"CONSUMER.MSG.NEXT.KV_{bucket}.>")
+    return [*(_kv_write(domain, bucket) if write else _kv_read(domain, bucket)), *pull]
+
+
 def agent_permissions(node: str, subjects: Subjects, hub_domain: str) -> Permissions:
     """An agent: its own events, outbox, task consumer, block and upload subjects, heartbeat."""
     check_node_id(node)
@@ -373,6 +392,8 @@ def agent_permissions(node: str, subjects: Subjects, hub_domain: str) -> Permiss
         # The gateway and S3 of a node that holds no copy read an object's owner and readers
         # from its status (http/node.py DomainAccess); agents may read every block anyway.
         *(r for b in (kv.LOCATIONS, *kv.LOCATION_SHARD_BUCKETS) for r in _kv_read(hub_domain, b)),
+        # The HTTP APIs every agent serves (cim_place/http): see S3_AGENT_KV.
+        *(subject for bucket, write in S3_AGENT_KV for subject in _kv(hub_domain, bucket, write)),
         # Fetching from peers and finding holders.
         f"{subjects.prefix}.blk.*.get",
         subjects.has,
