@@ -94,12 +94,21 @@ def _contents(record: ObjectRecord, enc: tuple[str, ...], owner: bool) -> str:
     return f"<Contents>{inner}</Contents>"
 
 
+def _true(value: str | None) -> bool:
+    return value is not None and value.lower() == "true"
+
+
 def _enc(text: str, enc: tuple[str, ...]) -> str:
     return quote(text, safe="/") if enc else text
 
 
-async def _listing(ctx: S3Context, req: S3Request, after: str) -> tuple[list[str], bool, str]:
-    """The common elements of both listings, whether truncated, and the resume point."""
+async def _listing(
+    ctx: S3Context, req: S3Request, after: str, *, encode_prefix: bool = True
+) -> tuple[list[str], bool, str]:
+    """The common elements of both listings, whether truncated, and the resume point.
+
+    ListObjects v1 sends its Prefix back as given even with encoding-type=url (what clients
+    decode there: Delimiter, Marker, NextMarker, keys; ``encode_prefix=False``)."""
     await ctx.need_bucket(req.bucket)
     enc = _encoder(req)
     prefix = req.query.get("prefix", "")
@@ -109,7 +118,7 @@ async def _listing(ctx: S3Context, req: S3Request, after: str) -> tuple[list[str
     result = page(keys, prefix=prefix, delimiter=delimiter, after=after, max_keys=max_keys)
     inner = [
         element("Name", req.bucket),
-        element("Prefix", _enc(prefix, enc)),
+        element("Prefix", _enc(prefix, enc if encode_prefix else ())),
         element("MaxKeys", max_keys),
         element("IsTruncated", "true" if result.truncated else "false"),
     ]
@@ -117,7 +126,7 @@ async def _listing(ctx: S3Context, req: S3Request, after: str) -> tuple[list[str
         inner.append(element("Delimiter", _enc(delimiter, enc)))
     if enc:
         inner.append(element("EncodingType", "url"))
-    inner += [_contents(by_key[k], enc, "fetch-owner" in req.query) for k in result.keys]
+    inner += [_contents(by_key[k], enc, _true(req.query.get("fetch-owner"))) for k in result.keys]
     inner += [
         f"<CommonPrefixes>{element('Prefix', _enc(p, enc))}</CommonPrefixes>"
         for p in result.prefixes
@@ -144,7 +153,7 @@ async def list_objects_v2(ctx: S3Context, req: S3Request) -> web.StreamResponse:
 
 async def list_objects(ctx: S3Context, req: S3Request) -> web.StreamResponse:
     marker = req.query.get("marker", "")
-    inner, truncated, last = await _listing(ctx, req, marker)
+    inner, truncated, last = await _listing(ctx, req, marker, encode_prefix=False)
     inner.pop()
     inner.append(element("Marker", _enc(marker, _encoder(req))))
     if truncated and req.query.get("delimiter"):

@@ -32,6 +32,8 @@ def page(keys: Sequence[str], *, prefix: str, delimiter: str, after: str, max_ke
     out: list[str] = []
     prefixes: list[str] = []
     last = ""
+    if max_keys == 0:  # an empty page, not truncated (as S3 answers max-keys=0)
+        return Page((), (), False, "")
     start = bisect.bisect_left(keys, prefix)
     if after:
         start = max(start, bisect.bisect_right(keys, after))

@@ -133,6 +133,9 @@ async def _copy_part(
     if source is None:
         raise no_such_key(src_key)
     span = parse_range(req.headers.get("x-amz-copy-source-range"), source.size)
+    if span is not None and _range_end(req.headers["x-amz-copy-source-range"]) >= source.size:
+        # Unlike a GET, a part copy does not clamp its range to the object.
+        raise S3Error("InvalidRange", f"the copy range ends past the source ({source.size} bytes)")
     first, length = (0, source.size) if span is None else (span[0], span[1] - span[0] + 1)
     store = ctx.holder(parse(source.cid))
     if store is None:
@@ -154,6 +157,12 @@ async def _copy_part(
     await ctx.index.put_part(upload.upload_id, PartRecord(number, etag, size, now))
     inner = [element("LastModified", iso(now)), element("ETag", f'"{etag}"')]
     return web.Response(body=document("CopyPartResult", inner), content_type=_XML)
+
+
+def _range_end(header: str) -> int:
+    """The last byte a ``bytes=first-last`` range names (-1 when it names none)."""
+    last = header.strip().rpartition("-")[2]
+    return int(last) if last.isdigit() else -1
 
 
 class _Concat:
