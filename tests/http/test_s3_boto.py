@@ -340,3 +340,13 @@ async def test_streaming_signed_chunks(s3node: S3Domain) -> None:
     assert bad == 403
     listed = await asyncio.to_thread(s3.list_objects_v2, Bucket="chunks")
     assert [o["Key"] for o in listed["Contents"]] == ["ok"]
+
+
+async def test_unsupported_object_attributes_are_a_clear_501(s3node: S3Domain) -> None:
+    s3 = s3node.client()
+    run = asyncio.to_thread
+    await run(s3.create_bucket, Bucket="attrs")
+    await run(s3.put_object, Bucket="attrs", Key="k", Body=b"v")
+    with pytest.raises(ClientError) as exc:
+        await run(s3.get_object_attributes, Bucket="attrs", Key="k", ObjectAttributes=["ETag"])
+    assert code_of(exc.value) == "NotImplemented"

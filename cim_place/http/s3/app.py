@@ -239,7 +239,7 @@ def _route(req: S3Request) -> Handler:
             return by_method[method]
     elif method == "POST" and "uploads" in q:
         return multipart.create
-    elif set(q) & {"acl", "tagging", "retention", "legal-hold", "torrent", "restore"}:
+    elif set(q) & {"acl", "tagging", "retention", "legal-hold", "torrent", "restore", "attributes"}:
         raise S3Error("NotImplemented", "object sub-resources are not supported")
     else:
         handlers: dict[str, Handler] = {
