@@ -800,6 +800,7 @@ def _s3_listener(agent: Agent) -> Listener:
         nc=agent.nc,
         subjects=agent.subjects,
         on_read=agent._record_read,
+        names_writable=not identity_of(agent.config.servers),  # agents may not write names
     )
     return Listener("s3", build_s3_app(node, region=region), listen=listen)
 

@@ -342,13 +342,12 @@ def _kv_write(domain: str, bucket: str, key: str = ">") -> list[str]:
 S3_AGENT_KV: tuple[tuple[str, bool], ...] = (
     # (bucket, written) for the S3 API and gateway of every agent (cim_place/http): the access
     # keys it verifies signatures with (read only; `cim-place s3 key` writes them as admin),
-    # buckets, the object index, multipart uploads, the domain names S3 objects get, and the
-    # locations (read above, for the gateway's access rule).
+    # buckets, the object index and multipart uploads. Not the names: where agents have users,
+    # S3 objects get no domain name (cim_place/http/s3/app.py S3Node.names_writable).
     ("cim-place-s3-keys", False),
     ("cim-place-s3-buckets", True),
     ("cim-place-s3-objects", True),
     ("cim-place-s3-uploads", True),
-    (kv.NAMES, True),
 )
 
 

@@ -63,6 +63,9 @@ class S3Node:
     """The node's NATS connection: with it, a GET of content held only by other nodes fetches
     it through the domain's verified fetch; without it, such a GET is ServiceUnavailable."""
     subjects: Subjects = field(default_factory=Subjects)
+    names_writable: bool = True
+    """False where agents may not write domain names (a domain with users): S3 objects are then
+    not named ``BUCKET/KEY`` (docs/S3.md)."""
     on_read: Callable[[Cid, str | None, int], None] | None = None
     """Told of each object GET (root, access key, bytes): demand counting, docs/DEMAND.md."""
 
@@ -90,6 +93,7 @@ def build_s3_app(
         nc=node.nc,
         subjects=node.subjects,
         on_read=node.on_read,
+        name_objects=node.names_writable,
     )
     cache: dict[str, tuple[float, S3Key | None]] = {}
 

@@ -100,6 +100,8 @@ class S3Context:
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="cim-place-s3")
     )
+    name_objects: bool = True
+    """Whether puts and deletes write the domain name ``BUCKET/KEY`` (see S3Node)."""
 
     async def need_bucket(self, bucket: str) -> BucketRecord:
         record = await self.index.bucket(bucket)
@@ -142,7 +144,7 @@ class S3Context:
         await _call(self.on_pinned(pin))
         old = await self.index.get(bucket, record.key)
         await self.index.put(bucket, record)
-        name = domain_name(bucket, record.key)
+        name = domain_name(bucket, record.key) if self.name_objects else None
         if name is not None:
             await self.names.set(name, pin.root, by=f"s3:{by}")
         await self.publish(
@@ -163,7 +165,7 @@ class S3Context:
         if old is None:
             return None
         await self.index.delete(bucket, key)
-        name = domain_name(bucket, key)
+        name = domain_name(bucket, key) if self.name_objects else None
         if name is not None:
             with contextlib.suppress(NamingError):  # removed by someone else meanwhile
                 await self.names.rm(name, by=f"s3:{by}")
