@@ -6,7 +6,7 @@ in the same run:
 1. **convergence** (a 1-server hub, 4 leaves, one in-process :class:`Agent` per leaf in zones
    z1..z4 with fsync "none", a :class:`Controller` started first, a policy of 3 copies in
    different zones): for each of ``--objects`` distinct 1 KiB payloads, the time from the start
-   of :func:`~cim_place.cluster.exchange.upload.upload` (round robin over the 4 nodes, from a
+   of :func:`~cim_place.cluster.exchange.upload_client.upload` (round robin over the 4 nodes, from a
    client on
    the hub) to the moment 3 agents hold the object pinned. An agent subclass records the moment
    it announces each ObjectStored (right after the pin), so no polling skews the figure.
@@ -62,7 +62,7 @@ from cim_place.cluster.events.store import (
 )
 from cim_place.cluster.events.types import ObjectStored, event_envelope
 from cim_place.cluster.exchange.fetch import wait_for_holder
-from cim_place.cluster.exchange.upload import upload
+from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.nats.subjects import EVENTS_STREAM, Subjects

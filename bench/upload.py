@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cim_place.cluster.exchange.upload import upload, wait_for_uploads
+from cim_place.cluster.exchange.upload_client import upload, wait_for_uploads
 from cim_place.cluster.nats.connection import connected
 from cim_place.local.servers import add_leaf, start_hub
 from cim_place.objectstore.store import ObjectStore
@@ -35,7 +35,7 @@ AGENT = r"""
 import asyncio, sys, resource
 from pathlib import Path
 from cim_place.cluster.nats.connection import connected
-from cim_place.cluster.exchange.upload import UploadService
+from cim_place.cluster.exchange.upload_server import UploadService
 from cim_place.objectstore.store import ObjectStore
 
 async def main(url, store_dir, window, fsync):

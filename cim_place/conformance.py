@@ -15,7 +15,7 @@ from cim_place.cluster.exchange.blocks import BlockServer
 from cim_place.cluster.exchange.fetch import fetch_dag
 from cim_place.cluster.exchange.holders import HolderResponder
 from cim_place.cluster.exchange.stream import BlockStreamServer
-from cim_place.cluster.exchange.upload import UploadService
+from cim_place.cluster.exchange.upload_server import UploadService
 from cim_place.cluster.state.locations import LocationStore
 from cim_place.cluster.state.nodes import Heartbeat, list_nodes
 from cim_place.cluster.state.policies import PolicyStore

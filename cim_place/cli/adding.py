@@ -110,7 +110,7 @@ async def add_to_domain(
     metadata: dict[str, str],
 ) -> DomainAdd:
     """Upload ``stream`` (read from ``file``) to a node of the domain, and name it there."""
-    from cim_place.cluster.exchange.upload import upload
+    from cim_place.cluster.exchange.upload_client import upload
     from cim_place.cluster.state.names import NameRegistry, check_name
 
     if name is not None:

@@ -6,10 +6,10 @@ This module owns the rule and the walk:
    bytes) or an :class:`~cim_place.comms.content.Attachment` **longer than the threshold** is
    offloaded; one exactly at the threshold travels inline. The threshold is the domain's
    setting (``cim_place.comms.settings``), 64 KiB by default.
-2. Offloading streams the value to the local agent (``cim_place.cluster.exchange.upload``), which
-   imports
-   it as a UnixFS DAG, pins it and announces ``ObjectStored``; the value is replaced by the
-   offload marker (``ContentRef.to_value()``): root CID, size, content type.
+2. Offloading streams the value to the local agent
+   (``cim_place.cluster.exchange.upload_client``), which imports it as a UnixFS DAG, pins it
+   and announces ``ObjectStored``; the value is replaced by the offload marker
+   (``ContentRef.to_value()``): root CID, size, content type.
 3. The pin's ``readers`` metadata (object access control, ``cim_place.cluster.nats.security``) lists
    who besides the owner may fetch the content; by default ``*``, every authenticated user of
    the domain, as for the message that carries the link.
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from cim_place.cluster.exchange.upload import upload
+from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.security import READERS_KEY
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.comms.content import (

@@ -26,7 +26,7 @@ from cim_place.cluster.events.types import ObjectStored, parse_event
 from cim_place.cluster.exchange.blocks import BlockServer
 from cim_place.cluster.exchange.fetch import wait_for_holder
 from cim_place.cluster.exchange.holders import HolderResponder
-from cim_place.cluster.exchange.upload import UploadService
+from cim_place.cluster.exchange.upload_server import UploadService
 from cim_place.cluster.nats.connection import connect, connected, jetstream
 from cim_place.cluster.nats.envelope import Content, Envelope
 from cim_place.cluster.nats.security import (

@@ -10,7 +10,7 @@ from pathlib import Path
 from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.exchange.fetch import wait_for_holder
-from cim_place.cluster.exchange.upload import upload
+from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected
 from cim_place.http.server import HttpSettings
 from cim_place.local.servers import Hub

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from cim_place.cluster.exchange.fetch import wait_for_holder
-from cim_place.cluster.exchange.upload import upload
+from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected
 from cim_place.local.credentials import ADMIN
 from cim_place.local.domain import LocalDomain

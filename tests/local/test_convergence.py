@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cim_place.cluster.exchange.upload import upload
+from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
 from cim_place.cluster.state.locations import LocationStore

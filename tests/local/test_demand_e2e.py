@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 
 from cim_place.cli.placing import place_in_domain
 from cim_place.cluster.controller.demand_api import request_demand
-from cim_place.cluster.exchange.upload import upload
+from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import decode
 from cim_place.cluster.nats.security import CONTROLLER, READERS_KEY

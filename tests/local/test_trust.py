@@ -34,7 +34,7 @@ from cim_place.cluster.events.types import (
     TaskFailed,
     event_envelope,
 )
-from cim_place.cluster.exchange.upload import upload
+from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats import kv
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.envelope import Content, Envelope

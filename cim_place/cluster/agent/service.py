@@ -61,7 +61,7 @@ from cim_place.cluster.exchange.fetch import (
 )
 from cim_place.cluster.exchange.holders import HolderResponder, find_holders, holder_of
 from cim_place.cluster.exchange.stream import BlockStreamServer, client_tls, server_tls
-from cim_place.cluster.exchange.upload import UploadService
+from cim_place.cluster.exchange.upload_server import UploadService
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.nats.security import AGENT_PREFIX, ReadAccess, identity_of

@@ -91,7 +91,7 @@ class Subjects:
 
     def agent_add(self, node: str) -> str:
         """Where ``node``'s agent takes uploads of new content
-        (cim_place.cluster.exchange.upload)."""
+        (cim_place.cluster.exchange.upload_server)."""
         return f"{self.prefix}.agent.{check_node_id(node)}.add"
 
     def agent_scrub(self, node: str) -> str:

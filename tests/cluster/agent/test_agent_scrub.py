@@ -24,7 +24,7 @@ from cim_place.cluster.events.readers import EventReader
 from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.events.types import ReplicaDamaged, TaskCompleted, parse_event
 from cim_place.cluster.exchange.fetch import wait_for_holder
-from cim_place.cluster.exchange.upload import upload
+from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.tasks.queue import Task, TaskQueue, ensure_task_stream

@@ -30,7 +30,7 @@ from cim_place.cluster.exchange.fetch import (
     fetch_dag,
     wait_for_holder,
 )
-from cim_place.cluster.exchange.upload import upload
+from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.state.locations import LocationStore
 from cim_place.cluster.state.policies import PolicyStore

@@ -24,7 +24,7 @@ from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.controller.service import Controller, ControllerConfig
 from cim_place.cluster.exchange.fetch import wait_for_holder
-from cim_place.cluster.exchange.upload import upload
+from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.locations import LocationStore

@@ -15,7 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cim_place.cli.app import app
-from cim_place.cluster.exchange.upload import (
+from cim_place.cluster.exchange.upload_client import upload, wait_for_uploads
+from cim_place.cluster.exchange.upload_pipe import ChunkPipe
+from cim_place.cluster.exchange.upload_server import UploadService
+from cim_place.cluster.exchange.upload_wire import (
     _ABORT,
     _DATA,
     _ERROR,
@@ -25,16 +28,12 @@ from cim_place.cluster.exchange.upload import (
     BUSY,
     LOST,
     TIMEOUT,
-    ChunkPipe,
     UploadAborted,
     UploadError,
-    UploadService,
     _body,
     _control,
     _data_head,
     _kind,
-    upload,
-    wait_for_uploads,
 )
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import StoreError, StoreFullError, TransportError

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from cim_place.cluster.exchange.upload import UploadService, upload
+from cim_place.cluster.exchange.upload_client import upload
+from cim_place.cluster.exchange.upload_server import UploadService
 from cim_place.cluster.nats.connection import connect
 from cim_place.cluster.nats.security import AccessDeniedError, plan_domain
 from cim_place.objectstore.store import ObjectStore

@@ -1,0 +1,507 @@
+"""The agent side of uploads: ``UploadService`` takes sessions on ``Subjects.agent_add(node)``.
+
+It owns the sessions: opening (with the access check of ``upload_access`` and the volume
+choice), numbered chunks fed to an importer thread through a ``ChunkPipe``, acknowledgements
+once the importer has consumed them, the pin at the end and idle timeouts. The protocol itself
+is described in ``upload_wire``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from cim_place.cluster.exchange.upload_access import _Refused, upload_owner
+from cim_place.cluster.exchange.upload_pipe import ChunkPipe
+from cim_place.cluster.exchange.upload_wire import (
+    _ABORT,
+    _ACK,
+    _DATA,
+    _DONE,
+    _FINISH,
+    _MIN_CHUNK,
+    _OPEN,
+    _OPENED,
+    _PING,
+    _PONG,
+    ABORTED,
+    BUSY,
+    DEFAULT_HEADROOM,
+    FULL,
+    INVALID,
+    LOST,
+    MALFORMED,
+    STOPPING,
+    STORE,
+    TIMEOUT,
+    UploadAborted,
+    _body,
+    _control,
+    _count,
+    _error,
+    _kind,
+    _ProtocolError,
+    _session_of,
+    _split_data,
+    _text,
+)
+from cim_place.cluster.nats.security import requester_of
+from cim_place.cluster.nats.subjects import Subjects
+from cim_place.errors import StoreError, StoreFullError
+from cim_place.interfaces import Pin
+from cim_place.objectstore import dagcbor
+from cim_place.objectstore.cid import to_str
+from cim_place.objectstore.store import ObjectStore
+from cim_place.objectstore.unixfs import DEFAULT_PROFILE, get_profile
+
+__all__ = ["DEFAULT_MAX_SESSIONS", "OnPinned", "UploadService", "UploadStats"]
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW = 8
+DEFAULT_MAX_SESSIONS = 4
+DEFAULT_IDLE_TIMEOUT = 30.0
+
+OnPinned = Callable[[Pin], Awaitable[None] | None]
+"""Called on the event loop after an upload is pinned, before the client hears ``done``."""
+
+
+class UploadStats:
+    """Counters of an UploadService, for metrics (monotonic since start)."""
+
+    sessions: int = 0
+    """Sessions opened."""
+    pinned: int = 0
+    bytes_received: int = 0
+    chunks_received: int = 0
+    duplicates: int = 0
+    """Data messages received twice (ignored)."""
+    refused: int = 0
+    """Open requests refused (busy, full, invalid)."""
+    failed: int = 0
+    """Sessions ended without a pin (aborted, timed out, lost chunks, full, store errors)."""
+    malformed: int = 0
+    """Messages ignored or refused as not following the protocol, or for no known session."""
+    hook_errors: int = 0
+    """``on_pinned`` calls that raised (the pin stands; the event must be repaired later)."""
+
+
+@dataclass(slots=True)
+class _Session:
+    id: bytes
+    inbox: str
+    name: str | None
+    owner: str
+    metadata: dict[str, str]
+    profile: str
+    pipe: ChunkPipe
+    next_seq: int = 0
+    received: int = 0
+    finished: bool = False
+    ended: bool = False
+    last_activity: float = field(default_factory=time.monotonic)
+    acked: int = 0
+    ack_target: int = 0
+    ack_task: asyncio.Task[None] | None = None
+    """The task that sends acknowledgements; None or done when none is being sent."""
+    task: asyncio.Task[None] | None = None
+
+
+class UploadService:
+    """Takes uploads into ``store`` on ``Subjects.agent_add(node)``.
+
+    Usage::
+
+        service = UploadService(nc, "leaf-a", store, on_pinned=publish_object_stored)
+        await service.start()
+        ...
+        await service.stop()
+
+    ``store`` is the volume that takes new content, or a callable choosing one from the expected
+    size (None when the client did not say). At most ``max_sessions`` uploads run at a time,
+    each in its own worker thread; each has at most ``window`` chunks buffered (a chunk is at
+    most the server's max payload), so memory is bounded by about ``max_sessions x window x
+    max_payload``. A session that sees no progress for ``idle_timeout`` seconds is aborted.
+    """
+
+    def __init__(
+        self,
+        nc: Any,
+        node: str,
+        store: ObjectStore | Callable[[int | None], ObjectStore],
+        *,
+        subjects: Subjects | None = None,
+        on_pinned: OnPinned | None = None,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        window: int = DEFAULT_WINDOW,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        headroom: int = DEFAULT_HEADROOM,
+        authenticated: bool = False,
+        public_uploaders: frozenset[str] = frozenset(),
+    ) -> None:
+        self.nc = nc
+        self.public_uploaders = public_uploaders
+        """Users whose uploads without an owner have none (public), as in an open domain."""
+        self.node = node
+        self._store = store
+        self.authenticated = authenticated
+        """Owners come from the requester's identity (see the module docstring)."""
+        self.subjects = subjects if subjects is not None else Subjects()
+        self.subject = self.subjects.agent_add(node)
+        self.on_pinned = on_pinned
+        self.max_sessions = max(1, max_sessions)
+        self.window = max(1, window)
+        self.idle_timeout = idle_timeout
+        self.headroom = headroom
+        self.stats = UploadStats()
+        self._sessions: dict[bytes, _Session] = {}
+        self._sub: Any = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def active(self) -> int:
+        """Sessions open or still importing."""
+        return len(self._sessions)
+
+    def _choose(self, size: int | None) -> ObjectStore:
+        if isinstance(self._store, ObjectStore):
+            return self._store
+        return self._store(size)
+
+    def _chunk_limit(self, client_max: int) -> int:
+        limit = int(getattr(self.nc, "max_payload", 0) or (1 << 20))
+        if client_max:
+            limit = min(limit, client_max)
+        return max(_MIN_CHUNK, limit - self.headroom)
+
+    async def start(self) -> None:
+        """Subscribe; uploads are taken from now until ``stop``. Idempotent."""
+        if self._sub is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(self.max_sessions, thread_name_prefix="cim-upload")
+        # Bounded by the protocol (window x sessions); a client ignoring its window has its
+        # chunks dropped here, which its session sees as a lost chunk.
+        limit = self._chunk_limit(0) + self.headroom
+        self._sub = await self.nc.subscribe(
+            self.subject,
+            cb=self._on_message,
+            pending_msgs_limit=4 * self.max_sessions * self.window + 1024,
+            pending_bytes_limit=2 * self.max_sessions * self.window * limit + (1 << 20),
+        )
+        await self.nc.flush()
+        self._watchdog = asyncio.create_task(self._watch_idle())
+
+    async def stop(self) -> None:
+        """Stop taking uploads; sessions in progress fail with ``stopping`` and leave no pin."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+        for session in list(self._sessions.values()):
+            self._end(session, STOPPING, f"the agent of {self.node} is stopping; upload again")
+        tasks = [s.task for s in self._sessions.values() if s.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # -- messages --
+
+    async def _on_message(self, msg: Any) -> None:
+        try:
+            kind = _kind(msg.data)
+            if kind == _DATA:
+                await self._on_data(msg.data)
+            elif kind == _OPEN:
+                await self._on_open(msg)
+            elif kind == _FINISH:
+                await self._on_finish(_body(msg.data))
+            elif kind == _ABORT:
+                self._on_abort(_body(msg.data))
+            elif kind == _PING:
+                if msg.reply:
+                    await self.nc.publish(msg.reply, _control(_PONG, {"node": self.node}))
+            else:
+                raise _ProtocolError(f"unknown upload message kind 0x{kind:02x}")
+        except _ProtocolError as exc:
+            self.stats.malformed += 1
+            _log.warning("ignoring a malformed upload message on %s: %s", self.subject, exc)
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await self.nc.publish(msg.reply, _error(MALFORMED, str(exc)))
+        except Exception:
+            self.stats.malformed += 1
+            _log.exception("upload message on %s failed", self.subject)
+
+    async def _on_open(self, msg: Any) -> None:
+        if not msg.reply:
+            raise _ProtocolError("open request without a reply subject")
+        body = _body(msg.data)
+        inbox = _text(body, "inbox")
+        if not inbox:
+            raise _ProtocolError("open request without an inbox for acknowledgements")
+        size = _count(body, "size")
+        client_max = _count(body, "max_payload") or 0
+        try:
+            owner = upload_owner(
+                self.node,
+                requester_of(msg.reply),
+                _text(body, "owner"),
+                authenticated=self.authenticated,
+                public_uploaders=self.public_uploaders,
+            )
+            store = self._admit(body, size)
+        except _Refused as refused:
+            self.stats.refused += 1
+            await self.nc.publish(msg.reply, _error(refused.code, str(refused)))
+            return
+        metadata = body.get("metadata") or {}
+        assert isinstance(metadata, dict)  # checked by _admit
+        name = body.get("name")
+        loop = asyncio.get_running_loop()
+        session_id = os.urandom(12)
+
+        def consumed(count: int) -> None:  # in the importer's thread
+            loop.call_soon_threadsafe(self._consumed, session_id, count)
+
+        session = _Session(
+            id=session_id,
+            inbox=inbox,
+            name=name if isinstance(name, str) else None,
+            owner=owner,
+            metadata={key: str(value) for key, value in metadata.items()},
+            profile=_text(body, "profile", DEFAULT_PROFILE),
+            pipe=ChunkPipe(consumed),
+        )
+        self._sessions[session.id] = session
+        self.stats.sessions += 1
+        session.task = asyncio.create_task(self._run(session, store))
+        await self.nc.publish(
+            msg.reply,
+            _control(
+                _OPENED,
+                {
+                    "session": session.id,
+                    "chunk": self._chunk_limit(client_max),
+                    "window": self.window,
+                    "idle": float(self.idle_timeout),
+                },
+            ),
+        )
+
+    def _admit(self, body: Mapping[str, dagcbor.Value], size: int | None) -> ObjectStore:
+        """The volume that takes this upload; raises _Refused when it cannot be served."""
+        if len(self._sessions) >= self.max_sessions:
+            raise _Refused(
+                BUSY,
+                f"the agent of {self.node} already runs {len(self._sessions)} uploads (its "
+                f"limit is {self.max_sessions}); retry in a moment or raise the agent's limit",
+            )
+        try:
+            get_profile(_text(body, "profile", DEFAULT_PROFILE))
+        except StoreError as exc:
+            raise _Refused(INVALID, str(exc)) from None
+        name = body.get("name")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise _Refused(INVALID, "the pin name must be a non-empty string")
+        metadata = body.get("metadata") or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise _Refused(INVALID, "metadata must map strings to strings")
+        try:
+            store = self._choose(size)
+            free = store.blocks.free_bytes() if size is not None else 0
+        except StoreFullError as exc:
+            raise _Refused(FULL, str(exc)) from None
+        except (StoreError, OSError) as exc:
+            raise _Refused(STORE, f"the agent of {self.node} has no usable volume: {exc}") from None
+        if size is not None and size > free:
+            raise _Refused(
+                FULL,
+                f"volume {store.path} of {self.node} has {free} bytes free, the upload "
+                f"needs {size}; free space with `cim-place gc`, raise the volume's "
+                "capacity, or add a volume",
+            )
+        return store
+
+    async def _on_data(self, data: bytes) -> None:
+        session_id, seq, chunk = _split_data(data)
+        session = self._sessions.get(session_id)
+        if session is None or session.ended:
+            # Chunks still in flight after a session ended: expected, not worth a warning.
+            self.stats.malformed += 1
+            return
+        if seq < session.next_seq:
+            self.stats.duplicates += 1
+            return
+        if session.finished:
+            raise _ProtocolError("data after finish")
+        if seq > session.next_seq:
+            self._end(
+                session,
+                LOST,
+                f"upload chunk {session.next_seq} never reached {self.node} (chunk {seq} did); "
+                "the network dropped it: upload again",
+            )
+            return
+        if session.pipe.pending >= self.window:
+            self._end(
+                session,
+                LOST,
+                f"the client sent more than {self.window} unacknowledged chunks; "
+                "upload again with a client that honours the window",
+            )
+            return
+        session.next_seq += 1
+        session.received += len(chunk)
+        session.last_activity = time.monotonic()
+        self.stats.chunks_received += 1
+        self.stats.bytes_received += len(chunk)
+        session.pipe.feed(chunk)
+
+    async def _on_finish(self, body: Mapping[str, dagcbor.Value]) -> None:
+        session = self._sessions.get(_session_of(body))
+        if session is None or session.ended or session.finished:
+            self.stats.malformed += 1
+            return
+        chunks = _count(body, "chunks")
+        size = _count(body, "size")
+        session.last_activity = time.monotonic()
+        if chunks != session.next_seq or size != session.received:
+            self._end(
+                session,
+                LOST,
+                f"the client sent {chunks} chunks ({size} bytes) but {self.node} received "
+                f"{session.next_seq} ({session.received} bytes); upload again",
+            )
+            return
+        session.finished = True
+        session.pipe.finish()
+
+    def _on_abort(self, body: Mapping[str, dagcbor.Value]) -> None:
+        session = self._sessions.get(_session_of(body))
+        if session is None:
+            return
+        reason = body.get("reason")
+        why = reason if isinstance(reason, str) and reason else "no reason given"
+        self._end(session, ABORTED, f"the client aborted the upload: {why}")
+
+    def _end(self, session: _Session, code: str, message: str) -> None:
+        """Make the session's importer fail (no pin); its task reports ``code`` to the client."""
+        if session.ended:
+            return
+        session.ended = True
+        session.pipe.abort(code, message)
+
+    # -- the import --
+
+    async def _run(self, session: _Session, store: ObjectStore) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                pin = await loop.run_in_executor(self._executor, self._import, session, store)
+            finally:
+                session.ended = True
+        except UploadAborted as exc:
+            self.stats.failed += 1
+            _log.info("upload session on %s ended without a pin: %s", self.node, exc)
+            await self._tell(session, _error(exc.code, str(exc)))
+        except StoreFullError as exc:
+            self.stats.failed += 1
+            _log.warning("upload to %s refused: %s", self.node, exc)
+            await self._tell(session, _error(FULL, str(exc)))
+        except StoreError as exc:
+            self.stats.failed += 1
+            _log.error("upload to %s failed: %s", self.node, exc)
+            await self._tell(session, _error(STORE, str(exc)))
+        except Exception as exc:
+            self.stats.failed += 1
+            _log.exception("upload to %s failed", self.node)
+            await self._tell(session, _error(STORE, f"the agent of {self.node} failed: {exc}"))
+        else:
+            self.stats.pinned += 1
+            await self._pinned(pin)
+            await self._tell(
+                session,
+                _control(_DONE, {"cid": to_str(pin.root), "size": pin.size, "blocks": pin.blocks}),
+            )
+        finally:
+            self._sessions.pop(session.id, None)
+
+    @staticmethod
+    def _import(session: _Session, store: ObjectStore) -> Pin:
+        return store.add(
+            session.pipe,  # type: ignore[arg-type]  # file-like: read/readinto
+            name=session.name,
+            profile=session.profile,
+            owner=session.owner,
+            metadata=session.metadata,
+        )
+
+    async def _pinned(self, pin: Pin) -> None:
+        if self.on_pinned is None:
+            return
+        try:
+            result = self.on_pinned(pin)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self.stats.hook_errors += 1
+            _log.exception("on_pinned failed for %s (the pin stands)", to_str(pin.root))
+
+    async def _tell(self, session: _Session, message: bytes) -> None:
+        try:
+            await self.nc.publish(session.inbox, message)
+        except Exception as exc:  # the client is gone; nothing else to do
+            _log.debug("cannot reach the uploader of session %s: %s", session.id.hex(), exc)
+
+    # -- flow control and timeouts --
+
+    def _consumed(self, session_id: bytes, consumed: int) -> None:
+        """On the loop: the importer has read ``consumed`` chunks; acknowledge them."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        session.last_activity = time.monotonic()
+        session.ack_target = max(session.ack_target, consumed)
+        if not session.ended and (session.ack_task is None or session.ack_task.done()):
+            session.ack_task = asyncio.create_task(self._send_acks(session))
+
+    async def _send_acks(self, session: _Session) -> None:
+        # One ack covers every chunk consumed by the time it is sent (acks are cumulative).
+        while session.acked < session.ack_target and not session.ended:
+            session.acked = session.ack_target
+            await self._tell(session, _control(_ACK, {"acked": session.acked}))
+
+    async def _watch_idle(self) -> None:
+        interval = max(0.05, min(1.0, self.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for session in list(self._sessions.values()):
+                # After finish the client waits for the import, which is not idleness.
+                if session.finished or session.ended:
+                    continue
+                if now - session.last_activity > self.idle_timeout:
+                    self._end(
+                        session,
+                        TIMEOUT,
+                        f"upload to {self.node} made no progress for {self.idle_timeout:g} s "
+                        "and was dropped; upload again",
+                    )
