@@ -22,7 +22,7 @@ from multiformats import CID
 
 from cim_place.cluster.events.types import ObjectStored, event_envelope, parse_event
 from cim_place.cluster.nats.envelope import Content, Envelope, decode
-from cim_place.cluster.tasks.queue import Task, task_envelope
+from cim_place.cluster.tasks.model import Task, task_envelope
 from cim_place.objectstore import cid as cids
 from cim_place.objectstore.dagcbor import Link, Value
 

@@ -19,7 +19,8 @@ from cim_place.cluster.exchange.upload_server import UploadService
 from cim_place.cluster.state.locations import LocationStore
 from cim_place.cluster.state.nodes import Heartbeat, list_nodes
 from cim_place.cluster.state.policies import PolicyStore
-from cim_place.cluster.tasks.queue import TaskQueue, TaskWorker
+from cim_place.cluster.tasks.queue import TaskQueue
+from cim_place.cluster.tasks.worker import TaskWorker
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.pins import SqlitePinIndex
 from cim_place.objectstore.scrub import VolumeScrubber

@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # types only: this module is imported by the lowest layers
     from cim_place.cluster.nats.envelope import Envelope
     from cim_place.cluster.state.nodes import NodeRecord
     from cim_place.cluster.state.policies import StoredSet
-    from cim_place.cluster.tasks.queue import Enqueued, Task
+    from cim_place.cluster.tasks.model import Task
+    from cim_place.cluster.tasks.queue import Enqueued
     from cim_place.placement.model import NodeMap, PlacedObject, Placement, PlacementRule, VolumeId
     from cim_place.placement.reconciler import ReconcileInput, ReconcileResult
     from cim_place.placement.status import ObjectStatus, Summary
@@ -218,7 +219,7 @@ class TaskQueue(Protocol):
 
 
 class TaskSource(Protocol):
-    """The agent's side (:class:`cim_place.cluster.tasks.queue.TaskWorker`): pulls its node's
+    """The agent's side (:class:`cim_place.cluster.tasks.worker.TaskWorker`): pulls its node's
     tasks, runs each with bounded concurrency, reports the outcome, acks after reporting."""
 
     async def start(self) -> None:

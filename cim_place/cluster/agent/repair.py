@@ -22,7 +22,7 @@ from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.agent.scrubbing import ScrubService
 from cim_place.cluster.exchange.fetch import FetchResult, Holder
 from cim_place.cluster.exchange.ratelimit import BandwidthLimit, Throttle, combined
-from cim_place.cluster.tasks.queue import Task
+from cim_place.cluster.tasks.model import Task
 from cim_place.errors import StoreError
 from cim_place.objectstore import leftovers
 from cim_place.objectstore.cid import Cid, to_str

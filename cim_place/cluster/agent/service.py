@@ -72,7 +72,9 @@ from cim_place.cluster.state.nodes import (
     heartbeat_grace,
     list_nodes,
 )
-from cim_place.cluster.tasks.queue import Task, TaskOutcome, TaskResult, TaskWorker
+from cim_place.cluster.tasks.model import Task
+from cim_place.cluster.tasks.outcome import TaskOutcome, TaskResult
+from cim_place.cluster.tasks.worker import TaskWorker
 from cim_place.errors import CimPlaceError, StoreError, StoreFullError, TransportError
 from cim_place.http.node import NodeParts, start_node_http
 from cim_place.http.server import HttpServers, Listener

@@ -41,7 +41,8 @@ from cim_place.cluster.controller.demand import (
 )
 from cim_place.cluster.controller.metrics import ControllerMetrics
 from cim_place.cluster.controller.projection import Projection
-from cim_place.cluster.tasks.queue import Task, TaskQueue
+from cim_place.cluster.tasks.model import Task
+from cim_place.cluster.tasks.queue import TaskQueue
 from cim_place.objectstore.cid import Cid
 from cim_place.placement.demand import DemandContext, DemandRule, decide, describe
 from cim_place.placement.demand_cache import (

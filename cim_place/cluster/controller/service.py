@@ -70,7 +70,8 @@ from cim_place.cluster.state.leader import LeaderElection
 from cim_place.cluster.state.locations import LocationStore
 from cim_place.cluster.state.nodes import NODE_TTL, NodeRecord, list_nodes
 from cim_place.cluster.state.policies import watch_policies
-from cim_place.cluster.tasks.queue import Task, TaskQueue, ensure_task_stream
+from cim_place.cluster.tasks.model import Task
+from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
 from cim_place.errors import CimPlaceError, PolicyError, TransportError
 from cim_place.objectstore.cid import Cid, to_str
 from cim_place.placement.demand_reconcile import required_input

@@ -56,8 +56,6 @@ _log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class UploadResult:
     """What the agent pinned."""

@@ -129,7 +129,6 @@ class _ProtocolError(ProtocolError):
 # -- framing -------------------------------------------------------------------------------------
 
 
-
 def _control(kind: int, body: Mapping[str, dagcbor.Value]) -> bytes:
     return bytes((MAGIC, VERSION, kind)) + dagcbor.encode(dict(body))
 
@@ -202,4 +201,3 @@ def _session_of(body: Mapping[str, dagcbor.Value]) -> bytes:
 
 def _error(code: str, message: str) -> bytes:
     return _control(_ERROR, {"code": code, "message": message})
-

@@ -192,7 +192,7 @@ async def task_events(
     from cim_place.cluster.events.readers import EventReader
     from cim_place.cluster.events.types import TaskCompleted, TaskFailed
     from cim_place.cluster.nats.subjects import Subjects
-    from cim_place.cluster.tasks.queue import TASK_COMPLETED, TASK_FAILED
+    from cim_place.cluster.tasks.model import TASK_COMPLETED, TASK_FAILED
     from cim_place.objectstore import cid as cids
 
     kinds = (TASK_FAILED, TASK_COMPLETED) if completed else (TASK_FAILED,)

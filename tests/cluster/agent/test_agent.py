@@ -23,7 +23,8 @@ from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.state.nodes import list_nodes
-from cim_place.cluster.tasks.queue import Task, TaskQueue, ensure_task_stream
+from cim_place.cluster.tasks.model import Task
+from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
 from cim_place.errors import StoreFullError
 from cim_place.local.servers import Hub
 from cim_place.objectstore.testdata import chacha_stream

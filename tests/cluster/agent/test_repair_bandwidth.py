@@ -24,7 +24,8 @@ from cim_place.cluster.exchange.fetch import wait_for_holder
 from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import Subjects
-from cim_place.cluster.tasks.queue import Task, TaskQueue, ensure_task_stream
+from cim_place.cluster.tasks.model import Task
+from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
 from cim_place.local.servers import Hub
 from cim_place.objectstore import dag
 from cim_place.objectstore.cid import RAW, codec_of

@@ -22,7 +22,7 @@ from cim_place.cluster.events.types import (
 )
 from cim_place.cluster.nats.envelope import Content, Envelope
 from cim_place.cluster.state.nodes import NodeRecord, VolumeStatus
-from cim_place.cluster.tasks.queue import Task
+from cim_place.cluster.tasks.model import Task
 from cim_place.objectstore.cid import RAW, Cid, make_cid
 from cim_place.policies.model import Policy, PolicySet, Replicas
 

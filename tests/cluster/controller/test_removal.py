@@ -21,7 +21,7 @@ from cim_place.cluster.events.types import (
     parse_event,
 )
 from cim_place.cluster.nats.envelope import Envelope
-from cim_place.cluster.tasks.queue import Task
+from cim_place.cluster.tasks.model import Task
 from cim_place.local.servers import Hub
 from cim_place.objectstore.cid import RAW, Cid, make_cid
 from cim_place.objectstore.store import ObjectStore

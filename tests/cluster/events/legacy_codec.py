@@ -21,7 +21,7 @@ from cim_place.cluster.events.types import (
     TaskCompleted,
     TaskFailed,
 )
-from cim_place.cluster.tasks.queue import Task
+from cim_place.cluster.tasks.model import Task
 from cim_place.objectstore.dagcbor import Link
 
 TASK_ACTIONS = ("fetch", "drop", "verify", "repair")

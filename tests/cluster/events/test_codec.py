@@ -29,7 +29,7 @@ from cim_place.cluster.events.types import (
     parse_event,
 )
 from cim_place.cluster.nats.envelope import Content, Envelope, decode
-from cim_place.cluster.tasks.queue import Task, TaskFormatError, decode_task, task_envelope
+from cim_place.cluster.tasks.model import Task, TaskFormatError, decode_task, task_envelope
 from cim_place.objectstore import dagcbor
 from cim_place.objectstore.cid import RAW, make_cid
 from cim_place.objectstore.dagcbor import Link

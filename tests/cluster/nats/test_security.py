@@ -47,7 +47,8 @@ from cim_place.cluster.nats.security import (
     requester_of,
 )
 from cim_place.cluster.state.nodes import list_nodes
-from cim_place.cluster.tasks.queue import Task, TaskQueue, ensure_task_stream
+from cim_place.cluster.tasks.model import Task
+from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
 from cim_place.interfaces import Pin
 from cim_place.local.servers import NatsServer, ServerSpec, find_nats_server, free_port
 from cim_place.objectstore.blockstore import FsBlockStore

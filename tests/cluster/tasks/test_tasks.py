@@ -19,22 +19,18 @@ from nats.js.api import RetentionPolicy
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import MSG_ID, Content, Envelope, decode
 from cim_place.cluster.nats.subjects import TASKS_STREAM, Subjects
-from cim_place.cluster.tasks.queue import (
+from cim_place.cluster.tasks.model import (
     TASK_COMPLETED,
     TASK_FAILED,
-    Backoff,
     Task,
     TaskFormatError,
-    TaskOutcome,
-    TaskQueue,
-    TaskResult,
-    TaskWorker,
-    consumer_name,
     decode_task,
-    ensure_task_stream,
     task_envelope,
     task_id,
 )
+from cim_place.cluster.tasks.outcome import Backoff, TaskOutcome, TaskResult
+from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
+from cim_place.cluster.tasks.worker import TaskWorker, consumer_name
 from cim_place.errors import StoreFullError
 from cim_place.local.servers import Hub, NatsServer
 from cim_place.objectstore.cid import RAW, make_cid
