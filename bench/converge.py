@@ -72,7 +72,7 @@ from cim_place.interfaces import Pin
 from cim_place.local.servers import Hub, NatsServer, add_leaf, start_hub
 from cim_place.objectstore.cid import RAW, Cid, make_cid
 from cim_place.objectstore.unixfs import import_file
-from cim_place.placement.reconciler import ReconcileResult
+from cim_place.placement.reconcile_model import ReconcileResult
 from cim_place.policies.validate import load_text
 
 NODES = [f"n{i}" for i in range(1, 5)]

@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # types only: this module is imported by the lowest layers
     from cim_place.cluster.tasks.model import Task
     from cim_place.cluster.tasks.queue import Enqueued
     from cim_place.placement.model import NodeMap, PlacedObject, Placement, PlacementRule, VolumeId
-    from cim_place.placement.reconciler import ReconcileInput, ReconcileResult
+    from cim_place.placement.reconcile_model import ReconcileInput, ReconcileResult
     from cim_place.placement.status import ObjectStatus, Summary
 
 

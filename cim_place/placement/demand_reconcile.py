@@ -17,7 +17,7 @@ from dataclasses import replace
 from cim_place.placement.demand import cached_locations
 from cim_place.placement.demand_cache import CachedCopy
 from cim_place.placement.model import NodeMap, VolumeId
-from cim_place.placement.reconciler import ReconcileInput, ReconcileResult
+from cim_place.placement.reconcile_model import ReconcileInput, ReconcileResult
 
 
 def required_input(inp: ReconcileInput, cached: Collection[VolumeId]) -> ReconcileInput:

@@ -9,13 +9,8 @@ from hypothesis import strategies as st
 from cim_place.placement.demand_cache import CachedCopy
 from cim_place.placement.demand_reconcile import required_input, with_cached
 from cim_place.placement.model import NodeMap, Volume
-from cim_place.placement.reconciler import (
-    FailedTask,
-    InFlightTask,
-    ObjectInfo,
-    ReconcileInput,
-    reconcile,
-)
+from cim_place.placement.reconcile_model import FailedTask, InFlightTask, ObjectInfo, ReconcileInput
+from cim_place.placement.reconciler import reconcile
 from cim_place.placement.rules import Liveness, NodeLiveness, compile_policy
 from cim_place.policies.model import Policy, Replicas, Spread
 

@@ -18,7 +18,7 @@ from cim_place.placement.model import (
     VolumeState,
 )
 from cim_place.placement.planner import plan
-from cim_place.placement.reconciler import (
+from cim_place.placement.reconcile_model import (
     REPLACING,
     Drop,
     FailedTask,
@@ -29,9 +29,8 @@ from cim_place.placement.reconciler import (
     ReconcileResult,
     Replica,
     is_repair,
-    rebalance_candidates,
-    reconcile,
 )
+from cim_place.placement.reconciler import rebalance_candidates, reconcile
 from cim_place.placement.rules import (
     CompiledPolicy,
     Liveness,

@@ -16,7 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_reconciler_properties import SETTINGS, World, worlds
 
-from cim_place.placement.reconciler import Drop, InFlightTask, Repair, Replica, reconcile
+from cim_place.placement.reconcile_model import Drop, InFlightTask, Repair, Replica
+from cim_place.placement.reconciler import reconcile
 
 NOW = 100_000.0
 

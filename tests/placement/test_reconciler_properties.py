@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from cim_place.objectstore.cid import RAW, make_cid
 from cim_place.placement.model import NodeMap, Volume, VolumeState
-from cim_place.placement.reconciler import (
+from cim_place.placement.reconcile_model import (
     Drop,
     Fetch,
     InFlightTask,
@@ -26,8 +26,8 @@ from cim_place.placement.reconciler import (
     ReconcileInput,
     ReconcileResult,
     Replica,
-    reconcile,
 )
+from cim_place.placement.reconciler import reconcile
 from cim_place.placement.rules import CompiledPolicy, Liveness, NodeLiveness, compile_policy
 from cim_place.policies.model import Policy, Repair, Replicas, Spread
 

@@ -55,7 +55,7 @@ from cim_place.placement.demand_cache import (
 from cim_place.placement.demand_reconcile import with_cached
 from cim_place.placement.demand_window import DemandReport, DemandWindow
 from cim_place.placement.model import NodeMap, VolumeId
-from cim_place.placement.reconciler import ReconcileInput, ReconcileResult
+from cim_place.placement.reconcile_model import ReconcileInput, ReconcileResult
 from cim_place.placement.status import Location
 from cim_place.policies.model import PolicySet
 

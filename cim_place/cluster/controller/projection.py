@@ -70,7 +70,7 @@ from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.state.nodes import NodeRecord, check_node_record
 from cim_place.cluster.tasks.model import Task
 from cim_place.objectstore.cid import Cid
-from cim_place.placement.reconciler import Replica
+from cim_place.placement.reconcile_model import Replica
 from cim_place.policies.model import PolicySet
 
 __all__ = [

@@ -77,16 +77,15 @@ from cim_place.objectstore.cid import Cid, to_str
 from cim_place.placement.demand_reconcile import required_input
 from cim_place.placement.demand_window import DemandWindow
 from cim_place.placement.model import NodeMap, PlacedObject
-from cim_place.placement.reconciler import (
+from cim_place.placement.reconcile_model import (
     FailedTask,
     InFlightTask,
     ObjectInfo,
     ReconcileInput,
     ReconcileResult,
     is_repair,
-    rebalance_candidates,
-    reconcile,
 )
+from cim_place.placement.reconciler import rebalance_candidates, reconcile
 from cim_place.placement.rules import (
     CompiledPolicy,
     Liveness,

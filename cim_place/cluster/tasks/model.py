@@ -20,7 +20,7 @@ from cim_place.cluster.nats.envelope import Content, Envelope, EnvelopeError
 from cim_place.cluster.nats.subjects import check_node_id
 from cim_place.objectstore.cid import Cid
 from cim_place.objectstore.dagcbor import Value
-from cim_place.placement.reconciler import TaskKind
+from cim_place.placement.reconcile_model import TaskKind
 
 __all__ = [
     "COMMAND_TYPES",

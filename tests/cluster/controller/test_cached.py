@@ -19,7 +19,8 @@ from cim_place.placement.demand import DemandRule
 from cim_place.placement.demand_cache import CachedCopy
 from cim_place.placement.demand_reconcile import required_input
 from cim_place.placement.demand_window import DemandReport, ReadCount, ReadRecorder
-from cim_place.placement.reconciler import Drop, reconcile
+from cim_place.placement.reconcile_model import Drop
+from cim_place.placement.reconciler import reconcile
 from cim_place.policies.model import Consumer, Demand, Locality, Policy, PolicySet, Replicas
 
 A = make_cid(RAW, b"a hot object")
