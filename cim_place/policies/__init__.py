@@ -1,7 +1,8 @@
 """Replication policies: YAML schema, validation and selectors (pure; the KV store is in cluster).
 
 Read in this order: :mod:`~cim_place.policies.model` (what a policy says),
-:mod:`~cim_place.policies.validate` (the file format's rules, every problem at once),
+:mod:`~cim_place.policies.validate` (loading files, checks across policies, every problem at once),
+:mod:`~cim_place.policies.policy_reader` (the per-field rules of the file format),
 :mod:`~cim_place.policies.selectors` (which policy applies to an object) and
 :mod:`~cim_place.cluster.state.policies` (the applied set in KV ``cim-place-policies``).
 

@@ -14,7 +14,7 @@ from cim_place.policies.loader import INVALID, Path
 from cim_place.policies.model import Demand
 
 if TYPE_CHECKING:
-    from cim_place.policies.validate import _Reader
+    from cim_place.policies.policy_reader import PolicyReader
 
 DEMAND_KEYS = ("follow", "min_reads", "window", "max_extra", "keep", "budget")
 FOLLOW_VALUES = ("readers", "zone")
@@ -26,7 +26,7 @@ _PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 BUDGET_HINT = "a share of each node's capacity such as 20%, or a size such as 500GiB"
 
 
-def read_demand(reader: _Reader, value: object, path: Path) -> Demand | None:
+def read_demand(reader: PolicyReader, value: object, path: Path) -> Demand | None:
     """The Demand of a policy's `demand:` mapping, or None after reporting every problem."""
     m = reader.mapping(value, path, DEMAND_KEYS, "demand")
     if m is None:
@@ -79,7 +79,7 @@ def read_demand(reader: _Reader, value: object, path: Path) -> Demand | None:
 
 
 def _integer(
-    reader: _Reader, m: dict[str, object], path: Path, key: str, default: int, high: int
+    reader: PolicyReader, m: dict[str, object], path: Path, key: str, default: int, high: int
 ) -> int | None:
     if key not in m:
         return default
@@ -87,7 +87,7 @@ def _integer(
 
 
 def _duration(
-    reader: _Reader, m: dict[str, object], path: Path, key: str, default: int
+    reader: PolicyReader, m: dict[str, object], path: Path, key: str, default: int
 ) -> int | None:
     if key not in m:
         return default
@@ -100,7 +100,9 @@ def _duration(
     return seconds
 
 
-def _budget(reader: _Reader, value: object, path: Path) -> tuple[float | None, int | None] | None:
+def _budget(
+    reader: PolicyReader, value: object, path: Path
+) -> tuple[float | None, int | None] | None:
     """(percent, None) or (None, bytes); None after a problem."""
     if value is INVALID:
         return None

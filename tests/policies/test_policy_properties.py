@@ -25,16 +25,10 @@ from cim_place.policies.model import (
     Replicas,
     Spread,
 )
+from cim_place.policies.policy_reader import CONSTRAINT_KEYS, MATCH_KEYS, POLICY_KEYS
 from cim_place.policies.problems import PolicyValidationError
 from cim_place.policies.selectors import ObjectFacts, evaluate, matches
-from cim_place.policies.validate import (
-    CONSTRAINT_KEYS,
-    MATCH_KEYS,
-    POLICY_KEYS,
-    load_text,
-    policy_from_dict,
-    validate_files,
-)
+from cim_place.policies.validate import load_text, policy_from_dict, validate_files
 
 # CIM_PLACE_FUZZ_EXAMPLES=5000 for a longer hunt; the default keeps the suite fast.
 EXAMPLES = int(os.environ.get("CIM_PLACE_FUZZ_EXAMPLES", "150"))
