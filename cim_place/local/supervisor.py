@@ -122,6 +122,9 @@ class Supervised:
     started_at: float = field(default_factory=time.monotonic)
     failures_in_a_row: int = 0
     last_exit: int | None = None
+    held: bool = False
+    """Kept down when it exits (a fault test holding a killed controller out of the election);
+    supervision resumes when this turns False again."""
 
     def entry(self) -> dict[str, object]:
         return {"role": self.role, "node": self.node, "pid": self.child.pid}
@@ -180,7 +183,7 @@ class Supervisor:
             now = time.monotonic()
             for index, supervised in enumerate(self.children):
                 code = supervised.child.returncode()
-                if code is None or self._stopping:
+                if code is None or self._stopping or supervised.held:
                     continue
                 if index not in due:
                     ran = now - supervised.started_at
