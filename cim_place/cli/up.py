@@ -104,6 +104,15 @@ def up_command(
             "--controllers", min=1, max=5, help="Controllers to run (one leads, others stand by)."
         ),
     ] = 1,
+    hub_servers: Annotated[
+        int,
+        typer.Option(
+            "--hub-servers",
+            min=1,
+            max=5,
+            help="Servers in the hub: 1, or a JetStream cluster (3 survive the loss of one).",
+        ),
+    ] = 1,
     log_level: LogLevelOption = None,
     log_json: LogJsonOption = False,
     scrub_interval: Annotated[
@@ -133,7 +142,7 @@ def up_command(
             f"a domain is already running from {directory} (pid {running.pid}, hub "
             f"{running.hub_url}); stop it with `cim-place down --dir {directory}` first"
         )
-    logs = _Logs(log_level, log_json, controllers, scrub_interval, scrub_rate)
+    logs = _Logs(log_level, log_json, controllers, scrub_interval, scrub_rate, hub_servers)
     logs.check_scrub()
     http = None if http_listen.strip() == OFF else http_listen.strip()
     if http is not None:
@@ -151,14 +160,15 @@ def up_command(
 
 @dataclass(frozen=True)
 class _Logs:
-    """How the domain's processes log, and how many controllers run (passed on to a detached
-    ``up`` as flags)."""
+    """How the domain's processes log, how many controllers and hub servers run (passed on to a
+    detached ``up`` as flags)."""
 
     level: str | None
     json_lines: bool
     controllers: int = 1
     scrub_interval: str | None = None
     scrub_rate: str | None = None
+    hub_servers: int = 1
 
     def log_flags(self) -> list[str]:
         return (["--log-level", self.level] if self.level else []) + (
@@ -169,7 +179,14 @@ class _Logs:
         scrub = (["--scrub-interval", self.scrub_interval] if self.scrub_interval else []) + (
             ["--scrub-rate", self.scrub_rate] if self.scrub_rate else []
         )
-        return [*self.log_flags(), "--controllers", str(self.controllers), *scrub]
+        return [
+            *self.log_flags(),
+            "--controllers",
+            str(self.controllers),
+            "--hub-servers",
+            str(self.hub_servers),
+            *scrub,
+        ]
 
     def scrub(self) -> dict[str, str]:
         """The agents' ``scrub`` configuration section (empty: their defaults)."""
@@ -213,6 +230,7 @@ def _foreground(
         zones=zones,
         hub_port=port,
         controllers=logs.controllers,
+        hub_servers=logs.hub_servers,
         log_flags=tuple(logs.log_flags()),
         http_listen=http,
         scrub=logs.scrub(),

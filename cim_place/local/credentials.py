@@ -90,7 +90,9 @@ class LocalCredentials:
         raise CimPlaceError(f"no user {user!r} in this domain")
 
     def url(self, user: str, url: str) -> str:
-        return with_user(url, user, self.password(user))
+        """``url`` (or a comma-separated list: a clustered hub) with ``user``'s password."""
+        password = self.password(user)
+        return ",".join(with_user(one.strip(), user, password) for one in url.split(","))
 
     def write(self, hub_url: str, leaf_urls: dict[str, str]) -> None:
         """Write every client user's credentials file (mode 0600, in a 0700 directory)."""

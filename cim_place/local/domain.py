@@ -2,7 +2,8 @@
 
 :class:`LocalDomain` owns, under one directory:
 
-- ``hub/``: a 1-server hub (JetStream domain ``hub``) with its store;
+- ``hub/``: the hub (JetStream domain ``hub``) with its store: one server, or with
+  ``hub_servers=3`` a JetStream cluster of three (cim_place.local.hubs), each member supervised;
 - ``nodes/<node>/nats/``: one leaf server per node (JetStream domain = the node id
   ``leaf-1``..``leaf-N``), linked to the hub;
 - ``nodes/<node>/v0/``: the node's one volume, served by the node's agent, a process of its own
@@ -31,16 +32,16 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.nats.connection import connect, jetstream
@@ -52,7 +53,7 @@ from cim_place.cluster.nats.security import (
     render_accounts,
 )
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
-from cim_place.cluster.state.leader import read_leader
+from cim_place.cluster.state.leader import LeaderRecord, read_leader
 from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.queue import ensure_task_stream
@@ -60,14 +61,8 @@ from cim_place.errors import CimPlaceError, PortTakenError, TransportError
 from cim_place.http.s3.keys import ensure_operator_key
 from cim_place.http.settings import OFF, parse_listen
 from cim_place.local.credentials import ADMIN, LocalCredentials, plan_local, with_user
-from cim_place.local.servers import (
-    LOCALHOST,
-    Hub,
-    LinkProxy,
-    NatsServer,
-    ServerSpec,
-    free_port,
-)
+from cim_place.local.hubs import MAX_HUB_SERVERS, Ports, start_local_hub
+from cim_place.local.servers import Hub, LinkProxy, NatsServer, ServerSpec
 from cim_place.local.supervisor import Command, Supervised, Supervisor
 from cim_place.policies.validate import LoadedPolicies, load_paths, load_text
 
@@ -123,35 +118,6 @@ class DomainNode:
         return self.server.url
 
 
-def _port_free(port: int) -> bool:
-    # nats-server listens with SO_REUSEADDR, so a port left in TIME_WAIT by the previous run
-    # is usable; test the same way, or every restart would look like a conflict.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((LOCALHOST, port))
-        except OSError:
-            return False
-    return True
-
-
-@dataclass
-class _Ports:
-    """The ports of one server, loaded from and saved to ``domain.json``."""
-
-    values: dict[str, int] = field(default_factory=dict)
-
-    def choose(self, role: str, what: str, notes: list[str]) -> int:
-        saved = self.values.get(role)
-        if saved is not None and _port_free(saved):
-            return saved
-        port = free_port()
-        if saved is not None:
-            notes.append(f"{what} port {saved} is in use; using {port} instead")
-        self.values[role] = port
-        return port
-
-
 class LocalDomain:
     """A hub, ``leaves`` leaf nodes with agents and a controller, under ``directory``.
 
@@ -171,6 +137,7 @@ class LocalDomain:
         heartbeat: float = 5.0,
         apply_default_policy: bool = True,
         controllers: int = 1,
+        hub_servers: int = 1,
         log_flags: tuple[str, ...] = (),
         link_proxies: bool = False,
         http_listen: str | None = DEFAULT_HTTP,
@@ -183,10 +150,16 @@ class LocalDomain:
             raise CimPlaceError(f"a domain needs at least one zone, not {zones}")
         if controllers < 1:
             raise CimPlaceError(f"a domain needs at least one controller, not {controllers}")
+        if not 1 <= hub_servers <= MAX_HUB_SERVERS:
+            raise CimPlaceError(
+                f"a hub has 1 to {MAX_HUB_SERVERS} servers (3 survive the loss of one), "
+                f"not {hub_servers}"
+            )
         self.directory = Path(directory).resolve()
         self.leaves = leaves
         self.zones = zones
         self.hub_port = hub_port
+        self.hub_servers = hub_servers
         self.heartbeat = heartbeat
         self.apply_default_policy = apply_default_policy
         self.http_listen = http_listen
@@ -243,12 +216,20 @@ class LocalDomain:
             raise RuntimeError("the domain is not started")
         return self.hub.url
 
-    def _load_ports(self) -> dict[str, _Ports]:
+    @property
+    def hub_urls(self) -> str:
+        """Every hub member's client URL, comma-separated (what a client that should fail over
+        from one member to the next is given)."""
+        if self.hub is None:
+            raise RuntimeError("the domain is not started")
+        return ",".join(self.hub.urls)
+
+    def _load_ports(self) -> dict[str, Ports]:
         path = self.directory / STATE_FILE
         try:
             doc = json.loads(path.read_text())
             return {
-                str(name): _Ports({str(k): int(v) for k, v in ports.items()})
+                str(name): Ports({str(k): int(v) for k, v in ports.items()})
                 for name, ports in doc.get("ports", {}).items()
             }
         except FileNotFoundError:
@@ -257,7 +238,7 @@ class LocalDomain:
             self.notes.append(f"{path} was unreadable ({exc}); chose new ports")
             return {}
 
-    def _save_ports(self, ports: dict[str, _Ports]) -> None:
+    def _save_ports(self, ports: dict[str, Ports]) -> None:
         path = self.directory / STATE_FILE
         doc = {"ports": {name: p.values for name, p in sorted(ports.items())}}
         partial = path.with_name(STATE_FILE + ".partial")
@@ -290,16 +271,17 @@ class LocalDomain:
             )
             for started in self.nodes:
                 self._supervise("leaf-server", started.node, started.server)
-            self.credentials.write(self.hub.url, {node.node: node.url for node in self.nodes})
+            self.credentials.write(self.hub_urls, {node.node: node.url for node in self.nodes})
             # `up` itself prepares the streams and the default policy: the controller's rights.
             self._nc = await connect(
-                self.credentials.url(CONTROLLER, self.hub.url), name="cim-place-up"
+                self.credentials.url(CONTROLLER, self.hub_urls), name="cim-place-up"
             )
             js_hub = jetstream(self._nc, HUB_DOMAIN)
             # The agents attach to the event store and consume the task stream: both must exist
             # before them (a controller would create them too; both calls are idempotent).
-            await ensure_event_store(js_hub, replicas=1)
-            await ensure_task_stream(js_hub, 1)
+            replicas = min(3, self.hub_servers)
+            await ensure_event_store(js_hub, replicas=replicas)
+            await ensure_task_stream(js_hub, replicas)
             self.s3_key = (await ensure_operator_key(js_hub)).to_context()
             say("starting the agents")
             self._start_agents(ports)
@@ -395,37 +377,26 @@ class LocalDomain:
             shutil.move(str(old), str(new))
             self.notes.append(f"moved {old} to {new} (the domain now runs with users)")
 
-    def _start_hub(self, ports: dict[str, _Ports]) -> Hub:
-        saved = ports.setdefault(HUB_DOMAIN, _Ports())
-        if self.hub_port is not None:
-            if not _port_free(self.hub_port):
-                raise PortTakenError(
-                    f"port {self.hub_port} (asked for with --port) is in use by another process; "
-                    "stop that process, pick another port, or leave --port out to choose a free one"
-                )
-            saved.values["port"] = self.hub_port
-        directory = self.directory / "hub"
+    def _start_hub(self, ports: dict[str, Ports]) -> Hub:
+        hub = start_local_hub(
+            self.directory / "hub",
+            self.hub_servers,
+            ports,
+            self.notes,
+            accounts=render_accounts(self.credentials.plan.hub),
+            spawn=self._spawn,
+            hub_port=self.hub_port,
+            timeout=_READY_TIMEOUT,
+        )
+        for server in hub.servers:
+            # A clustered hub's members are told apart by name (hub-1..N) in context.json.
+            self._supervise("hub", server.name if self.hub_servers > 1 else None, server)
+        return hub
 
-        def build() -> NatsServer:
-            spec = ServerSpec(
-                server_name=HUB_DOMAIN,
-                store_dir=directory / "jetstream",
-                domain=HUB_DOMAIN,
-                port=saved.choose("port", "hub client", self.notes),
-                http_port=saved.choose("http_port", "hub monitoring", self.notes),
-                leafnode_port=saved.choose("leafnode_port", "hub leafnode", self.notes),
-                extra=render_accounts(self.credentials.plan.hub),
-            )
-            return self._spawn(NatsServer(spec, directory)).wait_ready(_READY_TIMEOUT)
-
-        server = self._with_port_retry(build, saved, "the hub")
-        self._supervise("hub", None, server)
-        return Hub(servers=[server], domain=HUB_DOMAIN, cluster_name=None)
-
-    def _start_leaf(self, index: int, node: str, ports: dict[str, _Ports]) -> DomainNode:
+    def _start_leaf(self, index: int, node: str, ports: dict[str, Ports]) -> DomainNode:
         assert self.hub is not None
         hub = self.hub
-        saved = ports.setdefault(node, _Ports())
+        saved = ports.setdefault(node, Ports())
         directory = self.directory / "nodes" / node / "nats"
 
         link_user = self.credentials.plan.leaf_links[node]
@@ -461,7 +432,7 @@ class LocalDomain:
         return DomainNode(node, self.zone_of(index), server, self.volume_dir(node))
 
     def _with_port_retry(
-        self, build: Callable[[], NatsServer], saved: _Ports, what: str
+        self, build: Callable[[], NatsServer], saved: Ports, what: str
     ) -> NatsServer:
         """Run ``build``; if a port was taken between the check and the bind, retry with new
         ports (the client port too: another process holds it now)."""
@@ -484,26 +455,26 @@ class LocalDomain:
     def agent_config_path(self, node: str) -> Path:
         return self.directory / "nodes" / node / "agent.yaml"
 
-    def _gateway_listen(self, index: int, node: str, ports: dict[str, _Ports]) -> str | None:
+    def _gateway_listen(self, index: int, node: str, ports: dict[str, Ports]) -> str | None:
         """host:port of ``node``'s gateway: port N + index, or a free port kept in domain.json
         (chosen here, so that context.json can name it before the agent process binds it)."""
         if self.http_listen is None:
             return None
         host, port = parse_listen(self.http_listen)
         if not port:
-            port = ports.setdefault(node, _Ports()).choose("gateway", f"{node} gateway", self.notes)
+            port = ports.setdefault(node, Ports()).choose("gateway", f"{node} gateway", self.notes)
         else:
             port += index
         shown = f"[{host}]" if ":" in host else host
         self._http_urls[node] = f"http://{'127.0.0.1' if host == '0.0.0.0' else shown}:{port}"
         return f"{shown}:{port}"
 
-    def _s3_listen(self, node: str, ports: dict[str, _Ports]) -> str | None:
+    def _s3_listen(self, node: str, ports: dict[str, Ports]) -> str | None:
         """host:port of ``node``'s S3 API on loopback: a free port kept in domain.json (the
         same one after a resume), or None when the gateways are off."""
         if self.http_listen is None:
             return None
-        port = ports.setdefault(node, _Ports()).choose("s3", f"{node} S3", self.notes)
+        port = ports.setdefault(node, Ports()).choose("s3", f"{node} S3", self.notes)
         self._s3_urls[node] = f"http://127.0.0.1:{port}"
         return f"127.0.0.1:{port}"
 
@@ -521,7 +492,7 @@ class LocalDomain:
         """Base URL of ``node``'s gateway ("" when it has none)."""
         return self._http_urls.get(node, "")
 
-    def _start_agents(self, ports: dict[str, _Ports]) -> None:
+    def _start_agents(self, ports: dict[str, Ports]) -> None:
         """One agent process per leaf, configured by a file beside its server's directory."""
         for index, node in enumerate(self.nodes):
             path = self.agent_config_path(node.node)
@@ -546,7 +517,7 @@ class LocalDomain:
                 # CLI's user here does (an agent's own user may not; the read-only operator may
                 # not open a reader on the events); the dashboard code only reads.
                 assert self.hub is not None
-                http["dashboard_server"] = self.credentials.url(ADMIN, self.hub.url)
+                http["dashboard_server"] = self.credentials.url(ADMIN, self.hub_urls)
             document["http"] = http
             s3 = self._s3_listen(node.node, ports)
             document["s3"] = {"listen": s3 if s3 is not None else OFF}
@@ -623,19 +594,28 @@ class LocalDomain:
                 self.directory / f"controller-{index + 1}.log",
                 env={
                     **os.environ,
-                    "CIM_PLACE_SERVER": self.credentials.url(CONTROLLER, self.hub.url),
+                    "CIM_PLACE_SERVER": self.credentials.url(CONTROLLER, self.hub_urls),
                 },
             )
             self._supervise("controller", None, command)
         js_hub = jetstream(self._nc, HUB_DOMAIN)
         deadline = time.monotonic() + _READY_TIMEOUT
-        while (await read_leader(js_hub)) is None:
+        while (await self._leader_or_none(js_hub)) is None:
             if time.monotonic() > deadline:
                 raise TransportError(
                     f"no controller took the lead within {_READY_TIMEOUT:.0f} s; see "
                     f"{self.directory / 'controller-1.log'}"
                 )
             await asyncio.sleep(_POLL)
+
+    @staticmethod
+    async def _leader_or_none(js_hub: JetStreamContext) -> LeaderRecord | None:
+        # A clustered hub answers for a new bucket only once its stream has a leader: a timeout
+        # before that is "no leader yet", as the start-up deadline decides.
+        try:
+            return await read_leader(js_hub)
+        except TransportError:
+            return None
 
     async def __aenter__(self) -> LocalDomain:
         await self.start()
