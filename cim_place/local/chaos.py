@@ -31,17 +31,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cim_place.local.domain import LocalDomain
+from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.nats.subjects import HUB_DOMAIN
+from cim_place.cluster.state.leader import read_leader
+from cim_place.cluster.state.locations import LocationStore
+from cim_place.local import chaos_faults as faults
+from cim_place.local.domain import CONTROLLER_IDENTITY, LocalDomain
 from cim_place.local.servers import NatsServer
 from cim_place.objectstore import cid as cids
 from cim_place.objectstore.store import ObjectStore
 
 KILLS = ("kill-agent", "kill-controller", "kill-leaf-server", "kill-hub")
 LINKS = ("cut-link", "slow-link")
-DISK = ("corrupt-block", "delete-block")
-MESSAGES = ("malformed-event",)
-DEFAULT_FAULTS = (*KILLS, *LINKS, *MESSAGES)
-"""What a default run injects. Disk damage joins once scrub and repair heal it."""
+DISK = ("corrupt-block", "delete-block", "full-volume")
+MESSAGES = ("malformed-event", "forged-event")
+HEALING = (*LINKS, "full-volume")
+"""Faults that last a while and then heal."""
+DEFAULT_FAULTS = (*KILLS, *LINKS, *DISK, *MESSAGES)
+"""What a default run injects (with a 3-server hub, ``kill-hub`` kills one member)."""
+SCRUB = {"interval": "20s", "rate": "200MiB/s"}
+"""The agents' scrub in a run: frequent, so damage on disk is found while the run lasts."""
+SCRUB_BOUND = 90.0
+"""Seconds after convergence within which damage on disk must be found and forged claims
+dropped (several scrub passes and inventory checks)."""
+INVENTORY = 10.0
+"""Seconds between the agents' inventory digests: a forged claim is caught within a few."""
 
 CLI = (sys.executable, "-m", "cim_place.cli")
 ADD_TIMEOUT = 90.0
@@ -64,10 +78,16 @@ class Fault:
 
 
 def schedule(
-    seed: int, seconds: float, nodes: list[str], kinds: tuple[str, ...], every: float = 6.0
+    seed: int,
+    seconds: float,
+    nodes: list[str],
+    kinds: tuple[str, ...],
+    every: float = 6.0,
+    hubs: list[str] | None = None,
 ) -> list[Fault]:
     """The faults of a run: one every ``every`` seconds on average, all within the first 70%
-    of the run so the rest shows convergence. Deterministic for a seed."""
+    of the run so the rest shows convergence. Deterministic for a seed. ``hubs``: the members
+    of a clustered hub (``kill-hub`` picks one); None or one: the hub server."""
     rng = random.Random(seed)
     faults: list[Fault] = []
     at = rng.uniform(2.0, every)
@@ -76,10 +96,12 @@ def schedule(
         if kind == "kill-controller":
             target = "controller"
         elif kind == "kill-hub":
-            target = "hub"
+            target = rng.choice(hubs) if hubs and len(hubs) > 1 else "hub"
         else:
             target = rng.choice(nodes)
-        lasts = round(rng.uniform(2.0, 8.0), 1) if kind in LINKS else 0.0
+        lasts = round(rng.uniform(2.0, 8.0), 1) if kind in HEALING else 0.0
+        if kind == "full-volume":
+            lasts *= 2  # it includes two agent restarts
         faults.append(Fault(round(at, 1), kind, target, lasts))
         at += rng.expovariate(1.0 / every)
     return faults
@@ -108,6 +130,9 @@ class Report:
     converge_seconds: float | None = None
     converge_bound: float = 0.0
     left_behind: list[int] = field(default_factory=list)
+    believed: list[str] = field(default_factory=list)
+    """Forged claims of a copy that the domain still counted at the end."""
+    rejected_events: int = 0
     notes: list[str] = field(default_factory=list)
 
     def violations(self) -> list[str]:
@@ -122,6 +147,8 @@ class Report:
             problems.append(f"operations that hung past their timeout: {self.hangs}")
         if self.converge_seconds is None:
             problems.append(f"did not converge within {self.converge_bound:.0f} s")
+        if self.believed:
+            problems.append(f"forged copies still believed at the end: {self.believed}")
         if self.left_behind:
             problems.append(f"processes left behind: {self.left_behind}")
         return problems
@@ -135,6 +162,7 @@ class Report:
             f"chaos seed {self.seed}: faults injected: {injected}",
             f"adds acknowledged {self.adds_acknowledged}, failed cleanly {self.adds_failed}; "
             f"gets ok {self.gets_ok}, failed cleanly {self.gets_failed}, wrong {self.wrong_reads}",
+            f"events the controller rejected {self.rejected_events}; "
             f"objects lost {len(self.lost)}; converged after the last fault in {converged} "
             f"(bound {self.converge_bound:.0f} s)",
             *self.notes,
@@ -183,6 +211,7 @@ class Chaos:
         max_adds: int = 200,
         converge_bound: float = 240.0,
         extra: list[Fault] | None = None,
+        hub_servers: int = 3,
         say: Callable[[str], None] = print,
     ) -> None:
         self.directory = directory
@@ -198,13 +227,18 @@ class Chaos:
             zones=zones,
             heartbeat=1.0,
             controllers=2,
+            hub_servers=hub_servers,
             link_proxies=True,
+            scrub=SCRUB,
+            inventory=INVENTORY,
         )
         nodes = self.domain.node_ids()
-        faults = schedule(seed, seconds, nodes, kinds) + list(extra or [])
+        hubs = [f"hub-{i + 1}" for i in range(hub_servers)] if hub_servers > 1 else None
+        faults = schedule(seed, seconds, nodes, kinds, hubs=hubs) + list(extra or [])
         self.report = Report(seed, sorted(faults, key=lambda f: f.at))
         self.report.converge_bound = converge_bound
         self.acked: list[Acked] = []
+        self.phantoms: list[str] = []
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -223,6 +257,7 @@ class Chaos:
             await workload
             await self._converge()
             await self._check_copies()
+            await self._check_forgeries()
             pids = [p["pid"] for p in self.domain.processes() if isinstance(p["pid"], int)]
         finally:
             await self.domain.stop()
@@ -243,7 +278,9 @@ class Chaos:
             self.report.injected[fault.kind] = self.report.injected.get(fault.kind, 0) + 1
 
     async def _apply(self, fault: Fault) -> None:
-        if fault.kind.startswith("kill-"):
+        if fault.kind == "kill-controller":
+            await self._kill_leader()
+        elif fault.kind.startswith("kill-"):
             self._kill(fault)
         elif fault.kind in LINKS:
             link = self._server(fault.target).link
@@ -257,14 +294,36 @@ class Chaos:
                 link.delay = 0.05
                 await asyncio.sleep(fault.lasts)
                 link.delay = 0.0
+        elif fault.kind == "full-volume":
+            await faults.full_volume(self.domain, fault.target, fault.lasts)
         elif fault.kind in DISK:
-            self._damage(fault)
+            self.report.notes.append(
+                faults.damage_block(self.domain, fault.target, fault.kind, self.rng)
+            )
         elif fault.kind == "malformed-event":
-            await self._malformed(fault.target)
+            await faults.malformed_events(self.domain, fault.target)
+        elif fault.kind == "forged-event":
+            phantom = await faults.forged_events(self.domain, fault.target, self.rng)
+            self.phantoms.append(cids.to_str(phantom))
         elif fault.kind == "destroy-object":
-            self._destroy()
+            if not self.acked:
+                raise RuntimeError("nothing acknowledged yet")
+            faults.destroy_object(self.domain, self.acked[0].cid)
         else:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    async def _kill_leader(self) -> None:
+        """kill -9 the controller that holds the lease (the first one when none does)."""
+        async with connected(self._admin_url()) as nc:
+            leader = await read_leader(jetstream(nc, HUB_DOMAIN))
+        controllers = [p for p in self.domain.processes() if p["role"] == "controller"]
+        index = 0
+        if leader is not None and leader.leader_id.startswith(f"{CONTROLLER_IDENTITY}-"):
+            index = int(leader.leader_id.rsplit("-", 1)[1]) - 1
+        pid = controllers[index]["pid"] if index < len(controllers) else None
+        if not isinstance(pid, int):
+            raise RuntimeError("no controller process")
+        os.kill(pid, signal.SIGKILL)
 
     def _kill(self, fault: Fault) -> None:
         role = {
@@ -275,7 +334,9 @@ class Chaos:
         }[fault.kind]
         for process in self.domain.processes():
             if process["role"] == role and (
-                role in ("controller", "hub") or process["node"] == fault.target
+                role == "controller"
+                or (role == "hub" and fault.target == "hub")
+                or process["node"] == fault.target
             ):
                 pid = process["pid"]
                 if isinstance(pid, int):
@@ -292,62 +353,11 @@ class Chaos:
     def _volume(self, node: str) -> Path:
         return self.domain.volume_dir(node)
 
-    def _damage(self, fault: Fault) -> None:
-        """Flip a byte of, or delete, one block of an acknowledged object held by the node."""
-        with ObjectStore(self._volume(fault.target)) as store:
-            pins = store.pins.list()
-            if not pins:
-                raise RuntimeError(f"{fault.target} holds nothing yet")
-            pin = self.rng.choice(pins)
-            blocks = [c for c in store.blocks.cids()]
-            candidates = [c for c in blocks if store.blocks.has(c)]
-            if not candidates:
-                raise RuntimeError(f"{fault.target} has no blocks")
-            block = self.rng.choice(candidates)
-            path = store.blocks.block_path(block)
-            if fault.kind == "delete-block":
-                path.unlink(missing_ok=True)
-            else:
-                data = bytearray(path.read_bytes())
-                if data:
-                    data[len(data) // 2] ^= 0xFF
-                    path.write_bytes(bytes(data))
-            self.report.notes.append(
-                f"{fault.kind} on {fault.target}: block {cids.to_str(block)} "
-                f"(a pin of {cids.to_str(pin.root)} may use it)"
-            )
-
-    def _destroy(self) -> None:
-        """Delete every block of one acknowledged object on every node (an invariant breaker,
-        for the test that proves the suite notices)."""
-        if not self.acked:
-            raise RuntimeError("nothing acknowledged yet")
-        victim = cids.parse(self.acked[0].cid)
-        for node in self.domain.node_ids():
-            with ObjectStore(self._volume(node)) as store:
-                if store.pins.get(victim) is None:
-                    continue
-                for block in list(store.blocks.cids()):
-                    store.blocks.block_path(block).unlink(missing_ok=True)
-
     def _admin_url(self) -> str:
         """The hub URL with the CLI's credentials (a local domain admits only its users)."""
         from cim_place.local.credentials import ADMIN
 
-        return self.domain.credentials.url(ADMIN, self.domain.hub_url)
-
-    async def _malformed(self, node: str) -> None:
-        from cim_place.cluster.nats.connection import connected
-        from cim_place.cluster.nats.security import agent_user
-        from cim_place.cluster.nats.subjects import Subjects
-
-        subject = f"{Subjects().prefix}.evt.{node}.ObjectStored"
-        # As the node's own agent (the domain is authenticated): junk on its own subjects.
-        url = self.domain.credentials.url(agent_user(node), self._server(node).url)
-        async with connected(url) as nc:
-            for junk in (b"", b"\xff\x00garbage", os.urandom(64)):
-                await nc.publish(subject, junk)
-            await nc.flush()
+        return self.domain.credentials.url(ADMIN, self.domain.hub_urls)
 
     # -- the workload -----------------------------------------------------------------------------
 
@@ -469,21 +479,53 @@ class Chaos:
                 self.report.lost.append(acked.cid)
 
     async def _check_copies(self) -> None:
-        """Status never counts a copy that the volumes do not hold, verified."""
-        for acked in self.acked:
-            code, out, _ = await _run_cli(
-                "status", acked.cid, "--json", cwd=self.work, server=self._admin_url(), timeout=60
-            )
-            if code != 0:
-                continue
-            try:
-                replicas = json.loads(out).get("replicas", [])
-            except ValueError:
-                continue
-            reported = {r.get("node") for r in replicas if r.get("state") == "pinned"}
-            verified = {node for node in reported if self._holds(str(node), acked.cid)}
-            if reported - verified:
-                self.report.overcounted.append(f"{acked.cid}: {sorted(reported - verified)}")
+        """Status never counts a copy that the volumes do not hold, verified. Damage on disk is
+        invisible until a scrub reads it, so an overcount must clear within ``SCRUB_BOUND``
+        (a few scrub passes) to count as kept."""
+        damaged = any(self.report.injected.get(k) for k in ("corrupt-block", "delete-block"))
+        deadline = time.monotonic() + (SCRUB_BOUND if damaged else 0.0)
+        pending = list(self.acked)
+        wrong: dict[str, list[str]] = {}
+        async with connected(self._admin_url()) as nc:
+            store = await LocationStore(jetstream(nc, HUB_DOMAIN)).open(create=False)
+            while pending:
+                wrong = {}
+                for acked in pending:
+                    status = await store.get(cids.parse(acked.cid))
+                    if status is None:
+                        continue
+                    reported = {loc.node for loc in status.locations if loc.state == "pinned"}
+                    for node in sorted(reported):
+                        if not await asyncio.to_thread(self._holds, node, acked.cid):
+                            wrong.setdefault(acked.cid, []).append(node)
+                pending = [a for a in pending if a.cid in wrong]
+                if not pending or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(2.0)
+        self.report.overcounted = [f"{cid}: {nodes}" for cid, nodes in wrong.items()]
+
+    async def _check_forgeries(self) -> None:
+        """A forged claim of a copy is never counted once the inventory check ran; and how many
+        events the controller rejected."""
+        deadline = time.monotonic() + SCRUB_BOUND
+        async with connected(self._admin_url()) as nc:
+            store = await LocationStore(jetstream(nc, HUB_DOMAIN)).open(create=False)
+            believed = list(self.phantoms)
+            while believed:
+                still = []
+                for phantom in believed:
+                    status = await store.get(cids.parse(phantom))
+                    if status is not None and any(
+                        loc.state == "pinned" for loc in status.locations
+                    ):
+                        still.append(phantom)
+                believed = still
+                if not believed or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(2.0)
+            self.report.believed = believed
+            summary = await store.summary()
+            self.report.rejected_events = summary.rejected_events if summary is not None else 0
 
     def _holds(self, node: str, cid: str) -> bool:
         with ObjectStore(self._volume(node)) as store:
