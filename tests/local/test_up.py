@@ -203,6 +203,25 @@ def test_up_status_down_and_resume(workdir: Path) -> None:
     assert not our_servers(workdir)
 
 
+def test_up_with_a_three_server_hub(workdir: Path) -> None:
+    """`up --hub-servers 3`: a clustered hub, its members listed in context.json, and the CLI
+    given every member (its credentials file names all three); `down` stops them all."""
+    state = workdir / ".cim-place"
+    ok("up", "--leaves", "2", "--hub-servers", "3", "--detach", "--dir", str(state), cwd=workdir)
+    context = read_context(state)
+    assert context is not None
+    hubs = [p for p in context.processes if p.role == "hub"]
+    assert [p.node for p in hubs] == ["hub-1", "hub-2", "hub-3"]
+    assert all(p.pid is not None and pid_alive(p.pid) for p in hubs)
+    assert len(our_servers(workdir)) == 5
+    assert context.client_url().count(",") == 2
+    summary = json.loads(ok("status", "--json", cwd=workdir))
+    assert summary["nodes"]["up"] == 2
+    ok("down", "--dir", str(state), cwd=workdir)
+    wait_gone([context.pid, *(p.pid for p in hubs if p.pid is not None)])
+    assert not our_servers(workdir)
+
+
 def test_foreground_up_stops_on_ctrl_c(workdir: Path) -> None:
     state = workdir / ".cim-place"
     process = subprocess.Popen(
