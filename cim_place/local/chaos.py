@@ -10,8 +10,12 @@ seed. Invariants are checked while it runs and at the end:
 2. a get never returns wrong bytes (it may fail while faults last);
 3. no acknowledged object is lost: after the faults stop, every one converges to ``placed``
    within the printed bound and reads back identical;
-4. no object reports more verified copies than the volumes really hold (checked on disk);
-5. no process is left behind once the domain stops.
+4. no object reports more verified copies than the volumes really hold (checked on disk, once
+   the scrub had time to find damage injected on disk);
+5. no forged claim of a copy counts once the controller's inventory check ran;
+6. no process is left behind once the domain stops.
+
+The faults beyond signals and link cuts live in :mod:`cim_place.local.chaos_faults`.
 
 Bounded in time and count (``seconds``, ``max_adds``); every server binds to 127.0.0.1.
 """

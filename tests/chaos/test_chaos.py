@@ -1,6 +1,7 @@
-"""The fault-injection suite (docs/RELIABILITY.md): a seeded schedule of kills, link cuts, slow
-links and malformed events against a local domain of supervised processes, while adds, gets and
-policy changes run; every invariant of cim_place.local.chaos must hold.
+"""The fault-injection suite (docs/RELIABILITY.md): a seeded schedule of kills (agents, leaf
+servers, the leading controller, a member of the 3-server hub), link cuts, slow links, damage on
+disk, a full volume, malformed and forged events against a local domain of supervised processes,
+while adds, gets and policy changes run; every invariant of cim_place.local.chaos must hold.
 
 ``make test`` runs a short run (``CHAOS_SECONDS``, default 75); ``make chaos`` a long one.
 ``CHAOS_SEED`` replays a schedule (default: a new seed, printed)."""
