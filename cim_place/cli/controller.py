@@ -82,6 +82,7 @@ def _config(
 @handles_errors
 def _run(config: ControllerConfig, log_level: str | None, log_json: bool) -> None:
     from cim_place.cluster.controller.service import run_controller
+    from cim_place.cluster.nats.connection import redacted
     from cim_place.runtime.logs import configure_logging
 
     configure_logging("controller", level=log_level, json_lines=log_json)
@@ -91,7 +92,8 @@ def _run(config: ControllerConfig, log_level: str | None, log_json: bool) -> Non
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        typer.echo(f"controller on {', '.join(config.servers)}", err=True)
+        # Never the password: this line lands in the controller's log file.
+        typer.echo(f"controller on {', '.join(redacted(u) for u in config.servers)}", err=True)
         await run_controller(config, stop)
 
     asyncio.run(main())

@@ -408,6 +408,10 @@ class Chaos:
                 self.report.notes.append(f"add #{number} on {node} failed: {err.strip()[:300]}")
             if "Traceback" in err:
                 self.report.hangs.append(f"add #{number}: a traceback instead of an error")
+                if sum("traceback of add" in n for n in self.report.notes) < 3:
+                    # What broke, so that a failing run says it (the domain's logs go with it).
+                    tail = " | ".join(err.strip().splitlines()[-3:])
+                    self.report.notes.append(f"traceback of add #{number}: {tail[:600]}")
 
     async def _get(self, acked: Acked) -> bool:
         target = self.work / "get.out"

@@ -74,7 +74,7 @@ async def connect(
     appear and reconnects forever after a loss.
     """
     urls = server_urls(servers)
-    shown = ", ".join(_redacted(u) for u in urls)
+    shown = ", ".join(redacted(u) for u in urls)
 
     last_dial_error: list[Exception] = []
 
@@ -120,7 +120,7 @@ async def connect(
     return nc
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     """The URL without its password, for messages and logs."""
     parts = urlsplit(url)
     if parts.password is None:
