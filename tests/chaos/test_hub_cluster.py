@@ -20,11 +20,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from cim_place.cluster.exchange.upload import upload
 
 from cim_place.cluster.events.readers import EventReader
 from cim_place.cluster.events.types import EventBodyError, ObjectStored, parse_event
 from cim_place.cluster.exchange.fetch import wait_for_holder
+from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import EnvelopeError
 from cim_place.cluster.nats.subjects import EVENTS_STREAM, HUB_DOMAIN

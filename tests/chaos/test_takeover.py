@@ -24,7 +24,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from cim_place.cluster.exchange.upload import upload
 
 from cim_place.cluster.events.readers import EventReader
 from cim_place.cluster.events.types import (
@@ -34,6 +33,7 @@ from cim_place.cluster.events.types import (
     parse_event,
 )
 from cim_place.cluster.exchange.fetch import wait_for_holder
+from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import EnvelopeError
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
