@@ -35,16 +35,29 @@ def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
 
 @contextmanager
 def errors_as_exit() -> Iterator[None]:
-    """Turn a CimPlaceError (or an OSError the store did not wrap) into one line and exit 1."""
+    """Turn a CimPlaceError (or an OSError the store did not wrap, or an error of the NATS
+    client a command did not wrap) into one line and exit 1."""
     try:
         yield
     except CimPlaceError as exc:
         raise fail(str(exc)) from None
     except BrokenPipeError:
         raise  # standard output closed: the console script ends silently (cli/app.py)
+    except TimeoutError as exc:
+        # An OSError too, but one without strerror: it would print as "error: " alone.
+        said = f": {exc}" if str(exc) else ""
+        raise fail(f"the NATS servers did not answer in time{said}") from None
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         raise fail(f"{exc.strerror or exc}{where}") from None
+    except Exception as exc:
+        # An error of the NATS client that a command did not wrap in a TransportError (a
+        # JetStream API answer while a hub server is lost and its streams elect, say) is still
+        # an unreachable or refusing domain: one line, not a traceback. Anything else is a bug.
+        if type(exc).__module__.partition(".")[0] != "nats":
+            raise
+        detail = str(exc) or type(exc).__name__
+        raise fail(f"the NATS servers refused or did not answer: {detail}; try again") from None
 
 
 def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
