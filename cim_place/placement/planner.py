@@ -342,9 +342,15 @@ class _Walk:
             if need <= 0:
                 self.local_count.append(here)
                 continue
+            # Nearness before the load cap: a volume over the cap still takes the copy when it
+            # is nearer the consumer than any volume under it (the cap balances load among
+            # equally good volumes; it must not send a consumer's copy to another zone).
             near = [i for i in candidates if distance[i] < FAR]
-            near.sort(key=lambda i: (not self.kept[i], distance[i], self.rank[i]))
             near_spill = [i for i in spill if distance[i] < FAR]
+            nearest_admitted = min((distance[i] for i in near), default=FAR)
+            near += [i for i in near_spill if distance[i] < nearest_admitted]
+            near_spill = [i for i in near_spill if distance[i] >= nearest_admitted]
+            near.sort(key=lambda i: (not self.kept[i], distance[i], self.rank[i]))
             near_spill.sort(key=lambda i: (distance[i], self.rank[i]))
             target = min(len(self.chosen) + need, replicas - sum(self.local_shortfall))
             taken = self.fill(near, target, Verdict.LOCAL, near_spill)
