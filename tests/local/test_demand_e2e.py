@@ -198,14 +198,16 @@ async def test_a_read_object_gains_a_cached_copy_that_goes_when_reads_stop(
                     # A cached copy leaves the status once its replica is gone (ObjectRemoved).
                     status = current["status"]
                     assert status is not None
-                    assert "leaf-5" not in {loc.node for loc in status.locations}
+                    assert "leaf-5" not in {loc.node for loc in status.locations}, status.locations
             finally:
                 watching.cancel()
             for status in seen:
                 assert pinned(status) == REQUIRED, status.locations
                 assert status.state == "placed" and status.pinned == 3, status
                 others = [loc for loc in status.locations if loc.state != "pinned"]
-                assert all(loc.node == "leaf-5" and loc.state == "cached" for loc in others)
+                assert all(loc.node == "leaf-5" and loc.state == "cached" for loc in others), (
+                    status.locations
+                )
     finally:
         print("\n" + "\n".join(figures))
         await domain.stop()

@@ -194,9 +194,17 @@ class CachedCopies:
         previous_locations = inp.previous.locations if inp.previous is not None else ()
         present = {f"{node}/{volume}" for node, volume in replicas}
         self._recover(cid, present, previous_locations)
+        # A task still runs when ``inp`` says so, or the projection (a task enqueued since
+        # ``inp`` was taken). Asking the projection alone would mix two moments: a fetch that
+        # ended after ``inp`` was taken, its copy not in ``inp.confirmed``, would look failed,
+        # and its copy then be an ordinary replica to the reconciler (surplus, dropped).
+        running_in_inp = {t.task_id for t in inp.in_flight}
         for volume in {v for c, v in self.pending if c == cid}:
             pending = self.pending[(cid, volume)]
-            running = self.projection.task(pending.task_id) is not None
+            running = (
+                pending.task_id in running_in_inp
+                or self.projection.task(pending.task_id) is not None
+            )
             if pending.kind == "fetch":
                 if volume in present:
                     del self.pending[(cid, volume)]

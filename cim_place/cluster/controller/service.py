@@ -655,11 +655,19 @@ class Controller:
     async def reconcile_one(self, cid: Cid, *, rebalance: bool = False) -> ReconcileResult | None:
         assert self.locations is not None and self._queue is not None
         started = time.perf_counter()
+        # The status last written is read first: from the projection's snapshot below to
+        # ``cached.volumes`` nothing may await. ``volumes`` also asks the projection whether a
+        # demand task still runs; events let in between would end a fetch whose copy the
+        # snapshot does not have yet (taken as failed: its copy then shows as an ordinary
+        # surplus replica, fetching, pinned, dropped) or a drop whose copy it still has.
+        if cid not in self.projection:
+            return None
+        previous = await self.locations.get(cid)
         now = time.time()
         inp = self.reconcile_input(cid, now, rebalance=rebalance)
         if inp is None:
             return None
-        inp = replace(inp, previous=await self.locations.get(cid))
+        inp = replace(inp, previous=previous)
         # Cached copies and demand tasks are invisible to the reconciler (cached.py).
         cached = self.cached.volumes(cid, inp)
         result = reconcile(required_input(inp, cached))

@@ -12,8 +12,14 @@ from dataclasses import replace
 from cim_place.cluster.controller.cached import CachedCopies, _Pending
 from cim_place.cluster.controller.demand import window_shape
 from cim_place.cluster.controller.service import Controller, ControllerConfig
-from cim_place.cluster.events.types import ObjectStored, event_envelope
+from cim_place.cluster.events.types import (
+    ObjectRemoved,
+    ObjectStored,
+    TaskCompleted,
+    event_envelope,
+)
 from cim_place.cluster.state.nodes import NodeRecord, VolumeStatus
+from cim_place.cluster.tasks.queue import Task
 from cim_place.objectstore.cid import RAW, make_cid
 from cim_place.placement.demand import DemandRule
 from cim_place.placement.demand_cache import CachedCopy
@@ -46,10 +52,26 @@ def controller(now: float) -> Controller:
     return c
 
 
-def store(c: Controller, node: str) -> None:
-    event = ObjectStored(root=A, size=4096, blocks=1, volume="v1", owner="", name=None)
+def store(
+    c: Controller, node: str, event_type: type[ObjectStored | ObjectRemoved] = ObjectStored
+) -> None:
+    event = event_type(root=A, size=4096, blocks=1, volume="v1", owner="", name=None)
     envelope = event_envelope(event, owner=node).with_sequence(next(_sequence))
     c.projection.apply_event(envelope, node=node)
+
+
+def complete(c: Controller, task: Task) -> None:
+    event = TaskCompleted(
+        task_id=task.id,
+        action=task.kind,
+        node=task.node,
+        root=A,
+        volume=task.volume,
+        attempts=1,
+        duration=0.1,
+    )
+    envelope = event_envelope(event, owner=task.node).with_sequence(next(_sequence))
+    c.projection.apply_event(envelope, node=task.node)
 
 
 def test_window_shape_follows_the_policies() -> None:
@@ -165,3 +187,50 @@ def test_a_service_consumer_is_where_its_reads_come_from() -> None:
     assert c.located.where == {"shop": "n5"}
     locality = c._compiled["p"].rule.locality
     assert locality is not None and "n5" in str(locality) and "n4" not in str(locality)
+
+
+def test_a_demand_task_that_ends_after_the_input_was_taken_is_not_taken_as_failed() -> None:
+    """The agent's ObjectStored and TaskCompleted may both be applied between the reconcile
+    input and the ledger's update: the copy must not become an ordinary (surplus) replica."""
+    now = time.time()
+    c = controller(now)
+    cached: CachedCopies = c.cached
+    for node in ("n1", "n2", "n3"):
+        store(c, node)
+    volume = "n5/v1"
+    fetch = Task.create("fetch", "n5", A, generation=1 << 48, volume="v1", holders=("n1",))
+    c.projection.task_enqueued(fetch, now)
+    copy = CachedCopy(A, volume, 4096, now, "5 reads in 10s from n5")
+    cached.pending[(A, volume)] = _Pending(fetch.id, "fetch", copy)
+    before = c.reconcile_input(A, now)
+    assert before is not None
+    store(c, "n5")
+    complete(c, fetch)
+    # Still a demand fetch for that input: nothing of it reaches the reconciler.
+    assert cached.volumes(A, before) == {volume} and (A, volume) in cached.pending
+    status = cached.status(A, reconcile(required_input(before, {volume})), before.node_map)
+    assert [loc.state for loc in status.status.locations if loc.node == "n5"] == []
+    after = c.reconcile_input(A, now)
+    assert after is not None
+    assert cached.volumes(A, after) == {volume} and cached.ledger.get(A, volume) == copy
+    result = cached.status(A, reconcile(required_input(after, {volume})), after.node_map)
+    assert not result.actions
+    rows = [(loc.node, loc.state) for loc in result.status.locations if loc.state != "pinned"]
+    assert rows == [("n5", "cached")] and result.status.pinned == 3
+
+    # The same for its drop: the copy stays cached until an input without it.
+    drop = Task.create("drop", "n5", A, generation=(1 << 48) + 1, volume="v1")
+    c.projection.task_enqueued(drop, now)
+    cached.pending[(A, volume)] = _Pending(drop.id, "drop", copy, "no reads for 20s")
+    before = c.reconcile_input(A, now)
+    assert before is not None
+    store(c, "n5", ObjectRemoved)
+    complete(c, drop)
+    assert cached.volumes(A, before) == {volume} and (A, volume) in cached.pending
+    after = c.reconcile_input(A, now)
+    assert after is not None
+    assert cached.volumes(A, after) == frozenset() and not cached.pending
+    assert cached.ledger.get(A, volume) is None
+    result = cached.status(A, reconcile(required_input(after, frozenset())), after.node_map)
+    assert {loc.node for loc in result.status.locations} == {"n1", "n2", "n3"}
+    assert (result.status.state, result.status.pinned) == ("placed", 3)
