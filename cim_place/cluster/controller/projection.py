@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cim_place.cluster.controller.cid_index import CidIndex
 from cim_place.cluster.events.types import (
     EventBodyError,
     InventoryDigest,
@@ -150,9 +151,9 @@ class Projection:
 
     def __init__(self) -> None:
         # -- objects, in columns indexed by slot ------------------------------------------------
-        self._slot: dict[bytes, int] = {}
-        self._cid_at: list[bytes | None] = []
-        self._free: list[int] = []
+        # CID -> slot and back, with free-slot reuse (cid_index.py: ~40 bytes per CID where a
+        # dict and a list of the CIDs cost ~200).
+        self._index = CidIndex()
         self._size = array("q")
         self._first_seen = array("d")
         self._sequence = array("q")
@@ -210,18 +211,18 @@ class Projection:
     # -- reading ----------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._slot)
+        return len(self._index)
 
     def __contains__(self, cid: object) -> bool:
-        return cid in self._slot
+        return cid in self._index
 
     def cids(self) -> Iterator[Cid]:
         """Every tracked CID (a snapshot: safe to mutate the projection while iterating)."""
-        return iter(list(self._slot))
+        return iter(self._index.keys())
 
     def object(self, cid: Cid) -> ObjectView | None:
         """The tracked object ``cid``, or None if no ObjectStored for it was applied."""
-        slot = self._slot.get(cid)
+        slot = self._index.get(cid)
         if slot is None:
             return None
         name = self._name(slot)
@@ -238,12 +239,12 @@ class Projection:
 
     def size(self, cid: Cid) -> int:
         """Content bytes of ``cid`` (0 if unknown), without building its :class:`ObjectView`."""
-        slot = self._slot.get(cid)
+        slot = self._index.get(cid)
         return 0 if slot is None else self._size[slot]
 
     def replicas(self, cid: Cid) -> frozenset[Replica]:
         """Confirmed ``(node, volume)`` replicas of ``cid`` (empty if unknown)."""
-        slot = self._slot.get(cid)
+        slot = self._index.get(cid)
         if slot is None:
             return frozenset()
         return frozenset(self._locations[i] for i in self._replica_ids(slot))
@@ -260,7 +261,7 @@ class Projection:
     def verified_at(self, cid: Cid) -> dict[Replica, float]:
         """When each replica of ``cid`` was last stored whole (replicas beyond the inline four
         have no time)."""
-        slot = self._slot.get(cid)
+        slot = self._index.get(cid)
         if slot is None:
             return {}
         base = slot * _WIDTH
@@ -288,8 +289,7 @@ class Projection:
     def _cids_at(self, locations: list[int]) -> set[Cid]:
         if not locations:
             return set()
-        cid_at = self._cid_at
-        return {cid for slot in self._slots_with(locations) if (cid := cid_at[slot]) is not None}
+        return set(self._index.keys_at(self._slots_with(locations)))
 
     def tasks_for(self, cid: Cid) -> tuple[TaskInFlight, ...]:
         """Tasks in flight about ``cid``, in the order they were enqueued."""
@@ -402,7 +402,7 @@ class Projection:
             self._stored(event, publisher, sequence, at)
             return {event.root}
         if isinstance(event, ObjectDeleted):
-            if event.root not in self._slot:
+            if event.root not in self._index:
                 return set()
             self._deleted[event.root] = event
             return {event.root}
@@ -427,7 +427,7 @@ class Projection:
 
     def drop_replica(self, cid: Cid, node: str, volume: str) -> set[Cid]:
         """Forget the replica of ``cid`` on ``(node, volume)`` (the node does not hold it)."""
-        slot = self._slot.get(cid)
+        slot = self._index.get(cid)
         location = self._location_id.get((node, volume))
         if slot is None or location is None or location not in self._replica_ids(slot):
             return set()
@@ -467,7 +467,7 @@ class Projection:
         # The hot path of a rebuild (every object's first event comes through here): the common
         # lookups are inlined, and a new slot takes its first replica without a search.
         root, size, _, volume, owner, name, metadata = fields
-        slot = self._slot.get(root)
+        slot = self._index.get(root)
         new = slot is None
         if slot is None:
             slot = self._new_slot(root, at)
@@ -509,7 +509,7 @@ class Projection:
 
     def _removed(self, event: ObjectRemoved, node: str, sequence: int) -> bool:
         self._undamage(event.root, (node, event.volume))
-        slot = self._slot.get(event.root)
+        slot = self._index.get(event.root)
         if slot is None:
             return False
         if sequence:
@@ -542,7 +542,7 @@ class Projection:
                 self._last_failure.setdefault(root, {})[key] = LastFailure(
                     at, event.permanent, event.reason
                 )
-        slot = self._slot.get(root)
+        slot = self._index.get(root)
         if slot is not None and sequence:
             self._sequence[slot] = sequence
         return {root}
@@ -637,16 +637,15 @@ class Projection:
         if policies == self.policies:
             return set()
         self.policies = policies
-        return set(self._slot)
+        return set(self._index.keys())
 
     def forget(self, cid: Cid) -> None:
         """Stop tracking ``cid`` (deleted or expired everywhere); its slot is reused."""
-        slot = self._slot.pop(cid, None)
+        slot = self._index.pop(cid)
         if slot is None:
             return
         self.total_size -= self._size[slot]
         self._size[slot] = 0
-        self._cid_at[slot] = None
         self._name_at[slot] = -1
         base = slot * _WIDTH
         for k in range(_WIDTH):
@@ -655,22 +654,18 @@ class Projection:
         self._deleted.pop(cid, None)
         self._damaged.pop(cid, None)
         self.clear_failures(cid)
-        self._free.append(slot)
 
     # -- internals --------------------------------------------------------------------------------
 
     def _new_slot(self, cid: Cid, at: float) -> int:
-        if self._free:
-            slot = self._free.pop()
-            self._cid_at[slot] = cid
+        slot = self._index.add(cid)
+        if slot < len(self._size):  # a freed slot, reused
             self._size[slot] = 0
             self._first_seen[slot] = at
             self._sequence[slot] = 0
             self._owner[slot] = 0
             self._meta[slot] = 0
         else:
-            slot = len(self._cid_at)
-            self._cid_at.append(cid)
             self._name_at.append(-1)
             self._name_len.append(0)
             self._size.append(0)
@@ -680,7 +675,6 @@ class Projection:
             self._meta.append(0)
             self._rep.extend(_ZEROS)
             self._rep_at.extend(_NO_TIMES)
-        self._slot[cid] = slot
         return slot
 
     def _name(self, slot: int) -> str | None:
