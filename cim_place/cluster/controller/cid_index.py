@@ -186,6 +186,10 @@ class CidIndex:
 
     def add(self, key: bytes) -> int:
         """The slot of ``key``, given a slot (a freed one first) if it had none."""
+        return self.get_or_add(key)[0]
+
+    def get_or_add(self, key: bytes) -> tuple[int, bool]:
+        """The slot of ``key`` and whether it was just given one (one probe for both)."""
         n = len(key)
         pid = None
         if DIGEST <= n <= DIGEST + MAX_PREFIX:
@@ -208,7 +212,7 @@ class CidIndex:
                 break
             if slot >= 0:
                 if records.startswith(record, slot * RECORD):
-                    return slot
+                    return slot, False
             elif tombstone < 0:
                 tombstone = i
             i += 1
@@ -222,7 +226,7 @@ class CidIndex:
             self._filled += 1
             if self._filled * 4 > self._capacity * 3:
                 self._rebuild()
-        return slot
+        return slot, True
 
     def pop(self, key: bytes) -> int | None:
         """Forget ``key``; its slot (now free, reused by a later :meth:`add`), or None."""
@@ -345,13 +349,14 @@ class CidIndex:
         self._records += record
         return slot
 
-    def _add_spilled(self, key: bytes) -> int:
+    def _add_spilled(self, key: bytes) -> tuple[int, bool]:
         slot = self._spill.get(key)
-        if slot is None:
-            slot = self._take_slot(_SPILLED_RECORD)
-            self._spill[key] = slot
-            self._spill_at[slot] = key
-        return slot
+        if slot is not None:
+            return slot, False
+        slot = self._take_slot(_SPILLED_RECORD)
+        self._spill[key] = slot
+        self._spill_at[slot] = key
+        return slot, True
 
     def _release(self, slot: int) -> None:
         at = slot * RECORD

@@ -154,21 +154,25 @@ class Projection:
         # CID -> slot and back, with free-slot reuse (cid_index.py: ~40 bytes per CID where a
         # dict and a list of the CIDs cost ~200).
         self._index = CidIndex()
-        self._size = array("q")
-        self._first_seen = array("d")
-        self._sequence = array("q")
+        # 32-bit columns while the values fit; _widen makes one 64-bit on the first that does
+        # not (an object over 4 GiB, a stream past 2**32 events, a name blob over 2 GiB).
+        self._size = array("I")
+        # Times in whole seconds: a float per object would cost 4 bytes more, and a second is
+        # finer than anything decided on them (expiry, the age of a verification).
+        self._first_seen = array("I")
+        self._sequence = array("I")
         self._owner = array("I")
         self._meta = array("I")
         # Names as UTF-8 in one blob (offset, length; offset -1: no name): a str per object
         # would cost ~60 bytes, the blob costs the name's bytes. A renamed object leaves its old
         # name behind in the blob; renames are rare, so no compaction.
         self._names = bytearray()
-        self._name_at = array("q")
-        self._name_len = array("I")
+        self._name_at = array("i")
+        self._name_len = array("H")
         self._rep = array("H")
         self._rep_more: dict[int, list[int]] = {}
-        # When each inline replica was last stored (= verified whole); 8 bytes per replica slot.
-        self._rep_at = array("d")
+        # When each inline replica was last stored (= verified whole), in whole seconds.
+        self._rep_at = array("I")
         # Damaged replicas, sparse: cid -> replica -> bad block CIDs.
         self._damaged: dict[bytes, dict[Replica, frozenset[Cid]]] = {}
         # -- interning: owners and metadata maps by id, locations by id -------------------------
@@ -232,7 +236,7 @@ class Projection:
             owner=self._strings[self._owner[slot]],
             name=name,
             metadata=self._metas[self._meta[slot]],
-            first_seen=self._first_seen[slot],
+            first_seen=float(self._first_seen[slot]),
             sequence=self._sequence[slot],
             replicas=frozenset(self._locations[i] for i in self._replica_ids(slot)),
         )
@@ -266,7 +270,7 @@ class Projection:
             return {}
         base = slot * _WIDTH
         return {
-            self._locations[location]: self._rep_at[base + k]
+            self._locations[location]: float(self._rep_at[base + k])
             for k in range(_WIDTH)
             if (location := self._rep[base + k])
         }
@@ -467,25 +471,27 @@ class Projection:
         # The hot path of a rebuild (every object's first event comes through here): the common
         # lookups are inlined, and a new slot takes its first replica without a search.
         root, size, _, volume, owner, name, metadata = fields
-        slot = self._index.get(root)
-        new = slot is None
-        if slot is None:
-            slot = self._new_slot(root, at)
+        slot, new = self._index.get_or_add(root)
+        if new:
+            self._new_slot(slot, at)
         self.total_size += size - self._size[slot]
-        self._size[slot] = size
+        try:
+            self._size[slot] = size
+        except OverflowError:
+            self._widen("_size")[slot] = size
         owner_id = self._string_id.get(owner)
         self._owner[slot] = self._intern(owner) if owner_id is None else owner_id
         self._set_name(slot, name)
         self._meta[slot] = self._intern_meta(metadata) if metadata else 0
         if sequence:
-            self._sequence[slot] = sequence
+            self._set_sequence(slot, sequence)
         replica = (node, volume)
         location = self._location_id.get(replica)
         if location is None:
             location = self._location(replica)
         if new:
             self._rep[slot * _WIDTH] = location
-            self._rep_at[slot * _WIDTH] = at
+            self._rep_at[slot * _WIDTH] = _seconds(at)
         else:
             self._add_replica(slot, location, at)
         if self._damaged:
@@ -513,7 +519,7 @@ class Projection:
         if slot is None:
             return False
         if sequence:
-            self._sequence[slot] = sequence
+            self._set_sequence(slot, sequence)
         location = self._location_id.get((node, event.volume))
         if location is not None:
             self._drop_replica(slot, location)
@@ -544,7 +550,7 @@ class Projection:
                 )
         slot = self._index.get(root)
         if slot is not None and sequence:
-            self._sequence[slot] = sequence
+            self._set_sequence(slot, sequence)
         return {root}
 
     # -- tasks ------------------------------------------------------------------------------------
@@ -657,11 +663,11 @@ class Projection:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _new_slot(self, cid: Cid, at: float) -> int:
-        slot = self._index.add(cid)
+    def _new_slot(self, slot: int, at: float) -> None:
+        # The columns of a slot the index just gave out: reset if reused, else appended.
         if slot < len(self._size):  # a freed slot, reused
             self._size[slot] = 0
-            self._first_seen[slot] = at
+            self._first_seen[slot] = _seconds(at)
             self._sequence[slot] = 0
             self._owner[slot] = 0
             self._meta[slot] = 0
@@ -669,13 +675,12 @@ class Projection:
             self._name_at.append(-1)
             self._name_len.append(0)
             self._size.append(0)
-            self._first_seen.append(at)
+            self._first_seen.append(_seconds(at))
             self._sequence.append(0)
             self._owner.append(0)
             self._meta.append(0)
             self._rep.extend(_ZEROS)
             self._rep_at.extend(_NO_TIMES)
-        return slot
 
     def _name(self, slot: int) -> str | None:
         start = self._name_at[slot]
@@ -691,9 +696,27 @@ class Projection:
         start = self._name_at[slot]
         if start >= 0 and self._names[start : start + self._name_len[slot]] == data:
             return
-        self._name_at[slot] = len(self._names)
-        self._name_len[slot] = len(data)
+        try:
+            self._name_at[slot] = len(self._names)
+        except OverflowError:
+            self._widen("_name_at")[slot] = len(self._names)
+        try:
+            self._name_len[slot] = len(data)
+        except OverflowError:
+            self._widen("_name_len")[slot] = len(data)
         self._names += data
+
+    def _set_sequence(self, slot: int, sequence: int) -> None:
+        try:
+            self._sequence[slot] = sequence
+        except OverflowError:
+            self._widen("_sequence")[slot] = sequence
+
+    def _widen(self, column: str) -> array[int]:
+        # Once per column at most: an O(objects) copy into 64-bit values.
+        wide = array("q", getattr(self, column))
+        setattr(self, column, wide)
+        return wide
 
     def _intern(self, text: str) -> int:
         sid = self._string_id.get(text)
@@ -741,7 +764,7 @@ class Projection:
         for k in range(base, base + _WIDTH):
             value = rep[k]
             if value == location:
-                self._rep_at[k] = at
+                self._rep_at[k] = _seconds(at)
                 return
             if value == _EMPTY and free < 0:
                 free = k
@@ -750,7 +773,7 @@ class Projection:
             return
         if free >= 0:
             rep[free] = location
-            self._rep_at[free] = at
+            self._rep_at[free] = _seconds(at)
         elif more is None:
             self._rep_more[slot] = [location]
         else:
@@ -788,4 +811,11 @@ class Projection:
 
 
 _ZEROS = array("H", [_EMPTY] * _WIDTH)
-_NO_TIMES = array("d", [0.0] * _WIDTH)
+_NO_TIMES = array("I", [0] * _WIDTH)
+_SECONDS = 2**32
+
+
+def _seconds(at: float) -> int:
+    """``at`` in whole seconds for a 32-bit column (clamped: times before 1970 or after 2106,
+    which validation rejects anyway, and NaN, cannot be stored)."""
+    return int(at) if 0 <= at < _SECONDS else (_SECONDS - 1 if at > 0 else 0)
