@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/controller_scale.py                       # 1,000,000 objects (~4 min)
     .venv/bin/python bench/controller_scale.py --objects 100000      # a quick look
-    .venv/bin/python bench/controller_scale.py --objects 10000000    # the 10M figure (~40 min,
-                                                                     # ~10 GB of disk in /tmp)
+    .venv/bin/python bench/controller_scale.py --objects 10000000    # through NATS: ~1 h,
+                                                                     # ~15 GB of disk in /tmp
+    .venv/bin/python bench/controller_scale.py --objects 10000000 --in-process  # memory, ~10 min
 
 The domain is the planner bench's (bench/plan.py): 100 volumes of 10 TiB on 50 nodes in 10
 zones, objects with random sha2-256 CIDv1s and sizes, placed 3 copies zone-spread by the batch
@@ -58,6 +59,7 @@ from cim_place.cluster.events.readers import EventFeed, StoredEvent
 from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.events.types import ObjectStored, event_envelope
 from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.nats.envelope import Content, Envelope
 from cim_place.cluster.nats.subjects import EVENTS_STREAM, Subjects
 from cim_place.cluster.state.nodes import NodeRecord, VolumeStatus, nodes_bucket
 from cim_place.local.servers import start_hub
@@ -258,11 +260,13 @@ async def raw_read(nc: Client, js: JetStreamContext, total: int) -> float:
 
 
 def held_bytes(projection: Projection) -> int:
-    """Bytes the projection's per-object arrays hold (allocated, not just used)."""
-    total = projection._index.nbytes + len(projection._names)
-    for value in vars(projection).values() if hasattr(projection, "__dict__") else ():
-        if isinstance(value, array):
-            total += value.buffer_info()[1] * value.itemsize
+    """Bytes allocated to the projection's per-object arrays (over-allocation included) and to
+    its CID index; the interning and sparse dicts, a few KiB here, are left out."""
+    index = projection._index
+    total = sum(sys.getsizeof(a) for a in (index._records, index._table, index._free))
+    for value in vars(projection).values():
+        if isinstance(value, array | bytearray):
+            total += sys.getsizeof(value)
     return total
 
 
@@ -302,6 +306,51 @@ def lookups(projection: Projection, domain: Domain, count: int) -> tuple[float, 
         table.get(cid)
     theirs = time.perf_counter() - started
     return count / ours, count / theirs
+
+
+def fill_in_process(domain: Domain) -> None:
+    """``--in-process``: the projection's memory at sizes the hub would take long to publish;
+    envelopes are built in memory, as the EventFeed hands them over, and applied directly."""
+    bodies = []
+    for v in domain.node_map.volumes:
+        event = ObjectStored(
+            root=_PLACEHOLDER_CID, size=1, blocks=1, volume=v.name, owner="bench", metadata={}
+        )
+        bodies.append((v.node, event.body()))
+    link = type(bodies[0][1]["root"])  # the codec's CID link
+    gc.collect()
+    before = rss()
+    projection = Projection()
+    sequence = 0
+    started = time.perf_counter()
+    for i in range(domain.count):
+        cid = domain.cid(i)
+        size = int(domain.sizes[i])
+        for v in domain.placement[i].tolist():
+            node, template = bodies[v]
+            body = dict(template)
+            body["root"] = link(cid)
+            body["size"] = size
+            sequence += 1
+            envelope = Envelope("e", "e", None, node, Content("event", "ObjectStored", body))
+            projection.apply_event(envelope.with_sequence(sequence), node=node, at=1.7e9)
+    seconds = time.perf_counter() - started
+    gc.collect()
+    delta = rss() - before
+    n = len(projection)
+    if n != domain.count:
+        raise SystemExit(f"{n} objects tracked of {domain.count}: rejected {projection.rejections}")
+    held = held_bytes(projection)
+    print(f"{'build envelopes + apply_event (no NATS)':44s} {sequence / seconds:12,.0f} events/s")
+    print(f"{'projection: RSS delta':44s} {delta / n:12.1f} bytes/object  ({mib(delta)})")
+    print(
+        f"{'projection: bytes its arrays hold':44s} {held / n:12.1f} bytes/object"
+        f"  ({mib(held)}; CID index {projection._index.nbytes / n:.1f}, "
+        f"table {projection._index.capacity:,} cells)"
+    )
+    ours, theirs = lookups(projection, domain, 200_000)
+    print(f"{'CID index lookups':44s} {ours:12,.0f} /s  (baseline: dict {theirs:,.0f} /s)")
+    print(f"{'process RSS now / peak':44s} {mib(rss()):>12s} / {mib(peak_rss())}")
 
 
 # -- 4. ingest by a real controller --------------------------------------------------------------
@@ -400,6 +449,9 @@ async def run(args: argparse.Namespace) -> None:
         f"{'20 bytes' if args.names else 'none'} (domain built in "
         f"{time.perf_counter() - started:.1f} s)"
     )
+    if args.in_process:
+        fill_in_process(domain)
+        return
     with tempfile.TemporaryDirectory(prefix="cim-bench-scale-", dir=args.tmp) as tmp:
         hub = start_hub(Path(tmp) / "hub", size=1)
         try:
@@ -459,6 +511,9 @@ def main() -> None:
     parser.add_argument("--names", action="store_true", help="give each object a 20-byte name")
     parser.add_argument("--window", type=int, default=4096, help="publishes in flight")
     parser.add_argument("--seed", type=int, default=20261205)
+    parser.add_argument(
+        "--in-process", action="store_true", help="projection memory only, no NATS (10M in minutes)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="ingest hang guard (s)")
     parser.add_argument("--tmp", default=None, help="directory for the hub's stream files")
     args = parser.parse_args()

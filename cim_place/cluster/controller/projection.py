@@ -21,11 +21,14 @@ its labels, tags or volume names, comes back, or is (un)drained marks every CID 
 it; a new node marks nothing, holding nothing (rebalancing is a separate, rate-limited pass); a
 policy change marks every CID.
 
-Memory is the constraint that shapes the layout (the target is at most ~300 bytes per tracked
-object at a million objects): objects live in columns (``array`` of sizes, times, sequences,
-owner and metadata ids, name offsets, replica location ids) indexed by a slot number; names sit
-in one UTF-8 blob; the only per-object Python objects are the CID bytes and its slot int
-(measured: about 260 bytes per object at 1M, bench/status.py). Replicas are up to four 16-bit
+Memory is the constraint that shapes the layout (the target is at most 100 bytes per tracked
+object at three replicas; docs/SCALE.md has the model): objects live in columns (``array`` of
+sizes, times, sequences, owner and metadata ids, name offsets, replica location ids) indexed by
+a slot number, 32 bits wide while the values fit (a column widens to 64 bits, once, on the first
+value that does not); times are whole seconds; names sit in one UTF-8 blob; CIDs and their slots
+are held by :class:`~cim_place.cluster.controller.cid_index.CidIndex` (33 bytes per CID plus its
+hash table), not as Python objects. Measured: about 90 bytes per object at 1M
+(bench/controller_scale.py), where a dict of CIDs cost about 260. Replicas are up to four 16-bit
 location ids per slot (more spill into a small side dict); a location id stands for one interned
 ``(node, volume)`` pair. The node -> CIDs index is that location column itself: the CIDs on a
 node are found with one vectorised scan (about 0.1 s at 1M objects, paid only on node changes),
