@@ -23,7 +23,7 @@ Layout:
 * **free**: slots of deleted CIDs, reused last-freed first, so the projection's columns
   (indexed by slot) never grow while objects are only replaced.
 
-Lookups run in Python (about 1 us; a dict lookup is about 0.05 us) because the reconciler calls
+Lookups run in Python (about 1.4 us measured at 1M; a dict lookup about 0.08 us) because the reconciler calls
 them one CID at a time; bulk work (rebuilds, export, the CIDs of many slots) is numpy.
 
 Export (for snapshots): :meth:`CidIndex.to_arrays` returns a few numpy arrays (records, free
