@@ -23,8 +23,9 @@ Layout:
 * **free**: slots of deleted CIDs, reused last-freed first, so the projection's columns
   (indexed by slot) never grow while objects are only replaced.
 
-Lookups run in Python (about 1.4 us measured at 1M; a dict lookup about 0.08 us) because the reconciler calls
-them one CID at a time; bulk work (rebuilds, export, the CIDs of many slots) is numpy.
+Lookups run in Python (about 1.4 us measured at 1M; a dict lookup about 0.08 us) because the
+reconciler calls them one CID at a time; bulk work (rebuilds, export, the CIDs of many slots) is
+numpy.
 
 Export (for snapshots): :meth:`CidIndex.to_arrays` returns a few numpy arrays (records, free
 list, prefixes, spilled CIDs) built with buffer copies, no Python loop over CIDs except for the
