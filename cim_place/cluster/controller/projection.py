@@ -21,11 +21,14 @@ its labels, tags or volume names, comes back, or is (un)drained marks every CID 
 it; a new node marks nothing, holding nothing (rebalancing is a separate, rate-limited pass); a
 policy change marks every CID.
 
-Memory is the constraint that shapes the layout (the target is at most ~300 bytes per tracked
-object at a million objects): objects live in columns (``array`` of sizes, times, sequences,
-owner and metadata ids, name offsets, replica location ids) indexed by a slot number; names sit
-in one UTF-8 blob; the only per-object Python objects are the CID bytes and its slot int
-(measured: about 260 bytes per object at 1M, bench/status.py). Replicas are up to four 16-bit
+Memory is the constraint that shapes the layout (the target is at most 100 bytes per tracked
+object at three replicas; docs/SCALE.md has the model): objects live in columns (``array`` of
+sizes, times, sequences, owner and metadata ids, name offsets, replica location ids) indexed by
+a slot number, 32 bits wide while the values fit (a column widens to 64 bits, once, on the first
+value that does not); times are whole seconds; names sit in one UTF-8 blob; CIDs and their slots
+are held by :class:`~cim_place.cluster.controller.cid_index.CidIndex` (33 bytes per CID plus its
+hash table), not as Python objects. Measured: about 90 bytes per object at 1M
+(bench/controller_scale.py), where a dict of CIDs cost about 260. Replicas are up to four 16-bit
 location ids per slot (more spill into a small side dict); a location id stands for one interned
 ``(node, volume)`` pair. The node -> CIDs index is that location column itself: the CIDs on a
 node are found with one vectorised scan (about 0.1 s at 1M objects, paid only on node changes),
@@ -46,6 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cim_place.cluster.controller.cid_index import CidIndex
 from cim_place.cluster.events.types import (
     EventBodyError,
     InventoryDigest,
@@ -150,24 +154,28 @@ class Projection:
 
     def __init__(self) -> None:
         # -- objects, in columns indexed by slot ------------------------------------------------
-        self._slot: dict[bytes, int] = {}
-        self._cid_at: list[bytes | None] = []
-        self._free: list[int] = []
-        self._size = array("q")
-        self._first_seen = array("d")
-        self._sequence = array("q")
+        # CID -> slot and back, with free-slot reuse (cid_index.py: ~40 bytes per CID where a
+        # dict and a list of the CIDs cost ~200).
+        self._index = CidIndex()
+        # 32-bit columns while the values fit; _widen makes one 64-bit on the first that does
+        # not (an object over 4 GiB, a stream past 2**32 events, a name blob over 2 GiB).
+        self._size = array("I")
+        # Times in whole seconds: a float per object would cost 4 bytes more, and a second is
+        # finer than anything decided on them (expiry, the age of a verification).
+        self._first_seen = array("I")
+        self._sequence = array("I")
         self._owner = array("I")
         self._meta = array("I")
         # Names as UTF-8 in one blob (offset, length; offset -1: no name): a str per object
         # would cost ~60 bytes, the blob costs the name's bytes. A renamed object leaves its old
         # name behind in the blob; renames are rare, so no compaction.
         self._names = bytearray()
-        self._name_at = array("q")
-        self._name_len = array("I")
+        self._name_at = array("i")
+        self._name_len = array("H")
         self._rep = array("H")
         self._rep_more: dict[int, list[int]] = {}
-        # When each inline replica was last stored (= verified whole); 8 bytes per replica slot.
-        self._rep_at = array("d")
+        # When each inline replica was last stored (= verified whole), in whole seconds.
+        self._rep_at = array("I")
         # Damaged replicas, sparse: cid -> replica -> bad block CIDs.
         self._damaged: dict[bytes, dict[Replica, frozenset[Cid]]] = {}
         # -- interning: owners and metadata maps by id, locations by id -------------------------
@@ -210,18 +218,18 @@ class Projection:
     # -- reading ----------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._slot)
+        return len(self._index)
 
     def __contains__(self, cid: object) -> bool:
-        return cid in self._slot
+        return cid in self._index
 
     def cids(self) -> Iterator[Cid]:
         """Every tracked CID (a snapshot: safe to mutate the projection while iterating)."""
-        return iter(list(self._slot))
+        return iter(self._index.keys())
 
     def object(self, cid: Cid) -> ObjectView | None:
         """The tracked object ``cid``, or None if no ObjectStored for it was applied."""
-        slot = self._slot.get(cid)
+        slot = self._index.get(cid)
         if slot is None:
             return None
         name = self._name(slot)
@@ -231,19 +239,19 @@ class Projection:
             owner=self._strings[self._owner[slot]],
             name=name,
             metadata=self._metas[self._meta[slot]],
-            first_seen=self._first_seen[slot],
+            first_seen=float(self._first_seen[slot]),
             sequence=self._sequence[slot],
             replicas=frozenset(self._locations[i] for i in self._replica_ids(slot)),
         )
 
     def size(self, cid: Cid) -> int:
         """Content bytes of ``cid`` (0 if unknown), without building its :class:`ObjectView`."""
-        slot = self._slot.get(cid)
+        slot = self._index.get(cid)
         return 0 if slot is None else self._size[slot]
 
     def replicas(self, cid: Cid) -> frozenset[Replica]:
         """Confirmed ``(node, volume)`` replicas of ``cid`` (empty if unknown)."""
-        slot = self._slot.get(cid)
+        slot = self._index.get(cid)
         if slot is None:
             return frozenset()
         return frozenset(self._locations[i] for i in self._replica_ids(slot))
@@ -260,12 +268,12 @@ class Projection:
     def verified_at(self, cid: Cid) -> dict[Replica, float]:
         """When each replica of ``cid`` was last stored whole (replicas beyond the inline four
         have no time)."""
-        slot = self._slot.get(cid)
+        slot = self._index.get(cid)
         if slot is None:
             return {}
         base = slot * _WIDTH
         return {
-            self._locations[location]: self._rep_at[base + k]
+            self._locations[location]: float(self._rep_at[base + k])
             for k in range(_WIDTH)
             if (location := self._rep[base + k])
         }
@@ -288,8 +296,7 @@ class Projection:
     def _cids_at(self, locations: list[int]) -> set[Cid]:
         if not locations:
             return set()
-        cid_at = self._cid_at
-        return {cid for slot in self._slots_with(locations) if (cid := cid_at[slot]) is not None}
+        return set(self._index.keys_at(self._slots_with(locations)))
 
     def tasks_for(self, cid: Cid) -> tuple[TaskInFlight, ...]:
         """Tasks in flight about ``cid``, in the order they were enqueued."""
@@ -402,7 +409,7 @@ class Projection:
             self._stored(event, publisher, sequence, at)
             return {event.root}
         if isinstance(event, ObjectDeleted):
-            if event.root not in self._slot:
+            if event.root not in self._index:
                 return set()
             self._deleted[event.root] = event
             return {event.root}
@@ -427,7 +434,7 @@ class Projection:
 
     def drop_replica(self, cid: Cid, node: str, volume: str) -> set[Cid]:
         """Forget the replica of ``cid`` on ``(node, volume)`` (the node does not hold it)."""
-        slot = self._slot.get(cid)
+        slot = self._index.get(cid)
         location = self._location_id.get((node, volume))
         if slot is None or location is None or location not in self._replica_ids(slot):
             return set()
@@ -467,25 +474,27 @@ class Projection:
         # The hot path of a rebuild (every object's first event comes through here): the common
         # lookups are inlined, and a new slot takes its first replica without a search.
         root, size, _, volume, owner, name, metadata = fields
-        slot = self._slot.get(root)
-        new = slot is None
-        if slot is None:
-            slot = self._new_slot(root, at)
+        slot, new = self._index.get_or_add(root)
+        if new:
+            self._new_slot(slot, at)
         self.total_size += size - self._size[slot]
-        self._size[slot] = size
+        try:
+            self._size[slot] = size
+        except OverflowError:
+            self._widen("_size")[slot] = size
         owner_id = self._string_id.get(owner)
         self._owner[slot] = self._intern(owner) if owner_id is None else owner_id
         self._set_name(slot, name)
         self._meta[slot] = self._intern_meta(metadata) if metadata else 0
         if sequence:
-            self._sequence[slot] = sequence
+            self._set_sequence(slot, sequence)
         replica = (node, volume)
         location = self._location_id.get(replica)
         if location is None:
             location = self._location(replica)
         if new:
             self._rep[slot * _WIDTH] = location
-            self._rep_at[slot * _WIDTH] = at
+            self._rep_at[slot * _WIDTH] = _seconds(at)
         else:
             self._add_replica(slot, location, at)
         if self._damaged:
@@ -509,11 +518,11 @@ class Projection:
 
     def _removed(self, event: ObjectRemoved, node: str, sequence: int) -> bool:
         self._undamage(event.root, (node, event.volume))
-        slot = self._slot.get(event.root)
+        slot = self._index.get(event.root)
         if slot is None:
             return False
         if sequence:
-            self._sequence[slot] = sequence
+            self._set_sequence(slot, sequence)
         location = self._location_id.get((node, event.volume))
         if location is not None:
             self._drop_replica(slot, location)
@@ -542,9 +551,9 @@ class Projection:
                 self._last_failure.setdefault(root, {})[key] = LastFailure(
                     at, event.permanent, event.reason
                 )
-        slot = self._slot.get(root)
+        slot = self._index.get(root)
         if slot is not None and sequence:
-            self._sequence[slot] = sequence
+            self._set_sequence(slot, sequence)
         return {root}
 
     # -- tasks ------------------------------------------------------------------------------------
@@ -637,16 +646,15 @@ class Projection:
         if policies == self.policies:
             return set()
         self.policies = policies
-        return set(self._slot)
+        return set(self._index.keys())
 
     def forget(self, cid: Cid) -> None:
         """Stop tracking ``cid`` (deleted or expired everywhere); its slot is reused."""
-        slot = self._slot.pop(cid, None)
+        slot = self._index.pop(cid)
         if slot is None:
             return
         self.total_size -= self._size[slot]
         self._size[slot] = 0
-        self._cid_at[slot] = None
         self._name_at[slot] = -1
         base = slot * _WIDTH
         for k in range(_WIDTH):
@@ -655,33 +663,27 @@ class Projection:
         self._deleted.pop(cid, None)
         self._damaged.pop(cid, None)
         self.clear_failures(cid)
-        self._free.append(slot)
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _new_slot(self, cid: Cid, at: float) -> int:
-        if self._free:
-            slot = self._free.pop()
-            self._cid_at[slot] = cid
+    def _new_slot(self, slot: int, at: float) -> None:
+        # The columns of a slot the index just gave out: reset if reused, else appended.
+        if slot < len(self._size):  # a freed slot, reused
             self._size[slot] = 0
-            self._first_seen[slot] = at
+            self._first_seen[slot] = _seconds(at)
             self._sequence[slot] = 0
             self._owner[slot] = 0
             self._meta[slot] = 0
         else:
-            slot = len(self._cid_at)
-            self._cid_at.append(cid)
             self._name_at.append(-1)
             self._name_len.append(0)
             self._size.append(0)
-            self._first_seen.append(at)
+            self._first_seen.append(_seconds(at))
             self._sequence.append(0)
             self._owner.append(0)
             self._meta.append(0)
             self._rep.extend(_ZEROS)
             self._rep_at.extend(_NO_TIMES)
-        self._slot[cid] = slot
-        return slot
 
     def _name(self, slot: int) -> str | None:
         start = self._name_at[slot]
@@ -697,9 +699,27 @@ class Projection:
         start = self._name_at[slot]
         if start >= 0 and self._names[start : start + self._name_len[slot]] == data:
             return
-        self._name_at[slot] = len(self._names)
-        self._name_len[slot] = len(data)
+        try:
+            self._name_at[slot] = len(self._names)
+        except OverflowError:
+            self._widen("_name_at")[slot] = len(self._names)
+        try:
+            self._name_len[slot] = len(data)
+        except OverflowError:
+            self._widen("_name_len")[slot] = len(data)
         self._names += data
+
+    def _set_sequence(self, slot: int, sequence: int) -> None:
+        try:
+            self._sequence[slot] = sequence
+        except OverflowError:
+            self._widen("_sequence")[slot] = sequence
+
+    def _widen(self, column: str) -> array[int]:
+        # Once per column at most: an O(objects) copy into 64-bit values.
+        wide = array("q", getattr(self, column))
+        setattr(self, column, wide)
+        return wide
 
     def _intern(self, text: str) -> int:
         sid = self._string_id.get(text)
@@ -747,7 +767,7 @@ class Projection:
         for k in range(base, base + _WIDTH):
             value = rep[k]
             if value == location:
-                self._rep_at[k] = at
+                self._rep_at[k] = _seconds(at)
                 return
             if value == _EMPTY and free < 0:
                 free = k
@@ -756,7 +776,7 @@ class Projection:
             return
         if free >= 0:
             rep[free] = location
-            self._rep_at[free] = at
+            self._rep_at[free] = _seconds(at)
         elif more is None:
             self._rep_more[slot] = [location]
         else:
@@ -794,4 +814,11 @@ class Projection:
 
 
 _ZEROS = array("H", [_EMPTY] * _WIDTH)
-_NO_TIMES = array("d", [0.0] * _WIDTH)
+_NO_TIMES = array("I", [0] * _WIDTH)
+_SECONDS = 2**32
+
+
+def _seconds(at: float) -> int:
+    """``at`` in whole seconds for a 32-bit column (clamped: times before 1970 or after 2106,
+    which validation rejects anyway, and NaN, cannot be stored)."""
+    return int(at) if 0 <= at < _SECONDS else (_SECONDS - 1 if at > 0 else 0)

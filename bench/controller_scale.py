@@ -1,0 +1,527 @@
+"""The controller at scale: replay of millions of objects through real NATS, its memory, ingest.
+
+    .venv/bin/python bench/controller_scale.py                       # 1,000,000 objects (~4 min)
+    .venv/bin/python bench/controller_scale.py --objects 100000      # a quick look
+    .venv/bin/python bench/controller_scale.py --objects 10000000    # through NATS: ~1 h,
+                                                                     # ~15 GB of disk in /tmp
+    .venv/bin/python bench/controller_scale.py --objects 10000000 --in-process  # memory, ~10 min
+
+The domain is the planner bench's (bench/plan.py): 100 volumes of 10 TiB on 50 nodes in 10
+zones, objects with random sha2-256 CIDv1s and sizes, placed 3 copies zone-spread by the batch
+planner. Simulated agents (one per node) then report every copy as the agent does: one
+``ObjectStored`` envelope per copy on ``cim-place.evt.<node>.ObjectStored``, with its message id
+header, published pipelined straight into ``CIM_PLACE_EVENTS`` on a real 1-server hub (a
+temporary directory, a free port), as the hub's sourcing of the agents' outboxes would store it.
+Objects carry no name and no metadata (``--names`` gives each a 20-byte name).
+
+Measured in the same run, each beside its baseline:
+
+1. **publish**: the raw JetStream publish rate of the pre-encoded events (nats-py
+   ``publish_async``, pipelined; the encoding is done outside the timed part);
+2. **read**: the raw JetStream read rate of the whole stream (an ordered push consumer as the
+   controller's EventFeed opens it, each message counted and dropped), against
+3. **replay**: a controller's start without snapshot: the real ``EventFeed`` into a fresh
+   ``Projection`` until caught up (what a restart costs today); then the projection's bytes per
+   object (resident-memory delta across the replay, and the bytes its arrays hold), the
+   process's RSS, and the index's lookup rate;
+4. **ingest** (``--backlog`` objects, default 20,000, on a second, fresh hub): each new object
+   stored once by one agent (an upload), then a real ``Controller`` (leader, task rate limits
+   lifted) started on that backlog until every fetch that places the two missing copies is
+   enqueued: objects per second from start to the last task, beside the raw publish rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import os
+import resource
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from plan import CID_PREFIX, derive_keys, topology
+
+from cim_place.cluster.controller.projection import Projection
+from cim_place.cluster.controller.service import Controller, ControllerConfig
+from cim_place.cluster.events.readers import EventFeed, StoredEvent
+from cim_place.cluster.events.store import ensure_event_store
+from cim_place.cluster.events.types import ObjectStored, event_envelope
+from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.nats.envelope import Content, Envelope
+from cim_place.cluster.nats.subjects import EVENTS_STREAM, Subjects
+from cim_place.cluster.state.nodes import NodeRecord, VolumeStatus, nodes_bucket
+from cim_place.local.servers import start_hub
+from cim_place.placement.batch import NO_VOLUME, plan_batch
+from cim_place.placement.model import NodeMap, PlacementRule, SpreadLevel, Volume
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+CHUNK = 50_000  # objects encoded, then published, per step (bounds the bench's own memory)
+SUBJECTS = Subjects()
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+# -- the synthetic domain ---------------------------------------------------------------------
+
+
+class Domain:
+    """The planner bench's topology and ``objects`` objects placed on it, 3 copies each."""
+
+    def __init__(self, objects: int, seed: int, names: bool) -> None:
+        rng = np.random.default_rng(seed)
+        self.volumes: list[Volume] = topology(rng)
+        self.node_map = NodeMap(self.volumes)
+        self.names = names
+        self.count = objects
+        self.digests = rng.bytes(32 * objects)
+        self.sizes = rng.integers(1024, 64 * 2**20, size=objects, dtype=np.int64)
+        rule = PlacementRule(replicas=3, spread=SpreadLevel.ZONE, load_cap=0.25)
+        keys = derive_keys(self.digests, objects)
+        self.placement: npt.NDArray[np.uint16] = plan_batch(keys, self.sizes, rule, self.node_map)
+        del keys
+        if (self.placement == NO_VOLUME).any():
+            raise SystemExit("the planner left copies unplaced: the domain is too small")
+        # One envelope template per volume: the bytes of an ObjectStored whose CID and message
+        # id are patched in place (dag-cbor is canonical: same lengths, same offsets).
+        self.templates = [_Template(v.node, v.name, names) for v in self.node_map.volumes]
+
+    def cid(self, i: int) -> bytes:
+        return CID_PREFIX + self.digests[32 * i : 32 * i + 32]
+
+    def events(
+        self, start: int, stop: int, copies: int = 3
+    ) -> Iterator[list[tuple[str, bytes, dict[str, str]]]]:
+        """(subject, payload, headers) of ``copies`` ObjectStored per object, in chunks."""
+        serial = start * 3
+        for first in range(start, stop, CHUNK):
+            chunk = []
+            for i in range(first, min(stop, first + CHUNK)):
+                cid = self.cid(i)
+                size = int(self.sizes[i])
+                for v in self.placement[i, :copies].tolist():
+                    serial += 1
+                    chunk.append(self.templates[v].event(cid, size, i, serial))
+            yield chunk
+
+
+_PLACEHOLDER_CID = CID_PREFIX + bytes(range(32))
+_PLACEHOLDER_ID = "f" * 32
+_PLACEHOLDER_SIZE = 2**31 + 12345  # a 4-byte CBOR integer, patched too
+_RUN = os.urandom(8).hex()  # 16 hex digits: unique message ids per run
+
+
+class _Template:
+    def __init__(self, node: str, volume: str, names: bool) -> None:
+        event = ObjectStored(
+            root=_PLACEHOLDER_CID,
+            size=_PLACEHOLDER_SIZE,
+            blocks=1,
+            volume=volume,
+            owner="bench",
+            name="n" * 20 if names else None,
+            metadata={},
+        )
+        envelope = event_envelope(event, owner=node)
+        data = envelope.encode().replace(envelope.id.encode(), _PLACEHOLDER_ID.encode())
+        self.data = data
+        self.cid_at = data.index(_PLACEHOLDER_CID)
+        self.size_at = data.index(b"\x1a" + _PLACEHOLDER_SIZE.to_bytes(4, "big")) + 1
+        self.id_at = [i for i in range(len(data)) if data.startswith(_PLACEHOLDER_ID.encode(), i)]
+        self.name_at = data.index(b"n" * 20) if names else -1
+        self.headers = {
+            key: _PLACEHOLDER_ID if value == envelope.id else value
+            for key, value in envelope.headers().items()
+        }
+        self.subject = SUBJECTS.event(node, ObjectStored.TYPE)
+
+    def event(
+        self, cid: bytes, size: int, i: int, serial: int
+    ) -> tuple[str, bytes, dict[str, str]]:
+        data = bytearray(self.data)
+        data[self.cid_at : self.cid_at + len(cid)] = cid
+        # Sizes stay 4-byte CBOR integers (64 KiB and up), so the encoding keeps its length.
+        data[self.size_at : self.size_at + 4] = max(size, 65536).to_bytes(4, "big")
+        message_id = f"{_RUN}{serial:016x}"
+        raw_id = message_id.encode()
+        for at in self.id_at:
+            data[at : at + 32] = raw_id
+        if self.name_at >= 0:
+            data[self.name_at : self.name_at + 20] = f"object-{i:013d}".encode()
+        headers = dict(self.headers)
+        for key, value in headers.items():
+            if value == _PLACEHOLDER_ID:
+                headers[key] = message_id
+        return self.subject, bytes(data), headers
+
+
+async def event_store(js: JetStreamContext, domain: Domain) -> None:
+    """CIM_PLACE_EVENTS as the controller creates it, taking the simulated agents' subjects
+    directly (in a domain it sources them from the leaves' outboxes; the messages are the same)."""
+    await ensure_event_store(js, replicas=1)
+    config = (await js.stream_info(EVENTS_STREAM)).config
+    config.subjects = sorted({SUBJECTS.events_of(v.node) for v in domain.volumes})
+    await js.update_stream(config)
+
+
+# -- 1. publish ---------------------------------------------------------------------------------
+
+
+async def publish(
+    js: JetStreamContext, chunks: Iterator[list[tuple[str, bytes, dict[str, str]]]], window: int
+) -> tuple[int, float, float]:
+    """(events, seconds publishing, seconds encoding): each chunk encoded, then published."""
+    events = 0
+    publishing = encoding = 0.0
+    while True:
+        started = time.perf_counter()
+        chunk = next(chunks, None)
+        encoding += time.perf_counter() - started
+        if chunk is None:
+            return events, publishing, encoding
+        started = time.perf_counter()
+        pending = []
+        for subject, payload, headers in chunk:
+            pending.append(await js.publish_async(subject, payload, headers=headers))
+            if len(pending) >= window:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+        publishing += time.perf_counter() - started
+        events += len(chunk)
+
+
+# -- 2. raw read --------------------------------------------------------------------------------
+
+
+async def raw_read(nc: Client, js: JetStreamContext, total: int) -> float:
+    """Seconds to receive every message of the stream, counted and dropped (no decode)."""
+    done = asyncio.Event()
+    count = 0
+
+    async def on_message(msg: Msg) -> None:
+        nonlocal count
+        if not msg.data and msg.headers and "Status" in msg.headers:
+            if msg.reply:  # flow control: ask for the next window
+                await nc.publish(msg.reply)
+            elif stalled := msg.headers.get("Nats-Consumer-Stalled"):
+                await nc.publish(stalled)
+            return
+        count += 1
+        if count >= total:
+            done.set()
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_message, pending_msgs_limit=-1, pending_bytes_limit=-1)
+    started = time.perf_counter()
+    info = await js.add_consumer(
+        EVENTS_STREAM,
+        ConsumerConfig(
+            deliver_subject=inbox,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            flow_control=True,
+            idle_heartbeat=2.0,
+            mem_storage=True,
+            num_replicas=1,
+        ),
+    )
+    await done.wait()
+    seconds = time.perf_counter() - started
+    await sub.unsubscribe()
+    with contextlib.suppress(Exception):
+        await js.delete_consumer(EVENTS_STREAM, info.name)
+    return seconds
+
+
+# -- 3. replay ----------------------------------------------------------------------------------
+
+
+def held_bytes(projection: Projection) -> int:
+    """Bytes allocated to the projection's per-object arrays (over-allocation included) and to
+    its CID index; the interning and sparse dicts, a few KiB here, are left out."""
+    index = projection._index
+    total = sum(sys.getsizeof(a) for a in (index._records, index._table, index._free))
+    for value in vars(projection).values():
+        if isinstance(value, array | bytearray):
+            total += sys.getsizeof(value)
+    return total
+
+
+async def replay(js: JetStreamContext, total: int) -> tuple[Projection, float, int]:
+    """A fresh projection fed from the first event until caught up: (it, seconds, RSS delta)."""
+    gc.collect()
+    before = rss()
+    projection = Projection()
+
+    def apply(stored: StoredEvent) -> None:
+        projection.apply_event(stored.envelope, node=stored.node, at=stored.stored_at)
+
+    feed = EventFeed(js, apply)
+    started = time.perf_counter()
+    await feed.start()
+    await feed.caught_up.wait()
+    seconds = time.perf_counter() - started
+    await feed.stop()
+    gc.collect()
+    if projection.applied != total:
+        raise SystemExit(f"replay applied {projection.applied} of {total} events")
+    return projection, seconds, rss() - before
+
+
+def lookups(projection: Projection, domain: Domain, count: int) -> tuple[float, float]:
+    """(lookups/s of the projection's CID index, of a dict of the same CIDs) over ``count``."""
+    rng = np.random.default_rng(7)
+    cids = [domain.cid(int(i)) for i in rng.integers(0, domain.count, size=count)]
+    index = projection._index
+    started = time.perf_counter()
+    for cid in cids:
+        index.get(cid)
+    ours = time.perf_counter() - started
+    table = {cid: n for n, cid in enumerate(cids)}
+    started = time.perf_counter()
+    for cid in cids:
+        table.get(cid)
+    theirs = time.perf_counter() - started
+    return count / ours, count / theirs
+
+
+def fill_in_process(domain: Domain) -> None:
+    """``--in-process``: the projection's memory at sizes the hub would take long to publish;
+    envelopes are built in memory, as the EventFeed hands them over, and applied directly."""
+    bodies = []
+    for v in domain.node_map.volumes:
+        event = ObjectStored(
+            root=_PLACEHOLDER_CID, size=1, blocks=1, volume=v.name, owner="bench", metadata={}
+        )
+        bodies.append((v.node, event.body()))
+    link = type(bodies[0][1]["root"])  # the codec's CID link
+    gc.collect()
+    before = rss()
+    projection = Projection()
+    sequence = 0
+    started = time.perf_counter()
+    for i in range(domain.count):
+        cid = domain.cid(i)
+        size = int(domain.sizes[i])
+        for v in domain.placement[i].tolist():
+            node, template = bodies[v]
+            body = dict(template)
+            body["root"] = link(cid)
+            body["size"] = size
+            sequence += 1
+            envelope = Envelope("e", "e", None, node, Content("event", "ObjectStored", body))
+            projection.apply_event(envelope.with_sequence(sequence), node=node, at=1.7e9)
+    seconds = time.perf_counter() - started
+    gc.collect()
+    delta = rss() - before
+    n = len(projection)
+    if n != domain.count:
+        raise SystemExit(f"{n} objects tracked of {domain.count}: rejected {projection.rejections}")
+    held = held_bytes(projection)
+    print(f"{'build envelopes + apply_event (no NATS)':44s} {sequence / seconds:12,.0f} events/s")
+    print(f"{'projection: RSS delta':44s} {delta / n:12.1f} bytes/object  ({mib(delta)})")
+    print(
+        f"{'projection: bytes its arrays hold':44s} {held / n:12.1f} bytes/object"
+        f"  ({mib(held)}; CID index {projection._index.nbytes / n:.1f}, "
+        f"table {projection._index.capacity:,} cells)"
+    )
+    ours, theirs = lookups(projection, domain, 200_000)
+    print(f"{'CID index lookups':44s} {ours:12,.0f} /s  (baseline: dict {theirs:,.0f} /s)")
+    print(f"{'process RSS now / peak':44s} {mib(rss()):>12s} / {mib(peak_rss())}")
+
+
+# -- 4. ingest by a real controller --------------------------------------------------------------
+
+
+async def beat(js: JetStreamContext, domain: Domain, stop: asyncio.Event) -> None:
+    """Heartbeats of the simulated agents (every 2 s), as their Heartbeat writes them."""
+    bucket = await nodes_bucket(js)
+    by_node: dict[str, list[Volume]] = {}
+    for volume in domain.volumes:
+        by_node.setdefault(volume.node, []).append(volume)
+    started = time.time()
+    while not stop.is_set():
+        now = time.time()
+        for node, volumes in by_node.items():
+            record = NodeRecord(
+                node=node,
+                labels=dict(volumes[0].labels),
+                volumes=tuple(
+                    VolumeStatus(v.name, v.capacity, v.capacity - v.free, v.free) for v in volumes
+                ),
+                version="bench",
+                started_at=started,
+                heartbeat_at=now,
+            )
+            await bucket.put(node, record.encode())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 2.0)
+
+
+async def ingest(directory: Path, domain: Domain, window: int, timeout: float) -> None:
+    backlog = domain.count
+    hub = start_hub(directory, size=1)
+    stop = asyncio.Event()
+    try:
+        async with connected(hub.urls) as nc:
+            js = jetstream(nc, "hub")
+            await event_store(js, domain)
+            beats = asyncio.create_task(beat(js, domain, stop))
+            events, publishing, _ = await publish(js, domain.events(0, backlog, copies=1), window)
+            config = ControllerConfig(
+                servers=(hub.url,),
+                identity="bench",
+                lease=3.0,
+                full_pass_every=3600.0,
+                max_tasks_per_node=1 << 40,
+                max_bytes_per_node=1 << 62,
+                max_tasks=1 << 40,
+            )
+            controller = Controller(config)
+            wanted = 2 * backlog  # each object stored once, on a 3-copy policy
+            started = time.perf_counter()
+            await controller.start()
+            try:
+                await asyncio.wait_for(controller.caught_up.wait(), timeout)
+                ready = time.perf_counter() - started
+                deadline = time.perf_counter() + timeout
+                while not controller.is_leader and time.perf_counter() < deadline:
+                    await asyncio.sleep(0.01)
+                leads = time.perf_counter() - started
+                while controller.projection.tasks_in_flight < wanted:
+                    if time.perf_counter() > deadline:
+                        break
+                    await asyncio.sleep(0.05)
+                took = time.perf_counter() - started
+                issued = controller.projection.tasks_in_flight
+            finally:
+                await controller.stop()
+            stop.set()
+            await beats
+    finally:
+        hub.stop()
+    print(f"\n== ingest: a backlog of {backlog:,} new objects (one copy each), a real Controller")
+    print(f"{'raw publish (same hub)':44s} {events / publishing:12,.0f} events/s")
+    print(f"{'controller start -> caught up':44s} {ready:12.2f} s")
+    print(f"{'controller start -> leads':44s} {leads:12.2f} s")
+    print(
+        f"{'controller start -> all fetches enqueued':44s} {took:12.2f} s  "
+        f"{backlog / took:9,.0f} objects/s  ({issued:,} of {wanted:,} tasks)"
+    )
+    print(
+        f"{'  of which leading -> all enqueued':44s} {took - leads:12.2f} s  "
+        f"{backlog / (took - leads):9,.0f} objects/s"
+    )
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    domain = Domain(args.objects, args.seed, args.names)
+    print(
+        f"{args.objects:,} objects, 3 copies, {len(domain.node_map.volumes)} volumes on "
+        f"{len({v.node for v in domain.volumes})} nodes in 10 zones; names: "
+        f"{'20 bytes' if args.names else 'none'} (domain built in "
+        f"{time.perf_counter() - started:.1f} s)"
+    )
+    if args.in_process:
+        fill_in_process(domain)
+        return
+    with tempfile.TemporaryDirectory(prefix="cim-bench-scale-", dir=args.tmp) as tmp:
+        hub = start_hub(Path(tmp) / "hub", size=1)
+        try:
+            async with connected(hub.urls) as nc:
+                js = jetstream(nc, "hub")
+                await event_store(js, domain)
+                events, publishing, encoding = await publish(
+                    js, domain.events(0, args.objects), args.window
+                )
+                stream = await js.stream_info(EVENTS_STREAM)
+                if stream.state.messages != events:
+                    raise SystemExit(f"the stream holds {stream.state.messages} of {events} events")
+                print(
+                    f"{'raw publish (nats-py publish_async)':44s} {events / publishing:12,.0f} "
+                    f"events/s  ({events:,} events, {stream.state.bytes / 2**20:,.0f} MiB "
+                    f"stream; encoding apart: {encoding:.1f} s)"
+                )
+                seconds = await raw_read(nc, js, events)
+                label = "raw read (push consumer, no decode)"
+                print(f"{label:44s} {events / seconds:12,.0f} events/s")
+                projection, seconds, delta = await replay(js, events)
+                print(
+                    f"{'replay: EventFeed -> Projection':44s} {events / seconds:12,.0f} events/s"
+                    f"  ({seconds:.1f} s to caught up, {len(projection):,} objects)"
+                )
+            del domain.templates
+            held = held_bytes(projection)
+            n = len(projection)
+            print(
+                f"{'projection: RSS delta across the replay':44s} {delta / n:12.1f} bytes/object"
+                f"  ({mib(delta)})"
+            )
+            print(
+                f"{'projection: bytes its arrays hold':44s} {held / n:12.1f} bytes/object"
+                f"  ({mib(held)}; CID index {projection._index.nbytes / n:.1f}, "
+                f"table {projection._index.capacity:,} cells)"
+            )
+            ours, theirs = lookups(projection, domain, 200_000)
+            print(f"{'CID index lookups':44s} {ours:12,.0f} /s  (baseline: dict {theirs:,.0f} /s)")
+            print(f"{'process RSS now / peak':44s} {mib(rss()):>12s} / {mib(peak_rss())}")
+            del projection
+            gc.collect()
+        finally:
+            hub.stop()
+        if args.backlog:
+            backlog = Domain(args.backlog, args.seed + 1, args.names)
+            await ingest(Path(tmp) / "ingest", backlog, args.window, args.timeout)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--objects", type=int, default=1_000_000, help="objects replayed")
+    parser.add_argument(
+        "--backlog", type=int, default=20_000, help="new objects the controller ingests (0: skip)"
+    )
+    parser.add_argument("--names", action="store_true", help="give each object a 20-byte name")
+    parser.add_argument("--window", type=int, default=4096, help="publishes in flight")
+    parser.add_argument("--seed", type=int, default=20261205)
+    parser.add_argument(
+        "--in-process", action="store_true", help="projection memory only, no NATS (10M in minutes)"
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="ingest hang guard (s)")
+    parser.add_argument("--tmp", default=None, help="directory for the hub's stream files")
+    args = parser.parse_args()
+    if args.objects < 1 or args.backlog < 0 or args.window < 1:
+        print("--objects must be at least 1, --backlog at least 0, --window at least 1")
+        sys.exit(2)
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
