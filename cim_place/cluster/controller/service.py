@@ -671,8 +671,12 @@ class Controller:
         # Cached copies and demand tasks are invisible to the reconciler (cached.py).
         cached = self.cached.volumes(cid, inp)
         result = reconcile(required_input(inp, cached))
-        budget = self._budget()
-        slots = RepairSlots(self.projection.in_flight())
+        # Counted only when there is something to issue: the walk over the tasks in flight
+        # is bounded by max_tasks, but most reconciles (an event about a placed object) issue
+        # nothing, and a backlog ingest would otherwise pay it once per object.
+        if result.actions:
+            budget = self._budget()
+            slots = RepairSlots(self.projection.in_flight())
         postponed = False
         obj = inp.obj
         policy = inp.policy
