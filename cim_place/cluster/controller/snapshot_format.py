@@ -1,0 +1,423 @@
+"""The bytes of a projection snapshot: export a :class:`Projection` and restore it (no I/O).
+
+This module owns the snapshot format. A snapshot is a 64-byte header and a payload::
+
+    header:  b"CIMPSNAP" | u32 format version | u32 flags | u64 last applied stream sequence
+             | u64 payload length | 32-byte SHA-256 of the payload (all little-endian)
+    payload: zlib (flag 1) of sections, each b"<4-char name>" | u64 length | bytes
+
+The object columns travel as their raw buffers (``array.tobytes``: one copy, no loop per
+object), the names as their UTF-8 blob, the CID table through :func:`_encode_cids` /
+:func:`_decode_cids` (the only place that knows how the projection indexes CIDs), and the sparse
+state (interned strings, metadata maps and locations, damage, tasks in flight, failures,
+inventories, tombstones, counters) as one DAG-CBOR map. Nodes, drain flags and policies are not
+in it: the controller reads them from KV at every start.
+
+Export is split so that the event loop pays only for the copy: :func:`take` copies the columns
+(tens of milliseconds at a million objects), :func:`seal` (compress and hash, in a thread)
+builds the bytes. :func:`restore` checks the header, the checksum, the version and every index
+before it touches the projection: a snapshot that fails any check raises
+:class:`SnapshotError` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import sys
+import zlib
+from array import array
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any
+
+import numpy as np
+
+from cim_place.cluster.controller.projection import (
+    _WIDTH,
+    FailureKey,
+    LastFailure,
+    Projection,
+    TaskInFlight,
+)
+from cim_place.cluster.events.types import EventBodyError, InventoryDigest, ObjectDeleted
+from cim_place.errors import CimPlaceError
+from cim_place.objectstore import dagcbor
+from cim_place.objectstore.dagcbor import Value
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Sealed",
+    "SnapshotError",
+    "Taken",
+    "header_of",
+    "restore",
+    "seal",
+    "take",
+]
+
+MAGIC = b"CIMPSNAP"
+FORMAT_VERSION = 1
+"""Bumped whenever the layout changes; a snapshot of another version is refused (full replay)."""
+_HEADER = struct.Struct("<8sIIQQ32s")
+HEADER_SIZE = _HEADER.size
+_SECTION = struct.Struct("<4sQ")
+_COMPRESSED = 1
+
+# Column sections: name -> (projection attribute, array typecode).
+_COLUMNS: dict[bytes, tuple[str, str]] = {
+    b"size": ("_size", "q"),
+    b"fsen": ("_first_seen", "d"),
+    b"sequ": ("_sequence", "q"),
+    b"ownr": ("_owner", "I"),
+    b"meta": ("_meta", "I"),
+    b"nmat": ("_name_at", "q"),
+    b"nmln": ("_name_len", "I"),
+    b"rep_": ("_rep", "H"),
+    b"repa": ("_rep_at", "d"),
+    b"free": ("_free_column", "q"),
+}
+
+
+class SnapshotError(CimPlaceError):
+    """Bytes that are not a usable snapshot (truncated, corrupt, another format version)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A copy of a projection's state, independent of it (safe to seal in a thread)."""
+
+    sequence: int
+    sections: list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A snapshot's bytes and what its header says."""
+
+    sequence: int
+    data: bytes
+    objects: int
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    version: int
+    flags: int
+    sequence: int
+    length: int
+    checksum: bytes
+
+
+def header_of(data: bytes | bytearray | memoryview) -> Header:
+    """The header of a snapshot; SnapshotError if ``data`` does not start with one."""
+    if len(data) < HEADER_SIZE:
+        raise SnapshotError(f"truncated: {len(data)} bytes, shorter than the header")
+    magic, version, flags, sequence, length, checksum = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise SnapshotError("not a cim-place projection snapshot (bad magic)")
+    return Header(version, flags, sequence, length, checksum)
+
+
+# -- the CID table ---------------------------------------------------------------------------------
+
+
+def _encode_cids(projection: Projection) -> list[tuple[bytes, bytes]]:
+    """The CID of every slot (empty for a free slot): u16 lengths and one blob."""
+    cid_at = projection._cid_at
+    lengths = array("H", [0 if cid is None else len(cid) for cid in cid_at])
+    blob = b"".join(cid for cid in cid_at if cid is not None)
+    return [(b"cidl", lengths.tobytes()), (b"cidb", blob)]
+
+
+def _decode_cids(sections: dict[bytes, bytes], fresh: Projection) -> None:
+    """Fill ``fresh``'s CID table from :func:`_encode_cids`' sections."""
+    lengths = _column(sections, b"cidl", "H")
+    blob = sections[b"cidb"]
+    if sum(lengths) != len(blob):
+        raise SnapshotError("the CID table does not add up")
+    ends = list(accumulate(lengths))
+    cid_at: list[bytes | None] = [
+        blob[end - n : end] if n else None for n, end in zip(lengths, ends, strict=True)
+    ]
+    slot = {cid: i for i, cid in enumerate(cid_at) if cid is not None}
+    if len(slot) != len(cid_at) - cid_at.count(None):
+        raise SnapshotError("a CID appears in two slots")
+    fresh._cid_at = cid_at
+    fresh._slot = slot
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+
+def take(projection: Projection) -> Taken:
+    """Copy what a snapshot holds (on the event loop: about 0.1 s at a million objects)."""
+    p = projection
+    sections: list[tuple[bytes, bytes]] = []
+    for name, (attribute, _) in _COLUMNS.items():
+        column = array("q", p._free) if attribute == "_free_column" else getattr(p, attribute)
+        sections.append((name, column.tobytes()))
+    sections.append((b"name", bytes(p._names)))
+    sections.extend(_encode_cids(p))
+    sections.append((b"sprs", dagcbor.encode(_sparse(p))))
+    return Taken(p.last_sequence, sections)
+
+
+def seal(taken: Taken, *, compress: bool = True) -> Sealed:
+    """The snapshot bytes of ``taken`` (compression and hashing: run it in a thread)."""
+    parts: list[bytes] = []
+    for name, data in taken.sections:
+        parts.append(_SECTION.pack(name, len(data)))
+        parts.append(data)
+    payload = b"".join(parts)
+    if compress:
+        payload = zlib.compress(payload, 1)
+    header = _HEADER.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        _COMPRESSED if compress else 0,
+        taken.sequence,
+        len(payload),
+        hashlib.sha256(payload).digest(),
+    )
+    objects = len(dict(taken.sections)[b"cidl"]) // 2 - len(dict(taken.sections)[b"free"]) // 8
+    return Sealed(taken.sequence, header + payload, objects)
+
+
+def _sparse(p: Projection) -> dict[str, Value]:
+    return {
+        "byteorder": sys.byteorder,
+        "itemsizes": {t: array(t).itemsize for _, t in _COLUMNS.values()},
+        "strings": list(p._strings),
+        "metas": [[[k, v] for k, v in meta.items()] for meta in p._metas],
+        "locations": [[n, v] for n, v in p._locations],
+        "rep_more": [[slot, list(more)] for slot, more in p._rep_more.items()],
+        "damaged": [
+            [cid, [[n, v, list(blocks)] for (n, v), blocks in per.items()]]
+            for cid, per in p._damaged.items()
+        ],
+        "tasks": [
+            [t.id, t.kind, t.node, t.root, t.volume, t.enqueued_at] for t in p._tasks.values()
+        ],
+        "failures": [
+            [cid, [[k, n, v, count] for (k, n, v), count in per.items()]]
+            for cid, per in p._failures.items()
+        ],
+        "last_failure": [
+            [cid, [[k, n, v, f.at, f.permanent, f.reason] for (k, n, v), f in per.items()]]
+            for cid, per in p._last_failure.items()
+        ],
+        "inventories": [[n, v, d.body()] for (n, v), d in p._inventories.items()],
+        "deleted": [[cid, d.body()] for cid, d in p._deleted.items()],
+        "counters": {
+            "last_sequence": p.last_sequence,
+            "applied": p.applied,
+            "rejected": p.rejected,
+            "replayed": p.replayed,
+            "total_size": p.total_size,
+        },
+        "rejections": dict(p.rejections),
+    }
+
+
+# -- import ----------------------------------------------------------------------------------------
+
+_RESTORED = [
+    "_slot",
+    "_cid_at",
+    "_free",
+    "_size",
+    "_first_seen",
+    "_sequence",
+    "_owner",
+    "_meta",
+    "_names",
+    "_name_at",
+    "_name_len",
+    "_rep",
+    "_rep_more",
+    "_rep_at",
+    "_damaged",
+    "_strings",
+    "_string_id",
+    "_metas",
+    "_meta_id",
+    "_locations",
+    "_location_id",
+    "_tasks",
+    "_tasks_by_cid",
+    "_failures",
+    "_last_failure",
+    "_inventories",
+    "_deleted",
+    "last_sequence",
+    "applied",
+    "total_size",
+    "rejected",
+    "rejections",
+    "replayed",
+]
+"""The projection attributes a snapshot replaces (nodes, drains and policies stay)."""
+
+
+def restore(projection: Projection, data: bytes | bytearray | memoryview) -> int:
+    """Replace ``projection``'s objects and event state by the snapshot ``data``; its sequence.
+
+    All or nothing: every check runs on a fresh projection first; SnapshotError on any failure.
+    """
+    fresh = load(data)
+    for attribute in _RESTORED:
+        setattr(projection, attribute, getattr(fresh, attribute))
+    return fresh.last_sequence
+
+
+def load(data: bytes | bytearray | memoryview) -> Projection:
+    """A new projection from the snapshot ``data``; SnapshotError if it is not a valid one."""
+    header = header_of(data)
+    if header.version != FORMAT_VERSION:
+        raise SnapshotError(
+            f"format version {header.version}, this controller reads {FORMAT_VERSION}"
+        )
+    payload = memoryview(data)[HEADER_SIZE:]
+    if len(payload) != header.length:
+        raise SnapshotError(f"truncated: {len(payload)} payload bytes of {header.length}")
+    if hashlib.sha256(payload).digest() != header.checksum:
+        raise SnapshotError("checksum mismatch (corrupt)")
+    try:
+        raw = zlib.decompress(payload) if header.flags & _COMPRESSED else bytes(payload)
+        sections = _sections(raw)
+        fresh = _build(sections)
+    except SnapshotError:
+        raise
+    except (
+        zlib.error,
+        dagcbor.DagCborError,
+        EventBodyError,
+        KeyError,
+        ValueError,
+        TypeError,
+    ) as exc:
+        # The checksum matched, so the writer wrote this: a bug or another build, never a crash.
+        raise SnapshotError(
+            f"unreadable despite a good checksum: {type(exc).__name__}: {exc}"
+        ) from None
+    if fresh.last_sequence != header.sequence:
+        raise SnapshotError("the header's sequence disagrees with the payload's")
+    return fresh
+
+
+def _sections(raw: bytes) -> dict[bytes, bytes]:
+    sections: dict[bytes, bytes] = {}
+    view = memoryview(raw)
+    at = 0
+    while at < len(raw):
+        if at + _SECTION.size > len(raw):
+            raise SnapshotError("truncated section header")
+        name, length = _SECTION.unpack_from(raw, at)
+        at += _SECTION.size
+        if at + length > len(raw):
+            raise SnapshotError(f"section {name!r} truncated")
+        sections[name] = view[at : at + length].tobytes()
+        at += length
+    missing = {*_COLUMNS, b"name", b"cidl", b"cidb", b"sprs"} - set(sections)
+    if missing:
+        raise SnapshotError(f"sections missing: {sorted(missing)}")
+    return sections
+
+
+def _column(sections: dict[bytes, bytes], name: bytes, typecode: str) -> array[Any]:
+    column = array(typecode)
+    data = sections[name]
+    if len(data) % column.itemsize:
+        raise SnapshotError(f"section {name!r} is not a whole number of items")
+    column.frombytes(data)
+    return column
+
+
+def _build(sections: dict[bytes, bytes]) -> Projection:
+    sparse = dagcbor.decode(sections[b"sprs"])
+    if not isinstance(sparse, dict):
+        raise SnapshotError("the sparse section is not a map")
+    s: dict[str, Any] = sparse
+    itemsizes = s["itemsizes"]
+    for _, typecode in _COLUMNS.values():
+        if itemsizes.get(typecode) != array(typecode).itemsize:
+            raise SnapshotError(f"written with another item size for {typecode!r}")
+    fresh = Projection()
+    _decode_cids(sections, fresh)
+    slots = len(fresh._cid_at)
+    swap = s["byteorder"] != sys.byteorder
+    for name, (attribute, typecode) in _COLUMNS.items():
+        column = _column(sections, name, typecode)
+        if swap:
+            column.byteswap()
+        width = _WIDTH if attribute in ("_rep", "_rep_at") else 1
+        if attribute == "_free_column":
+            fresh._free = column.tolist()
+            continue
+        if len(column) != slots * width:
+            raise SnapshotError(f"column {name!r} has {len(column)} items for {slots} slots")
+        setattr(fresh, attribute, column)
+    fresh._names = bytearray(sections[b"name"])
+    fresh._strings = [str(x) for x in s["strings"]]
+    fresh._string_id = {text: i for i, text in enumerate(fresh._strings)}
+    fresh._metas = [{str(k): str(v) for k, v in pairs} for pairs in s["metas"]]
+    fresh._meta_id = {tuple(m.items()): i for i, m in enumerate(fresh._metas)}
+    fresh._locations = [(str(n), str(v)) for n, v in s["locations"]]
+    fresh._location_id = {loc: i for i, loc in enumerate(fresh._locations) if i}
+    _check_indexes(fresh, slots)
+    fresh._rep_more = {int(slot): [int(x) for x in more] for slot, more in s["rep_more"]}
+    fresh._damaged = {
+        bytes(cid): {(n, v): frozenset(bytes(b) for b in blocks) for n, v, blocks in per}
+        for cid, per in s["damaged"]
+    }
+    for task_id, kind, node, root, volume, at in s["tasks"]:
+        task = TaskInFlight(task_id, kind, node, bytes(root), volume, float(at))
+        fresh._tasks[task_id] = task
+        fresh._tasks_by_cid.setdefault(task.root, set()).add(task_id)
+    fresh._failures = {
+        bytes(cid): {_key(k, n, v): int(c) for k, n, v, c in per} for cid, per in s["failures"]
+    }
+    fresh._last_failure = {
+        bytes(cid): {
+            _key(k, n, v): LastFailure(float(at), bool(perm), str(why))
+            for k, n, v, at, perm, why in per
+        }
+        for cid, per in s["last_failure"]
+    }
+    fresh._inventories = {
+        (str(n), str(v)): InventoryDigest.from_body(body) for n, v, body in s["inventories"]
+    }
+    fresh._deleted = {bytes(cid): ObjectDeleted.from_body(body) for cid, body in s["deleted"]}
+    counters = s["counters"]
+    fresh.last_sequence = int(counters["last_sequence"])
+    fresh.applied = int(counters["applied"])
+    fresh.rejected = int(counters["rejected"])
+    fresh.replayed = int(counters["replayed"])
+    fresh.total_size = int(counters["total_size"])
+    fresh.rejections = {str(k): int(v) for k, v in s["rejections"].items()}
+    return fresh
+
+
+def _key(kind: str, node: str, volume: str | None) -> FailureKey:
+    return (str(kind), str(node), None if volume is None else str(volume))
+
+
+def _check_indexes(fresh: Projection, slots: int) -> None:
+    """Every id in the columns points into its table, and every name into the blob."""
+    checks = (
+        ("owner", fresh._owner, len(fresh._strings)),
+        ("metadata", fresh._meta, len(fresh._metas)),
+        ("location", fresh._rep, len(fresh._locations)),
+    )
+    for what, column, limit in checks:
+        if len(column) and int(np.frombuffer(column, dtype=column.typecode).max()) >= limit:
+            raise SnapshotError(f"a {what} id points past its table")
+    if slots:
+        at = np.frombuffer(fresh._name_at, dtype=np.int64)
+        length = np.frombuffer(fresh._name_len, dtype=np.uint32).astype(np.int64)
+        named = at >= 0
+        if bool(np.any(at[named] + length[named] > len(fresh._names))):
+            raise SnapshotError("a name points past the names blob")
+    if any(not 0 <= s < slots for s in fresh._free):
+        raise SnapshotError("a free slot is out of range")
