@@ -32,7 +32,7 @@ from cim_place.cluster.events.types import (
     inventory_digest,
 )
 from cim_place.cluster.tasks.queue import Task
-from cim_place.objectstore.cid import RAW, Cid, make_cid
+from cim_place.objectstore.cid import RAW, make_cid
 
 CIDS = [make_cid(RAW, f"object {i}".encode()) for i in range(12)]
 NODES = ["n1", "n2", "n3", "n4", "n5"]
@@ -41,8 +41,21 @@ VOLUMES = ["v1", "v2"]
 # One step of a history: (what, cid index, node index, volume index, a small number, a flag).
 _step = st.tuples(
     st.sampled_from(
-        ["store", "store", "store", "remove", "damage", "task", "done", "fail", "digest", "delete"]
-        + ["forget", "redeliver", "reject"]
+        [
+            "store",
+            "store",
+            "store",
+            "remove",
+            "damage",
+            "task",
+            "done",
+            "fail",
+            "digest",
+            "delete",
+            "forget",
+            "redeliver",
+            "reject",
+        ]
     ),
     st.integers(0, len(CIDS) - 1),
     st.integers(0, len(NODES) - 1),
