@@ -22,6 +22,7 @@ before it touches the projection: a snapshot that fails any check raises
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import struct
 import sys
@@ -89,6 +90,7 @@ class Taken:
 
     sequence: int
     sections: list[tuple[bytes, bytes]]
+    cids: list[bytes | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +124,14 @@ def header_of(data: bytes | bytearray | memoryview) -> Header:
 # -- the CID table ---------------------------------------------------------------------------------
 
 
-def _encode_cids(projection: Projection) -> list[tuple[bytes, bytes]]:
+def _copy_cids(projection: Projection) -> list[bytes | None]:
+    """A copy of the CID table, cheap enough for the event loop (the CIDs themselves are
+    immutable: a shallow copy of the list is a snapshot of it)."""
+    return list(projection._cid_at)
+
+
+def _encode_cids(cid_at: list[bytes | None]) -> list[tuple[bytes, bytes]]:
     """The CID of every slot (empty for a free slot): u16 lengths and one blob."""
-    cid_at = projection._cid_at
     lengths = array("H", [0 if cid is None else len(cid) for cid in cid_at])
     blob = b"".join(cid for cid in cid_at if cid is not None)
     return [(b"cidl", lengths.tobytes()), (b"cidb", blob)]
@@ -158,15 +165,15 @@ def take(projection: Projection) -> Taken:
         column = array("q", p._free) if attribute == "_free_column" else getattr(p, attribute)
         sections.append((name, column.tobytes()))
     sections.append((b"name", bytes(p._names)))
-    sections.extend(_encode_cids(p))
     sections.append((b"sprs", dagcbor.encode(_sparse(p))))
-    return Taken(p.last_sequence, sections)
+    return Taken(p.last_sequence, sections, _copy_cids(p))
 
 
 def seal(taken: Taken, *, compress: bool = True) -> Sealed:
     """The snapshot bytes of ``taken`` (compression and hashing: run it in a thread)."""
     parts: list[bytes] = []
-    for name, data in taken.sections:
+    sections = [*taken.sections, *_encode_cids(taken.cids)]
+    for name, data in sections:
         parts.append(_SECTION.pack(name, len(data)))
         parts.append(data)
     payload = b"".join(parts)
@@ -180,7 +187,7 @@ def seal(taken: Taken, *, compress: bool = True) -> Sealed:
         len(payload),
         hashlib.sha256(payload).digest(),
     )
-    objects = len(dict(taken.sections)[b"cidl"]) // 2 - len(dict(taken.sections)[b"free"]) // 8
+    objects = len(taken.cids) - taken.cids.count(None)
     return Sealed(taken.sequence, header + payload, objects)
 
 
@@ -283,6 +290,10 @@ def load(data: bytes | bytearray | memoryview) -> Projection:
         raise SnapshotError(f"truncated: {len(payload)} payload bytes of {header.length}")
     if hashlib.sha256(payload).digest() != header.checksum:
         raise SnapshotError("checksum mismatch (corrupt)")
+    # A million new CID objects would trigger several full collections on the way: none of them
+    # can be garbage yet.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         raw = zlib.decompress(payload) if header.flags & _COMPRESSED else bytes(payload)
         sections = _sections(raw)
@@ -301,6 +312,9 @@ def load(data: bytes | bytearray | memoryview) -> Projection:
         raise SnapshotError(
             f"unreadable despite a good checksum: {type(exc).__name__}: {exc}"
         ) from None
+    finally:
+        if collecting:
+            gc.enable()
     if fresh.last_sequence != header.sequence:
         raise SnapshotError("the header's sequence disagrees with the payload's")
     return fresh
