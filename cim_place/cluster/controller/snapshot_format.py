@@ -51,10 +51,13 @@ __all__ = [
     "Sealed",
     "SnapshotError",
     "Taken",
+    "adopt",
     "header_of",
+    "load",
     "restore",
     "seal",
     "take",
+    "verify",
 ]
 
 MAGIC = b"CIMPSNAP"
@@ -273,13 +276,18 @@ def restore(projection: Projection, data: bytes | bytearray | memoryview) -> int
     All or nothing: every check runs on a fresh projection first; SnapshotError on any failure.
     """
     fresh = load(data)
-    for attribute in _RESTORED:
-        setattr(projection, attribute, getattr(fresh, attribute))
+    adopt(projection, fresh)
     return fresh.last_sequence
 
 
-def load(data: bytes | bytearray | memoryview) -> Projection:
-    """A new projection from the snapshot ``data``; SnapshotError if it is not a valid one."""
+def adopt(projection: Projection, fresh: Projection) -> None:
+    """Move what a snapshot holds from ``fresh`` (see :func:`load`) into ``projection``."""
+    for attribute in _RESTORED:
+        setattr(projection, attribute, getattr(fresh, attribute))
+
+
+def verify(data: bytes | bytearray | memoryview) -> Header:
+    """The header of the snapshot ``data`` once its version, length and checksum are right."""
     header = header_of(data)
     if header.version != FORMAT_VERSION:
         raise SnapshotError(
@@ -290,6 +298,13 @@ def load(data: bytes | bytearray | memoryview) -> Projection:
         raise SnapshotError(f"truncated: {len(payload)} payload bytes of {header.length}")
     if hashlib.sha256(payload).digest() != header.checksum:
         raise SnapshotError("checksum mismatch (corrupt)")
+    return header
+
+
+def load(data: bytes | bytearray | memoryview) -> Projection:
+    """A new projection from the snapshot ``data``; SnapshotError if it is not a valid one."""
+    header = verify(data)
+    payload = memoryview(data)[HEADER_SIZE:]
     # A million new CID objects would trigger several full collections on the way: none of them
     # can be garbage yet.
     collecting = gc.isenabled()
