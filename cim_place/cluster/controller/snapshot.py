@@ -67,6 +67,8 @@ _PREFIX = "projection-"
 _CHUNK = 512 << 10
 """Object store chunk: fewer messages than nats-py's 128 KiB, under the 1 MiB max payload."""
 _CHECK_EVERY = 1.0
+_RETRY = 60.0
+"""Seconds before trying again after a snapshot failed to write."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,8 +266,12 @@ class Snapshots:
                 if self.retention.bounded:
                     await self.purge()
             except (CimPlaceError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-                _log.warning("snapshot not written: %s; trying again", exc or type(exc).__name__)
-                self._written_at = time.monotonic()  # not at once again
+                _log.warning(
+                    "snapshot not written: %s; trying again in %.0f s",
+                    exc or type(exc).__name__,
+                    _RETRY,
+                )
+                await asyncio.sleep(_RETRY)
 
     async def write(self) -> Written:
         """Write a snapshot of the projection now, verify it, keep the newest ``kept``."""
@@ -346,13 +352,15 @@ class Snapshots:
             count = math.ceil((state.bytes - self.retention.max_bytes) / average)
             allowed = state.first_seq + count - 1
         if self.retention.max_age:
-            allowed = max(allowed, await self._older_than(now - self.retention.max_age, state))
+            cutoff = now - self.retention.max_age
+            allowed = max(
+                allowed, await self.stored_before(cutoff, state.first_seq, state.last_seq)
+            )
         return min(allowed, state.last_seq)
 
-    async def _older_than(self, cutoff: float, state: object) -> int:
-        """The last sequence stored before ``cutoff`` (a binary search on stored times)."""
-        low: int = state.first_seq  # type: ignore[attr-defined]
-        high: int = state.last_seq  # type: ignore[attr-defined]
+    async def stored_before(self, cutoff: float, low: int, high: int) -> int:
+        """The last sequence in ``low..high`` stored before ``cutoff`` (``low - 1``: none); a
+        binary search on stored times (about 24 reads at 10M events)."""
         found = low - 1
         while low <= high:
             middle = (low + high) // 2

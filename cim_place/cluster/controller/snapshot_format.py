@@ -140,10 +140,10 @@ def _encode_cids(cid_at: list[bytes | None]) -> list[tuple[bytes, bytes]]:
     return [(b"cidl", lengths.tobytes()), (b"cidb", blob)]
 
 
-def _decode_cids(sections: dict[bytes, bytes], fresh: Projection) -> None:
+def _decode_cids(sections: dict[bytes, memoryview], fresh: Projection) -> None:
     """Fill ``fresh``'s CID table from :func:`_encode_cids`' sections."""
     lengths = _column(sections, b"cidl", "H")
-    blob = sections[b"cidb"]
+    blob = bytes(sections[b"cidb"])
     if sum(lengths) != len(blob):
         raise SnapshotError("the CID table does not add up")
     ends = list(accumulate(lengths))
@@ -174,14 +174,16 @@ def take(projection: Projection) -> Taken:
 
 def seal(taken: Taken, *, compress: bool = True) -> Sealed:
     """The snapshot bytes of ``taken`` (compression and hashing: run it in a thread)."""
+    # Section by section, so that the uncompressed payload never exists whole in memory.
+    packer = zlib.compressobj(1) if compress else None
     parts: list[bytes] = []
-    sections = [*taken.sections, *_encode_cids(taken.cids)]
-    for name, data in sections:
-        parts.append(_SECTION.pack(name, len(data)))
-        parts.append(data)
+    for name, data in [*taken.sections, *_encode_cids(taken.cids)]:
+        for piece in (_SECTION.pack(name, len(data)), data):
+            parts.append(piece if packer is None else packer.compress(piece))
+    if packer is not None:
+        parts.append(packer.flush())
     payload = b"".join(parts)
-    if compress:
-        payload = zlib.compress(payload, 1)
+    del parts
     header = _HEADER.pack(
         MAGIC,
         FORMAT_VERSION,
@@ -335,8 +337,9 @@ def load(data: bytes | bytearray | memoryview) -> Projection:
     return fresh
 
 
-def _sections(raw: bytes) -> dict[bytes, bytes]:
-    sections: dict[bytes, bytes] = {}
+def _sections(raw: bytes) -> dict[bytes, memoryview]:
+    # Views into ``raw``, not copies: the columns are copied once, into their arrays.
+    sections: dict[bytes, memoryview] = {}
     view = memoryview(raw)
     at = 0
     while at < len(raw):
@@ -346,7 +349,7 @@ def _sections(raw: bytes) -> dict[bytes, bytes]:
         at += _SECTION.size
         if at + length > len(raw):
             raise SnapshotError(f"section {name!r} truncated")
-        sections[name] = view[at : at + length].tobytes()
+        sections[name] = view[at : at + length]
         at += length
     missing = {*_COLUMNS, b"name", b"cidl", b"cidb", b"sprs"} - set(sections)
     if missing:
@@ -354,7 +357,7 @@ def _sections(raw: bytes) -> dict[bytes, bytes]:
     return sections
 
 
-def _column(sections: dict[bytes, bytes], name: bytes, typecode: str) -> array[Any]:
+def _column(sections: dict[bytes, memoryview], name: bytes, typecode: str) -> array[Any]:
     column = array(typecode)
     data = sections[name]
     if len(data) % column.itemsize:
@@ -363,7 +366,7 @@ def _column(sections: dict[bytes, bytes], name: bytes, typecode: str) -> array[A
     return column
 
 
-def _build(sections: dict[bytes, bytes]) -> Projection:
+def _build(sections: dict[bytes, memoryview]) -> Projection:
     sparse = dagcbor.decode(sections[b"sprs"])
     if not isinstance(sparse, dict):
         raise SnapshotError("the sparse section is not a map")

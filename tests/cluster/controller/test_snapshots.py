@@ -266,3 +266,22 @@ async def test_without_limits_nothing_is_purged(hub1: Hub, js: JetStreamContext)
         assert (await js.stream_info(EVENTS_STREAM)).state.first_seq == 1
     finally:
         await first.stop()
+
+
+async def test_the_age_limit_finds_the_last_event_stored_before_a_time(
+    hub1: Hub, js: JetStreamContext
+) -> None:
+    last = await publish(js, 40)
+    first = await started(hub1, "ctl-a")
+    try:
+        assert first.snapshots is not None
+        stored = [(await js.get_msg(EVENTS_STREAM, seq)).time for seq in range(1, last + 1)]
+        for seq in (1, 17, last):
+            at = stored[seq - 1]
+            assert at is not None
+            # Events stored at the same instant as `seq` are not before it.
+            expected = max((s for s in range(1, last + 1) if stored[s - 1] < at), default=0)
+            assert await first.snapshots.stored_before(at.timestamp(), 1, last) == expected
+        assert await first.snapshots.stored_before(10**10, 1, last) == last
+    finally:
+        await first.stop()
