@@ -148,6 +148,8 @@ class Snapshots:
         self._written_at = time.monotonic()
         self.restored = 0
         """Sequence of the snapshot this controller started from (0: a full replay)."""
+        self.load_seconds = 0.0
+        """Seconds :meth:`load` took (listing, reading, checking and restoring)."""
         self.written: list[Written] = []
         self.purged_to = 0
         """Highest sequence this controller purged (0: none)."""
@@ -194,6 +196,7 @@ class Snapshots:
 
         Call before the event feed starts; it must start after the returned sequence.
         """
+        began = time.perf_counter()
         try:
             listed = await self.listed()
             last = (await self.js.stream_info(EVENTS_STREAM)).state
@@ -238,6 +241,7 @@ class Snapshots:
                 sequence + 1,
             )
             self.restored = sequence
+            self.load_seconds = time.perf_counter() - began
             return sequence
         if listed:
             _log.warning("no valid snapshot among %d: full replay", len(listed))
