@@ -10,10 +10,12 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 from nats.js import JetStreamContext
 
+from cim_place.cluster.controller.inventory import InventoryCheck
 from cim_place.cluster.controller.projection import Projection
 from cim_place.cluster.controller.service import Controller, ControllerConfig
 from cim_place.cluster.controller.snapshot import SNAPSHOT_BUCKET, purge_bound
@@ -29,8 +31,9 @@ from cim_place.cluster.events.types import (
 )
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import EVENTS_STREAM, Subjects
+from cim_place.local.servers import Hub
 from cim_place.objectstore.cid import RAW, make_cid
-from cim_place.testing import Hub, until
+from cim_place.testing import until
 
 SUBJECTS = Subjects()
 NODES = ["n1", "n2", "n3", "n4"]
@@ -54,8 +57,6 @@ def config(hub: Hub, identity: str, **changes: object) -> ControllerConfig:
         snapshot_every_events=10**9,  # the tests write snapshots when they choose
         snapshot_every=10**6,
     )
-    from dataclasses import replace
-
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -275,13 +276,33 @@ async def test_the_age_limit_finds_the_last_event_stored_before_a_time(
     first = await started(hub1, "ctl-a")
     try:
         assert first.snapshots is not None
-        stored = [(await js.get_msg(EVENTS_STREAM, seq)).time for seq in range(1, last + 1)]
-        for seq in (1, 17, last):
-            at = stored[seq - 1]
+        stored = []
+        for seq in range(1, last + 1):
+            at = (await js.get_msg(EVENTS_STREAM, seq)).time
             assert at is not None
+            stored.append(at.timestamp())
+        for seq in (1, 17, last):
+            cutoff = stored[seq - 1]
             # Events stored at the same instant as `seq` are not before it.
-            expected = max((s for s in range(1, last + 1) if stored[s - 1] < at), default=0)
-            assert await first.snapshots.stored_before(at.timestamp(), 1, last) == expected
+            expected = max((s for s in range(1, last + 1) if stored[s - 1] < cutoff), default=0)
+            assert await first.snapshots.stored_before(cutoff, 1, last) == expected
         assert await first.snapshots.stored_before(10**10, 1, last) == last
     finally:
         await first.stop()
+
+
+async def test_replicas_disproved_after_the_snapshot_are_dropped_again(hub1: Hub) -> None:
+    # A snapshot taken before an inventory check still holds the replica the check disproved;
+    # one taken after it, a replica stored again since (which the tail does not repeat).
+    a, b = make_cid(RAW, b"a"), make_cid(RAW, b"b")
+    projection = Projection()
+    for sequence, cid in enumerate((a, b), start=1):
+        event = ObjectStored(root=cid, size=1, blocks=1, volume="v1", owner="o")
+        envelope = event_envelope(event, owner="n1").with_sequence(sequence)
+        projection.apply_event(envelope, node="n1", at=1.0)
+    async with connected(hub1.url) as nc:
+        check = InventoryCheck(nc, jetstream(nc, "hub"), projection, lambda cids: None)
+        check._disproved[("n1", "v1")] = {a: 2, b: 1}  # as read from KV cim-place-inventory
+        assert check.forget_disproved(2) == 1
+    assert projection.replicas(a) == frozenset()
+    assert projection.replicas(b) == {("n1", "v1")}
