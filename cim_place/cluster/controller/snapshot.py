@@ -42,7 +42,6 @@ from nats.js.object_store import ObjectStore
 
 from cim_place.cluster.controller.projection import Projection
 from cim_place.cluster.controller.snapshot_format import (
-    SnapshotError,
     adopt,
     load,
     seal,
@@ -50,7 +49,6 @@ from cim_place.cluster.controller.snapshot_format import (
     verify,
 )
 from cim_place.cluster.nats.subjects import EVENTS_STREAM
-from cim_place.errors import CimPlaceError
 
 __all__ = [
     "SNAPSHOT_BUCKET",
@@ -200,7 +198,8 @@ class Snapshots:
         try:
             listed = await self.listed()
             last = (await self.js.stream_info(EVENTS_STREAM)).state
-        except (nats.errors.Error, CimPlaceError) as exc:
+        except Exception as exc:
+            # A start never fails because of snapshots: replaying everything is always correct.
             _log.warning("snapshots not read (%s): full replay", exc or type(exc).__name__)
             return 0
         if listed:
@@ -217,7 +216,9 @@ class Snapshots:
             try:
                 data = await self.read(name)
                 loaded = await asyncio.to_thread(load, data)
-            except (SnapshotError, nats.errors.Error, nats.js.errors.Error) as exc:
+            except Exception as exc:
+                # Whatever the reason (corrupt, truncated, another format, a read that failed,
+                # pruned meanwhile), an older snapshot or the full replay is as correct.
                 _log.warning("snapshot %s skipped: %s", name, exc or type(exc).__name__)
                 continue
             adopt(self.projection, loaded)
@@ -267,9 +268,10 @@ class Snapshots:
                 continue
             try:
                 await self.write()
-                if self.retention.bounded:
+                if self.retention.bounded and leading():
                     await self.purge()
-            except (CimPlaceError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+            except Exception as exc:
+                # A failed snapshot (or a bug in one) costs a retry, never the controller.
                 _log.warning(
                     "snapshot not written: %s; trying again in %.0f s",
                     exc or type(exc).__name__,
@@ -292,7 +294,12 @@ class Snapshots:
         )
         await store.put(name, sealed.data, meta=meta)
         # A snapshot counts once read back whole: what a restart will read.
-        await asyncio.to_thread(verify, await self.read(name))
+        try:
+            await asyncio.to_thread(verify, await self.read(name))
+        except Exception:
+            with contextlib.suppress(Exception):
+                await store.delete(name)
+            raise
         written = Written(
             name,
             sealed.sequence,
