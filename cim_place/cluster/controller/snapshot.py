@@ -19,8 +19,9 @@ This module owns the object store bucket ``cim-place-snapshots`` and the purge o
    sequence of the *oldest* snapshot kept (so that falling back to any kept snapshot still finds
    its tail). Stream limits are never used: they would drop events no snapshot covers yet.
 
-nats-py's ``ObjectStore.get`` concatenates chunk after chunk (quadratic on a large object):
-chunks are collected in a list here and joined once.
+nats-py's ``ObjectStore.get`` concatenates chunk after chunk (quadratic on a large object) and
+pays an ordered consumer and an executor call per chunk: snapshots are read with
+:func:`cim_place.cluster.nats.objects.read_object` instead.
 """
 
 from __future__ import annotations
@@ -36,7 +37,12 @@ from typing import Protocol
 
 import nats.errors
 import nats.js.errors
-from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
+from nats.js.api import (
+    ObjectMeta,
+    ObjectMetaOptions,
+    ObjectStoreConfig,
+    StorageType,
+)
 from nats.js.client import JetStreamContext
 from nats.js.object_store import ObjectStore
 
@@ -48,6 +54,7 @@ from cim_place.cluster.controller.snapshot_format import (
     take,
     verify,
 )
+from cim_place.cluster.nats.objects import read_object
 from cim_place.cluster.nats.subjects import EVENTS_STREAM
 
 __all__ = [
@@ -112,17 +119,6 @@ def _sequence_of(name: str) -> int | None:
     return int(digits) if name.startswith(_PREFIX) and digits.isdigit() else None
 
 
-class _Sink:
-    """Collects an object's chunks (``writeinto`` of ``ObjectStore.get``): joined once."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def write(self, data: bytes) -> int:
-        self.parts.append(bytes(data))
-        return len(data)
-
-
 class Snapshots:
     """Writes, loads and prunes snapshots of ``projection``, and purges what they cover."""
 
@@ -182,10 +178,8 @@ class Snapshots:
         return sorted(found, reverse=True)
 
     async def read(self, name: str) -> bytes:
-        store = await self.open()
-        sink = _Sink()
-        await store.get(name, writeinto=sink)  # type: ignore[arg-type]
-        return b"".join(sink.parts)
+        """The snapshot ``name`` whole (TransportError if it cannot be read whole)."""
+        return await read_object(self.js, await self.open(), SNAPSHOT_BUCKET, name)
 
     # -- loading ---------------------------------------------------------------------------------
 
