@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cim_place.cluster.controller.projection import Projection
+from cim_place.cluster.controller.snapshot import SnapshotPolicy, Snapshots
 from cim_place.cluster.controller.snapshot_format import (
     FORMAT_VERSION,
     HEADER_SIZE,
@@ -253,3 +255,18 @@ def test_the_header_says_the_sequence() -> None:
     header = header_of(data)
     assert header.sequence == 8 and header.version == FORMAT_VERSION
     assert header.length == len(data) - HEADER_SIZE
+
+
+def test_a_snapshot_is_due_after_enough_events_or_time_with_new_events() -> None:
+    projection = Projection()
+    policy = SnapshotPolicy(every_events=10, every_seconds=60.0, kept=3)
+    snapshots = Snapshots(None, projection, policy=policy)  # type: ignore[arg-type]  # no I/O here
+    start = time.monotonic()
+    assert not snapshots.due(start + 3600)  # nothing applied: nothing to write
+    projection.last_sequence = 5
+    assert not snapshots.due(start)
+    assert snapshots.due(start + 61)
+    projection.last_sequence = 10
+    assert snapshots.due(start)
+    snapshots.last_written = 10
+    assert not snapshots.due(start + 3600)
