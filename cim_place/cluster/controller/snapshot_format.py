@@ -234,40 +234,13 @@ def _sparse(p: Projection) -> dict[str, Value]:
 
 # -- import ----------------------------------------------------------------------------------------
 
+# One word per attribute (a list literal would take a line each).
 _RESTORED = [
-    "_slot",
-    "_cid_at",
-    "_free",
-    "_size",
-    "_first_seen",
-    "_sequence",
-    "_owner",
-    "_meta",
-    "_names",
-    "_name_at",
-    "_name_len",
-    "_rep",
-    "_rep_more",
-    "_rep_at",
-    "_damaged",
-    "_strings",
-    "_string_id",
-    "_metas",
-    "_meta_id",
-    "_locations",
-    "_location_id",
-    "_tasks",
-    "_tasks_by_cid",
-    "_failures",
-    "_last_failure",
-    "_inventories",
-    "_deleted",
-    "last_sequence",
-    "applied",
-    "total_size",
-    "rejected",
-    "rejections",
-    "replayed",
+    *(attribute for attribute, _ in _COLUMNS.values() if attribute != "_free_column"),
+    *"_slot _cid_at _free _names _rep_more _damaged _strings".split(),  # noqa: SIM905
+    *"_string_id _metas _meta_id _locations _location_id _tasks".split(),  # noqa: SIM905
+    *"_tasks_by_cid _failures _last_failure _inventories _deleted".split(),  # noqa: SIM905
+    *"last_sequence applied total_size rejected rejections replayed".split(),  # noqa: SIM905
 ]
 """The projection attributes a snapshot replaces (nodes, drains and policies stay)."""
 
