@@ -63,23 +63,27 @@ __all__ = [
 MAGIC = b"CIMPSNAP"
 FORMAT_VERSION = 1
 """Bumped whenever the layout changes; a snapshot of another version is refused (full replay)."""
+_TYPECODES = "bBhHiIlLqQfd"
+"""Array typecodes a column may have (integers and floats)."""
 _HEADER = struct.Struct("<8sIIQQ32s")
 HEADER_SIZE = _HEADER.size
 _SECTION = struct.Struct("<4sQ")
 _COMPRESSED = 1
 
-# Column sections: name -> (projection attribute, array typecode).
-_COLUMNS: dict[bytes, tuple[str, str]] = {
-    b"size": ("_size", "q"),
-    b"fsen": ("_first_seen", "d"),
-    b"sequ": ("_sequence", "q"),
-    b"ownr": ("_owner", "I"),
-    b"meta": ("_meta", "I"),
-    b"nmat": ("_name_at", "q"),
-    b"nmln": ("_name_len", "I"),
-    b"rep_": ("_rep", "H"),
-    b"repa": ("_rep_at", "d"),
-    b"free": ("_free_column", "q"),
+# Column sections: name -> projection attribute. Each column travels with its own array typecode
+# (recorded in the sparse map), so a column the projection widens or narrows needs no new
+# format version; a column whose *meaning* changes does.
+_COLUMNS: dict[bytes, str] = {
+    b"size": "_size",
+    b"fsen": "_first_seen",
+    b"sequ": "_sequence",
+    b"ownr": "_owner",
+    b"meta": "_meta",
+    b"nmat": "_name_at",
+    b"nmln": "_name_len",
+    b"rep_": "_rep",
+    b"repa": "_rep_at",
+    b"free": "_free_column",
 }
 
 
@@ -164,11 +168,13 @@ def take(projection: Projection) -> Taken:
     """Copy what a snapshot holds (on the event loop: about 0.1 s at a million objects)."""
     p = projection
     sections: list[tuple[bytes, bytes]] = []
-    for name, (attribute, _) in _COLUMNS.items():
+    typecodes: dict[str, Value] = {}
+    for name, attribute in _COLUMNS.items():
         column = array("q", p._free) if attribute == "_free_column" else getattr(p, attribute)
         sections.append((name, column.tobytes()))
+        typecodes[name.decode()] = column.typecode
     sections.append((b"name", bytes(p._names)))
-    sections.append((b"sprs", dagcbor.encode(_sparse(p))))
+    sections.append((b"sprs", dagcbor.encode(_sparse(p, typecodes))))
     return Taken(p.last_sequence, sections, _copy_cids(p))
 
 
@@ -196,10 +202,11 @@ def seal(taken: Taken, *, compress: bool = True) -> Sealed:
     return Sealed(taken.sequence, header + payload, objects)
 
 
-def _sparse(p: Projection) -> dict[str, Value]:
+def _sparse(p: Projection, typecodes: dict[str, Value]) -> dict[str, Value]:
     return {
         "byteorder": sys.byteorder,
-        "itemsizes": {t: array(t).itemsize for _, t in _COLUMNS.values()},
+        "typecodes": typecodes,
+        "itemsizes": {t: array(t).itemsize for t in _TYPECODES},
         "strings": list(p._strings),
         "metas": [[[k, v] for k, v in meta.items()] for meta in p._metas],
         "locations": [[n, v] for n, v in p._locations],
@@ -236,7 +243,7 @@ def _sparse(p: Projection) -> dict[str, Value]:
 
 # One word per attribute (a list literal would take a line each).
 _RESTORED = [
-    *(attribute for attribute, _ in _COLUMNS.values() if attribute != "_free_column"),
+    *(attribute for attribute in _COLUMNS.values() if attribute != "_free_column"),
     *"_slot _cid_at _free _names _rep_more _damaged _strings".split(),  # noqa: SIM905
     *"_string_id _metas _meta_id _locations _location_id _tasks".split(),  # noqa: SIM905
     *"_tasks_by_cid _failures _last_failure _inventories _deleted".split(),  # noqa: SIM905
@@ -344,16 +351,16 @@ def _build(sections: dict[bytes, memoryview]) -> Projection:
     if not isinstance(sparse, dict):
         raise SnapshotError("the sparse section is not a map")
     s: dict[str, Any] = sparse
-    itemsizes = s["itemsizes"]
-    for _, typecode in _COLUMNS.values():
-        if itemsizes.get(typecode) != array(typecode).itemsize:
+    itemsizes, typecodes = s["itemsizes"], s["typecodes"]
+    for typecode in typecodes.values():
+        if typecode not in _TYPECODES or itemsizes.get(typecode) != array(typecode).itemsize:
             raise SnapshotError(f"written with another item size for {typecode!r}")
     fresh = Projection()
     _decode_cids(sections, fresh)
     slots = len(fresh._cid_at)
     swap = s["byteorder"] != sys.byteorder
-    for name, (attribute, typecode) in _COLUMNS.items():
-        column = _column(sections, name, typecode)
+    for name, attribute in _COLUMNS.items():
+        column = _column(sections, name, typecodes[name.decode()])
         if swap:
             column.byteswap()
         width = _WIDTH if attribute in ("_rep", "_rep_at") else 1
@@ -419,8 +426,8 @@ def _check_indexes(fresh: Projection, slots: int) -> None:
         if len(column) and int(np.frombuffer(column, dtype=column.typecode).max()) >= limit:
             raise SnapshotError(f"a {what} id points past its table")
     if slots:
-        at = np.frombuffer(fresh._name_at, dtype=np.int64)
-        length = np.frombuffer(fresh._name_len, dtype=np.uint32).astype(np.int64)
+        at = np.frombuffer(fresh._name_at, dtype=fresh._name_at.typecode).astype(np.int64)
+        length = np.frombuffer(fresh._name_len, dtype=fresh._name_len.typecode).astype(np.int64)
         named = at >= 0
         if bool(np.any(at[named] + length[named] > len(fresh._names))):
             raise SnapshotError("a name points past the names blob")
