@@ -306,3 +306,27 @@ async def test_replicas_disproved_after_the_snapshot_are_dropped_again(hub1: Hub
         assert check.forget_disproved(2) == 1
     assert projection.replicas(a) == frozenset()
     assert projection.replicas(b) == {("n1", "v1")}
+
+
+async def test_snapshots_on_a_clustered_hub(hub: Hub) -> None:
+    # Three servers: the bucket and the event store are replicated, the readers are not.
+    async with connected(hub.urls) as nc:
+        js = jetstream(nc, "hub")
+        await ensure_event_store(js, replicas=3)
+        for node in NODES:
+            await ensure_outbox(js, node)
+            await attach_hub_outbox(js, node)
+        await publish(js, 120)
+        first = await started(hub, "ctl-a")
+        try:
+            assert first.snapshots is not None
+            written = await first.snapshots.write()
+            expected = readings(first.projection)
+        finally:
+            await first.stop()
+        second = await started(hub, "ctl-b")
+        try:
+            assert second.snapshots is not None and second.snapshots.restored == written.sequence
+            assert readings(second.projection) == expected
+        finally:
+            await second.stop()
