@@ -51,9 +51,9 @@ from cim_place.cluster.controller.projection import ObjectView, Projection
 from cim_place.cluster.controller.rejections import Rejections
 from cim_place.cluster.controller.removal import Removals, expire_name_versions
 from cim_place.cluster.controller.repairs import RepairSlots
+from cim_place.cluster.controller.snapshot import RetentionPolicy, SnapshotPolicy, Snapshots
 from cim_place.cluster.controller.status_api import StatusQueries
 from cim_place.cluster.controller.status_index import StatusIndex
-from cim_place.cluster.controller.snapshot import RetentionPolicy, SnapshotPolicy, Snapshots
 from cim_place.cluster.events.readers import EventFeed, StoredEvent
 from cim_place.cluster.events.store import ensure_event_store, hub_size, nudge_sources
 from cim_place.cluster.events.types import (

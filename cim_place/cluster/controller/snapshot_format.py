@@ -216,7 +216,8 @@ def _sparse(p: Projection, typecodes: dict[str, Value]) -> dict[str, Value]:
             for cid, per in p._damaged.items()
         ],
         "tasks": [
-            [t.id, t.kind, t.node, t.root, t.volume, t.enqueued_at] for t in p._tasks.values()
+            [t.id, t.kind, t.node, t.root, t.volume, t.enqueued_at, t.repair_policy]
+            for t in p._tasks.values()
         ],
         "failures": [
             [cid, [[k, n, v, count] for (k, n, v), count in per.items()]]
@@ -383,8 +384,8 @@ def _build(sections: dict[bytes, memoryview]) -> Projection:
         bytes(cid): {(n, v): frozenset(bytes(b) for b in blocks) for n, v, blocks in per}
         for cid, per in s["damaged"]
     }
-    for task_id, kind, node, root, volume, at in s["tasks"]:
-        task = TaskInFlight(task_id, kind, node, bytes(root), volume, float(at))
+    for task_id, kind, node, root, volume, at, repair_policy in s["tasks"]:
+        task = TaskInFlight(task_id, kind, node, bytes(root), volume, float(at), repair_policy)
         fresh._tasks[task_id] = task
         fresh._tasks_by_cid.setdefault(task.root, set()).add(task_id)
     fresh._failures = {

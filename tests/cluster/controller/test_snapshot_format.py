@@ -100,7 +100,7 @@ class History:
             task = Task.create("fetch", node, cid, generation=k, volume=volume)
             self.tasks.append(task)
             for p in projections:
-                p.task_enqueued(task, self.clock)
+                p.task_enqueued(task, self.clock, repair_policy="gold" if flag else None)
         elif what in ("done", "fail") and self.tasks:
             task = self.tasks[k % len(self.tasks)]
             if what == "done":
@@ -172,7 +172,7 @@ def readings(p: Projection) -> dict[str, object]:
         "on": [p.cids_on(n, v) for n in NODES for v in (*VOLUMES, None)],
         "on_nodes": p.cids_on_nodes(NODES[:2]),
         "tasks_for": [p.tasks_for(c) for c in CIDS],
-        "in_flight": sorted(t.id for t in p.in_flight()),
+        "in_flight": sorted(p.in_flight(), key=lambda t: t.id),
         "tasks_in_flight": p.tasks_in_flight,
         "failures": [p.failures(c) for c in CIDS],
         "generations": [p.generation(c, *key) for c in CIDS for key in keys],
