@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import io
 import struct
 import sys
 import zlib
 from array import array
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from cim_place.cluster.controller.cid_index import CidIndex, CidIndexError
 from cim_place.cluster.controller.projection import (
     _WIDTH,
     FailureKey,
@@ -83,7 +85,16 @@ _COLUMNS: dict[bytes, str] = {
     b"nmln": "_name_len",
     b"rep_": "_rep",
     b"repa": "_rep_at",
-    b"free": "_free_column",
+}
+# Sections of the CID index (cid_index.py, ``to_arrays``): name -> array.
+_CID_ARRAYS = {
+    b"cirs": "records",
+    b"cifr": "free",
+    b"cipb": "prefix_bytes",
+    b"cipl": "prefix_lengths",
+    b"ciss": "spill_slots",
+    b"cisl": "spill_lengths",
+    b"cisb": "spill_bytes",
 }
 
 
@@ -97,7 +108,8 @@ class Taken:
 
     sequence: int
     sections: list[tuple[bytes, bytes]]
-    cids: list[bytes | None]
+    cids: dict[str, npt.NDArray[np.generic]]
+    objects: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,34 +143,31 @@ def header_of(data: bytes | bytearray | memoryview) -> Header:
 # -- the CID table ---------------------------------------------------------------------------------
 
 
-def _copy_cids(projection: Projection) -> list[bytes | None]:
-    """A copy of the CID table, cheap enough for the event loop (the CIDs themselves are
-    immutable: a shallow copy of the list is a snapshot of it)."""
-    return list(projection._cid_at)
+def _copy_cids(projection: Projection) -> dict[str, npt.NDArray[np.generic]]:
+    """A copy of the CID index, cheap enough for the event loop (buffer copies)."""
+    return projection._index.to_arrays()
 
 
-def _encode_cids(cid_at: list[bytes | None]) -> list[tuple[bytes, bytes]]:
-    """The CID of every slot (empty for a free slot): u16 lengths and one blob."""
-    lengths = array("H", [0 if cid is None else len(cid) for cid in cid_at])
-    blob = b"".join(cid for cid in cid_at if cid is not None)
-    return [(b"cidl", lengths.tobytes()), (b"cidb", blob)]
+def _encode_cids(arrays: dict[str, npt.NDArray[np.generic]]) -> list[tuple[bytes, bytes]]:
+    """The CID index's arrays, each in the ``.npy`` format (dtype and shape, no pickle)."""
+    sections = []
+    for name, key in _CID_ARRAYS.items():
+        out = io.BytesIO()
+        np.lib.format.write_array(out, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+        sections.append((name, out.getvalue()))
+    return sections
 
 
 def _decode_cids(sections: dict[bytes, memoryview], fresh: Projection) -> None:
-    """Fill ``fresh``'s CID table from :func:`_encode_cids`' sections."""
-    lengths = _column(sections, b"cidl", "H")
-    blob = bytes(sections[b"cidb"])
-    if sum(lengths) != len(blob):
-        raise SnapshotError("the CID table does not add up")
-    ends = list(accumulate(lengths))
-    cid_at: list[bytes | None] = [
-        blob[end - n : end] if n else None for n, end in zip(lengths, ends, strict=True)
-    ]
-    slot = {cid: i for i, cid in enumerate(cid_at) if cid is not None}
-    if len(slot) != len(cid_at) - cid_at.count(None):
-        raise SnapshotError("a CID appears in two slots")
-    fresh._cid_at = cid_at
-    fresh._slot = slot
+    """Rebuild ``fresh``'s CID index from :func:`_encode_cids`' sections (checked whole)."""
+    arrays = {
+        key: np.lib.format.read_array(io.BytesIO(sections[name]), allow_pickle=False)
+        for name, key in _CID_ARRAYS.items()
+    }
+    try:
+        fresh._index = CidIndex.from_arrays(arrays)
+    except CidIndexError as exc:
+        raise SnapshotError(f"the CID index: {exc}") from None
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -170,12 +179,12 @@ def take(projection: Projection) -> Taken:
     sections: list[tuple[bytes, bytes]] = []
     typecodes: dict[str, Value] = {}
     for name, attribute in _COLUMNS.items():
-        column = array("q", p._free) if attribute == "_free_column" else getattr(p, attribute)
+        column = getattr(p, attribute)
         sections.append((name, column.tobytes()))
         typecodes[name.decode()] = column.typecode
     sections.append((b"name", bytes(p._names)))
     sections.append((b"sprs", dagcbor.encode(_sparse(p, typecodes))))
-    return Taken(p.last_sequence, sections, _copy_cids(p))
+    return Taken(p.last_sequence, sections, _copy_cids(p), len(p))
 
 
 def seal(taken: Taken, *, compress: bool = True) -> Sealed:
@@ -198,8 +207,7 @@ def seal(taken: Taken, *, compress: bool = True) -> Sealed:
         len(payload),
         hashlib.sha256(payload).digest(),
     )
-    objects = len(taken.cids) - taken.cids.count(None)
-    return Sealed(taken.sequence, header + payload, objects)
+    return Sealed(taken.sequence, header + payload, taken.objects)
 
 
 def _sparse(p: Projection, typecodes: dict[str, Value]) -> dict[str, Value]:
@@ -244,8 +252,8 @@ def _sparse(p: Projection, typecodes: dict[str, Value]) -> dict[str, Value]:
 
 # One word per attribute (a list literal would take a line each).
 _RESTORED = [
-    *(attribute for attribute in _COLUMNS.values() if attribute != "_free_column"),
-    *"_slot _cid_at _free _names _rep_more _damaged _strings".split(),  # noqa: SIM905
+    *_COLUMNS.values(),
+    *"_index _names _rep_more _damaged _strings".split(),  # noqa: SIM905
     *"_string_id _metas _meta_id _locations _location_id _tasks".split(),  # noqa: SIM905
     *"_tasks_by_cid _failures _last_failure _inventories _deleted".split(),  # noqa: SIM905
     *"last_sequence applied total_size rejected rejections replayed".split(),  # noqa: SIM905
@@ -288,8 +296,8 @@ def load(data: bytes | bytearray | memoryview) -> Projection:
     """A new projection from the snapshot ``data``; SnapshotError if it is not a valid one."""
     header = verify(data)
     payload = memoryview(data)[HEADER_SIZE:]
-    # A million new CID objects would trigger several full collections on the way: none of them
-    # can be garbage yet.
+    # Restoring allocates many objects (interned tables, sparse state) none of which can be
+    # garbage yet: no collection on the way.
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -332,7 +340,7 @@ def _sections(raw: bytes) -> dict[bytes, memoryview]:
             raise SnapshotError(f"section {name!r} truncated")
         sections[name] = view[at : at + length]
         at += length
-    missing = {*_COLUMNS, b"name", b"cidl", b"cidb", b"sprs"} - set(sections)
+    missing = {*_COLUMNS, *_CID_ARRAYS, b"name", b"sprs"} - set(sections)
     if missing:
         raise SnapshotError(f"sections missing: {sorted(missing)}")
     return sections
@@ -358,16 +366,13 @@ def _build(sections: dict[bytes, memoryview]) -> Projection:
             raise SnapshotError(f"written with another item size for {typecode!r}")
     fresh = Projection()
     _decode_cids(sections, fresh)
-    slots = len(fresh._cid_at)
+    slots = fresh._index.slots
     swap = s["byteorder"] != sys.byteorder
     for name, attribute in _COLUMNS.items():
         column = _column(sections, name, typecodes[name.decode()])
         if swap:
             column.byteswap()
         width = _WIDTH if attribute in ("_rep", "_rep_at") else 1
-        if attribute == "_free_column":
-            fresh._free = column.tolist()
-            continue
         if len(column) != slots * width:
             raise SnapshotError(f"column {name!r} has {len(column)} items for {slots} slots")
         setattr(fresh, attribute, column)
@@ -432,5 +437,3 @@ def _check_indexes(fresh: Projection, slots: int) -> None:
         named = at >= 0
         if bool(np.any(at[named] + length[named] > len(fresh._names))):
             raise SnapshotError("a name points past the names blob")
-    if any(not 0 <= s < slots for s in fresh._free):
-        raise SnapshotError("a free slot is out of range")
