@@ -15,6 +15,11 @@ Every key is optional; servers usually come from ``CIM_PLACE_SERVER`` (credentia
     max_tasks: 1024                 # tasks in flight in the whole domain
     rebalance_per_pass: 100
     metrics: 127.0.0.1:9470
+    snapshot_every_events: 100000   # the leader snapshots its projection this often ...
+    snapshot_every: 10m             # ... or this often (docs/SCALE.md, "Snapshots and retention")
+    snapshots_kept: 3
+    events_max_age: 30d             # purge events older than this once a snapshot covers them
+    events_max_bytes: 20GiB         # ... or beyond this size (default: keep every event)
 
 Problems are reported all at once with file:line:column, as for agent and policy files.
 """
@@ -35,13 +40,17 @@ _DURATIONS = {
     "full_pass": "full_pass_every",
     "late_after": "late_after",
     "down_after": "down_after",
+    "snapshot_every": "snapshot_every",
+    "events_max_age": "events_max_age",
 }
 _COUNTS = {
     "max_tasks_per_node": "max_tasks_per_node",
     "max_tasks": "max_tasks",
     "rebalance_per_pass": "rebalance_per_pass",
+    "snapshot_every_events": "snapshot_every_events",
+    "snapshots_kept": "snapshots_kept",
 }
-_SIZES = {"max_bytes_per_node": "max_bytes_per_node"}
+_SIZES = {"max_bytes_per_node": "max_bytes_per_node", "events_max_bytes": "events_max_bytes"}
 _TEXTS = {
     "creds": "creds",
     "hub_domain": "hub_domain",

@@ -115,6 +115,17 @@ class InventoryCheck:
         upto = self._disproved.get((stored.node, fields[3]), {}).get(fields[0])
         return upto is None or (stored.envelope.sequence or 0) > upto
 
+    def forget_disproved(self, after_sequence: int) -> int:
+        """Drop the replicas disproved at or after ``after_sequence`` from a projection just
+        restored from a snapshot of that sequence (the check may have come after the snapshot;
+        a replica stored again later has a higher sequence and comes with the tail)."""
+        dropped = 0
+        for (node, volume), roots in self._disproved.items():
+            for root, upto in roots.items():
+                if upto >= after_sequence and self.projection.drop_replica(root, node, volume):
+                    dropped += 1
+        return dropped
+
     def due(self, node: str, volume: str) -> None:
         """Check ``(node, volume)`` if its last digest disagrees with the projection."""
         if self.projection.drift(node, volume):

@@ -3,7 +3,8 @@
 The loop, level-triggered (a queued CID is a key, not an event):
 
 1. Every controller (leader or standby) keeps a projection of the domain warm: events from
-   ``CIM_PLACE_EVENTS`` (from the first one, on start), node heartbeats from KV
+   ``CIM_PLACE_EVENTS`` (on start, from the first one or after the newest valid snapshot:
+   :mod:`cim_place.cluster.controller.snapshot`), node heartbeats from KV
    ``cim-place-nodes``, drain flags from KV ``cim-place-drain`` and the applied policy set.
 2. Every change marks the CIDs it concerns as dirty. A liveness tick marks the CIDs of nodes that
    turned late or down; a periodic full pass (APScheduler) marks everything, expires tasks whose
@@ -50,6 +51,7 @@ from cim_place.cluster.controller.projection import ObjectView, Projection
 from cim_place.cluster.controller.rejections import Rejections
 from cim_place.cluster.controller.removal import Removals, expire_name_versions
 from cim_place.cluster.controller.repairs import RepairSlots
+from cim_place.cluster.controller.snapshot import RetentionPolicy, SnapshotPolicy, Snapshots
 from cim_place.cluster.controller.status_api import StatusQueries
 from cim_place.cluster.controller.status_index import StatusIndex
 from cim_place.cluster.events.readers import EventFeed, StoredEvent
@@ -138,6 +140,15 @@ class ControllerConfig:
     rebalance_per_pass: int = 100
     summary_every: float = 1.0
     metrics: str | None = None
+    snapshot_every_events: int = 100_000
+    """The leader snapshots its projection after this many events (controller/snapshot.py) ..."""
+    snapshot_every: float = 600.0
+    """... or after this many seconds with at least one new event."""
+    snapshots_kept: int = 3
+    events_max_age: float = 0.0
+    """Purge events older than this once a snapshot covers them (0: keep every event)."""
+    events_max_bytes: int = 0
+    """Purge the oldest events beyond this size once a snapshot covers them (0: no limit)."""
 
 
 class Controller:
@@ -173,6 +184,7 @@ class Controller:
         # Rows of `cim-place status --state/--node/--policy/--name`, written at each reconcile.
         self.status_index = StatusIndex()
         self.status_queries: StatusQueries | None = None
+        self.snapshots: Snapshots | None = None
         self._compiled: dict[str, CompiledPolicy] = {}
         # What an object gets while its policy is not compiled (none loaded yet, or it failed).
         self._fallback = compile_policy(BUILTIN_DEFAULT)
@@ -236,6 +248,17 @@ class Controller:
             nc, js, self.projection, self.mark, subjects=self.subjects, replicas=replicas
         )
         await self.inventory.open()
+        # Start from the newest valid snapshot, if any: the feed then replays only what follows.
+        self.snapshots = Snapshots(
+            js,
+            self.projection,
+            policy=SnapshotPolicy(
+                config.snapshot_every_events, config.snapshot_every, config.snapshots_kept
+            ),
+            retention=RetentionPolicy(config.events_max_age, config.events_max_bytes),
+            replicas=replicas,
+        )
+        await self.snapshots.load(self.inventory)
 
         # Read counts from the agents (docs/DEMAND.md); each report marks objects to decide.
         self.demand = DemandIntake(nc, self.subjects, self.demand_window)
@@ -266,6 +289,10 @@ class Controller:
             asyncio.create_task(
                 self.cached.sweep_loop(self.cached.sweep_every, self._relocate_consumers),
                 name="cim-place-controller-cached",
+            ),
+            asyncio.create_task(
+                self.snapshots.run(lambda: self._acting, self.caught_up),
+                name="cim-place-controller-snapshots",
             ),
         ]
         self._scheduler = AsyncIOScheduler()
@@ -352,6 +379,7 @@ class Controller:
         feed = EventFeed(
             self.js,
             self._apply_stored,
+            start_sequence=self.projection.last_sequence + 1,  # after the snapshot, if any
             # The event types the projection applies: application events share the store.
             filter_subject=[
                 # Tombstones only from the hub domain's token, which the leading controller

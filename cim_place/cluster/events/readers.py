@@ -282,7 +282,8 @@ class EventFeed:
     restart, a lost connection) makes the feed recreate its consumer after the last message it
     took, on a new subscription whose predecessor's leftovers are dropped: delivery stays in order,
     without holes or repeats. The feed keeps no position on the hub: a controller rebuilds its
-    projection from the first event whenever it starts (ARCHITECTURE.md).
+    projection whenever it starts, from the first event or after the snapshot it loaded
+    (ARCHITECTURE.md).
     """
 
     def __init__(

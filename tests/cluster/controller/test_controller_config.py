@@ -40,3 +40,20 @@ def test_budget_limits_tasks_per_node_bytes_per_node_and_the_domain() -> None:
     assert not budget.allows("a", "drop", 0)  # two tasks on a
     budget.take("b", "drop", 0)
     assert not budget.allows("c", "drop", 0)  # three in the domain
+
+
+def test_snapshot_and_retention_keys_load(tmp_path: Path) -> None:
+    path = tmp_path / "controller.yaml"
+    path.write_text(
+        "snapshot_every_events: 5000\nsnapshot_every: 2m\nsnapshots_kept: 2\n"
+        "events_max_age: 7d\nevents_max_bytes: 1GiB\n"
+    )
+    config = load_controller_config(path)
+    assert (config.snapshot_every_events, config.snapshot_every, config.snapshots_kept) == (
+        5000,
+        120.0,
+        2,
+    )
+    assert (config.events_max_age, config.events_max_bytes) == (7 * 86400.0, 1 << 30)
+    defaults = load_controller_config(DEPLOY)
+    assert defaults.events_max_age == 0 and defaults.events_max_bytes == 0  # keep every event

@@ -1,0 +1,243 @@
+"""Controller restart: a full replay of ``CIM_PLACE_EVENTS`` against a snapshot plus its tail.
+
+On a real 1-server hub in a temporary directory, with the raw JetStream read rate of the same
+stream measured in the same run as the baseline:
+
+1. ``--objects`` objects at ``--copies`` copies (``ObjectStored`` events over 10 nodes with 10
+   volumes each, published into outbox streams in the hub's domain and sourced into the event
+   store, as leaves' outboxes are).
+2. Baseline: one ordered push consumer reads the whole stream, counting messages (no decode):
+   the floor of any replay on this machine.
+3. Controller A starts on an empty snapshot bucket: ``start()`` -> ``caught_up`` is a full replay.
+   It then writes a snapshot (reported: bytes, seconds, and how long the event loop was held).
+4. ``--tail`` more events (new objects), then controller B starts: ``start()`` -> ``caught_up``
+   is the snapshot load plus the tail's replay.
+
+A placeholder process holds the leadership lease throughout (its own process, so the bench's
+busy event loop never lets the lease lapse), so neither controller reconciles (no nodes exist: a
+leader would write a status for every object): the figures are the projection's alone.
+
+Usage: ``.venv/bin/python bench/controller_restart.py [--objects 1000000] [--copies 1]
+[--tail 10000]`` (publishing is the slow part: about 8k events/s through the sourced outboxes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from cim_place.cluster.controller.service import Controller, ControllerConfig
+from cim_place.cluster.events.store import (
+    EventPublisher,
+    attach_hub_outbox,
+    ensure_event_store,
+    ensure_outbox,
+)
+from cim_place.cluster.events.types import ObjectStored, event_envelope
+from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.nats.subjects import EVENTS_STREAM
+from cim_place.cluster.state.leader import LeaderElection, read_leader
+from cim_place.local.servers import Hub, start_hub
+from cim_place.objectstore.cid import RAW, make_cid
+
+NODES = [f"bench{i}" for i in range(10)]
+VOLUMES = [f"v{i}" for i in range(10)]
+BATCH = 20_000
+
+
+def stored(i: int, copy: int) -> tuple[str, ObjectStored]:
+    node = NODES[(i + copy) % len(NODES)]
+    return node, ObjectStored(
+        root=make_cid(RAW, i.to_bytes(8, "big")),
+        size=1 << 20,
+        blocks=4,
+        volume=VOLUMES[i % len(VOLUMES)],
+        owner="bench",
+        name=f"bench/object-{i}",
+        metadata={},
+    )
+
+
+async def publish(js: JetStreamContext, first: int, objects: int, copies: int) -> float:
+    """Publish the events of objects ``first``.. ``first + objects``; seconds until all stored
+    in the event store."""
+    publishers = {node: EventPublisher(js, node) for node in NODES}
+    target = (await js.stream_info(EVENTS_STREAM)).state.last_seq + objects * copies
+    started = time.perf_counter()
+    for start in range(first, first + objects, BATCH):
+        per_node: dict[str, list[object]] = {node: [] for node in NODES}
+        for i in range(start, min(start + BATCH, first + objects)):
+            for copy in range(copies):
+                node, event = stored(i, copy)
+                per_node[node].append(event_envelope(event, owner=node))
+        await asyncio.gather(
+            *(publishers[n].publish_many(e) for n, e in per_node.items())  # type: ignore[arg-type]
+        )
+    while (await js.stream_info(EVENTS_STREAM)).state.last_seq < target:
+        await asyncio.sleep(0.05)
+    for publisher in publishers.values():
+        await publisher.close()
+    return time.perf_counter() - started
+
+
+async def raw_read(js: JetStreamContext, total: int) -> float:
+    """Seconds for one ordered push consumer (flow control, no acks) to deliver ``total``
+    messages of the event store to a callback that only counts them."""
+    nc = js._nc
+    done = asyncio.Event()
+    count = 0
+
+    async def on_message(msg: Msg) -> None:
+        nonlocal count
+        if not msg.data and msg.headers and "Status" in msg.headers:
+            if msg.reply:
+                await nc.publish(msg.reply)  # flow control
+            return
+        count += 1
+        if count >= total:
+            done.set()
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_message)
+    started = time.perf_counter()
+    info = await js.add_consumer(
+        EVENTS_STREAM,
+        ConsumerConfig(
+            deliver_subject=inbox,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            flow_control=True,
+            idle_heartbeat=2.0,
+            mem_storage=True,
+            inactive_threshold=60.0,
+        ),
+    )
+    await done.wait()
+    seconds = time.perf_counter() - started
+    await sub.unsubscribe()
+    assert info.name is not None
+    await js.delete_consumer(EVENTS_STREAM, info.name)
+    return seconds
+
+
+async def restart(hub: Hub, identity: str) -> tuple[Controller, float, float]:
+    """A new controller; seconds from ``start()`` to ``caught_up``, and to ``start()``'s return."""
+    controller = Controller(
+        ControllerConfig(
+            servers=(hub.url,),
+            identity=identity,
+            snapshot_every_events=10**12,  # written below, when the bench says
+            snapshot_every=10**9,
+            full_pass_every=10**6,
+        )
+    )
+    started = time.perf_counter()
+    await controller.start()
+    returned = time.perf_counter() - started
+    await controller.caught_up.wait()
+    return controller, time.perf_counter() - started, returned
+
+
+async def hold_lease(url: str) -> None:
+    """Hold the controller lease until killed (the bench's placeholder leader)."""
+    async with connected(url) as nc:
+        election = LeaderElection(jetstream(nc, "hub"), "bench-placeholder", lease=6.0)
+        await election.start()
+        await asyncio.Event().wait()
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def main(objects: int, copies: int, tail: int) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="cim-place-bench-") as tmp:
+        hub = start_hub(Path(tmp) / "hub", size=1)
+        try:
+            async with connected(hub.url) as nc:
+                js = jetstream(nc, "hub")
+                await ensure_event_store(js, replicas=1)
+                # The controller's own outbox (its tombstones) too, attached while the stream is
+                # empty: changing the sources of a stream of a million events can outlast a
+                # request's timeout.
+                for node in [*NODES, "hub"]:
+                    await ensure_outbox(js, node)
+                    await attach_hub_outbox(js, node)
+                holder = subprocess.Popen([sys.executable, __file__, "--hold-lease", hub.url])
+                while (await read_leader(js)) is None:
+                    await asyncio.sleep(0.1)
+                events = objects * copies
+                seconds = await publish(js, 0, objects, copies)
+                print(
+                    f"== {objects} objects x {copies} copies = {events} events over "
+                    f"{len(NODES)} nodes x {len(VOLUMES)} volumes"
+                )
+                print(
+                    f"published and sourced        {seconds:8.2f} s  {events / seconds:9.0f} ev/s"
+                )
+                raw = await raw_read(js, events)
+                print(f"baseline: raw JetStream read {raw:8.2f} s  {events / raw:9.0f} ev/s")
+
+                first, full, full_start = await restart(hub, "bench-a")
+                try:
+                    assert len(first.projection) == objects
+                    print(
+                        f"restart, full replay         {full:8.2f} s  {events / full:9.0f} ev/s "
+                        f"(start() -> caught_up; {full / raw:.1f}x the raw read; start() "
+                        f"returned after {full_start:.2f} s)"
+                    )
+                    assert first.snapshots is not None
+                    written = await first.snapshots.write()
+                    print(
+                        f"snapshot written             {written.seconds:8.2f} s  "
+                        f"{written.size / 2**20:.1f} MiB, event loop held {written.stall:.3f} s"
+                    )
+                finally:
+                    await first.stop()
+                tail_seconds = await publish(js, objects, tail, 1)
+                second, warm, warm_start = await restart(hub, "bench-b")
+                try:
+                    assert second.snapshots is not None
+                    assert second.snapshots.restored == written.sequence
+                    assert len(second.projection) == objects + tail
+                    print(
+                        f"restart, snapshot + {tail} tail {warm:8.2f} s  "
+                        f"({full / warm:.1f}x faster than the full replay; tail published in "
+                        f"{tail_seconds:.2f} s; start() returned after {warm_start:.2f} s, of "
+                        f"which reading and restoring the snapshot "
+                        f"{second.snapshots.load_seconds:.2f} s)"
+                    )
+                finally:
+                    await second.stop()
+                holder.terminate()
+                holder.wait()
+                print(f"bench process max RSS {rss_mib():.0f} MiB (both controllers, one process)")
+        finally:
+            hub.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--objects", type=int, default=1_000_000)
+    parser.add_argument("--copies", type=int, default=1)
+    parser.add_argument("--tail", type=int, default=10_000)
+    parser.add_argument("--hold-lease", metavar="URL", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hold_lease:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(hold_lease(args.hold_lease))
+    else:
+        asyncio.run(main(args.objects, args.copies, args.tail))
