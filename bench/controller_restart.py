@@ -34,9 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from nats.aio.msg import Msg
+from controller_scale import raw_read
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cim_place.cluster.controller.service import Controller, ControllerConfig
 from cim_place.cluster.events.store import (
@@ -90,46 +89,6 @@ async def publish(js: JetStreamContext, first: int, objects: int, copies: int) -
     for publisher in publishers.values():
         await publisher.close()
     return time.perf_counter() - started
-
-
-async def raw_read(js: JetStreamContext, total: int) -> float:
-    """Seconds for one ordered push consumer (flow control, no acks) to deliver ``total``
-    messages of the event store to a callback that only counts them."""
-    nc = js._nc
-    done = asyncio.Event()
-    count = 0
-
-    async def on_message(msg: Msg) -> None:
-        nonlocal count
-        if not msg.data and msg.headers and "Status" in msg.headers:
-            if msg.reply:
-                await nc.publish(msg.reply)  # flow control
-            return
-        count += 1
-        if count >= total:
-            done.set()
-
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, cb=on_message)
-    started = time.perf_counter()
-    info = await js.add_consumer(
-        EVENTS_STREAM,
-        ConsumerConfig(
-            deliver_subject=inbox,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.NONE,
-            flow_control=True,
-            idle_heartbeat=2.0,
-            mem_storage=True,
-            inactive_threshold=60.0,
-        ),
-    )
-    await done.wait()
-    seconds = time.perf_counter() - started
-    await sub.unsubscribe()
-    assert info.name is not None
-    await js.delete_consumer(EVENTS_STREAM, info.name)
-    return seconds
 
 
 async def restart(hub: Hub, identity: str) -> tuple[Controller, float, float]:
@@ -188,7 +147,7 @@ async def main(objects: int, copies: int, tail: int) -> None:
                 print(
                     f"published and sourced        {seconds:8.2f} s  {events / seconds:9.0f} ev/s"
                 )
-                raw = await raw_read(js, events)
+                raw = await raw_read(js._nc, js, events)
                 print(f"baseline: raw JetStream read {raw:8.2f} s  {events / raw:9.0f} ev/s")
 
                 first, full, full_start = await restart(hub, "bench-a")
