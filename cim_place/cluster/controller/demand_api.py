@@ -66,8 +66,9 @@ class DemandQueries:
             if not isinstance(request, dict) or not isinstance(request.get("cid"), str):
                 raise CimPlaceError("a demand query is JSON with a string `cid`")
             answer = self.answer(cids.parse(request["cid"]), time.time())
-        except (ValueError, CimPlaceError) as exc:
-            answer = {"error": str(exc)}
+        except (ValueError, RecursionError, CimPlaceError) as exc:
+            # Requests come from anyone allowed on the API subject: malformed ones get an answer.
+            answer = {"error": str(exc) or type(exc).__name__}
         with contextlib.suppress(nats.errors.Error):
             await msg.respond(json.dumps(answer, sort_keys=True).encode())
 

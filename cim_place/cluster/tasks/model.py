@@ -181,4 +181,10 @@ def decode_task(envelope: Envelope) -> Task:
     body = content.body
     if body.get("kind", kind) != kind:
         raise TaskFormatError(f"task kind {body.get('kind')!r} contradicts command {content.type}")
-    return _TASK_BODY.decode(body, label=content.type, id=envelope.id, kind=kind)
+    task = _TASK_BODY.decode(body, label=content.type, id=envelope.id, kind=kind)
+    if task.rate_limit is not None and task.rate_limit <= 0:
+        # Refused here, with the other format errors, not when a repair builds its throttle.
+        raise TaskFormatError(
+            f"{content.type} rate_limit must be a positive number of bytes/s, got {task.rate_limit}"
+        )
+    return task

@@ -430,3 +430,19 @@ def test_a_rate_limit_travels_only_when_set() -> None:
     assert limited.body()["rate_limit"] == 2 << 20
     assert decode_task(decode(task_envelope(limited).encode())) == limited
     assert decode_task(decode(task_envelope(base).encode())).rate_limit is None
+
+
+@pytest.mark.parametrize("rate", [0, -1])
+def test_a_task_with_a_rate_limit_below_one_byte_per_second_is_refused(rate: int) -> None:
+    task = Task.create("repair", "n1", cid_of(b"x"), generation=2, holders=("n2",), rate_limit=7)
+    envelope = task_envelope(task)
+    body = {**envelope.content.body, "rate_limit": rate}
+    forged = Envelope(
+        envelope.id,
+        envelope.correlation_id,
+        None,
+        envelope.owner,
+        Content("command", envelope.content.type, body),
+    )
+    with pytest.raises(TaskFormatError, match="rate_limit must be a"):
+        decode_task(decode(forged.encode()))
