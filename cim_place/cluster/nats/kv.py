@@ -6,6 +6,9 @@ controller, the agents and the CLI can never disagree on where state is kept.
 
 from __future__ import annotations
 
+import asyncio
+
+import nats.errors
 import nats.js.errors
 from nats.js import api
 from nats.js.client import JetStreamContext
@@ -54,6 +57,25 @@ one server with every bucket readable and writable; a standalone server gets 1."
 _NOT_CLUSTERED = 10074  # JetStream: "replicas > 1 not supported in non-clustered mode"
 
 
+OPEN_ATTEMPTS = 4
+"""Look-ups of a bucket tried before a timeout is an error: a hub cluster electing a new leader
+for a bucket's stream (a member killed or restarted) leaves its API requests unanswered for a few
+seconds, and a reader such as ``cim-place status`` should ride that out, not fail."""
+
+
+async def open_bucket(js: JetStreamContext, name: str) -> KeyValue:
+    """Open the existing KV bucket ``name``, retrying a timed-out look-up :data:`OPEN_ATTEMPTS`
+    times. BucketNotFoundError and other NATS errors pass through unchanged."""
+    for attempt in range(1, OPEN_ATTEMPTS + 1):
+        try:
+            return await js.key_value(name)
+        except nats.errors.TimeoutError:
+            if attempt == OPEN_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 async def ensure_bucket(
     js: JetStreamContext,
     name: str,
@@ -70,7 +92,7 @@ async def ensure_bucket(
     if not 1 <= history <= MAX_HISTORY:
         raise ValueError(f"KV history must be between 1 and {MAX_HISTORY}, got {history}")
     try:
-        return await js.key_value(name)
+        return await open_bucket(js, name)
     except nats.js.errors.BucketNotFoundError:
         pass
     except nats.errors.Error as exc:

@@ -113,7 +113,7 @@ class LocationStore:
                 )
             return self
         try:
-            self._base = await self._js.key_value(kv.LOCATIONS)
+            self._base = await kv.open_bucket(self._js, kv.LOCATIONS)
         except nats.js.errors.BucketNotFoundError:
             raise _no_locations("does not exist") from None
         except nats.errors.Error as error:
@@ -288,7 +288,7 @@ class LocationStore:
     async def _open_shard(self, index: int) -> KeyValue:
         name = kv.location_shard(index)
         try:
-            bucket = await self._js.key_value(name)
+            bucket = await kv.open_bucket(self._js, name)
         except nats.js.errors.BucketNotFoundError:
             raise _no_locations(f"shard {name} does not exist") from None
         except nats.errors.Error as error:
