@@ -29,10 +29,12 @@ from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import EnvelopeError
 from cim_place.cluster.nats.subjects import EVENTS_STREAM, HUB_DOMAIN
 from cim_place.cluster.state.locations import LocationStore
+from cim_place.errors import TransportError
 from cim_place.local.credentials import ADMIN
 from cim_place.local.domain import LocalDomain
 from cim_place.objectstore import cid as cids
 from cim_place.objectstore.testdata import chacha_stream
+from cim_place.placement.status import ObjectStatus
 from cim_place.testing import until
 
 pytestmark = [pytest.mark.nats, pytest.mark.chaos, pytest.mark.timeout(900)]
@@ -136,8 +138,16 @@ async def test_a_hub_server_killed_during_adds(tmp_path: Path) -> None:
             deadline = loop.time() + 240
             for _, cid, _ in acked:
                 while True:
-                    status = await locations.get(cids.parse(cid))
-                    if status is not None and status.state == "placed" and status.pinned == 3:
+                    status: ObjectStatus | TransportError | None
+                    try:
+                        status = await locations.get(cids.parse(cid))
+                    except TransportError as exc:  # a bucket's stream still electing
+                        status = exc
+                    if (
+                        isinstance(status, ObjectStatus)
+                        and status.state == "placed"
+                        and status.pinned == 3
+                    ):
                         break
                     assert loop.time() < deadline, f"{cid} never placed: {status}"
                     await asyncio.sleep(0.5)

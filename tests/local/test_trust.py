@@ -280,6 +280,7 @@ async def test_junk_is_rejected_and_placement_goes_on(domain: LocalDomain) -> No
     """A seized leaf-4 (zone-1, beside leaf-1) throws 10,000 mutated events and heartbeats."""
     rng = random.Random(15)
     node = "leaf-4"
+    placing: list[asyncio.Task[ObjectStatus]] = []
     admin = await connect(domain.credentials.url(ADMIN, domain.hub_url))
     seized = await connect(domain.credentials.url(agent_user(node), domain.nodes[3].url))
     try:
@@ -287,26 +288,32 @@ async def test_junk_is_rejected_and_placement_goes_on(domain: LocalDomain) -> No
         js_leaf = seized.jetstream()
         nodes = await kv.ensure_bucket(jetstream(seized, "hub"), kv.NODES)
         publisher = EventPublisher(js_leaf, node)
-        total, rounds = 10_000, 10
+        total, rounds, batch = 10_000, 5, 50
         for round_ in range(rounds):
-            for _ in range(total // rounds):
-                if rng.randrange(10) == 0:
-                    await nodes.put(node, _junk_heartbeat(node, rng))
-                    continue
-                mutated = _mutate(rng.choice(_valid_events(node, rng)), node, rng)
-                try:
-                    if mutated is None:
-                        raise ValueError("garbage")
-                    payload = mutated.encode()
-                except Exception:
-                    payload = rng.randbytes(rng.randrange(1, 200))
-                subject = f"cim.place.evt.{node}.Junk"
-                if mutated is not None and mutated.content.type.isalnum():
-                    subject = publisher.subject_of(mutated)
-                await js_leaf.publish(subject, payload, stream=publisher.stream)
-            # Placement goes on between the volleys: a new object reaches its three copies.
+            for _ in range(total // rounds // batch):
+                # A batch of publishes in flight at once: the leaf's stream acks them in order.
+                sends = []
+                for _ in range(batch):
+                    if rng.randrange(10) == 0:
+                        await nodes.put(node, _junk_heartbeat(node, rng))
+                        continue
+                    mutated = _mutate(rng.choice(_valid_events(node, rng)), node, rng)
+                    try:
+                        if mutated is None:
+                            raise ValueError("garbage")
+                        payload = mutated.encode()
+                    except Exception:
+                        payload = rng.randbytes(rng.randrange(1, 200))
+                    subject = f"cim.place.evt.{node}.Junk"
+                    if mutated is not None and mutated.content.type.isalnum():
+                        subject = publisher.subject_of(mutated)
+                    sends.append(js_leaf.publish(subject, payload, stream=publisher.stream))
+                await asyncio.gather(*sends)
+            # Placement goes on throughout: an object added between the volleys (and waited for
+            # while the next volleys go in) reaches its three copies.
             added = await upload(admin, "leaf-2", io.BytesIO(rng.randbytes(4096 + round_)))
-            await _placed(js, added.cid)
+            placing.append(asyncio.create_task(_placed(js, added.cid)))
+        await asyncio.gather(*placing)
         store = await LocationStore(js).open(create=False)
         summary = None
         for _ in range(_TRIES):
@@ -316,5 +323,7 @@ async def test_junk_is_rejected_and_placement_goes_on(domain: LocalDomain) -> No
             await asyncio.sleep(_POLL)
         assert summary is not None and summary.rejected_events >= total // 2, summary
     finally:
+        for task in placing:
+            task.cancel()
         await seized.close()
         await admin.close()
