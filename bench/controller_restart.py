@@ -19,6 +19,14 @@ leader would write a status for every object): the figures are the projection's 
 
 Usage: ``.venv/bin/python bench/controller_restart.py [--objects 1000000] [--copies 1]
 [--tail 10000]`` (publishing is the slow part: about 8k events/s through the sourced outboxes).
+
+``--synthetic N`` measures the restart at sizes the hub would take an hour to publish (10M objects
+x 3 copies): the bench process builds the projection of ``bench/controller_scale.py``'s synthetic
+domain in memory (no NATS), writes it as a snapshot to the hub's ``cim-place-snapshots`` bucket
+(as a leading controller does), publishes ``--tail`` more events, and then starts a real
+controller in a fresh process (with ``MALLOC_MMAP_THRESHOLD_=131072``, as SCALE.md says to run
+it): reported are the seconds from that process's start to ``caught_up`` (interpreter and imports
+included) and its peak RSS, beside the raw read of the same snapshot object (the floor).
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -34,10 +44,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from controller_scale import raw_read
+from controller_scale import Domain, build_in_process, raw_read
 from nats.js import JetStreamContext
 
 from cim_place.cluster.controller.service import Controller, ControllerConfig
+from cim_place.cluster.controller.snapshot import SNAPSHOT_BUCKET, Snapshots
 from cim_place.cluster.events.store import (
     EventPublisher,
     attach_hub_outbox,
@@ -46,6 +57,7 @@ from cim_place.cluster.events.store import (
 )
 from cim_place.cluster.events.types import ObjectStored, event_envelope
 from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.nats.objects import read_object
 from cim_place.cluster.nats.subjects import EVENTS_STREAM
 from cim_place.cluster.state.leader import LeaderElection, read_leader
 from cim_place.local.servers import Hub, start_hub
@@ -93,9 +105,14 @@ async def publish(js: JetStreamContext, first: int, objects: int, copies: int) -
 
 async def restart(hub: Hub, identity: str) -> tuple[Controller, float, float]:
     """A new controller; seconds from ``start()`` to ``caught_up``, and to ``start()``'s return."""
+    return await restart_at(hub.url, identity)
+
+
+async def restart_at(url: str, identity: str) -> tuple[Controller, float, float]:
+    """:func:`restart` on the hub at ``url``."""
     controller = Controller(
         ControllerConfig(
-            servers=(hub.url,),
+            servers=(url,),
             identity=identity,
             snapshot_every_events=10**12,  # written below, when the bench says
             snapshot_every=10**9,
@@ -188,14 +205,121 @@ async def main(objects: int, copies: int, tail: int) -> None:
             hub.stop()
 
 
+async def run_controller(url: str) -> None:
+    """``--run-controller``: a controller in this fresh process; print when it caught up."""
+    controller, caught_up, returned = await restart_at(url, "bench-large")
+    try:
+        assert controller.snapshots is not None
+        print(
+            json.dumps(
+                {
+                    "caught_up": caught_up,
+                    "start_returned": returned,
+                    "snapshot_load": controller.snapshots.load_seconds,
+                    "restored": controller.snapshots.restored,
+                    "objects": len(controller.projection),
+                    "rss_mib": rss_mib(),
+                }
+            ),
+            flush=True,
+        )
+    finally:
+        await controller.stop()
+
+
+async def synthetic(objects: int, tail: int) -> None:
+    """``--synthetic``: see the module docstring."""
+    logging.basicConfig(level=logging.WARNING)
+    started = time.perf_counter()
+    domain = Domain(objects, seed=7, names=False)
+    projection, events, seconds = build_in_process(domain)
+    del domain
+    print(
+        f"== {objects:,} objects x 3 copies = {events:,} events, built in memory in "
+        f"{time.perf_counter() - started:.0f} s ({events / seconds:,.0f} events/s applied)"
+    )
+    with tempfile.TemporaryDirectory(prefix="cim-place-bench-") as tmp:
+        hub = start_hub(Path(tmp) / "hub", size=1)
+        try:
+            async with connected(hub.url) as nc:
+                js = jetstream(nc, "hub")
+                await ensure_event_store(js, replicas=1)
+                for node in [*NODES, "hub"]:
+                    await ensure_outbox(js, node)
+                    await attach_hub_outbox(js, node)
+                holder = subprocess.Popen([sys.executable, __file__, "--hold-lease", hub.url])
+                while (await read_leader(js)) is None:
+                    await asyncio.sleep(0.1)
+                # The snapshot stands for every event up to the stream's last one so far.
+                await publish(js, objects, 1, 1)
+                projection.last_sequence = (await js.stream_info(EVENTS_STREAM)).state.last_seq
+                snapshots = Snapshots(js, projection)
+                written = await snapshots.write()
+                print(
+                    f"snapshot written             {written.seconds:8.2f} s  "
+                    f"{written.size / 2**20:.1f} MiB, event loop held {written.stall:.3f} s"
+                )
+                del projection, snapshots
+                store = await js.object_store(SNAPSHOT_BUCKET)
+                began = time.perf_counter()
+                data = await read_object(js, store, SNAPSHOT_BUCKET, written.name)
+                raw = time.perf_counter() - began
+                print(
+                    f"baseline: raw read of it     {raw:8.2f} s  "
+                    f"{len(data) / raw / 2**20:,.0f} MiB/s (the object, no decode)"
+                )
+                del data
+                await publish(js, objects + 1, tail, 1)
+                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+                began = time.perf_counter()
+                child = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    __file__,
+                    "--run-controller",
+                    hub.url,
+                    env=env,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                line = await child.stdout.readline() if child.stdout else b""
+                wall = time.perf_counter() - began
+                await child.wait()
+                holder.terminate()
+                holder.wait()
+                if not line:
+                    raise SystemExit("the controller process printed nothing")
+                found = json.loads(line)
+                if found["objects"] != objects + tail or found["restored"] != written.sequence:
+                    raise SystemExit(f"the restarted controller is not what was written: {found}")
+                print(
+                    f"restart, new process         {wall:8.2f} s  process start -> caught_up "
+                    f"({wall - found['caught_up']:.2f} s interpreter and imports, "
+                    f"{found['snapshot_load']:.2f} s reading "
+                    f"and restoring the snapshot, {tail:,}-event tail; {wall / raw:.1f}x the raw "
+                    f"read)"
+                )
+                print(
+                    f"controller peak RSS          {found['rss_mib']:8.0f} MiB  "
+                    f"({found['rss_mib'] * 2**20 / found['objects']:.0f} B/object, process "
+                    f"included)"
+                )
+        finally:
+            hub.stop()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--objects", type=int, default=1_000_000)
     parser.add_argument("--copies", type=int, default=1)
     parser.add_argument("--tail", type=int, default=10_000)
+    parser.add_argument("--synthetic", type=int, metavar="N", help="see the module docstring")
     parser.add_argument("--hold-lease", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--run-controller", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.hold_lease:
+    if args.run_controller:
+        asyncio.run(run_controller(args.run_controller))
+    elif args.synthetic:
+        asyncio.run(synthetic(args.synthetic, args.tail))
+    elif args.hold_lease:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(hold_lease(args.hold_lease))
     else:

@@ -308,9 +308,10 @@ def lookups(projection: Projection, domain: Domain, count: int) -> tuple[float, 
     return count / ours, count / theirs
 
 
-def fill_in_process(domain: Domain) -> None:
-    """``--in-process``: the projection's memory at sizes the hub would take long to publish;
-    envelopes are built in memory, as the EventFeed hands them over, and applied directly."""
+def build_in_process(domain: Domain) -> tuple[Projection, int, float]:
+    """The projection of ``domain`` built without NATS: envelopes made in memory, as the
+    EventFeed hands them over, and applied directly. Returns it, the events applied and the
+    seconds taken."""
     bodies = []
     for v in domain.node_map.volumes:
         event = ObjectStored(
@@ -318,8 +319,6 @@ def fill_in_process(domain: Domain) -> None:
         )
         bodies.append((v.node, event.body()))
     link = type(bodies[0][1]["root"])  # the codec's CID link
-    gc.collect()
-    before = rss()
     projection = Projection()
     sequence = 0
     started = time.perf_counter()
@@ -334,7 +333,14 @@ def fill_in_process(domain: Domain) -> None:
             sequence += 1
             envelope = Envelope("e", "e", None, node, Content("event", "ObjectStored", body))
             projection.apply_event(envelope.with_sequence(sequence), node=node, at=1.7e9)
-    seconds = time.perf_counter() - started
+    return projection, sequence, time.perf_counter() - started
+
+
+def fill_in_process(domain: Domain) -> None:
+    """``--in-process``: the projection's memory at sizes the hub would take long to publish."""
+    gc.collect()
+    before = rss()
+    projection, sequence, seconds = build_in_process(domain)
     gc.collect()
     delta = rss() - before
     n = len(projection)
