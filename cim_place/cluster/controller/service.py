@@ -226,8 +226,6 @@ class Controller:
         replicas = _hub_replicas(nc, config.hub_domain)
         await ensure_event_store(js, replicas=replicas)
         await ensure_task_stream(js, replicas, subjects=self.subjects)
-        with contextlib.suppress(CimPlaceError, nats.errors.Error):
-            await nudge_sources(js)
         self.locations = await LocationStore(js).open(replicas=replicas)
         self._queue = TaskQueue(js, subjects=self.subjects)
         self._drain = await kv.ensure_bucket(js, kv.DRAIN, history=1)
@@ -278,6 +276,9 @@ class Controller:
             on_deposed=self._deposed,
         )
         self._tasks = [
+            # In the background: a nudge costs the hub a scan of the stream (seconds per million
+            # events), which a start need not wait for.
+            asyncio.create_task(self._nudge_sources(), name="cim-place-controller-nudge"),
             asyncio.create_task(self._read_events(), name="cim-place-controller-events"),
             asyncio.create_task(self._watch_policies(), name="cim-place-controller-policies"),
             asyncio.create_task(self._watch_nodes(), name="cim-place-controller-nodes"),
@@ -304,6 +305,12 @@ class Controller:
             self.metrics.serve(config.metrics)
         await self.election.start()
         _log.info("controller %s started", self.identity)
+
+    async def _nudge_sources(self) -> None:
+        """Restart the hub's sourcing of every outbox (a source may be stuck in its back-off)."""
+        with contextlib.suppress(CimPlaceError, nats.errors.Error):
+            assert self.js is not None
+            await nudge_sources(self.js)
 
     async def stop(self) -> None:
         self._acting = False

@@ -152,7 +152,8 @@ async def test_scrub_finds_damage_and_repair_restores_placed(
 ) -> None:
     hub, agents = domain
     root, data = await add(hub, "durability-repair")
-    await wait_for(hub, root, placed)
+    before = await wait_for(hub, root, placed)
+    verified = {loc.node: loc.verified_at or 0.0 for loc in before.locations}
     bad, gone = leaves(agents["n2"], root)[:2]
     blocks2, blocks3 = agents["n2"].volumes["v0"].blocks, agents["n3"].volumes["v0"].blocks
     good = {bad: blocks2.block_path(bad).read_bytes(), gone: blocks3.block_path(gone).read_bytes()}
@@ -173,8 +174,15 @@ async def test_scrub_finds_damage_and_repair_restores_placed(
     assert report["n1"]["blocks_checked"] == 5 and report["n1"]["bytes_checked"] > SIZE
     assert report["n3"]["blocks_checked"] == 4  # the deleted one is not read
 
-    # The controller counts them as damaged at once (and repairs them at once).
-    seen = await wait_for(hub, root, lambda s: s.damaged > 0 or s.state == "degraded")
+    # The controller counts them as damaged at once (and repairs them at once: a poll may miss
+    # the damaged state, but not the repaired copies verified again since).
+    def damaged_or_repaired(status: ObjectStatus) -> bool:
+        again = {
+            loc.node for loc in status.locations if (loc.verified_at or 0) > verified[loc.node]
+        }
+        return status.damaged > 0 or status.state == "degraded" or {"n2", "n3"} <= again
+
+    seen = await wait_for(hub, root, damaged_or_repaired)
     assert seen.state in ("degraded", "placed")
     final = await wait_for(hub, root, placed)
     assert all(loc.verified_at for loc in final.locations)
