@@ -28,7 +28,8 @@ from cim_place.cluster.exchange.blocks import (
     decode_reply,
     encode_grant_request,
 )
-from cim_place.cluster.exchange.fetch import Holder, Labels, fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.fetch import fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.fetch_model import Holder, Labels
 from cim_place.cluster.exchange.stream import (
     Block,
     BlockStreamServer,

@@ -30,11 +30,13 @@ from cim_place.cluster.exchange.blocks import (
     encode_grant_request,
     encode_request,
 )
-from cim_place.cluster.exchange.fetch import AccessDeniedError, Holder, fetch_dag
+from cim_place.cluster.exchange.fetch import fetch_dag
+from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.exchange.holders import HolderResponder
 from cim_place.cluster.exchange.stream import Block, BlockStreamServer, StreamClient
 from cim_place.cluster.nats.connection import connect
 from cim_place.cluster.nats.security import (
+    AccessDeniedError,
     ReadAccess,
     inbox_prefix,
     plan_domain,

@@ -30,11 +30,13 @@ from cim_place.cli.app import app
 from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.events.store import ensure_event_store
-from cim_place.cluster.exchange.fetch import AccessDeniedError, Holder, fetch_dag
+from cim_place.cluster.exchange.fetch import fetch_dag
+from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats import kv
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.security import (
+    AccessDeniedError,
     DomainPlan,
     SecurityConfigError,
     client_options,
