@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cim_place.cluster.exchange.blocks import End, ProtocolError, decode_reply, encode_request
+from cim_place.cluster.exchange.block_wire import End, decode_reply, encode_request
 from cim_place.cluster.exchange.fetch_model import (
     BlockUnavailableError,
     FetchResult,
@@ -53,7 +53,7 @@ from cim_place.cluster.exchange.fetch_stream import StreamPath
 from cim_place.cluster.exchange.ratelimit import Throttle
 from cim_place.cluster.nats.security import AccessDeniedError
 from cim_place.cluster.nats.subjects import Subjects
-from cim_place.errors import CorruptBlockError
+from cim_place.errors import CorruptBlockError, ProtocolError
 from cim_place.interfaces import BlockStore
 from cim_place.objectstore.cid import RAW, Cid, codec_of, to_str
 

@@ -11,18 +11,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from cim_place.cluster.exchange.blocks import (
+from cim_place.cluster.exchange.block_wire import (
     MAX_BLOCK_SIZE,
     End,
     Grant,
     Missing,
     Part,
-    ProtocolError,
     Status,
     decode_reply,
     encode_request,
 )
 from cim_place.cluster.exchange.fetch_state import Batch, FetchState
+from cim_place.errors import ProtocolError
 from cim_place.objectstore.cid import Cid, to_str
 
 __all__ = ["NatsPath"]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar, cast
 
-from cim_place.cluster.exchange.blocks import MAX_REQUEST_CIDS
+from cim_place.cluster.exchange.block_wire import MAX_REQUEST_CIDS
 from cim_place.cluster.exchange.fetch_model import (
     FetchResult,
     Holder,

@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from cim_place.cluster.exchange.blocks import (
+from cim_place.cluster.exchange.block_wire import (
     End,
     Grant,
     Missing,
-    ProtocolError,
     Status,
     decode_reply,
     encode_grant_request,
@@ -25,6 +24,7 @@ from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.exchange.fetch_state import Batch, FetchState, StreamSession
 from cim_place.cluster.exchange.stream import Block, StreamClient
 from cim_place.cluster.nats.security import AccessDeniedError
+from cim_place.errors import ProtocolError
 from cim_place.objectstore.cid import Cid, to_str
 
 __all__ = ["STREAM_CONNECT_TIMEOUT", "StreamPath"]

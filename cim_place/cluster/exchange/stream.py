@@ -2,7 +2,7 @@
 
 This module owns the fast data path of the block exchange. NATS keeps control: a fetcher asks
 the holder for a *stream grant* on the holder's block subject
-(``cim_place.cluster.exchange.blocks``,
+(``cim_place.cluster.exchange.block_wire``,
 request kind GRANT); the holder checks access exactly as for a block request and answers with
 the address of its block stream, a random single-use token and the token's lifetime. The token
 is bound to the requester NATS authenticated and to the root named in the grant request. The
@@ -21,7 +21,7 @@ Every frame starts with the same 6-byte header, ``tag u8, a u8, n u32`` (big end
       0x03 END      a=status       n=len(reason)  reason         closes the answer to one GET
 
 GETs may be pipelined; the holder answers them in order, each with one record per CID (in the
-order asked) and an END. ``status`` is ``blocks.Status``. A CID the holder does not have, whose
+order asked) and an END. ``status`` is ``block_wire.Status``. A CID the holder does not have, whose
 local copy is corrupt, or that is not part of the granted root is MISSING; a requester that may
 no longer read the root gets END NOT_ALLOWED. Any framing error, an unknown or expired token, or
 an oversized request closes the connection; the server counts and logs, and never raises.
@@ -49,20 +49,18 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cim_place.cluster.exchange.blocks import (
+from cim_place.cluster.exchange.block_wire import (
     MAX_BLOCK_SIZE,
     MAX_REQUEST_BYTES,
     MAX_REQUEST_CIDS,
     End,
     Grant,
     Missing,
-    ProtocolError,
-    ServeStats,
     Status,
-    read_served,
 )
+from cim_place.cluster.exchange.blocks import ServeStats, read_served
 from cim_place.cluster.nats.security import ReadAccess, RootMembers
-from cim_place.errors import InvalidCidError
+from cim_place.errors import InvalidCidError, ProtocolError
 from cim_place.interfaces import BlockSource
 from cim_place.objectstore.cid import Cid, split
 
