@@ -55,7 +55,8 @@ from cim_place.cluster.exchange.fetch import fetch_dag
 from cim_place.cluster.exchange.fetch_model import FetchResult, Holder, Labels, request_timeout
 from cim_place.cluster.exchange.holders import HolderResponder, find_holders, holder_of
 from cim_place.cluster.exchange.ratelimit import BandwidthLimit
-from cim_place.cluster.exchange.stream import BlockStreamServer, client_tls, server_tls
+from cim_place.cluster.exchange.stream import BlockStreamServer
+from cim_place.cluster.exchange.stream_wire import client_tls, server_tls
 from cim_place.cluster.exchange.upload_server import UploadService
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.envelope import Envelope

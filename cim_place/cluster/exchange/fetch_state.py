@@ -29,7 +29,7 @@ from cim_place.cluster.exchange.fetch_model import (
     order_holders,
 )
 from cim_place.cluster.exchange.ratelimit import Throttle
-from cim_place.cluster.exchange.stream import StreamClient
+from cim_place.cluster.exchange.stream_client import StreamClient
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import StoreError
 from cim_place.interfaces import BlockStore

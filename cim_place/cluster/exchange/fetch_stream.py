@@ -22,7 +22,8 @@ from cim_place.cluster.exchange.block_wire import (
 )
 from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.exchange.fetch_state import Batch, FetchState, StreamSession
-from cim_place.cluster.exchange.stream import Block, StreamClient
+from cim_place.cluster.exchange.stream_client import StreamClient
+from cim_place.cluster.exchange.stream_wire import Block
 from cim_place.cluster.nats.security import AccessDeniedError
 from cim_place.errors import ProtocolError
 from cim_place.objectstore.cid import Cid, to_str

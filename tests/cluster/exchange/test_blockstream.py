@@ -30,14 +30,9 @@ from cim_place.cluster.exchange.block_wire import (
 from cim_place.cluster.exchange.blocks import BlockServer
 from cim_place.cluster.exchange.fetch import fetch_dag, wait_for_holder
 from cim_place.cluster.exchange.fetch_model import Holder, Labels
-from cim_place.cluster.exchange.stream import (
-    Block,
-    BlockStreamServer,
-    StreamClient,
-    StreamRefusedError,
-    client_tls,
-    server_tls,
-)
+from cim_place.cluster.exchange.stream import BlockStreamServer
+from cim_place.cluster.exchange.stream_client import StreamClient
+from cim_place.cluster.exchange.stream_wire import Block, StreamRefusedError, client_tls, server_tls
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.nodes import NodeRecord
 from cim_place.objectstore.blockstore import FsBlockStore

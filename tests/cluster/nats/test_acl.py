@@ -33,7 +33,9 @@ from cim_place.cluster.exchange.blocks import BlockServer
 from cim_place.cluster.exchange.fetch import fetch_dag
 from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.exchange.holders import HolderResponder
-from cim_place.cluster.exchange.stream import Block, BlockStreamServer, StreamClient
+from cim_place.cluster.exchange.stream import BlockStreamServer
+from cim_place.cluster.exchange.stream_client import StreamClient
+from cim_place.cluster.exchange.stream_wire import Block
 from cim_place.cluster.nats.connection import connect
 from cim_place.cluster.nats.security import AccessDeniedError, ReadAccess, inbox_prefix, plan_domain
 from cim_place.interfaces import Pin
