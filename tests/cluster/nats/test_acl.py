@@ -37,7 +37,8 @@ from cim_place.cluster.exchange.stream import BlockStreamServer
 from cim_place.cluster.exchange.stream_client import StreamClient
 from cim_place.cluster.exchange.stream_wire import Block
 from cim_place.cluster.nats.connection import connect
-from cim_place.cluster.nats.security import AccessDeniedError, ReadAccess, inbox_prefix, plan_domain
+from cim_place.cluster.nats.security import AccessDeniedError, ReadAccess, inbox_prefix
+from cim_place.cluster.nats.users import plan_domain
 from cim_place.interfaces import Pin
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.cid import to_str

@@ -37,17 +37,14 @@ from cim_place.cluster.nats import kv
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.security import (
     AccessDeniedError,
-    DomainPlan,
     SecurityConfigError,
     client_options,
     identity_of,
     inbox_prefix,
     may_read,
-    plan_domain,
-    render_accounts,
-    render_hub_link,
     requester_of,
 )
+from cim_place.cluster.nats.users import DomainPlan, plan_domain, render_accounts, render_hub_link
 from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.tasks.model import Task
 from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
