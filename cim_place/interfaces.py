@@ -150,8 +150,9 @@ class Service(Protocol):
 
 
 class EventLog(Protocol):
-    """Where a node records what happened (:class:`cim_place.cluster.events.store.EventPublisher`):
-    every event persisted, in order per node, delivered to the hub even across link cuts."""
+    """Where a node records what happened
+    (:class:`cim_place.cluster.events.publisher.EventPublisher`): every event persisted, in order
+    per node, delivered to the hub even across link cuts."""
 
     async def publish_event(
         self, event: AnyEvent, *, owner: str | None = None, cause: Envelope | None = None

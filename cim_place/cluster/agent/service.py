@@ -41,7 +41,9 @@ from cim_place.cluster.agent.repair import (
     sweep_leftovers_forever,
 )
 from cim_place.cluster.agent.scrubbing import ForegroundReads, ScrubService
-from cim_place.cluster.events.store import EventPublisher, attach_leaf, ensure_outbox, nudge_sources
+from cim_place.cluster.events.publisher import EventPublisher
+from cim_place.cluster.events.sources import attach_leaf, nudge_sources
+from cim_place.cluster.events.store import ensure_outbox
 from cim_place.cluster.events.types import (
     InventoryDigest,
     NodeJoined,

@@ -1,7 +1,8 @@
 """Reading the event store: the controller's pushed feed, pulled readers, subscriptions.
 
 This module owns every consumer of ``CIM_PLACE_EVENTS`` (cim_place.cluster.events.store owns the
-stream, the leaf outboxes that feed it and the publisher):
+stream and the leaf outboxes that feed it, events.sources its source list, events.publisher the
+publisher):
 
 - :class:`EventFeed`: the controller's projection reader, an ordered push consumer without acks
   that starts at a stream sequence and repairs its own gaps (ARCHITECTURE.md, "Event feed");

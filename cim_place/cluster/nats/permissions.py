@@ -127,7 +127,7 @@ def agent_permissions(node: str, subjects: Subjects, hub_domain: str) -> Permiss
         *_both(hub_domain, f"CONSUMER.MSG.NEXT.{TASKS_STREAM}.{consumer}"),
         f"$JS.ACK.{TASKS_STREAM}.{consumer}.>",
         f"$JS.ACK.*.*.{TASKS_STREAM}.{consumer}.>",
-        # Attaching its outbox to the hub's event store (eventstore.attach_leaf).
+        # Attaching its outbox to the hub's event store (events.sources.attach_leaf).
         *_both(hub_domain, f"STREAM.INFO.{EVENTS_STREAM}"),
         *_both(hub_domain, f"STREAM.UPDATE.{EVENTS_STREAM}"),
         *_kv_write(hub_domain, "cim-place-event-sources"),
