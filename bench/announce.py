@@ -28,12 +28,9 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
-from cim_place.cluster.events.store import (
-    EventPublisher,
-    attach_leaf,
-    ensure_event_store,
-    ensure_outbox,
-)
+from cim_place.cluster.events.publisher import EventPublisher
+from cim_place.cluster.events.sources import attach_leaf
+from cim_place.cluster.events.store import ensure_event_store, ensure_outbox
 from cim_place.cluster.events.types import ObjectStored, event_envelope
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import Envelope

@@ -49,12 +49,9 @@ from nats.js import JetStreamContext
 
 from cim_place.cluster.controller.service import Controller, ControllerConfig
 from cim_place.cluster.controller.snapshot import SNAPSHOT_BUCKET, Snapshots
-from cim_place.cluster.events.store import (
-    EventPublisher,
-    attach_hub_outbox,
-    ensure_event_store,
-    ensure_outbox,
-)
+from cim_place.cluster.events.publisher import EventPublisher
+from cim_place.cluster.events.sources import attach_hub_outbox
+from cim_place.cluster.events.store import ensure_event_store, ensure_outbox
 from cim_place.cluster.events.types import ObjectStored, event_envelope
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.objects import read_object

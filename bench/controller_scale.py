@@ -55,7 +55,8 @@ from plan import CID_PREFIX, derive_keys, topology
 
 from cim_place.cluster.controller.projection import Projection
 from cim_place.cluster.controller.service import Controller, ControllerConfig
-from cim_place.cluster.events.readers import EventFeed, StoredEvent
+from cim_place.cluster.events.feed import EventFeed
+from cim_place.cluster.events.readers import StoredEvent
 from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.events.types import ObjectStored, event_envelope
 from cim_place.cluster.nats.connection import connected, jetstream

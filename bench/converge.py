@@ -54,12 +54,9 @@ from nats.js.api import StorageType, StreamConfig
 from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.controller.service import Controller, ControllerConfig
-from cim_place.cluster.events.store import (
-    EventPublisher,
-    attach_leaf,
-    ensure_event_store,
-    ensure_outbox,
-)
+from cim_place.cluster.events.publisher import EventPublisher
+from cim_place.cluster.events.sources import attach_leaf
+from cim_place.cluster.events.store import ensure_event_store, ensure_outbox
 from cim_place.cluster.events.types import ObjectStored, event_envelope
 from cim_place.cluster.exchange.fetch import wait_for_holder
 from cim_place.cluster.exchange.upload_client import upload

@@ -48,7 +48,8 @@ import aiohttp
 import transfer
 from aiohttp import web
 
-from cim_place.cluster.exchange.fetch import Holder, fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.fetch import fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.nats.connection import connect
 from cim_place.http.domain import DomainContent
 from cim_place.http.gateway import Gateway

@@ -44,7 +44,8 @@ from aiohttp import web
 from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.events.store import ensure_event_store
-from cim_place.cluster.exchange.fetch import Holder, fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.fetch import fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.nats.connection import connect, connected, jetstream
 from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.http.s3 import S3Node, build_s3_app

@@ -58,8 +58,10 @@ from pathlib import Path
 from typing import Any
 
 from cim_place.cluster.exchange.blocks import BlockServer
-from cim_place.cluster.exchange.fetch import Holder, fetch_dag, wait_for_holder
-from cim_place.cluster.exchange.stream import BlockStreamServer, client_tls, server_tls
+from cim_place.cluster.exchange.fetch import fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.fetch_model import Holder
+from cim_place.cluster.exchange.stream import BlockStreamServer
+from cim_place.cluster.exchange.stream_wire import client_tls, server_tls
 from cim_place.cluster.nats.connection import connect
 from cim_place.local.servers import NatsServer, add_leaf, start_hub
 from cim_place.objectstore.blockstore import FsBlockStore

@@ -10,7 +10,7 @@ from __future__ import annotations
 from cim_place import interfaces
 from cim_place.cluster.agent.inventory import InventoryService
 from cim_place.cluster.agent.scrubbing import ScrubService
-from cim_place.cluster.events.store import EventPublisher
+from cim_place.cluster.events.publisher import EventPublisher
 from cim_place.cluster.exchange.blocks import BlockServer
 from cim_place.cluster.exchange.fetch import fetch_dag
 from cim_place.cluster.exchange.holders import HolderResponder

@@ -36,7 +36,7 @@ from cim_place.objectstore.cid import Cid
 
 if TYPE_CHECKING:  # types only: this module is imported by the lowest layers
     from cim_place.cluster.events.types import AnyEvent
-    from cim_place.cluster.exchange.fetch import FetchResult, Holder
+    from cim_place.cluster.exchange.fetch_model import FetchResult, Holder
     from cim_place.cluster.nats.envelope import Envelope
     from cim_place.cluster.state.nodes import NodeRecord
     from cim_place.cluster.state.policies import StoredSet
@@ -150,8 +150,9 @@ class Service(Protocol):
 
 
 class EventLog(Protocol):
-    """Where a node records what happened (:class:`cim_place.cluster.events.store.EventPublisher`):
-    every event persisted, in order per node, delivered to the hub even across link cuts."""
+    """Where a node records what happened
+    (:class:`cim_place.cluster.events.publisher.EventPublisher`): every event persisted, in order
+    per node, delivered to the hub even across link cuts."""
 
     async def publish_event(
         self, event: AnyEvent, *, owner: str | None = None, cause: Envelope | None = None

@@ -16,7 +16,7 @@ Fixtures (function scoped unless noted):
 Helpers: ``until(check, what, timeout=60)`` waits for a condition under a generous wall-clock
 limit (a guard against hangs on a loaded machine, never a speed check);
 ``secured_server(directory, users, name)`` starts one hub server (domain ``hub``) whose
-accounts are the given generated users (``cim_place.cluster.nats.security``); ``.url(user)`` gives a
+accounts are the given generated users (``cim_place.cluster.nats.users``); ``.url(user)`` gives a
 client URL with that user's credentials.
 
 Every server is stopped at teardown whether or not the test failed; ``nats_server_children()``
@@ -37,7 +37,7 @@ import pytest
 from nats.aio.client import Client
 
 from cim_place.cluster.nats.connection import connected
-from cim_place.cluster.nats.security import User, render_accounts
+from cim_place.cluster.nats.users import User, render_accounts
 from cim_place.local.servers import (
     Hub,
     NatsServer,

@@ -41,7 +41,7 @@ from cim_place.objectstore import cid as cids
 from cim_place.policies.quantities import parse_size
 
 if TYPE_CHECKING:
-    from cim_place.cluster.exchange.fetch import BlockUnavailableError
+    from cim_place.cluster.exchange.fetch_model import BlockUnavailableError
 
 
 def _volume_flag(text: str, index: int) -> VolumeConfig:
@@ -234,7 +234,8 @@ def get_command(
 ) -> None:
     """Fetch content from whichever nodes hold it, verifying every block."""
     # The data path is imported only by the commands that move data.
-    from cim_place.cluster.exchange.fetch import BlockUnavailableError, fetch_dag
+    from cim_place.cluster.exchange.fetch import fetch_dag
+    from cim_place.cluster.exchange.fetch_model import BlockUnavailableError
     from cim_place.cluster.exchange.holders import find_holders
     from cim_place.cluster.state.names import NameRegistry
     from cim_place.objectstore.blockstore import FsBlockStore

@@ -13,8 +13,9 @@ from typing import Annotated
 import typer
 
 from cim_place.cli._output import handles_errors
-from cim_place.cluster.nats.security import SecurityConfigError, plan_domain, render_files
+from cim_place.cluster.nats.security import SecurityConfigError
 from cim_place.cluster.nats.subjects import DEFAULT_PREFIX, HUB_DOMAIN, Subjects
+from cim_place.cluster.nats.users import plan_domain, render_files
 
 app = typer.Typer(
     help="NATS users and permissions of a domain (see docs/SECURITY.md).", no_args_is_help=True

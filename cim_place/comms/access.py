@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cim_place.cluster.exchange.fetch import BlockUnavailableError, Labels, fetch_dag
+from cim_place.cluster.exchange.fetch import fetch_dag
+from cim_place.cluster.exchange.fetch_model import BlockUnavailableError, Labels
 from cim_place.cluster.exchange.holders import find_holders
 from cim_place.cluster.nats.security import AccessDeniedError
 from cim_place.cluster.nats.subjects import Subjects

@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from cim_place.cluster.events.readers import EventSubscription, subscribe_events
-from cim_place.cluster.exchange.fetch import Labels
+from cim_place.cluster.exchange.fetch_model import Labels
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.envelope import KINDS, Content, Envelope, EnvelopeError, Kind, decode
 from cim_place.cluster.nats.security import identity_of

@@ -21,7 +21,8 @@ from typing import Any
 import nats.errors
 from aiohttp import web
 
-from cim_place.cluster.exchange.fetch import Holder, Labels, fetch_dag
+from cim_place.cluster.exchange.fetch import fetch_dag
+from cim_place.cluster.exchange.fetch_model import Holder, Labels
 from cim_place.cluster.exchange.holders import find_block_holders
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.security import may_read

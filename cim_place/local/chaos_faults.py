@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from cim_place.cluster.events.store import EventPublisher
+from cim_place.cluster.events.publisher import EventPublisher
 from cim_place.cluster.events.types import NodeJoined, ObjectStored, TaskCompleted
 from cim_place.cluster.nats.connection import connected
 from cim_place.cluster.nats.security import agent_user

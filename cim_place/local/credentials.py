@@ -1,7 +1,7 @@
 """The users of a local domain: the production security model, generated for `cim-place up`.
 
 This module owns the credentials ``up`` gives every process it starts (``docs/SECURITY.md``):
-:func:`plan_local` builds the users with :func:`cim_place.cluster.nats.security.plan_domain`
+:func:`plan_local` builds the users with :func:`cim_place.cluster.nats.users.plan_domain`
 (one ``agent-<node>`` per leaf, one ``leaf-<node>`` link per leaf, the ``controller``, the
 read-only ``operator``) and adds ``admin``, the user of the CLI: at the hub the operator's reads
 plus what the README's commands write (policies, names, drain flags, uploads through any agent,
@@ -22,18 +22,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cim_place.cluster.nats import kv
-from cim_place.cluster.nats.security import (
-    LEAF_PREFIX,
-    DomainPlan,
+from cim_place.cluster.nats.permissions import (
     Permissions,
-    User,
-    inbox_prefix,
     leaf_link_permissions,
     operator_permissions,
-    plan_domain,
     reader_permissions,
 )
+from cim_place.cluster.nats.security import LEAF_PREFIX, inbox_prefix
 from cim_place.cluster.nats.subjects import HUB_DOMAIN, Subjects
+from cim_place.cluster.nats.users import DomainPlan, User, plan_domain
 from cim_place.errors import CimPlaceError
 
 __all__ = [

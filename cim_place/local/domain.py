@@ -45,14 +45,9 @@ from nats.js import JetStreamContext
 
 from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.nats.connection import connect, jetstream
-from cim_place.cluster.nats.security import (
-    ACCOUNT,
-    CONTROLLER,
-    OPERATOR,
-    agent_user,
-    render_accounts,
-)
+from cim_place.cluster.nats.security import ACCOUNT, CONTROLLER, OPERATOR, agent_user
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
+from cim_place.cluster.nats.users import render_accounts
 from cim_place.cluster.state.leader import LeaderRecord, read_leader
 from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.state.policies import PolicyStore

@@ -203,7 +203,7 @@ def test_a_tombstone_from_a_node_is_not_read(domain: Path) -> None:
     subjects is filtered out of the controller's feed."""
     import asyncio
 
-    from cim_place.cluster.events.store import EventPublisher
+    from cim_place.cluster.events.publisher import EventPublisher
     from cim_place.cluster.events.types import ObjectDeleted
     from cim_place.cluster.nats.connection import connected, jetstream
     from cim_place.objectstore import cid as cids

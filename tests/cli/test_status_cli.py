@@ -20,12 +20,9 @@ from typing import Any
 import pytest
 
 from cim_place.cli.context import DomainContext, NodeEntry, write_context
-from cim_place.cluster.events.store import (
-    EventPublisher,
-    attach_leaf,
-    ensure_event_store,
-    ensure_outbox,
-)
+from cim_place.cluster.events.publisher import EventPublisher
+from cim_place.cluster.events.sources import attach_leaf
+from cim_place.cluster.events.store import ensure_event_store, ensure_outbox
 from cim_place.cluster.events.types import TaskFailed
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.state.locations import LocationStore

@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 
 from cim_place.cluster.controller.service import Controller, ControllerConfig
-from cim_place.cluster.events.store import EventPublisher, attach_leaf, ensure_outbox
+from cim_place.cluster.events.publisher import EventPublisher
+from cim_place.cluster.events.sources import attach_leaf
+from cim_place.cluster.events.store import ensure_outbox
 from cim_place.cluster.events.types import ObjectStored
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.state.nodes import NodeRecord, VolumeStatus, nodes_bucket

@@ -29,11 +29,8 @@ from cim_place.cluster.exchange.holders import HolderResponder
 from cim_place.cluster.exchange.upload_server import UploadService
 from cim_place.cluster.nats.connection import connect, connected, jetstream
 from cim_place.cluster.nats.envelope import Content, Envelope
-from cim_place.cluster.nats.security import (
-    ReadAccess,
-    plan_domain,
-    render_accounts,
-)
+from cim_place.cluster.nats.security import ReadAccess
+from cim_place.cluster.nats.users import plan_domain, render_accounts
 from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.comms import (
     DEFAULT_OFFLOAD_THRESHOLD,

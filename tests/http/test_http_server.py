@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cim_place.cluster.exchange.fetch import Labels
+from cim_place.cluster.exchange.fetch_model import Labels
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.locations import LocationStore

@@ -25,7 +25,7 @@ from cim_place.cluster.agent.config import load_agent_config
 from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.controller.metrics import ControllerMetrics
 from cim_place.cluster.nats.connection import jetstream
-from cim_place.cluster.nats.security import plan_domain, render_files
+from cim_place.cluster.nats.users import plan_domain, render_files
 from cim_place.local.servers import Hub, NatsServer, ServerSpec, find_nats_server, free_port
 
 pytestmark = pytest.mark.nats

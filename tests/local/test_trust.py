@@ -27,7 +27,7 @@ import pytest
 from nats.aio.client import Client
 
 from cim_place.cluster.controller.inventory import INVENTORY_BUCKET
-from cim_place.cluster.events.store import EventPublisher
+from cim_place.cluster.events.publisher import EventPublisher
 from cim_place.cluster.events.types import (
     InventoryDigest,
     NodeJoined,

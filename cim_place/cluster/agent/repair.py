@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.agent.scrubbing import ScrubService
-from cim_place.cluster.exchange.fetch import FetchResult, Holder
+from cim_place.cluster.exchange.fetch_model import FetchResult, Holder
 from cim_place.cluster.exchange.ratelimit import BandwidthLimit, Throttle, combined
 from cim_place.cluster.tasks.model import Task
 from cim_place.errors import StoreError

@@ -41,7 +41,9 @@ from cim_place.cluster.agent.repair import (
     sweep_leftovers_forever,
 )
 from cim_place.cluster.agent.scrubbing import ForegroundReads, ScrubService
-from cim_place.cluster.events.store import EventPublisher, attach_leaf, ensure_outbox, nudge_sources
+from cim_place.cluster.events.publisher import EventPublisher
+from cim_place.cluster.events.sources import attach_leaf, nudge_sources
+from cim_place.cluster.events.store import ensure_outbox
 from cim_place.cluster.events.types import (
     InventoryDigest,
     NodeJoined,
@@ -51,16 +53,12 @@ from cim_place.cluster.events.types import (
     inventory_digest,
 )
 from cim_place.cluster.exchange.blocks import BlockServer, VolumeSet
-from cim_place.cluster.exchange.fetch import (
-    BandwidthLimit,
-    FetchResult,
-    Holder,
-    Labels,
-    fetch_dag,
-    request_timeout,
-)
+from cim_place.cluster.exchange.fetch import fetch_dag
+from cim_place.cluster.exchange.fetch_model import FetchResult, Holder, Labels, request_timeout
 from cim_place.cluster.exchange.holders import HolderResponder, find_holders, holder_of
-from cim_place.cluster.exchange.stream import BlockStreamServer, client_tls, server_tls
+from cim_place.cluster.exchange.ratelimit import BandwidthLimit
+from cim_place.cluster.exchange.stream import BlockStreamServer
+from cim_place.cluster.exchange.stream_wire import client_tls, server_tls
 from cim_place.cluster.exchange.upload_server import UploadService
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.envelope import Envelope

@@ -39,7 +39,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from cim_place.cluster.events.store import EventPublisher, attach_hub_outbox, ensure_outbox
+from cim_place.cluster.events.publisher import EventPublisher
+from cim_place.cluster.events.sources import attach_hub_outbox
+from cim_place.cluster.events.store import ensure_outbox
 from cim_place.cluster.events.types import ObjectDeleted
 from cim_place.cluster.nats.kv import NAMES
 from cim_place.cluster.nats.subjects import Subjects

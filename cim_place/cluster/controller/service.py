@@ -54,8 +54,10 @@ from cim_place.cluster.controller.repairs import RepairSlots
 from cim_place.cluster.controller.snapshot import RetentionPolicy, SnapshotPolicy, Snapshots
 from cim_place.cluster.controller.status_api import StatusQueries
 from cim_place.cluster.controller.status_index import StatusIndex
-from cim_place.cluster.events.readers import EventFeed, StoredEvent
-from cim_place.cluster.events.store import ensure_event_store, hub_size, nudge_sources
+from cim_place.cluster.events.feed import EventFeed
+from cim_place.cluster.events.readers import StoredEvent
+from cim_place.cluster.events.sources import nudge_sources
+from cim_place.cluster.events.store import ensure_event_store, hub_size
 from cim_place.cluster.events.types import (
     EVENT_TYPES,
     InventoryDigest,

@@ -4,9 +4,8 @@ This module owns the ``<prefix>.has`` subject (``Subjects.has``), shared by ever
 fetcher publishes one request naming the roots it looks for and collects the replies for a short
 while; each agent that holds at least one of them *pinned* (complete, by the store's promise)
 answers with those roots, its node id and its labels, so the fetcher can order the holders
-nearest first (``cim_place.cluster.exchange.fetch.order_holders``). Agents that hold none of them
-stay
-silent, which keeps the fan-in proportional to the number of holders, not of nodes.
+nearest first (``cim_place.cluster.exchange.fetch_model.order_holders``). Agents that hold none
+of them stay silent, which keeps the fan-in proportional to the number of holders, not of nodes.
 
 Wire format, DAG-CBOR (``cim_place.objectstore.dagcbor``), CIDs as links::
 
@@ -35,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cim_place.cluster.exchange.fetch import Holder
+from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import InvalidCidError, ProtocolError, StoreError
 from cim_place.interfaces import BlockSource, PinIndex
@@ -309,7 +308,7 @@ async def who_has(
 
     Publishes one query and gathers answers until ``timeout`` seconds have passed or
     ``expected`` agents have answered. A root nobody holds maps to an empty list. Holders of a
-    root are sorted by node id; order them by proximity with ``fetch.order_holders``. Answers
+    root are sorted by node id; order them by proximity with ``fetch_model.order_holders``. Answers
     that cannot be decoded are logged and skipped.
     """
     subject = (subjects if subjects is not None else Subjects()).has

@@ -2,29 +2,16 @@
 
 This module owns the fast data path of the block exchange. NATS keeps control: a fetcher asks
 the holder for a *stream grant* on the holder's block subject
-(``cim_place.cluster.exchange.blocks``,
-request kind GRANT); the holder checks access exactly as for a block request and answers with
-the address of its block stream, a random single-use token and the token's lifetime. The token
-is bound to the requester NATS authenticated and to the root named in the grant request. The
-bytes then flow over one TCP connection, without the three nats-server hops of the relay path
-(``docs/ARCHITECTURE.md``, "Bulk block stream", says why).
+(``cim_place.cluster.exchange.block_wire``, request kind GRANT); the holder checks access
+exactly as for a block request and answers with the address of its block stream, a random
+single-use token and the token's lifetime. The token is bound to the requester NATS
+authenticated and to the root named in the grant request. The bytes then flow over one TCP
+connection, without the three nats-server hops of the relay path (``docs/ARCHITECTURE.md``,
+"Bulk block stream", says why).
 
-Every frame starts with the same 6-byte header, ``tag u8, a u8, n u32`` (big endian)::
-
-    fetcher -> holder
-      0x20 HELLO    a=0            n=len(token)   token          first frame, within 10 s
-      0x10 GET      a=0            n=len(body)    body = (u8 len, cid)*   at most 1024 CIDs
-    holder -> fetcher
-      0x21 WELCOME  a=status       n=len(reason)  reason         answer to HELLO (0: accepted)
-      0x01 BLOCK    a=len(cid)     n=len(data)    cid data
-      0x02 MISSING  a=len(cid)     n=0            cid
-      0x03 END      a=status       n=len(reason)  reason         closes the answer to one GET
-
-GETs may be pipelined; the holder answers them in order, each with one record per CID (in the
-order asked) and an END. ``status`` is ``blocks.Status``. A CID the holder does not have, whose
-local copy is corrupt, or that is not part of the granted root is MISSING; a requester that may
-no longer read the root gets END NOT_ALLOWED. Any framing error, an unknown or expired token, or
-an oversized request closes the connection; the server counts and logs, and never raises.
+The frames are those of :mod:`cim_place.cluster.exchange.stream_wire`; the fetcher's side is
+:mod:`cim_place.cluster.exchange.stream_client`. This module owns the holder's side: the
+``BlockStreamServer`` (grants, tokens, connections, answers).
 
 With TLS configured (``tls`` of the server: the agent's ``blocks.tls``), the holder advertises
 ``tls://host:port`` and speaks the same frames inside TLS; the fetcher then verifies the holder's
@@ -43,53 +30,37 @@ import logging
 import secrets
 import socket
 import ssl
-import struct
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cim_place.cluster.exchange.blocks import (
-    MAX_BLOCK_SIZE,
-    MAX_REQUEST_BYTES,
-    MAX_REQUEST_CIDS,
-    End,
-    Grant,
-    Missing,
-    ProtocolError,
-    ServeStats,
-    Status,
-    read_served,
+from cim_place.cluster.exchange.block_wire import MAX_REQUEST_BYTES, Grant, Status
+from cim_place.cluster.exchange.blocks import ServeStats, read_served
+from cim_place.cluster.exchange.stream_wire import (
+    HEADER,
+    MAX_REASON,
+    TAG_BLOCK,
+    TAG_END,
+    TAG_GET,
+    TAG_HELLO,
+    TAG_MISSING,
+    TAG_WELCOME,
+    TLS_SCHEME,
+    decode_get,
+    frame,
+    parse_address,
 )
 from cim_place.cluster.nats.security import ReadAccess, RootMembers
-from cim_place.errors import InvalidCidError
+from cim_place.errors import ProtocolError
 from cim_place.interfaces import BlockSource
-from cim_place.objectstore.cid import Cid, split
+from cim_place.objectstore.cid import Cid
 
-__all__ = [
-    "DEFAULT_LISTEN",
-    "Block",
-    "BlockStreamServer",
-    "StreamClient",
-    "StreamRefusedError",
-    "StreamStats",
-    "client_tls",
-    "parse_address",
-    "server_tls",
-]
+__all__ = ["DEFAULT_LISTEN", "BlockStreamServer", "StreamStats"]
 
 _log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:0"
 """Where an agent's block stream listens unless configured: loopback, a free port."""
-
-_HEADER = struct.Struct(">BBI")
-TAG_BLOCK = 0x01
-TAG_MISSING = 0x02
-TAG_END = 0x03
-TAG_GET = 0x10
-TAG_HELLO = 0x20
-TAG_WELCOME = 0x21
 
 TOKEN_BYTES = 32
 GRANT_TTL = 30.0
@@ -98,28 +69,11 @@ HELLO_TIMEOUT = 10.0
 IDLE_TIMEOUT = 120.0
 """A connection that sends no request for this long is closed."""
 MAX_CONNECTIONS = 64
-_MAX_CID_BYTES = 128
-_MAX_REASON = 512
 _READ_AHEAD = 3
 """Blocks read from disk (in threads) ahead of the one being written to the socket."""
 _WRITE_HIGH_WATER = 4 << 20
-_READ_LIMIT = 16 << 20
-"""StreamReader buffer of a fetcher: a few blocks, so reads do not pause the socket per block."""
 _MAX_GRANTS = 4096
 _ROOT_CACHE = 64
-
-
-class StreamRefusedError(ProtocolError):
-    """The holder refused the connection (bad or expired token, too many connections)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Block:
-    """A block received on the stream (not yet verified)."""
-
-    cid: Cid
-    data: bytearray
-    """Received straight into this buffer (it is not copied again)."""
 
 
 @dataclass(slots=True)
@@ -144,74 +98,6 @@ class _Ticket:
     root: Cid
     requester: str | None
     expires: float
-
-
-TLS_SCHEME = "tls://"
-
-
-def server_tls(cert: str, key: str) -> ssl.SSLContext:
-    """The holder's TLS context from a PEM certificate (chain) and key; raises OSError or
-    ssl.SSLError naming what is wrong."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
-
-
-def client_tls(ca: str | None = None) -> ssl.SSLContext:
-    """The fetcher's TLS context: verifies holders against ``ca`` (PEM), else the system's
-    trust store (``SSL_CERT_FILE`` included)."""
-    context = ssl.create_default_context(cafile=ca)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """(host, port) of ``host:port`` (``[v6]:port`` too, and ``tls://`` before either);
-    raises ValueError saying why."""
-    host, sep, port = text.removeprefix(TLS_SCHEME).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:0)")
-    return host.strip("[]"), int(port)
-
-
-def _frame(tag: int, a: int, payload: bytes = b"") -> bytes:
-    return _HEADER.pack(tag, a, len(payload)) + payload
-
-
-def encode_get(cids: Sequence[Cid]) -> bytes:
-    """The GET frame for ``cids``."""
-    if len(cids) > MAX_REQUEST_CIDS:
-        raise ValueError(f"{len(cids)} CIDs in one request; at most {MAX_REQUEST_CIDS}")
-    body = bytearray()
-    for cid in cids:
-        body.append(len(cid))
-        body += cid
-    return _frame(TAG_GET, 0, bytes(body))
-
-
-def decode_get(body: bytes) -> list[Cid]:
-    """The CIDs of a GET body; raises ProtocolError saying what is wrong."""
-    cids: list[Cid] = []
-    pos = 0
-    while pos < len(body):
-        size = body[pos]
-        pos += 1
-        if size == 0 or size > _MAX_CID_BYTES or pos + size > len(body):
-            raise ProtocolError(f"CID #{len(cids)} has an impossible length {size}")
-        cid = bytes(body[pos : pos + size])
-        pos += size
-        try:
-            split(cid)
-        except (ValueError, InvalidCidError) as exc:
-            raise ProtocolError(f"request names an invalid CID: {exc}") from None
-        cids.append(cid)
-        if len(cids) > MAX_REQUEST_CIDS:
-            raise ProtocolError(f"request names more than {MAX_REQUEST_CIDS} CIDs")
-    return cids
-
-
-# -- the holder's side ---------------------------------------------------------------------------
 
 
 class BlockStreamServer:
@@ -328,7 +214,7 @@ class BlockStreamServer:
             self.serve_stats.malformed += 1
             _log.warning("block stream from %s: %s; connection closed", peer, exc)
             with contextlib.suppress(Exception):
-                writer.write(_frame(TAG_END, Status.MALFORMED, str(exc).encode()[:_MAX_REASON]))
+                writer.write(frame(TAG_END, Status.MALFORMED, str(exc).encode()[:MAX_REASON]))
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
             self.stats.broken += 1
             _log.debug("block stream from %s ended: %r", peer, exc)
@@ -350,7 +236,7 @@ class BlockStreamServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
     ) -> None:
         async with asyncio.timeout(HELLO_TIMEOUT):
-            tag, _, n = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+            tag, _, n = HEADER.unpack(await reader.readexactly(HEADER.size))
             if tag != TAG_HELLO or n != TOKEN_BYTES:
                 raise ProtocolError(f"expected a HELLO with a {TOKEN_BYTES}-byte token")
             token = await reader.readexactly(n)
@@ -363,20 +249,20 @@ class BlockStreamServer:
         if refusal:
             self.stats.bad_tokens += 1
             _log.warning("block stream from %s refused: %s", peer, refusal)
-            writer.write(_frame(TAG_WELCOME, Status.NOT_ALLOWED, refusal.encode()))
+            writer.write(frame(TAG_WELCOME, Status.NOT_ALLOWED, refusal.encode()))
             await writer.drain()
             return
         assert ticket is not None
-        writer.write(_frame(TAG_WELCOME, Status.OK))
+        writer.write(frame(TAG_WELCOME, Status.OK))
         while True:
             try:
                 async with asyncio.timeout(self.idle_timeout):
-                    head = await reader.readexactly(_HEADER.size)
+                    head = await reader.readexactly(HEADER.size)
             except asyncio.IncompleteReadError as exc:
                 if not exc.partial:
                     return  # the fetcher is done and closed the connection
                 raise
-            tag, _, n = _HEADER.unpack(head)
+            tag, _, n = HEADER.unpack(head)
             if tag != TAG_GET:
                 raise ProtocolError(f"unknown frame 0x{tag:02x} where a GET was expected")
             if n > MAX_REQUEST_BYTES:
@@ -394,7 +280,7 @@ class BlockStreamServer:
             if reason is not None:
                 stats.refused += 1
                 _log.info("block stream refused a request: %s", reason)
-                writer.write(_frame(TAG_END, Status.NOT_ALLOWED, reason.encode()[:_MAX_REASON]))
+                writer.write(frame(TAG_END, Status.NOT_ALLOWED, reason.encode()[:MAX_REASON]))
                 await writer.drain()
                 return
         members = await self._members_of(ticket.root)
@@ -406,21 +292,21 @@ class BlockStreamServer:
                 reads.append(loop.run_in_executor(None, read_served, self.store, queue.popleft()))
             if cid not in members:
                 stats.missing += 1
-                writer.write(_HEADER.pack(TAG_MISSING, len(cid), 0) + cid)
+                writer.write(HEADER.pack(TAG_MISSING, len(cid), 0) + cid)
                 continue
             data, problem = await reads.popleft()
             if data is None:
                 stats.count_unservable(cid, problem)
-                writer.write(_HEADER.pack(TAG_MISSING, len(cid), 0) + cid)
+                writer.write(HEADER.pack(TAG_MISSING, len(cid), 0) + cid)
                 continue
-            writer.write(_HEADER.pack(TAG_BLOCK, len(cid), len(data)) + cid)
+            writer.write(HEADER.pack(TAG_BLOCK, len(cid), len(data)) + cid)
             writer.write(data)
             stats.blocks_served += 1
             stats.bytes_served += len(data)
             self.stats.blocks += 1
             self.stats.bytes += len(data)
             await writer.drain()
-        writer.write(_frame(TAG_END, Status.OK))
+        writer.write(frame(TAG_END, Status.OK))
         await writer.drain()
 
     async def _members_of(self, root: Cid) -> frozenset[Cid]:
@@ -429,223 +315,3 @@ class BlockStreamServer:
         if cached is not None:
             return cached
         return self._members.remember(root, *await asyncio.to_thread(self._members.walk, root))
-
-
-# -- the fetcher's side --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Welcome:
-    status: int
-    reason: str
-
-
-_Record = Block | Missing | End | _Welcome
-_HEAD, _SMALL, _DATA = 0, 1, 2
-_SCRATCH = 64 << 10
-
-
-class _Receiver(asyncio.BufferedProtocol):
-    """Parses the holder's frames as they arrive, straight into each block's own buffer.
-
-    Block payloads of 64 KiB and more are received by the socket directly into the block's
-    bytearray (no copy at all); the rest goes through a scratch buffer. Measured on loopback,
-    this costs a tenth of the CPU of ``StreamReader.readexactly``, whose buffer copies dominated
-    the fetcher's profile. Parsed records wait in a queue; past ``limit`` queued bytes the
-    socket is paused until the fetcher catches up.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.transport: asyncio.Transport | None = None
-        self.records: deque[_Record] = deque()
-        self.queued = 0
-        self.paused = False
-        self.error: BaseException | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.scratch = memoryview(bytearray(_SCRATCH))
-        self.direct = False
-        self.state = _HEAD
-        self.small = bytearray()
-        self.want = _HEADER.size
-        self.tag = self.a = self.n = 0
-        self.cid = b""
-        self.data = bytearray()
-        self.pos = 0
-
-    # asyncio callbacks
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self.state == _DATA and self.n - self.pos >= _SCRATCH:
-            self.direct = True
-            return memoryview(self.data)[self.pos :]
-        self.direct = False
-        return self.scratch
-
-    def buffer_updated(self, nbytes: int) -> None:
-        try:
-            if self.direct:
-                self.pos += nbytes
-                if self.pos == self.n:
-                    self._emit(Block(self.cid, self.data))
-            else:
-                self._feed(self.scratch[:nbytes])
-        except ProtocolError as exc:
-            self._fail(exc)
-            if self.transport is not None:
-                self.transport.abort()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(exc if exc is not None else EOFError("the holder closed the block stream"))
-
-    # parsing
-    def _feed(self, chunk: memoryview) -> None:
-        i, end = 0, len(chunk)
-        while i < end:
-            if self.state == _DATA:
-                k = min(end - i, self.n - self.pos)
-                self.data[self.pos : self.pos + k] = chunk[i : i + k]
-                self.pos += k
-                i += k
-                if self.pos == self.n:
-                    self._emit(Block(self.cid, self.data))
-                continue
-            k = min(end - i, self.want - len(self.small))
-            self.small += chunk[i : i + k]
-            i += k
-            if len(self.small) == self.want:
-                self._step()
-
-    def _step(self) -> None:
-        """A header or its small payload (CID, reason) is complete."""
-        if self.state == _HEAD:
-            self.tag, self.a, self.n = _HEADER.unpack(self.small)
-            self.small = bytearray()
-            if self.tag in (TAG_END, TAG_WELCOME):
-                if self.n > _MAX_REASON:
-                    raise ProtocolError(f"frame 0x{self.tag:02x} with a {self.n}-byte reason")
-                self.want = self.n
-            elif self.tag in (TAG_BLOCK, TAG_MISSING) and 0 < self.a <= _MAX_CID_BYTES:
-                if self.n > MAX_BLOCK_SIZE or (self.tag == TAG_MISSING and self.n):
-                    raise ProtocolError(f"frame 0x{self.tag:02x} with {self.n} bytes of data")
-                self.want = self.a
-            else:
-                raise ProtocolError(f"unexpected frame 0x{self.tag:02x} (a={self.a})")
-            self.state = _SMALL
-            if self.want == 0:
-                self._step()
-            return
-        small, self.small = bytes(self.small), bytearray()
-        if self.tag == TAG_END:
-            try:
-                status = Status(self.a)
-            except ValueError:
-                status = Status.SERVER_ERROR
-            self._emit(End(0, status, small.decode("utf-8", "replace")))
-        elif self.tag == TAG_WELCOME:
-            self._emit(_Welcome(self.a, small.decode("utf-8", "replace")))
-        elif self.tag == TAG_MISSING:
-            self._emit(Missing(small))
-        else:
-            self.cid = small
-            self.data = bytearray(self.n)
-            self.pos = 0
-            self.state = _DATA
-            if self.n == 0:
-                self._emit(Block(self.cid, self.data))
-
-    def _emit(self, record: _Record) -> None:
-        self.records.append(record)
-        if isinstance(record, Block):
-            self.queued += len(record.data)
-            self.data = bytearray()
-        self.state = _HEAD
-        self.want = _HEADER.size
-        if self.queued > self.limit and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-        self._wake()
-
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def next(self, timeout: float) -> _Record:
-        async with asyncio.timeout(timeout):
-            while not self.records:
-                if self.error is not None:
-                    raise self.error
-                self.waiter = asyncio.get_running_loop().create_future()
-                await self.waiter
-        record = self.records.popleft()
-        if isinstance(record, Block):
-            self.queued -= len(record.data)
-            if self.paused and self.queued <= self.limit // 2 and self.transport is not None:
-                self.paused = False
-                self.transport.resume_reading()
-        return record
-
-
-class StreamClient:
-    """One connection to a holder's block stream: ``open``, ``send_get``, ``read`` records."""
-
-    def __init__(self, transport: asyncio.Transport, receiver: _Receiver) -> None:
-        self.transport = transport
-        self.receiver = receiver
-
-    @classmethod
-    async def open(
-        cls, address: str, token: bytes, *, timeout: float, tls: ssl.SSLContext | None = None
-    ) -> StreamClient:
-        """Connect and present ``token``; raises OSError (ssl.SSLError included), TimeoutError,
-        StreamRefusedError. A ``tls://`` address is verified with ``tls`` (default:
-        ``client_tls()``)."""
-        host, port = parse_address(address)
-        context: ssl.SSLContext | None = None
-        if address.startswith(TLS_SCHEME):
-            context = tls if tls is not None else client_tls()
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
-            transport, receiver = await loop.create_connection(
-                lambda: _Receiver(_READ_LIMIT),
-                host,
-                port,
-                ssl=context,
-                server_hostname=host if context is not None else None,
-            )
-        client = cls(transport, receiver)
-        try:
-            transport.write(_frame(TAG_HELLO, 0, token))
-            welcome = await receiver.next(timeout)
-            if not isinstance(welcome, _Welcome):
-                raise ProtocolError(f"expected WELCOME, got {type(welcome).__name__}")
-            if welcome.status != Status.OK:
-                raise StreamRefusedError(f"block stream {address} refused: {welcome.reason}")
-        except BaseException:
-            await client.close()
-            raise
-        return client
-
-    def send_get(self, cids: Sequence[Cid]) -> None:
-        self.transport.write(encode_get(cids))
-
-    async def read(self, timeout: float) -> Block | Missing | End:
-        """The next record; raises ProtocolError, EOFError, OSError, TimeoutError."""
-        record = await self.receiver.next(timeout)
-        if isinstance(record, _Welcome):
-            raise ProtocolError("a second WELCOME")
-        return record
-
-    async def close(self) -> None:
-        self.transport.close()

@@ -1,31 +1,34 @@
 """The agent side of uploads: ``UploadService`` takes sessions on ``Subjects.agent_add(node)``.
 
 It owns the sessions: opening (with the access check of ``upload_access`` and the volume
-choice), numbered chunks fed to an importer thread through a ``ChunkPipe``, acknowledgements
-once the importer has consumed them, the pin at the end and idle timeouts. The protocol itself
-is described in ``upload_wire``.
+choice), and the messages of a session, numbered chunks fed to an importer thread through a
+``ChunkPipe``, finish and abort. What follows, acknowledgements once the importer has consumed
+chunks, the pin at the end and idle timeouts, is in ``upload_session``. The protocol itself is
+described in ``upload_wire``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from cim_place.cluster.exchange.upload_access import _Refused, upload_owner
 from cim_place.cluster.exchange.upload_pipe import ChunkPipe
+from cim_place.cluster.exchange.upload_session import (
+    OnPinned,
+    UploadSession,
+    UploadSessions,
+    UploadStats,
+)
 from cim_place.cluster.exchange.upload_wire import (
     _ABORT,
-    _ACK,
     _DATA,
-    _DONE,
     _FINISH,
     _MIN_CHUNK,
     _OPEN,
@@ -41,8 +44,6 @@ from cim_place.cluster.exchange.upload_wire import (
     MALFORMED,
     STOPPING,
     STORE,
-    TIMEOUT,
-    UploadAborted,
     _body,
     _control,
     _count,
@@ -56,13 +57,11 @@ from cim_place.cluster.exchange.upload_wire import (
 from cim_place.cluster.nats.security import requester_of
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import StoreError, StoreFullError
-from cim_place.interfaces import Pin
 from cim_place.objectstore import dagcbor
-from cim_place.objectstore.cid import to_str
 from cim_place.objectstore.store import ObjectStore
 from cim_place.objectstore.unixfs import DEFAULT_PROFILE, get_profile
 
-__all__ = ["DEFAULT_MAX_SESSIONS", "OnPinned", "UploadService", "UploadStats"]
+__all__ = ["DEFAULT_MAX_SESSIONS", "UploadService"]
 
 _log = logging.getLogger(__name__)
 
@@ -70,52 +69,8 @@ DEFAULT_WINDOW = 8
 DEFAULT_MAX_SESSIONS = 4
 DEFAULT_IDLE_TIMEOUT = 30.0
 
-OnPinned = Callable[[Pin], Awaitable[None] | None]
-"""Called on the event loop after an upload is pinned, before the client hears ``done``."""
 
-
-class UploadStats:
-    """Counters of an UploadService, for metrics (monotonic since start)."""
-
-    sessions: int = 0
-    """Sessions opened."""
-    pinned: int = 0
-    bytes_received: int = 0
-    chunks_received: int = 0
-    duplicates: int = 0
-    """Data messages received twice (ignored)."""
-    refused: int = 0
-    """Open requests refused (busy, full, invalid)."""
-    failed: int = 0
-    """Sessions ended without a pin (aborted, timed out, lost chunks, full, store errors)."""
-    malformed: int = 0
-    """Messages ignored or refused as not following the protocol, or for no known session."""
-    hook_errors: int = 0
-    """``on_pinned`` calls that raised (the pin stands; the event must be repaired later)."""
-
-
-@dataclass(slots=True)
-class _Session:
-    id: bytes
-    inbox: str
-    name: str | None
-    owner: str
-    metadata: dict[str, str]
-    profile: str
-    pipe: ChunkPipe
-    next_seq: int = 0
-    received: int = 0
-    finished: bool = False
-    ended: bool = False
-    last_activity: float = field(default_factory=time.monotonic)
-    acked: int = 0
-    ack_target: int = 0
-    ack_task: asyncio.Task[None] | None = None
-    """The task that sends acknowledgements; None or done when none is being sent."""
-    task: asyncio.Task[None] | None = None
-
-
-class UploadService:
+class UploadService(UploadSessions):
     """Takes uploads into ``store`` on ``Subjects.agent_add(node)``.
 
     Usage::
@@ -162,7 +117,7 @@ class UploadService:
         self.idle_timeout = idle_timeout
         self.headroom = headroom
         self.stats = UploadStats()
-        self._sessions: dict[bytes, _Session] = {}
+        self._sessions: dict[bytes, UploadSession] = {}
         self._sub: Any = None
         self._watchdog: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -281,7 +236,7 @@ class UploadService:
         def consumed(count: int) -> None:  # in the importer's thread
             loop.call_soon_threadsafe(self._consumed, session_id, count)
 
-        session = _Session(
+        session = UploadSession(
             id=session_id,
             inbox=inbox,
             name=name if isinstance(name, str) else None,
@@ -401,107 +356,3 @@ class UploadService:
         reason = body.get("reason")
         why = reason if isinstance(reason, str) and reason else "no reason given"
         self._end(session, ABORTED, f"the client aborted the upload: {why}")
-
-    def _end(self, session: _Session, code: str, message: str) -> None:
-        """Make the session's importer fail (no pin); its task reports ``code`` to the client."""
-        if session.ended:
-            return
-        session.ended = True
-        session.pipe.abort(code, message)
-
-    # -- the import --
-
-    async def _run(self, session: _Session, store: ObjectStore) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            try:
-                pin = await loop.run_in_executor(self._executor, self._import, session, store)
-            finally:
-                session.ended = True
-        except UploadAborted as exc:
-            self.stats.failed += 1
-            _log.info("upload session on %s ended without a pin: %s", self.node, exc)
-            await self._tell(session, _error(exc.code, str(exc)))
-        except StoreFullError as exc:
-            self.stats.failed += 1
-            _log.warning("upload to %s refused: %s", self.node, exc)
-            await self._tell(session, _error(FULL, str(exc)))
-        except StoreError as exc:
-            self.stats.failed += 1
-            _log.error("upload to %s failed: %s", self.node, exc)
-            await self._tell(session, _error(STORE, str(exc)))
-        except Exception as exc:
-            self.stats.failed += 1
-            _log.exception("upload to %s failed", self.node)
-            await self._tell(session, _error(STORE, f"the agent of {self.node} failed: {exc}"))
-        else:
-            self.stats.pinned += 1
-            await self._pinned(pin)
-            await self._tell(
-                session,
-                _control(_DONE, {"cid": to_str(pin.root), "size": pin.size, "blocks": pin.blocks}),
-            )
-        finally:
-            self._sessions.pop(session.id, None)
-
-    @staticmethod
-    def _import(session: _Session, store: ObjectStore) -> Pin:
-        return store.add(
-            session.pipe,  # type: ignore[arg-type]  # file-like: read/readinto
-            name=session.name,
-            profile=session.profile,
-            owner=session.owner,
-            metadata=session.metadata,
-        )
-
-    async def _pinned(self, pin: Pin) -> None:
-        if self.on_pinned is None:
-            return
-        try:
-            result = self.on_pinned(pin)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            self.stats.hook_errors += 1
-            _log.exception("on_pinned failed for %s (the pin stands)", to_str(pin.root))
-
-    async def _tell(self, session: _Session, message: bytes) -> None:
-        try:
-            await self.nc.publish(session.inbox, message)
-        except Exception as exc:  # the client is gone; nothing else to do
-            _log.debug("cannot reach the uploader of session %s: %s", session.id.hex(), exc)
-
-    # -- flow control and timeouts --
-
-    def _consumed(self, session_id: bytes, consumed: int) -> None:
-        """On the loop: the importer has read ``consumed`` chunks; acknowledge them."""
-        session = self._sessions.get(session_id)
-        if session is None:
-            return
-        session.last_activity = time.monotonic()
-        session.ack_target = max(session.ack_target, consumed)
-        if not session.ended and (session.ack_task is None or session.ack_task.done()):
-            session.ack_task = asyncio.create_task(self._send_acks(session))
-
-    async def _send_acks(self, session: _Session) -> None:
-        # One ack covers every chunk consumed by the time it is sent (acks are cumulative).
-        while session.acked < session.ack_target and not session.ended:
-            session.acked = session.ack_target
-            await self._tell(session, _control(_ACK, {"acked": session.acked}))
-
-    async def _watch_idle(self) -> None:
-        interval = max(0.05, min(1.0, self.idle_timeout / 4))
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for session in list(self._sessions.values()):
-                # After finish the client waits for the import, which is not idleness.
-                if session.finished or session.ended:
-                    continue
-                if now - session.last_activity > self.idle_timeout:
-                    self._end(
-                        session,
-                        TIMEOUT,
-                        f"upload to {self.node} made no progress for {self.idle_timeout:g} s "
-                        "and was dropped; upload again",
-                    )

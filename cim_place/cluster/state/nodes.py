@@ -39,7 +39,8 @@ LATE_BEATS = 3
 def heartbeat_grace(interval: float) -> float:
     """Seconds a node may stay silent before it counts as late: ``LATE_BEATS`` heartbeat
     intervals, at most the record's TTL. A peer that does not answer for this long is treated
-    as gone by the block exchange too (:func:`cim_place.cluster.exchange.fetch.request_timeout`).
+    as gone by the block exchange too
+    (:func:`cim_place.cluster.exchange.fetch_model.request_timeout`).
     """
     return min(NODE_TTL, LATE_BEATS * interval)
 

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from aiohttp import web
 from nats.js.client import JetStreamContext
 
-from cim_place.cluster.events.store import EventPublisher
+from cim_place.cluster.events.publisher import EventPublisher
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.names import NameRegistry
 from cim_place.errors import CimPlaceError, StoreFullError

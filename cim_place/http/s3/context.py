@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from cim_place.cluster.events.store import EventPublisher
+from cim_place.cluster.events.publisher import EventPublisher
 from cim_place.cluster.nats.envelope import Content, Envelope
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.names import NameRegistry, NamingError, check_name

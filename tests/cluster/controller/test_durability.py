@@ -22,14 +22,10 @@ import pytest
 from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.controller.service import Controller, ControllerConfig
-from cim_place.cluster.events.store import EventPublisher
+from cim_place.cluster.events.publisher import EventPublisher
 from cim_place.cluster.events.types import ObjectRemoved
-from cim_place.cluster.exchange.fetch import (
-    BlockUnavailableError,
-    Holder,
-    fetch_dag,
-    wait_for_holder,
-)
+from cim_place.cluster.exchange.fetch import fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.fetch_model import BlockUnavailableError, Holder
 from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.state.locations import LocationStore

@@ -19,8 +19,10 @@ from cim_place.cluster.controller.inventory import InventoryCheck
 from cim_place.cluster.controller.projection import Projection
 from cim_place.cluster.controller.service import Controller, ControllerConfig
 from cim_place.cluster.controller.snapshot import SNAPSHOT_BUCKET, purge_bound
-from cim_place.cluster.events.readers import EventFeed, StoredEvent
-from cim_place.cluster.events.store import attach_hub_outbox, ensure_event_store, ensure_outbox
+from cim_place.cluster.events.feed import EventFeed
+from cim_place.cluster.events.readers import StoredEvent
+from cim_place.cluster.events.sources import attach_hub_outbox
+from cim_place.cluster.events.store import ensure_event_store, ensure_outbox
 from cim_place.cluster.events.types import (
     Event,
     InventoryDigest,

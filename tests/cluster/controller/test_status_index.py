@@ -199,7 +199,7 @@ def test_hostile_requests_are_refused_naming_the_problem(body: bytes, named: str
 
 
 def test_the_operator_may_ask_and_the_controller_may_answer() -> None:
-    from cim_place.cluster.nats.security import controller_permissions, operator_permissions
+    from cim_place.cluster.nats.permissions import controller_permissions, operator_permissions
     from cim_place.cluster.nats.subjects import Subjects
 
     subjects = Subjects()

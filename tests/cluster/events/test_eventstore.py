@@ -16,17 +16,11 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
-from cim_place.cluster.events.readers import EventFeed, EventReader, StoredEvent, subscribe_events
-from cim_place.cluster.events.store import (
-    EventPublisher,
-    SourceKeeper,
-    attach_leaf,
-    detach_leaf,
-    ensure_event_store,
-    ensure_outbox,
-    hub_size,
-    nudge_sources,
-)
+from cim_place.cluster.events.feed import EventFeed
+from cim_place.cluster.events.publisher import EventPublisher
+from cim_place.cluster.events.readers import EventReader, StoredEvent, subscribe_events
+from cim_place.cluster.events.sources import SourceKeeper, attach_leaf, detach_leaf, nudge_sources
+from cim_place.cluster.events.store import ensure_event_store, ensure_outbox, hub_size
 from cim_place.cluster.events.types import (
     EVENT_TYPES,
     AnyEvent,

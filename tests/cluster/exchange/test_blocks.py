@@ -12,21 +12,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from memstore import MemoryBlockStore
 
-from cim_place.cluster.exchange.blocks import (
+from cim_place.cluster.exchange.block_wire import (
     MAX_REQUEST_CIDS,
-    BlockServer,
     End,
     Missing,
     Part,
-    ProtocolError,
+    ReplyWriter,
     Status,
-    VolumeSet,
-    _ReplyWriter,
     decode_reply,
     decode_request,
     encode_request,
 )
+from cim_place.cluster.exchange.blocks import BlockServer, VolumeSet
 from cim_place.cluster.nats.subjects import Subjects
+from cim_place.errors import ProtocolError
 from cim_place.local.servers import NatsServer
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.cid import DAG_PB, RAW, Cid, make_cid
@@ -103,7 +102,7 @@ def test_too_many_cids_is_refused() -> None:
 def test_writer_splits_blocks_larger_than_a_message(limit: int) -> None:
     blocks = [raw_block(i, size) for i, size in enumerate([1 << 20, 1, 0, 3000, 256 << 10])]
     absent = raw_block(99, 7)[0]
-    writer = _ReplyWriter(limit)
+    writer = ReplyWriter(limit)
     messages: list[bytes] = []
     for cid, data in blocks:
         messages.extend(writer.block(cid, data))
@@ -127,7 +126,7 @@ def test_writer_splits_blocks_larger_than_a_message(limit: int) -> None:
 def test_writer_round_trip(sizes: list[int], limit: int, absent: int) -> None:
     blocks = [raw_block(i, size) for i, size in enumerate(sizes)]
     gone = [raw_block(1000 + i, 1)[0] for i in range(absent)]
-    writer = _ReplyWriter(limit)
+    writer = ReplyWriter(limit)
     messages: list[bytes] = []
     for cid, data in blocks:
         messages.extend(writer.block(cid, data))

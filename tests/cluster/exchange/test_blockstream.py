@@ -19,8 +19,7 @@ from exchange import import_into as _import_into
 from memstore import MemoryBlockStore
 
 from cim_place.cluster.agent.config import AgentConfigError, parse_agent_config
-from cim_place.cluster.exchange.blocks import (
-    BlockServer,
+from cim_place.cluster.exchange.block_wire import (
     End,
     Grant,
     Missing,
@@ -28,15 +27,12 @@ from cim_place.cluster.exchange.blocks import (
     decode_reply,
     encode_grant_request,
 )
-from cim_place.cluster.exchange.fetch import Holder, Labels, fetch_dag, wait_for_holder
-from cim_place.cluster.exchange.stream import (
-    Block,
-    BlockStreamServer,
-    StreamClient,
-    StreamRefusedError,
-    client_tls,
-    server_tls,
-)
+from cim_place.cluster.exchange.blocks import BlockServer
+from cim_place.cluster.exchange.fetch import fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.fetch_model import Holder, Labels
+from cim_place.cluster.exchange.stream import BlockStreamServer
+from cim_place.cluster.exchange.stream_client import StreamClient
+from cim_place.cluster.exchange.stream_wire import Block, StreamRefusedError, client_tls, server_tls
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.nodes import NodeRecord
 from cim_place.objectstore.blockstore import FsBlockStore

@@ -23,15 +23,9 @@ from memstore import MemoryBlockStore
 from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.exchange.blocks import BlockServer
-from cim_place.cluster.exchange.fetch import (
-    MIN_TIMEOUT,
-    BandwidthLimit,
-    Holder,
-    Labels,
-    fetch_dag,
-    request_timeout,
-    wait_for_holder,
-)
+from cim_place.cluster.exchange.fetch import fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.fetch_model import MIN_TIMEOUT, Holder, Labels, request_timeout
+from cim_place.cluster.exchange.ratelimit import BandwidthLimit
 from cim_place.cluster.state.nodes import heartbeat_grace
 from cim_place.local.servers import Hub
 from cim_place.objectstore.unixfs import read_file

@@ -19,15 +19,14 @@ from exchange import (
 from memstore import MemoryBlockStore
 
 from cim_place.cluster.exchange.blocks import BlockServer
-from cim_place.cluster.exchange.fetch import (
-    BandwidthLimit,
+from cim_place.cluster.exchange.fetch import fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.fetch_model import (
     BlockUnavailableError,
     Holder,
     Labels,
-    fetch_dag,
     order_holders,
-    wait_for_holder,
 )
+from cim_place.cluster.exchange.ratelimit import BandwidthLimit
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import CorruptBlockError
 from cim_place.local.servers import Hub, NatsServer, add_leaf, start_hub

@@ -11,7 +11,9 @@ from exchange import MiB, content, import_into
 from memstore import MemoryBlockStore
 
 from cim_place.cluster.exchange.blocks import BlockServer
-from cim_place.cluster.exchange.fetch import BandwidthLimit, Holder, fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.fetch import fetch_dag, wait_for_holder
+from cim_place.cluster.exchange.fetch_model import Holder
+from cim_place.cluster.exchange.ratelimit import BandwidthLimit
 from cim_place.cluster.exchange.stream import BlockStreamServer
 from cim_place.local.servers import Hub
 from cim_place.objectstore.unixfs import read_file

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cim_place.cluster.exchange.fetch import Holder
+from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.exchange.holders import (
     MAX_QUERY_CIDS,
     HolderResponder,

@@ -16,7 +16,8 @@ import pytest_asyncio
 from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.exchange.upload_server import UploadService
 from cim_place.cluster.nats.connection import connect
-from cim_place.cluster.nats.security import AccessDeniedError, plan_domain
+from cim_place.cluster.nats.security import AccessDeniedError
+from cim_place.cluster.nats.users import plan_domain
 from cim_place.objectstore.store import ObjectStore
 from cim_place.testing import SecuredServer, secured_server
 

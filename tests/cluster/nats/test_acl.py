@@ -21,8 +21,7 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
-from cim_place.cluster.exchange.blocks import (
-    BlockServer,
+from cim_place.cluster.exchange.block_wire import (
     End,
     Grant,
     Status,
@@ -30,15 +29,16 @@ from cim_place.cluster.exchange.blocks import (
     encode_grant_request,
     encode_request,
 )
-from cim_place.cluster.exchange.fetch import AccessDeniedError, Holder, fetch_dag
+from cim_place.cluster.exchange.blocks import BlockServer
+from cim_place.cluster.exchange.fetch import fetch_dag
+from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.exchange.holders import HolderResponder
-from cim_place.cluster.exchange.stream import Block, BlockStreamServer, StreamClient
+from cim_place.cluster.exchange.stream import BlockStreamServer
+from cim_place.cluster.exchange.stream_client import StreamClient
+from cim_place.cluster.exchange.stream_wire import Block
 from cim_place.cluster.nats.connection import connect
-from cim_place.cluster.nats.security import (
-    ReadAccess,
-    inbox_prefix,
-    plan_domain,
-)
+from cim_place.cluster.nats.security import AccessDeniedError, ReadAccess, inbox_prefix
+from cim_place.cluster.nats.users import plan_domain
 from cim_place.interfaces import Pin
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.cid import to_str

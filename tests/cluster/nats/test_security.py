@@ -30,22 +30,21 @@ from cim_place.cli.app import app
 from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.events.store import ensure_event_store
-from cim_place.cluster.exchange.fetch import AccessDeniedError, Holder, fetch_dag
+from cim_place.cluster.exchange.fetch import fetch_dag
+from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats import kv
 from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.security import (
-    DomainPlan,
+    AccessDeniedError,
     SecurityConfigError,
     client_options,
     identity_of,
     inbox_prefix,
     may_read,
-    plan_domain,
-    render_accounts,
-    render_hub_link,
     requester_of,
 )
+from cim_place.cluster.nats.users import DomainPlan, plan_domain, render_accounts, render_hub_link
 from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.tasks.model import Task
 from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
