@@ -35,7 +35,7 @@ from cim_place.cluster.events.types import ObjectStored, event_envelope
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.nats.subjects import EVENTS_STREAM, Subjects, outbox_stream
-from cim_place.local.servers import add_leaf, start_hub
+from cim_place.local.topologies import add_leaf, start_hub
 from cim_place.objectstore.cid import RAW, make_cid
 
 NODE = "bench-leaf"  # sourced by the hub

@@ -38,7 +38,7 @@ from cim_place.cluster.nats.connection import connect, connected, jetstream
 from cim_place.cluster.nats.subjects import outbox_stream
 from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.comms import Comms, Message, command, event, query
-from cim_place.local.servers import add_leaf, start_hub
+from cim_place.local.topologies import add_leaf, start_hub
 from cim_place.objectstore.testdata import chacha_stream
 
 BODY = {"n": 0, "sku": "A-1042", "qty": 3, "note": "small inline message"}

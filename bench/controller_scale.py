@@ -63,7 +63,7 @@ from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import Content, Envelope
 from cim_place.cluster.nats.subjects import EVENTS_STREAM, Subjects
 from cim_place.cluster.state.nodes import NodeRecord, VolumeStatus, nodes_bucket
-from cim_place.local.servers import start_hub
+from cim_place.local.topologies import start_hub
 from cim_place.placement.batch import NO_VOLUME, plan_batch
 from cim_place.placement.model import NodeMap, PlacementRule, SpreadLevel, Volume
 

@@ -66,7 +66,8 @@ from cim_place.cluster.nats.subjects import EVENTS_STREAM, Subjects
 from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.interfaces import Pin
-from cim_place.local.servers import Hub, NatsServer, add_leaf, start_hub
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub, add_leaf, start_hub
 from cim_place.objectstore.cid import RAW, Cid, make_cid
 from cim_place.objectstore.unixfs import import_file
 from cim_place.placement.reconcile_model import ReconcileResult

@@ -55,7 +55,7 @@ from cim_place.http.domain import DomainContent
 from cim_place.http.gateway import Gateway
 from cim_place.http.server import HttpServers, Listener
 from cim_place.http.sources import LocalContent
-from cim_place.local.servers import add_leaf, start_hub
+from cim_place.local.topologies import add_leaf, start_hub
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.cid import parse, to_str
 from cim_place.objectstore.testdata import chacha_stream

@@ -53,7 +53,7 @@ from cim_place.http.s3.app import S3_CONTEXT
 from cim_place.http.s3.index import ObjectRecord, S3Index
 from cim_place.http.s3.keys import KeyStore
 from cim_place.http.s3.listing import page
-from cim_place.local.servers import Hub, add_leaf, start_hub
+from cim_place.local.topologies import Hub, add_leaf, start_hub
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.unixfs import import_file
 

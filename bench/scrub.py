@@ -45,7 +45,7 @@ from pathlib import Path
 from cim_place.cluster.exchange.fetch import fetch_dag, wait_for_holder
 from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.nats.connection import connect
-from cim_place.local.servers import add_leaf, start_hub
+from cim_place.local.topologies import add_leaf, start_hub
 from cim_place.objectstore import dag
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.cid import Cid

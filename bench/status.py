@@ -60,7 +60,7 @@ from cim_place.cluster.nats import kv
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import Content, Envelope, decode
 from cim_place.cluster.state.locations import LocationStore, shard_of
-from cim_place.local.servers import Hub, start_hub
+from cim_place.local.topologies import Hub, start_hub
 from cim_place.objectstore.cid import RAW, Cid, make_cid, to_str
 from cim_place.placement.status import Condition, Location, ObjectStatus, Summary
 from cim_place.policies.model import Policy, PolicySet, Replicas

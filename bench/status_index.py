@@ -46,7 +46,7 @@ from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.locations import LocationStore, shard_of
 from cim_place.cluster.state.overview import listing
-from cim_place.local.servers import start_hub
+from cim_place.local.topologies import start_hub
 from cim_place.objectstore.cid import RAW, Cid, make_cid, to_str
 from cim_place.placement.status import Location, ObjectStatus
 

@@ -63,7 +63,8 @@ from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.exchange.stream import BlockStreamServer
 from cim_place.cluster.exchange.stream_wire import client_tls, server_tls
 from cim_place.cluster.nats.connection import connect
-from cim_place.local.servers import NatsServer, add_leaf, start_hub
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import add_leaf, start_hub
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.cid import parse, to_str
 from cim_place.objectstore.dag import missing

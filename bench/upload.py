@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cim_place.cluster.exchange.upload_client import upload, wait_for_uploads
 from cim_place.cluster.nats.connection import connected
-from cim_place.local.servers import add_leaf, start_hub
+from cim_place.local.topologies import add_leaf, start_hub
 from cim_place.objectstore.store import ObjectStore
 from cim_place.objectstore.testdata import chacha_stream
 

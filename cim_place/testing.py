@@ -38,14 +38,9 @@ from nats.aio.client import Client
 
 from cim_place.cluster.nats.connection import connected
 from cim_place.cluster.nats.users import User, render_accounts
-from cim_place.local.servers import (
-    Hub,
-    NatsServer,
-    ServerSpec,
-    add_leaf,
-    start_hub,
-    start_single,
-)
+from cim_place.local.server_spec import ServerSpec
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub, add_leaf, start_hub, start_single
 
 __all__ = [
     "ClientFactory",

@@ -39,7 +39,7 @@ from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import Content
 from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.comms import Attachment, Comms, Message, command, event
-from cim_place.local.servers import add_leaf, start_hub
+from cim_place.local.topologies import add_leaf, start_hub
 from cim_place.objectstore.cid import to_str
 from cim_place.objectstore.testdata import chacha_stream
 

@@ -35,7 +35,7 @@ NATS_FIXTURES = frozenset(
 def pytest_configure(config: pytest.Config) -> None:
     if "not nats" in (config.option.markexpr or ""):
         # A test that starts nats-server without the marker fails loudly instead of slowing the
-        # pure half (cim_place.local.servers.find_nats_server checks this).
+        # pure half (cim_place.local.server_spec.find_nats_server checks this).
         os.environ["CIM_PLACE_TEST_NO_NATS"] = "1"
 
 

@@ -57,8 +57,11 @@ from cim_place.http.s3.keys import ensure_operator_key
 from cim_place.http.settings import OFF, parse_listen
 from cim_place.local.credentials import ADMIN, LocalCredentials, plan_local, with_user
 from cim_place.local.hubs import MAX_HUB_SERVERS, Ports, start_local_hub
-from cim_place.local.servers import Hub, LinkProxy, NatsServer, ServerSpec
+from cim_place.local.link_proxy import LinkProxy
+from cim_place.local.server_spec import ServerSpec
+from cim_place.local.servers import NatsServer
 from cim_place.local.supervisor import Command, Supervised, Supervisor
+from cim_place.local.topologies import Hub
 from cim_place.policies.validate import LoadedPolicies, load_paths, load_text
 
 __all__ = ["DomainNode", "LocalDomain", "PortTakenError", "default_policy"]

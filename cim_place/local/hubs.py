@@ -23,7 +23,9 @@ from pathlib import Path
 
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
 from cim_place.errors import CimPlaceError, PortTakenError, TransportError
-from cim_place.local.servers import LOCALHOST, Hub, NatsServer, ServerSpec, free_port
+from cim_place.local.server_spec import LOCALHOST, ServerSpec, free_port
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub
 
 __all__ = ["HUB_CLUSTER", "MAX_HUB_SERVERS", "Ports", "member_key", "port_free", "start_local_hub"]
 

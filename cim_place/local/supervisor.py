@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from cim_place.local.servers import spawn
+from cim_place.local.spawn import spawn
 from cim_place.runtime.lifecycle import cancel_and_wait
 
 _log = logging.getLogger(__name__)

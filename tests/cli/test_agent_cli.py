@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cim_place.local.servers import Hub, NatsServer
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub
 from cim_place.objectstore.testdata import chacha_stream
 from cim_place.testing import LeafFactory
 

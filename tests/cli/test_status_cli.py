@@ -30,7 +30,8 @@ from cim_place.cluster.state.names import NameRegistry
 from cim_place.cluster.state.nodes import NodeRecord, VolumeStatus, nodes_bucket
 from cim_place.cluster.tasks.model import Task
 from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
-from cim_place.local.servers import Hub, free_port
+from cim_place.local.server_spec import free_port
+from cim_place.local.topologies import Hub
 from cim_place.objectstore import cid as cids
 from cim_place.placement.status import Condition, Location, ObjectStatus, Summary
 from cim_place.testing import LeafFactory

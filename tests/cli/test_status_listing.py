@@ -28,7 +28,7 @@ from cim_place.cluster.events.types import ObjectStored
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.state.nodes import NodeRecord, VolumeStatus, nodes_bucket
 from cim_place.cluster.state.policies import PolicyStore
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.objectstore.cid import RAW, make_cid, to_str
 from cim_place.policies.validate import load_text
 from cim_place.testing import LeafFactory, until

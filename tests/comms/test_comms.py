@@ -46,7 +46,9 @@ from cim_place.comms import (
     set_offload_threshold,
 )
 from cim_place.errors import TransportError
-from cim_place.local.servers import Hub, NatsServer, ServerSpec
+from cim_place.local.server_spec import ServerSpec
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub
 from cim_place.objectstore.store import ObjectStore
 from cim_place.objectstore.testdata import chacha_stream
 from cim_place.testing import LeafFactory

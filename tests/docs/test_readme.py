@@ -20,8 +20,8 @@ The convention (also stated at the top of README.md's source):
   covered; every other command runs, and an entry no longer in the README fails the test.
 
 The domain is the README's own ``cim-place up``: real nats-server, agent and controller processes
-on free loopback ports (``up`` never takes 4222: cim_place.local.servers.free_port). Nothing here
-measures time; the timeouts are hang guards.
+on free loopback ports (``up`` never takes 4222: cim_place.local.server_spec.free_port).
+Nothing here measures time; the timeouts are hang guards.
 """
 
 from __future__ import annotations

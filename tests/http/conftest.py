@@ -12,7 +12,7 @@ from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.tasks.queue import ensure_task_stream
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.testing import LeafFactory
 
 

@@ -13,7 +13,7 @@ from cim_place.cluster.exchange.fetch import wait_for_holder
 from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected
 from cim_place.http.server import HttpSettings
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.objectstore.cid import Cid
 
 

@@ -18,7 +18,7 @@ from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.tasks.queue import ensure_task_stream
 from cim_place.http.s3 import S3Key, S3Node, build_s3_app
 from cim_place.http.s3.keys import KeyStore
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.testing import LeafFactory
 
 NODE = "node-a"

@@ -18,7 +18,7 @@ from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.state.names import NameRegistry
 from cim_place.http.server import HttpSettings, Listener
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.objectstore import car, dagpb
 from cim_place.objectstore.cid import Cid, to_str
 from cim_place.objectstore.testdata import chacha_stream

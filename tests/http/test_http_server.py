@@ -29,7 +29,7 @@ from cim_place.http.node import DomainAccess, NodeParts
 from cim_place.http.server import HttpConfigError, HttpServers, Listener, TlsFiles, parse_listen
 from cim_place.http.sources import Identify, LocalContent, token_digest
 from cim_place.interfaces import Pin
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.objectstore.cid import Cid, make_cid, to_str
 from cim_place.objectstore.store import ObjectStore
 from cim_place.placement.status import ObjectStatus

@@ -26,7 +26,9 @@ from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.controller.metrics import ControllerMetrics
 from cim_place.cluster.nats.connection import jetstream
 from cim_place.cluster.nats.users import plan_domain, render_files
-from cim_place.local.servers import Hub, NatsServer, ServerSpec, find_nats_server, free_port
+from cim_place.local.server_spec import ServerSpec, find_nats_server, free_port
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub
 
 pytestmark = pytest.mark.nats
 

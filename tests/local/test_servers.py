@@ -21,16 +21,10 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.errors import TransportError
-from cim_place.local.servers import (
-    Hub,
-    LinkProxy,
-    NatsServer,
-    ServerSpec,
-    add_leaf,
-    free_port,
-    start_hub,
-    start_single,
-)
+from cim_place.local.link_proxy import LinkProxy
+from cim_place.local.server_spec import ServerSpec, free_port
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub, add_leaf, start_hub, start_single
 from cim_place.testing import LeafFactory, nats_server_children
 
 pytestmark = pytest.mark.nats
@@ -273,7 +267,7 @@ _KILLED_OWNER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from cim_place.local.servers import start_single
+    from cim_place.local.topologies import start_single
     server = start_single(Path(sys.argv[1]))
     print(server.pid, flush=True)
     time.sleep(600)

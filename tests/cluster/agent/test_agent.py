@@ -26,7 +26,7 @@ from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.tasks.model import Task
 from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
 from cim_place.errors import StoreFullError
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.objectstore.testdata import chacha_stream
 from cim_place.testing import LeafFactory
 

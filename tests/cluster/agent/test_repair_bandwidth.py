@@ -26,7 +26,7 @@ from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.tasks.model import Task
 from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.objectstore import dag
 from cim_place.objectstore.cid import RAW, codec_of
 from cim_place.objectstore.testdata import chacha_stream

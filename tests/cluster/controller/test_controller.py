@@ -25,7 +25,8 @@ from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.state.locations import LocationStore
 from cim_place.cluster.state.policies import PolicyStore
-from cim_place.local.servers import Hub, NatsServer
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub
 from cim_place.objectstore import cid as cids
 from cim_place.objectstore.cid import Cid
 from cim_place.objectstore.testdata import chacha_stream

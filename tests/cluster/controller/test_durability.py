@@ -30,7 +30,7 @@ from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.state.locations import LocationStore
 from cim_place.cluster.state.policies import PolicyStore
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.objectstore import dag
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.cid import RAW, Cid, codec_of, to_str

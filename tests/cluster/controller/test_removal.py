@@ -22,7 +22,7 @@ from cim_place.cluster.events.types import (
 )
 from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.tasks.model import Task
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.objectstore.cid import RAW, Cid, make_cid
 from cim_place.objectstore.store import ObjectStore
 from cim_place.objectstore.testdata import chacha_stream

@@ -30,7 +30,7 @@ from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.locations import LocationStore
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.model import Task
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.objectstore import dag
 from cim_place.objectstore.cid import RAW, Cid, codec_of
 from cim_place.objectstore.testdata import chacha_stream

@@ -33,7 +33,7 @@ from cim_place.cluster.events.types import (
 )
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import EVENTS_STREAM, Subjects
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.objectstore.cid import RAW, make_cid
 from cim_place.testing import until
 

@@ -43,7 +43,8 @@ from cim_place.cluster.nats.connection import DomainJetStream, connected, jetstr
 from cim_place.cluster.nats.envelope import Content, Envelope, decode
 from cim_place.cluster.nats.subjects import EVENTS_STREAM, Subjects
 from cim_place.errors import TransportError
-from cim_place.local.servers import Hub, NatsServer
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub
 from cim_place.objectstore.cid import RAW, make_cid
 from cim_place.objectstore.dagcbor import Link
 from cim_place.testing import LeafFactory

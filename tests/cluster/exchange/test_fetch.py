@@ -29,7 +29,8 @@ from cim_place.cluster.exchange.fetch_model import (
 from cim_place.cluster.exchange.ratelimit import BandwidthLimit
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import CorruptBlockError
-from cim_place.local.servers import Hub, NatsServer, add_leaf, start_hub
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub, add_leaf, start_hub
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.cid import RAW, codec_of
 from cim_place.objectstore.dag import walk_cids

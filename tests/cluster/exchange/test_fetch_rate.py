@@ -15,7 +15,7 @@ from cim_place.cluster.exchange.fetch import fetch_dag, wait_for_holder
 from cim_place.cluster.exchange.fetch_model import Holder
 from cim_place.cluster.exchange.ratelimit import BandwidthLimit
 from cim_place.cluster.exchange.stream import BlockStreamServer
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.objectstore.unixfs import read_file
 from cim_place.testing import LeafFactory, connected
 

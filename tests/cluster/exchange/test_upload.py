@@ -38,7 +38,8 @@ from cim_place.cluster.exchange.upload_wire import (
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import StoreError, StoreFullError, TransportError
 from cim_place.interfaces import Pin
-from cim_place.local.servers import Hub, NatsServer, add_leaf
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub, add_leaf
 from cim_place.objectstore.cid import to_str
 from cim_place.objectstore.dagcbor import Value
 from cim_place.objectstore.store import ObjectStore

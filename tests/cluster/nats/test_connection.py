@@ -16,7 +16,9 @@ from cim_place.cluster.nats.connection import (
     server_urls,
 )
 from cim_place.errors import TransportError
-from cim_place.local.servers import Hub, NatsServer, ServerSpec, free_port
+from cim_place.local.server_spec import ServerSpec, free_port
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub
 from cim_place.testing import LeafFactory
 
 pytestmark = pytest.mark.nats

@@ -49,7 +49,8 @@ from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.tasks.model import Task
 from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
 from cim_place.interfaces import Pin
-from cim_place.local.servers import NatsServer, ServerSpec, find_nats_server, free_port
+from cim_place.local.server_spec import ServerSpec, find_nats_server, free_port
+from cim_place.local.servers import NatsServer
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.cid import RAW, make_cid
 

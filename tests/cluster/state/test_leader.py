@@ -23,7 +23,7 @@ from cim_place.cluster.state.leader import (
     LeaseError,
     read_leader,
 )
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 
 LEASE = 2.0
 # Generous bounds for eventualities: far above what any of them takes, never a speed claim.

@@ -12,7 +12,7 @@ from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.kv import LOCATIONS
 from cim_place.cluster.state.locations import LAYOUT_KEY, SUMMARY_KEY, LocationStore, shard_of
 from cim_place.errors import TransportError
-from cim_place.local.servers import Hub
+from cim_place.local.topologies import Hub
 from cim_place.objectstore.cid import RAW, make_cid, to_str
 from cim_place.placement.status import Condition, Location, ObjectStatus, Summary
 

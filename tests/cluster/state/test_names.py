@@ -22,7 +22,9 @@ from cim_place.cluster.state.names import (
     check_name,
 )
 from cim_place.errors import InvalidCidError, TransportError
-from cim_place.local.servers import Hub, NatsServer, free_port
+from cim_place.local.server_spec import free_port
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub
 from cim_place.objectstore.cid import DAG_PB, RAW, make_cid, to_str
 from cim_place.testing import LeafFactory
 

@@ -18,7 +18,8 @@ from cim_place.cluster.state.policies import (
     watch_policies,
 )
 from cim_place.errors import PolicyError
-from cim_place.local.servers import Hub, NatsServer
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub
 from cim_place.policies.problems import PolicyValidationError
 from cim_place.policies.validate import load_paths, load_text
 

@@ -32,7 +32,8 @@ from cim_place.cluster.tasks.outcome import Backoff, TaskOutcome, TaskResult
 from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
 from cim_place.cluster.tasks.worker import TaskWorker, consumer_name
 from cim_place.errors import StoreFullError
-from cim_place.local.servers import Hub, NatsServer
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub
 from cim_place.objectstore.cid import RAW, make_cid
 from cim_place.objectstore.dagcbor import Link
 from cim_place.testing import LeafFactory
