@@ -30,9 +30,9 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Literal
 
+from cim_place.closing import Closing
 from cim_place.errors import BlockNotFoundError, CorruptBlockError, StoreError, StoreFullError
 from cim_place.objectstore.cid import Cid, b32decode, b32encode, matches, to_str
 
@@ -84,7 +84,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class FsBlockStore:
+class FsBlockStore(Closing):
     """A :class:`~cim_place.interfaces.BlockStore` in a directory on one disk.
 
     Safe for several threads and several processes on the same volume. ``capacity`` caps the
@@ -248,17 +248,6 @@ class FsBlockStore:
         os.close(self._usage_fd)
         self._writer_lock_fd = self._usage_fd = -1
 
-    def __enter__(self) -> FsBlockStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"FsBlockStore({str(self.path)!r}, fsync={self.fsync!r}, capacity={self.capacity})"
 
@@ -395,7 +384,7 @@ class FsBlockStore:
         os.pwrite(self._usage_fd, _USAGE.pack(used, count), 0)
 
 
-class Staging:
+class Staging(Closing):
     """Blocks written to the volume but not addressable until :meth:`commit`.
 
     Used to import content from outside (a CAR file) all or nothing: everything is verified and
@@ -447,16 +436,7 @@ class Staging:
         self._staged.clear()
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self) -> Staging:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.abort()
+    close = abort  # what ``with`` calls on the way out (Closing)
 
 
 def _clean_dead_writers(tmp_root: Path) -> None:

@@ -19,9 +19,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from cim_place.closing import Closing
 from cim_place.errors import StoreError
 from cim_place.interfaces import Pin
 from cim_place.objectstore.cid import Cid
@@ -53,7 +53,7 @@ def _pin_of(row: tuple[Any, ...]) -> Pin:
     )
 
 
-class SqlitePinIndex:
+class SqlitePinIndex(Closing):
     """A :class:`~cim_place.interfaces.PinIndex` in a SQLite database file."""
 
     def __init__(self, path: Path) -> None:
@@ -123,17 +123,6 @@ class SqlitePinIndex:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-    def __enter__(self) -> SqlitePinIndex:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _one(self, sql: str, args: tuple[Any, ...]) -> Pin | None:
         with self._read() as db:

@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import TracebackType
 from typing import BinaryIO
 
+from cim_place.closing import Closing
 from cim_place.errors import CarError, InvalidCidError, PinNotFoundError, StoreError
 from cim_place.interfaces import Pin
 from cim_place.objectstore import car, dag, leftovers, unixfs
@@ -40,7 +40,7 @@ class GcResult:
     bytes_freed: int
 
 
-class ObjectStore:
+class ObjectStore(Closing):
     """Blocks and pins of one store directory, created if needed."""
 
     def __init__(
@@ -298,17 +298,6 @@ class ObjectStore:
     def close(self) -> None:
         self.pins.close()
         self.blocks.close()
-
-    def __enter__(self) -> ObjectStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"ObjectStore({str(self.path)!r})"
