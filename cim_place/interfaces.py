@@ -20,7 +20,7 @@ The data path, in one line each:
 Where a thing happens: placement is decided in :func:`cim_place.placement.planner.plan` and
 turned into tasks by :func:`cim_place.placement.reconciler.reconcile`; a block is verified in
 :meth:`BlockSource.get` (on disk) and in :mod:`cim_place.cluster.exchange.fetch` (on arrival); a
-task is executed in ``Agent.run_task`` (:mod:`cim_place.cluster.agent.service`).
+task is executed in ``Agent.run_task`` (:mod:`cim_place.cluster.agent.task_runner`).
 
 Pure-logic tests may use in-memory implementations of these Protocols; anything that talks to
 NATS is tested against real nats-server processes (see :mod:`cim_place.testing`).

@@ -13,7 +13,9 @@ An agent owns the volumes of its node and, connected to its leaf's nats-server:
 6. scrubs its volumes in the background and reports damaged replicas
    (:mod:`cim_place.cluster.agent.scrubbing`), and removes the leftovers of failed writes.
 
-Everything here is wiring: each service lives in its own module and is tested there.
+Its state and announcements are in :mod:`cim_place.cluster.agent.node_state`, the tasks in
+:mod:`cim_place.cluster.agent.task_runner`. Everything here is wiring: each service lives in its
+own module and is tested there.
 """
 
 from __future__ import annotations
@@ -22,134 +24,52 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import time
-from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import nats.errors
-from nats.aio.client import Client
 
 from cim_place import __version__
 from cim_place.cluster.agent.config import AgentConfig
 from cim_place.cluster.agent.demand import DemandReporter
 from cim_place.cluster.agent.inventory import InventoryService
-from cim_place.cluster.agent.metrics import AgentMetrics
 from cim_place.cluster.agent.repair import (
-    RepairLimits,
-    refresh_damaged_gauge,
-    repair_replica,
     sweep_leftovers_forever,
 )
 from cim_place.cluster.agent.scrubbing import ForegroundReads, ScrubService
+from cim_place.cluster.agent.task_runner import AgentTasks
 from cim_place.cluster.events.publisher import EventPublisher
 from cim_place.cluster.events.sources import attach_leaf, nudge_sources
 from cim_place.cluster.events.store import ensure_outbox
 from cim_place.cluster.events.types import (
-    InventoryDigest,
     NodeJoined,
-    ObjectRemoved,
-    ObjectStored,
-    ReplicaDamaged,
-    inventory_digest,
 )
 from cim_place.cluster.exchange.blocks import BlockServer, VolumeSet
-from cim_place.cluster.exchange.fetch import fetch_dag
-from cim_place.cluster.exchange.fetch_model import FetchResult, Holder, Labels, request_timeout
-from cim_place.cluster.exchange.holders import HolderResponder, find_holders, holder_of
-from cim_place.cluster.exchange.ratelimit import BandwidthLimit
+from cim_place.cluster.exchange.holders import HolderResponder
 from cim_place.cluster.exchange.stream import BlockStreamServer
-from cim_place.cluster.exchange.stream_wire import client_tls, server_tls
+from cim_place.cluster.exchange.stream_wire import server_tls
 from cim_place.cluster.exchange.upload_server import UploadService
 from cim_place.cluster.nats.connection import connect, jetstream
-from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.nats.security import AGENT_PREFIX, ReadAccess, identity_of
 from cim_place.cluster.state.nodes import (
     Heartbeat,
-    NodeRecord,
-    VolumeStatus,
-    heartbeat_grace,
-    list_nodes,
 )
-from cim_place.cluster.tasks.model import Task
-from cim_place.cluster.tasks.outcome import TaskOutcome, TaskResult
 from cim_place.cluster.tasks.worker import TaskWorker
-from cim_place.errors import CimPlaceError, StoreError, StoreFullError, TransportError
+from cim_place.errors import CimPlaceError, TransportError
 from cim_place.http.node import NodeParts, start_node_http
-from cim_place.http.server import HttpServers, Listener
-from cim_place.interfaces import BlockSource, Pin, Service
-from cim_place.objectstore import dag, leftovers
-from cim_place.objectstore.cid import Cid, to_str
-from cim_place.objectstore.dagcbor import Value
-from cim_place.objectstore.store import ObjectStore
+from cim_place.http.server import Listener
+from cim_place.interfaces import BlockSource
+from cim_place.objectstore.cid import Cid
 from cim_place.runtime.lifecycle import cancel_and_wait
 from cim_place.runtime.logs import bound_node
 
 _log = logging.getLogger(__name__)
 
-GC_DELAY = 5.0
-"""Seconds to wait after a drop before collecting garbage, so a burst of drops costs one pass."""
-SWEEP_EVERY = 3600.0
-"""Seconds between sweeps of every volume. A drop collects only its DAG's blocks; what no drop
-names (the gateway's read-through cache, blocks of a fetch that was abandoned) goes here."""
 LEFTOVER_SWEEP_EVERY = 60.0
 """Seconds between two sweeps of failed writes' leftover blocks (cheap when there are none)."""
 
 
-class Agent:
+class Agent(AgentTasks):
     """One node's agent. ``await start()``, then ``await stop()``; or ``async with``."""
-
-    def __init__(self, config: AgentConfig, *, fsync: str = "file") -> None:
-        self.config = config
-        self.node = config.node
-        self.subjects = config.subjects
-        self.metrics = AgentMetrics(config.node)
-        self.started_at = time.time()
-        self.volumes: dict[str, ObjectStore] = {}
-        for volume in config.volumes:
-            self.volumes[volume.name] = ObjectStore(
-                volume.path,
-                capacity=volume.capacity,
-                fsync=fsync,  # type: ignore[arg-type]
-            )
-        self.near = Labels(
-            region=config.labels.get("region", ""),
-            zone=config.labels.get("zone", ""),
-            host=config.labels.get("host", ""),
-        )
-        self.bandwidth = BandwidthLimit(config.bandwidth) if config.bandwidth else None
-        self.limits = RepairLimits(self.bandwidth)
-        # A holder silent for the heartbeat grace is left for another (dead peers are noticed).
-        self.fetch_timeout = request_timeout(heartbeat_grace(config.heartbeat))
-        # How this agent verifies peers' TLS block streams (plain streams need nothing).
-        try:
-            self.stream_client_tls = client_tls(config.stream_tls_ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise CimPlaceError(
-                f"cannot load the CA file {config.stream_tls_ca} for peers' block streams: {exc}; "
-                "check blocks.tls.ca in the agent configuration"
-            ) from None
-        self.nc: Client | None = None
-        self.publisher: EventPublisher | None = None
-        self._services: list[Service] = []
-        self._background: list[asyncio.Task[None]] = []
-        self._heartbeat: Heartbeat | None = None
-        self._worker: TaskWorker | None = None
-        self._gc_wanted = asyncio.Event()
-        self._dropped: dict[str, set[Cid]] = {}
-        """Roots dropped per volume whose blocks are not collected yet."""
-        self._reconnected = asyncio.Event()
-        self._synced: dict[str, int] = {}
-        self._blocks: BlockServer | None = None
-        self._stream: BlockStreamServer | None = None
-        self._holders: HolderResponder | None = None
-        self._uploads: UploadService | None = None
-        self.http: HttpServers | None = None
-        """The node's HTTP listeners while running (None: ``http`` is off or not started)."""
-        self.http_extra: list[Callable[[Agent], Listener]] = []
-        """Builders of further HTTP listeners (the S3 API), called once the agent's services run;
-        each binds on its own address, beside the gateway if ``http`` is on."""
-        self.scrub: ScrubService | None = None
-        self.demand: DemandReporter | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -377,165 +297,6 @@ class Agent:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    # -- state ----------------------------------------------------------------------------------
-
-    @property
-    def block_stream(self) -> BlockStreamServer | None:
-        """The node's bulk block stream while running (None: disabled or not started)."""
-        return self._stream
-
-    def volume_status(self) -> list[VolumeStatus]:
-        statuses = []
-        for name, store in self.volumes.items():
-            used = store.blocks.used_bytes()
-            free = store.blocks.free_bytes()
-            statuses.append(VolumeStatus(name, used + free, used, free))
-        return statuses
-
-    def _sync_service_metrics(self) -> None:
-        """Carry the services' own counters into the Prometheus counters (by difference)."""
-        current: dict[str, int] = {}
-        if self._blocks is not None:
-            stats = self._blocks.stats
-            current.update(
-                served_blocks=stats.blocks_served,
-                served_bytes=stats.bytes_served,
-                corrupt=stats.corrupt,
-                malformed_blocks=stats.malformed,
-            )
-        if self._holders is not None:
-            current["malformed_has"] = self._holders.stats.malformed
-        if self._uploads is not None:
-            current["malformed_upload"] = self._uploads.stats.malformed
-        if self._worker is not None:
-            current["malformed_tasks"] = self._worker.stats.malformed
-        if self.demand is not None:
-            current.update(
-                demand_reads=self.demand.reads_recorded,
-                demand_dropped=self.demand.reads_dropped,
-                demand_reports=self.demand.reports_sent,
-                read_local=self.demand.bytes_local,
-                read_remote=self.demand.bytes_remote,
-            )
-        delta = {key: max(0, value - self._synced.get(key, 0)) for key, value in current.items()}
-        self._synced = current
-        self.metrics.blocks_served.inc(delta.get("served_blocks", 0))
-        self.metrics.bytes_served.inc(delta.get("served_bytes", 0))
-        self.metrics.verification_failures.inc(delta.get("corrupt", 0))
-        self.metrics.demand_reads.inc(delta.get("demand_reads", 0))
-        self.metrics.demand_reads_dropped.inc(delta.get("demand_dropped", 0))
-        self.metrics.demand_reports.inc(delta.get("demand_reports", 0))
-        self.metrics.read_bytes.labels("local").inc(delta.get("read_local", 0))
-        self.metrics.read_bytes.labels("remote").inc(delta.get("read_remote", 0))
-        for service in ("blocks", "has", "upload", "tasks"):
-            self.metrics.malformed_messages.labels(service).inc(
-                delta.get(f"malformed_{service}", 0)
-            )
-
-    def record(self) -> NodeRecord:
-        """This node as the heartbeat reports it (and refreshes the metrics)."""
-        self._sync_service_metrics()
-        statuses = self.volume_status()
-        for status in statuses:
-            self.metrics.observe_volume(status, len(self.volumes[status.name].pins.list()))
-        return NodeRecord(
-            node=self.node,
-            labels=dict(self.config.labels),
-            tags=self.config.tags,
-            volumes=tuple(statuses),
-            version=__version__,
-            started_at=self.started_at,
-            heartbeat_at=time.time(),
-            block_stream=self._stream.address if self._stream is not None else "",
-        )
-
-    def pinned_on(self, root: bytes) -> tuple[str, Pin] | None:
-        for name, store in self.volumes.items():
-            pin = store.pins.get(root)
-            if pin is not None:
-                return name, pin
-        return None
-
-    def _pin_of(self, root: bytes) -> Pin | None:
-        located = self.pinned_on(root)
-        return located[1] if located is not None else None
-
-    def _volume_for(self, size: int | None) -> ObjectStore:
-        """The volume with the most free space; StoreFullError when none has room for ``size``."""
-        name = self._choose_volume(size)
-        return self.volumes[name]
-
-    def _choose_volume(self, size: int | None, preferred: str | None = None) -> str:
-        if preferred is not None and preferred in self.volumes:
-            return preferred
-        free = {name: store.blocks.free_bytes() for name, store in self.volumes.items()}
-        name = max(sorted(free), key=lambda n: free[n])
-        if size is not None and free[name] < size:
-            raise StoreFullError(
-                f"no volume of node {self.node} has room for {size} bytes "
-                f"(most free: {name}, {free[name]} bytes); add capacity or drop content"
-            )
-        return name
-
-    # -- announcing -----------------------------------------------------------------------------
-
-    async def _uploaded(self, pin: Pin) -> None:
-        located = self.pinned_on(pin.root)
-        volume = located[0] if located else next(iter(self.volumes))
-        self.metrics.bytes_stored.inc(pin.size)
-        await self._announce_stored(pin, volume)
-
-    async def _announce_stored(self, pin: Pin, volume: str) -> None:
-        await self._announce(ObjectStored, pin, volume)
-        if self.scrub is not None:
-            # Pinned again over a replica known damaged (an upload keeps blocks already present,
-            # bad ones too): check it, and report the damage again if it is still there.
-            await self.scrub.recheck(pin.root, volume)
-
-    async def _announce_removed(self, pin: Pin, volume: str) -> None:
-        await self._announce(ObjectRemoved, pin, volume)
-
-    async def _announce(
-        self, event: type[ObjectStored] | type[ObjectRemoved], pin: Pin, volume: str
-    ) -> None:
-        assert self.publisher is not None
-        await self.publisher.publish_event(
-            event(
-                root=pin.root,
-                size=pin.size,
-                blocks=pin.blocks,
-                volume=volume,
-                owner=pin.owner,
-                name=pin.name,
-                metadata=dict(pin.metadata),
-            )
-        )
-        self.metrics.events_published.labels(event.TYPE).inc()
-        if self._heartbeat is not None:
-            self._heartbeat.soon()  # the volume's usage changed: tell the domain now
-
-    async def _inventory_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.inventory)
-            with contextlib.suppress(CimPlaceError, nats.errors.Error, TimeoutError):
-                await self.publish_inventory()
-
-    async def publish_inventory(self) -> None:
-        """Announce a digest of every root held per volume, for drift detection."""
-        assert self.publisher is not None
-        for name, store in self.volumes.items():
-            taken_at = time.time()
-            pins = store.pins.list()
-            await self.publisher.publish_event(
-                InventoryDigest(
-                    volume=name,
-                    pins=len(pins),
-                    size=sum(pin.size for pin in pins),
-                    digest=inventory_digest(pin.root for pin in pins),
-                    taken_at=taken_at,
-                )
-            )
-
     async def _attach_to_hub(self) -> None:
         """Attach the outbox to the hub's event store; retried until the hub answers.
 
@@ -563,223 +324,6 @@ class Agent:
     def hub_link_restored(self) -> None:
         """The hub answers again after heartbeats failed: nudge the event-store source."""
         self._reconnected.set()
-
-    # -- tasks ----------------------------------------------------------------------------------
-
-    async def _publish_task_event(self, envelope: Envelope) -> None:
-        assert self.publisher is not None
-        await self.publisher.publish(envelope)
-        self.metrics.events_published.labels(envelope.content.type).inc()
-
-    def _observe_task(self, result: TaskResult) -> None:
-        self.metrics.tasks.labels(result.task.kind, result.action).inc()
-        self.metrics.task_duration.labels(result.task.kind).observe(result.duration)
-
-    async def run_task(self, task: Task) -> TaskOutcome:
-        """Carry out one task. Idempotent: a task that already holds is completed at once."""
-        if task.kind == "fetch":
-            return await self._fetch(task)
-        if task.kind == "drop":
-            return await self._drop(task)
-        if task.kind == "repair":
-            return await self._repair(task)
-        return await self._verify(task)
-
-    async def _holders_for(self, task: Task) -> list[Holder]:
-        """The task's holders with their labels (nodes KV), plus any found by who-has."""
-        assert self.nc is not None
-        labels: Mapping[str, Mapping[str, str]] = {}
-        with contextlib.suppress(CimPlaceError, nats.errors.Error, TimeoutError):
-            nodes = await list_nodes(jetstream(self.nc, self.config.hub_domain))
-            labels = {record.node: record.labels for record in nodes}
-        holders = {
-            node: holder_of(node, labels.get(node, {}))
-            for node in task.holders
-            if node != self.node
-        }
-        # Stop listening once every holder the task names has answered: without ``expected``
-        # who-has always waits its whole timeout (0.5 s), which dominated the time from `add`
-        # to three copies (bench/converge.py). Other holders still count when a named one is
-        # silent (then the full timeout runs, as before).
-        expected = len(holders) or None
-        for found in await find_holders(
-            self.nc, task.root, expected=expected, subjects=self.subjects
-        ):
-            if found.node != self.node:
-                holders.setdefault(found.node, found)
-        return list(holders.values())
-
-    async def _fetch(self, task: Task) -> TaskOutcome:
-        located = self.pinned_on(task.root)
-        if located is not None and (task.volume is None or located[0] == task.volume):
-            # Asked for a copy the controller does not count (its ObjectStored lost, or a forged
-            # ObjectRemoved believed): say again that it is here, or it would ask forever.
-            await self._announce(ObjectStored, located[1], located[0])
-            return TaskOutcome.completed({"volume": located[0], "already": True})
-        volume = self._choose_volume(None, task.volume)
-        store = self.volumes[volume]
-        holders = await self._holders_for(task)
-        if not holders:
-            return TaskOutcome.retry(f"no holder of {to_str(task.root)} answers")
-        assert self.scrub is not None
-        # The fetch holds off gc, makes the scrub yield, and journals the blocks it adds so a
-        # failed fetch's leftovers are swept (leftovers.sweep) once a retry is unlikely.
-        with self.scrub.busy(volume), leftovers.journaled(store) as journaled:
-            result = await self._fetch_into(task, store, journaled, holders)
-            pin = await asyncio.to_thread(
-                store.pin_complete,
-                task.root,
-                name=task.name,
-                owner=task.owner,
-                metadata=task.metadata,
-            )
-        self.metrics.blocks_fetched.inc(result.blocks_fetched)
-        self.metrics.bytes_fetched.inc(result.bytes_fetched)
-        for node in result.corrupt_holders:
-            self.metrics.verification_failures.inc(result.holders[node].corrupt)
-        self.metrics.bytes_stored.inc(pin.size)
-        await self._announce_stored(pin, volume)
-        corrupt: list[Value] = list(result.corrupt_holders)
-        return TaskOutcome.completed(
-            {
-                "volume": volume,
-                "blocks_fetched": result.blocks_fetched,
-                "bytes_fetched": result.bytes_fetched,
-                "corrupt_holders": corrupt,
-            }
-        )
-
-    async def _fetch_into(
-        self,
-        task: Task,
-        store: ObjectStore,
-        blocks: leftovers.JournaledBlocks,
-        holders: list[Holder],
-    ) -> FetchResult:
-        assert self.nc is not None
-        lock = store.writing()
-        await asyncio.to_thread(lock.__enter__)
-        try:
-            return await fetch_dag(
-                self.nc,
-                task.root,
-                holders,
-                blocks,
-                subjects=self.subjects,
-                near=self.near,
-                bandwidth=self.limits.for_task(task),
-                timeout=self.fetch_timeout,
-                stream_tls=self.stream_client_tls,
-            )
-        finally:
-            lock.__exit__(None, None, None)
-
-    async def _repair(self, task: Task) -> TaskOutcome:
-        """Re-fetch only the damaged blocks of a pinned replica, verify it whole, announce it."""
-        located = self.pinned_on(task.root)
-        if located is None:
-            return TaskOutcome.failed(f"{to_str(task.root)} is not pinned on {self.node}")
-        volume, pin = located
-        assert self.scrub is not None
-        problem, repaired, fetched = await repair_replica(
-            task.root,
-            volume,
-            self.volumes[volume],
-            scrub=self.scrub,
-            holders=lambda: self._holders_for(task),
-            fetch=lambda store, blocks, holders: self._fetch_into(task, store, blocks, holders),
-            metrics=self.metrics,
-        )
-        if problem is not None:
-            return TaskOutcome.retry(problem)
-        # Verified whole: ObjectStored tells the controller the replica counts again.
-        await self._announce_stored(pin, volume)
-        refresh_damaged_gauge(self.scrub, self.metrics)
-        outcome: dict[str, Value] = {
-            "volume": volume,
-            "blocks_repaired": repaired,
-            "already": not repaired,
-        }
-        if fetched is not None:  # what the repair moved, and how fast (repair.bandwidth)
-            outcome.update(bytes_fetched=fetched.bytes_fetched, fetch_seconds=fetched.seconds)
-        return TaskOutcome.completed(outcome)
-
-    async def _publish_damage(self, event: ReplicaDamaged) -> None:
-        assert self.publisher is not None
-        await self.publisher.publish_event(event)
-        self.metrics.events_published.labels(event.TYPE).inc()
-        refresh_damaged_gauge(self.scrub, self.metrics)
-
-    async def _drop(self, task: Task) -> TaskOutcome:
-        dropped = []
-        for name, store in self.volumes.items():
-            if task.volume is not None and name != task.volume:
-                continue
-            pin = store.pins.get(task.root)
-            if pin is None:
-                continue
-            store.pins.remove(task.root)
-            if self.scrub is not None:  # its damage, if any, goes with it
-                await asyncio.to_thread(self.scrub.scrubbers[name].state.forget, task.root)
-            dropped.append(name)
-            self._dropped.setdefault(name, set()).add(task.root)
-            await self._announce_removed(pin, name)
-        if dropped:
-            self._gc_wanted.set()
-        volumes: list[Value] = list(dropped)
-        return TaskOutcome.completed({"volumes": volumes, "already": not dropped})
-
-    async def _verify(self, task: Task) -> TaskOutcome:
-        located = self.pinned_on(task.root)
-        if located is None:
-            return TaskOutcome.failed(f"{to_str(task.root)} is not pinned on {self.node}")
-        store = self.volumes[located[0]]
-        try:
-            blocks = await asyncio.to_thread(
-                lambda: sum(1 for _ in dag.walk(store.blocks, task.root))
-            )
-        except StoreError as exc:
-            self.metrics.verification_failures.inc()
-            return TaskOutcome.failed(f"verification of {to_str(task.root)} failed: {exc}")
-        return TaskOutcome.completed({"volume": located[0], "blocks": blocks})
-
-    async def _gc_loop(self) -> None:
-        last_sweep = time.monotonic()
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._gc_wanted.wait(), timeout=SWEEP_EVERY)
-            if self._gc_wanted.is_set():
-                await asyncio.sleep(GC_DELAY)
-                self._gc_wanted.clear()
-                dropped, self._dropped = self._dropped, {}
-                for name, roots in dropped.items():
-                    # Only the dropped DAGs' blocks: a sweep of the whole volume costs time in
-                    # proportion to everything it holds, and a removal must free its space soon.
-                    await self._collect(name, "collect", roots)
-            if time.monotonic() - last_sweep >= SWEEP_EVERY:
-                last_sweep = time.monotonic()
-                for name in self.volumes:
-                    await self._collect(name, "sweep", None)
-
-    async def _collect(self, name: str, kind: str, roots: set[Cid] | None) -> None:
-        store = self.volumes.get(name)
-        if store is None:
-            return
-        try:
-            if roots is None:
-                result = await asyncio.to_thread(store.gc)
-            else:
-                result = await asyncio.to_thread(store.collect, roots)
-        except StoreError as exc:
-            _log.warning("gc (%s) of volume %s: %s", kind, name, exc)
-            return
-        _log.info(
-            "gc (%s) of %s: %d blocks, %d bytes freed",
-            kind,
-            name,
-            result.blocks_removed,
-            result.bytes_freed,
-        )
 
 
 def _s3_listener(agent: Agent) -> Listener:
