@@ -16,9 +16,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import replace
 
 import nats.errors
 import nats.js.errors
@@ -27,12 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from cim_place.cluster.events.types import TaskCompleted, TaskFailed
 from cim_place.cluster.nats.envelope import (
-    CORRELATION,
-    MSG_ID,
-    Content,
-    Envelope,
     EnvelopeError,
     decode,
 )
@@ -51,34 +45,19 @@ from cim_place.cluster.tasks.outcome import (
     TaskOutcome,
     TaskResult,
 )
-from cim_place.objectstore.dagcbor import Value
+from cim_place.cluster.tasks.reporting import (
+    EventPublisher,
+    OutcomeReporter,
+    WorkerStats,
+    describe_error,
+)
 
 __all__ = [
-    "EventPublisher",
     "TaskWorker",
-    "WorkerStats",
     "consumer_name",
 ]
 
 _log = logging.getLogger(__name__)
-
-_MAX_REASON = 1000
-
-EventPublisher = Callable[[Envelope], Awaitable[None]]
-"""Persists an event envelope (the event store); returns only once it is durable."""
-
-
-@dataclass(slots=True)
-class WorkerStats:
-    """Counters of a worker since it started (the agent exports them as metrics)."""
-
-    completed: int = 0
-    failed: int = 0
-    retried: int = 0
-    released: int = 0
-    malformed: int = 0
-    in_flight: int = 0
-    fetch_errors: int = 0
 
 
 def consumer_name(node: str) -> str:
@@ -86,7 +65,7 @@ def consumer_name(node: str) -> str:
     return f"tasks-{check_node_id(node)}"
 
 
-class TaskWorker:
+class TaskWorker(OutcomeReporter):
     """Runs one node's tasks from ``CIM_PLACE_TASKS``, reports their outcome, then acks.
 
     ``nc`` is the agent's connection to its leaf server; the consumer lives in the hub domain and
@@ -244,7 +223,7 @@ class TaskWorker:
                     if self._sub is not None
                     else f" (is the hub reachable, and stream {TASKS_STREAM} created in it?)"
                 )
-                self._trouble(f"fetching tasks failed: {_describe(exc)}; retrying{hint}")
+                self._trouble(f"fetching tasks failed: {describe_error(exc)}; retrying{hint}")
                 await self._drop_subscription()
                 await self._pause(self._retry_wait)
 
@@ -319,7 +298,7 @@ class TaskWorker:
             return
         except Exception as exc:
             # Whatever the bytes are, a message must never take the worker down.
-            await self._reject(msg, f"undecodable: {_describe(exc)}")
+            await self._reject(msg, f"undecodable: {describe_error(exc)}")
             return
         attempt = msg.metadata.num_delivered
         task = replace(task, attempt=attempt)
@@ -366,10 +345,10 @@ class TaskWorker:
             future.cancel()
             raise
         except _PERMANENT_ERRORS as exc:
-            outcome = TaskOutcome.failed(_describe(exc))
+            outcome = TaskOutcome.failed(describe_error(exc))
         except Exception as exc:
             _log.info("node %s: %s task %s raised: %s", self.node, task.kind, task.id, exc)
-            outcome = TaskOutcome.retry(_describe(exc))
+            outcome = TaskOutcome.retry(describe_error(exc))
         finally:
             del self._running[task.id]
         future.set_result(outcome)
@@ -380,170 +359,3 @@ class TaskWorker:
             await asyncio.sleep(self._heartbeat)
             with contextlib.suppress(nats.errors.Error):
                 await msg.in_progress()
-
-    async def _report(
-        self,
-        msg: Msg,
-        envelope: Envelope,
-        task: Task,
-        outcome: TaskOutcome,
-        event_type: str,
-        started: float,
-        *,
-        permanent: bool = False,
-    ) -> None:
-        """Publish the final outcome, then ack; if the report fails, release for a retry.
-
-        ``permanent`` (in TaskFailed) tells a failure retrying cannot fix from one that ran out of
-        attempts, so the controller knows whether the same work elsewhere may succeed.
-        """
-        duration = round(time.monotonic() - started, 6)
-        report: TaskCompleted | TaskFailed
-        if event_type == TASK_COMPLETED:
-            report = TaskCompleted(
-                task_id=task.id,
-                action=task.kind,
-                node=task.node,
-                root=task.root,
-                volume=task.volume,
-                attempts=task.attempt,
-                duration=duration,
-                result=dict(outcome.result),
-            )
-        else:
-            report = TaskFailed(
-                task_id=task.id,
-                action=task.kind,
-                node=task.node,
-                root=task.root,
-                volume=task.volume,
-                attempts=task.attempt,
-                reason=outcome.reason[:_MAX_REASON],
-                permanent=permanent,
-                duration=duration,
-            )
-        body = report.body()
-        event = _event(envelope, event_type, body, msg)
-        try:
-            await self._publish_event(event)
-        except Exception as exc:
-            # Not reported means not done: redeliver; the handler is idempotent.
-            _log.warning(
-                "node %s: could not report %s of %s: %s", self.node, event_type, task.id, exc
-            )
-            await self._settle(msg, task, outcome, "released", started, self._backoff.delay(1))
-            return
-        try:
-            await msg.ack_sync(timeout=5.0)
-        except (nats.errors.Error, OSError) as exc:
-            # Reported but not acked: the stream redelivers, the handler runs again harmlessly and
-            # the repeated event carries the same id, so the event store drops it as a duplicate.
-            _log.warning("node %s: ack of task %s failed: %s", self.node, task.id, exc)
-        action: Literal["completed", "failed"] = (
-            "completed" if event_type == TASK_COMPLETED else "failed"
-        )
-        if action == "completed":
-            self.stats.completed += 1
-        else:
-            self.stats.failed += 1
-            _log.warning(
-                "node %s: %s task %s failed: %s", self.node, task.kind, task.id, outcome.reason
-            )
-        self._notify(TaskResult(task, outcome, action, duration))
-
-    async def _settle(
-        self,
-        msg: Msg,
-        task: Task,
-        outcome: TaskOutcome,
-        action: Literal["retry", "released"],
-        started: float,
-        delay: float | None = None,
-    ) -> None:
-        """NAK for redelivery: after a back-off for a retry, at once (or ``delay``) otherwise."""
-        if delay is None:
-            delay = self._backoff.delay(task.attempt) if action == "retry" else 0.0
-        with contextlib.suppress(nats.errors.Error, OSError):
-            await msg.nak(delay=delay or None)
-        if action == "retry":
-            self.stats.retried += 1
-        else:
-            self.stats.released += 1
-        self._notify(TaskResult(task, outcome, action, time.monotonic() - started, delay))
-
-    async def _reject(self, msg: Msg, reason: str) -> None:
-        """A malformed or foreign message: count, log, report if an id is known, terminate."""
-        self.stats.malformed += 1
-        headers = msg.headers or {}
-        seq = _stream_sequence(msg)
-        _log.warning(
-            "node %s: rejected malformed task message (stream seq %s, id %s): %s",
-            self.node,
-            seq,
-            headers.get(MSG_ID),
-            reason,
-        )
-        cause = _readable_cause(msg, self.node)
-        if cause is not None:
-            body = TaskFailed(
-                task_id=cause.id,
-                action=None,
-                node=self.node,
-                root=None,
-                volume=None,
-                attempts=1,
-                reason=f"malformed task message: {reason}"[:_MAX_REASON],
-                permanent=True,
-            ).body()
-            try:
-                await self._publish_event(_event(cause, TASK_FAILED, body, msg))
-            except Exception as exc:
-                _log.warning("node %s: could not report malformed task: %s", self.node, exc)
-        with contextlib.suppress(nats.errors.Error, OSError):
-            await msg.term()
-
-    def _notify(self, result: TaskResult) -> None:
-        if self._on_result is None:
-            return
-        try:
-            self._on_result(result)
-        except Exception:
-            _log.exception("node %s: task result observer failed", self.node)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _stream_sequence(msg: Msg) -> int | None:
-    try:
-        return int(msg.metadata.sequence.stream)
-    except Exception:
-        return None
-
-
-def _event(cause: Envelope, event_type: str, body: dict[str, Value], msg: Msg) -> Envelope:
-    """An event caused by the task's envelope, with an id stable across redeliveries.
-
-    The id is derived from the task id and the stream sequence of the task message: a redelivered
-    message (reported, then not acked) yields the same id, which the event store drops as a
-    duplicate; the same task queued again later (a new message) reports anew.
-    """
-    event = cause.caused(Content("event", event_type, body))
-    seq = _stream_sequence(msg)
-    if seq is None:
-        return event
-    return replace(event, id=f"{cause.id}.{seq}.{event_type}")
-
-
-def _readable_cause(msg: Msg, node: str) -> Envelope | None:
-    """The envelope to cause a TaskFailed for a malformed message, if any id can be read."""
-    with contextlib.suppress(Exception):
-        return decode(msg.data)
-    headers = msg.headers or {}
-    message_id = headers.get(MSG_ID)
-    if not message_id:
-        return None
-    correlation = headers.get(CORRELATION) or message_id
-    return Envelope(message_id, correlation, None, node, Content("command", "Unknown"))
