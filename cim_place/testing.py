@@ -13,6 +13,13 @@ Fixtures (function scoped unless noted):
 - ``nats_client``: the ``connected`` helper: ``async with nats_client(url) as nc``. Test code can
   also import ``connected`` from here.
 
+Agents and controllers for tests: ``agent_config(node, url, directory, zone, **settings)`` (one
+volume, fast heartbeats), ``running_agents(configs)`` (started in order, stopped at exit),
+``two_agents(hub, leaf_factory, directory)`` (leaves ``node-a`` and ``node-b`` with an agent each,
+the event store and task stream ready) and ``controlled_domain(hub, leaf_factory, directory,
+policy)`` (a policy applied, a controller, three leaves ``n1``..``n3`` in zones ``z1``..``z3`` with
+agents). They import the agent and controller only when called, so loading this plugin stays cheap.
+
 Helpers: ``until(check, what, timeout=60)`` waits for a condition under a generous wall-clock
 limit (a guard against hangs on a loaded machine, never a speed check);
 ``secured_server(directory, users, name)`` starts one hub server (domain ``hub``) whose
@@ -27,11 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 from nats.aio.client import Client
@@ -42,13 +49,22 @@ from cim_place.local.server_spec import ServerSpec
 from cim_place.local.servers import NatsServer
 from cim_place.local.topologies import Hub, add_leaf, start_hub, start_single
 
+if TYPE_CHECKING:
+    from cim_place.cluster.agent.config import AgentConfig
+    from cim_place.cluster.agent.service import Agent
+    from cim_place.cluster.controller.service import Controller
+
 __all__ = [
     "ClientFactory",
     "LeafFactory",
     "SecuredServer",
+    "agent_config",
     "connected",
+    "controlled_domain",
     "nats_server_children",
+    "running_agents",
     "secured_server",
+    "two_agents",
     "until",
 ]
 
@@ -179,3 +195,105 @@ def secured_server(directory: Path, users: Sequence[User], name: str) -> Secured
     )
     server = NatsServer(spec, directory).start().wait_ready()
     return SecuredServer(server, {user.name: user for user in users})
+
+
+# -- agents and controllers ---------------------------------------------------------------------
+
+
+def agent_config(node: str, url: str, directory: Path, zone: str, **settings: Any) -> AgentConfig:
+    """A test agent's configuration: volume ``v0`` under ``directory/node``, labels region ``eu``,
+    ``zone`` and host ``node``, a heartbeat every 0.5 s and an inventory digest only hourly (none
+    during a test); ``settings`` sets further fields (``scrub_interval``, ``http``...)."""
+    from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
+
+    return AgentConfig(
+        node=node,
+        volumes=(VolumeConfig("v0", directory / node / "v0"),),
+        servers=(url,),
+        labels={"region": "eu", "zone": zone, "host": node},
+        heartbeat=0.5,
+        inventory=3600,
+        **settings,
+    )
+
+
+@asynccontextmanager
+async def running_agents(configs: Iterable[AgentConfig]) -> AsyncIterator[dict[str, Agent]]:
+    """An agent per configuration (fsync off: a test's data need not survive a power cut), started
+    in order, by node id. Every agent in that dict at the end is stopped (1 s grace): a test may
+    pop one it stops itself, or add one for the exit to stop."""
+    from cim_place.cluster.agent.service import Agent
+
+    agents: dict[str, Agent] = {}
+    for config in configs:
+        agents[config.node] = Agent(config, fsync="none")
+        await agents[config.node].start()
+    try:
+        yield agents
+    finally:
+        for agent in agents.values():
+            await agent.stop(grace=1)
+
+
+@asynccontextmanager
+async def two_agents(
+    hub: Hub, leaf_factory: LeafFactory, directory: Path, **settings: Any
+) -> AsyncIterator[tuple[Agent, Agent]]:
+    """Leaves ``node-a`` (zone ``z1``) and ``node-b`` (``z2``) on ``hub`` with an agent each
+    (``agent_config`` with ``settings``), once the hub has the event store and the task stream
+    (1 replica) the agents attach to."""
+    from cim_place.cluster.events.store import ensure_event_store
+    from cim_place.cluster.nats.connection import jetstream
+    from cim_place.cluster.tasks.queue import ensure_task_stream
+
+    leaf_a = leaf_factory("node-a", hub=hub)
+    leaf_b = leaf_factory("node-b", hub=hub)
+    async with connected(hub.url) as nc:
+        js_hub = jetstream(nc, "hub")
+        await ensure_event_store(js_hub, replicas=1)
+        await ensure_task_stream(js_hub, 1)
+    configs = [
+        agent_config("node-a", leaf_a.url, directory, "z1", **settings),
+        agent_config("node-b", leaf_b.url, directory, "z2", **settings),
+    ]
+    async with running_agents(configs) as agents:
+        yield agents["node-a"], agents["node-b"]
+
+
+@asynccontextmanager
+async def controlled_domain(
+    hub: Hub, leaf_factory: LeafFactory, directory: Path, policy: str, **settings: Any
+) -> AsyncIterator[tuple[Controller, dict[str, Agent]]]:
+    """``policy`` (YAML) applied, a controller (short lease, quick node verdicts, a full pass every
+    2 s), then leaves ``n1``..``n3`` on ``hub`` in zones ``z1``..``z3``, each with an agent
+    (``agent_config`` with ``settings``), by node id (as ``running_agents`` gives them). The
+    controller stops first."""
+    from cim_place.cluster.controller.service import Controller, ControllerConfig
+    from cim_place.cluster.nats.connection import jetstream
+    from cim_place.cluster.state.policies import PolicyStore
+    from cim_place.policies.validate import load_text
+
+    async with connected(hub.url) as nc:
+        store = await PolicyStore.open(jetstream(nc, "hub"), create=True)
+        await store.apply(load_text(policy, "test.yaml"), actor="test")
+    controller = Controller(
+        ControllerConfig(
+            servers=(hub.url,),
+            identity="ctl-a",
+            lease=3.0,
+            late_after=1.5,
+            down_after=3.0,
+            full_pass_every=2.0,
+            summary_every=0.5,
+        )
+    )
+    await controller.start()
+    configs = [
+        agent_config(f"n{i}", leaf_factory(f"n{i}", hub=hub).url, directory, f"z{i}", **settings)
+        for i in range(1, 4)
+    ]
+    async with running_agents(configs) as agents:
+        try:
+            yield controller, agents
+        finally:
+            await controller.stop()

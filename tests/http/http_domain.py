@@ -7,7 +7,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
+from cim_place.cluster.agent.config import AgentConfig
 from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.exchange.fetch import wait_for_holder
 from cim_place.cluster.exchange.upload_client import upload
@@ -15,18 +15,14 @@ from cim_place.cluster.nats.connection import connected
 from cim_place.http.server import HttpSettings
 from cim_place.local.topologies import Hub
 from cim_place.objectstore.cid import Cid
+from cim_place.testing import agent_config
+
+GATEWAY = HttpSettings(listen="127.0.0.1:0")
+"""Each agent's gateway, on a free loopback port."""
 
 
 def config(name: str, url: str, tmp: Path, zone: str) -> AgentConfig:
-    return AgentConfig(
-        node=name,
-        volumes=(VolumeConfig("v0", tmp / name / "v0"),),
-        servers=(url,),
-        labels={"region": "eu", "zone": zone, "host": name},
-        heartbeat=0.5,
-        inventory=3600,
-        http=HttpSettings(listen="127.0.0.1:0"),
-    )
+    return agent_config(name, url, tmp, zone, http=GATEWAY)
 
 
 @dataclass

@@ -16,7 +16,6 @@ import pytest
 from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.events.readers import EventReader
-from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.events.types import ObjectRemoved, ObjectStored, TaskCompleted, parse_event
 from cim_place.cluster.exchange.fetch import wait_for_holder
 from cim_place.cluster.exchange.upload_client import upload
@@ -24,24 +23,13 @@ from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import Envelope
 from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.tasks.model import Task
-from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
+from cim_place.cluster.tasks.queue import TaskQueue
 from cim_place.errors import StoreFullError
 from cim_place.local.topologies import Hub
 from cim_place.objectstore.testdata import chacha_stream
-from cim_place.testing import LeafFactory
+from cim_place.testing import LeafFactory, agent_config, two_agents
 
 SIZE = 3 * 1024 * 1024 + 5
-
-
-def config(name: str, url: str, tmp: Path, zone: str) -> AgentConfig:
-    return AgentConfig(
-        node=name,
-        volumes=(VolumeConfig("v0", tmp / name / "v0"),),
-        servers=(url,),
-        labels={"region": "eu", "zone": zone, "host": name},
-        heartbeat=0.5,
-        inventory=3600,
-    )
 
 
 async def events_until(reader: EventReader, want: int, timeout: float = 30.0) -> list[Envelope]:
@@ -56,21 +44,8 @@ async def events_until(reader: EventReader, want: int, timeout: float = 30.0) ->
 async def domain(
     hub1: Hub, leaf_factory: LeafFactory, tmp_path: Path
 ) -> AsyncIterator[tuple[Hub, Agent, Agent]]:
-    leaf_a = leaf_factory("node-a")
-    leaf_b = leaf_factory("node-b")
-    async with connected(hub1.url) as nc:
-        js_hub = jetstream(nc, "hub")
-        await ensure_event_store(js_hub, replicas=1)
-        await ensure_task_stream(js_hub, 1)
-    agent_a = Agent(config("node-a", leaf_a.url, tmp_path, "z1"), fsync="none")
-    agent_b = Agent(config("node-b", leaf_b.url, tmp_path, "z2"), fsync="none")
-    await agent_a.start()
-    await agent_b.start()
-    try:
+    async with two_agents(hub1, leaf_factory, tmp_path) as (agent_a, agent_b):
         yield hub1, agent_a, agent_b
-    finally:
-        await agent_a.stop(grace=1)
-        await agent_b.stop(grace=1)
 
 
 async def test_add_fetch_drop_through_agents(
@@ -166,7 +141,7 @@ async def test_a_full_volume_fails_the_fetch_and_pins_nothing(
         inventory=3600,
     )
     async with (
-        Agent(config("full-a", leaf_a.url, tmp_path, "z1"), fsync="none") as agent_a,
+        Agent(agent_config("full-a", leaf_a.url, tmp_path, "z1"), fsync="none") as agent_a,
         Agent(small, fsync="none") as agent_b,
         connected(hub1.url) as nc,
     ):

@@ -15,22 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
 from cim_place.cluster.events.readers import EventReader
-from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.events.types import TaskCompleted, parse_event
 from cim_place.cluster.exchange.fetch import wait_for_holder
 from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.tasks.model import Task
-from cim_place.cluster.tasks.queue import TaskQueue, ensure_task_stream
+from cim_place.cluster.tasks.queue import TaskQueue
 from cim_place.local.topologies import Hub
 from cim_place.objectstore import dag
 from cim_place.objectstore.cid import RAW, codec_of
 from cim_place.objectstore.testdata import chacha_stream
-from cim_place.testing import LeafFactory, until
+from cim_place.testing import LeafFactory, two_agents, until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,37 +37,19 @@ SIZE = 8 * MiB + 3
 LIMIT = 2 * MiB
 
 
-def config(name: str, url: str, tmp: Path, zone: str) -> AgentConfig:
-    return AgentConfig(
-        node=name,
-        volumes=(VolumeConfig("v0", tmp / name / "v0"),),
-        servers=(url,),
-        labels={"region": "eu", "zone": zone, "host": name},
-        heartbeat=0.5,
-        inventory=3600,
-        scrub_interval=3600 * 24,
-    )
+SCRUB_INTERVAL = 3600 * 24
+"""No scheduled scrub during a test (scrubs here are asked for)."""
 
 
 @pytest.fixture
 async def agents(
     hub1: Hub, leaf_factory: LeafFactory, tmp_path: Path
 ) -> AsyncIterator[tuple[Hub, Agent, Agent]]:
-    leaf_a = leaf_factory("node-a")
-    leaf_b = leaf_factory("node-b")
-    async with connected(hub1.url) as nc:
-        js_hub = jetstream(nc, "hub")
-        await ensure_event_store(js_hub, replicas=1)
-        await ensure_task_stream(js_hub, 1)
-    agent_a = Agent(config("node-a", leaf_a.url, tmp_path, "z1"), fsync="none")
-    agent_b = Agent(config("node-b", leaf_b.url, tmp_path, "z2"), fsync="none")
-    await agent_a.start()
-    await agent_b.start()
-    try:
+    async with two_agents(hub1, leaf_factory, tmp_path, scrub_interval=SCRUB_INTERVAL) as (
+        agent_a,
+        agent_b,
+    ):
         yield hub1, agent_a, agent_b
-    finally:
-        await agent_a.stop(grace=1)
-        await agent_b.stop(grace=1)
 
 
 async def completed_repairs(js_hub: object, want: int) -> list[TaskCompleted]:

@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
-from cim_place.cluster.controller.service import Controller, ControllerConfig
 from cim_place.cluster.events.publisher import EventPublisher
 from cim_place.cluster.events.types import ObjectRemoved
 from cim_place.cluster.exchange.fetch import fetch_dag, wait_for_holder
@@ -29,15 +27,13 @@ from cim_place.cluster.exchange.fetch_model import BlockUnavailableError, Holder
 from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.state.locations import LocationStore
-from cim_place.cluster.state.policies import PolicyStore
 from cim_place.local.topologies import Hub
 from cim_place.objectstore import dag
 from cim_place.objectstore.blockstore import FsBlockStore
 from cim_place.objectstore.cid import RAW, Cid, codec_of, to_str
 from cim_place.objectstore.testdata import chacha_stream
 from cim_place.placement.status import ObjectStatus
-from cim_place.policies.validate import load_text
-from cim_place.testing import LeafFactory
+from cim_place.testing import LeafFactory, controlled_domain
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -55,41 +51,8 @@ CLI = str(Path(sys.executable).parent / "cim-place")
 async def domain(
     hub1: Hub, leaf_factory: LeafFactory, tmp_path: Path
 ) -> AsyncIterator[tuple[Hub, dict[str, Agent]]]:
-    async with connected(hub1.url) as nc:
-        store = await PolicyStore.open(jetstream(nc, "hub"), create=True)
-        await store.apply(load_text(POLICY, "test.yaml"), actor="test")
-    controller = Controller(
-        ControllerConfig(
-            servers=(hub1.url,),
-            identity="ctl-a",
-            lease=3.0,
-            late_after=1.5,
-            down_after=3.0,
-            full_pass_every=2.0,
-            summary_every=0.5,
-        )
-    )
-    await controller.start()
-    agents = {}
-    for i in range(1, 4):
-        name = f"n{i}"
-        leaf = leaf_factory(name)
-        config = AgentConfig(
-            node=name,
-            volumes=(VolumeConfig("v0", tmp_path / name / "v0"),),
-            servers=(leaf.url,),
-            labels={"region": "eu", "zone": f"z{i}", "host": name},
-            heartbeat=0.5,
-            inventory=3600,
-        )
-        agents[name] = Agent(config, fsync="none")
-        await agents[name].start()
-    try:
+    async with controlled_domain(hub1, leaf_factory, tmp_path, POLICY) as (_, agents):
         yield hub1, agents
-    finally:
-        await controller.stop()
-        for agent in agents.values():
-            await agent.stop(grace=1)
 
 
 async def status_of(hub: Hub, cid: Cid) -> ObjectStatus | None:

@@ -20,22 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
-from cim_place.cluster.controller.service import Controller, ControllerConfig
+from cim_place.cluster.controller.service import Controller
 from cim_place.cluster.exchange.fetch import wait_for_holder
 from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.locations import LocationStore
-from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.model import Task
 from cim_place.local.topologies import Hub
 from cim_place.objectstore import dag
 from cim_place.objectstore.cid import RAW, Cid, codec_of
 from cim_place.objectstore.testdata import chacha_stream
-from cim_place.policies.validate import load_text
-from cim_place.testing import LeafFactory, until
+from cim_place.testing import LeafFactory, agent_config, controlled_domain, until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,48 +45,18 @@ repair: {grace: 2s, max_concurrent: 2, bandwidth: 1MiB/s}
 SIZE = 2 * 1024 * 1024 + 5
 OBJECTS = 9
 LIMIT = 2
+SCRUB_INTERVAL = 3600 * 24
+"""No scheduled scrub during a test (scrubs here are asked for)."""
 
 
 @pytest.fixture
 async def domain(
     hub1: Hub, leaf_factory: LeafFactory, tmp_path: Path
 ) -> AsyncIterator[tuple[Hub, Controller, dict[str, Agent]]]:
-    async with connected(hub1.url) as nc:
-        store = await PolicyStore.open(jetstream(nc, "hub"), create=True)
-        await store.apply(load_text(POLICY, "test.yaml"), actor="test")
-    controller = Controller(
-        ControllerConfig(
-            servers=(hub1.url,),
-            identity="ctl-a",
-            lease=3.0,
-            late_after=1.5,
-            down_after=3.0,
-            full_pass_every=2.0,
-            summary_every=0.5,
-        )
-    )
-    await controller.start()
-    agents = {}
-    for i in range(1, 4):
-        name = f"n{i}"
-        leaf = leaf_factory(name)
-        config = AgentConfig(
-            node=name,
-            volumes=(VolumeConfig("v0", tmp_path / name / "v0"),),
-            servers=(leaf.url,),
-            labels={"region": "eu", "zone": f"z{i}", "host": name},
-            heartbeat=0.5,
-            inventory=3600,
-            scrub_interval=3600 * 24,
-        )
-        agents[name] = Agent(config, fsync="none")
-        await agents[name].start()
-    try:
+    async with controlled_domain(
+        hub1, leaf_factory, tmp_path, POLICY, scrub_interval=SCRUB_INTERVAL
+    ) as (controller, agents):
         yield hub1, controller, agents
-    finally:
-        await controller.stop()
-        for agent in agents.values():
-            await agent.stop(grace=1)
 
 
 async def states(hub: Hub, roots: list[Cid]) -> dict[Cid, str]:
@@ -212,16 +179,7 @@ async def test_replacing_copies_lost_with_a_node_is_repair_work_under_the_same_c
     await lost_on(hub, roots, "n3")
     leaf = leaf_factory("n4")
     n4 = Agent(
-        AgentConfig(
-            node="n4",
-            volumes=(VolumeConfig("v0", tmp_path / "n4" / "v0"),),
-            servers=(leaf.url,),
-            labels={"region": "eu", "zone": "z4", "host": "n4"},
-            heartbeat=0.5,
-            inventory=3600,
-            scrub_interval=3600 * 24,
-        ),
-        fsync="none",
+        agent_config("n4", leaf.url, tmp_path, "z4", scrub_interval=SCRUB_INTERVAL), fsync="none"
     )
     agents["n4"] = n4  # stopped by the fixture
     await n4.start()
