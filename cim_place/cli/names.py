@@ -7,7 +7,7 @@ reached through the server given with ``--server`` (a hub server or a leaf serve
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -30,6 +30,11 @@ NameArgument = Annotated[
         show_default=False,
     ),
 ]
+
+
+def _if_revision(lowest: int, help: str) -> Any:
+    """The ``--if-revision`` option of a command that writes (compare-and-set on the revision)."""
+    return typer.Option("--if-revision", min=lowest, help=help, show_default=False)
 
 
 def _with_registry(
@@ -55,11 +60,8 @@ def set_name(
     note: Annotated[str, typer.Option("--note", "-m", help="Why: kept with this revision.")] = "",
     expect_revision: Annotated[
         int | None,
-        typer.Option(
-            "--if-revision",
-            min=0,
-            help="Write only if the name is at this revision (0: only if it does not exist).",
-            show_default=False,
+        _if_revision(
+            0, "Write only if the name is at this revision (0: only if it does not exist)."
         ),
     ] = None,
     server: ServerOption = None,
@@ -151,13 +153,7 @@ def history(
 def remove(
     name: NameArgument,
     expect_revision: Annotated[
-        int | None,
-        typer.Option(
-            "--if-revision",
-            min=1,
-            help="Remove only if the name is at this revision.",
-            show_default=False,
-        ),
+        int | None, _if_revision(1, "Remove only if the name is at this revision.")
     ] = None,
     server: ServerOption = None,
     creds: CredsOption = None,
