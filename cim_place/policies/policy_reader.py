@@ -2,135 +2,47 @@
 
 :class:`PolicyReader` reads a policy (match, replicas, spread, constraints, preferences,
 locality, repair, demand) and the consumers of one file, recording a problem with its position
-for each fault instead of stopping. The limits and key lists an operator may use are defined
-here; checks that span policies and files live in :mod:`cim_place.policies.validate`.
+for each fault instead of stopping. The sections that select objects and place copies are read in
+:mod:`cim_place.policies.placement_rules`, the keys and limits are in
+:mod:`cim_place.policies.policy_limits`; checks that span policies and files live in
+:mod:`cim_place.policies.validate`.
 """
 
 from __future__ import annotations
-
-import difflib
-import re
-from typing import TypeVar
 
 from cim_place.policies import labels as label_syntax
 from cim_place.policies import quantities
 from cim_place.policies.demand import SERVICE_HINT, SERVICE_RE, read_demand
 from cim_place.policies.loader import INVALID, Path, YamlFile
 from cim_place.policies.model import (
-    FAILURE_DOMAINS,
     Constraints,
     Consumer,
-    LabelRequirement,
-    Locality,
-    Match,
     Policy,
-    Preference,
     Repair,
     Replicas,
     Spread,
 )
-from cim_place.policies.reader import YamlReader
-
-__all__ = [
-    "CONSTRAINT_KEYS",
-    "LOCALITY_KEYS",
-    "MATCH_KEYS",
-    "MAX_KEEP_VERSIONS",
-    "MAX_PRIORITY",
-    "MAX_REPLICAS",
-    "MAX_WEIGHT",
-    "NAME_HINT",
-    "NAME_RE",
-    "NODE_RE",
-    "POLICY_KEYS",
-    "REPAIR_KEYS",
-    "SET_KEYS",
-    "TAG_RE",
-    "PolicyReader",
-]
-
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-NAME_HINT = "use 1-63 lowercase letters, digits, _ or -, starting with a letter or digit"
-TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-NODE_RE = re.compile(r"^\S{1,255}$")
-
-MAX_REPLICAS = 100
-MAX_PRIORITY = 1_000_000
-MAX_WEIGHT = 1000
-MAX_KEEP_VERSIONS = 64
-"""The names bucket keeps 64 revisions per name (cluster/nats/kv.py MAX_HISTORY)."""
-
-POLICY_KEYS = (
-    "name",
-    "description",
-    "priority",
-    "match",
-    "replicas",
-    "spread",
-    "constraints",
-    "preferences",
-    "locality",
-    "expire_after",
-    "repair",
-    "protected",
-    "keep_versions",
-    "demand",
+from cim_place.policies.placement_rules import PlacementRulesReader
+from cim_place.policies.policy_limits import (
+    MAX_KEEP_VERSIONS,
+    MAX_PRIORITY,
+    MAX_REPLICAS,
+    NAME_HINT,
+    NAME_RE,
+    POLICY_KEYS,
+    REPAIR_KEYS,
 )
-SET_KEYS = ("policies", "consumers")
-MATCH_KEYS = ("name", "owner", "labels", "size", "content_type", "bucket")
-CONSTRAINT_KEYS = ("tags", "labels", "exclude_nodes")
-LOCALITY_KEYS = ("near", "min_local", "mode")
-REPAIR_KEYS = ("grace", "max_concurrent", "bandwidth")
 
-T = TypeVar("T")
+__all__ = ["PolicyReader"]
 
 
-class PolicyReader(YamlReader):
+class PolicyReader(PlacementRulesReader):
     """Reads one file's values into model objects, recording a problem for each fault."""
 
     def __init__(self, f: YamlFile) -> None:
         super().__init__(f)
-        self.near_refs: list[tuple[str, Path]] = []
         self.names: list[tuple[str, Path]] = []
         """Every policy name read, valid policy or not, to find duplicates."""
-
-    def label_requirements(
-        self, value: object, path: Path, what: str
-    ) -> tuple[LabelRequirement, ...] | None:
-        if value is INVALID:
-            return None
-        result: list[LabelRequirement] = []
-        ok = True
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if item is INVALID:
-                    ok = False
-                    continue
-                try:
-                    result.append(label_syntax.requirement_from_mapping(key, item))
-                except ValueError as exc:
-                    self.problem((*path, key), f"{what}: {exc}", label_syntax.EXPRESSION_HINT)
-                    ok = False
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                text = self.string(item, (*path, i), f"a label requirement in {what}")
-                if text is None:
-                    ok = False
-                    continue
-                try:
-                    result.append(label_syntax.parse_requirement(text))
-                except ValueError as exc:
-                    self.problem((*path, i), f"{what}: {exc}", label_syntax.EXPRESSION_HINT)
-                    ok = False
-        else:
-            self.problem(
-                path,
-                f"expected a list of label requirements or a mapping for {what}, "
-                f"got {quantities.type_name(value)}",
-                'e.g. ["zone in [eu-1, eu-2]", "tier = gold"] or {zone: eu-1}',
-            )
-            return None
-        return tuple(dict.fromkeys(result)) if ok else None
 
     # -- the policy ------------------------------------------------------------------------
 
@@ -298,242 +210,6 @@ class PolicyReader(YamlReader):
             )
             return None
         return Replicas(min=low, max=high)
-
-    def match(self, value: object, path: Path) -> Match | None:
-        m = self.mapping(value, path, MATCH_KEYS, "match")
-        if m is None:
-            return None
-        if not m:
-            self.problem(
-                path,
-                "`match` is empty",
-                "add selectors, or remove `match` to make this the default policy",
-            )
-            return None
-        names = self.strings(m["name"], (*path, "name"), "match.name") if "name" in m else ()
-        owners = self.strings(m["owner"], (*path, "owner"), "match.owner") if "owner" in m else ()
-        reqs = (
-            self.label_requirements(m["labels"], (*path, "labels"), "match.labels")
-            if "labels" in m
-            else ()
-        )
-        types = (
-            self.strings(m["content_type"], (*path, "content_type"), "match.content_type")
-            if "content_type" in m
-            else ()
-        )
-        buckets = (
-            self.strings(m["bucket"], (*path, "bucket"), "match.bucket") if "bucket" in m else ()
-        )
-        size_min = size_max = None
-        if "size" in m:
-            size = self.mapping(m["size"], (*path, "size"), ("min", "max"), "match.size")
-            if size is not None:
-                if not size:
-                    self.problem(
-                        (*path, "size"),
-                        "match.size needs `min`, `max` or both",
-                        "e.g. {min: 1MiB, max: 1GiB}",
-                    )
-                if "min" in size:
-                    size_min = self.size(size["min"], (*path, "size", "min"), "match.size.min")
-                if "max" in size:
-                    size_max = self.size(size["max"], (*path, "size", "max"), "match.size.max")
-                if size_min is not None and size_max is not None and size_min > size_max:
-                    self.problem(
-                        (*path, "size", "min"),
-                        f"match.size.min ({size_min}) is greater than match.size.max ({size_max})",
-                        "swap them",
-                    )
-        if names is None or owners is None or reqs is None or types is None or buckets is None:
-            return None
-        return Match(
-            names=names,
-            owners=owners,
-            labels=reqs,
-            size_min=size_min,
-            size_max=size_max,
-            content_types=types,
-            buckets=buckets,
-        )
-
-    def spread(self, value: object, path: Path) -> Spread | None:
-        domain_hint = f"one of {', '.join(FAILURE_DOMAINS)}, widest first"
-        if isinstance(value, str):
-            m: dict[str, object] | None = {"domain": value}
-            domain_path = path
-        else:
-            m = self.mapping(value, path, ("domain", "max_per_domain"), "spread")
-            domain_path = (*path, "domain")
-        if m is None:
-            return None
-        if "domain" not in m:
-            self.problem(path, "spread needs a `domain`", domain_hint)
-            return None
-        domain = self.string(m["domain"], domain_path, "failure domain")
-        if domain is not None and domain not in FAILURE_DOMAINS:
-            close = difflib.get_close_matches(domain, FAILURE_DOMAINS, n=1)
-            self.problem(
-                domain_path,
-                f"unknown failure domain {domain!r}",
-                f"did you mean `{close[0]}`?" if close else domain_hint,
-            )
-            domain = None
-        per = 1
-        if "max_per_domain" in m:
-            got = self.integer(
-                m["max_per_domain"],
-                (*path, "max_per_domain"),
-                "spread.max_per_domain",
-                1,
-                MAX_REPLICAS,
-            )
-            if got is None:
-                return None
-            per = got
-        if domain is None:
-            return None
-        if domain == "volume" and per > 1:
-            self.problem(
-                (*path, "max_per_domain"),
-                "two copies never share a volume",
-                "use max_per_domain: 1 with domain volume, or spread over hosts",
-            )
-            return None
-        for known in FAILURE_DOMAINS:
-            if known == domain:
-                return Spread(domain=known, max_per_domain=per)
-        return None
-
-    def constraints(self, value: object, path: Path) -> Constraints | None:
-        m = self.mapping(value, path, CONSTRAINT_KEYS, "constraints")
-        if m is None:
-            return None
-        tags = (
-            self.strings(m["tags"], (*path, "tags"), "tag", TAG_RE, "letters, digits, _ . -")
-            if "tags" in m
-            else ()
-        )
-        reqs = (
-            self.label_requirements(m["labels"], (*path, "labels"), "constraints.labels")
-            if "labels" in m
-            else ()
-        )
-        nodes = (
-            self.strings(
-                m["exclude_nodes"],
-                (*path, "exclude_nodes"),
-                "node id",
-                NODE_RE,
-                "a node id has no spaces",
-            )
-            if "exclude_nodes" in m
-            else ()
-        )
-        if tags is None or reqs is None or nodes is None:
-            return None
-        return Constraints(tags=tags, labels=reqs, exclude_nodes=nodes)
-
-    def preferences(self, value: object, path: Path) -> tuple[Preference, ...] | None:
-        items = self.expect(value, path, list, "a list of preferences")
-        if items is None:
-            return None
-        result: list[Preference] = []
-        ok = True
-        for i, item in enumerate(items):
-            p = (*path, i)
-            m = self.mapping(item, p, ("tag", "label", "weight"), "a preference")
-            if m is None:
-                ok = False
-                continue
-            if ("tag" in m) == ("label" in m):
-                self.problem(
-                    p,
-                    "a preference names exactly one `tag` or one `label`",
-                    "e.g. {tag: ssd, weight: 50}",
-                )
-                ok = False
-                continue
-            if "weight" not in m:
-                self.problem(
-                    p,
-                    "a preference needs a `weight`",
-                    f"a whole number from 1 to {MAX_WEIGHT}, e.g. weight: 50",
-                )
-                ok = False
-                continue
-            weight = self.integer(m["weight"], (*p, "weight"), "weight", 1, MAX_WEIGHT)
-            if "tag" in m:
-                tag = self.string(m["tag"], (*p, "tag"), "tag", TAG_RE, "letters, digits, _ . -")
-                if tag is None or weight is None:
-                    ok = False
-                    continue
-                result.append(Preference(weight=weight, tag=tag))
-            else:
-                text = self.string(m["label"], (*p, "label"), "label requirement")
-                req = None
-                if text is not None:
-                    try:
-                        req = label_syntax.parse_requirement(text)
-                    except ValueError as exc:
-                        self.problem(
-                            (*p, "label"), f"preference: {exc}", label_syntax.EXPRESSION_HINT
-                        )
-                if req is None or weight is None:
-                    ok = False
-                    continue
-                result.append(Preference(weight=weight, label=req))
-        return tuple(result) if ok else None
-
-    def locality(self, value: object, path: Path, replicas: Replicas | None) -> Locality | None:
-        m = self.mapping(value, path, LOCALITY_KEYS, "locality")
-        if m is None:
-            return None
-        if "near" not in m:
-            self.problem(
-                path,
-                "locality needs `near`: the consumer(s) to place copies near",
-                "e.g. near: website-shop",
-            )
-            return None
-        near = self.strings(m["near"], (*path, "near"), "consumer name", NAME_RE, NAME_HINT)
-        if near is not None:
-            if isinstance(m["near"], list):
-                self.near_refs.extend(
-                    (n, (*path, "near", i)) for i, n in enumerate(m["near"]) if isinstance(n, str)
-                )
-            else:
-                self.near_refs.extend((n, (*path, "near")) for n in near)
-        min_local = 1
-        if "min_local" in m:
-            got = self.integer(
-                m["min_local"], (*path, "min_local"), "locality.min_local", 1, MAX_REPLICAS
-            )
-            if got is None:
-                return None
-            min_local = got
-            if replicas is not None and min_local > replicas.max:
-                self.problem(
-                    (*path, "min_local"),
-                    f"min_local ({min_local}) is more than replicas.max ({replicas.max})",
-                    "local copies count toward replicas: raise replicas or lower min_local",
-                )
-                return None
-        mode = "soft"
-        if "mode" in m:
-            got_mode = self.string(m["mode"], (*path, "mode"), "locality mode")
-            if got_mode not in ("hard", "soft"):
-                if got_mode is not None:
-                    self.problem(
-                        (*path, "mode"),
-                        f"unknown locality mode {got_mode!r}",
-                        "hard (required) or soft (preferred)",
-                    )
-                return None
-            mode = got_mode
-        if near is None:
-            return None
-        return Locality(near=near, min_local=min_local, mode="hard" if mode == "hard" else "soft")
 
     def repair(self, value: object, path: Path) -> Repair | None:
         m = self.mapping(value, path, REPAIR_KEYS, "repair")

@@ -10,7 +10,7 @@ from typing import Any
 
 from cim_place.policies.demand import FOLLOW_VALUES, MAX_EXTRA, MAX_MIN_READS
 from cim_place.policies.model import FAILURE_DOMAINS
-from cim_place.policies.policy_reader import MAX_PRIORITY, MAX_REPLICAS, MAX_WEIGHT, NAME_RE
+from cim_place.policies.policy_limits import MAX_PRIORITY, MAX_REPLICAS, MAX_WEIGHT, NAME_RE
 
 SCHEMA_ID = "https://cim-place.dev/schemas/policy-file.json"
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from cim_place.policies import quantities
 from cim_place.policies.loader import INVALID, Path, YamlFile, read_file, read_text
 from cim_place.policies.model import Consumer, Policy, PolicySet
-from cim_place.policies.policy_reader import SET_KEYS, PolicyReader
+from cim_place.policies.policy_limits import SET_KEYS
+from cim_place.policies.policy_reader import PolicyReader
 from cim_place.policies.problems import PolicyValidationError, Problem
 
 __all__ = [

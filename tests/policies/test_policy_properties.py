@@ -25,7 +25,7 @@ from cim_place.policies.model import (
     Replicas,
     Spread,
 )
-from cim_place.policies.policy_reader import CONSTRAINT_KEYS, MATCH_KEYS, POLICY_KEYS
+from cim_place.policies.policy_limits import CONSTRAINT_KEYS, MATCH_KEYS, POLICY_KEYS
 from cim_place.policies.problems import PolicyValidationError
 from cim_place.policies.selectors import ObjectFacts, evaluate, matches
 from cim_place.policies.validate import load_text, policy_from_dict, validate_files
