@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from cim_place.cluster.controller.service import Controller
 
 __all__ = [
+    "NO_SCHEDULED_SCRUB",
     "ClientFactory",
     "LeafFactory",
     "SecuredServer",
@@ -198,6 +199,9 @@ def secured_server(directory: Path, users: Sequence[User], name: str) -> Secured
 
 
 # -- agents and controllers ---------------------------------------------------------------------
+
+NO_SCHEDULED_SCRUB = 24 * 3600.0
+"""A ``scrub_interval`` for agents whose scrubs the test asks for: none starts on its own."""
 
 
 def agent_config(node: str, url: str, directory: Path, zone: str, **settings: Any) -> AgentConfig:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from cim_place.cluster.tasks.queue import TaskQueue
 from cim_place.errors import StoreFullError
 from cim_place.local.topologies import Hub
 from cim_place.objectstore.testdata import chacha_stream
-from cim_place.testing import LeafFactory, agent_config, two_agents
+from cim_place.testing import LeafFactory, agent_config
 
 SIZE = 3 * 1024 * 1024 + 5
 
@@ -40,18 +39,10 @@ async def events_until(reader: EventReader, want: int, timeout: float = 30.0) ->
     return seen
 
 
-@pytest.fixture
-async def domain(
-    hub1: Hub, leaf_factory: LeafFactory, tmp_path: Path
-) -> AsyncIterator[tuple[Hub, Agent, Agent]]:
-    async with two_agents(hub1, leaf_factory, tmp_path) as (agent_a, agent_b):
-        yield hub1, agent_a, agent_b
-
-
 async def test_add_fetch_drop_through_agents(
-    domain: tuple[Hub, Agent, Agent],
+    agents: tuple[Hub, Agent, Agent],
 ) -> None:
-    hub, agent_a, agent_b = domain
+    hub, agent_a, agent_b = agents
     data = chacha_stream("agent-e2e", SIZE).read()
     async with connected(hub.url) as nc:
         js_hub = jetstream(nc, "hub")
@@ -116,8 +107,8 @@ async def test_add_fetch_drop_through_agents(
         assert nodes["node-b"].volumes[0].used >= SIZE
 
 
-async def test_fetch_task_is_idempotent(domain: tuple[Hub, Agent, Agent]) -> None:
-    hub, _, agent_b = domain
+async def test_fetch_task_is_idempotent(agents: tuple[Hub, Agent, Agent]) -> None:
+    hub, _, agent_b = agents
     data = chacha_stream("agent-idem", 100_000).read()
     async with connected(hub.url) as nc:
         assert await wait_for_holder(nc, "node-a", timeout=10)

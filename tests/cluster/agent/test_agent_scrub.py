@@ -12,7 +12,6 @@ import asyncio
 import io
 import json
 import os
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,24 +31,9 @@ from cim_place.local.topologies import Hub
 from cim_place.objectstore import dag
 from cim_place.objectstore.cid import RAW, codec_of, to_str
 from cim_place.objectstore.testdata import chacha_stream
-from cim_place.testing import LeafFactory, agent_config, two_agents
+from cim_place.testing import NO_SCHEDULED_SCRUB, LeafFactory, agent_config
 
 SIZE = 4 * 1024 * 1024 + 7
-
-
-SCRUB_INTERVAL = 3600 * 24
-"""No scheduled scrub during a test (scrubs here are asked for)."""
-
-
-@pytest.fixture
-async def agents(
-    hub1: Hub, leaf_factory: LeafFactory, tmp_path: Path
-) -> AsyncIterator[tuple[Hub, Agent, Agent]]:
-    async with two_agents(hub1, leaf_factory, tmp_path, scrub_interval=SCRUB_INTERVAL) as (
-        agent_a,
-        agent_b,
-    ):
-        yield hub1, agent_a, agent_b
 
 
 async def until(check: object, timeout: float = 30.0) -> None:
@@ -195,7 +179,7 @@ async def test_the_background_scrub_reports_damage_without_being_asked(
         js_hub = jetstream(nc, "hub")
         await ensure_event_store(js_hub, replicas=1)
         await ensure_task_stream(js_hub, 1)
-    base = agent_config("node-s", leaf.url, tmp_path, "z1", scrub_interval=SCRUB_INTERVAL)
+    base = agent_config("node-s", leaf.url, tmp_path, "z1", scrub_interval=NO_SCHEDULED_SCRUB)
     # A pass every 2 s, so the second one runs while the test waits.
     agent = Agent(replace(base, scrub_interval=2.0), fsync="none")
     await agent.start()

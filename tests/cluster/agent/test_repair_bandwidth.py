@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -28,28 +26,13 @@ from cim_place.local.topologies import Hub
 from cim_place.objectstore import dag
 from cim_place.objectstore.cid import RAW, codec_of
 from cim_place.objectstore.testdata import chacha_stream
-from cim_place.testing import LeafFactory, two_agents, until
+from cim_place.testing import until
 
 pytestmark = pytest.mark.timeout(180)
 
 MiB = 1 << 20
 SIZE = 8 * MiB + 3
 LIMIT = 2 * MiB
-
-
-SCRUB_INTERVAL = 3600 * 24
-"""No scheduled scrub during a test (scrubs here are asked for)."""
-
-
-@pytest.fixture
-async def agents(
-    hub1: Hub, leaf_factory: LeafFactory, tmp_path: Path
-) -> AsyncIterator[tuple[Hub, Agent, Agent]]:
-    async with two_agents(hub1, leaf_factory, tmp_path, scrub_interval=SCRUB_INTERVAL) as (
-        agent_a,
-        agent_b,
-    ):
-        yield hub1, agent_a, agent_b
 
 
 async def completed_repairs(js_hub: object, want: int) -> list[TaskCompleted]:

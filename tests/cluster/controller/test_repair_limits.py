@@ -32,7 +32,13 @@ from cim_place.local.topologies import Hub
 from cim_place.objectstore import dag
 from cim_place.objectstore.cid import RAW, Cid, codec_of
 from cim_place.objectstore.testdata import chacha_stream
-from cim_place.testing import LeafFactory, agent_config, controlled_domain, until
+from cim_place.testing import (
+    NO_SCHEDULED_SCRUB,
+    LeafFactory,
+    agent_config,
+    controlled_domain,
+    until,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,8 +51,6 @@ repair: {grace: 2s, max_concurrent: 2, bandwidth: 1MiB/s}
 SIZE = 2 * 1024 * 1024 + 5
 OBJECTS = 9
 LIMIT = 2
-SCRUB_INTERVAL = 3600 * 24
-"""No scheduled scrub during a test (scrubs here are asked for)."""
 
 
 @pytest.fixture
@@ -54,7 +58,7 @@ async def domain(
     hub1: Hub, leaf_factory: LeafFactory, tmp_path: Path
 ) -> AsyncIterator[tuple[Hub, Controller, dict[str, Agent]]]:
     async with controlled_domain(
-        hub1, leaf_factory, tmp_path, POLICY, scrub_interval=SCRUB_INTERVAL
+        hub1, leaf_factory, tmp_path, POLICY, scrub_interval=NO_SCHEDULED_SCRUB
     ) as (controller, agents):
         yield hub1, controller, agents
 
@@ -179,7 +183,8 @@ async def test_replacing_copies_lost_with_a_node_is_repair_work_under_the_same_c
     await lost_on(hub, roots, "n3")
     leaf = leaf_factory("n4")
     n4 = Agent(
-        agent_config("n4", leaf.url, tmp_path, "z4", scrub_interval=SCRUB_INTERVAL), fsync="none"
+        agent_config("n4", leaf.url, tmp_path, "z4", scrub_interval=NO_SCHEDULED_SCRUB),
+        fsync="none",
     )
     agents["n4"] = n4  # stopped by the fixture
     await n4.start()
