@@ -111,38 +111,26 @@ def nats_server_children(parent: int | None = None) -> list[int]:
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = start_single(tmp_path / "nats")
-    try:
+    with start_single(tmp_path / "nats") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def hub1(tmp_path: Path) -> Iterator[Hub]:
-    hub = start_hub(tmp_path / "hub1", size=1)
-    try:
+    with start_hub(tmp_path / "hub1", size=1) as hub:
         yield hub
-    finally:
-        hub.stop()
 
 
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[Hub]:
-    cluster = start_hub(tmp_path / "hub", size=3)
-    try:
+    with start_hub(tmp_path / "hub", size=3) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")
 def hub_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    cluster = start_hub(tmp_path_factory.mktemp("hub-cluster"), size=3)
-    try:
+    with start_hub(tmp_path_factory.mktemp("hub-cluster"), size=3) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -97,21 +97,22 @@ async def lost_on(hub: Hub, roots: list[Cid], node: str, timeout: float = 120.0)
     raise AssertionError(f"the copies on {node} were never counted lost")
 
 
-async def test_repairs_never_exceed_max_concurrent_and_all_complete(
-    domain: tuple[Hub, Controller, dict[str, Agent]],
-) -> None:
-    hub, controller, agents = domain
+async def placed_objects(hub: Hub, seed: str, count: int) -> dict[Cid, bytes]:
+    """``count`` objects added through n1, once each is placed with its 3 copies."""
     contents: dict[Cid, bytes] = {}
     async with connected(hub.url) as nc:
         assert await wait_for_holder(nc, "n1", timeout=10)
-        for i in range(OBJECTS):
-            data = chacha_stream(f"repair-limit-{i}", SIZE).read()
+        for i in range(count):
+            data = chacha_stream(f"{seed}-{i}", SIZE).read()
             result = await upload(nc, "n1", io.BytesIO(data), size=SIZE)
             contents[result.cid] = data
-    roots = list(contents)
-    await all_placed(hub, roots)
+    await all_placed(hub, list(contents))
+    return contents
 
-    # Count the repairs in flight each time the controller records a task it enqueued.
+
+def count_repairs(controller: Controller) -> tuple[list[int], list[Task]]:
+    """From now on, each time the controller records a task it enqueued: the repair tasks then in
+    flight (a count per enqueue) and every repair task enqueued."""
     projection = controller.projection
     record = projection.task_enqueued
     counts: list[int] = []
@@ -124,6 +125,16 @@ async def test_repairs_never_exceed_max_concurrent_and_all_complete(
         counts.append(sum(1 for t in projection.in_flight() if t.repair_policy is not None))
 
     projection.task_enqueued = counting  # type: ignore[method-assign]
+    return counts, repairs
+
+
+async def test_repairs_never_exceed_max_concurrent_and_all_complete(
+    domain: tuple[Hub, Controller, dict[str, Agent]],
+) -> None:
+    hub, controller, agents = domain
+    contents = await placed_objects(hub, "repair-limit", OBJECTS)
+    roots = list(contents)
+    counts, repairs = count_repairs(controller)
 
     # One lost block per object, three objects per node.
     nodes = sorted(agents)
@@ -154,28 +165,9 @@ async def test_replacing_copies_lost_with_a_node_is_repair_work_under_the_same_c
     """n3 goes away for good; its copies are replaced on a new node n4 in its place. Those
     fetches are repairs: at most 2 in flight, each under the policy's bandwidth."""
     hub, controller, agents = domain
-    contents: dict[Cid, bytes] = {}
-    async with connected(hub.url) as nc:
-        assert await wait_for_holder(nc, "n1", timeout=10)
-        for i in range(6):
-            data = chacha_stream(f"repair-lost-{i}", SIZE).read()
-            result = await upload(nc, "n1", io.BytesIO(data), size=SIZE)
-            contents[result.cid] = data
+    contents = await placed_objects(hub, "repair-lost", 6)
     roots = list(contents)
-    await all_placed(hub, roots)
-
-    projection = controller.projection
-    record = projection.task_enqueued
-    counts: list[int] = []
-    repairs: list[Task] = []
-
-    def counting(task: Task, now: float, *, repair_policy: str | None = None) -> None:
-        record(task, now, repair_policy=repair_policy)
-        if repair_policy is not None:
-            repairs.append(task)
-        counts.append(sum(1 for t in projection.in_flight() if t.repair_policy is not None))
-
-    projection.task_enqueued = counting  # type: ignore[method-assign]
+    counts, repairs = count_repairs(controller)
 
     # n3 goes away and stays away past the grace: its copies are lost (with no fourth zone yet,
     # nowhere to replace them). Then n4 arrives in a zone of its own.
