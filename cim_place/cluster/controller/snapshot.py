@@ -47,14 +47,9 @@ from nats.js.client import JetStreamContext
 from nats.js.object_store import ObjectStore
 
 from cim_place.cluster.controller.projection import Projection
-from cim_place.cluster.controller.snapshot_format import (
-    adopt,
-    load,
-    seal,
-    take,
-    verify,
-)
-from cim_place.cluster.nats.objects import read_object
+from cim_place.cluster.controller.snapshot_format import adopt, seal, take, verify
+from cim_place.cluster.controller.snapshot_load import load_parts
+from cim_place.cluster.nats.objects import read_object, read_object_parts
 from cim_place.cluster.nats.subjects import EVENTS_STREAM
 
 __all__ = [
@@ -208,8 +203,12 @@ class Snapshots:
                 continue
             started = time.perf_counter()
             try:
-                data = await self.read(name)
-                loaded = await asyncio.to_thread(load, data)
+                # Chunk by chunk: at 10M objects the snapshot, its payload and the projection
+                # would not fit twice in a controller's memory budget.
+                parts = await read_object_parts(self.js, await self.open(), SNAPSHOT_BUCKET, name)
+                size = sum(len(part) for part in parts)
+                loaded = await asyncio.to_thread(load_parts, parts)
+                del parts
             except Exception as exc:
                 # Whatever the reason (corrupt, truncated, another format, a read that failed,
                 # pruned meanwhile), an older snapshot or the full replay is as correct.
@@ -230,7 +229,7 @@ class Snapshots:
                 name,
                 len(self.projection),
                 sequence,
-                len(data),
+                size,
                 time.perf_counter() - started,
                 forgotten,
                 sequence + 1,

@@ -15,14 +15,14 @@ in it: the controller reads them from KV at every start.
 
 Export is split so that the event loop pays only for the copy: :func:`take` copies the columns
 (tens of milliseconds at a million objects), :func:`seal` (compress and hash, in a thread)
-builds the bytes. :func:`restore` checks the header, the checksum, the version and every index
-before it touches the projection: a snapshot that fails any check raises
-:class:`SnapshotError` and changes nothing.
+builds the bytes. Reading back is :mod:`cim_place.cluster.controller.snapshot_load`'s, with the
+pieces here (:func:`sparse_of`, :func:`column_of`, :func:`cid_array`, :func:`build`): it checks
+the header, the checksum, the version and every index before it touches the projection: a
+snapshot that fails any check raises :class:`SnapshotError` and changes nothing.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import io
 import struct
@@ -43,7 +43,7 @@ from cim_place.cluster.controller.projection import (
     Projection,
     TaskInFlight,
 )
-from cim_place.cluster.events.types import EventBodyError, InventoryDigest, ObjectDeleted
+from cim_place.cluster.events.types import InventoryDigest, ObjectDeleted
 from cim_place.errors import CimPlaceError
 from cim_place.objectstore import dagcbor
 from cim_place.objectstore.dagcbor import Value
@@ -54,10 +54,12 @@ __all__ = [
     "SnapshotError",
     "Taken",
     "adopt",
+    "build",
+    "cid_array",
+    "column_of",
     "header_of",
-    "load",
-    "restore",
     "seal",
+    "sparse_of",
     "take",
     "verify",
 ]
@@ -69,13 +71,13 @@ _TYPECODES = "bBhHiIlLqQfd"
 """Array typecodes a column may have (integers and floats)."""
 _HEADER = struct.Struct("<8sIIQQ32s")
 HEADER_SIZE = _HEADER.size
-_SECTION = struct.Struct("<4sQ")
-_COMPRESSED = 1
+SECTION = struct.Struct("<4sQ")
+COMPRESSED = 1
 
 # Column sections: name -> projection attribute. Each column travels with its own array typecode
 # (recorded in the sparse map), so a column the projection widens or narrows needs no new
 # format version; a column whose *meaning* changes does.
-_COLUMNS: dict[bytes, str] = {
+COLUMNS: dict[bytes, str] = {
     b"size": "_size",
     b"fsen": "_first_seen",
     b"sequ": "_sequence",
@@ -87,7 +89,7 @@ _COLUMNS: dict[bytes, str] = {
     b"repa": "_rep_at",
 }
 # Sections of the CID index (cid_index.py, ``to_arrays``): name -> array.
-_CID_ARRAYS = {
+CID_ARRAYS = {
     b"cirs": "records",
     b"cifr": "free",
     b"cipb": "prefix_bytes",
@@ -151,19 +153,20 @@ def _copy_cids(projection: Projection) -> dict[str, npt.NDArray[np.generic]]:
 def _encode_cids(arrays: dict[str, npt.NDArray[np.generic]]) -> list[tuple[bytes, bytes]]:
     """The CID index's arrays, each in the ``.npy`` format (dtype and shape, no pickle)."""
     sections = []
-    for name, key in _CID_ARRAYS.items():
+    for name, key in CID_ARRAYS.items():
         out = io.BytesIO()
         np.lib.format.write_array(out, np.ascontiguousarray(arrays[key]), allow_pickle=False)
         sections.append((name, out.getvalue()))
     return sections
 
 
-def _decode_cids(sections: dict[bytes, memoryview], fresh: Projection) -> None:
-    """Rebuild ``fresh``'s CID index from :func:`_encode_cids`' sections (checked whole)."""
-    arrays = {
-        key: np.lib.format.read_array(io.BytesIO(sections[name]), allow_pickle=False)
-        for name, key in _CID_ARRAYS.items()
-    }
+def cid_array(data: bytes | bytearray | memoryview) -> npt.NDArray[np.generic]:
+    """One array of :func:`_encode_cids`' sections."""
+    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+def _decode_cids(arrays: dict[str, npt.NDArray[np.generic]], fresh: Projection) -> None:
+    """Rebuild ``fresh``'s CID index from :func:`_encode_cids`' arrays (checked whole)."""
     try:
         fresh._index = CidIndex.from_arrays(arrays)
     except CidIndexError as exc:
@@ -178,12 +181,14 @@ def take(projection: Projection) -> Taken:
     p = projection
     sections: list[tuple[bytes, bytes]] = []
     typecodes: dict[str, Value] = {}
-    for name, attribute in _COLUMNS.items():
+    for name, attribute in COLUMNS.items():
         column = getattr(p, attribute)
         sections.append((name, column.tobytes()))
         typecodes[name.decode()] = column.typecode
     sections.append((b"name", bytes(p._names)))
-    sections.append((b"sprs", dagcbor.encode(_sparse(p, typecodes))))
+    # The sparse map first: it says the columns' typecodes, so that a reader can build each
+    # column as its section arrives (cim_place.cluster.controller.snapshot_load).
+    sections.insert(0, (b"sprs", dagcbor.encode(_sparse(p, typecodes))))
     return Taken(p.last_sequence, sections, _copy_cids(p), len(p))
 
 
@@ -193,7 +198,7 @@ def seal(taken: Taken, *, compress: bool = True) -> Sealed:
     packer = zlib.compressobj(1) if compress else None
     parts: list[bytes] = []
     for name, data in [*taken.sections, *_encode_cids(taken.cids)]:
-        for piece in (_SECTION.pack(name, len(data)), data):
+        for piece in (SECTION.pack(name, len(data)), data):
             parts.append(piece if packer is None else packer.compress(piece))
     if packer is not None:
         parts.append(packer.flush())
@@ -202,7 +207,7 @@ def seal(taken: Taken, *, compress: bool = True) -> Sealed:
     header = _HEADER.pack(
         MAGIC,
         FORMAT_VERSION,
-        _COMPRESSED if compress else 0,
+        COMPRESSED if compress else 0,
         taken.sequence,
         len(payload),
         hashlib.sha256(payload).digest(),
@@ -252,23 +257,13 @@ def _sparse(p: Projection, typecodes: dict[str, Value]) -> dict[str, Value]:
 
 # One word per attribute (a list literal would take a line each).
 _RESTORED = [
-    *_COLUMNS.values(),
+    *COLUMNS.values(),
     *"_index _names _rep_more _damaged _strings".split(),  # noqa: SIM905
     *"_string_id _metas _meta_id _locations _location_id _tasks".split(),  # noqa: SIM905
     *"_tasks_by_cid _failures _last_failure _inventories _deleted".split(),  # noqa: SIM905
     *"last_sequence applied total_size rejected rejections replayed".split(),  # noqa: SIM905
 ]
 """The projection attributes a snapshot replaces (nodes, drains and policies stay)."""
-
-
-def restore(projection: Projection, data: bytes | bytearray | memoryview) -> int:
-    """Replace ``projection``'s objects and event state by the snapshot ``data``; its sequence.
-
-    All or nothing: every check runs on a fresh projection first; SnapshotError on any failure.
-    """
-    fresh = load(data)
-    adopt(projection, fresh)
-    return fresh.last_sequence
 
 
 def adopt(projection: Projection, fresh: Projection) -> None:
@@ -292,71 +287,20 @@ def verify(data: bytes | bytearray | memoryview) -> Header:
     return header
 
 
-def load(data: bytes | bytearray | memoryview) -> Projection:
-    """A new projection from the snapshot ``data``; SnapshotError if it is not a valid one."""
-    header = verify(data)
-    payload = memoryview(data)[HEADER_SIZE:]
-    # Restoring allocates many objects (interned tables, sparse state) none of which can be
-    # garbage yet: no collection on the way.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        raw = zlib.decompress(payload) if header.flags & _COMPRESSED else bytes(payload)
-        sections = _sections(raw)
-        fresh = _build(sections)
-    except SnapshotError:
-        raise
-    except (
-        zlib.error,
-        dagcbor.DagCborError,
-        EventBodyError,
-        KeyError,
-        ValueError,
-        TypeError,
-    ) as exc:
-        # The checksum matched, so the writer wrote this: a bug or another build, never a crash.
-        raise SnapshotError(
-            f"unreadable despite a good checksum: {type(exc).__name__}: {exc}"
-        ) from None
-    finally:
-        if collecting:
-            gc.enable()
-    if fresh.last_sequence != header.sequence:
-        raise SnapshotError("the header's sequence disagrees with the payload's")
-    return fresh
-
-
-def _sections(raw: bytes) -> dict[bytes, memoryview]:
-    # Views into ``raw``, not copies: the columns are copied once, into their arrays.
-    sections: dict[bytes, memoryview] = {}
-    view = memoryview(raw)
-    at = 0
-    while at < len(raw):
-        if at + _SECTION.size > len(raw):
-            raise SnapshotError("truncated section header")
-        name, length = _SECTION.unpack_from(raw, at)
-        at += _SECTION.size
-        if at + length > len(raw):
-            raise SnapshotError(f"section {name!r} truncated")
-        sections[name] = view[at : at + length]
-        at += length
-    missing = {*_COLUMNS, *_CID_ARRAYS, b"name", b"sprs"} - set(sections)
-    if missing:
-        raise SnapshotError(f"sections missing: {sorted(missing)}")
-    return sections
-
-
-def _column(sections: dict[bytes, memoryview], name: bytes, typecode: str) -> array[Any]:
+def column_of(name: bytes, data: bytes | bytearray | memoryview, typecode: str) -> array[Any]:
+    """The column ``name`` from its section's bytes, as an array of ``typecode``."""
+    if typecode not in _TYPECODES:
+        raise SnapshotError(f"column {name!r} has typecode {typecode!r}")
     column = array(typecode)
-    data = sections[name]
     if len(data) % column.itemsize:
         raise SnapshotError(f"section {name!r} is not a whole number of items")
     column.frombytes(data)
     return column
 
 
-def _build(sections: dict[bytes, memoryview]) -> Projection:
-    sparse = dagcbor.decode(sections[b"sprs"])
+def sparse_of(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """The sparse section decoded, its typecodes and item sizes checked against this build."""
+    sparse = dagcbor.decode(data)
     if not isinstance(sparse, dict):
         raise SnapshotError("the sparse section is not a map")
     s: dict[str, Any] = sparse
@@ -364,19 +308,29 @@ def _build(sections: dict[bytes, memoryview]) -> Projection:
     for typecode in typecodes.values():
         if typecode not in _TYPECODES or itemsizes.get(typecode) != array(typecode).itemsize:
             raise SnapshotError(f"written with another item size for {typecode!r}")
+    return s
+
+
+def build(
+    s: dict[str, Any],
+    columns: dict[bytes, array[Any]],
+    cid_arrays: dict[str, npt.NDArray[np.generic]],
+    names: bytes | bytearray | memoryview,
+) -> Projection:
+    """A fresh projection from the decoded sections, every index checked."""
     fresh = Projection()
-    _decode_cids(sections, fresh)
+    _decode_cids(cid_arrays, fresh)
     slots = fresh._index.slots
     swap = s["byteorder"] != sys.byteorder
-    for name, attribute in _COLUMNS.items():
-        column = _column(sections, name, typecodes[name.decode()])
+    for name, attribute in COLUMNS.items():
+        column = columns[name]
         if swap:
             column.byteswap()
         width = _WIDTH if attribute in ("_rep", "_rep_at") else 1
         if len(column) != slots * width:
             raise SnapshotError(f"column {name!r} has {len(column)} items for {slots} slots")
         setattr(fresh, attribute, column)
-    fresh._names = bytearray(sections[b"name"])
+    fresh._names = bytearray(names)
     fresh._strings = [str(x) for x in s["strings"]]
     fresh._string_id = {text: i for i, text in enumerate(fresh._strings)}
     fresh._metas = [{str(k): str(v) for k, v in pairs} for pairs in s["metas"]]

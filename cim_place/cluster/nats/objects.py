@@ -1,11 +1,12 @@
 """Reading whole objects of a JetStream object store, fast and checked.
 
-This module owns :func:`read_object`. nats-py's ``ObjectStore.get`` appends every chunk to one
-``bytes`` (quadratic on a large object) and pays an ordered consumer's bookkeeping and, with
-``writeinto``, an executor call per chunk; here the chunks arrive on one push consumer without
-acks (as the event feed reads the event store), are joined once, and are checked against the
-object's size and SHA-256 digest from its metadata. Any gap, silence or mismatch raises
-TransportError: the caller decides what an unreadable object means.
+This module owns :func:`read_object` and :func:`read_object_parts`. nats-py's
+``ObjectStore.get`` appends every chunk to one ``bytes`` (quadratic on a large object) and pays
+an ordered consumer's bookkeeping and, with ``writeinto``, an executor call per chunk; here the
+chunks arrive on one push consumer without acks (as the event feed reads the event store), are
+kept as they came (or joined once) and are checked against the object's size and SHA-256 digest
+from its metadata. Any gap, silence or mismatch raises TransportError: the caller decides what
+an unreadable object means.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from nats.js.object_store import ObjectStore
 
 from cim_place.errors import TransportError
 
-__all__ = ["read_object"]
+__all__ = ["read_object", "read_object_parts"]
 
 _SILENCE = 10.0
 """Seconds without a chunk after which a read fails."""
@@ -30,17 +31,28 @@ _SILENCE = 10.0
 
 async def read_object(js: JetStreamContext, store: ObjectStore, bucket: str, name: str) -> bytes:
     """The object ``name`` of ``store`` (bucket ``bucket``) whole, checked against its digest."""
+    return b"".join(await read_object_parts(js, store, bucket, name))
+
+
+async def read_object_parts(
+    js: JetStreamContext, store: ObjectStore, bucket: str, name: str
+) -> list[bytes]:
+    """The chunks of the object ``name``, in order, checked against its size and digest: for a
+    reader that consumes them one at a time (a large object never exists twice in memory)."""
     info = await store.get_info(name)
     if not info.nuid or info.digest is None or not info.size:
         raise TransportError(f"object {name} of {bucket} has no content")
     subject = f"$O.{bucket}.C.{info.nuid}"
-    data = await _read_chunks(js, f"OBJ_{bucket}", subject, info.chunks or 0)
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode().rstrip("=")
-    if len(data) != info.size or info.digest.split("=", 1)[-1].rstrip("=") != digest:
-        raise TransportError(
-            f"object {name} of {bucket}: {len(data)} bytes not matching its digest"
-        )
-    return data
+    parts = await _read_chunks(js, f"OBJ_{bucket}", subject, info.chunks or 0)
+    hashed = hashlib.sha256()
+    size = 0
+    for part in parts:
+        hashed.update(part)
+        size += len(part)
+    digest = base64.urlsafe_b64encode(hashed.digest()).decode().rstrip("=")
+    if size != info.size or info.digest.split("=", 1)[-1].rstrip("=") != digest:
+        raise TransportError(f"object {name} of {bucket}: {size} bytes not matching its digest")
+    return parts
 
 
 def _consumer_sequence(reply: str | None) -> int:
@@ -55,8 +67,8 @@ def _consumer_sequence(reply: str | None) -> int:
     return 0
 
 
-async def _read_chunks(js: JetStreamContext, stream: str, subject: str, chunks: int) -> bytes:
-    """The ``chunks`` messages on ``subject`` (one object's chunks), joined once.
+async def _read_chunks(js: JetStreamContext, stream: str, subject: str, chunks: int) -> list[bytes]:
+    """The ``chunks`` messages on ``subject`` (one object's chunks), in order.
 
     One push consumer without acks, as the event feed reads (nats-py's ``ObjectStore.get`` pays
     an ordered consumer's bookkeeping and an executor call per chunk, and concatenates as it
@@ -114,4 +126,4 @@ async def _read_chunks(js: JetStreamContext, stream: str, subject: str, chunks: 
         if consumer is not None:
             with contextlib.suppress(Exception):
                 await js.delete_consumer(stream, consumer)
-    return b"".join(parts)
+    return parts
