@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import nats.errors
@@ -47,8 +48,8 @@ from nats.js.client import JetStreamContext
 from nats.js.object_store import ObjectStore
 
 from cim_place.cluster.controller.projection import Projection
-from cim_place.cluster.controller.snapshot_format import adopt, seal, take, verify
-from cim_place.cluster.controller.snapshot_load import load_parts
+from cim_place.cluster.controller.snapshot_format import adopt, seal, take
+from cim_place.cluster.controller.snapshot_load import load_parts, verify_parts
 from cim_place.cluster.nats.objects import read_object, read_object_parts
 from cim_place.cluster.nats.subjects import EVENTS_STREAM
 
@@ -103,6 +104,35 @@ class Written:
 
 class _Disbelief(Protocol):
     def forget_disproved(self, after_sequence: int) -> int: ...
+
+
+class _PartsReader(io.BufferedIOBase):
+    """A readable over a snapshot's pieces, consuming ``parts`` (each dropped once read): the
+    object store takes it chunk by chunk, so the snapshot is never joined into one buffer on its
+    way out and shrinks as it goes."""
+
+    def __init__(self, parts: list[bytes]) -> None:
+        super().__init__()
+        parts.reverse()
+        self._parts = parts
+        self._left = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        out = memoryview(buffer).cast("B")
+        at = 0
+        while at < len(out):
+            if not self._left:
+                if not self._parts:
+                    break
+                self._left = memoryview(self._parts.pop())
+            taken = min(len(out) - at, len(self._left))
+            out[at : at + taken] = self._left[:taken]
+            self._left = self._left[taken:]
+            at += taken
+        return at
 
 
 def _name(sequence: int) -> str:
@@ -279,29 +309,27 @@ class Snapshots:
         taken = take(self.projection)
         stall = time.perf_counter() - started
         sealed = await asyncio.to_thread(seal, taken)
+        del taken
         name = _name(sealed.sequence)
         meta = ObjectMeta(
             name=name,
             description=f"projection at stream sequence {sealed.sequence}",
             options=ObjectMetaOptions(max_chunk_size=_CHUNK),
         )
-        await store.put(name, sealed.data, meta=meta)
+        written = Written(name, sealed.sequence, sealed.size, sealed.objects, stall, 0.0)
+        await store.put(name, _PartsReader(sealed.parts), meta=meta)
+        del sealed
         # A snapshot counts once read back whole: what a restart will read.
         try:
-            await asyncio.to_thread(verify, await self.read(name))
+            parts = await read_object_parts(self.js, store, SNAPSHOT_BUCKET, name)
+            await asyncio.to_thread(verify_parts, parts)
+            del parts
         except Exception:
             with contextlib.suppress(Exception):
                 await store.delete(name)
             raise
-        written = Written(
-            name,
-            sealed.sequence,
-            len(sealed.data),
-            sealed.objects,
-            stall,
-            time.perf_counter() - started,
-        )
-        self.last_written = sealed.sequence
+        written = replace(written, seconds=time.perf_counter() - started)
+        self.last_written = written.sequence
         self._written_at = time.monotonic()
         self.written.append(written)
         _log.info(

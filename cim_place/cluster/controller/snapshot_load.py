@@ -47,7 +47,7 @@ from cim_place.cluster.controller.snapshot_format import (
     sparse_of,
 )
 
-__all__ = ["load", "load_parts", "restore"]
+__all__ = ["load", "load_parts", "restore", "verify_parts"]
 
 _PIECE = 1 << 20
 """Most bytes decompressed at once."""
@@ -101,6 +101,15 @@ def load_parts(parts: list[bytes]) -> Projection:
     if fresh.last_sequence != header.sequence:
         raise SnapshotError("the header's sequence disagrees with the payload's")
     return fresh
+
+
+def verify_parts(parts: list[bytes]) -> Header:
+    """The header of the snapshot whose bytes are ``parts`` once its version, length and
+    checksum are right (nothing decompressed); ``parts`` is consumed."""
+    header, payload = _open(parts)
+    payload.drain()
+    payload.check()
+    return header
 
 
 def _open(parts: list[bytes]) -> tuple[Header, _Payload]:
