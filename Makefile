@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	sh scripts/install-test-deps.sh
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=40 $(PYTEST_ARGS)
 
 chaos: $(STAMP)
 	CHAOS_SECONDS=$${CHAOS_SECONDS:-600} $(BIN)/python -m pytest -m chaos -s tests/chaos $(PYTEST_ARGS)
