@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -45,9 +46,15 @@ BODY = {"n": 0, "sku": "A-1042", "qty": 3, "note": "small inline message"}
 
 
 class Counter:
-    def __init__(self, want: int) -> None:
-        self.want = want
+    """Counts one round's messages at the receiver; ``done`` resolves at the last one."""
+
+    def __init__(self) -> None:
+        self.want = 0
         self.seen = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def reset(self, want: int) -> None:
+        self.want, self.seen = want, 0
         self.done = asyncio.get_running_loop().create_future()
 
     def hit(self) -> None:
@@ -57,52 +64,136 @@ class Counter:
 
 
 @dataclass
-class Inline:
-    """Inline command rates, end to end, and this process's CPU time per message."""
+class Round:
+    """One round of each sender: rates end to end, CPU of this process per message."""
 
     comms_rate: float
     raw_rate: float
     comms_cpu: float
     raw_cpu: float
+
+    @property
+    def rate_ratio(self) -> float:
+        return self.comms_rate / self.raw_rate
+
+    @property
+    def cpu_ratio(self) -> float:
+        return self.raw_cpu / self.comms_cpu
+
+
+@dataclass
+class Inline:
+    """Inline command rounds, and the CPU the NATS servers used per message over all of them."""
+
+    rounds: list[Round]
     size: int
+    comms_server_cpu: float
+    raw_server_cpu: float
 
 
-async def inline_commands(alice: Comms, bob: Comms, count: int) -> Inline:
-    """Comms.send against raw nc.publish, same payload size, same path, same run."""
-    counter = Counter(count)
+def cpu_of(pids: list[int]) -> float:
+    """CPU seconds (user + system) these processes have used so far (clock-tick resolution)."""
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def inline_commands(
+    alice: Comms, bob: Comms, count: int, rounds: int, servers: list[int]
+) -> Inline:
+    """Comms.send against raw nc.publish, same payload size, same path, same process.
+
+    Both receivers stay subscribed throughout. After a warm-up round of each, every round runs
+    both senders back to back, alternating which goes first, so that a change in the machine's
+    load weighs on both alike; the figure is the median of the rounds' ratios.
+    """
+    tick = Counter()
 
     async def on_tick(message: Message) -> None:
-        counter.hit()
+        tick.hit()
 
-    subscription = await bob.subscribe("Tick", on_tick, kinds=("command",))
-    await _reachable(alice, bob)
-    size = len((await alice.envelope(command("Tick", BODY))).encode())
-    started, cpu = time.perf_counter(), time.process_time()
-    for n in range(count):
-        await alice.send(command("Tick", {**BODY, "n": n}))
-    await asyncio.wait_for(counter.done, 120)
-    comms_rate = count / (time.perf_counter() - started)
-    comms_cpu = (time.process_time() - cpu) / count
-    await subscription.stop()
-
-    raw = Counter(count)
+    raw = Counter()
 
     async def on_raw(msg: Msg) -> None:
         raw.hit()
 
+    subscription = await bob.subscribe("Tick", on_tick, kinds=("command",))
     subject = "bench.raw.tick"
     sub = await bob.nc.subscribe(subject, cb=on_raw, pending_msgs_limit=0, pending_bytes_limit=0)
     await bob.nc.flush()
-    await asyncio.sleep(0.5)  # interest reaches node-a's leaf
+    await _reachable(alice, bob)
+    await asyncio.sleep(0.5)  # interest in the raw subject reaches node-a's leaf
+    size = len((await alice.envelope(command("Tick", BODY))).encode())
     payload = b"x" * size
-    started, cpu = time.perf_counter(), time.process_time()
-    for _ in range(count):
-        await alice.nc.publish(subject, payload)
-    await asyncio.wait_for(raw.done, 120)
-    raw_rate = count / (time.perf_counter() - started)
-    raw_cpu = (time.process_time() - cpu) / count
+
+    async def comms_round(want: int) -> tuple[float, float]:
+        tick.reset(want)
+        started, cpu = time.perf_counter(), time.process_time()
+        for n in range(want):
+            await alice.send(command("Tick", {**BODY, "n": n}))
+        await asyncio.wait_for(tick.done, 120)
+        return want / (time.perf_counter() - started), (time.process_time() - cpu) / want
+
+    async def raw_round(want: int) -> tuple[float, float]:
+        raw.reset(want)
+        started, cpu = time.perf_counter(), time.process_time()
+        for _ in range(want):
+            await alice.nc.publish(subject, payload)
+        await asyncio.wait_for(raw.done, 120)
+        return want / (time.perf_counter() - started), (time.process_time() - cpu) / want
+
+    warm = min(count, 2_000)
+    await comms_round(warm)
+    await raw_round(warm)
+    results: list[Round] = []
+    server_cpu = {"comms": 0.0, "raw": 0.0}
+    for index in range(rounds):
+        measured: dict[str, tuple[float, float]] = {}
+        order = (("comms", comms_round), ("raw", raw_round))
+        for name, run in order if index % 2 == 0 else order[::-1]:
+            before = cpu_of(servers)
+            measured[name] = await run(count)
+            server_cpu[name] += cpu_of(servers) - before
+        (comms_rate, comms_cpu), (raw_rate, raw_cpu) = measured["comms"], measured["raw"]
+        results.append(Round(comms_rate, raw_rate, comms_cpu, raw_cpu))
+    await subscription.stop()
     await sub.unsubscribe()
-    return Inline(comms_rate, raw_rate, comms_cpu, raw_cpu, size)
+    messages = count * rounds
+    return Inline(results, size, server_cpu["comms"] / messages, server_cpu["raw"] / messages)
+
+
+def report_inline(inline: Inline, count: int) -> None:
+    print(
+        f"inline commands, {len(inline.rounds)} rounds x {count} x {inline.size} B envelopes,"
+        " node-a -> node-b (rate end to end; CPU of this process, sender and receiver, per"
+        " message; Comms and raw alternate within each round):"
+    )
+    print(
+        "  round   Comms.send msg/s  us CPU   raw nc.publish msg/s  us CPU   rate ratio  CPU ratio"
+    )
+    for index, r in enumerate(inline.rounds, 1):
+        print(
+            f"  {index:5}   {r.comms_rate:16,.0f}  {r.comms_cpu * 1e6:6.1f}"
+            f"   {r.raw_rate:20,.0f}  {r.raw_cpu * 1e6:6.1f}"
+            f"   {r.rate_ratio:10.2f}  {r.cpu_ratio:9.2f}"
+        )
+    rates = [r.rate_ratio for r in inline.rounds]
+    cpus = [r.cpu_ratio for r in inline.rounds]
+    print(
+        f"  Comms / raw, median of the rounds: {statistics.median(rates):.2f} (rate;"
+        f" min {min(rates):.2f}, max {max(rates):.2f}), {statistics.median(cpus):.2f}"
+        f" (CPU per message, raw / Comms; min {min(cpus):.2f}, max {max(cpus):.2f})"
+    )
+    print(
+        f"  NATS servers' CPU per message (hub and both leaves): Comms"
+        f" {inline.comms_server_cpu * 1e6:.1f} us, raw {inline.raw_server_cpu * 1e6:.1f} us"
+    )
 
 
 async def events(alice: Comms, count: int) -> tuple[float, float]:
@@ -164,6 +255,7 @@ async def _reachable(alice: Comms, bob: Comms) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--inline-rounds", type=int, default=5)
     parser.add_argument("--events", type=int, default=2_000)
     parser.add_argument("--offload-size", type=int, default=10 * 1024 * 1024)
     parser.add_argument("--rounds", type=int, default=5)
@@ -190,23 +282,9 @@ async def main() -> None:
             bob = Comms(await connect(leaves["node-b"].url), "node-b", owner="bob")
             assert await wait_for_holder(bob.nc, "node-a", timeout=10)
 
-            inline = await inline_commands(alice, bob, args.messages)
-            print(
-                f"inline commands, {args.messages} x {inline.size} B envelopes, node-a -> node-b"
-                " (rate end to end; CPU of this process, sender and receiver, per message):"
-            )
-            print(
-                f"  Comms.send       {inline.comms_rate:10,.0f} msg/s"
-                f"  {inline.comms_cpu * 1e6:5.1f} us CPU"
-            )
-            print(
-                f"  raw nc.publish   {inline.raw_rate:10,.0f} msg/s"
-                f"  {inline.raw_cpu * 1e6:5.1f} us CPU"
-            )
-            print(
-                f"  Comms / raw      {inline.comms_rate / inline.raw_rate:10.2f} (rate)"
-                f"  {inline.raw_cpu / inline.comms_cpu:5.2f} (CPU per message, raw / Comms)"
-            )
+            servers = [s.pid for s in (*hub.servers, *leaves.values()) if s.pid is not None]
+            inline = await inline_commands(alice, bob, args.messages, args.inline_rounds, servers)
+            report_inline(inline, args.messages)
             comms_events, raw_events = await events(alice, args.events)
             print(f"events into the outbox, {args.events}, each acknowledged:")
             print(f"  Comms.send       {comms_events:10,.0f} events/s")
