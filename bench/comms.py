@@ -125,7 +125,7 @@ async def inline_commands(
 
     subscription = await bob.subscribe("Tick", on_tick, kinds=("command",))
     subject = "bench.raw.tick"
-    sub = await bob.nc.subscribe(subject, cb=on_raw, pending_msgs_limit=0, pending_bytes_limit=0)
+    sub = await bob.nc.subscribe(subject, cb=on_raw)  # nats-py's pending limits, as Comms
     await bob.nc.flush()
     await _reachable(alice, bob)
     await asyncio.sleep(0.5)  # interest in the raw subject reaches node-a's leaf

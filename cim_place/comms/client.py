@@ -199,6 +199,16 @@ class Comms:
         ready = self._inline(content, cause, metadata)
         if ready is not None:
             return ready
+        return await self._offloaded(content, cause, metadata, readers), None
+
+    async def _offloaded(
+        self,
+        content: Content,
+        cause: Message | Envelope | None,
+        metadata: Mapping[str, str] | None,
+        readers: Sequence[str] | None,
+    ) -> Envelope:
+        """The envelope of ``content`` once the offloader's walk has stored its large values."""
         threshold = await self.threshold.get()
         offloaded = await self.offloader.offload(
             content.body,
@@ -206,11 +216,11 @@ class Comms:
             message_type=content.type,
             readers=self.readers if readers is None else readers,
         )
-        ready_content = Content(content.kind, content.type, offloaded.body)
+        ready = Content(content.kind, content.type, offloaded.body)
         origin = cause.envelope if isinstance(cause, Message) else cause
         if origin is None:
-            return Envelope.new(ready_content, owner=self.owner, metadata=metadata), None
-        return origin.caused(ready_content, owner=self.owner, metadata=metadata), None
+            return Envelope.new(ready, owner=self.owner, metadata=metadata)
+        return origin.caused(ready, owner=self.owner, metadata=metadata)
 
     def _inline(
         self,
@@ -276,8 +286,8 @@ class Comms:
         """
         ready = self._inline(content, cause, metadata)
         if ready is None:
-            envelope, known = await self._prepare(content, cause, metadata, readers)
-            data = envelope.encode() if known is None else known
+            envelope = await self._offloaded(content, cause, metadata, readers)
+            data = envelope.encode()
         else:
             envelope, data = ready
         sent = envelope.content
