@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from cim_place.cluster.agent.config import AgentConfig, VolumeConfig
 from cim_place.cluster.agent.service import Agent
@@ -38,7 +42,7 @@ from cim_place.cluster.exchange.fetch import wait_for_holder
 from cim_place.cluster.nats.connection import connect, connected, jetstream
 from cim_place.cluster.nats.subjects import outbox_stream
 from cim_place.cluster.tasks.queue import ensure_task_stream
-from cim_place.comms import Comms, Message, command, event, query
+from cim_place.comms import AppSubscription, Comms, Message, command, event, query
 from cim_place.local.topologies import add_leaf, start_hub
 from cim_place.objectstore.testdata import chacha_stream
 
@@ -65,7 +69,7 @@ class Counter:
 
 @dataclass
 class Round:
-    """One round of each sender: rates end to end, CPU of this process per message."""
+    """One round of each sender: rates end to end, CPU per message (sender and receiver)."""
 
     comms_rate: float
     raw_rate: float
@@ -85,6 +89,7 @@ class Round:
 class Inline:
     """Inline command rounds, and the CPU the NATS servers used per message over all of them."""
 
+    receiver: str
     rounds: list[Round]
     size: int
     comms_server_cpu: float
@@ -104,49 +109,154 @@ def cpu_of(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+RAW_SUBJECT = "bench.raw.tick"
+CONTROL = "bench.comms.ctl"
+
+
+class Receivers:
+    """The receivers of both senders, counting: subscribed with Comms and with raw nats-py."""
+
+    def __init__(self) -> None:
+        self.counters = {"comms": Counter(), "raw": Counter()}
+        self.subscriptions: list[AppSubscription] = []
+        self.sub: Subscription | None = None
+
+    async def start(self, comms: Comms) -> None:
+        comms_counter, raw_counter = self.counters["comms"], self.counters["raw"]
+
+        async def on_tick(message: Message) -> None:
+            comms_counter.hit()
+
+        async def on_raw(msg: Msg) -> None:
+            raw_counter.hit()
+
+        async def pong(message: Message) -> None:
+            return None
+
+        self.subscriptions.append(await comms.subscribe("Tick", on_tick, kinds=("command",)))
+        # nats-py's pending limits, as Comms.subscribe has them.
+        self.sub = await comms.nc.subscribe(RAW_SUBJECT, cb=on_raw)
+        # Last: once a sender's Ping is answered, its leaf knows of the other subscriptions.
+        self.subscriptions.append(await comms.subscribe("Ping", pong, kinds=("query",)))
+        await comms.nc.flush()
+
+    async def expect(self, name: str, count: int) -> None:
+        self.counters[name].reset(count)
+
+    async def wait(self, name: str) -> float:
+        """Until ``count`` messages arrived; the CPU seconds the receiver used apart from this
+        process since :meth:`expect` (none: it runs here, and this process's CPU counts it)."""
+        await asyncio.wait_for(self.counters[name].done, 120)
+        return 0.0
+
+    async def stop(self) -> None:
+        for subscription in self.subscriptions:
+            await subscription.stop()
+        if self.sub is not None:
+            await self.sub.unsubscribe()
+
+
+class ChildReceivers:
+    """:class:`Receivers` in a process of their own, connected to node-b's leaf, driven over NATS.
+
+    As an application's sender and receiver would run, on two nodes: each process has its own
+    interpreter, and the CPU per message adds both.
+    """
+
+    def __init__(self, control: Client, leaf_url: str) -> None:
+        self.control = control
+        self.leaf_url = leaf_url
+        self.process: asyncio.subprocess.Process | None = None
+        self.started_cpu = 0.0
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--receive", self.leaf_url, stdout=asyncio.subprocess.PIPE
+        )
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), 60)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"the receiver process said {line!r}")
+
+    async def _ask(self, what: str, timeout: float = 10) -> float:
+        reply = await self.control.request(CONTROL, what.encode(), timeout=timeout)
+        return float(reply.data)
+
+    async def expect(self, name: str, count: int) -> None:
+        self.started_cpu = await self._ask(f"expect {name} {count}")
+
+    async def wait(self, name: str) -> float:
+        return await self._ask(f"wait {name}", timeout=120) - self.started_cpu
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(Exception):
+                await self._ask("stop")
+            await asyncio.wait_for(self.process.wait(), 30)
+
+
+async def receive(leaf_url: str) -> None:
+    """The child process of :class:`ChildReceivers`."""
+    nc = await connect(leaf_url)
+    bob = Comms(nc, "node-b", owner="bob")
+    receivers = Receivers()
+    await receivers.start(bob)
+    stopped = asyncio.Event()
+
+    async def control(msg: Msg) -> None:
+        command_word, *words = msg.data.decode().split()
+        if command_word == "expect":
+            await receivers.expect(words[0], int(words[1]))
+        elif command_word == "wait":
+            await receivers.wait(words[0])
+        else:
+            stopped.set()
+        await msg.respond(repr(time.process_time()).encode())
+
+    await nc.subscribe(CONTROL, cb=control)
+    await nc.flush()
+    print("ready", flush=True)
+    await stopped.wait()
+    await nc.flush()
+    await receivers.stop()
+    await bob.close()
+    await nc.close()
+
+
 async def inline_commands(
-    alice: Comms, bob: Comms, count: int, rounds: int, servers: list[int]
+    alice: Comms,
+    receivers: Receivers | ChildReceivers,
+    count: int,
+    rounds: int,
+    servers: list[int],
 ) -> Inline:
-    """Comms.send against raw nc.publish, same payload size, same path, same process.
+    """Comms.send against raw nc.publish, same payload size, same path, same sending process.
 
     Both receivers stay subscribed throughout. After a warm-up round of each, every round runs
     both senders back to back, alternating which goes first, so that a change in the machine's
     load weighs on both alike; the figure is the median of the rounds' ratios.
     """
-    tick = Counter()
-
-    async def on_tick(message: Message) -> None:
-        tick.hit()
-
-    raw = Counter()
-
-    async def on_raw(msg: Msg) -> None:
-        raw.hit()
-
-    subscription = await bob.subscribe("Tick", on_tick, kinds=("command",))
-    subject = "bench.raw.tick"
-    sub = await bob.nc.subscribe(subject, cb=on_raw)  # nats-py's pending limits, as Comms
-    await bob.nc.flush()
-    await _reachable(alice, bob)
-    await asyncio.sleep(0.5)  # interest in the raw subject reaches node-a's leaf
+    await _probe(alice)
     size = len((await alice.envelope(command("Tick", BODY))).encode())
     payload = b"x" * size
 
     async def comms_round(want: int) -> tuple[float, float]:
-        tick.reset(want)
+        await receivers.expect("comms", want)
         started, cpu = time.perf_counter(), time.process_time()
         for n in range(want):
             await alice.send(command("Tick", {**BODY, "n": n}))
-        await asyncio.wait_for(tick.done, 120)
-        return want / (time.perf_counter() - started), (time.process_time() - cpu) / want
+        elsewhere = await receivers.wait("comms")
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu + elsewhere
+        return want / wall, cpu / want
 
     async def raw_round(want: int) -> tuple[float, float]:
-        raw.reset(want)
+        await receivers.expect("raw", want)
         started, cpu = time.perf_counter(), time.process_time()
         for _ in range(want):
-            await alice.nc.publish(subject, payload)
-        await asyncio.wait_for(raw.done, 120)
-        return want / (time.perf_counter() - started), (time.process_time() - cpu) / want
+            await alice.nc.publish(RAW_SUBJECT, payload)
+        elsewhere = await receivers.wait("raw")
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu + elsewhere
+        return want / wall, cpu / want
 
     warm = min(count, 2_000)
     await comms_round(warm)
@@ -162,17 +272,18 @@ async def inline_commands(
             server_cpu[name] += cpu_of(servers) - before
         (comms_rate, comms_cpu), (raw_rate, raw_cpu) = measured["comms"], measured["raw"]
         results.append(Round(comms_rate, raw_rate, comms_cpu, raw_cpu))
-    await subscription.stop()
-    await sub.unsubscribe()
     messages = count * rounds
-    return Inline(results, size, server_cpu["comms"] / messages, server_cpu["raw"] / messages)
+    where = "in this process" if isinstance(receivers, Receivers) else "in a process of their own"
+    return Inline(
+        where, results, size, server_cpu["comms"] / messages, server_cpu["raw"] / messages
+    )
 
 
 def report_inline(inline: Inline, count: int) -> None:
     print(
         f"inline commands, {len(inline.rounds)} rounds x {count} x {inline.size} B envelopes,"
-        " node-a -> node-b (rate end to end; CPU of this process, sender and receiver, per"
-        " message; Comms and raw alternate within each round):"
+        f" node-a -> node-b, receivers {inline.receiver} (rate end to end; CPU per message of"
+        " the sender's and receiver's processes; Comms and raw alternate within each round):"
     )
     print(
         "  round   Comms.send msg/s  us CPU   raw nc.publish msg/s  us CPU   rate ratio  CPU ratio"
@@ -243,13 +354,18 @@ async def _reachable(alice: Comms, bob: Comms) -> None:
         return None
 
     probe = await bob.subscribe("Ping", pong, kinds=("query",))
+    await _probe(alice)
+    await probe.stop()
+
+
+async def _probe(alice: Comms) -> None:
+    """Until a Ping query from ``alice`` is answered (the receiver's interest reached node-a)."""
     for _ in range(200):
         try:
             await alice.request(query("Ping"), timeout=0.5)
-            break
+            return
         except Exception:
             await asyncio.sleep(0.05)
-    await probe.stop()
 
 
 async def main() -> None:
@@ -283,7 +399,23 @@ async def main() -> None:
             assert await wait_for_holder(bob.nc, "node-a", timeout=10)
 
             servers = [s.pid for s in (*hub.servers, *leaves.values()) if s.pid is not None]
-            inline = await inline_commands(alice, bob, args.messages, args.inline_rounds, servers)
+            here = Receivers()
+            await here.start(bob)
+            try:
+                inline = await inline_commands(
+                    alice, here, args.messages, args.inline_rounds, servers
+                )
+            finally:
+                await here.stop()
+            report_inline(inline, args.messages)
+            child = ChildReceivers(bob.nc, leaves["node-b"].url)
+            await child.start()
+            try:
+                inline = await inline_commands(
+                    alice, child, args.messages, args.inline_rounds, servers
+                )
+            finally:
+                await child.stop()
             report_inline(inline, args.messages)
             comms_events, raw_events = await events(alice, args.events)
             print(f"events into the outbox, {args.events}, each acknowledged:")
@@ -312,4 +444,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if sys.argv[1:2] == ["--receive"]:
+        asyncio.run(receive(sys.argv[2]))
+    else:
+        asyncio.run(main())
