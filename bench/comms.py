@@ -75,6 +75,9 @@ class Round:
     raw_rate: float
     comms_cpu: float
     raw_cpu: float
+    comms_receiver_cpu: float
+    raw_receiver_cpu: float
+    """Of ``comms_cpu`` and ``raw_cpu``: the receiver's process (0 when it is the sender's)."""
 
     @property
     def rate_ratio(self) -> float:
@@ -240,23 +243,23 @@ async def inline_commands(
     size = len((await alice.envelope(command("Tick", BODY))).encode())
     payload = b"x" * size
 
-    async def comms_round(want: int) -> tuple[float, float]:
+    async def comms_round(want: int) -> tuple[float, float, float]:
         await receivers.expect("comms", want)
         started, cpu = time.perf_counter(), time.process_time()
         for n in range(want):
             await alice.send(command("Tick", {**BODY, "n": n}))
         elsewhere = await receivers.wait("comms")
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu + elsewhere
-        return want / wall, cpu / want
+        return want / wall, cpu / want, elsewhere / want
 
-    async def raw_round(want: int) -> tuple[float, float]:
+    async def raw_round(want: int) -> tuple[float, float, float]:
         await receivers.expect("raw", want)
         started, cpu = time.perf_counter(), time.process_time()
         for _ in range(want):
             await alice.nc.publish(RAW_SUBJECT, payload)
         elsewhere = await receivers.wait("raw")
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu + elsewhere
-        return want / wall, cpu / want
+        return want / wall, cpu / want, elsewhere / want
 
     warm = min(count, 2_000)
     await comms_round(warm)
@@ -264,14 +267,17 @@ async def inline_commands(
     results: list[Round] = []
     server_cpu = {"comms": 0.0, "raw": 0.0}
     for index in range(rounds):
-        measured: dict[str, tuple[float, float]] = {}
+        measured: dict[str, tuple[float, float, float]] = {}
         order = (("comms", comms_round), ("raw", raw_round))
         for name, run in order if index % 2 == 0 else order[::-1]:
             before = cpu_of(servers)
             measured[name] = await run(count)
             server_cpu[name] += cpu_of(servers) - before
-        (comms_rate, comms_cpu), (raw_rate, raw_cpu) = measured["comms"], measured["raw"]
-        results.append(Round(comms_rate, raw_rate, comms_cpu, raw_cpu))
+        (comms_rate, comms_cpu, comms_there), (raw_rate, raw_cpu, raw_there) = (
+            measured["comms"],
+            measured["raw"],
+        )
+        results.append(Round(comms_rate, raw_rate, comms_cpu, raw_cpu, comms_there, raw_there))
     messages = count * rounds
     where = "in this process" if isinstance(receivers, Receivers) else "in a process of their own"
     return Inline(
@@ -301,6 +307,13 @@ def report_inline(inline: Inline, count: int) -> None:
         f" min {min(rates):.2f}, max {max(rates):.2f}), {statistics.median(cpus):.2f}"
         f" (CPU per message, raw / Comms; min {min(cpus):.2f}, max {max(cpus):.2f})"
     )
+    if any(r.comms_receiver_cpu for r in inline.rounds):
+        comms = statistics.median(r.comms_receiver_cpu for r in inline.rounds)
+        raw = statistics.median(r.raw_receiver_cpu for r in inline.rounds)
+        print(
+            f"  of the CPU per message, the receiver's process (median): Comms {comms * 1e6:.1f}"
+            f" us, raw {raw * 1e6:.1f} us"
+        )
     print(
         f"  NATS servers' CPU per message (hub and both leaves): Comms"
         f" {inline.comms_server_cpu * 1e6:.1f} us, raw {inline.raw_server_cpu * 1e6:.1f} us"
@@ -371,7 +384,7 @@ async def _probe(alice: Comms) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--inline-rounds", type=int, default=5)
+    parser.add_argument("--inline-rounds", type=int, default=7)
     parser.add_argument("--events", type=int, default=2_000)
     parser.add_argument("--offload-size", type=int, default=10 * 1024 * 1024)
     parser.add_argument("--rounds", type=int, default=5)

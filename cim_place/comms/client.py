@@ -249,7 +249,9 @@ class Comms:
             data = envelope.encode()
         except DagCborError:
             return None  # an Attachment, a tuple, a ContentRef...: the walk makes values of them
-        if (len(data) > threshold or _MARKER in data) and not inline(body, threshold):
+        # find(), not "in": bytes.__contains__ first tries its argument as an int, and that
+        # failure costs more than the search.
+        if (len(data) > threshold or data.find(_MARKER) >= 0) and not inline(body, threshold):
             return None
         return envelope, data
 

@@ -76,7 +76,9 @@ def check_type(message_type: str) -> str:
 def _content(kind: Kind, message_type: str, body: BodyInput | None) -> Content:
     # Content.body is typed as DAG-CBOR values; Attachments are swapped out by the offloader
     # before anything is encoded.
-    return make_content(kind, check_type(message_type), dict(body or {}))  # type: ignore[arg-type]
+    if message_type not in _CHECKED_TYPES:  # checked here first: this runs for every message
+        check_type(message_type)
+    return make_content(kind, message_type, dict(body or {}))  # type: ignore[arg-type]
 
 
 def command(message_type: str, body: BodyInput | None = None) -> Content:
