@@ -85,9 +85,18 @@ class Envelope:
         cls, content: Content, *, owner: str, metadata: Mapping[str, str] | None = None
     ) -> Envelope:
         """A message that starts a conversation: it is its own correlation."""
-        message_id = f"{_prefix}{next(_serial):08x}"  # new_id(), without the call
-        meta = {} if metadata is None else dict(metadata)
-        return _envelope(message_id, message_id, None, owner, content, meta, None)
+        # new_id() and _envelope() written out: every message sent starts here.
+        message_id = f"{_prefix}{next(_serial):08x}"
+        envelope = _OpenEnvelope()
+        envelope.id = message_id
+        envelope.correlation_id = message_id
+        envelope.causation_id = None
+        envelope.owner = owner
+        envelope.content = content
+        envelope.metadata = {} if metadata is None else dict(metadata)
+        envelope.sequence = None
+        envelope.__class__ = Envelope  # type: ignore[assignment]
+        return envelope  # type: ignore[return-value]  # now an Envelope
 
     def caused(
         self,
