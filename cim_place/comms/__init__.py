@@ -6,7 +6,8 @@ travels with a CID link in its place, and a listener reads the PDF back by that 
     async with await Comms.connect(url, "node-a", owner="alice") as comms:
         await comms.send(command("AddDocument", {"pdf": Attachment(path, "application/pdf")}))
 
-Modules: ``content`` (what a body may hold, the offload marker), ``offload`` (the sending side),
+Modules: ``content`` (what a body may hold, the offload marker), ``offload`` (the sending side's
+walk), ``outgoing`` (envelopes to send, the small message's fast path),
 ``access`` (the receiving side), ``message`` (what a handler gets), ``routes`` (subjects),
 ``settings`` (the domain's offload threshold in KV), ``client`` (the Comms API).
 """

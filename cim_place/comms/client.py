@@ -11,7 +11,8 @@ One :class:`Comms` per process, connected to the leaf its node's agent runs on (
   (an event, ``cim_place.comms.event(...)``) is caused by the message it handled (same
   correlation, causation = the message's id): it is persisted and, for a request, it is the reply.
 
-Received offloaded content is resolved on demand through the client's ContentAccessor.
+Envelopes are built (and small ones encoded at once) by ``cim_place.comms.outgoing``. Received
+offloaded content is resolved on demand through the client's ContentAccessor.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ from cim_place.cluster.nats.envelope import KINDS, Content, Envelope, EnvelopeEr
 from cim_place.cluster.nats.security import identity_of
 from cim_place.cluster.nats.subjects import HUB_DOMAIN, Subjects, check_node_id, outbox_stream
 from cim_place.comms.access import ContentAccessor
-from cim_place.comms.content import OFFLOAD_KEY, BodyInput, InvalidMessageError, event
+from cim_place.comms.content import BodyInput, InvalidMessageError, event
 from cim_place.comms.message import Message, received
-from cim_place.comms.offload import Offloader, inline
+from cim_place.comms.offload import Offloader
+from cim_place.comms.outgoing import Outgoing, too_large
 from cim_place.comms.routes import Routes
 from cim_place.comms.settings import ThresholdCache
 from cim_place.errors import CimPlaceError, TransportError
 from cim_place.interfaces import BlockSource
-from cim_place.objectstore.dagcbor import DagCborError
 
 __all__ = ["AppSubscription", "Comms", "Handler", "HandlerFailedError"]
 
@@ -51,9 +52,6 @@ _log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], Awaitable[Content | None]]
 """Handles one message; may return an event (``cim_place.comms.event``) caused by it."""
-
-_MARKER = b"\x68" + OFFLOAD_KEY.encode()
-"""``$offload`` as a DAG-CBOR text string: an encoded body holding an offload marker has it."""
 
 HANDLED = "Handled"
 """Reply type when a handler of a request returned nothing (not persisted)."""
@@ -130,6 +128,9 @@ class Comms:
         self.offloader = Offloader(
             nc, self.node, owner=owner, subjects=self.subjects, timeout=upload_timeout
         )
+        self._outgoing = Outgoing(
+            nc, self.threshold, self.offloader, owner=owner, readers=self.readers
+        )
         self.accessor = ContentAccessor(
             nc, subjects=self.subjects, local=local, cache_dir=cache_dir, near=near
         )
@@ -186,91 +187,7 @@ class Comms:
         readers: Sequence[str] | None = None,
     ) -> Envelope:
         """The envelope ``send`` would send: large values offloaded (uploaded now)."""
-        return (await self._prepare(content, cause, metadata, readers))[0]
-
-    async def _prepare(
-        self,
-        content: Content,
-        cause: Message | Envelope | None,
-        metadata: Mapping[str, str] | None,
-        readers: Sequence[str] | None,
-    ) -> tuple[Envelope, bytes | None]:
-        """The envelope to send, and its bytes when they are known already (else None)."""
-        ready = self._inline(content, cause, metadata)
-        if ready is not None:
-            return ready
-        return await self._offloaded(content, cause, metadata, readers), None
-
-    async def _offloaded(
-        self,
-        content: Content,
-        cause: Message | Envelope | None,
-        metadata: Mapping[str, str] | None,
-        readers: Sequence[str] | None,
-    ) -> Envelope:
-        """The envelope of ``content`` once the offloader's walk has stored its large values."""
-        threshold = await self.threshold.get()
-        offloaded = await self.offloader.offload(
-            content.body,
-            threshold,
-            message_type=content.type,
-            readers=self.readers if readers is None else readers,
-        )
-        ready = Content(content.kind, content.type, offloaded.body)
-        origin = cause.envelope if isinstance(cause, Message) else cause
-        if origin is None:
-            return Envelope.new(ready, owner=self.owner, metadata=metadata)
-        return origin.caused(ready, owner=self.owner, metadata=metadata)
-
-    def _inline(
-        self,
-        content: Content,
-        cause: Message | Envelope | None,
-        metadata: Mapping[str, str] | None,
-    ) -> tuple[Envelope, bytes] | None:
-        """The envelope of a body that needs no offload, and its bytes; else None.
-
-        Most messages are small: their envelope is built and encoded at once, without awaiting.
-        When the bytes are no longer than the threshold, no value of the body is longer (and the
-        encoder took nothing but plain DAG-CBOR values), so neither the offloader's walk nor
-        ``inline()``'s pass over the body has anything to do; ``inline()`` runs only for a longer
-        envelope or one with an offload marker key in it (a marker passed on, checked by the walk).
-        """
-        threshold = self.threshold.peek()
-        body = content.body
-        if threshold is None or type(body) is not dict:
-            return None
-        if cause is None:
-            envelope = Envelope.new(content, owner=self.owner, metadata=metadata)
-        else:
-            origin = cause.envelope if isinstance(cause, Message) else cause
-            envelope = origin.caused(content, owner=self.owner, metadata=metadata)
-        try:
-            data = envelope.encode()
-        except DagCborError:
-            return None  # an Attachment, a tuple, a ContentRef...: the walk makes values of them
-        # find(), not "in": bytes.__contains__ first tries its argument as an int, and that
-        # failure costs more than the search.
-        if (len(data) > threshold or data.find(_MARKER) >= 0) and not inline(body, threshold):
-            return None
-        return envelope, data
-
-    def _encode(self, envelope: Envelope, data: bytes | None = None) -> bytes:
-        """The bytes of ``envelope`` (``data`` when already encoded), within the max payload."""
-        if data is None:
-            data = envelope.encode()
-        limit = int(getattr(self.nc, "max_payload", 0) or 0)
-        if limit and len(data) > limit:
-            raise self._too_large(envelope, len(data), limit)
-        return data
-
-    @staticmethod
-    def _too_large(envelope: Envelope, size: int, limit: int) -> InvalidMessageError:
-        return InvalidMessageError(
-            f"{envelope.content.type} message is {size} bytes after offloading, above "
-            f"the server's max payload of {limit}: its many inline values add up; lower the "
-            "offload threshold (cim_place.comms.settings) or send the values as Attachments"
-        )
+        return (await self._outgoing.prepare(content, cause, metadata, readers))[0]
 
     async def send(
         self,
@@ -286,15 +203,15 @@ class Comms:
         An event is acknowledged by this leaf's outbox before this returns (it persists); a
         command or query is published on core NATS (delivered to the handlers subscribed now).
         """
-        ready = self._inline(content, cause, metadata)
+        ready = self._outgoing.inline(content, cause, metadata)
         if ready is None:
-            envelope = await self._offloaded(content, cause, metadata, readers)
+            envelope = await self._outgoing.offloaded(content, cause, metadata, readers)
             data = envelope.encode()
         else:
             envelope, data = ready
         sent = envelope.content
         if sent.kind == "event":
-            await self._persist(envelope, self._encode(envelope, data))
+            await self._persist(envelope, self._outgoing.encode(envelope, data))
             return envelope
         subject = self.routes.of(sent.kind, sent.type, self.node)
         try:
@@ -304,7 +221,7 @@ class Comms:
             # writes anything, so the size is not checked twice here.
             await self.nc.publish(subject, data)
         except nats.errors.MaxPayloadError:
-            raise self._too_large(envelope, len(data), self.nc.max_payload) from None
+            raise too_large(envelope, len(data), self.nc.max_payload) from None
         except nats.errors.Error as error:
             raise TransportError(
                 f"cannot publish {sent.type} on {subject}: {error or type(error)}; "
@@ -351,11 +268,13 @@ class Comms:
             raise InvalidMessageError(
                 f"{content.type} is an event: events are sent, not requested; use send()"
             )
-        envelope, data = await self._prepare(content, cause, metadata, readers)
+        envelope, data = await self._outgoing.prepare(content, cause, metadata, readers)
         subject = self.routes.of(envelope.content.kind, envelope.content.type, self.node)
         wait = self.request_timeout if timeout is None else timeout
         try:
-            msg = await self.nc.request(subject, self._encode(envelope, data), timeout=wait)
+            msg = await self.nc.request(
+                subject, self._outgoing.encode(envelope, data), timeout=wait
+            )
         except nats.errors.NoRespondersError:
             raise TransportError(
                 f"no handler for {envelope.content.type} ({subject}); start one with "
@@ -483,8 +402,8 @@ class Comms:
             # Built here so that a failed offload of the answer is the handler's failure too.
             answer, data = (None, None)
             if result is not None:
-                answer, known = await self._prepare(result, envelope, None, None)
-                data = self._encode(answer, known)
+                answer, known = await self._outgoing.prepare(result, envelope, None, None)
+                data = self._outgoing.encode(answer, known)
         except Exception as error:
             await self._failed(subscription, envelope, reply_to, error)
             return
