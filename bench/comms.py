@@ -1,16 +1,20 @@
 """Comms: small inline messages per second beside raw nats-py, and offload latency for 10 MB.
 
-    .venv/bin/python bench/comms.py [--messages N] [--events N] [--offload-size BYTES] [--rounds N]
+    .venv/bin/python bench/comms.py [--messages N] [--inline-rounds N] [--events N]
+                                    [--offload-size BYTES] [--rounds N]
 
 Topology: a 1-server hub and two leaves on loopback, an agent on each (in this process, as the
 tests run them). The sender is on node-a, the receiver on node-b, so every message crosses both
 leaf links and the hub.
 
 1. **Inline commands**: ``Comms.send(command("Tick", {...}))`` with a small body (about 200 bytes
-   of envelope), beside ``nc.publish`` of a payload of the same size on the same path, in the
-   same run. Rates are end to end: from the first send until the receiver has counted them all.
-   Sender and receiver share this process, so its CPU time per message is printed too (less
-   disturbed by other work on the machine than the rates), and the ratio of both.
+   of envelope), beside ``nc.publish`` of a payload of the same size on the same path, from the
+   same sending process. Rates are end to end: from the first send until the receiver has
+   counted them all. After a warm-up round of each, ``--inline-rounds`` rounds run both senders
+   back to back, alternating which goes first; the figure is the median of the rounds' ratios.
+   The rounds run twice: with the receivers in this process, then in a process of their own
+   (this script with ``--receive URL``, driven over NATS). The CPU per message adds the sender's
+   and the receiver's processes; the NATS servers' CPU per message is printed too.
 2. **Events**: ``Comms.send(event(...))``: each one is stored in node-a's outbox and acknowledged
    before the next (the durability a sender gets), beside raw ``js.publish`` to the same stream.
 3. **Offload latency**: ``Comms.send`` of a command carrying ``--offload-size`` bytes (upload
