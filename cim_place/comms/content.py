@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
-from cim_place.cluster.nats.envelope import Content, Kind, make_content
+from cim_place.cluster.nats.envelope import Content, make_content
 from cim_place.errors import CimPlaceError
 from cim_place.objectstore.cid import Cid, to_str
 from cim_place.objectstore.dagcbor import Link, Value
@@ -73,27 +73,31 @@ def check_type(message_type: str) -> str:
     return message_type
 
 
-def _content(kind: Kind, message_type: str, body: BodyInput | None) -> Content:
-    # Content.body is typed as DAG-CBOR values; Attachments are swapped out by the offloader
-    # before anything is encoded.
-    if message_type not in _CHECKED_TYPES:  # checked here first: this runs for every message
-        check_type(message_type)
-    return make_content(kind, message_type, dict(body or {}))  # type: ignore[arg-type]
+# command, query and event each check the type (once per type: the set above) and copy the body
+# into the Content, written out in each rather than through a shared helper: they run per message.
+# Content.body is typed as DAG-CBOR values; Attachments are swapped out by the offloader before
+# anything is encoded.
 
 
 def command(message_type: str, body: BodyInput | None = None) -> Content:
     """A command: a request to do something (``AddDocument``), handled by one service."""
-    return _content("command", message_type, body)
+    if message_type not in _CHECKED_TYPES:
+        check_type(message_type)
+    return make_content("command", message_type, dict(body or {}))  # type: ignore[arg-type]
 
 
 def query(message_type: str, body: BodyInput | None = None) -> Content:
     """A query: a question answered by an event (``request`` returns it)."""
-    return _content("query", message_type, body)
+    if message_type not in _CHECKED_TYPES:
+        check_type(message_type)
+    return make_content("query", message_type, dict(body or {}))  # type: ignore[arg-type]
 
 
 def event(message_type: str, body: BodyInput | None = None) -> Content:
     """An event: something that happened (``DocumentAdded``); persisted in the event store."""
-    return _content("event", message_type, body)
+    if message_type not in _CHECKED_TYPES:
+        check_type(message_type)
+    return make_content("event", message_type, dict(body or {}))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
