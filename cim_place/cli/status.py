@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -77,12 +78,22 @@ def _run(
         show(await render(js), as_json=as_json, quiet=quiet)
 
     async def repeatedly(js: JetStreamContext) -> None:
-        while True:
+        # Ctrl-C (or SIGTERM) ends the loop between refreshes, not by cancelling the task:
+        # a cancellation that meets a reply arriving at the same moment can be lost inside
+        # nats-py's request (asyncio.wait_for), and the watch would go on forever.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        while not stop.is_set():
             rendered = await render(js)
+            if stop.is_set():
+                break
             if not as_json:  # JSON: one document per refresh, for tools that follow a stream
                 sys.stdout.write(_CLEAR if sys.stdout.isatty() else "\n")
             show(rendered, as_json=as_json, quiet=quiet)
-            await asyncio.sleep(WATCH_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), WATCH_INTERVAL)
 
     if not watch:
         run_in_domain(server, creds, domain, once)

@@ -6,6 +6,7 @@ bad input answered in one line, `add` inside a domain directory, `rm` giving the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,7 +55,8 @@ def volume_usage(workdir: Path) -> dict[str, int]:
     for volume in sorted((workdir / ".cim-place" / "nodes").glob("*/v0")):
         total = 0
         for path in [volume, *volume.rglob("*")]:
-            total += path.lstat().st_blocks * 512
+            with contextlib.suppress(FileNotFoundError):  # collected while we walk
+                total += path.lstat().st_blocks * 512
         usage[volume.parent.name] = total
     return usage
 

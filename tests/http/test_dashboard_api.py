@@ -3,6 +3,7 @@ and the operator-only rule of a secured domain."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -59,8 +60,13 @@ async def test_bad_parameters_answer_400(domain: Domain, query: str, reason: str
 
 async def test_nodes_summary_and_unknown_object(domain: Domain) -> None:
     base = domain.url(domain.b)
-    status, _, nodes = await get(f"{base}/ui/api/nodes")
-    assert status == 200
+    # Each agent's first heartbeat reaches the hub's KV through its leaf: wait for both.
+    for _ in range(600):
+        status, _, nodes = await get(f"{base}/ui/api/nodes")
+        assert status == 200
+        if len(nodes) == 2 and all(n["state"] == "up" for n in nodes):
+            break
+        await asyncio.sleep(0.1)
     assert sorted(n["node"] for n in nodes) == ["node-a", "node-b"]
     assert {n["labels"]["zone"] for n in nodes} == {"z1", "z2"}
     assert all(n["state"] == "up" and n["free"] > 0 for n in nodes)
