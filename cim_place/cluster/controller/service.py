@@ -51,6 +51,11 @@ from cim_place.cluster.controller.projection import ObjectView, Projection
 from cim_place.cluster.controller.rejections import Rejections
 from cim_place.cluster.controller.removal import Removals, expire_name_versions
 from cim_place.cluster.controller.repairs import RepairSlots
+from cim_place.cluster.controller.shards import (
+    ShardLeadership,
+    shard_summaries,
+    write_shard_summaries,
+)
 from cim_place.cluster.controller.snapshot import RetentionPolicy, SnapshotPolicy, Snapshots
 from cim_place.cluster.controller.status_api import StatusQueries
 from cim_place.cluster.controller.status_index import StatusIndex
@@ -151,6 +156,9 @@ class ControllerConfig:
     """Purge events older than this once a snapshot covers them (0: keep every event)."""
     events_max_bytes: int = 0
     """Purge the oldest events beyond this size once a snapshot covers them (0: no limit)."""
+    shards: int = 1
+    """Split the CIDs into this many shards, one lease each (controller/shards.py); 1: one
+    lease for the whole domain, as always."""
 
 
 class Controller:
@@ -179,6 +187,8 @@ class Controller:
         self.js: JetStreamContext | None = None
         self.locations: LocationStore | None = None
         self.election: LeaderElection | None = None
+        self.sharding: ShardLeadership | None = None
+        """With ``shards`` > 1: the shards this process leads (``election`` stays None)."""
         self._queue: TaskQueue | None = None
         self.inventory: InventoryCheck | None = None
         self._drain: KeyValue | None = None
@@ -239,7 +249,7 @@ class Controller:
             nc,
             self.subjects,
             self.status_index,
-            is_leader=lambda: self.is_leader,
+            is_leader=self._leads_chores,
             tracked=lambda: len(self.projection),
         )
         await self.status_queries.start()
@@ -265,18 +275,34 @@ class Controller:
         self.demand.on_report = self.cached.on_report
         await self.demand.start()
         queries = DemandQueries(
-            nc, self.subjects, self.cached, is_leader=lambda: self.is_leader, policy_of=self._policy
+            nc,
+            self.subjects,
+            self.cached,
+            is_leader=lambda: self.is_leader,
+            policy_of=self._policy,
+            leads=self.leads,
         )
         await queries.start()  # `policy explain` asks on api.demand; closed with the connection
 
-        self.election = LeaderElection(
-            js,
-            self.identity,
-            lease=config.lease,
-            replicas=replicas,
-            on_elected=self._elected,
-            on_deposed=self._deposed,
-        )
+        if config.shards > 1:
+            self.sharding = ShardLeadership(
+                js,
+                self.identity,
+                config.shards,
+                lease=config.lease,
+                replicas=replicas,
+                on_elected=self._elected_shard,
+                on_deposed=self._deposed_shard,
+            )
+        else:
+            self.election = LeaderElection(
+                js,
+                self.identity,
+                lease=config.lease,
+                replicas=replicas,
+                on_elected=self._elected,
+                on_deposed=self._deposed,
+            )
         self._tasks = [
             # In the background: a nudge costs the hub a scan of the stream (seconds per million
             # events), which a start need not wait for.
@@ -294,7 +320,7 @@ class Controller:
                 name="cim-place-controller-cached",
             ),
             asyncio.create_task(
-                self.snapshots.run(lambda: self._acting, self.caught_up),
+                self.snapshots.run(self._leads_chores, self.caught_up),
                 name="cim-place-controller-snapshots",
             ),
         ]
@@ -305,7 +331,10 @@ class Controller:
         self._scheduler.start()
         if config.metrics:
             self.metrics.serve(config.metrics)
-        await self.election.start()
+        if self.sharding is not None:
+            await self.sharding.start()
+        elif self.election is not None:
+            await self.election.start()
         _log.info("controller %s started", self.identity)
 
     async def _nudge_sources(self) -> None:
@@ -322,6 +351,9 @@ class Controller:
         if self.election is not None:
             with contextlib.suppress(Exception):
                 await self.election.stop()
+        if self.sharding is not None:
+            with contextlib.suppress(Exception):
+                await self.sharding.stop()
         if self.removals is not None:
             await self.removals.stop()
         if self.status_queries is not None:
@@ -352,7 +384,34 @@ class Controller:
 
     @property
     def is_leader(self) -> bool:
+        """True while this process leads the domain (with shards: at least one shard)."""
+        if self.sharding is not None:
+            return self.sharding.is_leader
         return self.election is not None and self.election.is_leader
+
+    def leads(self, cid: Cid) -> bool:
+        """True while this process may act on ``cid`` (it leads the domain, or its shard)."""
+        return self._acting if self.sharding is None else self.sharding.leads(cid)
+
+    def _leads_chores(self) -> bool:
+        """Domain-wide work done once (snapshots, purges, drift, name expiry, status listings):
+        the leader's, or shard 0's leader's."""
+        return self._acting if self.sharding is None else self.sharding.leads_shard(0)
+
+    def _elected_shard(self, index: int) -> None:
+        assert self.sharding is not None
+        self._acting = True
+        self.metrics.leader.set(1)
+        if self.locations is not None:
+            self.locations.forget_written()
+        self.mark(self.sharding.cids_of(index, self.projection.cids()))
+
+    def _deposed_shard(self, index: int) -> None:
+        # Synchronous: ``leads`` is already False for the shard's CIDs, so no enqueue follows.
+        assert self.sharding is not None
+        self._acting = self.sharding.is_leader
+        self.metrics.leader.set(1 if self._acting else 0)
+        _log.warning("controller %s no longer leads shard %d", self.identity, index)
 
     def _elected(self) -> None:
         self._acting = True
@@ -447,7 +506,7 @@ class Controller:
     def _check_drift(self, node: str, envelope: Envelope) -> None:
         """A digest that disagrees with the projection: reconcile that volume (once at a time)."""
         volume = envelope.content.body.get("volume")
-        if not isinstance(volume, str) or not self._acting or not self.caught_up.is_set():
+        if not isinstance(volume, str) or not self._leads_chores() or not self.caught_up.is_set():
             return
         if not self.projection.drift(node, volume) or (node, volume) in self._drifting:
             return
@@ -610,6 +669,8 @@ class Controller:
                 if not self._acting:
                     self._dirty.update(batch)
                     break
+                if self.sharding is not None and not self.sharding.leads(cid):
+                    continue  # another shard's: a takeover of that shard marks it again
                 try:
                     await self.reconcile_one(cid)
                 except (CimPlaceError, nats.errors.Error, TimeoutError) as exc:
@@ -718,7 +779,7 @@ class Controller:
         obj = inp.obj
         policy = inp.policy
         for action in result.actions:
-            if not self._acting:
+            if not self.leads(cid):
                 return result  # deposed: not one more task
             repair = is_repair(action)
             if not budget.allows(action.node, action.kind, obj.size) or (
@@ -748,12 +809,12 @@ class Controller:
                 slots.take(policy)
             budget.take(action.node, action.kind, obj.size)
             self.metrics.tasks_queued.labels(action.kind).inc()
-        if self._acting and not result.gone:
-            await self.cached.act(self._queue, cid, inp, result, now, lambda: self._acting)
+        if self.leads(cid) and not result.gone:
+            await self.cached.act(self._queue, cid, inp, result, now, lambda: self.leads(cid))
             result = self.cached.status(cid, result, inp.node_map)
         if result.gone:
             # Expired and every copy dropped: it leaves the listing and the projection.
-            if self._acting:
+            if self.leads(cid):
                 await self.locations.delete(cid)
             self.projection.forget(cid)
             self.status_index.remove(result.status.cid)
@@ -761,7 +822,7 @@ class Controller:
             self._under.discard(cid)
             self.reconciled += 1
             return result
-        if self._acting:
+        if self.leads(cid):
             await self.locations.put(result.status)
         self._note_state(cid, result)
         if result.status.state != "removed" and result.status.pinned < inp.policy.min_copies:
@@ -807,7 +868,12 @@ class Controller:
             await self.rebalance(now)
             policies = self.projection.policies.policies
             # Listing every name costs a scan of the names bucket: only when a policy asks.
-            if self.js and self.removals and any(p.keep_versions for p in policies):
+            if (
+                self._leads_chores()
+                and self.js
+                and self.removals
+                and any(p.keep_versions for p in policies)
+            ):
                 with contextlib.suppress(CimPlaceError, nats.errors.Error):
                     await expire_name_versions(self.js, self.removals.keep_versions)
 
@@ -817,7 +883,7 @@ class Controller:
         by_policy: dict[str, list[tuple[PlacedObject, frozenset[str]]]] = {}
         for cid in self.projection.cids():
             view = self.projection.object(cid)
-            if view is None or self.projection.tasks_for(cid):
+            if view is None or self.projection.tasks_for(cid) or not self.leads(cid):
                 continue
             policy = self.policy_for(_facts(cid, view))
             volumes = frozenset(f"{node}/{volume}" for node, volume in view.replicas)
@@ -840,9 +906,24 @@ class Controller:
             if not self._acting or self.locations is None:
                 continue
             try:
+                if self.sharding is not None:
+                    await self._put_shard_summaries(self.locations)
+                    continue
                 await self.locations.put_summary(self.summary())
             except Exception as exc:
                 _log.debug("writing the summary: %s", exc or type(exc).__name__)
+
+    async def _put_shard_summaries(self, locations: LocationStore) -> None:
+        assert self.sharding is not None
+        by_shard = shard_summaries(
+            self.summary(),
+            self._states,
+            self._under,
+            self.projection.size,
+            self.sharding.shards,
+            self.sharding.led,
+        )
+        await write_shard_summaries(locations.bucket, by_shard, self.sharding.shards)
 
     def summary(self) -> Summary:
         counts: dict[str, int] = dict.fromkeys(OBJECT_STATES, 0)
