@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from cim_place.cluster.state.locations import LocationStore
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.model import decode_task
 from cim_place.local.servers import Hub, NatsServer
+from cim_place.objectstore import cid as cids
 from cim_place.objectstore.cid import Cid
 from cim_place.objectstore.testdata import chacha_stream
 from cim_place.objectstore.unixfs import DEFAULT_PROFILE, get_profile, import_file
@@ -185,6 +187,21 @@ async def add(domain: Domain, node: str, seed: str, data: bytes) -> Cid:
     return result.cid
 
 
+async def cli(hub: Hub, *args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cim_place.cli",
+        *args,
+        "--server",
+        hub.url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    return process.returncode or 0, out.decode()
+
+
 async def placed(hub: Hub, cid: Cid, copies: int) -> bool:
     async with connected(hub.url) as nc:
         status = await (await LocationStore(jetstream(nc, "hub")).open(create=False)).get(cid)
@@ -218,6 +235,13 @@ async def test_killing_a_shard_owner_hands_its_shard_over_and_nothing_is_placed_
         owner = await shard_owner(jetstream(nc, "hub"), roots[victim])
     assert owner is not None and owner.index == victim and owner.shards == SHARDS
     assert owner.leader is not None and owner.leader.leader_id == "ctl-remote"
+    code, out = await cli(domain.hub, "status", cids.to_str(roots[victim]), "--json")
+    assert code == 0, out
+    assert json.loads(out)["shard"]["index"] == victim
+    assert json.loads(out)["shard"]["leader"] == "ctl-remote"
+    code, out = await cli(domain.hub, "status", cids.to_str(roots[victim]))
+    assert code == 0 and f"controller shard: {victim} of {SHARDS}" in out, out
+    assert "led by ctl-remote" in out
 
     # Kill the owner of the victim shard: a crash, its leases are never released.
     os.kill(domain.remote.pid, signal.SIGKILL)
@@ -251,3 +275,12 @@ async def test_killing_a_shard_owner_hands_its_shard_over_and_nothing_is_placed_
     assert twice == {}, f"tasks enqueued twice for the same replica: {twice}"
     assert not [key for key in replicas if key[0] == "drop"], "a copy was dropped"
     assert {key[2] for key in replicas} >= {cid.hex() for cid in everything}
+
+    # The summary `status` prints sums the shards' summaries.
+    async def summed() -> bool:
+        code, out = await cli(domain.hub, "status", "--json")
+        assert code == 0, out
+        doc = json.loads(out)
+        return bool(doc["objects"] == len(everything) and doc["by_state"]["placed"] == 3)
+
+    await wait_until(summed, "the shards' summaries to add up")
