@@ -53,6 +53,7 @@ from cim_place.cluster.controller.removal import Removals, expire_name_versions
 from cim_place.cluster.controller.repairs import RepairSlots
 from cim_place.cluster.controller.shards import (
     ShardLeadership,
+    forget_shard,
     shard_summaries,
     write_shard_summaries,
 )
@@ -249,8 +250,9 @@ class Controller:
             nc,
             self.subjects,
             self.status_index,
-            is_leader=self._leads_chores,
+            is_leader=lambda: self.is_leader,
             tracked=lambda: len(self.projection),
+            layout=None if config.shards <= 1 else self._shard_layout,
         )
         await self.status_queries.start()
         # Read before the replay: claims earlier inventory checks disproved stay disbelieved.
@@ -406,10 +408,22 @@ class Controller:
             self.locations.forget_written()
         self.mark(self.sharding.cids_of(index, self.projection.cids()))
 
+    def _shard_layout(self) -> dict[str, object]:
+        led = self.sharding.led if self.sharding is not None else ()
+        return {"shards": sorted(led), "of": self.config.shards}
+
     def _deposed_shard(self, index: int) -> None:
         # Synchronous: ``leads`` is already False for the shard's CIDs, so no enqueue follows.
         assert self.sharding is not None
         self._acting = self.sharding.is_leader
+        # Its new leader answers for them now: its rows leave this process's status index.
+        forget_shard(
+            index,
+            self.config.shards,
+            self._states,
+            (self._under, self._below_min),
+            self.status_index,
+        )
         self.metrics.leader.set(1 if self._acting else 0)
         _log.warning("controller %s no longer leads shard %d", self.identity, index)
 

@@ -45,6 +45,7 @@ import nats.js.errors
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from cim_place.cluster.controller.status_index import StatusIndex
 from cim_place.cluster.nats import kv
 from cim_place.cluster.state.cid_shards import (
     MEMBER_PREFIX,
@@ -54,10 +55,10 @@ from cim_place.cluster.state.cid_shards import (
     summary_key,
 )
 from cim_place.cluster.state.leader import LeaderElection
-from cim_place.objectstore.cid import Cid
+from cim_place.objectstore.cid import Cid, to_str
 from cim_place.placement.status import OBJECT_STATES, Summary
 
-__all__ = ["ShardLeadership", "shard_summaries"]
+__all__ = ["ShardLeadership", "forget_shard", "shard_summaries", "write_shard_summaries"]
 
 _log = logging.getLogger(__name__)
 
@@ -209,6 +210,26 @@ class ShardLeadership:
     def _deposed(self, index: int) -> None:
         self.led.discard(index)
         self._on_deposed(index)
+
+
+def forget_shard(
+    index: int,
+    shards: int,
+    states: dict[Cid, str],
+    sets: Iterable[set[Cid]],
+    status_index: StatusIndex,
+) -> int:
+    """Forget what this process noted about shard ``index``'s objects (it no longer leads it):
+    their states, their membership of ``sets`` and their status-index rows. One pass over
+    ``states``; returns how many objects were forgotten."""
+    gone = [cid for cid in states if shard_of(cid, shards) == index]
+    others = list(sets)
+    for cid in gone:
+        del states[cid]
+        for noted in others:
+            noted.discard(cid)
+        status_index.remove(to_str(cid))
+    return len(gone)
 
 
 def shard_summaries(

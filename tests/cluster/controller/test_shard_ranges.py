@@ -104,3 +104,25 @@ def test_shards_below_one_is_a_usage_error() -> None:
     result = CliRunner().invoke(app, ["controller", "--shards", "0"])
     assert result.exit_code == 2
     assert "--shards" in result.stdout + result.stderr
+
+
+def test_pages_of_several_shards_merge_in_cid_order() -> None:
+    from cim_place.cli._listing import merge_pages
+
+    def page(cids: list[str], more: bool, indexed: int) -> dict[str, object]:
+        rows = [{"cid": c} for c in cids]
+        return {
+            "objects": rows,
+            "next": cids[-1] if more else None,
+            "indexed": indexed,
+            "tracked": 10,
+        }
+
+    merged = merge_pages([page(["a", "c"], True, 4), page(["b", "d"], True, 6)], 2)
+    assert [row["cid"] for row in merged["objects"]] == ["a", "b"]
+    assert merged["next"] == "b"
+    assert (merged["indexed"], merged["tracked"]) == (10, 10)
+    last = merge_pages([page(["e"], False, 4), page([], False, 6)], 2)
+    assert [row["cid"] for row in last["objects"]] == ["e"] and last["next"] is None
+    one = merge_pages([{"object": None}, {"object": {"cid": "x"}}], 100)
+    assert one["object"] == {"cid": "x"}

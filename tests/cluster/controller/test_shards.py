@@ -243,6 +243,18 @@ async def test_killing_a_shard_owner_hands_its_shard_over_and_nothing_is_placed_
     assert code == 0 and f"controller shard: {victim} of {SHARDS}" in out, out
     assert "led by ctl-remote" in out
 
+    # A listing gathers one page per shard's leader and merges them in CID order.
+    code, out = await cli(domain.hub, "status", "--state", "placed", "--limit", "1", "--json")
+    assert code == 0, out
+    page = json.loads(out)
+    assert page["source"] == "index" and "note" not in page
+    assert [row["cid"] for row in page["objects"]] == [min(cids.to_str(r) for r in roots)]
+    assert page["next"] is not None
+    code, out = await cli(domain.hub, "status", "--state", "placed", "--all", "--json")
+    assert code == 0, out
+    listed = sorted(row["cid"] for row in json.loads(out)["objects"])
+    assert listed == sorted(cids.to_str(r) for r in roots)
+
     # Kill the owner of the victim shard: a crash, its leases are never released.
     os.kill(domain.remote.pid, signal.SIGKILL)
     domain.remote.wait(timeout=30)
