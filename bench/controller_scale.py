@@ -454,9 +454,10 @@ async def ingest(directory: Path, domain: Domain, window: int, timeout: float) -
 
 async def ingest_processes(
     directory: Path, domain: Domain, window: int, timeout: float, shards: int
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, float]:
     """Step 4 with ``shards`` controller processes (``--shards shards``): (raw publish events/s,
-    seconds from spawning them to the last fetch enqueued, seconds from the first fetch to it)."""
+    seconds from spawning them to the last fetch enqueued, seconds from the first fetch to it,
+    CPU seconds the controller processes used)."""
     backlog = domain.count
     hub = start_hub(directory, size=1)
     stop = asyncio.Event()
@@ -495,6 +496,7 @@ async def ingest_processes(
             took = time.perf_counter() - started
             if issued < wanted:
                 raise SystemExit(f"only {issued:,} of {wanted:,} tasks within {timeout:.0f} s")
+            cpu = sum(cpu_seconds(p.pid) for p in processes)
             stop.set()
             await beats
     finally:
@@ -506,7 +508,14 @@ async def ingest_processes(
             except subprocess.TimeoutExpired:
                 process.kill()
         hub.stop()
-    return events / publishing, took, took - (first - started)
+    return events / publishing, took, took - (first - started), cpu
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def shards_ingest(args: argparse.Namespace) -> None:
@@ -519,7 +528,7 @@ async def shards_ingest(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="cim-bench-shards-", dir=args.tmp) as tmp:
         for shards in (1, 2):
             domain = Domain(args.backlog, args.seed + 1, args.names)
-            raw, took, busy = await ingest_processes(
+            raw, took, busy, cpu = await ingest_processes(
                 Path(tmp) / f"shards-{shards}", domain, args.window, args.timeout, shards
             )
             rates[shards] = args.backlog / took
@@ -532,6 +541,11 @@ async def shards_ingest(args: argparse.Namespace) -> None:
             print(
                 f"{'  first task -> all enqueued':44s} {busy:12.2f} s  "
                 f"{args.backlog / busy:9,.0f} objects/s"
+            )
+            print(
+                f"{'  controller CPU (all processes)':44s} {cpu:12.2f} s  "
+                f"{1000 * cpu / args.backlog:9.2f} ms/object  "
+                f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
             )
     print(f"{'two shards / one shard (spawn -> all)':44s} {rates[2] / rates[1]:12.2f}x")
     print(

@@ -223,6 +223,7 @@ class Controller:
         self.caught_up = asyncio.Event()
         """Set once the projection has read every event present at start."""
         self._drifting: set[tuple[str, str]] = set()
+        self._budget_cache: tuple[int, _Budget] | None = None
         self._drift_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -818,10 +819,13 @@ class Controller:
             if self.projection.task(task.id) is not None:
                 continue
             await self._queue.enqueue(task)
+            before = self.projection.task_changes  # nothing awaited from here to the take
             self.projection.task_enqueued(task, now, repair_policy=policy.name if repair else None)
             if repair:
                 slots.take(policy)
             budget.take(action.node, action.kind, obj.size)
+            if self._budget_cache == (before, budget):
+                self._budget_cache = (before + 1, budget)  # this task, counted by its take
             self.metrics.tasks_queued.labels(action.kind).inc()
         if self.leads(cid) and not result.gone:
             await self.cached.act(self._queue, cid, inp, result, now, lambda: self.leads(cid))
@@ -858,9 +862,15 @@ class Controller:
         return result
 
     def _budget(self) -> _Budget:
+        # The walk over every task in flight made a backlog's ingest quadratic; the budget is
+        # reused until a task starts or ends other than through its own ``take`` (below).
+        cached = self._budget_cache
+        if cached is not None and cached[0] == self.projection.task_changes:
+            return cached[1]
         budget = _Budget(self.config)
         for task in self.projection.in_flight():
             budget.take(task.node, task.kind, self.projection.size(task.root))
+        self._budget_cache = (self.projection.task_changes, budget)
         return budget
 
     def _note_state(self, cid: Cid, result: ReconcileResult) -> None:
