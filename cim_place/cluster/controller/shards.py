@@ -168,8 +168,10 @@ class ShardLeadership:
         while True:
             try:
                 await self._round()
-                if announced:
+                if announced and not self._ready:
                     self._ready = True  # peers started with us have announced themselves too
+                    for election in self.elections:
+                        election.nudge()
                 announced = True
             except (nats.errors.Error, TimeoutError, OSError) as exc:
                 _log.debug("%s: shard membership round failed: %s", self.identity, exc)
@@ -187,7 +189,11 @@ class ShardLeadership:
                 keys = set(await bucket.keys())
             except nats.js.errors.NoKeysError:
                 keys = set()
+        share = self.share()
         self.members = max(1, sum(1 for key in keys if key.startswith(MEMBER_PREFIX)))
+        if self._ready and self.share() > share:
+            for election in self.elections:  # a peer left: try for its shards now
+                election.nudge()
         now = time.monotonic()
         for index in range(self.shards):
             if shard_key(index, self.shards) in keys:

@@ -242,6 +242,7 @@ class LeaderElection:
         self._elected_at = 0.0
         self._lease_sent = 0.0  # monotonic time the last successful write was sent
         self._elected = asyncio.Event()
+        self._nudged = asyncio.Event()
         self._deposed = asyncio.Event()
         self._deposed.set()
         self.deposed_reason = ""
@@ -325,6 +326,11 @@ class LeaderElection:
                 async with asyncio.timeout(self.lease):
                     await self._release_if_ours(bucket)
 
+    def nudge(self) -> None:
+        """Try for the lease now rather than at the next poll (``may_campaign`` just turned
+        True)."""
+        self._nudged.set()
+
     async def resign(self, reason: str) -> None:
         """Give up the lease but keep competing (gated by ``may_campaign``): deposed first,
         then the key is deleted if it still holds our write, so a peer takes it at once."""
@@ -387,7 +393,10 @@ class LeaderElection:
                 if elected:
                     await self._lead(loop)
                     continue  # deposed: stand by (one try at once; the key is usually taken)
-                await asyncio.sleep(self.poll_every)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_every):
+                        await self._nudged.wait()
+                self._nudged.clear()
         finally:
             # However the task ends (stop, cancellation, a bug), it no longer maintains the lease.
             self._depose("the election stopped running")
