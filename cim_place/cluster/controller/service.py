@@ -223,7 +223,7 @@ class Controller:
         self.caught_up = asyncio.Event()
         """Set once the projection has read every event present at start."""
         self._drifting: set[tuple[str, str]] = set()
-        self._budget_cache: tuple[int, _Budget] | None = None
+        self._budget_cache: tuple[int, _Budget, RepairSlots] | None = None
         self._drift_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -788,8 +788,7 @@ class Controller:
         # is bounded by max_tasks, but most reconciles (an event about a placed object) issue
         # nothing, and a backlog ingest would otherwise pay it once per object.
         if result.actions:
-            budget = self._budget()
-            slots = RepairSlots(self.projection.in_flight())
+            _, budget, slots = self._limits()
         postponed = False
         obj = inp.obj
         policy = inp.policy
@@ -824,8 +823,8 @@ class Controller:
             if repair:
                 slots.take(policy)
             budget.take(action.node, action.kind, obj.size)
-            if self._budget_cache == (before, budget):
-                self._budget_cache = (before + 1, budget)  # this task, counted by its take
+            if self._budget_cache == (before, budget, slots):
+                self._budget_cache = (before + 1, budget, slots)  # this task, counted by take
             self.metrics.tasks_queued.labels(action.kind).inc()
         if self.leads(cid) and not result.gone:
             await self.cached.act(self._queue, cid, inp, result, now, lambda: self.leads(cid))
@@ -862,16 +861,21 @@ class Controller:
         return result
 
     def _budget(self) -> _Budget:
-        # The walk over every task in flight made a backlog's ingest quadratic; the budget is
-        # reused until a task starts or ends other than through its own ``take`` (below).
+        return self._limits()[1]
+
+    def _limits(self) -> tuple[int, _Budget, RepairSlots]:
+        # The walk over every task in flight made a backlog's ingest quadratic; the budget and
+        # repair slots are reused until a task starts or ends other than through their own
+        # ``take`` (reconcile_one).
         cached = self._budget_cache
         if cached is not None and cached[0] == self.projection.task_changes:
-            return cached[1]
+            return cached
         budget = _Budget(self.config)
         for task in self.projection.in_flight():
             budget.take(task.node, task.kind, self.projection.size(task.root))
-        self._budget_cache = (self.projection.task_changes, budget)
-        return budget
+        slots = RepairSlots(self.projection.in_flight())
+        self._budget_cache = (self.projection.task_changes, budget, slots)
+        return self._budget_cache
 
     def _note_state(self, cid: Cid, result: ReconcileResult) -> None:
         self._states[cid] = result.status.state
