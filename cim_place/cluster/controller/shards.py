@@ -24,6 +24,11 @@ How the shards are shared, kept simple:
 4. A starting process waits one period after announcing itself before campaigning, so processes
    started together see each other and split the shards instead of one taking all.
 
+5. Every controller of a domain must run with the same N. A process that sees the unsharded
+   lease (``controller``: a controller without ``--shards``) or a lease of another shard count
+   held leads nothing (it resigns what it leads) and logs why, until that lease is gone: two
+   layouts leading at once would act on the same CIDs.
+
 A process that dies stops renewing: its leases and its member key expire within the TTL, the
 survivors' share grows, and they take its shards at their next try (at most one renewal period
 after the key expired).
@@ -54,7 +59,7 @@ from cim_place.cluster.state.cid_shards import (
     shard_of,
     summary_key,
 )
-from cim_place.cluster.state.leader import LeaderElection
+from cim_place.cluster.state.leader import LEADER_KEY, LeaderElection
 from cim_place.objectstore.cid import Cid, to_str
 from cim_place.placement.status import OBJECT_STATES, Summary
 
@@ -104,6 +109,8 @@ class ShardLeadership:
         ]
         self.members = 1
         self._ready = False
+        self.conflict = ""
+        """Why this process leads nothing now (another layout's lease is held), or empty."""
         self._free_since: dict[int, float] = {}
         self._bucket: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
@@ -130,7 +137,7 @@ class ShardLeadership:
 
     def may_campaign(self, index: int) -> bool:
         """Asked by shard ``index``'s election before each try for its free lease."""
-        if not self._ready or self.elections[index].is_leader:
+        if not self._ready or self.conflict or self.elections[index].is_leader:
             return False
         if len(self.led) < self.share():
             return True
@@ -194,6 +201,29 @@ class ShardLeadership:
         if self._ready and self.share() > share:
             for election in self.elections:  # a peer left: try for its shards now
                 election.nudge()
+        others = sorted(
+            key
+            for key in keys
+            if key == LEADER_KEY
+            or (key.startswith("shard.") and not key.endswith(f"-of-{self.shards}"))
+        )
+        conflict = f"lease {others[0]} is held by a controller of another layout" if others else ""
+        if conflict != self.conflict:
+            if conflict:
+                _log.error(
+                    "%s leads no shard while %s: every controller of a domain must run with the "
+                    "same --shards (%d here)",
+                    self.identity,
+                    conflict,
+                    self.shards,
+                )
+            else:
+                _log.info("%s: no other layout's lease is held any more", self.identity)
+            self.conflict = conflict
+        if conflict:
+            for index in sorted(self.led):
+                await self.elections[index].resign(conflict)
+            return
         now = time.monotonic()
         for index in range(self.shards):
             if shard_key(index, self.shards) in keys:

@@ -35,7 +35,8 @@ from cim_place.cluster.state.leader import LeaderRecord, read_leader
 from cim_place.cluster.state.locations import LocationStore
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.model import decode_task
-from cim_place.local.servers import Hub, NatsServer
+from cim_place.local.servers import NatsServer
+from cim_place.local.topologies import Hub
 from cim_place.objectstore import cid as cids
 from cim_place.objectstore.cid import Cid
 from cim_place.objectstore.testdata import chacha_stream
@@ -296,3 +297,37 @@ async def test_killing_a_shard_owner_hands_its_shard_over_and_nothing_is_placed_
         return bool(doc["objects"] == len(everything) and doc["by_state"]["placed"] == 3)
 
     await wait_until(summed, "the shards' summaries to add up")
+
+
+async def test_a_sharded_controller_leads_nothing_while_an_unsharded_lease_is_held(
+    hub1: Hub,
+) -> None:
+    from cim_place.cluster.controller.shards import ShardLeadership
+    from cim_place.cluster.state.leader import LeaderElection
+
+    async with connected(hub1.url) as nc:
+        js = jetstream(nc, "hub")
+        single = LeaderElection(js, "ctl-single", lease=LEASE)
+        await single.start()
+        await single.wait_elected(timeout=30)
+        events: list[tuple[str, int]] = []
+        sharded = ShardLeadership(
+            js,
+            "ctl-sharded",
+            SHARDS,
+            lease=LEASE,
+            on_elected=lambda i: events.append(("elected", i)),
+            on_deposed=lambda i: events.append(("deposed", i)),
+        )
+        await sharded.start()
+        try:
+            await until(lambda: bool(sharded.conflict), "the other layout's lease to be seen", 30)
+            assert "controller" in sharded.conflict
+            await asyncio.sleep(2 * LEASE)  # several rounds: still nothing led
+            assert sharded.led == set() and events == []
+            await single.stop()  # releases its lease: the sharded process may lead now
+            await until(lambda: sharded.led == {0, 1}, "both shards led", 60)
+            assert sharded.conflict == ""
+        finally:
+            await sharded.stop()
+            await single.stop()
