@@ -114,6 +114,7 @@ class ShardLeadership:
         self._free_since: dict[int, float] = {}
         self._bucket: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # -- what the controller reads ----------------------------------------------------------------
     @property
@@ -153,10 +154,14 @@ class ShardLeadership:
             await election.start()
         # The elections opened (or created, with the lease as TTL) the bucket: members go there.
         self._bucket = await self.js.key_value(kv.LEADER)
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"cim-place-shards-{self.identity}")
 
     async def stop(self, *, release: bool = True) -> None:
         """Stop competing; every led shard is deposed first, then (``release``) freed."""
+        # The flag too, not only the cancellation: on Python 3.11 a cancellation that meets an
+        # expiring asyncio.timeout in the round becomes a TimeoutError, which the loop survives.
+        self._stopping = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -172,7 +177,7 @@ class ShardLeadership:
     async def _run(self) -> None:
         period = self.elections[0].renew_every
         announced = False
-        while True:
+        while not self._stopping:
             try:
                 await self._round()
                 if announced and not self._ready:
@@ -190,7 +195,8 @@ class ShardLeadership:
         assert self._bucket is not None
         bucket = self._bucket
         record = MemberRecord(self.identity, self.shards, tuple(sorted(self.led)), time.time())
-        async with asyncio.timeout(self.elections[0].renew_every):
+        # A round may take up to a lease (a loaded hub): the member key is written first.
+        async with asyncio.timeout(self.elections[0].lease):
             await bucket.put(MEMBER_PREFIX + self.identity, record.encode())
             try:
                 keys = set(await bucket.keys())
