@@ -454,10 +454,10 @@ async def ingest(directory: Path, domain: Domain, window: int, timeout: float) -
 
 async def ingest_processes(
     directory: Path, domain: Domain, window: int, timeout: float, shards: int
-) -> tuple[float, float, float, float]:
+) -> tuple[float, float, float, float, float]:
     """Step 4 with ``shards`` controller processes (``--shards shards``): (raw publish events/s,
     seconds from spawning them to the last fetch enqueued, seconds from the first fetch to it,
-    CPU seconds the controller processes used)."""
+    CPU seconds the controller processes used, CPU seconds the hub's nats-server used meanwhile)."""
     backlog = domain.count
     hub = start_hub(directory, size=1)
     stop = asyncio.Event()
@@ -475,6 +475,8 @@ async def ingest_processes(
             beats = asyncio.create_task(beat(js, domain, stop))
             events, publishing, _ = await publish(js, domain.events(0, backlog, copies=1), window)
             wanted = 2 * backlog  # each object stored once, on a 3-copy policy
+            hub_pid = hub.servers[0].pid
+            hub_cpu_before = cpu_seconds(hub_pid) if hub_pid else 0.0
             started = time.perf_counter()
             for i in range(shards):
                 command = [sys.executable, "-m", "cim_place.cli", "controller", "--config"]
@@ -497,6 +499,8 @@ async def ingest_processes(
             if issued < wanted:
                 raise SystemExit(f"only {issued:,} of {wanted:,} tasks within {timeout:.0f} s")
             cpu = sum(cpu_seconds(p.pid) for p in processes)
+            hub_pid = hub.servers[0].pid
+            hub_cpu = cpu_seconds(hub_pid) - hub_cpu_before if hub_pid else 0.0
             stop.set()
             await beats
     finally:
@@ -508,7 +512,7 @@ async def ingest_processes(
             except subprocess.TimeoutExpired:
                 process.kill()
         hub.stop()
-    return events / publishing, took, took - (first - started), cpu
+    return events / publishing, took, took - (first - started), cpu, hub_cpu
 
 
 def cpu_seconds(pid: int) -> float:
@@ -528,7 +532,7 @@ async def shards_ingest(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="cim-bench-shards-", dir=args.tmp) as tmp:
         for shards in (1, 2):
             domain = Domain(args.backlog, args.seed + 1, args.names)
-            raw, took, busy, cpu = await ingest_processes(
+            raw, took, busy, cpu, hub_cpu = await ingest_processes(
                 Path(tmp) / f"shards-{shards}", domain, args.window, args.timeout, shards
             )
             rates[shards] = args.backlog / took
@@ -546,6 +550,10 @@ async def shards_ingest(args: argparse.Namespace) -> None:
                 f"{'  controller CPU (all processes)':44s} {cpu:12.2f} s  "
                 f"{1000 * cpu / args.backlog:9.2f} ms/object  "
                 f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+            )
+            print(
+                f"{'  hub nats-server CPU meanwhile':44s} {hub_cpu:12.2f} s  "
+                f"{1000 * hub_cpu / args.backlog:9.2f} ms/object"
             )
     print(f"{'two shards / one shard (spawn -> all)':44s} {rates[2] / rates[1]:12.2f}x")
     print(
