@@ -31,7 +31,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from cim_place.cluster.nats import kv
-from cim_place.cluster.state.leader import LeaderRecord, read_leader
+from cim_place.cluster.state.leader import LEADER_KEY, LeaderRecord, read_leader
 from cim_place.errors import CimPlaceError, TransportError
 from cim_place.objectstore.cid import Cid, split
 from cim_place.placement.status import Summary
@@ -152,6 +152,11 @@ async def _keys(bucket: KeyValue) -> list[str]:
 
 async def _shard_count(bucket: KeyValue) -> int | None:
     """The shard count live controllers use: from a held lease's key, else a member record."""
+    # The usual case first, one get: an unsharded controller holds the single lease.
+    with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+        entry = await bucket.get(LEADER_KEY)
+        if entry.value:
+            return 1
     keys = await _keys(bucket)
     for key in keys:
         found = _SHARD_KEY.match(key)
