@@ -28,6 +28,13 @@ Measured in the same run, each beside its baseline:
    stored once by one agent (an upload), then a real ``Controller`` (leader, task rate limits
    lifted) started on that backlog until every fetch that places the two missing copies is
    enqueued: objects per second from start to the last task, beside the raw publish rate.
+
+``--shards-ingest`` measures only step 4, with controller *processes* (``cim-place controller``
+subprocesses, as deployed), once with one process and ``--shards 1`` and once with two
+processes and ``--shards 2`` on the same machine, each on a fresh hub with the same backlog;
+progress is read from the task stream (``CIM_PLACE_TASKS``, which no agent drains here)::
+
+    .venv/bin/python bench/controller_scale.py --shards-ingest --backlog 4000   # ~2 min
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import contextlib
 import gc
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +69,7 @@ from cim_place.cluster.events.store import ensure_event_store
 from cim_place.cluster.events.types import ObjectStored, event_envelope
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import Content, Envelope
-from cim_place.cluster.nats.subjects import EVENTS_STREAM, Subjects
+from cim_place.cluster.nats.subjects import EVENTS_STREAM, TASKS_STREAM, Subjects
 from cim_place.cluster.state.nodes import NodeRecord, VolumeStatus, nodes_bucket
 from cim_place.local.topologies import start_hub
 from cim_place.placement.batch import NO_VOLUME, plan_batch
@@ -444,10 +452,122 @@ async def ingest(directory: Path, domain: Domain, window: int, timeout: float) -
     )
 
 
+async def ingest_processes(
+    directory: Path, domain: Domain, window: int, timeout: float, shards: int
+) -> tuple[float, float, float, float, float]:
+    """Step 4 with ``shards`` controller processes (``--shards shards``): (raw publish events/s,
+    seconds from spawning them to the last fetch enqueued, seconds from the first fetch to it,
+    CPU seconds the controller processes used, CPU seconds the hub's nats-server used meanwhile)."""
+    backlog = domain.count
+    hub = start_hub(directory, size=1)
+    stop = asyncio.Event()
+    config = directory / "controller.yaml"
+    config.write_text(
+        "lease: 3s\nfull_pass: 1h\nmax_tasks_per_node: 1000000000\nmax_tasks: 1000000000\n"
+        "max_bytes_per_node: 1000000000000000\n"
+    )
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        async with connected(hub.urls) as nc:
+            js = jetstream(nc, "hub")
+            await event_store(js, domain)
+            beats = asyncio.create_task(beat(js, domain, stop))
+            events, publishing, _ = await publish(js, domain.events(0, backlog, copies=1), window)
+            wanted = 2 * backlog  # each object stored once, on a 3-copy policy
+            hub_pid = hub.servers[0].pid
+            hub_cpu_before = cpu_seconds(hub_pid) if hub_pid else 0.0
+            started = time.perf_counter()
+            for i in range(shards):
+                command = [sys.executable, "-m", "cim_place.cli", "controller", "--config"]
+                command += [str(config), "--server", hub.url, "--identity", f"bench-{i}"]
+                command += ["--shards", str(shards), "--log-level", "warning"]
+                log = (directory / f"controller-{i}.log").open("wb")
+                processes.append(subprocess.Popen(command, stdout=log, stderr=log, env=env))
+            first = 0.0
+            issued = 0
+            deadline = started + timeout
+            while issued < wanted and time.perf_counter() < deadline:
+                await asyncio.sleep(0.05)
+                with contextlib.suppress(Exception):  # the stream appears with a controller
+                    issued = (await js.stream_info(TASKS_STREAM)).state.messages
+                if issued and not first:
+                    first = time.perf_counter()
+                if any(p.poll() is not None for p in processes):
+                    raise SystemExit(f"a controller exited; see {directory}/controller-*.log")
+            took = time.perf_counter() - started
+            if issued < wanted:
+                raise SystemExit(f"only {issued:,} of {wanted:,} tasks within {timeout:.0f} s")
+            cpu = sum(cpu_seconds(p.pid) for p in processes)
+            hub_pid = hub.servers[0].pid
+            hub_cpu = cpu_seconds(hub_pid) - hub_cpu_before if hub_pid else 0.0
+            stop.set()
+            await beats
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        hub.stop()
+    return events / publishing, took, took - (first - started), cpu, hub_cpu
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def shards_ingest(args: argparse.Namespace) -> None:
+    print(
+        f"== ingest by controller processes: a backlog of {args.backlog:,} new objects "
+        "(one copy each, two to place), one shard against two"
+    )
+    rates: dict[int, float] = {}
+    busy_rates: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix="cim-bench-shards-", dir=args.tmp) as tmp:
+        for shards in (1, 2):
+            domain = Domain(args.backlog, args.seed + 1, args.names)
+            raw, took, busy, cpu, hub_cpu = await ingest_processes(
+                Path(tmp) / f"shards-{shards}", domain, args.window, args.timeout, shards
+            )
+            rates[shards] = args.backlog / took
+            busy_rates[shards] = args.backlog / busy
+            print(f"{'raw publish (same hub)':44s} {raw:12,.0f} events/s")
+            print(
+                f"{f'{shards} shard(s), {shards} process(es): spawn -> all enqueued':44s} "
+                f"{took:12.2f} s  {args.backlog / took:9,.0f} objects/s"
+            )
+            print(
+                f"{'  first task -> all enqueued':44s} {busy:12.2f} s  "
+                f"{args.backlog / busy:9,.0f} objects/s"
+            )
+            print(
+                f"{'  controller CPU (all processes)':44s} {cpu:12.2f} s  "
+                f"{1000 * cpu / args.backlog:9.2f} ms/object  "
+                f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+            )
+            print(
+                f"{'  hub nats-server CPU meanwhile':44s} {hub_cpu:12.2f} s  "
+                f"{1000 * hub_cpu / args.backlog:9.2f} ms/object"
+            )
+    print(f"{'two shards / one shard (spawn -> all)':44s} {rates[2] / rates[1]:12.2f}x")
+    print(
+        f"{'two shards / one shard (first task -> all)':44s} {busy_rates[2] / busy_rates[1]:12.2f}x"
+    )
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
 async def run(args: argparse.Namespace) -> None:
+    if args.shards_ingest:
+        await shards_ingest(args)
+        return
     started = time.perf_counter()
     domain = Domain(args.objects, args.seed, args.names)
     print(
@@ -523,6 +643,11 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="ingest hang guard (s)")
     parser.add_argument("--tmp", default=None, help="directory for the hub's stream files")
+    parser.add_argument(
+        "--shards-ingest",
+        action="store_true",
+        help="ingest only, by controller processes: one shard against two (--backlog objects)",
+    )
     args = parser.parse_args()
     if args.objects < 1 or args.backlog < 0 or args.window < 1:
         print("--objects must be at least 1, --backlog at least 0, --window at least 1")

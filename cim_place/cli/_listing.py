@@ -7,6 +7,11 @@ million objects. When no controller answers (none runs, or none leads right now)
 by a scan of the location shards instead, with the same filters and order, and a note on stderr
 says so: slow at scale, but the operator still gets an answer.
 
+With controller shards (``controller --shards N``) each process answers for the shards it leads
+(its answer says which, and N): the first answer shows the listing is sharded, the request is
+then sent again and answers are gathered until every shard is covered (or a short wait ends,
+and a note names the shards missing), and the pages are merged in CID order.
+
 The flags are checked with the controller's own request checks before connecting, so a bad value
 is a usage error (exit 2) in the same words the controller would use. Heavy modules are imported
 inside the functions: this is on an operator's hot path.
@@ -35,6 +40,8 @@ if TYPE_CHECKING:
 
 TIMEOUT = 5.0
 """Seconds to wait for the controller before reading the locations instead."""
+GATHER = 2.0
+"""Seconds to wait for the other shards' answers once one sharded answer came."""
 
 
 def make_query(
@@ -81,8 +88,18 @@ async def _ask(js: JetStreamContext, query: Query, timeout: float) -> dict[str, 
         reply = await nc.request(Subjects().api(STATUS_API), _request(query), timeout=timeout)
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
         return None
+    doc = _parse(reply.data)
+    if isinstance(doc.get("of"), int) and set(doc.get("shards", [])) != set(range(doc["of"])):
+        doc = await _gather(js, query, doc)
+    doc.pop("shards", None)
+    doc.pop("of", None)
+    doc["source"] = "index"
+    return doc
+
+
+def _parse(data: bytes) -> dict[str, Any]:
     try:
-        doc: dict[str, Any] = json.loads(reply.data)
+        doc: dict[str, Any] = json.loads(data)
     except ValueError:
         raise CimPlaceError(
             "the controller's answer is not JSON; is it a cim-place controller?"
@@ -91,8 +108,73 @@ async def _ask(js: JetStreamContext, query: Query, timeout: float) -> dict[str, 
         if doc.get("code") == "bad_request":
             raise fail(str(doc["error"]), EXIT_USAGE)
         raise CimPlaceError(str(doc["error"]))
-    doc["source"] = "index"
     return doc
+
+
+async def _gather(js: JetStreamContext, query: Query, first: dict[str, Any]) -> dict[str, Any]:
+    """Ask every shard's leader (module docstring) and merge their pages."""
+    import asyncio
+
+    from nats.aio.msg import Msg
+
+    from cim_place.cluster.nats.subjects import Subjects
+
+    nc = js._nc
+    shards = int(first["of"])
+    answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_answer(msg: Msg) -> None:
+        answers.put_nowait(msg.data)
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_answer)
+    docs: list[dict[str, Any]] = []
+    covered: set[int] = set()
+    try:
+        await nc.publish(Subjects().api(STATUS_API), _request(query), reply=inbox)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GATHER
+        while covered != set(range(shards)) and loop.time() < deadline:
+            try:
+                async with asyncio.timeout(deadline - loop.time()):
+                    doc = _parse(await answers.get())
+            except TimeoutError:
+                break
+            if doc.get("of") == shards and not set(doc.get("shards", [])) <= covered:
+                docs.append(doc)
+                covered |= set(doc.get("shards", []))
+    finally:
+        await sub.unsubscribe()
+    if not docs:
+        docs = [first]
+        covered = set(first.get("shards", []))
+    merged = merge_pages(docs, query.limit)
+    missing = sorted(set(range(shards)) - covered)
+    if missing:
+        merged["note"] = (
+            f"controller shard(s) {', '.join(map(str, missing))} of {shards} did not answer: "
+            "their objects are not listed"
+        )
+    return merged
+
+
+def merge_pages(docs: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """One page from the pages of several shards' leaders, each the first ``limit`` rows of its
+    shards after the same cursor: the ``limit`` lowest CIDs of all, and a cursor if more."""
+    if any("object" in doc for doc in docs):
+        found = next((doc["object"] for doc in docs if doc.get("object")), None)
+        merged: dict[str, Any] = {"object": found}
+    else:
+        rows = sorted(
+            {row["cid"]: row for doc in docs for row in doc.get("objects", [])}.values(),
+            key=lambda row: str(row["cid"]),
+        )
+        shown = rows[:limit]
+        more = len(rows) > limit or any(doc.get("next") for doc in docs)
+        merged = {"objects": shown, "next": shown[-1]["cid"] if more and shown else None}
+    merged["indexed"] = sum(int(doc.get("indexed") or 0) for doc in docs)
+    merged["tracked"] = max(int(doc.get("tracked") or 0) for doc in docs)
+    return merged
 
 
 async def _scan(js: JetStreamContext, query: Query) -> dict[str, Any]:
@@ -176,6 +258,8 @@ def show_page(doc: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
     console.print(f"{len(rows)} object(s)", markup=False)
     if doc["next"] is not None:
         console.print(f"more: add --after {doc['next']} (or --all)", markup=False)
+    if doc.get("note"):
+        console.print(f"note: {doc['note']}", markup=False, style="yellow")
     indexed, tracked = doc.get("indexed"), doc.get("tracked")
     if indexed is not None and tracked is not None and indexed < tracked:
         console.print(

@@ -44,12 +44,22 @@ def controller_command(
     metrics: Annotated[
         str | None, typer.Option("--metrics", help="host:port for Prometheus metrics.")
     ] = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            "--shards",
+            min=1,
+            help="Split the CIDs into N shards, one lease each; every controller of the domain "
+            "must be given the same N (default 1: one leader for the whole domain).",
+        ),
+    ] = None,
     log_level: LogLevelOption = None,
     log_json: LogJsonOption = False,
 ) -> None:
-    """Run a placement controller until interrupted (several may run: one leads)."""
+    """Run a placement controller until interrupted (several may run: one leads, or with
+    --shards each leads a share of the shards)."""
     with contextlib.suppress(KeyboardInterrupt):
-        _run(_config(config, server, creds, identity, metrics), log_level, log_json)
+        _run(_config(config, server, creds, identity, metrics, shards), log_level, log_json)
 
 
 @handles_errors
@@ -59,6 +69,7 @@ def _config(
     creds: str | None,
     identity: str | None,
     metrics: str | None,
+    shards: int | None = None,
 ) -> ControllerConfig:
     # Imported here: the controller pulls in the planner and numpy, which other commands skip.
     from cim_place.cluster.controller.config import load_controller_config
@@ -76,6 +87,8 @@ def _config(
         changes["identity"] = identity
     if metrics is not None:
         changes["metrics"] = metrics
+    if shards is not None:
+        changes["shards"] = shards
     return replace(config, **changes)  # type: ignore[arg-type]
 
 

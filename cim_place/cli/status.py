@@ -37,6 +37,7 @@ from cim_place.cluster.state.overview import tasks as _tasks
 from cim_place.errors import TransportError
 
 if TYPE_CHECKING:
+    from cim_place.cluster.state.cid_shards import ShardOwner
     from cim_place.placement.status import ObjectStatus
 
 __all__ = ["LATE_AFTER", "make_console", "node_state", "register"]
@@ -182,6 +183,44 @@ def _show_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
         raise typer.Exit(EXIT_ERROR)
 
 
+async def _object_and_shard(
+    js: JetStreamContext, ref: str
+) -> tuple[ObjectStatus, ShardOwner | None]:
+    """The object's status and, with controller shards, its shard and that shard's leader."""
+    from cim_place.cluster.state.cid_shards import shard_owner
+    from cim_place.objectstore import cid as cids
+
+    status = await _object_status(js, ref)
+    owner = None
+    with contextlib.suppress(TransportError):  # the status is worth printing without it
+        owner = await shard_owner(js, cids.parse(status.cid))
+    return status, owner
+
+
+def _show_object_and_shard(
+    doc: tuple[ObjectStatus, ShardOwner | None], *, as_json: bool, quiet: bool
+) -> None:
+    status, owner = doc
+    if owner is None:  # one controller leads the whole domain: the output as it always was
+        _show_object(status, as_json=as_json, quiet=quiet)
+        return
+    from cim_place.cluster.state.cid_shards import shard_range
+
+    if as_json:
+        print_json({**status.to_dict(), "shard": owner.to_dict()})
+    else:
+        _print_object(status, as_json=False, quiet=quiet)
+        if not quiet:
+            leader = owner.leader.leader_id if owner.leader else "nobody (its lease is free)"
+            low, high = shard_range(owner.index, owner.shards)
+            typer.echo(
+                f"controller shard: {owner.index} of {owner.shards} (digests {low}..{high}), "
+                f"led by {leader}"
+            )
+    if status.state == "removed":
+        raise typer.Exit(EXIT_ERROR)
+
+
 def _print_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
     if as_json:
         print_json(status.to_dict())
@@ -283,7 +322,7 @@ def status_command(
     render: Callable[[JetStreamContext], Awaitable[Any]] = _summary
     show: _Show = _show_summary
     if ref is not None:
-        render, show = partial(_object_status, ref=ref), _show_object
+        render, show = partial(_object_and_shard, ref=ref), _show_object_and_shard
     elif listing or every:
         render, show = partial(_listing.fetch, query=query, every=every), _listing.show_page
     _run(server, creds, domain, render, show, watch=watch, as_json=as_json, quiet=quiet)

@@ -20,6 +20,7 @@ Every key is optional; servers usually come from ``CIM_PLACE_SERVER`` (credentia
     snapshots_kept: 3
     events_max_age: 30d             # purge events older than this once a snapshot covers them
     events_max_bytes: 20GiB         # ... or beyond this size (default: keep every event)
+    shards: 4                       # split the CIDs into 4 shards, one lease each (docs/SCALE.md)
 
 Problems are reported all at once with file:line:column, as for agent and policy files.
 """
@@ -49,6 +50,7 @@ _COUNTS = {
     "rebalance_per_pass": "rebalance_per_pass",
     "snapshot_every_events": "snapshot_every_events",
     "snapshots_kept": "snapshots_kept",
+    "shards": "shards",
 }
 _SIZES = {"max_bytes_per_node": "max_bytes_per_node", "events_max_bytes": "events_max_bytes"}
 _TEXTS = {

@@ -47,12 +47,15 @@ class DemandQueries:
         *,
         is_leader: Callable[[], bool],
         policy_of: Callable[[Cid], str | None],
+        leads: Callable[[Cid], bool] | None = None,
     ) -> None:
         self.nc = nc
         self.subjects = subjects
         self.cached = cached
         self.is_leader = is_leader
         self.policy_of = policy_of
+        # With controller shards, only the leader of the CID's shard knows its decisions.
+        self.leads = leads
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -65,7 +68,10 @@ class DemandQueries:
             request = json.loads(msg.data)
             if not isinstance(request, dict) or not isinstance(request.get("cid"), str):
                 raise CimPlaceError("a demand query is JSON with a string `cid`")
-            answer = self.answer(cids.parse(request["cid"]), time.time())
+            root = cids.parse(request["cid"])
+            if self.leads is not None and not self.leads(root):
+                return
+            answer = self.answer(root, time.time())
         except (ValueError, RecursionError, CimPlaceError) as exc:
             # Requests come from anyone allowed on the API subject: malformed ones get an answer.
             answer = {"error": str(exc) or type(exc).__name__}

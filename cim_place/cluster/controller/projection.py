@@ -188,6 +188,8 @@ class Projection:
         # -- sparse state -----------------------------------------------------------------------
         self._tasks: dict[str, TaskInFlight] = {}
         self._tasks_by_cid: dict[bytes, set[str]] = {}
+        self.task_changes = 0
+        """Bumped whenever a task starts or ends: what the controller's cached budget checks."""
         self._failures: dict[bytes, dict[FailureKey, int]] = {}
         self._last_failure: dict[bytes, dict[FailureKey, LastFailure]] = {}
         self._inventories: dict[Replica, InventoryDigest] = {}
@@ -565,6 +567,7 @@ class Projection:
             task.id, task.kind, task.node, task.root, task.volume, now, repair_policy
         )
         self._tasks_by_cid.setdefault(task.root, set()).add(task.id)
+        self.task_changes += 1
 
     def expire_tasks(self, older_than: float) -> set[Cid]:
         """Forget tasks enqueued before ``older_than`` (their report was lost); their CIDs."""
@@ -575,6 +578,7 @@ class Projection:
         return {t.root for t in stale}
 
     def _unindex_task(self, task: TaskInFlight) -> None:
+        self.task_changes += 1
         ids = self._tasks_by_cid.get(task.root)
         if ids is not None:
             ids.discard(task.id)

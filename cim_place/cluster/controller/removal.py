@@ -73,6 +73,10 @@ class RemovalRefused(CimPlaceError):
         self.code = code
 
 
+class _NotOurs(Exception):
+    """The object belongs to a shard another controller process leads: it answers."""
+
+
 class Removals:
     """The controller's side of ``cim-place rm``; :meth:`start` subscribes, :meth:`stop` ends."""
 
@@ -107,6 +111,8 @@ class Removals:
             answer: dict[str, Any] = await self.remove(
                 request["ref"], by=str(request.get("by", "")), reason=str(request.get("reason", ""))
             )
+        except _NotOurs:
+            return
         except ValueError:
             answer = {"error": "a removal request is JSON", "code": "bad_request"}
         except RemovalRefused as exc:
@@ -122,6 +128,8 @@ class Removals:
         projection = controller.projection
         names = NameRegistry(self.js)
         root = await self._resolve(names, ref)
+        if not controller.leads(root):
+            raise _NotOurs  # with shards, only the leader of the object's shard answers
         text = cids.to_str(root)
         view = projection.object(root)
         if view is None:

@@ -51,6 +51,12 @@ from cim_place.cluster.controller.projection import ObjectView, Projection
 from cim_place.cluster.controller.rejections import Rejections
 from cim_place.cluster.controller.removal import Removals, expire_name_versions
 from cim_place.cluster.controller.repairs import RepairSlots
+from cim_place.cluster.controller.shards import (
+    ShardLeadership,
+    forget_shard,
+    shard_summaries,
+    write_shard_summaries,
+)
 from cim_place.cluster.controller.snapshot import RetentionPolicy, SnapshotPolicy, Snapshots
 from cim_place.cluster.controller.status_api import StatusQueries
 from cim_place.cluster.controller.status_index import StatusIndex
@@ -151,6 +157,9 @@ class ControllerConfig:
     """Purge events older than this once a snapshot covers them (0: keep every event)."""
     events_max_bytes: int = 0
     """Purge the oldest events beyond this size once a snapshot covers them (0: no limit)."""
+    shards: int = 1
+    """Split the CIDs into this many shards, one lease each (controller/shards.py); 1: one
+    lease for the whole domain, as always."""
 
 
 class Controller:
@@ -179,6 +188,8 @@ class Controller:
         self.js: JetStreamContext | None = None
         self.locations: LocationStore | None = None
         self.election: LeaderElection | None = None
+        self.sharding: ShardLeadership | None = None
+        """With ``shards`` > 1: the shards this process leads (``election`` stays None)."""
         self._queue: TaskQueue | None = None
         self.inventory: InventoryCheck | None = None
         self._drain: KeyValue | None = None
@@ -212,6 +223,7 @@ class Controller:
         self.caught_up = asyncio.Event()
         """Set once the projection has read every event present at start."""
         self._drifting: set[tuple[str, str]] = set()
+        self._budget_cache: tuple[int, _Budget, RepairSlots] | None = None
         self._drift_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -241,6 +253,7 @@ class Controller:
             self.status_index,
             is_leader=lambda: self.is_leader,
             tracked=lambda: len(self.projection),
+            layout=None if config.shards <= 1 else self._shard_layout,
         )
         await self.status_queries.start()
         # Read before the replay: claims earlier inventory checks disproved stay disbelieved.
@@ -265,18 +278,34 @@ class Controller:
         self.demand.on_report = self.cached.on_report
         await self.demand.start()
         queries = DemandQueries(
-            nc, self.subjects, self.cached, is_leader=lambda: self.is_leader, policy_of=self._policy
+            nc,
+            self.subjects,
+            self.cached,
+            is_leader=lambda: self.is_leader,
+            policy_of=self._policy,
+            leads=self.leads,
         )
         await queries.start()  # `policy explain` asks on api.demand; closed with the connection
 
-        self.election = LeaderElection(
-            js,
-            self.identity,
-            lease=config.lease,
-            replicas=replicas,
-            on_elected=self._elected,
-            on_deposed=self._deposed,
-        )
+        if config.shards > 1:
+            self.sharding = ShardLeadership(
+                js,
+                self.identity,
+                config.shards,
+                lease=config.lease,
+                replicas=replicas,
+                on_elected=self._elected_shard,
+                on_deposed=self._deposed_shard,
+            )
+        else:
+            self.election = LeaderElection(
+                js,
+                self.identity,
+                lease=config.lease,
+                replicas=replicas,
+                on_elected=self._elected,
+                on_deposed=self._deposed,
+            )
         self._tasks = [
             # In the background: a nudge costs the hub a scan of the stream (seconds per million
             # events), which a start need not wait for.
@@ -294,7 +323,7 @@ class Controller:
                 name="cim-place-controller-cached",
             ),
             asyncio.create_task(
-                self.snapshots.run(lambda: self._acting, self.caught_up),
+                self.snapshots.run(self._leads_chores, self.caught_up),
                 name="cim-place-controller-snapshots",
             ),
         ]
@@ -305,7 +334,10 @@ class Controller:
         self._scheduler.start()
         if config.metrics:
             self.metrics.serve(config.metrics)
-        await self.election.start()
+        if self.sharding is not None:
+            await self.sharding.start()
+        elif self.election is not None:
+            await self.election.start()
         _log.info("controller %s started", self.identity)
 
     async def _nudge_sources(self) -> None:
@@ -322,6 +354,9 @@ class Controller:
         if self.election is not None:
             with contextlib.suppress(Exception):
                 await self.election.stop()
+        if self.sharding is not None:
+            with contextlib.suppress(Exception):
+                await self.sharding.stop()
         if self.removals is not None:
             await self.removals.stop()
         if self.status_queries is not None:
@@ -352,7 +387,46 @@ class Controller:
 
     @property
     def is_leader(self) -> bool:
+        """True while this process leads the domain (with shards: at least one shard)."""
+        if self.sharding is not None:
+            return self.sharding.is_leader
         return self.election is not None and self.election.is_leader
+
+    def leads(self, cid: Cid) -> bool:
+        """True while this process may act on ``cid`` (it leads the domain, or its shard)."""
+        return self._acting if self.sharding is None else self.sharding.leads(cid)
+
+    def _leads_chores(self) -> bool:
+        """Domain-wide work done once (snapshots, purges, drift, name expiry, status listings):
+        the leader's, or shard 0's leader's."""
+        return self._acting if self.sharding is None else self.sharding.leads_shard(0)
+
+    def _elected_shard(self, index: int) -> None:
+        assert self.sharding is not None
+        self._acting = True
+        self.metrics.leader.set(1)
+        if self.locations is not None:
+            self.locations.forget_written()
+        self.mark(self.sharding.cids_of(index, self.projection.cids()))
+
+    def _shard_layout(self) -> dict[str, object]:
+        led = self.sharding.led if self.sharding is not None else ()
+        return {"shards": sorted(led), "of": self.config.shards}
+
+    def _deposed_shard(self, index: int) -> None:
+        # Synchronous: ``leads`` is already False for the shard's CIDs, so no enqueue follows.
+        assert self.sharding is not None
+        self._acting = self.sharding.is_leader
+        # Its new leader answers for them now: its rows leave this process's status index.
+        forget_shard(
+            index,
+            self.config.shards,
+            self._states,
+            (self._under, self._below_min),
+            self.status_index,
+        )
+        self.metrics.leader.set(1 if self._acting else 0)
+        _log.warning("controller %s no longer leads shard %d", self.identity, index)
 
     def _elected(self) -> None:
         self._acting = True
@@ -447,7 +521,7 @@ class Controller:
     def _check_drift(self, node: str, envelope: Envelope) -> None:
         """A digest that disagrees with the projection: reconcile that volume (once at a time)."""
         volume = envelope.content.body.get("volume")
-        if not isinstance(volume, str) or not self._acting or not self.caught_up.is_set():
+        if not isinstance(volume, str) or not self._leads_chores() or not self.caught_up.is_set():
             return
         if not self.projection.drift(node, volume) or (node, volume) in self._drifting:
             return
@@ -610,6 +684,8 @@ class Controller:
                 if not self._acting:
                     self._dirty.update(batch)
                     break
+                if self.sharding is not None and not self.sharding.leads(cid):
+                    continue  # another shard's: a takeover of that shard marks it again
                 try:
                     await self.reconcile_one(cid)
                 except (CimPlaceError, nats.errors.Error, TimeoutError) as exc:
@@ -712,13 +788,12 @@ class Controller:
         # is bounded by max_tasks, but most reconciles (an event about a placed object) issue
         # nothing, and a backlog ingest would otherwise pay it once per object.
         if result.actions:
-            budget = self._budget()
-            slots = RepairSlots(self.projection.in_flight())
+            _, budget, slots = self._limits()
         postponed = False
         obj = inp.obj
         policy = inp.policy
         for action in result.actions:
-            if not self._acting:
+            if not self.leads(cid):
                 return result  # deposed: not one more task
             repair = is_repair(action)
             if not budget.allows(action.node, action.kind, obj.size) or (
@@ -743,17 +818,20 @@ class Controller:
             if self.projection.task(task.id) is not None:
                 continue
             await self._queue.enqueue(task)
+            before = self.projection.task_changes  # nothing awaited from here to the take
             self.projection.task_enqueued(task, now, repair_policy=policy.name if repair else None)
             if repair:
                 slots.take(policy)
             budget.take(action.node, action.kind, obj.size)
+            if self._budget_cache == (before, budget, slots):
+                self._budget_cache = (before + 1, budget, slots)  # this task, counted by take
             self.metrics.tasks_queued.labels(action.kind).inc()
-        if self._acting and not result.gone:
-            await self.cached.act(self._queue, cid, inp, result, now, lambda: self._acting)
+        if self.leads(cid) and not result.gone:
+            await self.cached.act(self._queue, cid, inp, result, now, lambda: self.leads(cid))
             result = self.cached.status(cid, result, inp.node_map)
         if result.gone:
             # Expired and every copy dropped: it leaves the listing and the projection.
-            if self._acting:
+            if self.leads(cid):
                 await self.locations.delete(cid)
             self.projection.forget(cid)
             self.status_index.remove(result.status.cid)
@@ -761,7 +839,7 @@ class Controller:
             self._under.discard(cid)
             self.reconciled += 1
             return result
-        if self._acting:
+        if self.leads(cid):
             await self.locations.put(result.status)
         self._note_state(cid, result)
         if result.status.state != "removed" and result.status.pinned < inp.policy.min_copies:
@@ -783,10 +861,21 @@ class Controller:
         return result
 
     def _budget(self) -> _Budget:
+        return self._limits()[1]
+
+    def _limits(self) -> tuple[int, _Budget, RepairSlots]:
+        # The walk over every task in flight made a backlog's ingest quadratic; the budget and
+        # repair slots are reused until a task starts or ends other than through their own
+        # ``take`` (reconcile_one).
+        cached = self._budget_cache
+        if cached is not None and cached[0] == self.projection.task_changes:
+            return cached
         budget = _Budget(self.config)
         for task in self.projection.in_flight():
             budget.take(task.node, task.kind, self.projection.size(task.root))
-        return budget
+        slots = RepairSlots(self.projection.in_flight())
+        self._budget_cache = (self.projection.task_changes, budget, slots)
+        return self._budget_cache
 
     def _note_state(self, cid: Cid, result: ReconcileResult) -> None:
         self._states[cid] = result.status.state
@@ -807,7 +896,12 @@ class Controller:
             await self.rebalance(now)
             policies = self.projection.policies.policies
             # Listing every name costs a scan of the names bucket: only when a policy asks.
-            if self.js and self.removals and any(p.keep_versions for p in policies):
+            if (
+                self._leads_chores()
+                and self.js
+                and self.removals
+                and any(p.keep_versions for p in policies)
+            ):
                 with contextlib.suppress(CimPlaceError, nats.errors.Error):
                     await expire_name_versions(self.js, self.removals.keep_versions)
 
@@ -817,7 +911,7 @@ class Controller:
         by_policy: dict[str, list[tuple[PlacedObject, frozenset[str]]]] = {}
         for cid in self.projection.cids():
             view = self.projection.object(cid)
-            if view is None or self.projection.tasks_for(cid):
+            if view is None or self.projection.tasks_for(cid) or not self.leads(cid):
                 continue
             policy = self.policy_for(_facts(cid, view))
             volumes = frozenset(f"{node}/{volume}" for node, volume in view.replicas)
@@ -840,9 +934,24 @@ class Controller:
             if not self._acting or self.locations is None:
                 continue
             try:
+                if self.sharding is not None:
+                    await self._put_shard_summaries(self.locations)
+                    continue
                 await self.locations.put_summary(self.summary())
             except Exception as exc:
                 _log.debug("writing the summary: %s", exc or type(exc).__name__)
+
+    async def _put_shard_summaries(self, locations: LocationStore) -> None:
+        assert self.sharding is not None
+        by_shard = shard_summaries(
+            self.summary(),
+            self._states,
+            self._under,
+            self.projection.size,
+            self.sharding.shards,
+            self.sharding.led,
+        )
+        await write_shard_summaries(locations.bucket, by_shard, self.sharding.shards)
 
     def summary(self) -> Summary:
         counts: dict[str, int] = dict.fromkeys(OBJECT_STATES, 0)

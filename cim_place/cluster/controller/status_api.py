@@ -12,6 +12,10 @@ A request is JSON, checked as hostile input (:func:`parse_request`): at most
 ``{"objects": [row, ...], "next": str | null, "indexed": int, "tracked": int}``, ``{"object":
 row | null, ...}`` for a CID, or ``{"error": str, "code": "bad_request"}`` naming the problem.
 ``indexed`` < ``tracked`` while a new leader is still reconciling every object once.
+
+With controller shards (``controller --shards N``) every process leading a shard answers for the
+shards it leads, adding ``"shards": [i, ...], "of": N``; the CLI gathers one answer per shard
+and merges the pages (cli/_listing.py).
 """
 
 from __future__ import annotations
@@ -61,12 +65,14 @@ class StatusQueries:
         *,
         is_leader: Callable[[], bool],
         tracked: Callable[[], int] = lambda: 0,
+        layout: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.nc = nc
         self.subjects = subjects
         self.index = index
         self.is_leader = is_leader
         self.tracked = tracked
+        self.layout = layout
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -83,6 +89,8 @@ class StatusQueries:
             return  # a standby's index is empty or stale: the leader answers
         try:
             doc = answer(self.index, msg.data, self.tracked())
+            if self.layout is not None and "error" not in doc:
+                doc.update(self.layout())
         except Exception:  # a bug costs this answer, never the subscription
             _log.exception("status query failed")
             doc = {"error": "the controller failed to answer; see its log", "code": "failed"}

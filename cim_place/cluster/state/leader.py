@@ -124,10 +124,10 @@ class LeaderRecord:
             raise ValueError(f"malformed leader record in {kv.LEADER}: {exc!r}") from None
 
 
-async def _read_entry(bucket: KeyValue) -> tuple[LeaderRecord, int] | None:
+async def _read_entry(bucket: KeyValue, key: str = LEADER_KEY) -> tuple[LeaderRecord, int] | None:
     """The current record and its revision, or None when nobody holds the lease."""
     try:
-        entry = await bucket.get(LEADER_KEY)
+        entry = await bucket.get(key)
     except nats.js.errors.KeyNotFoundError:  # also KeyDeletedError: a released lease
         return None
     if not entry.value or entry.revision is None:
@@ -139,8 +139,9 @@ async def _read_entry(bucket: KeyValue) -> tuple[LeaderRecord, int] | None:
     return record, entry.revision
 
 
-async def read_leader(js_hub: JetStreamContext) -> LeaderRecord | None:
-    """Who leads the domain now (None: nobody, or the bucket does not exist yet).
+async def read_leader(js_hub: JetStreamContext, key: str = LEADER_KEY) -> LeaderRecord | None:
+    """Who leads the domain (or, with ``key``, one shard of it: cluster/state/cid_shards.py) now
+    (None: nobody, or the bucket does not exist yet).
 
     For readers such as ``cim-place status``; it never creates the bucket. Raises
     TransportError when the hub cannot be reached.
@@ -151,13 +152,13 @@ async def read_leader(js_hub: JetStreamContext) -> LeaderRecord | None:
         return None
     except nats.errors.Error as exc:
         raise TransportError(f"could not read the leader from {kv.LEADER}: {exc}") from exc
-    return await _leader_in(bucket)
+    return await _leader_in(bucket, key)
 
 
-async def _leader_in(bucket: KeyValue) -> LeaderRecord | None:
+async def _leader_in(bucket: KeyValue, key: str = LEADER_KEY) -> LeaderRecord | None:
     """The record of whoever holds the lease (None: nobody); TransportError if unreadable."""
     try:
-        found = await _read_entry(bucket)
+        found = await _read_entry(bucket, key)
     except ValueError as exc:
         raise TransportError(f"{exc}; {_MALFORMED_HINT}") from exc
     except nats.errors.Error as exc:
@@ -199,6 +200,8 @@ class LeaderElection:
         replicas: int = 1,
         on_elected: Callable[[], None] | None = None,
         on_deposed: Callable[[], None] | None = None,
+        key: str = LEADER_KEY,
+        may_campaign: Callable[[], bool] | None = None,
     ) -> None:
         """Prepare an election; nothing happens until ``start()``.
 
@@ -209,6 +212,9 @@ class LeaderElection:
         ``renew_every``). ``address``: how to reach this controller (shown in the record).
         ``replicas``: the bucket's replicas when this call creates it; pass
         ``min(3, hub_size(nc))`` so the lease survives the loss of a hub server.
+        ``key``: the lease's key (one per controller shard: ``cid_shards.shard_key``).
+        ``may_campaign``: asked before each try for a free lease; False skips that try (a
+        process already holding its share of the shards lets its peers take the others).
         """
         if not identity:
             raise ValueError("a leader election needs a non-empty identity")
@@ -222,6 +228,8 @@ class LeaderElection:
         self._set_timing(lease)
         self._on_elected = on_elected
         self._on_deposed = on_deposed
+        self.key = key
+        self._may_campaign = may_campaign
         # Distinguishes this process from an earlier one with the same identity, so a lease left
         # behind by our own unanswered write is recognised as ours (and released).
         self._instance = uuid.uuid4().hex
@@ -234,6 +242,7 @@ class LeaderElection:
         self._elected_at = 0.0
         self._lease_sent = 0.0  # monotonic time the last successful write was sent
         self._elected = asyncio.Event()
+        self._nudged = asyncio.Event()
         self._deposed = asyncio.Event()
         self._deposed.set()
         self.deposed_reason = ""
@@ -270,7 +279,7 @@ class LeaderElection:
 
     async def leader(self) -> LeaderRecord | None:
         """Who leads now, read from the lease key (None: nobody holds the lease)."""
-        return await _leader_in(await self._open_bucket())
+        return await _leader_in(await self._open_bucket(), self.key)
 
     async def wait_elected(self, timeout: float | None = None) -> int:
         """Wait until this process leads and return its term; TimeoutError after ``timeout``."""
@@ -317,6 +326,23 @@ class LeaderElection:
                 async with asyncio.timeout(self.lease):
                     await self._release_if_ours(bucket)
 
+    def nudge(self) -> None:
+        """Try for the lease now rather than at the next poll (``may_campaign`` just turned
+        True)."""
+        self._nudged.set()
+
+    async def resign(self, reason: str) -> None:
+        """Give up the lease but keep competing (gated by ``may_campaign``): deposed first,
+        then the key is deleted if it still holds our write, so a peer takes it at once."""
+        if not self._is_leader:
+            return
+        self._depose(reason)
+        bucket = self._bucket
+        if bucket is not None:
+            with contextlib.suppress(*_UNREACHABLE):
+                async with asyncio.timeout(self.lease):
+                    await self._release_if_ours(bucket)
+
     # -- the election -----------------------------------------------------------------------------
     async def _open_bucket(self) -> KeyValue:
         if self._bucket is not None:
@@ -354,7 +380,8 @@ class LeaderElection:
             while not self._stopping:
                 elected = False
                 try:
-                    elected = await self._try_acquire()
+                    if self._may_campaign is None or self._may_campaign():
+                        elected = await self._try_acquire()
                 except _UNREACHABLE as exc:
                     _log.debug("%s: could not try for the lease: %s", self.identity, exc)
                     if isinstance(exc, nats.js.errors.APIError):
@@ -366,7 +393,10 @@ class LeaderElection:
                 if elected:
                     await self._lead(loop)
                     continue  # deposed: stand by (one try at once; the key is usually taken)
-                await asyncio.sleep(self.poll_every)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_every):
+                        await self._nudged.wait()
+                self._nudged.clear()
         finally:
             # However the task ends (stop, cancellation, a bug), it no longer maintains the lease.
             self._depose("the election stopped running")
@@ -382,7 +412,7 @@ class LeaderElection:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
             # (stop()) that races with the create's answer, and the stopped task would lead on.
             async with asyncio.timeout(self.lease - self.margin):
-                revision = await bucket.create(LEADER_KEY, record.encode())
+                revision = await bucket.create(self.key, record.encode())
         except nats.js.errors.KeyWrongLastSequenceError:
             # Held by someone. If it is our own write whose answer never reached us, free it
             # (it would otherwise block everyone until the TTL) and try again at once.
@@ -427,7 +457,7 @@ class LeaderElection:
         bucket = await self._open_bucket()
         try:
             async with asyncio.timeout(remaining):
-                revision = await bucket.update(LEADER_KEY, record.encode(), last=self._revision)
+                revision = await bucket.update(self.key, record.encode(), last=self._revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             self._depose("the lease key was overwritten (another controller holds it)")
             return False
@@ -455,13 +485,13 @@ class LeaderElection:
     async def _release_if_ours(self, bucket: KeyValue) -> bool:
         """Delete the lease key if it holds a write of this process; True if deleted."""
         try:
-            found = await _read_entry(bucket)
+            found = await _read_entry(bucket, self.key)
         except ValueError:
             return False
         if found is None or found[0].instance != self._instance:
             return False
         try:
-            await bucket.delete(LEADER_KEY, last=found[1])
+            await bucket.delete(self.key, last=found[1])
         except nats.errors.Error as exc:
             # Someone wrote in between: the lease is theirs now.
             _log.debug("%s: lease not released: %s", self.identity, exc)
@@ -471,7 +501,8 @@ class LeaderElection:
     def _elect(self) -> None:
         self._is_leader = True
         self._deposed.clear()
-        _log.info("%s leads the domain (term %d)", self.identity, self._term)
+        what = "the domain" if self.key == LEADER_KEY else self.key
+        _log.info("%s leads %s (term %d)", self.identity, what, self._term)
         self._call(self._on_elected, "on_elected")
         self._elected.set()
 
@@ -482,7 +513,8 @@ class LeaderElection:
         self._is_leader = False
         self._elected.clear()
         self.deposed_reason = reason
-        _log.warning("%s no longer leads (term %d): %s", self.identity, self._term, reason)
+        what = "" if self.key == LEADER_KEY else f" {self.key}"
+        _log.warning("%s no longer leads%s (term %d): %s", self.identity, what, self._term, reason)
         self._call(self._on_deposed, "on_deposed")
         self._deposed.set()
 

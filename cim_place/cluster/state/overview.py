@@ -81,13 +81,21 @@ async def object_status(js: JetStreamContext, ref: str) -> ObjectStatus:
 
 async def summary(js: JetStreamContext) -> dict[str, Any]:
     """Objects by state (the controller's summary) and nodes by state (live heartbeats)."""
+    from cim_place.cluster.state.cid_shards import read_shard_summaries
     from cim_place.cluster.state.locations import LocationStore
 
     states = [node["state"] for node in await nodes(js)]
     written = None
     note = ""
     try:
-        written = await (await LocationStore(js).open(create=False)).summary()
+        store = await LocationStore(js).open(create=False)
+        written = await store.summary()
+        # Sharded controllers (`controller --shards N`) write one summary per shard: summed.
+        sharded, missing = await read_shard_summaries(store.bucket)
+        if sharded is not None and (written is None or sharded.updated_at >= written.updated_at):
+            written = sharded
+            if missing:
+                note = f"{missing} controller shard(s) have written no summary yet"
         if written is None:
             note = "no summary yet: the controller writes one after its first pass"
     except TransportError as error:
