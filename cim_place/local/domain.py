@@ -340,6 +340,9 @@ class LocalDomain(DomainLayout):
                 self._cli("controller", "--identity", identity),
                 self.directory / f"controller-{index + 1}.log",
                 env={
+                    # Grown columns go back to the system (docs/SCALE.md); an operator's own
+                    # setting wins.
+                    "MALLOC_MMAP_THRESHOLD_": "131072",
                     **os.environ,
                     "CIM_PLACE_SERVER": self.credentials.url(CONTROLLER, self.hub_urls),
                 },
