@@ -56,7 +56,8 @@ from cim_place.cluster.events.types import ObjectStored, event_envelope
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.objects import read_object
 from cim_place.cluster.nats.subjects import EVENTS_STREAM
-from cim_place.cluster.state.leader import LeaderElection, read_leader
+from cim_place.cluster.state.leader import LeaderElection
+from cim_place.cluster.state.lease import read_leader
 from cim_place.local.topologies import Hub, start_hub
 from cim_place.objectstore.cid import RAW, make_cid
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
-from cim_place.cluster.state.leader import read_leader
+from cim_place.cluster.state.lease import read_leader
 from cim_place.cluster.state.locations import LocationStore
 from cim_place.local import chaos_faults as faults
 from cim_place.local.domain import CONTROLLER_IDENTITY, LocalDomain

@@ -41,7 +41,7 @@ from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.security import ACCOUNT, CONTROLLER
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
 from cim_place.cluster.nats.users import render_accounts
-from cim_place.cluster.state.leader import LeaderRecord, read_leader
+from cim_place.cluster.state.lease import LeaderRecord, read_leader
 from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.queue import ensure_task_stream

@@ -37,7 +37,7 @@ from cim_place.cluster.exchange.upload_client import upload
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import EnvelopeError
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
-from cim_place.cluster.state.leader import DEFAULT_LEASE, read_leader
+from cim_place.cluster.state.lease import DEFAULT_LEASE, read_leader
 from cim_place.cluster.state.locations import LocationStore
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.local.credentials import ADMIN

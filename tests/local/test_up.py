@@ -19,7 +19,7 @@ import pytest
 
 from cim_place.cli.context import pid_alive, read_context
 from cim_place.cluster.nats.connection import connected, jetstream
-from cim_place.cluster.state.leader import read_leader
+from cim_place.cluster.state.lease import read_leader
 from cim_place.cluster.state.nodes import list_nodes
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.local.domain import LocalDomain

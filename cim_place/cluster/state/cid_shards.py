@@ -31,7 +31,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from cim_place.cluster.nats import kv
-from cim_place.cluster.state.leader import LEADER_KEY, LeaderRecord, read_leader
+from cim_place.cluster.state.lease import LEADER_KEY, LeaderRecord, read_leader
 from cim_place.errors import CimPlaceError, TransportError
 from cim_place.objectstore.cid import Cid, split
 from cim_place.placement.status import Summary

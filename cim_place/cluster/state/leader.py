@@ -1,8 +1,9 @@
 """Controller leadership: one active controller per domain, chosen through a lease in KV.
 
-This module owns the lease in bucket ``cim-place-leader`` (``kv.LEADER``): one key,
-``controller``, holding a ``LeaderRecord`` (who leads, from which host and address, since when,
-and the term). The rules:
+This module owns the election for the lease in bucket ``cim-place-leader`` (``kv.LEADER``): one
+key, ``controller``, holding a ``LeaderRecord`` (who leads, from which host and address, since
+when, and the term; the record and its reading are :mod:`cim_place.cluster.state.lease`). The
+rules:
 
 1. Expiry is decided by the server only: the bucket's TTL *is* the lease. A key that is not
    rewritten within the TTL disappears from the bucket, and only then can another controller
@@ -31,14 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
@@ -46,124 +44,23 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from cim_place.cluster.nats import kv
-from cim_place.errors import CimPlaceError, TransportError
+from cim_place.cluster.state.lease import (
+    DEFAULT_LEASE,
+    LEADER_KEY,
+    LeaderRecord,
+    LeaseError,
+    leader_in,
+    read_entry,
+)
+from cim_place.errors import TransportError
 
-__all__ = [
-    "DEFAULT_LEASE",
-    "LEADER_KEY",
-    "LeaderElection",
-    "LeaderRecord",
-    "LeaseError",
-    "read_leader",
-]
-
-DEFAULT_LEASE = 6.0
-"""Seconds a leader's lease lasts without renewal (the TTL of the ``cim-place-leader`` bucket)."""
-
-LEADER_KEY = "controller"
-"""The one key of the leadership bucket."""
+# LEADER_KEY is named here too: the controller's shards import it with LeaderElection.
+__all__ = ["LEADER_KEY", "LeaderElection"]
 
 _log = logging.getLogger(__name__)
 
-_MALFORMED_HINT = "it expires within one lease and the next controller replaces it"
-
 # Errors that mean "the hub did not answer in time": retried until the lease deadline.
 _UNREACHABLE = (TimeoutError, nats.errors.Error, OSError, TransportError)
-
-
-class LeaseError(CimPlaceError):
-    """The leadership bucket cannot hold a safe lease (no TTL, or one too short for the timing)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LeaderRecord:
-    """The value of the leadership key: who leads and since when.
-
-    ``elected_at`` and ``renewed_at`` are the leader's wall-clock times, for people reading
-    ``status``; nothing decides on them (expiry is the server's TTL). ``term`` is 0 only in the
-    first write of a leadership, whose own KV revision is the term (``read_leader`` fills it in).
-    """
-
-    leader_id: str
-    host: str
-    address: str
-    instance: str
-    term: int
-    elected_at: float
-    renewed_at: float
-
-    def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "leader_id": self.leader_id,
-                "host": self.host,
-                "address": self.address,
-                "instance": self.instance,
-                "term": self.term,
-                "elected_at": self.elected_at,
-                "renewed_at": self.renewed_at,
-            },
-            sort_keys=True,
-        ).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> LeaderRecord:
-        """Parse a record; raises ValueError (saying what was wrong) for anything malformed."""
-        try:
-            doc = json.loads(data)
-            return cls(
-                leader_id=str(doc["leader_id"]),
-                host=str(doc.get("host", "")),
-                address=str(doc.get("address", "")),
-                instance=str(doc["instance"]),
-                term=int(doc.get("term", 0)),
-                elected_at=float(doc.get("elected_at", 0.0)),
-                renewed_at=float(doc.get("renewed_at", 0.0)),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"malformed leader record in {kv.LEADER}: {exc!r}") from None
-
-
-async def _read_entry(bucket: KeyValue, key: str = LEADER_KEY) -> tuple[LeaderRecord, int] | None:
-    """The current record and its revision, or None when nobody holds the lease."""
-    try:
-        entry = await bucket.get(key)
-    except nats.js.errors.KeyNotFoundError:  # also KeyDeletedError: a released lease
-        return None
-    if not entry.value or entry.revision is None:
-        return None
-    record = LeaderRecord.decode(entry.value)
-    if record.term == 0:
-        # The creating write: its revision is the term (later renewals carry it explicitly).
-        record = dataclasses.replace(record, term=entry.revision)
-    return record, entry.revision
-
-
-async def read_leader(js_hub: JetStreamContext, key: str = LEADER_KEY) -> LeaderRecord | None:
-    """Who leads the domain (or, with ``key``, one shard of it: cluster/state/cid_shards.py) now
-    (None: nobody, or the bucket does not exist yet).
-
-    For readers such as ``cim-place status``; it never creates the bucket. Raises
-    TransportError when the hub cannot be reached.
-    """
-    try:
-        bucket = await js_hub.key_value(kv.LEADER)
-    except nats.js.errors.BucketNotFoundError:
-        return None
-    except nats.errors.Error as exc:
-        raise TransportError(f"could not read the leader from {kv.LEADER}: {exc}") from exc
-    return await _leader_in(bucket, key)
-
-
-async def _leader_in(bucket: KeyValue, key: str = LEADER_KEY) -> LeaderRecord | None:
-    """The record of whoever holds the lease (None: nobody); TransportError if unreadable."""
-    try:
-        found = await _read_entry(bucket, key)
-    except ValueError as exc:
-        raise TransportError(f"{exc}; {_MALFORMED_HINT}") from exc
-    except nats.errors.Error as exc:
-        raise TransportError(f"could not read the leader from {kv.LEADER}: {exc}") from exc
-    return None if found is None else found[0]
 
 
 class LeaderElection:
@@ -279,7 +176,7 @@ class LeaderElection:
 
     async def leader(self) -> LeaderRecord | None:
         """Who leads now, read from the lease key (None: nobody holds the lease)."""
-        return await _leader_in(await self._open_bucket(), self.key)
+        return await leader_in(await self._open_bucket(), self.key)
 
     async def wait_elected(self, timeout: float | None = None) -> int:
         """Wait until this process leads and return its term; TimeoutError after ``timeout``."""
@@ -485,7 +382,7 @@ class LeaderElection:
     async def _release_if_ours(self, bucket: KeyValue) -> bool:
         """Delete the lease key if it holds a write of this process; True if deleted."""
         try:
-            found = await _read_entry(bucket, self.key)
+            found = await read_entry(bucket, self.key)
         except ValueError:
             return False
         if found is None or found[0].instance != self._instance:

@@ -31,7 +31,7 @@ from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import decode
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.cid_shards import shard_key, shard_of, shard_owner
-from cim_place.cluster.state.leader import LeaderRecord, read_leader
+from cim_place.cluster.state.lease import LeaderRecord, read_leader
 from cim_place.cluster.state.locations import LocationStore
 from cim_place.cluster.state.policies import PolicyStore
 from cim_place.cluster.tasks.model import decode_task

@@ -16,13 +16,8 @@ from nats.aio.client import Client
 
 from cim_place.cluster.nats import kv
 from cim_place.cluster.nats.connection import connect, jetstream
-from cim_place.cluster.state.leader import (
-    LEADER_KEY,
-    LeaderElection,
-    LeaderRecord,
-    LeaseError,
-    read_leader,
-)
+from cim_place.cluster.state.leader import LeaderElection
+from cim_place.cluster.state.lease import LEADER_KEY, LeaderRecord, LeaseError, read_leader
 from cim_place.local.topologies import Hub
 
 LEASE = 2.0
