@@ -111,7 +111,8 @@ async def add_to_domain(
 ) -> DomainAdd:
     """Upload ``stream`` (read from ``file``) to a node of the domain, and name it there."""
     from cim_place.cluster.exchange.upload_client import upload
-    from cim_place.cluster.state.names import NameRegistry, check_name
+    from cim_place.cluster.state.name_record import check_name
+    from cim_place.cluster.state.names import NameRegistry
 
     if name is not None:
         check_name(name)  # before any byte moves: nothing applied partially

@@ -13,7 +13,8 @@ import typer
 
 from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, actor, run_in_domain
 from cim_place.cli._output import JsonOption, handles_errors, print_json
-from cim_place.cluster.state.names import NameRecord, NameRegistry, UnknownNameError, check_name
+from cim_place.cluster.state.name_record import NameRecord, UnknownNameError, check_name
+from cim_place.cluster.state.names import NameRegistry
 from cim_place.objectstore import cid as cids
 
 app = typer.Typer(

@@ -14,7 +14,8 @@ from nats.js import JetStreamContext
 from cim_place.cli.status import LATE_AFTER
 from cim_place.cluster.controller.service import draining_nodes
 from cim_place.cluster.state.locations import LocationStore
-from cim_place.cluster.state.names import NameRegistry, UnknownNameError
+from cim_place.cluster.state.name_record import UnknownNameError
+from cim_place.cluster.state.names import NameRegistry
 from cim_place.cluster.state.nodes import NODE_TTL, list_nodes
 from cim_place.errors import InvalidCidError, TransportError
 from cim_place.objectstore import cid as cids

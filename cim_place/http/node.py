@@ -28,7 +28,8 @@ from cim_place.cluster.nats.connection import connect, jetstream
 from cim_place.cluster.nats.security import may_read
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.cluster.state.locations import LocationStore
-from cim_place.cluster.state.names import NameRegistry, NamingError, check_name
+from cim_place.cluster.state.name_record import NamingError, check_name
+from cim_place.cluster.state.names import NameRegistry
 from cim_place.errors import TransportError
 from cim_place.http.domain import DomainContent
 from cim_place.http.gateway import Gateway, ReadObserver

@@ -1,8 +1,9 @@
 """Domain-wide names: pointers from a name to a CID, kept in the KV bucket ``cim-place-names``.
 
-This module owns the name rules, the stored record and every read and write of the bucket (in the
-hub's JetStream domain, history 64). Many names may point at one CID; a name points at one CID at
-a time, and the bucket's history keeps what it pointed at before.
+This module owns every read and write of the bucket (in the hub's JetStream domain, history 64);
+the name rules and the stored record are :mod:`cim_place.cluster.state.name_record`. Many names
+may point at one CID; a name points at one CID at a time, and the bucket's history keeps what it
+pointed at before.
 
 Layout: one key per name; the value is JSON (readable with generic KV tools)::
 
@@ -18,13 +19,10 @@ revision read first, so ``previous`` is exact even when two writers race.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -33,34 +31,27 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from cim_place.cluster.nats.kv import MAX_HISTORY, NAMES, ensure_bucket
-from cim_place.errors import CimPlaceError, InvalidCidError, TransportError
+from cim_place.cluster.state.name_record import (
+    InvalidNameError,
+    NameConflictError,
+    NameRecord,
+    NamingError,
+    UnknownNameError,
+    check_name,
+    decode_record,
+    encode_record,
+)
+from cim_place.errors import InvalidCidError, TransportError
 from cim_place.objectstore import cid as cids
 from cim_place.objectstore.cid import Cid
 
-__all__ = [
-    "HISTORY",
-    "MAX_NAME_LENGTH",
-    "NAME_RULE",
-    "InvalidNameError",
-    "NameConflictError",
-    "NameRecord",
-    "NameRegistry",
-    "NamingError",
-    "UnknownNameError",
-    "check_name",
-]
+# NamingError is named here too: the controller's removal imports it with NameRegistry.
+__all__ = ["HISTORY", "NameRegistry", "NamingError"]
 
 _log = logging.getLogger(__name__)
 
 HISTORY = MAX_HISTORY
 """Revisions kept per name (the most JetStream KV allows)."""
-
-MAX_NAME_LENGTH = 255
-NAME_RULE = (
-    f"a name is 1-{MAX_NAME_LENGTH} characters from a-z A-Z 0-9 - _ / = . "
-    "and does not start or end with '.'"
-)
-_NAME_CHARS = re.compile(r"[-/_=.a-zA-Z0-9]+")
 
 # KV headers (as nats-py and nats.go write them), for the delete marker with a body.
 _KV_OPERATION = "KV-Operation"
@@ -73,149 +64,11 @@ _WRITE_ATTEMPTS = 16
 _RETRY_PAUSE = 0.01
 
 
-class NamingError(CimPlaceError):
-    """Base of the errors about domain-wide names (``NameError`` is a Python builtin)."""
-
-
-class InvalidNameError(NamingError):
-    """A name breaks the naming rule (it must be a valid NATS KV key)."""
-
-
-class UnknownNameError(NamingError):
-    """A name (or a reference that is neither a CID nor a name) is not in the domain."""
-
-
-class NameConflictError(NamingError):
-    """A compare-and-set write found another revision than the one expected."""
-
-
-@dataclass(frozen=True, slots=True)
-class NameRecord:
-    """One revision of a name.
-
-    For a removal (``removed``), ``cid`` is what the name pointed at just before, or ``b""`` when
-    that is no longer known (the kept history starts after it).
-    """
-
-    name: str
-    cid: Cid
-    set_by: str = ""
-    set_at: str = ""
-    """When the writer set it, ISO 8601 UTC, by the writer's clock."""
-    previous: Cid | None = None
-    """What the name pointed at before this revision (None: it did not exist)."""
-    note: str = ""
-    revision: int = 0
-    """The KV revision (stream sequence) of this record; pass it as ``expect_revision``."""
-    time: datetime | None = None
-    """When the hub stored this revision, by the hub's clock."""
-    removed: bool = False
-
-    @property
-    def cid_text(self) -> str:
-        """The CID in its canonical text form ("" when unknown)."""
-        return cids.to_str(self.cid) if self.cid else ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view (CIDs as text), for ``--json`` output."""
-        return {
-            "name": self.name,
-            "cid": self.cid_text,
-            "set_by": self.set_by,
-            "set_at": self.set_at,
-            "previous": cids.to_str(self.previous) if self.previous else None,
-            "note": self.note,
-            "revision": self.revision,
-            "time": self.time.isoformat() if self.time else None,
-            "removed": self.removed,
-        }
-
-
-def check_name(name: str) -> str:
-    """Return ``name`` if it is a valid name, else raise InvalidNameError stating the rule.
-
-    A name is a NATS KV key, and must not itself read as a CID (``resolve`` would never reach it).
-    """
-    if not name:
-        raise InvalidNameError(f"empty name: {NAME_RULE}")
-    if len(name) > MAX_NAME_LENGTH:
-        raise InvalidNameError(f"name {name[:40]!r}... is {len(name)} characters long: {NAME_RULE}")
-    if not _NAME_CHARS.fullmatch(name) or name.startswith(".") or name.endswith("."):
-        bad = sorted({c for c in name if not _NAME_CHARS.fullmatch(c)})
-        what = f" (bad characters: {''.join(bad)!r})" if bad else ""
-        raise InvalidNameError(f"invalid name {name!r}{what}: {NAME_RULE}")
-    if _is_cid(name):
-        raise InvalidNameError(
-            f"invalid name {name!r}: it reads as a CID, so it could never be looked up as a name; "
-            "choose a name that is not a CID"
-        )
-    return name
-
-
-def _is_cid(text: str) -> bool:
-    try:
-        cids.parse(text)
-    except InvalidCidError:
-        return False
-    return True
-
-
 def _to_cid(cid: Cid | str) -> Cid:
     if isinstance(cid, str):
         return cids.parse(cid)
     cids.split(cid)  # raises InvalidCidError on a malformed binary CID
     return bytes(cid)
-
-
-def encode_record(
-    cid: Cid, *, set_by: str, set_at: str, previous: Cid | None = None, note: str = ""
-) -> bytes:
-    """The JSON value stored under a name."""
-    doc: dict[str, str] = {"cid": cids.to_str(cid), "set_by": set_by, "set_at": set_at}
-    if previous:
-        doc["previous"] = cids.to_str(previous)
-    if note:
-        doc["note"] = note
-    return json.dumps(doc, sort_keys=True).encode()
-
-
-def decode_record(
-    name: str,
-    value: bytes | None,
-    *,
-    revision: int,
-    time: datetime | None,
-    removed: bool = False,
-) -> NameRecord:
-    """Read a stored value; TransportError (naming the key) when cim-place did not write it."""
-    where = f"{NAMES}/{name}@{revision}"
-    if removed and not value:
-        # A delete marker written by a generic KV tool: no body.
-        return NameRecord(name, b"", revision=revision, time=time, removed=True)
-    try:
-        doc = json.loads(value or b"")
-        if not isinstance(doc, dict):
-            raise ValueError("not a JSON object")
-        cid = cids.parse(str(doc["cid"])) if doc.get("cid") else b""
-        previous = cids.parse(str(doc["previous"])) if doc.get("previous") else None
-        if not cid and not removed:
-            raise ValueError("no cid")
-    except (ValueError, KeyError, InvalidCidError) as exc:
-        raise TransportError(
-            f"the stored name {where} is not readable ({exc}); set it again with "
-            f"`cim-place name set {name} CID`"
-        ) from None
-    return NameRecord(
-        name=name,
-        cid=cid,
-        set_by=str(doc.get("set_by", "")),
-        set_at=str(doc.get("set_at", "")),
-        previous=previous,
-        note=str(doc.get("note", "")),
-        revision=revision,
-        time=time,
-        removed=removed,
-    )
 
 
 @dataclass(frozen=True, slots=True)

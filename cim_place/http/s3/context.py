@@ -23,7 +23,8 @@ from typing import Any
 from cim_place.cluster.events.publisher import EventPublisher
 from cim_place.cluster.nats.envelope import Content, Envelope
 from cim_place.cluster.nats.subjects import Subjects
-from cim_place.cluster.state.names import NameRegistry, NamingError, check_name
+from cim_place.cluster.state.name_record import NamingError, check_name
+from cim_place.cluster.state.names import NameRegistry
 from cim_place.errors import CimPlaceError
 from cim_place.http.s3.errors import S3Error, no_such_bucket
 from cim_place.http.s3.index import BucketRecord, ObjectRecord, S3Index

@@ -13,14 +13,14 @@ from typer.testing import CliRunner
 from cim_place.cli.app import app
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.kv import NAMES
-from cim_place.cluster.state.names import (
+from cim_place.cluster.state.name_record import (
     MAX_NAME_LENGTH,
     InvalidNameError,
     NameConflictError,
-    NameRegistry,
     UnknownNameError,
     check_name,
 )
+from cim_place.cluster.state.names import NameRegistry
 from cim_place.errors import InvalidCidError, TransportError
 from cim_place.local.server_spec import free_port
 from cim_place.local.servers import NatsServer
