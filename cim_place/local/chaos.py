@@ -15,7 +15,10 @@ seed. Invariants are checked while it runs and at the end:
 5. no forged claim of a copy counts once the controller's inventory check ran;
 6. no process is left behind once the domain stops.
 
-The faults beyond signals and link cuts live in :mod:`cim_place.local.chaos_faults`.
+The faults beyond signals and link cuts live in :mod:`cim_place.local.chaos_faults`, their kinds
+and schedule in :mod:`cim_place.local.chaos_schedule`, the report in
+:mod:`cim_place.local.chaos_report`, the checks at the end of a run in
+:mod:`cim_place.local.chaos_checks`.
 
 Bounded in time and count (``seconds``, ``max_adds``); every server binds to 127.0.0.1.
 """
@@ -30,149 +33,27 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
 from cim_place.cluster.state.lease import read_leader
-from cim_place.cluster.state.locations import LocationStore
 from cim_place.local import chaos_faults as faults
+from cim_place.local.chaos_checks import RunChecks
+from cim_place.local.chaos_report import Acked, Report
+from cim_place.local.chaos_schedule import DEFAULT_FAULTS, DISK, LINKS, Fault, schedule
 from cim_place.local.domain import CONTROLLER_IDENTITY, LocalDomain
 from cim_place.local.servers import NatsServer
 from cim_place.objectstore import cid as cids
-from cim_place.objectstore.store import ObjectStore
 
-KILLS = ("kill-agent", "kill-controller", "kill-leaf-server", "kill-hub")
-LINKS = ("cut-link", "slow-link")
-DISK = ("corrupt-block", "delete-block", "full-volume")
-MESSAGES = ("malformed-event", "forged-event")
-HEALING = (*LINKS, "full-volume")
-"""Faults that last a while and then heal."""
-DEFAULT_FAULTS = (*KILLS, *LINKS, *DISK, *MESSAGES)
-"""What a default run injects (with a 3-server hub, ``kill-hub`` kills one member)."""
 SCRUB = {"interval": "20s", "rate": "200MiB/s"}
 """The agents' scrub in a run: frequent, so damage on disk is found while the run lasts."""
-SCRUB_BOUND = 90.0
-"""Seconds after convergence within which damage on disk must be found and forged claims
-dropped (several scrub passes and inventory checks)."""
 INVENTORY = 10.0
 """Seconds between the agents' inventory digests: a forged claim is caught within a few."""
 
 CLI = (sys.executable, "-m", "cim_place.cli")
 ADD_TIMEOUT = 90.0
 GET_TIMEOUT = 90.0
-
-
-@dataclass(frozen=True, slots=True)
-class Fault:
-    at: float
-    """Seconds after the start of the run."""
-    kind: str
-    target: str
-    """A node id, ``controller`` or ``hub``."""
-    lasts: float = 0.0
-    """For faults that heal (link cuts, slow links): how long."""
-
-    def __str__(self) -> str:
-        heal = f" for {self.lasts:.1f}s" if self.lasts else ""
-        return f"t+{self.at:6.1f}s {self.kind:<17} {self.target}{heal}"
-
-
-def schedule(
-    seed: int,
-    seconds: float,
-    nodes: list[str],
-    kinds: tuple[str, ...],
-    every: float = 6.0,
-    hubs: list[str] | None = None,
-) -> list[Fault]:
-    """The faults of a run: one every ``every`` seconds on average, all within the first 70%
-    of the run so the rest shows convergence. Deterministic for a seed. ``hubs``: the members
-    of a clustered hub (``kill-hub`` picks one); None or one: the hub server."""
-    rng = random.Random(seed)
-    faults: list[Fault] = []
-    at = rng.uniform(2.0, every)
-    while at < seconds * 0.7:
-        kind = rng.choice(kinds)
-        if kind == "kill-controller":
-            target = "controller"
-        elif kind == "kill-hub":
-            target = rng.choice(hubs) if hubs and len(hubs) > 1 else "hub"
-        else:
-            target = rng.choice(nodes)
-        lasts = round(rng.uniform(2.0, 8.0), 1) if kind in HEALING else 0.0
-        if kind == "full-volume":
-            lasts *= 2  # it includes two agent restarts
-        faults.append(Fault(round(at, 1), kind, target, lasts))
-        at += rng.expovariate(1.0 / every)
-    return faults
-
-
-@dataclass
-class Acked:
-    cid: str
-    digest: str
-    size: int
-
-
-@dataclass
-class Report:
-    seed: int
-    faults: list[Fault]
-    injected: dict[str, int] = field(default_factory=dict)
-    adds_acknowledged: int = 0
-    adds_failed: int = 0
-    gets_ok: int = 0
-    gets_failed: int = 0
-    wrong_reads: int = 0
-    lost: list[str] = field(default_factory=list)
-    overcounted: list[str] = field(default_factory=list)
-    hangs: list[str] = field(default_factory=list)
-    converge_seconds: float | None = None
-    converge_bound: float = 0.0
-    since_last_fault: float | None = None
-    """Seconds from the end of the last fault (a healed one: its healing) to convergence."""
-    left_behind: list[int] = field(default_factory=list)
-    believed: list[str] = field(default_factory=list)
-    """Forged claims of a copy that the domain still counted at the end."""
-    rejected_events: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    def violations(self) -> list[str]:
-        problems = []
-        if self.wrong_reads:
-            problems.append(f"{self.wrong_reads} get(s) returned wrong bytes")
-        if self.lost:
-            problems.append(f"acknowledged object(s) lost or not placed: {', '.join(self.lost)}")
-        if self.overcounted:
-            problems.append(f"more verified copies reported than exist: {self.overcounted}")
-        if self.hangs:
-            problems.append(f"operations that hung past their timeout: {self.hangs}")
-        if self.converge_seconds is None:
-            problems.append(f"did not converge within {self.converge_bound:.0f} s")
-        if self.believed:
-            problems.append(f"forged copies still believed at the end: {self.believed}")
-        if self.left_behind:
-            problems.append(f"processes left behind: {self.left_behind}")
-        return problems
-
-    def summary(self) -> str:
-        injected = ", ".join(f"{k} {v}" for k, v in sorted(self.injected.items())) or "none"
-        converged = (
-            f"{self.converge_seconds:.1f} s" if self.converge_seconds is not None else "never"
-        )
-        since = f"{self.since_last_fault:.1f} s" if self.since_last_fault is not None else "never"
-        lines = [
-            f"chaos seed {self.seed}: faults injected: {injected}",
-            f"adds acknowledged {self.adds_acknowledged}, failed cleanly {self.adds_failed}; "
-            f"gets ok {self.gets_ok}, failed cleanly {self.gets_failed}, wrong {self.wrong_reads}",
-            f"events the controller rejected {self.rejected_events}; "
-            f"objects lost {len(self.lost)}; converged {converged} after the workload stopped "
-            f"(bound {self.converge_bound:.0f} s), {since} after the last fault ended",
-            *self.notes,
-        ]
-        return "\n".join(lines)
 
 
 async def _run_cli(
@@ -200,7 +81,7 @@ async def _run_cli(
     return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
-class Chaos:
+class Chaos(RunChecks):
     """One run. ``await run()`` returns its :class:`Report`; ``report.violations()`` says what
     broke (empty: every invariant held)."""
 
@@ -357,9 +238,6 @@ class Chaos:
                 return entry.server
         raise RuntimeError(f"no node {node}")
 
-    def _volume(self, node: str) -> Path:
-        return self.domain.volume_dir(node)
-
     def _admin_url(self) -> str:
         """The hub URL with the CLI's credentials (a local domain admits only its users)."""
         from cim_place.local.credentials import ADMIN
@@ -453,102 +331,6 @@ class Chaos:
             await _run_cli(
                 "policy", "apply", *files, cwd=self.work, server=self._admin_url(), timeout=60
             )
-
-    # -- the end ----------------------------------------------------------------------------------
-
-    async def _converge(self) -> None:
-        """After the last fault: every acknowledged object placed and readable, within a bound."""
-        start = time.monotonic()
-        pending = list(self.acked)
-        states: dict[str, str] = {}
-        # Polled in this process (the state the CLI's `status` shows, without a process start per
-        # object and round), so that the time printed is the domain's, not the polling's.
-        async with connected(self._admin_url()) as nc:
-            store = await LocationStore(jetstream(nc, HUB_DOMAIN)).open(create=False)
-            while pending and time.monotonic() - start < self.report.converge_bound:
-                still = []
-                for acked in pending:
-                    try:
-                        status = await store.get(cids.parse(acked.cid))
-                    except Exception as exc:
-                        status, states[acked.cid] = None, f"unreadable: {exc}"
-                    if status is None or status.state != "placed":
-                        still.append(acked)
-                        if status is not None:
-                            states[acked.cid] = status.state
-                pending = still
-                if pending:
-                    await asyncio.sleep(1.0)
-        if pending:
-            self.report.lost = [f"{a.cid} ({states.get(a.cid, '?')})" for a in pending]
-            return
-        self.report.converge_seconds = time.monotonic() - start
-        if self.last_fault_end is not None:
-            self.report.since_last_fault = time.monotonic() - self.last_fault_end
-        for acked in self.acked:
-            if not await self._get(acked):
-                self.report.lost.append(acked.cid)
-
-    async def _check_copies(self) -> None:
-        """Status never counts a copy that the volumes do not hold, verified. Damage on disk is
-        invisible until a scrub reads it, so an overcount must clear within ``SCRUB_BOUND``
-        (a few scrub passes) to count as kept."""
-        damaged = any(self.report.injected.get(k) for k in ("corrupt-block", "delete-block"))
-        deadline = time.monotonic() + (SCRUB_BOUND if damaged else 0.0)
-        pending = list(self.acked)
-        wrong: dict[str, list[str]] = {}
-        async with connected(self._admin_url()) as nc:
-            store = await LocationStore(jetstream(nc, HUB_DOMAIN)).open(create=False)
-            while pending:
-                wrong = {}
-                for acked in pending:
-                    status = await store.get(cids.parse(acked.cid))
-                    if status is None:
-                        continue
-                    reported = {loc.node for loc in status.locations if loc.state == "pinned"}
-                    for node in sorted(reported):
-                        if not await asyncio.to_thread(self._holds, node, acked.cid):
-                            wrong.setdefault(acked.cid, []).append(node)
-                pending = [a for a in pending if a.cid in wrong]
-                if not pending or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(2.0)
-        self.report.overcounted = [f"{cid}: {nodes}" for cid, nodes in wrong.items()]
-
-    async def _check_forgeries(self) -> None:
-        """A forged claim of a copy is never counted once the inventory check ran; and how many
-        events the controller rejected."""
-        deadline = time.monotonic() + SCRUB_BOUND
-        async with connected(self._admin_url()) as nc:
-            store = await LocationStore(jetstream(nc, HUB_DOMAIN)).open(create=False)
-            believed = list(self.phantoms)
-            while believed:
-                still = []
-                for phantom in believed:
-                    status = await store.get(cids.parse(phantom))
-                    if status is not None and any(
-                        loc.state == "pinned" for loc in status.locations
-                    ):
-                        still.append(phantom)
-                believed = still
-                if not believed or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(2.0)
-            self.report.believed = believed
-            summary = await store.summary()
-            self.report.rejected_events = summary.rejected_events if summary is not None else 0
-
-    def _holds(self, node: str, cid: str) -> bool:
-        with ObjectStore(self._volume(node)) as store:
-            root = cids.parse(cid)
-            if store.pins.get(root) is None:
-                return False
-            try:
-                for _ in store.cat(root):
-                    pass
-            except Exception:
-                return False
-            return True
 
 
 def _alive(pid: int) -> bool:

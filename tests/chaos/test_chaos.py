@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cim_place.local.chaos import DEFAULT_FAULTS, Chaos, Fault
+from cim_place.local.chaos import Chaos
+from cim_place.local.chaos_schedule import DEFAULT_FAULTS, Fault
 
 pytestmark = [pytest.mark.nats, pytest.mark.chaos, pytest.mark.timeout(1800)]
 
