@@ -235,7 +235,7 @@ def show_page(doc: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
         return
     from rich.table import Table
 
-    from cim_place.cli.status import make_console, size_text
+    from cim_place.cli._views import make_console, size_text
 
     table = Table()
     for column in ("cid", "name", "state", "copies", "policy", "size", "nodes"):

@@ -11,24 +11,32 @@ from the hub's materialised state, never by asking every node:
   ack-pending) and the recent ``TaskFailed`` events of ``CIM_PLACE_EVENTS``.
 
 Heavy modules are imported inside the commands: ``status CID`` is on an operator's hot path.
+How a view runs (once or ``--watch``) and prints is :mod:`cim_place.cli._views`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from nats.js import JetStreamContext
 
-from cim_place.cli._domain import CredsOption, DomainOption, ServerOption, run_in_domain
+from cim_place.cli._domain import CredsOption, DomainOption, ServerOption
 from cim_place.cli._output import EXIT_ERROR, EXIT_USAGE, fail, handles_errors, print_json
+from cim_place.cli._views import (
+    JsonOption,
+    QuietOption,
+    Show,
+    WatchOption,
+    age_text,
+    make_console,
+    run_view,
+    size_text,
+)
 from cim_place.cluster.state.overview import LATE_AFTER, STATES, node_state
 from cim_place.cluster.state.overview import nodes as _nodes
 from cim_place.cluster.state.overview import object_status as _object_status
@@ -40,94 +48,7 @@ if TYPE_CHECKING:
     from cim_place.cluster.state.cid_shards import ShardOwner
     from cim_place.placement.status import ObjectStatus
 
-__all__ = ["LATE_AFTER", "make_console", "node_state", "register"]
-
-WATCH_INTERVAL = 1.0
-_PIPE_WIDTH = 240
-_CLEAR = "\x1b[2J\x1b[H"  # clear the screen, cursor home
-
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (schema: docs/STATUS.md).")]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print the bare minimum.")]
-WatchOption = Annotated[
-    bool, typer.Option("--watch", "-w", help="Refresh every second until Ctrl-C.")
-]
-
-
-# -- shared ---------------------------------------------------------------------------------------
-
-
-class _Show(Protocol):
-    """Prints what a view rendered: JSON, the bare minimum (``quiet``) or tables."""
-
-    def __call__(self, rendered: Any, /, *, as_json: bool, quiet: bool) -> None: ...
-
-
-def _run(
-    server: str | None,
-    creds: str | None,
-    domain: str | None,
-    render: Callable[[JetStreamContext], Awaitable[Any]],
-    show: _Show,
-    *,
-    watch: bool,
-    as_json: bool,
-    quiet: bool,
-) -> None:
-    """Connect once; render and show once, or every second until Ctrl-C with ``watch``."""
-
-    async def once(js: JetStreamContext) -> None:
-        show(await render(js), as_json=as_json, quiet=quiet)
-
-    async def repeatedly(js: JetStreamContext) -> None:
-        # Ctrl-C (or SIGTERM) ends the loop between refreshes, not by cancelling the task:
-        # a cancellation that meets a reply arriving at the same moment can be lost inside
-        # nats-py's request (asyncio.wait_for), and the watch would go on forever.
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        while not stop.is_set():
-            rendered = await render(js)
-            if stop.is_set():
-                break
-            if not as_json:  # JSON: one document per refresh, for tools that follow a stream
-                sys.stdout.write(_CLEAR if sys.stdout.isatty() else "\n")
-            show(rendered, as_json=as_json, quiet=quiet)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), WATCH_INTERVAL)
-
-    if not watch:
-        run_in_domain(server, creds, domain, once)
-        return
-    with contextlib.suppress(KeyboardInterrupt):
-        run_in_domain(server, creds, domain, repeatedly)
-
-
-def make_console() -> Any:
-    """A rich console; output to a pipe gets whole lines (rich would cut tables to 80 columns)."""
-    from rich.console import Console
-
-    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else _PIPE_WIDTH)
-
-
-def size_text(value: int) -> str:
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{value} B"
-
-
-def _age(seconds: float) -> str:
-    if seconds < 0:
-        seconds = 0
-    if seconds < 120:
-        return f"{seconds:.0f}s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.0f}h ago"
-
+__all__ = ["LATE_AFTER", "node_state", "register"]
 
 # -- status ---------------------------------------------------------------------------------------
 
@@ -164,7 +85,7 @@ def _show_summary(doc: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
             style="yellow",
         )
     if doc["updated_at"]:
-        console.print(f"summary written {_age(time.time() - doc['updated_at'])}", markup=False)
+        console.print(f"summary written {age_text(time.time() - doc['updated_at'])}", markup=False)
     _show_warnings(console, doc["warnings"])
     if doc["note"]:
         console.print(f"note: {doc['note']}", markup=False, style="yellow")
@@ -254,7 +175,7 @@ def _print_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
         table.add_column(column)
     now = time.time()
     for loc in status.locations:
-        verified = _age(now - loc.verified_at) if loc.verified_at else ""
+        verified = age_text(now - loc.verified_at) if loc.verified_at else ""
         cells = (loc.node, loc.volume, loc.zone, loc.state, verified)
         table.add_row(*cells, *((loc.cause,) if causes else ()))
     console.print(table)
@@ -264,7 +185,7 @@ def _print_object(status: ObjectStatus, *, as_json: bool, quiet: bool) -> None:
             conditions.add_column(column)
         now = time.time()
         for c in status.conditions:
-            since = _age(now - c.last_transition) if c.last_transition else ""
+            since = age_text(now - c.last_transition) if c.last_transition else ""
             conditions.add_row(c.type, str(c.status), c.reason, c.message, since)
         console.print(conditions)
 
@@ -320,12 +241,12 @@ def status_command(
             EXIT_USAGE,
         )
     render: Callable[[JetStreamContext], Awaitable[Any]] = _summary
-    show: _Show = _show_summary
+    show: Show = _show_summary
     if ref is not None:
         render, show = partial(_object_and_shard, ref=ref), _show_object_and_shard
     elif listing or every:
         render, show = partial(_listing.fetch, query=query, every=every), _listing.show_page
-    _run(server, creds, domain, render, show, watch=watch, as_json=as_json, quiet=quiet)
+    run_view(server, creds, domain, render, show, watch=watch, as_json=as_json, quiet=quiet)
 
 
 # -- nodes ----------------------------------------------------------------------------------------
@@ -376,7 +297,7 @@ def _show_nodes(nodes: list[dict[str, Any]], *, as_json: bool, quiet: bool) -> N
             ", ".join(v["name"] for v in node["volumes"]),
             size_text(node["used"]),
             size_text(node["free"]),
-            _age(node["heartbeat_age"]),
+            age_text(node["heartbeat_age"]),
         )
     console = make_console()
     console.print(table)
@@ -394,7 +315,7 @@ def nodes_command(
     domain: DomainOption = None,
 ) -> None:
     """Nodes with labels, volumes, used and free bytes, state and last heartbeat."""
-    _run(
+    run_view(
         server,
         creds,
         domain,
@@ -456,7 +377,7 @@ def tasks_command(
 ) -> None:
     """Queued, running and failed tasks (with reasons)."""
     render = partial(_tasks, limit=limit)
-    _run(server, creds, domain, render, _show_tasks, watch=watch, as_json=as_json, quiet=quiet)
+    run_view(server, creds, domain, render, _show_tasks, watch=watch, as_json=as_json, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -399,7 +399,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 def _print_summary(context: DomainContext, directory: Path, *, detached: bool) -> None:
     from rich.table import Table
 
-    from cim_place.cli.status import make_console
+    from cim_place.cli._views import make_console
 
     table = Table(title=f"cim-place domain in {directory}", title_justify="left")
     for column in ("node", "role", "url", "zone", "volume", "http"):
