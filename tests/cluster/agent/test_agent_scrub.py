@@ -103,12 +103,17 @@ async def test_scrub_finds_damage_and_repair_restores_exact_bytes(
 
         await queue.enqueue(Task.create("repair", "node-a", root, generation=2, holders=["node-b"]))
         await queue.enqueue(Task.create("repair", "node-b", root, generation=2, holders=["node-a"]))
-        await until(
-            lambda: (
-                store_a.blocks.block_path(bad).read_bytes() == originals[bad]
-                and store_b.blocks.block_path(gone).exists()
-            )
-        )
+
+        def repaired() -> bool:
+            try:  # the damaged file is set aside and rewritten while the repair runs
+                return (
+                    store_a.blocks.block_path(bad).read_bytes() == originals[bad]
+                    and store_b.blocks.block_path(gone).exists()
+                )
+            except FileNotFoundError:
+                return False
+
+        await until(repaired)
         assert store_b.blocks.block_path(gone).read_bytes() == originals[gone]
         for store in (store_a, store_b):
             assert b"".join(store.cat(root)) == data
