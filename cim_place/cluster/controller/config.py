@@ -1,4 +1,5 @@
-"""The controller's configuration file (``cim-place controller --config FILE``).
+"""The controller's settings (:class:`ControllerConfig`) and its configuration file
+(``cim-place controller --config FILE``).
 
 Every key is optional; servers usually come from ``CIM_PLACE_SERVER`` (credentials in the URL)::
 
@@ -27,14 +28,56 @@ Problems are reported all at once with file:line:column, as for agent and policy
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cim_place.cluster.controller.service import ControllerConfig
+from cim_place.cluster.nats.connection import DEFAULT_SERVER
+from cim_place.cluster.nats.subjects import DEFAULT_PREFIX
+from cim_place.cluster.state.nodes import NODE_TTL
 from cim_place.errors import CimPlaceError
 from cim_place.policies.loader import Path as YamlPath
 from cim_place.policies.loader import read_file
 from cim_place.runtime.config import ConfigChecker, ConfigFileError
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    servers: tuple[str, ...] = (DEFAULT_SERVER,)
+    creds: str | None = None
+    hub_domain: str = "hub"
+    prefix: str = DEFAULT_PREFIX
+    identity: str = ""
+    """Unique per controller process; default host-pid."""
+    lease: float = 6.0
+    full_pass_every: float = 60.0
+    late_after: float = 15.0
+    """Seconds without a heartbeat after which a node is late (not acted on)."""
+    down_after: float = NODE_TTL
+    """Seconds without a heartbeat after which a node is down (its copies are lost once the
+    policy's repair grace has passed too)."""
+    max_tasks_per_node: int = 16
+    max_bytes_per_node: int = 4 << 30
+    """Bytes of fetches in flight to one node (the first fetch always passes, whatever its size)."""
+    max_tasks: int = 1024
+    """Tasks in flight in the whole domain."""
+    task_timeout: float = 1800.0
+    """Seconds after which a task with no report is forgotten (and its work re-planned)."""
+    rebalance_per_pass: int = 100
+    summary_every: float = 1.0
+    metrics: str | None = None
+    snapshot_every_events: int = 100_000
+    """The leader snapshots its projection after this many events (controller/snapshot.py) ..."""
+    snapshot_every: float = 600.0
+    """... or after this many seconds with at least one new event."""
+    snapshots_kept: int = 3
+    events_max_age: float = 0.0
+    """Purge events older than this once a snapshot covers them (0: keep every event)."""
+    events_max_bytes: int = 0
+    """Purge the oldest events beyond this size once a snapshot covers them (0: no limit)."""
+    shards: int = 1
+    """Split the CIDs into this many shards, one lease each (controller/shards.py); 1: one
+    lease for the whole domain, as always."""
+
 
 _DURATIONS = {
     "lease": "lease",

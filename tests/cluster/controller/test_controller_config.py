@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from cim_place.cluster.agent.config import AgentConfigError
-from cim_place.cluster.controller.config import load_controller_config
-from cim_place.cluster.controller.service import ControllerConfig, _Budget
+from cim_place.cluster.controller.config import ControllerConfig, load_controller_config
+from cim_place.cluster.controller.reconcile_pass import _Budget
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "controller.yaml"
 

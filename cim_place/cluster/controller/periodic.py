@@ -1,0 +1,153 @@
+"""The controller's periodic work: the full pass, rebalancing, the summary and its warnings.
+
+This module owns :class:`ControllerPeriodic`: the full pass (every CID marked, lost tasks
+forgotten, a bounded number of rebalance moves, name versions expired), the summary written
+every second (per shard with shards) with its metrics, and the topology warnings it carries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import nats.errors
+import nats.js.errors
+
+from cim_place.cluster.controller.reconcile_pass import ControllerReconcile, _facts
+from cim_place.cluster.controller.removal import expire_name_versions
+from cim_place.cluster.controller.shards import shard_summaries, write_shard_summaries
+from cim_place.cluster.state.locations import LocationStore
+from cim_place.errors import CimPlaceError
+from cim_place.placement.model import PlacedObject
+from cim_place.placement.reconciler import rebalance_candidates
+from cim_place.placement.rules import Liveness
+from cim_place.placement.status import OBJECT_STATES, Summary
+from cim_place.placement.topology import topology_warnings
+from cim_place.policies.model import BUILTIN_DEFAULT
+
+__all__ = ["ControllerPeriodic"]
+
+_log = logging.getLogger(__name__)
+
+
+class ControllerPeriodic(ControllerReconcile):
+    """The controller's full pass and summary (see :class:`ControllerState`)."""
+
+    # -- periodic work --------------------------------------------------------------------------
+
+    async def full_pass(self) -> None:
+        """Mark everything, forget lost tasks, start a bounded number of rebalance moves."""
+        now = time.time()
+        self.mark(self.projection.expire_tasks(now - self.config.task_timeout))
+        self.mark(self.projection.cids())
+        if self._acting and self.caught_up.is_set():
+            await self.rebalance(now)
+            policies = self.projection.policies.policies
+            # Listing every name costs a scan of the names bucket: only when a policy asks.
+            if (
+                self._leads_chores()
+                and self.js
+                and self.removals
+                and any(p.keep_versions for p in policies)
+            ):
+                with contextlib.suppress(CimPlaceError, nats.errors.Error):
+                    await expire_name_versions(self.js, self.removals.keep_versions)
+
+    async def rebalance(self, now: float) -> int:
+        """Start at most ``rebalance_per_pass`` moves toward the ideal placement."""
+        node_map = self.node_map(now)
+        by_policy: dict[str, list[tuple[PlacedObject, frozenset[str]]]] = {}
+        for cid in self.projection.cids():
+            view = self.projection.object(cid)
+            if view is None or self.projection.tasks_for(cid) or not self.leads(cid):
+                continue
+            policy = self.policy_for(_facts(cid, view))
+            volumes = frozenset(f"{node}/{volume}" for node, volume in view.replicas)
+            volumes -= self.cached.occupied(cid)
+            by_policy.setdefault(policy.name, []).append((PlacedObject(cid, view.size), volumes))
+        started = 0
+        for name, objects in by_policy.items():
+            budget = self.config.rebalance_per_pass - started
+            if budget <= 0:
+                break
+            policy = self._compiled.get(name, self._fallback)
+            for placed in rebalance_candidates(objects, policy.rule, node_map, limit=budget):
+                await self.reconcile_one(placed.cid, rebalance=True)
+                started += 1
+        return started
+
+    async def _summary_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.summary_every)
+            if not self._acting or self.locations is None:
+                continue
+            try:
+                if self.sharding is not None:
+                    await self._put_shard_summaries(self.locations)
+                    continue
+                await self.locations.put_summary(self.summary())
+            except Exception as exc:
+                _log.debug("writing the summary: %s", exc or type(exc).__name__)
+
+    async def _put_shard_summaries(self, locations: LocationStore) -> None:
+        assert self.sharding is not None
+        by_shard = shard_summaries(
+            self.summary(),
+            self._states,
+            self._under,
+            self.projection.size,
+            self.sharding.shards,
+            self.sharding.led,
+        )
+        await write_shard_summaries(locations.bucket, by_shard, self.sharding.shards)
+
+    def summary(self) -> Summary:
+        counts: dict[str, int] = dict.fromkeys(OBJECT_STATES, 0)
+        for state in self._states.values():
+            counts[state] = counts.get(state, 0) + 1
+        for state, count in counts.items():
+            self.metrics.objects.labels(state).set(count)
+        self.metrics.under_replicated.set(len(self._under))
+        self.metrics.below_min.set(len(self._below_min))
+        self.metrics.damaged_replicas.set(self.projection.damaged_replicas)
+        total = self.projection.total_size
+        liveness = self._liveness
+        up = sum(1 for state in liveness.values() if state.state == Liveness.UP)
+        late = sum(1 for state in liveness.values() if state.state == Liveness.LATE)
+        for state, count in (
+            ("up", up),
+            ("late", late),
+            ("down", len(liveness) - up - late),
+            ("draining", len(self.projection.draining)),
+        ):
+            self.metrics.nodes.labels(state).set(count)
+        return Summary(
+            objects=len(self.projection),
+            by_state=counts,
+            under_replicated=len(self._under),
+            total_bytes=total,
+            nodes_up=up,
+            nodes_down=len(liveness) - up,
+            nodes_draining=len(self.projection.draining),
+            updated_at=time.time(),
+            damaged_replicas=self.projection.damaged_replicas,
+            rejected_events=self.rejections.total,
+            warnings=self._topology_warnings(),
+        )
+
+    def _topology_warnings(self) -> tuple[str, ...]:
+        """Policies in use that the node map cannot satisfy (the built-in default only when no
+        applied policy is a default); recomputed only when the map or the policies change."""
+        if not self._last_records:
+            return ()
+        policies = dict(self._compiled)
+        if any(p.match is None for p in self.projection.policies.policies):
+            policies.pop(BUILTIN_DEFAULT.name, None)
+        node_map = self.node_map(time.time())
+        cached_map, cached_policies, warnings = self._warned
+        if cached_map is not node_map or cached_policies != policies:
+            warnings = tuple(topology_warnings(policies.values(), node_map))
+            self._warned = (node_map, policies, warnings)
+        return warnings
