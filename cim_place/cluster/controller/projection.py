@@ -21,19 +21,9 @@ its labels, tags or volume names, comes back, or is (un)drained marks every CID 
 it; a new node marks nothing, holding nothing (rebalancing is a separate, rate-limited pass); a
 policy change marks every CID.
 
-Memory is the constraint that shapes the layout (the target is at most 100 bytes per tracked
-object at three replicas; docs/SCALE.md has the model): objects live in columns (``array`` of
-sizes, times, sequences, owner and metadata ids, name offsets, replica location ids) indexed by
-a slot number, 32 bits wide while the values fit (a column widens to 64 bits, once, on the first
-value that does not); times are whole seconds; names sit in one UTF-8 blob; CIDs and their slots
-are held by :class:`~cim_place.cluster.controller.cid_index.CidIndex` (33 bytes per CID plus its
-hash table), not as Python objects. Measured: about 90 bytes per object at 1M
-(bench/controller_scale.py), where a dict of CIDs cost about 260. Replicas are up to four 16-bit
-location ids per slot (more spill into a small side dict); a location id stands for one interned
-``(node, volume)`` pair. The node -> CIDs index is that location column itself: the CIDs on a
-node are found with one vectorised scan (about 0.1 s at 1M objects, paid only on node changes),
-which costs nothing per object, whereas a dict of sets would cost about 100 bytes per object for
-three replicas.
+The objects' columns are :mod:`cim_place.cluster.controller.projection_columns`, tasks in flight
+and failures :mod:`cim_place.cluster.controller.projection_tasks`, nodes and drain flags
+:mod:`cim_place.cluster.controller.projection_nodes`; this module owns what events do to them.
 
 The node that published an event is passed by the caller (the subject token of
 ``<prefix>.evt.<node>.<Type>``) or, failing that, taken from the envelope's ``owner``, which the
@@ -43,13 +33,16 @@ agent sets to its node id.
 from __future__ import annotations
 
 import time
-from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 
-import numpy as np
-
-from cim_place.cluster.controller.cid_index import CidIndex
+from cim_place.cluster.controller.projection_columns import _EMPTY, _WIDTH, ObjectView, _seconds
+from cim_place.cluster.controller.projection_nodes import NodeBook
+from cim_place.cluster.controller.projection_tasks import (
+    FailureKey,
+    LastFailure,
+    TaskBook,
+    TaskInFlight,
+)
 from cim_place.cluster.events.types import (
     EventBodyError,
     InventoryDigest,
@@ -71,8 +64,6 @@ from cim_place.cluster.events.validate import (
     valid_name,
 )
 from cim_place.cluster.nats.envelope import Envelope
-from cim_place.cluster.state.nodes import NodeRecord, check_node_record
-from cim_place.cluster.tasks.model import Task
 from cim_place.objectstore.cid import Cid
 from cim_place.placement.reconcile_model import Replica
 from cim_place.policies.model import PolicySet
@@ -87,65 +78,9 @@ __all__ = [
 ]
 
 """A confirmed replica: ``(node, volume name)``."""
-FailureKey = tuple[str, str, str | None]
-"""``(task kind, node, volume)`` of a failed task, per CID."""
-
-_WIDTH = 4
-"""Replica location ids stored inline per object; a fifth and later spill into a side dict."""
-_EMPTY = 0
-_MAX_LOCATIONS = 0xFFFF
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectView:
-    """One tracked object as the reconciler sees it (built on demand, not stored)."""
-
-    cid: Cid
-    size: int
-    owner: str
-    name: str | None
-    metadata: Mapping[str, str]
-    first_seen: float
-    """When the first ObjectStored of this CID was applied (see :meth:`Projection.apply_event`)."""
-    sequence: int
-    """Stream sequence of the last event applied about this CID (0: none known)."""
-    replicas: frozenset[Replica]
-
-
-@dataclass(frozen=True, slots=True)
-class TaskInFlight:
-    """A task the controller enqueued and for which no TaskCompleted / TaskFailed arrived yet."""
-
-    id: str
-    kind: str
-    node: str
-    root: Cid
-    volume: str | None
-    enqueued_at: float
-    repair_policy: str | None = None
-    """The policy whose ``repair.max_concurrent`` this task counts against (None: no repair)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LastFailure:
-    """The most recent TaskFailed of one (kind, node, volume) of a CID."""
-
-    at: float
-    permanent: bool
-    reason: str
-
-
-def _node_signature(record: NodeRecord) -> tuple[object, ...]:
-    # What makes a node change relevant to placement: not free bytes or the heartbeat time,
-    # which change every beat and would otherwise mark every CID of the node every 5 s.
-    return (
-        tuple(sorted(record.labels.items())),
-        tuple(sorted(record.tags)),
-        tuple(sorted(v.name for v in record.volumes)),
-    )
-
-
-class Projection:
+class Projection(NodeBook, TaskBook):
     """Objects, replicas, tasks in flight, failures, inventories, nodes and policies.
 
     Not thread-safe; the controller owns one and mutates it from its event loop. Every mutator
@@ -153,52 +88,12 @@ class Projection:
     """
 
     def __init__(self) -> None:
-        # -- objects, in columns indexed by slot ------------------------------------------------
-        # CID -> slot and back, with free-slot reuse (cid_index.py: ~40 bytes per CID where a
-        # dict and a list of the CIDs cost ~200).
-        self._index = CidIndex()
-        # 32-bit columns while the values fit; _widen makes one 64-bit on the first that does
-        # not (an object over 4 GiB, a stream past 2**32 events, a name blob over 2 GiB).
-        self._size = array("I")
-        # Times in whole seconds: a float per object would cost 4 bytes more, and a second is
-        # finer than anything decided on them (expiry, the age of a verification).
-        self._first_seen = array("I")
-        self._sequence = array("I")
-        self._owner = array("I")
-        self._meta = array("I")
-        # Names as UTF-8 in one blob (offset, length; offset -1: no name): a str per object
-        # would cost ~60 bytes, the blob costs the name's bytes. A renamed object leaves its old
-        # name behind in the blob; renames are rare, so no compaction.
-        self._names = bytearray()
-        self._name_at = array("i")
-        self._name_len = array("H")
-        self._rep = array("H")
-        self._rep_more: dict[int, list[int]] = {}
-        # When each inline replica was last stored (= verified whole), in whole seconds.
-        self._rep_at = array("I")
+        super().__init__()
         # Damaged replicas, sparse: cid -> replica -> bad block CIDs.
         self._damaged: dict[bytes, dict[Replica, frozenset[Cid]]] = {}
-        # -- interning: owners and metadata maps by id, locations by id -------------------------
-        self._strings: list[str] = [""]
-        self._string_id: dict[str, int] = {"": 0}
-        self._metas: list[Mapping[str, str]] = [{}]
-        self._meta_id: dict[tuple[tuple[str, str], ...], int] = {(): 0}
-        self._locations: list[Replica] = [("", "")]  # id 0 means "no replica"
-        self._location_id: dict[Replica, int] = {}
         # -- sparse state -----------------------------------------------------------------------
-        self._tasks: dict[str, TaskInFlight] = {}
-        self._tasks_by_cid: dict[bytes, set[str]] = {}
-        self.task_changes = 0
-        """Bumped whenever a task starts or ends: what the controller's cached budget checks."""
-        self._failures: dict[bytes, dict[FailureKey, int]] = {}
-        self._last_failure: dict[bytes, dict[FailureKey, LastFailure]] = {}
         self._inventories: dict[Replica, InventoryDigest] = {}
         self._deleted: dict[bytes, ObjectDeleted] = {}
-        self.nodes: dict[str, NodeRecord] = {}
-        """Nodes with a live heartbeat, by id."""
-        self._signatures: dict[str, tuple[object, ...]] = {}
-        self.draining: set[str] = set()
-        """Nodes being drained (``cim-place node drain``)."""
         self.policies = PolicySet()
         self.last_sequence = 0
         """Highest stream sequence applied (resume a reader after it)."""
@@ -219,45 +114,6 @@ class Projection:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __contains__(self, cid: object) -> bool:
-        return cid in self._index
-
-    def cids(self) -> Iterator[Cid]:
-        """Every tracked CID (a snapshot: safe to mutate the projection while iterating)."""
-        return iter(self._index.keys())
-
-    def object(self, cid: Cid) -> ObjectView | None:
-        """The tracked object ``cid``, or None if no ObjectStored for it was applied."""
-        slot = self._index.get(cid)
-        if slot is None:
-            return None
-        name = self._name(slot)
-        return ObjectView(
-            cid=cid,
-            size=self._size[slot],
-            owner=self._strings[self._owner[slot]],
-            name=name,
-            metadata=self._metas[self._meta[slot]],
-            first_seen=float(self._first_seen[slot]),
-            sequence=self._sequence[slot],
-            replicas=frozenset(self._locations[i] for i in self._replica_ids(slot)),
-        )
-
-    def size(self, cid: Cid) -> int:
-        """Content bytes of ``cid`` (0 if unknown), without building its :class:`ObjectView`."""
-        slot = self._index.get(cid)
-        return 0 if slot is None else self._size[slot]
-
-    def replicas(self, cid: Cid) -> frozenset[Replica]:
-        """Confirmed ``(node, volume)`` replicas of ``cid`` (empty if unknown)."""
-        slot = self._index.get(cid)
-        if slot is None:
-            return frozenset()
-        return frozenset(self._locations[i] for i in self._replica_ids(slot))
-
     def damaged(self, cid: Cid) -> Mapping[Replica, frozenset[Cid]]:
         """Confirmed replicas of ``cid`` reported damaged (with their bad blocks)."""
         return dict(self._damaged.get(cid, {}))
@@ -266,76 +122,6 @@ class Projection:
     def damaged_replicas(self) -> int:
         """Damaged replicas across every object (for the summary)."""
         return sum(len(replicas) for replicas in self._damaged.values())
-
-    def verified_at(self, cid: Cid) -> dict[Replica, float]:
-        """When each replica of ``cid`` was last stored whole (replicas beyond the inline four
-        have no time)."""
-        slot = self._index.get(cid)
-        if slot is None:
-            return {}
-        base = slot * _WIDTH
-        return {
-            self._locations[location]: float(self._rep_at[base + k])
-            for k in range(_WIDTH)
-            if (location := self._rep[base + k])
-        }
-
-    def cids_on(self, node: str, volume: str | None = None) -> set[Cid]:
-        """CIDs with a confirmed replica on ``node`` (on its ``volume`` only, if given)."""
-        return self._cids_at(
-            [
-                i
-                for i, (n, v) in enumerate(self._locations)
-                if i and n == node and (volume is None or v == volume)
-            ]
-        )
-
-    def cids_on_nodes(self, nodes: Iterable[str]) -> set[Cid]:
-        """CIDs with a confirmed replica on any of ``nodes`` (one scan for them all)."""
-        wanted = set(nodes)
-        return self._cids_at([i for i, (n, _) in enumerate(self._locations) if i and n in wanted])
-
-    def _cids_at(self, locations: list[int]) -> set[Cid]:
-        if not locations:
-            return set()
-        return set(self._index.keys_at(self._slots_with(locations)))
-
-    def tasks_for(self, cid: Cid) -> tuple[TaskInFlight, ...]:
-        """Tasks in flight about ``cid``, in the order they were enqueued."""
-        ids = self._tasks_by_cid.get(cid, ())
-        return tuple(sorted((self._tasks[i] for i in ids), key=lambda t: t.enqueued_at))
-
-    def task(self, task_id: str) -> TaskInFlight | None:
-        return self._tasks.get(task_id)
-
-    def in_flight(self) -> Iterator[TaskInFlight]:
-        """Every task in flight (for the controller's rate limits)."""
-        return iter(self._tasks.values())
-
-    @property
-    def tasks_in_flight(self) -> int:
-        return len(self._tasks)
-
-    def failures(self, cid: Cid) -> Mapping[FailureKey, int]:
-        """Failed tasks about ``cid``: ``(kind, node, volume) -> count``."""
-        return dict(self._failures.get(cid, {}))
-
-    def generation(self, cid: Cid, kind: str, node: str, volume: str | None) -> int:
-        """The generation for the next such task: the number of failures of that task so far.
-
-        A task that failed keeps its deterministic id for its generation; bumping the generation
-        gives the retry a new id, so JetStream's duplicate window does not drop it.
-        """
-        return self._failures.get(cid, {}).get((kind, node, volume), 0)
-
-    def last_failure(self, cid: Cid, key: FailureKey) -> LastFailure | None:
-        """When the last failure of that task happened, whether it was permanent, and why."""
-        return self._last_failure.get(cid, {}).get(key)
-
-    def clear_failures(self, cid: Cid) -> None:
-        """Forget the failures of ``cid`` (for example once it is placed again)."""
-        self._failures.pop(cid, None)
-        self._last_failure.pop(cid, None)
 
     def inventory(self, node: str, volume: str) -> InventoryDigest | None:
         """The last InventoryDigest that ``node`` published for ``volume``."""
@@ -530,117 +316,7 @@ class Projection:
             self._drop_replica(slot, location)
         return True
 
-    def _task_ended(
-        self, event: TaskCompleted | TaskFailed, envelope: Envelope, sequence: int, at: float
-    ) -> set[Cid]:
-        task = self._tasks.pop(event.task_id, None)
-        if task is None and envelope.causation_id is not None:
-            task = self._tasks.pop(envelope.causation_id, None)
-        root = event.root if event.root is not None else (task.root if task else None)
-        if task is not None:
-            self._unindex_task(task)
-        if root is None:
-            return set()
-        if isinstance(event, TaskFailed):
-            kind = event.action or (task.kind if task else None)
-            if kind is not None:
-                volume = event.volume
-                if volume is None and task is not None:
-                    volume = task.volume
-                key: FailureKey = (kind, event.node, volume)
-                per_cid = self._failures.setdefault(root, {})
-                per_cid[key] = per_cid.get(key, 0) + 1
-                self._last_failure.setdefault(root, {})[key] = LastFailure(
-                    at, event.permanent, event.reason
-                )
-        slot = self._index.get(root)
-        if slot is not None and sequence:
-            self._set_sequence(slot, sequence)
-        return {root}
-
-    # -- tasks ------------------------------------------------------------------------------------
-
-    def task_enqueued(self, task: Task, now: float, *, repair_policy: str | None = None) -> None:
-        """Record a task the controller just enqueued; a TaskCompleted/TaskFailed ends it.
-        ``repair_policy``: the policy whose repair limit the task counts against, if any."""
-        self._tasks[task.id] = TaskInFlight(
-            task.id, task.kind, task.node, task.root, task.volume, now, repair_policy
-        )
-        self._tasks_by_cid.setdefault(task.root, set()).add(task.id)
-        self.task_changes += 1
-
-    def expire_tasks(self, older_than: float) -> set[Cid]:
-        """Forget tasks enqueued before ``older_than`` (their report was lost); their CIDs."""
-        stale = [t for t in self._tasks.values() if t.enqueued_at < older_than]
-        for task in stale:
-            del self._tasks[task.id]
-            self._unindex_task(task)
-        return {t.root for t in stale}
-
-    def _unindex_task(self, task: TaskInFlight) -> None:
-        self.task_changes += 1
-        ids = self._tasks_by_cid.get(task.root)
-        if ids is not None:
-            ids.discard(task.id)
-            if not ids:
-                del self._tasks_by_cid[task.root]
-
-    # -- nodes and policies -----------------------------------------------------------------------
-
-    def update_node(self, record: NodeRecord) -> set[Cid]:
-        """A heartbeat of ``record.node``; marks its CIDs if it (re)appeared or its labels, tags
-        or volume names changed (free bytes and beat times change every beat and mark nothing).
-
-        A new node holds no replica, so it marks nothing (rebalancing onto it is a separate
-        pass); a node that comes back marks the CIDs it holds, whose repair may now be moot.
-        """
-        if check_node_record(record) is not None:
-            return set()  # not believed (the controller counts it where it reads the bucket)
-        return self.cids_on(record.node) if self._note_node(record) else set()
-
-    def _note_node(self, record: NodeRecord) -> bool:
-        signature = _node_signature(record)
-        previous = self._signatures.get(record.node)
-        self.nodes[record.node] = record
-        self._signatures[record.node] = signature
-        return previous != signature
-
-    def remove_node(self, node: str) -> set[Cid]:
-        """``node``'s heartbeat expired (or was deleted): every CID with a replica on it."""
-        if self.nodes.pop(node, None) is None:
-            return set()
-        self._signatures.pop(node, None)
-        return self.cids_on(node)
-
-    def sync_nodes(self, records: Iterable[NodeRecord]) -> set[Cid]:
-        """Replace the node set with ``records`` (a full ``list_nodes``); the union of changes.
-
-        One scan covers every changed node, so a controller starting with many nodes pays it
-        once.
-        """
-        changed = set()
-        seen = set()
-        for record in records:
-            if check_node_record(record) is not None:
-                continue
-            seen.add(record.node)
-            if self._note_node(record):
-                changed.add(record.node)
-        for node in [n for n in self.nodes if n not in seen]:
-            del self.nodes[node]
-            self._signatures.pop(node, None)
-            changed.add(node)
-        return self.cids_on_nodes(changed)
-
-    def set_draining(self, node: str, draining: bool) -> set[Cid]:
-        """Set ``node``'s drain flag; marks its CIDs when the flag changes."""
-        if (node in self.draining) == draining:
-            return set()
-        if draining:
-            self.draining.add(node)
-        else:
-            self.draining.discard(node)
-        return self.cids_on(node)
+    # -- policies and forgetting ------------------------------------------------------------------
 
     def set_policies(self, policies: PolicySet) -> set[Cid]:
         """Apply a new policy set; marks every CID unless the set is unchanged.
@@ -667,162 +343,3 @@ class Projection:
         self._deleted.pop(cid, None)
         self._damaged.pop(cid, None)
         self.clear_failures(cid)
-
-    # -- internals --------------------------------------------------------------------------------
-
-    def _new_slot(self, slot: int, at: float) -> None:
-        # The columns of a slot the index just gave out: reset if reused, else appended.
-        if slot < len(self._size):  # a freed slot, reused
-            self._size[slot] = 0
-            self._first_seen[slot] = _seconds(at)
-            self._sequence[slot] = 0
-            self._owner[slot] = 0
-            self._meta[slot] = 0
-        else:
-            self._name_at.append(-1)
-            self._name_len.append(0)
-            self._size.append(0)
-            self._first_seen.append(_seconds(at))
-            self._sequence.append(0)
-            self._owner.append(0)
-            self._meta.append(0)
-            self._rep.extend(_ZEROS)
-            self._rep_at.extend(_NO_TIMES)
-
-    def _name(self, slot: int) -> str | None:
-        start = self._name_at[slot]
-        if start < 0:
-            return None
-        return self._names[start : start + self._name_len[slot]].decode()
-
-    def _set_name(self, slot: int, name: str | None) -> None:
-        if name is None:
-            self._name_at[slot] = -1
-            return
-        data = name.encode()
-        start = self._name_at[slot]
-        if start >= 0 and self._names[start : start + self._name_len[slot]] == data:
-            return
-        try:
-            self._name_at[slot] = len(self._names)
-        except OverflowError:
-            self._widen("_name_at")[slot] = len(self._names)
-        try:
-            self._name_len[slot] = len(data)
-        except OverflowError:
-            self._widen("_name_len")[slot] = len(data)
-        self._names += data
-
-    def _set_sequence(self, slot: int, sequence: int) -> None:
-        try:
-            self._sequence[slot] = sequence
-        except OverflowError:
-            self._widen("_sequence")[slot] = sequence
-
-    def _widen(self, column: str) -> array[int]:
-        # Once per column at most: an O(objects) copy into 64-bit values.
-        wide = array("q", getattr(self, column))
-        setattr(self, column, wide)
-        return wide
-
-    def _intern(self, text: str) -> int:
-        sid = self._string_id.get(text)
-        if sid is None:
-            sid = self._string_id[text] = len(self._strings)
-            self._strings.append(text)
-        return sid
-
-    def _intern_meta(self, metadata: Mapping[str, str]) -> int:
-        if not metadata:
-            return 0
-        items = tuple(metadata.items())
-        key = items if len(items) == 1 else tuple(sorted(items))
-        mid = self._meta_id.get(key)
-        if mid is None:
-            mid = self._meta_id[key] = len(self._metas)
-            self._metas.append(dict(key))
-        return mid
-
-    def _location(self, replica: Replica) -> int:
-        lid = self._location_id.get(replica)
-        if lid is None:
-            lid = len(self._locations)
-            if lid > _MAX_LOCATIONS:
-                raise OverflowError(
-                    f"more than {_MAX_LOCATIONS} (node, volume) pairs seen; the projection "
-                    "stores location ids in 16 bits: widen the replica column"
-                )
-            self._location_id[replica] = lid
-            self._locations.append(replica)
-        return lid
-
-    def _replica_ids(self, slot: int) -> list[int]:
-        base = slot * _WIDTH
-        ids = [i for i in self._rep[base : base + _WIDTH] if i]
-        more = self._rep_more.get(slot)
-        if more:
-            ids.extend(more)
-        return ids
-
-    def _add_replica(self, slot: int, location: int, at: float = 0.0) -> None:
-        rep = self._rep
-        base = slot * _WIDTH
-        free = -1
-        for k in range(base, base + _WIDTH):
-            value = rep[k]
-            if value == location:
-                self._rep_at[k] = _seconds(at)
-                return
-            if value == _EMPTY and free < 0:
-                free = k
-        more = self._rep_more.get(slot)
-        if more is not None and location in more:
-            return
-        if free >= 0:
-            rep[free] = location
-            self._rep_at[free] = _seconds(at)
-        elif more is None:
-            self._rep_more[slot] = [location]
-        else:
-            more.append(location)
-
-    def _drop_replica(self, slot: int, location: int) -> None:
-        rep = self._rep
-        base = slot * _WIDTH
-        for k in range(base, base + _WIDTH):
-            if rep[k] == location:
-                rep[k] = _EMPTY
-                return
-        more = self._rep_more.get(slot)
-        if more is not None and location in more:
-            more.remove(location)
-            if not more:
-                del self._rep_more[slot]
-
-    def _slots_with(self, locations: list[int]) -> list[int]:
-        # A transient numpy view of the column (the array cannot grow while a view exists).
-        # A lookup table over all 2**16 ids is one gather per entry, several times faster than
-        # np.isin over the column.
-        column = np.frombuffer(self._rep, dtype=np.uint16).reshape(-1, _WIDTH)
-        table = np.zeros(_MAX_LOCATIONS + 1, dtype=bool)
-        table[locations] = True
-        hit = table[column].any(axis=1)
-        slots: list[int] = np.flatnonzero(hit).tolist()
-        del column, hit
-        if self._rep_more:
-            wanted = set(locations)
-            extra = [s for s, more in self._rep_more.items() if wanted.intersection(more)]
-            if extra:
-                return sorted(set(slots).union(extra))
-        return slots
-
-
-_ZEROS = array("H", [_EMPTY] * _WIDTH)
-_NO_TIMES = array("I", [0] * _WIDTH)
-_SECONDS = 2**32
-
-
-def _seconds(at: float) -> int:
-    """``at`` in whole seconds for a 32-bit column (clamped: times before 1970 or after 2106,
-    which validation rejects anyway, and NaN, cannot be stored)."""
-    return int(at) if 0 <= at < _SECONDS else (_SECONDS - 1 if at > 0 else 0)

@@ -38,13 +38,9 @@ import numpy as np
 import numpy.typing as npt
 
 from cim_place.cluster.controller.cid_index import CidIndex, CidIndexError
-from cim_place.cluster.controller.projection import (
-    _WIDTH,
-    FailureKey,
-    LastFailure,
-    Projection,
-    TaskInFlight,
-)
+from cim_place.cluster.controller.projection import Projection
+from cim_place.cluster.controller.projection_columns import _WIDTH
+from cim_place.cluster.controller.projection_tasks import FailureKey, LastFailure, TaskInFlight
 from cim_place.cluster.events.types import InventoryDigest, ObjectDeleted
 from cim_place.errors import CimPlaceError
 from cim_place.objectstore import dagcbor
