@@ -40,7 +40,7 @@ from __future__ import annotations
 import secrets
 import struct
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -283,10 +283,14 @@ class CidIndex:
         }
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, npt.NDArray[np.generic]]) -> CidIndex:
-        """The index :meth:`to_arrays` exported; :class:`CidIndexError` if they are inconsistent."""
+    def from_arrays(cls, arrays: dict[str, npt.NDArray[np.generic]]) -> CidIndex:
+        """The index :meth:`to_arrays` exported; :class:`CidIndexError` if they are inconsistent.
+
+        ``arrays["records"]`` is taken out of ``arrays`` (and dropped once copied), so that a
+        restore at millions of objects does not hold the records twice while the table is built.
+        """
         try:
-            records = np.ascontiguousarray(arrays["records"], dtype=np.uint8)
+            records = np.ascontiguousarray(arrays.pop("records"), dtype=np.uint8)
             free = np.asarray(arrays["free"])
             prefix_bytes = np.asarray(arrays["prefix_bytes"])
             prefix_lengths = np.asarray(arrays["prefix_lengths"])
@@ -316,15 +320,18 @@ class CidIndex:
             if DIGEST <= len(key) <= DIGEST + MAX_PREFIX and key[:-DIGEST] in prefixes:
                 raise CidIndexError("CID index spills a CID whose prefix is interned")
         index = cls()
-        index._records = bytearray(records.tobytes())
+        index._records = bytearray(records.data.cast("B")) if records.size else bytearray()
+        live = np.flatnonzero(pids < SPILLED)
+        del records, pids
         index._free = array("i", free.astype(np.int32).tobytes())
         index._prefixes = prefixes
         index._prefix_id = {p: bytes((i,)) for i, p in enumerate(prefixes)}
         index._spill = spill
         index._spill_at = {slot: key for key, slot in spill.items()}
         index._count = slots - len(free_slots)
-        live = np.flatnonzero(pids < SPILLED)
-        _check_unique(records, live, index._k)
+        view = np.frombuffer(index._records, dtype=np.uint8).reshape(-1, RECORD)
+        _check_unique(view, live, index._k)
+        del view
         index._rebuild(max(_MIN_CAPACITY, (len(live) * 5) // 3 + 1))
         return index
 

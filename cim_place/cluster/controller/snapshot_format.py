@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import math
 import struct
 import sys
 import zlib
@@ -168,8 +169,24 @@ def _encode_cids(arrays: dict[str, npt.NDArray[np.generic]]) -> Iterator[tuple[b
 
 
 def cid_array(data: bytes | bytearray | memoryview) -> npt.NDArray[np.generic]:
-    """One array of :func:`_encode_cids`' sections."""
-    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    """One array of :func:`_encode_cids`' sections, as a view of ``data`` (no copy: at 10M
+    objects the records alone are 330 MB, and the restore's peak memory is the budget)."""
+    head = io.BytesIO(bytes(data[: min(len(data), 1 << 16)]))
+    try:
+        version = np.lib.format.read_magic(head)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
+    except ValueError as exc:
+        raise SnapshotError(f"a CID array's header: {exc}") from None
+    if dtype.hasobject:
+        raise SnapshotError("a CID array holds objects")
+    count = math.prod(shape)
+    if head.tell() + count * dtype.itemsize != len(data):
+        raise SnapshotError("a CID array's length does not match its header")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=head.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 def _decode_cids(arrays: dict[str, npt.NDArray[np.generic]], fresh: Projection) -> None:
