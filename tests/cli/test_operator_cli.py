@@ -53,10 +53,12 @@ def volume_usage(workdir: Path) -> dict[str, int]:
     """Bytes on disk of each node's volume directory (files and directories, like `du`)."""
     usage = {}
     for volume in sorted((workdir / ".cim-place" / "nodes").glob("*/v0")):
-        total = 0
-        for path in [volume, *volume.rglob("*")]:
-            with contextlib.suppress(FileNotFoundError):  # collected while we walk
-                total += path.lstat().st_blocks * 512
+        total = volume.lstat().st_blocks * 512
+        # os.walk skips a directory collected while it walks (rglob would raise).
+        for top, directories, files in os.walk(volume):
+            for name in [*directories, *files]:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.lstat(os.path.join(top, name)).st_blocks * 512
         usage[volume.parent.name] = total
     return usage
 
