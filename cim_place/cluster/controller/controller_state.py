@@ -102,6 +102,9 @@ class ControllerState:
         # What an object gets while its policy is not compiled (none loaded yet, or it failed).
         self._fallback = compile_policy(BUILTIN_DEFAULT)
         self._dirty: set[Cid] = set()
+        # Every CID due at once (a policy change, an election, the full pass): a flag, not a set
+        # of every CID, which at 10M objects would be a gigabyte of bytes objects.
+        self._all_dirty = False
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._scheduler: AsyncIOScheduler | None = None
@@ -154,7 +157,7 @@ class ControllerState:
         self.metrics.leader.set(1)
         if self.locations is not None:
             self.locations.forget_written()
-        self.mark(self.sharding.cids_of(index, self.projection.cids()))
+        self.mark_all()  # the reconcile pass skips the CIDs of shards it does not lead
 
     def _shard_layout(self) -> dict[str, object]:
         led = self.sharding.led if self.sharding is not None else ()
@@ -180,7 +183,7 @@ class ControllerState:
         self.metrics.leader.set(1)
         if self.locations is not None:
             self.locations.forget_written()
-        self.mark(self.projection.cids())
+        self.mark_all()
         _log.info(
             "controller %s leads (term %s)", self.identity, self.election and self.election.term
         )
@@ -192,6 +195,11 @@ class ControllerState:
         _log.warning("controller %s no longer leads", self.identity)
 
     # -- marking --------------------------------------------------------------------------------
+
+    def mark_all(self) -> None:
+        """Every tracked CID is due for a reconcile."""
+        self._all_dirty = True
+        self._wake.set()
 
     def mark(self, cids: Iterable[Cid]) -> None:
         self._dirty.update(cids)

@@ -170,14 +170,15 @@ class ControllerFeeds(ControllerState):
             except PolicyError as exc:
                 _log.error("policy %s cannot be used: %s", policy.name, exc)
         self._compiled = compiled
-        self.mark(self.projection.set_policies(policies))
+        if self.projection.set_policies(policies):
+            self.mark_all()
 
     def _relocate_consumers(self) -> None:
         """A service consumer that moved: compile again and look at every object."""
         policies, now = self.projection.policies, time.time()
         if self.located.moved(policies, self.demand_window, self.node_map(now), now):
             self._set_policies(policies)
-            self.mark(self.projection.cids())
+            self.mark_all()
 
     async def _watch_nodes(self) -> None:
         # Heartbeats change every few seconds; polling the bucket costs one keys() + gets and

@@ -41,7 +41,7 @@ class ControllerPeriodic(ControllerReconcile):
         """Mark everything, forget lost tasks, start a bounded number of rebalance moves."""
         now = time.time()
         self.mark(self.projection.expire_tasks(now - self.config.task_timeout))
-        self.mark(self.projection.cids())
+        self.mark_all()
         if self._acting and self.caught_up.is_set():
             await self.rebalance(now)
             policies = self.projection.policies.policies

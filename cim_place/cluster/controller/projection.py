@@ -318,15 +318,13 @@ class Projection(NodeBook, TaskBook):
 
     # -- policies and forgetting ------------------------------------------------------------------
 
-    def set_policies(self, policies: PolicySet) -> set[Cid]:
-        """Apply a new policy set; marks every CID unless the set is unchanged.
-
-        The controller works through the result rate-limited.
-        """
+    def set_policies(self, policies: PolicySet) -> bool:
+        """Apply a new policy set; True unless it is unchanged (then every CID is due: the
+        controller marks them all, without listing them)."""
         if policies == self.policies:
-            return set()
+            return False
         self.policies = policies
-        return set(self._index.keys())
+        return True
 
     def forget(self, cid: Cid) -> None:
         """Stop tracking ``cid`` (deleted or expired everywhere); its slot is reused."""

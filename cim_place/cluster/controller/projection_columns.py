@@ -105,6 +105,15 @@ class ObjectColumns:
         """Every tracked CID (a snapshot: safe to mutate the projection while iterating)."""
         return iter(self._index.keys())
 
+    def cid_chunks(self, size: int = 4096) -> Iterator[list[Cid]]:
+        """Every tracked CID, ``size`` slots at a time, each chunk listed when it is reached:
+        memory for one chunk, not for every CID. Safe to mutate the projection between chunks
+        (a CID added meanwhile in a slot already passed is missed: its own event marked it)."""
+        start = 0
+        while start < self._index.slots:
+            yield self._index.keys_at(range(start, min(start + size, self._index.slots)))
+            start += size
+
     def object(self, cid: Cid) -> ObjectView | None:
         """The tracked object ``cid``, or None if no ObjectStored for it was applied."""
         slot = self._index.get(cid)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 
 import nats.errors
@@ -63,10 +64,21 @@ class ControllerReconcile(ControllerFeeds):
                     self._wake.set()
                 continue
             batch, self._dirty = self._dirty, set()
-            for cid in batch:
+            if self._all_dirty:
+                # Every CID, listed a chunk at a time (the marks taken above are among them).
+                self._all_dirty = False
+                if not await self._reconcile_each(self.projection.cid_chunks()):
+                    self._all_dirty = True
+                    continue
+            if not await self._reconcile_each([list(batch)]):
+                self._dirty.update(batch)
+
+    async def _reconcile_each(self, chunks: Iterable[list[Cid]]) -> bool:
+        """Reconcile the CIDs of ``chunks``; False if leadership was lost on the way."""
+        for chunk in chunks:
+            for cid in chunk:
                 if not self._acting:
-                    self._dirty.update(batch)
-                    break
+                    return False
                 if self.sharding is not None and not self.sharding.leads(cid):
                     continue  # another shard's: a takeover of that shard marks it again
                 try:
@@ -80,6 +92,7 @@ class ControllerReconcile(ControllerFeeds):
                     self._requeue(cid, 5.0)
                 # Let events and heartbeats in between objects.
                 await asyncio.sleep(0)
+        return True
 
     def _requeue(self, cid: Cid, after: float) -> None:
         asyncio.get_running_loop().call_later(after, self.mark, (cid,))

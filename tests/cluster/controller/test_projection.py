@@ -254,10 +254,14 @@ def test_the_node_index_follows_replicas(projection: Projection) -> None:
 def test_a_policy_change_marks_every_cid(projection: Projection) -> None:
     for cid in (A, B, C):
         projection.apply_event(envelope(stored(cid), "n1"))
-    assert projection.set_policies(PolicySet()) == set()  # unchanged
+    assert projection.set_policies(PolicySet()) is False  # unchanged
     policies = PolicySet(policies=(Policy(name="two", replicas=Replicas(2, 2)),))
-    assert projection.set_policies(policies) == {A, B, C}
-    assert projection.set_policies(policies) == set()
+    assert projection.set_policies(policies) is True  # every CID due
+    assert projection.set_policies(policies) is False
+    # "Every CID" is walked a chunk of slots at a time, each CID once.
+    chunks = list(projection.cid_chunks(2))
+    assert [len(chunk) for chunk in chunks] == [2, 1]
+    assert sorted(cid for chunk in chunks for cid in chunk) == sorted((A, B, C))
 
 
 def test_drift_compares_the_inventory_digest(projection: Projection) -> None:
