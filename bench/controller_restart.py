@@ -146,6 +146,21 @@ def peak_rss_mib() -> float:
     return rss_mib()
 
 
+async def prepare(js: JetStreamContext, url: str) -> subprocess.Popen[bytes]:
+    """The event store and every outbox attached, and a placeholder process holding the lease
+    (so no controller of the bench reconciles); returns that process."""
+    await ensure_event_store(js, replicas=1)
+    # The controller's own outbox (its tombstones) too, attached while the stream is empty:
+    # changing the sources of a stream of a million events can outlast a request's timeout.
+    for node in [*NODES, "hub"]:
+        await ensure_outbox(js, node)
+        await attach_hub_outbox(js, node)
+    holder = subprocess.Popen([sys.executable, __file__, "--hold-lease", url])
+    while (await read_leader(js)) is None:
+        await asyncio.sleep(0.1)
+    return holder
+
+
 async def main(objects: int, copies: int, tail: int) -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="cim-place-bench-") as tmp:
@@ -153,16 +168,7 @@ async def main(objects: int, copies: int, tail: int) -> None:
         try:
             async with connected(hub.url) as nc:
                 js = jetstream(nc, "hub")
-                await ensure_event_store(js, replicas=1)
-                # The controller's own outbox (its tombstones) too, attached while the stream is
-                # empty: changing the sources of a stream of a million events can outlast a
-                # request's timeout.
-                for node in [*NODES, "hub"]:
-                    await ensure_outbox(js, node)
-                    await attach_hub_outbox(js, node)
-                holder = subprocess.Popen([sys.executable, __file__, "--hold-lease", hub.url])
-                while (await read_leader(js)) is None:
-                    await asyncio.sleep(0.1)
+                holder = await prepare(js, hub.url)
                 events = objects * copies
                 seconds = await publish(js, 0, objects, copies)
                 print(
@@ -251,13 +257,7 @@ async def synthetic(objects: int, tail: int) -> None:
         try:
             async with connected(hub.url) as nc:
                 js = jetstream(nc, "hub")
-                await ensure_event_store(js, replicas=1)
-                for node in [*NODES, "hub"]:
-                    await ensure_outbox(js, node)
-                    await attach_hub_outbox(js, node)
-                holder = subprocess.Popen([sys.executable, __file__, "--hold-lease", hub.url])
-                while (await read_leader(js)) is None:
-                    await asyncio.sleep(0.1)
+                holder = await prepare(js, hub.url)
                 # The snapshot stands for every event up to the stream's last one so far.
                 await publish(js, objects, 1, 1)
                 projection.last_sequence = (await js.stream_info(EVENTS_STREAM)).state.last_seq
