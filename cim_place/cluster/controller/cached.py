@@ -331,10 +331,6 @@ class CachedCopies:
             if self.ledger.get(copy.cid, copy.volume) not in (None, copy):
                 self.ledger.put(copy)
         holders = tuple(sorted({node for node, _ in inp.confirmed}))
-        fetching: dict[str, int] = {}
-        for p in self.pending.values():
-            if p.kind == "fetch":
-                fetching[p.copy.node] = fetching.get(p.copy.node, 0) + 1
         queued = 0
         for drop in decision.drop:
             held = self.ledger.get(drop.cid, drop.volume)
@@ -350,14 +346,18 @@ class CachedCopies:
                 reason=f"cached copy: {drop.reason}",
                 created_by=self.identity,
             )
-            if await self._enqueue(queue, task, now):
-                self.pending[(drop.cid, drop.volume)] = _Pending(task.id, "drop", held, drop.reason)
+            pending = _Pending(task.id, "drop", held, drop.reason)
+            if await self._enqueue(queue, task, now, (drop.cid, drop.volume), pending):
                 queued += 1
         for add in decision.add:
             node, volume = add.volume.split("/", 1)
             if (cid, add.volume) in self.pending or not holders or not acting():
                 continue
-            if fetching.get(node, 0) >= self.max_fetches_per_node:
+            # Counted for each: reconciles of other CIDs add theirs while this one awaits.
+            fetching = sum(
+                1 for p in self.pending.values() if p.kind == "fetch" and p.copy.node == node
+            )
+            if fetching >= self.max_fetches_per_node:
                 continue
             task = Task.create(
                 "fetch",
@@ -372,18 +372,28 @@ class CachedCopies:
                 owner=inp.obj.owner,
                 metadata=inp.obj.metadata,
             )
-            if await self._enqueue(queue, task, now):
-                copy = CachedCopy(cid, add.volume, add.size, add.last_read, add.cause)
-                self.pending[(cid, add.volume)] = _Pending(task.id, "fetch", copy)
-                fetching[node] = fetching.get(node, 0) + 1
+            copy = CachedCopy(cid, add.volume, add.size, add.last_read, add.cause)
+            if await self._enqueue(
+                queue, task, now, (cid, add.volume), _Pending(task.id, "fetch", copy)
+            ):
                 queued += 1
         return queued
 
-    async def _enqueue(self, queue: TaskQueue, task: Task, now: float) -> bool:
+    async def _enqueue(
+        self, queue: TaskQueue, task: Task, now: float, key: tuple[Cid, str], pending: _Pending
+    ) -> bool:
         if self.projection.task(task.id) is not None:
             return False
-        await queue.enqueue(task)
+        # Recorded before the enqueue is awaited, so reconciles running meanwhile count it;
+        # withdrawn if the hub did not take it.
         self.projection.task_enqueued(task, now)
+        self.pending[key] = pending
+        try:
+            await queue.enqueue(task)
+        except BaseException:
+            self.projection.task_withdrawn(task.id)
+            self.pending.pop(key, None)
+            raise
         return True
 
     def _sequence(self, cid: Cid) -> int:

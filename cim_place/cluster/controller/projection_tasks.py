@@ -137,6 +137,12 @@ class TaskBook(ObjectColumns):
         self._tasks_by_cid.setdefault(task.root, set()).add(task.id)
         self.task_changes += 1
 
+    def task_withdrawn(self, task_id: str) -> None:
+        """Forget a task recorded by :meth:`task_enqueued` that the hub did not take after all."""
+        task = self._tasks.pop(task_id, None)
+        if task is not None:
+            self._unindex_task(task)
+
     def expire_tasks(self, older_than: float) -> set[Cid]:
         """Forget tasks enqueued before ``older_than`` (their report was lost); their CIDs."""
         stale = [t for t in self._tasks.values() if t.enqueued_at < older_than]

@@ -40,12 +40,15 @@ from cim_place.placement.rules import CompiledPolicy
 from cim_place.policies.model import Policy
 from cim_place.policies.selectors import ObjectFacts, match_policy
 
-__all__ = ["DEGRADED_RETRY", "ControllerReconcile"]
+__all__ = ["DEGRADED_RETRY", "RECONCILE_WINDOW", "ControllerReconcile"]
 
 _log = logging.getLogger(__name__)
 
 DEGRADED_RETRY = 5.0
 """Seconds after which a degraded or lost object is reconciled again without any event."""
+
+RECONCILE_WINDOW = 32
+"""Reconciles one pass keeps in flight (each mostly waits on the hub: see ``_reconcile_each``)."""
 
 
 class ControllerReconcile(ControllerFeeds):
@@ -74,11 +77,26 @@ class ControllerReconcile(ControllerFeeds):
                 self._dirty.update(batch)
 
     async def _reconcile_each(self, chunks: Iterable[list[Cid]]) -> bool:
-        """Reconcile the CIDs of ``chunks``; False if leadership was lost on the way."""
-        for chunk in chunks:
-            for cid in chunk:
-                if not self._acting:
-                    return False
+        """Reconcile the CIDs of ``chunks``, :data:`RECONCILE_WINDOW` at a time; False if
+        leadership was lost on the way.
+
+        Each reconcile waits on the hub several times (its status read and written, each task's
+        enqueue acknowledged): one at a time, a backlog's ingest was bound by those round trips,
+        not by the CPU. Reconciles of different CIDs share only the rate limits, which each
+        takes before it awaits (:meth:`reconcile_one`); a CID is never in two reconciles of one
+        pass, since the CIDs of one call are distinct.
+        """
+        pending = (cid for chunk in chunks for cid in chunk)
+        lost = False
+
+        async def work() -> None:
+            nonlocal lost
+            # One shared generator: each CID is taken by exactly one worker (``next`` never
+            # awaits, so no two workers are inside it at once).
+            for cid in pending:
+                if lost or not self._acting:
+                    lost = True
+                    return
                 if self.sharding is not None and not self.sharding.leads(cid):
                     continue  # another shard's: a takeover of that shard marks it again
                 try:
@@ -92,7 +110,9 @@ class ControllerReconcile(ControllerFeeds):
                     self._requeue(cid, 5.0)
                 # Let events and heartbeats in between objects.
                 await asyncio.sleep(0)
-        return True
+
+        await asyncio.gather(*(work() for _ in range(RECONCILE_WINDOW)))
+        return not lost
 
     def _requeue(self, cid: Cid, after: float) -> None:
         asyncio.get_running_loop().call_later(after, self.mark, (cid,))
@@ -180,17 +200,17 @@ class ControllerReconcile(ControllerFeeds):
         # Cached copies and demand tasks are invisible to the reconciler (cached.py).
         cached = self.cached.volumes(cid, inp)
         result = reconcile(required_input(inp, cached))
-        # Counted only when there is something to issue: the walk over the tasks in flight
-        # is bounded by max_tasks, but most reconciles (an event about a placed object) issue
-        # nothing, and a backlog ingest would otherwise pay it once per object.
-        if result.actions:
-            _, budget, slots = self._limits()
+        # The limits are read only when there is something to issue (in the loop): most
+        # reconciles (an event about a placed object) issue nothing.
         postponed = False
         obj = inp.obj
         policy = inp.policy
         for action in result.actions:
             if not self.leads(cid):
                 return result  # deposed: not one more task
+            # Read for each action: another reconcile may have taken from (or a report may
+            # have renewed) the limits while this one awaited its previous enqueue.
+            _, budget, slots = self._limits()
             repair = is_repair(action)
             if not budget.allows(action.node, action.kind, obj.size) or (
                 repair and not slots.allows(policy)
@@ -213,14 +233,20 @@ class ControllerReconcile(ControllerFeeds):
             )
             if self.projection.task(task.id) is not None:
                 continue
-            await self._queue.enqueue(task)
-            before = self.projection.task_changes  # nothing awaited from here to the take
+            # Counted before the enqueue is awaited, so reconciles running meanwhile see it
+            # against the limits; withdrawn if the hub did not take it.
+            before = self.projection.task_changes
             self.projection.task_enqueued(task, now, repair_policy=policy.name if repair else None)
             if repair:
                 slots.take(policy)
             budget.take(action.node, action.kind, obj.size)
             if self._budget_cache == (before, budget, slots):
                 self._budget_cache = (before + 1, budget, slots)  # this task, counted by take
+            try:
+                await self._queue.enqueue(task)
+            except BaseException:
+                self.projection.task_withdrawn(task.id)  # the limits are recounted next time
+                raise
             self.metrics.tasks_queued.labels(action.kind).inc()
         if self.leads(cid) and not result.gone:
             await self.cached.act(self._queue, cid, inp, result, now, lambda: self.leads(cid))
