@@ -529,6 +529,7 @@ async def shards_ingest(args: argparse.Namespace) -> None:
     )
     rates: dict[int, float] = {}
     busy_rates: dict[int, float] = {}
+    cores_used: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="cim-bench-shards-", dir=args.tmp) as tmp:
         for shards in (1, 2):
             domain = Domain(args.backlog, args.seed + 1, args.names)
@@ -536,6 +537,7 @@ async def shards_ingest(args: argparse.Namespace) -> None:
                 Path(tmp) / f"shards-{shards}", domain, args.window, args.timeout, shards
             )
             rates[shards] = args.backlog / took
+            cores_used[shards] = (cpu + hub_cpu) / took
             busy_rates[shards] = args.backlog / busy
             print(f"{'raw publish (same hub)':44s} {raw:12,.0f} events/s")
             print(
@@ -555,6 +557,17 @@ async def shards_ingest(args: argparse.Namespace) -> None:
                 f"{'  hub nats-server CPU meanwhile':44s} {hub_cpu:12.2f} s  "
                 f"{1000 * hub_cpu / args.backlog:9.2f} ms/object"
             )
+    cores = os.cpu_count() or 1
+    # What the machine allows: N shards cannot go faster than the cores there are over the
+    # cores one shard (with its hub) kept busy, even if sharding cost nothing per object.
+    print(
+        f"{'cores busy (controllers + hub): one / two':44s} {cores_used[1]:12.2f} / "
+        f"{cores_used[2]:.2f} of {cores}"
+    )
+    print(
+        f"{'ceiling here: cores / one shard busy':44s} {cores / cores_used[1]:12.2f}x  "
+        "(if two shards cost no more CPU per object than one)"
+    )
     print(f"{'two shards / one shard (spawn -> all)':44s} {rates[2] / rates[1]:12.2f}x")
     print(
         f"{'two shards / one shard (first task -> all)':44s} {busy_rates[2] / busy_rates[1]:12.2f}x"

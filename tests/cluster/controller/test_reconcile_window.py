@@ -1,0 +1,132 @@
+"""A reconcile pass keeps many reconciles in flight (``RECONCILE_WINDOW``): the rate limits still
+hold exactly, every object is reconciled once, and a task the hub refused is withdrawn from the
+projection (pure: an in-memory task queue and status store stand in for the hub, with random
+delays so that the reconciles interleave)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections import Counter
+
+from cim_place.cluster.controller.reconcile_pass import RECONCILE_WINDOW
+from cim_place.cluster.controller.service import Controller, ControllerConfig
+from cim_place.cluster.events.types import ObjectStored, event_envelope
+from cim_place.cluster.nats.envelope import Envelope
+from cim_place.cluster.state.nodes import NodeRecord, VolumeStatus
+from cim_place.cluster.tasks.model import Task
+from cim_place.cluster.tasks.queue import Enqueued
+from cim_place.errors import TransportError
+from cim_place.objectstore.cid import RAW, Cid, cid_of_digest, to_str
+from cim_place.placement.status import ObjectStatus
+
+OBJECTS = 4 * RECONCILE_WINDOW
+NODES = 6
+UNLIMITED = ControllerConfig(
+    max_tasks=1 << 30, max_tasks_per_node=1 << 30, max_bytes_per_node=1 << 50
+)
+
+
+class SlowQueue:
+    """Takes tasks after a random delay; refuses every ``refuse_every``-th one."""
+
+    def __init__(self, refuse_every: int = 0) -> None:
+        self.tasks: list[Task] = []
+        self.calls = 0
+        self.refuse_every = refuse_every
+        self.random = random.Random(7)
+
+    async def enqueue(self, task: Task, *, cause: Envelope | None = None) -> Enqueued:
+        self.calls += 1
+        call = self.calls
+        await asyncio.sleep(self.random.random() / 500)
+        if self.refuse_every and call % self.refuse_every == 0:
+            raise TransportError(f"could not queue task {task.id}: the hub refused it")
+        self.tasks.append(task)
+        return Enqueued(task.id, len(self.tasks), False)
+
+
+class MemoryLocations:
+    def __init__(self) -> None:
+        self.statuses: dict[str, ObjectStatus] = {}
+        self.puts: Counter[str] = Counter()
+
+    async def get(self, cid: Cid | str) -> ObjectStatus | None:
+        await asyncio.sleep(0)
+        return self.statuses.get(cid if isinstance(cid, str) else to_str(cid))
+
+    async def put(self, status: ObjectStatus) -> bool:
+        await asyncio.sleep(0)
+        self.statuses[status.cid] = status
+        self.puts[status.cid] += 1
+        return True
+
+    async def delete(self, cid: Cid | str) -> None:
+        self.statuses.pop(cid if isinstance(cid, str) else to_str(cid), None)
+
+
+def controller_with(config: ControllerConfig, queue: SlowQueue) -> tuple[Controller, list[Cid]]:
+    """A leading controller that knows ``NODES`` live nodes in as many zones and ``OBJECTS``
+    objects stored once each on n0 (the built-in policy wants 3 copies: two fetches each)."""
+    controller = Controller(config)
+    now = time.time()
+    controller._last_records = {
+        f"n{i}": NodeRecord(
+            node=f"n{i}",
+            labels={"zone": f"z{i}"},
+            volumes=(VolumeStatus("v1", 1 << 40, 0, 1 << 40),),
+            heartbeat_at=now,
+        )
+        for i in range(NODES)
+    }
+    cids = []
+    for i in range(OBJECTS):
+        root = cid_of_digest(RAW, hashlib.sha256(f"object {i}".encode()).digest())
+        event = ObjectStored(root=root, size=1024, blocks=1, volume="v1", owner="n0")
+        controller.projection.apply_event(
+            event_envelope(event, owner="n0").with_sequence(i + 1), node="n0", at=now
+        )
+        cids.append(root)
+    controller.locations = MemoryLocations()  # type: ignore[assignment]
+    controller._queue = queue  # type: ignore[assignment]
+    controller._acting = True
+    controller.caught_up.set()
+    return controller, cids
+
+
+async def test_the_limits_hold_with_many_reconciles_in_flight() -> None:
+    queue = SlowQueue()
+    config = ControllerConfig(max_tasks=40, max_tasks_per_node=9)
+    controller, cids = controller_with(config, queue)
+    assert await controller._reconcile_each([cids])
+    per_node = Counter(task.node for task in queue.tasks)
+    assert len(queue.tasks) == 40  # exactly the domain's limit, not one more
+    assert max(per_node.values()) <= 9
+    assert "n0" not in per_node  # it holds every copy already
+    assert controller.projection.tasks_in_flight == 40
+    assert len({task.id for task in queue.tasks}) == 40
+    locations = controller.locations
+    assert isinstance(locations, MemoryLocations)
+    assert set(locations.puts) == {to_str(cid) for cid in cids}  # every object reconciled
+    assert set(locations.puts.values()) == {1}  # once
+
+
+async def test_without_limits_every_object_gets_its_fetches_once() -> None:
+    queue = SlowQueue()
+    controller, cids = controller_with(UNLIMITED, queue)
+    assert await controller._reconcile_each([cids])
+    assert len(queue.tasks) == 2 * OBJECTS
+    assert Counter(task.root for task in queue.tasks) == {cid: 2 for cid in cids}
+
+
+async def test_a_refused_task_is_withdrawn_and_its_object_retried() -> None:
+    queue = SlowQueue(refuse_every=5)
+    controller, cids = controller_with(UNLIMITED, queue)
+    assert await controller._reconcile_each([cids])
+    # What the projection counts in flight is what the queue took, nothing it refused.
+    assert controller.projection.tasks_in_flight == len(queue.tasks)
+    assert {t.id for t in controller.projection.in_flight()} == {t.id for t in queue.tasks}
+    assert controller._budget().total == len(queue.tasks)
+    assert len(queue.tasks) < 2 * OBJECTS
