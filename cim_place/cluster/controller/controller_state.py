@@ -105,6 +105,8 @@ class ControllerState:
         # Every CID due at once (a policy change, an election, the full pass): a flag, not a set
         # of every CID, which at 10M objects would be a gigabyte of bytes objects.
         self._all_dirty = False
+        self._walk_cursor = 0
+        """The slot where a walk of every CID resumes (``ControllerReconcile._walk_all``)."""
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._scheduler: AsyncIOScheduler | None = None

@@ -105,14 +105,18 @@ class ObjectColumns:
         """Every tracked CID (a snapshot: safe to mutate the projection while iterating)."""
         return iter(self._index.keys())
 
-    def cid_chunks(self, size: int = 4096) -> Iterator[list[Cid]]:
-        """Every tracked CID, ``size`` slots at a time, each chunk listed when it is reached:
-        memory for one chunk, not for every CID. Safe to mutate the projection between chunks
-        (a CID added meanwhile in a slot already passed is missed: its own event marked it)."""
-        start = 0
-        while start < self._index.slots:
-            yield self._index.keys_at(range(start, min(start + size, self._index.slots)))
-            start += size
+    def cid_chunks(self, size: int = 4096, start: int = 0) -> Iterator[tuple[int, list[Cid]]]:
+        """Every tracked CID, ``size`` slots at a time from slot ``start`` round to it again,
+        each chunk listed when it is reached (memory for one chunk, not for every CID), with
+        the slot where the next chunk starts (a cursor to resume a walk from). Safe to mutate
+        the projection between chunks (a CID added meanwhile in a slot already passed, or
+        beyond the slots there were, is missed: its own event marked it)."""
+        slots = self._index.slots
+        start = start if 0 <= start < slots else 0
+        for low, end in ((start, slots), (0, start)):
+            for first in range(low, end, size):
+                last = min(first + size, end)
+                yield (last if last < slots else 0), self._index.keys_at(range(first, last))
 
     def object(self, cid: Cid) -> ObjectView | None:
         """The tracked object ``cid``, or None if no ObjectStored for it was applied."""

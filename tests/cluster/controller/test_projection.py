@@ -260,8 +260,16 @@ def test_a_policy_change_marks_every_cid(projection: Projection) -> None:
     assert projection.set_policies(policies) is False
     # "Every CID" is walked a chunk of slots at a time, each CID once.
     chunks = list(projection.cid_chunks(2))
-    assert [len(chunk) for chunk in chunks] == [2, 1]
-    assert sorted(cid for chunk in chunks for cid in chunk) == sorted((A, B, C))
+    assert [(after, len(chunk)) for after, chunk in chunks] == [(2, 2), (0, 1)]
+    assert sorted(cid for _, chunk in chunks for cid in chunk) == sorted((A, B, C))
+    # From a cursor, round to it again: each CID once, the cursor's slot first.
+    resumed = list(projection.cid_chunks(2, start=1))
+    assert [(after, len(chunk)) for after, chunk in resumed] == [(0, 2), (1, 1)]
+    assert [cid for _, chunk in resumed for cid in chunk] == [
+        *chunks[0][1][1:],
+        *chunks[1][1],
+        chunks[0][1][0],
+    ]
 
 
 def test_drift_compares_the_inventory_digest(projection: Projection) -> None:
