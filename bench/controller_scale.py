@@ -396,7 +396,9 @@ async def beat(js: JetStreamContext, domain: Domain, stop: asyncio.Event) -> Non
             await asyncio.wait_for(stop.wait(), 2.0)
 
 
-async def ingest(directory: Path, domain: Domain, window: int, timeout: float) -> None:
+async def ingest(
+    directory: Path, domain: Domain, window: int, timeout: float, lease: float
+) -> None:
     backlog = domain.count
     hub = start_hub(directory, size=1)
     stop = asyncio.Event()
@@ -409,7 +411,7 @@ async def ingest(directory: Path, domain: Domain, window: int, timeout: float) -
             config = ControllerConfig(
                 servers=(hub.url,),
                 identity="bench",
-                lease=3.0,
+                lease=lease,
                 full_pass_every=3600.0,
                 max_tasks_per_node=1 << 40,
                 max_bytes_per_node=1 << 62,
@@ -453,7 +455,7 @@ async def ingest(directory: Path, domain: Domain, window: int, timeout: float) -
 
 
 async def ingest_processes(
-    directory: Path, domain: Domain, window: int, timeout: float, shards: int
+    directory: Path, domain: Domain, window: int, timeout: float, shards: int, lease: float
 ) -> tuple[float, float, float, float, float]:
     """Step 4 with ``shards`` controller processes (``--shards shards``): (raw publish events/s,
     seconds from spawning them to the last fetch enqueued, seconds from the first fetch to it,
@@ -463,7 +465,7 @@ async def ingest_processes(
     stop = asyncio.Event()
     config = directory / "controller.yaml"
     config.write_text(
-        "lease: 3s\nfull_pass: 1h\nmax_tasks_per_node: 1000000000\nmax_tasks: 1000000000\n"
+        f"lease: {lease:g}s\nfull_pass: 1h\nmax_tasks_per_node: 1000000000\nmax_tasks: 1000000000\n"
         "max_bytes_per_node: 1000000000000000\n"
     )
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -531,10 +533,15 @@ async def shards_ingest(args: argparse.Namespace) -> None:
     busy_rates: dict[int, float] = {}
     cores_used: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="cim-bench-shards-", dir=args.tmp) as tmp:
-        for shards in (1, 2):
+        for shards in args.counts:
             domain = Domain(args.backlog, args.seed + 1, args.names)
             raw, took, busy, cpu, hub_cpu = await ingest_processes(
-                Path(tmp) / f"shards-{shards}", domain, args.window, args.timeout, shards
+                Path(tmp) / f"shards-{shards}",
+                domain,
+                args.window,
+                args.timeout,
+                shards,
+                args.lease,
             )
             rates[shards] = args.backlog / took
             cores_used[shards] = (cpu + hub_cpu) / took
@@ -557,6 +564,8 @@ async def shards_ingest(args: argparse.Namespace) -> None:
                 f"{'  hub nats-server CPU meanwhile':44s} {hub_cpu:12.2f} s  "
                 f"{1000 * hub_cpu / args.backlog:9.2f} ms/object"
             )
+    if not {1, 2} <= set(args.counts):
+        return
     cores = os.cpu_count() or 1
     # What the machine allows: N shards cannot go faster than the cores there are over the
     # cores one shard (with its hub) kept busy, even if sharding cost nothing per object.
@@ -638,7 +647,7 @@ async def run(args: argparse.Namespace) -> None:
             hub.stop()
         if args.backlog:
             backlog = Domain(args.backlog, args.seed + 1, args.names)
-            await ingest(Path(tmp) / "ingest", backlog, args.window, args.timeout)
+            await ingest(Path(tmp) / "ingest", backlog, args.window, args.timeout, args.lease)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 
@@ -660,6 +669,15 @@ def main() -> None:
         "--shards-ingest",
         action="store_true",
         help="ingest only, by controller processes: one shard against two (--backlog objects)",
+    )
+    parser.add_argument(
+        "--counts",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1, 2],
+        help="with --shards-ingest: the shard counts to run, comma-separated (default 1,2)",
+    )
+    parser.add_argument(
+        "--lease", type=float, default=3.0, help="the controllers' lease in seconds (default 3)"
     )
     args = parser.parse_args()
     if args.objects < 1 or args.backlog < 0 or args.window < 1:
