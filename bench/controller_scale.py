@@ -35,6 +35,14 @@ processes and ``--shards 2`` on the same machine, each on a fresh hub with the s
 progress is read from the task stream (``CIM_PLACE_TASKS``, which no agent drains here)::
 
     .venv/bin/python bench/controller_scale.py --shards-ingest --backlog 4000   # ~2 min
+
+``--walk`` measures the leader's steady-state memory: the projection of ``--objects`` objects
+built in process (as ``--in-process``), then one walk of every object by a real ``Controller``
+(reconcile, status index, per-object states) whose hub I/O (status reads and writes, task
+enqueues) is replaced by no-ops; the RSS growth over the walk per object is printed beside the
+bytes the projection's arrays hold::
+
+    .venv/bin/python bench/controller_scale.py --walk --objects 200000          # ~2 min
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats.js.errors
 import numpy as np
 import numpy.typing as npt
 from nats.aio.client import Client
@@ -70,6 +79,7 @@ from cim_place.cluster.events.types import ObjectStored, event_envelope
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.envelope import Content, Envelope
 from cim_place.cluster.nats.subjects import EVENTS_STREAM, TASKS_STREAM, Subjects
+from cim_place.cluster.state.locations import LocationStore
 from cim_place.cluster.state.nodes import NodeRecord, VolumeStatus, nodes_bucket
 from cim_place.local.topologies import start_hub
 from cim_place.placement.batch import NO_VOLUME, plan_batch
@@ -583,6 +593,85 @@ async def shards_ingest(args: argparse.Namespace) -> None:
     )
 
 
+class _NoBucket:
+    """A status shard whose writes go nowhere and which holds no status."""
+
+    _name = "none"
+
+    async def put(self, key: str, value: bytes) -> int:
+        return 0
+
+    async def get(self, key: str) -> None:
+        raise nats.js.errors.KeyNotFoundError()
+
+
+class _NoQueue:
+    async def enqueue(self, task: object, *, cause: object = None) -> None:
+        return None
+
+
+async def walk(domain: Domain) -> None:
+    """The leader's memory once it has reconciled every object (``--walk``)."""
+    projection, _, _ = build_in_process(domain)
+    del domain.templates
+    n = domain.count
+    # No heartbeat comes during the walk: nodes must not turn late or down meanwhile (their
+    # objects would be marked and reconciled again, with repairs).
+    config = ControllerConfig(
+        max_tasks=1 << 40,
+        max_tasks_per_node=1 << 40,
+        max_bytes_per_node=1 << 62,
+        late_after=1e9,
+        down_after=2e9,
+    )
+    controller = Controller(config)
+    controller.projection = projection
+    now = time.time()
+    by_node: dict[str, list[Volume]] = {}
+    for volume in domain.volumes:
+        by_node.setdefault(volume.node, []).append(volume)
+    controller._last_records = {
+        node: NodeRecord(
+            node=node,
+            labels=dict(volumes[0].labels),
+            volumes=tuple(
+                VolumeStatus(v.name, v.capacity, v.capacity - v.free, v.free) for v in volumes
+            ),
+            heartbeat_at=now,
+        )
+        for node, volumes in by_node.items()
+    }
+    store = LocationStore(None)  # type: ignore[arg-type]
+
+    async def shard(cid: object) -> _NoBucket:
+        return _NoBucket()
+
+    store.shard = shard  # type: ignore[method-assign,assignment]
+    controller.locations = store
+    controller._queue = _NoQueue()  # type: ignore[assignment]
+    controller._acting = True
+    controller.caught_up.set()
+    controller.liveness(now)
+    controller._dirty.clear()
+    gc.collect()
+    before = rss()
+    started = time.perf_counter()
+    if not await controller._walk_all():
+        raise SystemExit("the walk stopped")
+    took = time.perf_counter() - started
+    gc.collect()
+    grown = rss() - before
+    print("\n== one walk of every object by a real Controller (hub I/O replaced by no-ops)")
+    print(f"{'projection: bytes its arrays hold':44s} {held_bytes(projection) / n:12.1f} B/object")
+    print(f"{'RSS growth over the walk':44s} {grown / n:12.1f} B/object  ({mib(grown)})")
+    print(
+        f"{'  of which per-object states (arrays)':44s} "
+        f"{controller.object_states.nbytes / n:12.1f} B/object"
+    )
+    print(f"{'walk':44s} {took:12.1f} s  {n / took:9,.0f} objects/s (no hub)")
+    print(f"{'process RSS now / peak':44s} {mib(rss()):>12s} / {mib(peak_rss())}")
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -600,6 +689,9 @@ async def run(args: argparse.Namespace) -> None:
     )
     if args.in_process:
         fill_in_process(domain)
+        return
+    if args.walk:
+        await walk(domain)
         return
     with tempfile.TemporaryDirectory(prefix="cim-bench-scale-", dir=args.tmp) as tmp:
         hub = start_hub(Path(tmp) / "hub", size=1)
@@ -675,6 +767,11 @@ def main() -> None:
         type=lambda text: [int(n) for n in text.split(",")],
         default=[1, 2],
         help="with --shards-ingest: the shard counts to run, comma-separated (default 1,2)",
+    )
+    parser.add_argument(
+        "--walk",
+        action="store_true",
+        help="the leader's memory after one walk of every object (in process, no hub)",
     )
     parser.add_argument(
         "--lease", type=float, default=3.0, help="the controllers' lease in seconds (default 3)"

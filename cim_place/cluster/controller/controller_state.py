@@ -30,6 +30,7 @@ from cim_place.cluster.controller.demand import DemandIntake
 from cim_place.cluster.controller.inventory import InventoryCheck
 from cim_place.cluster.controller.located import LocatedConsumers
 from cim_place.cluster.controller.metrics import ControllerMetrics
+from cim_place.cluster.controller.object_states import ObjectStates
 from cim_place.cluster.controller.projection import Projection
 from cim_place.cluster.controller.rejections import Rejections
 from cim_place.cluster.controller.removal import Removals
@@ -120,7 +121,8 @@ class ControllerState:
             {},
             (),
         )
-        self._states: dict[Cid, str] = {}
+        self.object_states = ObjectStates()
+        """Per projection slot: the state of its last reconcile, its shard, the status hash."""
         self._under: set[Cid] = set()
         self._below_min: set[Cid] = set()
         self._acting = False
@@ -157,8 +159,7 @@ class ControllerState:
         assert self.sharding is not None
         self._acting = True
         self.metrics.leader.set(1)
-        if self.locations is not None:
-            self.locations.forget_written()
+        self.object_states.forget_written()
         self.mark_all()  # the reconcile pass skips the CIDs of shards it does not lead
 
     def _shard_layout(self) -> dict[str, object]:
@@ -172,8 +173,8 @@ class ControllerState:
         # Its new leader answers for them now: its rows leave this process's status index.
         forget_shard(
             index,
-            self.config.shards,
-            self._states,
+            self.object_states,
+            self.projection.keys_at,
             (self._under, self._below_min),
             self.status_index,
         )
@@ -183,8 +184,7 @@ class ControllerState:
     def _elected(self) -> None:
         self._acting = True
         self.metrics.leader.set(1)
-        if self.locations is not None:
-            self.locations.forget_written()
+        self.object_states.forget_written()
         self.mark_all()
         _log.info(
             "controller %s leads (term %s)", self.identity, self.election and self.election.term

@@ -23,7 +23,7 @@ from cim_place.errors import CimPlaceError
 from cim_place.placement.model import PlacedObject
 from cim_place.placement.reconciler import rebalance_candidates
 from cim_place.placement.rules import Liveness
-from cim_place.placement.status import OBJECT_STATES, Summary
+from cim_place.placement.status import Summary
 from cim_place.placement.topology import topology_warnings
 from cim_place.policies.model import BUILTIN_DEFAULT
 
@@ -95,18 +95,16 @@ class ControllerPeriodic(ControllerReconcile):
         assert self.sharding is not None
         by_shard = shard_summaries(
             self.summary(),
-            self._states,
+            self.object_states,
             self._under,
-            self.projection.size,
+            self.projection.sizes_at,
             self.sharding.shards,
             self.sharding.led,
         )
         await write_shard_summaries(locations.bucket, by_shard, self.sharding.shards)
 
     def summary(self) -> Summary:
-        counts: dict[str, int] = dict.fromkeys(OBJECT_STATES, 0)
-        for state in self._states.values():
-            counts[state] = counts.get(state, 0) + 1
+        counts = self.object_states.counts()
         for state, count in counts.items():
             self.metrics.objects.labels(state).set(count)
         self.metrics.under_replicated.set(len(self._under))

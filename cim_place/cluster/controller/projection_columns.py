@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from cim_place.cluster.controller.cid_index import CidIndex
 from cim_place.objectstore.cid import Cid
@@ -117,6 +118,21 @@ class ObjectColumns:
             for first in range(low, end, size):
                 last = min(first + size, end)
                 yield (last if last < slots else 0), self._index.keys_at(range(first, last))
+
+    def slot(self, cid: Cid) -> int | None:
+        """The slot of ``cid`` (what columns kept elsewhere per object are indexed by)."""
+        return self._index.get(cid)
+
+    def keys_at(self, slots: npt.NDArray[np.intp]) -> list[Cid]:
+        """The CIDs in ``slots`` (free slots skipped)."""
+        return self._index.keys_at(slots)
+
+    def sizes_at(self, slots: npt.NDArray[np.intp]) -> npt.NDArray[np.uint64]:
+        """The sizes of the objects in ``slots``."""
+        view = np.frombuffer(self._size, dtype=np.dtype(f"u{self._size.itemsize}"))
+        sizes = view[slots].astype(np.uint64)
+        del view  # the array cannot grow while a view of it exists
+        return sizes
 
     def object(self, cid: Cid) -> ObjectView | None:
         """The tracked object ``cid``, or None if no ObjectStored for it was applied."""

@@ -23,6 +23,7 @@ from cim_place.cluster.controller.feeds import ControllerFeeds
 from cim_place.cluster.controller.projection import ObjectView
 from cim_place.cluster.controller.repairs import RepairSlots
 from cim_place.cluster.events.types import ObjectDeleted
+from cim_place.cluster.state.cid_shards import shard_of
 from cim_place.cluster.tasks.model import Task
 from cim_place.errors import CimPlaceError
 from cim_place.objectstore.cid import Cid, to_str
@@ -37,6 +38,7 @@ from cim_place.placement.reconcile_model import (
 )
 from cim_place.placement.reconciler import reconcile
 from cim_place.placement.rules import CompiledPolicy
+from cim_place.placement.status import ObjectStatus
 from cim_place.policies.model import Policy
 from cim_place.policies.selectors import ObjectFacts, match_policy
 
@@ -277,14 +279,16 @@ class ControllerReconcile(ControllerFeeds):
             # Expired and every copy dropped: it leaves the listing and the projection.
             if self.leads(cid):
                 await self.locations.delete(cid)
+            slot = self.projection.slot(cid)
+            if slot is not None:
+                self.object_states.clear(slot)
             self.projection.forget(cid)
             self.status_index.remove(result.status.cid)
-            self._states.pop(cid, None)
             self._under.discard(cid)
             self.reconciled += 1
             return result
         if self.leads(cid):
-            await self.locations.put(result.status)
+            await self._write_status(cid, result.status)
         self._note_state(cid, result)
         if result.status.state != "removed" and result.status.pinned < inp.policy.min_copies:
             self._below_min.add(cid)
@@ -321,8 +325,24 @@ class ControllerReconcile(ControllerFeeds):
         self._budget_cache = (self.projection.task_changes, budget, slots)
         return self._budget_cache
 
+    async def _write_status(self, cid: Cid, status: ObjectStatus) -> None:
+        """Write ``status`` to KV unless it is what this process last wrote for ``cid``."""
+        assert self.locations is not None
+        data = status.encode()
+        written = hash(data) or 1  # 0 marks "nothing written"
+        slot = self.projection.slot(cid)
+        if slot is not None and self.object_states.written(slot) == written:
+            return
+        await self.locations.write(status.cid, data)
+        slot = self.projection.slot(cid)  # looked up again: the write awaited
+        if slot is not None:
+            self.object_states.set_written(slot, written)
+
     def _note_state(self, cid: Cid, result: ReconcileResult) -> None:
-        self._states[cid] = result.status.state
+        slot = self.projection.slot(cid)
+        if slot is not None:
+            shard = shard_of(cid, self.config.shards) if self.sharding is not None else 0
+            self.object_states.note(slot, result.status.state, shard)
         self.status_index.update(result.status)
         if result.status.state != "removed" and result.status.pinned < result.status.desired:
             self._under.add(cid)

@@ -47,9 +47,12 @@ from functools import partial
 
 import nats.errors
 import nats.js.errors
+import numpy as np
+import numpy.typing as npt
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from cim_place.cluster.controller.object_states import ObjectStates
 from cim_place.cluster.controller.status_index import StatusIndex
 from cim_place.cluster.nats import kv
 from cim_place.cluster.state.cid_shards import (
@@ -61,7 +64,7 @@ from cim_place.cluster.state.cid_shards import (
 )
 from cim_place.cluster.state.leader import LEADER_KEY, LeaderElection
 from cim_place.objectstore.cid import Cid, to_str
-from cim_place.placement.status import OBJECT_STATES, Summary
+from cim_place.placement.status import Summary
 
 __all__ = ["ShardLeadership", "forget_shard", "shard_summaries", "write_shard_summaries"]
 
@@ -256,18 +259,19 @@ class ShardLeadership:
 
 def forget_shard(
     index: int,
-    shards: int,
-    states: dict[Cid, str],
+    states: ObjectStates,
+    keys_at: Callable[[npt.NDArray[np.intp]], list[Cid]],
     sets: Iterable[set[Cid]],
     status_index: StatusIndex,
 ) -> int:
     """Forget what this process noted about shard ``index``'s objects (it no longer leads it):
-    their states, their membership of ``sets`` and their status-index rows. One pass over
-    ``states``; returns how many objects were forgotten."""
-    gone = [cid for cid in states if shard_of(cid, shards) == index]
+    their states, their membership of ``sets`` and their status-index rows; returns how many
+    objects were forgotten. ``keys_at``: the projection's CIDs of slots."""
+    slots = states.slots_of_shard(index)
+    gone = keys_at(slots)
+    states.clear_slots(slots)
     others = list(sets)
     for cid in gone:
-        del states[cid]
         for noted in others:
             noted.discard(cid)
         status_index.remove(to_str(cid))
@@ -276,39 +280,38 @@ def forget_shard(
 
 def shard_summaries(
     base: Summary,
-    states: Mapping[Cid, str],
+    states: ObjectStates,
     under: set[Cid],
-    size_of: Callable[[Cid], int],
+    sizes_at: Callable[[npt.NDArray[np.intp]], npt.NDArray[np.uint64]],
     shards: int,
     led: Iterable[int],
 ) -> dict[int, Summary]:
     """``base`` (the process's whole summary) split into one summary per led shard.
 
-    Objects are counted from ``states`` (what this process last reconciled); what every
-    process sees whole (nodes, damaged replicas, warnings) stays as in ``base``.
+    Objects are counted from ``states`` (what this process last reconciled; a shard it no
+    longer leads was forgotten by :func:`forget_shard`); what every process sees whole (nodes,
+    damaged replicas, warnings) stays as in ``base``.
     """
     wanted = set(led)
-    counts: dict[int, dict[str, int]] = {i: dict.fromkeys(OBJECT_STATES, 0) for i in wanted}
+    noted = states.noted_slots()
+    of_shard = states.shards_of(noted)
+    sizes = sizes_at(noted)
     unders = dict.fromkeys(wanted, 0)
-    sizes = dict.fromkeys(wanted, 0)
-    for cid, state in states.items():
+    for cid in under:
         index = shard_of(cid, shards)
-        if index not in wanted:
-            continue  # reconciled while this process led that shard: its new leader counts it
-        counts[index][state] = counts[index].get(state, 0) + 1
-        sizes[index] += size_of(cid)
-        if cid in under:
+        if index in wanted:
             unders[index] += 1
-    return {
-        i: replace(
+    parts = {}
+    for i in wanted:
+        counts = states.counts(i)
+        parts[i] = replace(
             base,
-            objects=sum(counts[i].values()),
-            by_state=counts[i],
+            objects=sum(counts.values()),
+            by_state=counts,
             under_replicated=unders[i],
-            total_bytes=sizes[i],
+            total_bytes=int(sizes[of_shard == i].sum()),
         )
-        for i in wanted
-    }
+    return parts
 
 
 async def write_shard_summaries(

@@ -205,17 +205,22 @@ class LocationStore:
         if self._written.get(key_hash) == value_hash:
             self.skipped += 1
             return False
-        bucket = await self.shard(status.cid)
+        await self.write(status.cid, data)
+        self._written[key_hash] = value_hash
+        return True
+
+    async def write(self, cid: str, data: bytes) -> None:
+        """Write an encoded status under ``cid``, unconditionally (the controller keeps its own
+        record of what it wrote, a column per object: cluster/controller/object_states.py)."""
+        bucket = await self.shard(cid)
         try:
-            await bucket.put(status.cid, data)
+            await bucket.put(cid, data)
         except nats.errors.Error as error:
             raise TransportError(
-                f"could not write the status of {status.cid} to KV {bucket._name}: {error}; "
+                f"could not write the status of {cid} to KV {bucket._name}: {error}; "
                 "is the hub up? the next reconcile writes it again"
             ) from error
-        self._written[key_hash] = value_hash
         self.writes += 1
-        return True
 
     async def get(self, cid: Cid | str) -> ObjectStatus | None:
         """The stored status of ``cid`` (binary or text), or None if absent or not decodable."""

@@ -57,11 +57,10 @@ class MemoryLocations:
         await asyncio.sleep(0)
         return self.statuses.get(cid if isinstance(cid, str) else to_str(cid))
 
-    async def put(self, status: ObjectStatus) -> bool:
+    async def write(self, cid: str, data: bytes) -> None:
         await asyncio.sleep(0)
-        self.statuses[status.cid] = status
-        self.puts[status.cid] += 1
-        return True
+        self.statuses[cid] = ObjectStatus.decode(data)
+        self.puts[cid] += 1
 
     async def delete(self, cid: Cid | str) -> None:
         self.statuses.pop(cid if isinstance(cid, str) else to_str(cid), None)

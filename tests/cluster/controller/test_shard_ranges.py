@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 from typer.testing import CliRunner
 
 from cim_place.cli.app import app
 from cim_place.cluster.controller.config import load_controller_config
+from cim_place.cluster.controller.object_states import ObjectStates
 from cim_place.cluster.controller.shards import shard_summaries
 from cim_place.cluster.state.cid_shards import (
     MemberRecord,
@@ -76,8 +79,15 @@ def test_shard_summaries_split_and_merge_back() -> None:
     cids = [cid_with_digest(hashlib.sha256(str(i).encode()).digest()) for i in range(50)]
     states = {cid: ("placed" if i % 3 else "degraded") for i, cid in enumerate(cids)}
     under = {cid for cid, state in states.items() if state == "degraded"}
+    noted = ObjectStates()
+    for slot, (cid, state) in enumerate(states.items()):  # slot i holds cids[i]
+        noted.note(slot, state, shard_of(cid, 2))
+
+    def sizes_at(slots: npt.NDArray[np.intp]) -> npt.NDArray[np.uint64]:
+        return np.full(len(slots), 10, dtype=np.uint64)
+
     base = Summary(objects=50, nodes_up=3, damaged_replicas=1, warnings=("w",), updated_at=5.0)
-    parts = shard_summaries(base, states, under, lambda cid: 10, 2, [0, 1])
+    parts = shard_summaries(base, noted, under, sizes_at, 2, [0, 1])
     assert set(parts) == {0, 1}
     assert all(p.nodes_up == 3 and p.warnings == ("w",) for p in parts.values())
     merged = merge_summaries(list(parts.values()))
@@ -86,7 +96,7 @@ def test_shard_summaries_split_and_merge_back() -> None:
     assert merged.under_replicated == len(under)
     assert merged.total_bytes == 500
     assert merged.damaged_replicas == 1  # domain-wide: not summed
-    only_one = shard_summaries(base, states, under, lambda cid: 10, 2, [1])
+    only_one = shard_summaries(base, noted, under, sizes_at, 2, [1])
     assert set(only_one) == {1}
     assert only_one[1].objects == sum(1 for cid in cids if shard_of(cid, 2) == 1)
 
