@@ -20,6 +20,7 @@ from cim_place.cluster.tasks.model import Task
 from cim_place.cluster.tasks.queue import Enqueued
 from cim_place.errors import TransportError
 from cim_place.objectstore.cid import RAW, Cid, cid_of_digest, to_str
+from cim_place.placement.reconcile_model import ReconcileResult
 from cim_place.placement.status import ObjectStatus
 
 OBJECTS = 4 * RECONCILE_WINDOW
@@ -183,9 +184,19 @@ async def test_a_walk_cut_short_resumes_where_it_stopped() -> None:
     assert controller._walk_cursor == 32  # two chunks of 16 done
     controller._acting = True
     queue.tasks.clear()
+    reconciled: list[Cid] = []
+    reconcile_one = controller.reconcile_one
+
+    async def noting(cid: Cid, *, rebalance: bool = False) -> ReconcileResult | None:
+        reconciled.append(cid)
+        return await reconcile_one(cid, rebalance=rebalance)
+
+    controller.reconcile_one = noting  # type: ignore[method-assign]
     assert await controller._walk_all()
-    order = [task.root for task in queue.tasks]
-    assert order[0] not in cids[:32]  # resumed at the cursor, not at the first slot
+    # Resumed at the cursor (the third chunk's slots first), round to the first slots last.
+    assert set(reconciled[:16]) == set(cids[32:48])
+    assert set(reconciled[-32:]) == set(cids[:32])
+    assert sorted(reconciled) == sorted(cids)
     assert {task.root for task in queue.tasks} | first == set(cids)
     assert len(queue.tasks) + issued == 2 * OBJECTS  # and nothing twice
     assert controller._walk_cursor == 32  # round to where it began
