@@ -181,6 +181,17 @@ class NameRegistry:
         kv = await self._bucket(create=False)
         if kv is None:
             return []
+        for attempt in range(3):
+            records = await self._list(kv, prefix)
+            # A watch can end at once, empty, when the consumer's pending count is not known
+            # yet (seen through a leaf on a loaded machine): an empty listing of a bucket that
+            # holds messages is looked at again before it is believed.
+            if records or attempt == 2 or not await _holds_messages(kv):
+                return records
+            await asyncio.sleep(0.1 * (attempt + 1))
+        return []
+
+    async def _list(self, kv: KeyValue, prefix: str | None) -> list[NameRecord]:
         records: list[NameRecord] = []
         try:
             watcher = await kv.watchall(ignore_deletes=True)
@@ -343,3 +354,10 @@ async def _pause() -> None:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+async def _holds_messages(kv: KeyValue) -> bool:
+    try:
+        return (await kv.status()).values > 0
+    except nats.errors.Error:
+        return False
