@@ -101,12 +101,15 @@ def _repaired(shell: Shell) -> bool:
 def _blocks_freed(shell: Shell) -> bool:
     """No block file left on any volume (report.pdf was the only object added)."""
     volumes = list(shell.cwd.glob(".cim-place/nodes/*/v0/blocks"))
-    held = [
-        path
-        for volume in volumes
-        for path in volume.rglob("*")
-        if path.is_file() and not path.relative_to(volume).parts[0].startswith(".")
-    ]
+    try:
+        held = [
+            path
+            for volume in volumes
+            for path in volume.rglob("*")
+            if path.is_file() and not path.relative_to(volume).parts[0].startswith(".")
+        ]
+    except FileNotFoundError:
+        return False  # the collection removed a directory under the walk: not settled yet
     return bool(volumes) and not held
 
 
