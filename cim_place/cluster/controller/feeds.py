@@ -33,6 +33,7 @@ from cim_place.cluster.events.types import (
 from cim_place.cluster.events.validate import check_source
 from cim_place.cluster.nats import kv
 from cim_place.cluster.nats.envelope import Envelope
+from cim_place.cluster.nats.kv_listing import live_keys
 from cim_place.cluster.state.nodes import NodeRecord, list_nodes
 from cim_place.cluster.state.policies import watch_policies
 from cim_place.errors import PolicyError
@@ -205,10 +206,9 @@ class ControllerFeeds(ControllerState):
 
     async def _load_drains(self) -> None:
         assert self._drain is not None
-        with contextlib.suppress(nats.js.errors.NoKeysError):
-            for key in await self._drain.keys():
-                if key.startswith(DRAIN_PREFIX):
-                    self.mark(self.projection.set_draining(key[len(DRAIN_PREFIX) :], True))
+        for key in await live_keys(self._drain):
+            if key.startswith(DRAIN_PREFIX):
+                self.mark(self.projection.set_draining(key[len(DRAIN_PREFIX) :], True))
 
     async def _watch_drains(self) -> None:
         assert self._drain is not None
@@ -290,10 +290,7 @@ async def set_drain(js_hub: JetStreamContext, node: str, draining: bool) -> None
 
 async def draining_nodes(js_hub: JetStreamContext) -> set[str]:
     bucket = await kv.ensure_bucket(js_hub, kv.DRAIN, history=1)
-    try:
-        keys = await bucket.keys()
-    except nats.js.errors.NoKeysError:
-        return set()
+    keys = await live_keys(bucket)
     found = set()
     for key in keys:
         if key.startswith(DRAIN_PREFIX):

@@ -44,6 +44,7 @@ from cim_place.cluster.events.readers import StoredEvent
 from cim_place.cluster.events.types import ObjectStored, inventory_digest, object_fields
 from cim_place.cluster.exchange.holders import MAX_QUERY_CIDS, who_has
 from cim_place.cluster.nats import kv
+from cim_place.cluster.nats.kv_listing import latest_entries
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import CimPlaceError
 from cim_place.objectstore.cid import Cid, parse, to_str
@@ -94,13 +95,10 @@ class InventoryCheck:
         self._bucket = await kv.ensure_bucket(
             self.js, INVENTORY_BUCKET, history=1, replicas=self.replicas
         )
-        with contextlib.suppress(nats.js.errors.NoKeysError):
-            for key in await self._bucket.keys():
-                node, _, volume = key.partition(".")
-                with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-                    entry = await self._bucket.get(key)
-                    if entry.value:
-                        self._disproved[(node, volume)] = _decode(entry.value)
+        for entry in await latest_entries(self._bucket):
+            node, _, volume = entry.key.partition(".")
+            if entry.value:
+                self._disproved[(node, volume)] = _decode(entry.value)
 
     def believe(self, stored: StoredEvent) -> bool:
         """False for an ``ObjectStored`` an earlier check disproved (see the module's step 4)."""

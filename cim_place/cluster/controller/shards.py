@@ -55,6 +55,7 @@ from nats.js.kv import KeyValue
 from cim_place.cluster.controller.object_states import ObjectStates
 from cim_place.cluster.controller.status_index import StatusIndex
 from cim_place.cluster.nats import kv
+from cim_place.cluster.nats.kv_listing import live_keys
 from cim_place.cluster.state.cid_shards import (
     MEMBER_PREFIX,
     MemberRecord,
@@ -63,6 +64,7 @@ from cim_place.cluster.state.cid_shards import (
     summary_key,
 )
 from cim_place.cluster.state.leader import LEADER_KEY, LeaderElection
+from cim_place.errors import TransportError
 from cim_place.objectstore.cid import Cid, to_str
 from cim_place.placement.status import Summary
 
@@ -188,7 +190,7 @@ class ShardLeadership:
                     for election in self.elections:
                         election.nudge()
                 announced = True
-            except (nats.errors.Error, TimeoutError, OSError) as exc:
+            except (nats.errors.Error, TransportError, TimeoutError, OSError) as exc:
                 _log.debug("%s: shard membership round failed: %s", self.identity, exc)
             except Exception:
                 _log.exception("%s: shard membership round failed", self.identity)
@@ -201,10 +203,7 @@ class ShardLeadership:
         # A round may take up to a lease (a loaded hub): the member key is written first.
         async with asyncio.timeout(self.elections[0].lease):
             await bucket.put(MEMBER_PREFIX + self.identity, record.encode())
-            try:
-                keys = set(await bucket.keys())
-            except nats.js.errors.NoKeysError:
-                keys = set()
+            keys = set(await live_keys(bucket))
         share = self.share()
         self.members = max(1, sum(1 for key in keys if key.startswith(MEMBER_PREFIX)))
         if self._ready and self.share() > share:

@@ -31,6 +31,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from cim_place.cluster.nats import kv
+from cim_place.cluster.nats.kv_listing import live_keys
 from cim_place.cluster.state.lease import LEADER_KEY, LeaderRecord, read_leader
 from cim_place.errors import CimPlaceError, TransportError
 from cim_place.objectstore.cid import Cid, split
@@ -144,10 +145,7 @@ class ShardOwner:
 
 
 async def _keys(bucket: KeyValue) -> list[str]:
-    try:
-        return list(await bucket.keys())
-    except nats.js.errors.NoKeysError:
-        return []
+    return await live_keys(bucket)
 
 
 async def _shard_count(bucket: KeyValue) -> int | None:

@@ -31,6 +31,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from cim_place.cluster.nats.kv import MAX_HISTORY, NAMES, ensure_bucket
+from cim_place.cluster.nats.kv_listing import latest_entries
 from cim_place.cluster.state.name_record import (
     InvalidNameError,
     NameConflictError,
@@ -181,35 +182,15 @@ class NameRegistry:
         kv = await self._bucket(create=False)
         if kv is None:
             return []
-        for attempt in range(3):
-            records = await self._list(kv, prefix)
-            # A watch can end at once, empty, when the consumer's pending count is not known
-            # yet (seen through a leaf on a loaded machine): an empty listing of a bucket that
-            # holds messages is looked at again before it is believed.
-            if records or attempt == 2 or not await _holds_messages(kv):
-                return records
-            await asyncio.sleep(0.1 * (attempt + 1))
-        return []
-
-    async def _list(self, kv: KeyValue, prefix: str | None) -> list[NameRecord]:
         records: list[NameRecord] = []
-        try:
-            watcher = await kv.watchall(ignore_deletes=True)
+        for entry in await latest_entries(kv):
+            if prefix and not entry.key.startswith(prefix):
+                continue
             try:
-                async for entry in watcher:
-                    if entry is None:
-                        break  # the end of the current values
-                    if prefix and not entry.key.startswith(prefix):
-                        continue
-                    try:
-                        records.append(self._from_entry(entry))
-                    except TransportError as exc:
-                        # One foreign value must not hide every other name from a listing.
-                        _log.warning("skipping %s", exc)
-            finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
-        except nats.errors.Error as exc:
-            raise TransportError(f"cannot list the names in {NAMES}: {exc}") from exc
+                records.append(self._from_entry(entry))
+            except TransportError as exc:
+                # One foreign value must not hide every other name from a listing.
+                _log.warning("skipping %s", exc)
         return sorted(records, key=lambda r: r.name)
 
     async def history(self, name: str) -> list[NameRecord]:
@@ -354,10 +335,3 @@ async def _pause() -> None:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-async def _holds_messages(kv: KeyValue) -> bool:
-    try:
-        return (await kv.status()).values > 0
-    except nats.errors.Error:
-        return False

@@ -26,6 +26,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from cim_place.cluster.nats import kv
+from cim_place.cluster.nats.kv_listing import latest_entries
 from cim_place.errors import TransportError
 from cim_place.runtime.lifecycle import cancel_and_wait
 
@@ -184,16 +185,9 @@ async def list_nodes(
     """Every node whose heartbeat has not expired, by node id; malformed records and records
     that fail :func:`check_node_record` are skipped (and passed to ``on_invalid``)."""
     bucket = await nodes_bucket(js_hub)
-    try:
-        keys = await bucket.keys()
-    except nats.js.errors.NoKeysError:
-        return []
     records = []
-    for key in sorted(keys):
-        try:
-            entry = await bucket.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            continue
+    for entry in sorted(await latest_entries(bucket), key=lambda e: e.key):
+        key = entry.key
         if entry.value:
             try:
                 record = NodeRecord.decode(entry.value)

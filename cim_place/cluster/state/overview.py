@@ -41,8 +41,10 @@ async def draining(js: JetStreamContext) -> set[str]:
     from cim_place.cluster.nats import kv
 
     try:
+        from cim_place.cluster.nats.kv_listing import live_keys
+
         bucket = await js.key_value(kv.DRAIN)
-        keys = await bucket.keys()
+        keys = await live_keys(bucket)
     except Exception:
         return set()  # no bucket, no keys, or unreadable: the drain list is only an annotation
     return {key[len(_DRAIN_PREFIX) :] for key in keys if key.startswith(_DRAIN_PREFIX)}
