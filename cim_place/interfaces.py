@@ -194,8 +194,8 @@ class LocationView(Protocol):
         """The status of one object, None when the domain does not track it."""
         ...
 
-    async def put(self, status: ObjectStatus) -> bool:
-        """Record an object's status; returns False when it was unchanged (nothing written)."""
+    async def put(self, status: ObjectStatus) -> None:
+        """Record an object's status."""
         ...
 
     async def summary(self) -> Summary | None:

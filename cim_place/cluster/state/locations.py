@@ -22,10 +22,9 @@ objects in 8 streams cost 3.8 ms per cold lookup; 16 keep a million objects well
 p99 a status lookup is allowed (docs/BENCHMARKS.md, "status"). Readers take the shard count from
 the layout key, so a later version can change it without guessing.
 
-A put whose encoding equals the last one this process wrote for that CID is skipped: reconciles
-are level-triggered and mostly find nothing changed, and a KV write per no-op would load the hub
-for nothing. The memory is one pair of ints per CID written (about 100 bytes); a process that did
-not write a key (a new leader) writes it once more and is then in step.
+Every put is a write. The controller skips writing a status equal to the one it last wrote
+(reconciles are level-triggered and mostly find nothing changed); it keeps that record itself, a
+column per object (cluster/controller/object_states.py), not here.
 
 A value that does not decode (foreign or damaged data) is skipped and counted in
 :attr:`LocationStore.garbage`, never raised: one bad key must not break ``status``.
@@ -87,12 +86,8 @@ class LocationStore:
         self._base: KeyValue | None = None
         self._shards: dict[int, KeyValue] = {}
         self.shard_count = kv.LOCATION_SHARDS
-        # hash(key) -> hash(encoding) of what this process last wrote (see the module docstring).
-        self._written: dict[int, int] = {}
         self.writes = 0
-        """KV writes done by :meth:`put` (skipped no-ops are not counted)."""
-        self.skipped = 0
-        """Puts skipped because the status was unchanged."""
+        """KV writes done by :meth:`put` and :meth:`write`."""
         self.garbage = 0
         """Values that did not decode and were skipped."""
 
@@ -194,20 +189,9 @@ class LocationStore:
 
     # -- per CID ----------------------------------------------------------------------------------
 
-    async def put(self, status: ObjectStatus) -> bool:
-        """Write ``status`` under its CID unless it equals what was last written; True if written.
-
-        Callers should keep ``updated_at`` stable when nothing else changed (it is part of the
-        encoding), or every put is a write.
-        """
-        data = status.encode()
-        key_hash, value_hash = hash(status.cid), hash(data)
-        if self._written.get(key_hash) == value_hash:
-            self.skipped += 1
-            return False
-        await self.write(status.cid, data)
-        self._written[key_hash] = value_hash
-        return True
+    async def put(self, status: ObjectStatus) -> None:
+        """Write ``status`` under its CID."""
+        await self.write(status.cid, status.encode())
 
     async def write(self, cid: str, data: bytes) -> None:
         """Write an encoded status under ``cid``, unconditionally (the controller keeps its own
@@ -239,7 +223,6 @@ class LocationStore:
     async def delete(self, cid: Cid | str) -> None:
         """Remove the status of ``cid`` (an object no longer tracked); absent is fine."""
         key = _key(cid)
-        self._written.pop(hash(key), None)
         bucket = await self.shard(key)
         try:
             await bucket.delete(key)
@@ -249,10 +232,6 @@ class LocationStore:
             raise TransportError(
                 f"could not delete the status of {key} from KV {bucket._name}: {error}"
             ) from error
-
-    def forget_written(self) -> None:
-        """Drop the memory of past writes (after losing and regaining leadership, say)."""
-        self._written.clear()
 
     # -- summary ----------------------------------------------------------------------------------
 

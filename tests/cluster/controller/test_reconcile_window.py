@@ -200,3 +200,19 @@ async def test_a_walk_cut_short_resumes_where_it_stopped() -> None:
     assert {task.root for task in queue.tasks} | first == set(cids)
     assert len(queue.tasks) + issued == 2 * OBJECTS  # and nothing twice
     assert controller._walk_cursor == 32  # round to where it began
+
+
+async def test_an_unchanged_status_is_written_once_per_term() -> None:
+    """Reconciles are level-triggered and mostly change nothing: the status of an object is
+    written to the hub when it changes, not at every pass; a new term writes each once more."""
+    controller, cids = controller_with(UNLIMITED, SlowQueue())
+    locations = controller.locations
+    assert isinstance(locations, MemoryLocations)
+    assert await controller._reconcile_each([cids])  # fetches queued: the status changes
+    assert await controller._reconcile_each([cids])  # they show in the status
+    written = dict(locations.puts)
+    assert await controller._reconcile_each([cids])  # nothing changed: nothing written
+    assert locations.puts == written
+    controller.object_states.forget_written()  # what taking the lead again does
+    assert await controller._reconcile_each([cids])
+    assert locations.puts == {cid: count + 1 for cid, count in written.items()}
