@@ -223,8 +223,7 @@ async def running_agents(configs: Iterable[AgentConfig]) -> AsyncIterator[dict[s
     try:
         yield agents
     finally:
-        for agent in agents.values():
-            await agent.stop(grace=1)
+        await asyncio.gather(*(agent.stop(grace=1) for agent in agents.values()))
 
 
 @asynccontextmanager

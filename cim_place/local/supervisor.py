@@ -6,7 +6,8 @@ process that exits while the domain is not stopping is started again after a bac
 doubling up to 30 s; a process that stayed up for a minute starts again from 0.5 s), and the
 restart is logged with the exit status (``up.log`` under ``up``). :meth:`Supervisor.processes`
 lists what runs now, for ``context.json``; ``on_change`` is called after every restart so the
-file stays current. :meth:`Supervisor.stop` stops everything in the reverse order of adding.
+file stays current. :meth:`Supervisor.stop` stops everything in the reverse order of adding,
+the children of one role together.
 
 A :class:`Child` is anything that can be started, polled and stopped: a :class:`NatsServer` or a
 :class:`Command` (a cim-place process such as ``cim-place agent --config FILE``).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -238,5 +240,9 @@ class Supervisor:
         if self._task is not None:
             await cancel_and_wait([self._task])
             self._task = None
-        for supervised in reversed(self.children):
-            await asyncio.to_thread(supervised.child.stop, timeout)
+        # Children of one role stop together (an agent may take up to its task pull's 2 s to
+        # end): the order between roles holds (controllers, agents, leaf servers, the hub).
+        for _, layer in itertools.groupby(reversed(self.children), key=lambda s: s.role):
+            await asyncio.gather(
+                *(asyncio.to_thread(supervised.child.stop, timeout) for supervised in layer)
+            )

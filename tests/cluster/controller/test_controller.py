@@ -113,8 +113,7 @@ async def domain(hub1: Hub, leaf_factory: LeafFactory, tmp_path: Path) -> AsyncI
     finally:
         for ctl in state.controllers:
             await ctl.stop()
-        for agent in state.agents.values():
-            await agent.stop(grace=1)
+        await asyncio.gather(*(agent.stop(grace=1) for agent in state.agents.values()))
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 120.0) -> None:

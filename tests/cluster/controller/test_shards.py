@@ -164,8 +164,7 @@ async def domain(
                     remote.kill()
                     remote.wait()
             await local.stop()
-            for agent in agents.values():
-                await agent.stop(grace=1)
+            await asyncio.gather(*(agent.stop(grace=1) for agent in agents.values()))
 
 
 async def leaders(hub: Hub) -> list[LeaderRecord | None]:

@@ -427,8 +427,7 @@ async def test_agents_run_under_the_generated_permissions(domain: Domain, tmp_pa
         for client in (alice, bob):
             if client is not None:
                 await client.close()
-        for agent in agents:
-            await agent.stop(grace=1)
+        await asyncio.gather(*(agent.stop(grace=1) for agent in agents))
         await js.delete_stream("CIM_PLACE_TASKS")
         await js.delete_stream("CIM_PLACE_EVENTS")
         await controller.close()
