@@ -166,6 +166,12 @@ class TaskWorker(OutcomeReporter):
         """
         self._stopping.set()
         if self._loop_task is not None:
+            if not self._in_flight and not _buffered(self._sub):
+                # Idle: its pull, waiting up to fetch_wait for a task, ends now (every idle stop
+                # took that long). With tasks to release it is waited out instead: a task NAKed
+                # while the server still holds the pull open could be delivered to it and wait
+                # out ack_wait.
+                self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
             self._loop_task = None
@@ -190,8 +196,8 @@ class TaskWorker(OutcomeReporter):
         after the unsubscribe (to a pull request still open on the server) is redelivered once
         ``ack_wait`` has passed.
         """
-        queue = getattr(getattr(sub, "_sub", None), "_pending_queue", None)
-        if not isinstance(queue, asyncio.Queue):
+        queue = _pending_queue(sub)
+        if queue is None:
             return
         while not queue.empty():
             msg = queue.get_nowait()
@@ -359,3 +365,15 @@ class TaskWorker(OutcomeReporter):
             await asyncio.sleep(self._heartbeat)
             with contextlib.suppress(nats.errors.Error):
                 await msg.in_progress()
+
+
+def _pending_queue(sub: JetStreamContext.PullSubscription | None) -> asyncio.Queue[Msg] | None:
+    """nats-py's queue of messages delivered to ``sub`` and not yet read (see
+    :meth:`TaskWorker._release_buffered`); None when absent."""
+    queue = getattr(getattr(sub, "_sub", None), "_pending_queue", None)
+    return queue if isinstance(queue, asyncio.Queue) else None
+
+
+def _buffered(sub: JetStreamContext.PullSubscription | None) -> bool:
+    queue = _pending_queue(sub)
+    return queue is not None and not queue.empty()
