@@ -144,10 +144,6 @@ class ShardOwner:
         }
 
 
-async def _keys(bucket: KeyValue) -> list[str]:
-    return await live_keys(bucket)
-
-
 async def _shard_count(bucket: KeyValue) -> int | None:
     """The shard count live controllers use: from a held lease's key, else a member record."""
     # The usual case first, one get: an unsharded controller holds the single lease.
@@ -155,7 +151,7 @@ async def _shard_count(bucket: KeyValue) -> int | None:
         entry = await bucket.get(LEADER_KEY)
         if entry.value:
             return 1
-    keys = await _keys(bucket)
+    keys = await live_keys(bucket)
     for key in keys:
         found = _SHARD_KEY.match(key)
         if found:
@@ -211,7 +207,7 @@ async def read_shard_summaries(bucket: KeyValue) -> tuple[Summary | None, int]:
     number of shards whose summary is missing (None, 0: no sharded summary at all)."""
     by_layout: dict[int, dict[int, Summary]] = {}
     try:
-        keys = await _keys(bucket)
+        keys = await live_keys(bucket)
     except nats.errors.Error as exc:
         raise TransportError(
             f"could not list the shard summaries in {kv.LOCATIONS}: {exc}"

@@ -39,10 +39,9 @@ async def draining(js: JetStreamContext) -> set[str]:
     (scheduler, metrics, reconciler) cost about 0.2 s of every ``cim-place status``.
     """
     from cim_place.cluster.nats import kv
+    from cim_place.cluster.nats.kv_listing import live_keys
 
     try:
-        from cim_place.cluster.nats.kv_listing import live_keys
-
         bucket = await js.key_value(kv.DRAIN)
         keys = await live_keys(bucket)
     except Exception:
