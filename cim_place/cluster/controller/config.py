@@ -23,6 +23,10 @@ Every key is optional; servers usually come from ``CIM_PLACE_SERVER`` (credentia
     events_max_bytes: 20GiB         # ... or beyond this size (default: keep every event)
     shards: 4                       # split the CIDs into 4 shards, one lease each (docs/SCALE.md)
 
+The task limits (``max_tasks``, ``max_tasks_per_node``, ``max_bytes_per_node``, and each policy's
+``repair.max_concurrent``) are domain-wide: with shards, each process enforces its part of them
+(:func:`limit_part`).
+
 Problems are reported all at once with file:line:column, as for agent and policy files.
 """
 
@@ -77,6 +81,20 @@ class ControllerConfig:
     shards: int = 1
     """Split the CIDs into this many shards, one lease each (controller/shards.py); 1: one
     lease for the whole domain, as always."""
+
+
+def limit_part(limit: int, led: int, shards: int) -> int:
+    """A process's part of the domain-wide ``limit`` while it leads ``led`` of ``shards`` shards.
+
+    Each shard's leader counts only the tasks it enqueued itself, so the limits are divided in
+    proportion to the shards led: the parts of all leaders add up to at most ``limit`` (rounded
+    down), except that a leader's part is never below 1, or no shard could ever make progress
+    when ``limit`` is smaller than the shard count. A process leading every shard (or the only
+    lease) has the whole ``limit``; 0 or less stays as it is (what the limit means then).
+    """
+    if led >= shards or limit <= 0:
+        return limit
+    return max(1, limit * led // shards)
 
 
 _DURATIONS = {

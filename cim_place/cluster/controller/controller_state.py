@@ -25,7 +25,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from cim_place.cluster.controller.cached import CachedCopies
-from cim_place.cluster.controller.config import ControllerConfig
+from cim_place.cluster.controller.config import ControllerConfig, limit_part
 from cim_place.cluster.controller.demand import DemandIntake
 from cim_place.cluster.controller.inventory import InventoryCheck
 from cim_place.cluster.controller.located import LocatedConsumers
@@ -155,9 +155,24 @@ class ControllerState:
         the leader's, or shard 0's leader's."""
         return self._acting if self.sharding is None else self.sharding.leads_shard(0)
 
+    def _shards_led(self) -> tuple[int, int]:
+        """The shards this process leads and their count: its part of the domain-wide task
+        limits (``config.limit_part``); ``(1, 1)`` without shards."""
+        if self.sharding is None:
+            return (1, 1)
+        return (len(self.sharding.led), self.sharding.shards)
+
+    def _shards_changed(self) -> None:
+        # The limits' part follows the shards led: the cached budget is rebuilt with it.
+        self._budget_cache = None
+        self.cached.max_fetches_per_node = limit_part(
+            self.config.max_tasks_per_node, *self._shards_led()
+        )
+
     def _elected_shard(self, index: int) -> None:
         assert self.sharding is not None
         self._acting = True
+        self._shards_changed()
         self.metrics.leader.set(1)
         self.object_states.forget_written()
         self.mark_all()  # the reconcile pass skips the CIDs of shards it does not lead
@@ -170,6 +185,7 @@ class ControllerState:
         # Synchronous: ``leads`` is already False for the shard's CIDs, so no enqueue follows.
         assert self.sharding is not None
         self._acting = self.sharding.is_leader
+        self._shards_changed()
         # Its new leader answers for them now: its rows leave this process's status index.
         forget_shard(
             index,

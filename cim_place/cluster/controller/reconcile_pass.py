@@ -18,7 +18,7 @@ from dataclasses import replace
 import nats.errors
 import nats.js.errors
 
-from cim_place.cluster.controller.config import ControllerConfig
+from cim_place.cluster.controller.config import ControllerConfig, limit_part
 from cim_place.cluster.controller.feeds import ControllerFeeds
 from cim_place.cluster.controller.projection import ObjectView
 from cim_place.cluster.controller.repairs import RepairSlots
@@ -318,10 +318,11 @@ class ControllerReconcile(ControllerFeeds):
         cached = self._budget_cache
         if cached is not None and cached[0] == self.projection.task_changes:
             return cached
-        budget = _Budget(self.config)
+        part = self._shards_led()
+        budget = _Budget(self.config, part)
         for task in self.projection.in_flight():
             budget.take(task.node, task.kind, self.projection.size(task.root))
-        slots = RepairSlots(self.projection.in_flight())
+        slots = RepairSlots(self.projection.in_flight(), part)
         self._budget_cache = (self.projection.task_changes, budget, slots)
         return self._budget_cache
 
@@ -352,21 +353,24 @@ class ControllerReconcile(ControllerFeeds):
 
 class _Budget:
     """Tasks in flight per node and in the domain, and bytes of fetches per node: what the
-    rate limits of :class:`ControllerConfig` allow next."""
+    rate limits of :class:`ControllerConfig` allow next (this process's ``part`` of them:
+    :func:`~cim_place.cluster.controller.config.limit_part`)."""
 
-    def __init__(self, config: ControllerConfig) -> None:
-        self.config = config
+    def __init__(self, config: ControllerConfig, part: tuple[int, int] = (1, 1)) -> None:
+        self.max_tasks = limit_part(config.max_tasks, *part)
+        self.max_tasks_per_node = limit_part(config.max_tasks_per_node, *part)
+        self.max_bytes_per_node = limit_part(config.max_bytes_per_node, *part)
         self.tasks: dict[str, int] = {}
         self.fetch_bytes: dict[str, int] = {}
         self.total = 0
 
     def allows(self, node: str, kind: str, size: int) -> bool:
-        if self.total >= self.config.max_tasks:
+        if self.total >= self.max_tasks:
             return False
-        if self.tasks.get(node, 0) >= self.config.max_tasks_per_node:
+        if self.tasks.get(node, 0) >= self.max_tasks_per_node:
             return False
         pending = self.fetch_bytes.get(node, 0)
-        return kind != "fetch" or pending == 0 or pending + size <= self.config.max_bytes_per_node
+        return kind != "fetch" or pending == 0 or pending + size <= self.max_bytes_per_node
 
     def take(self, node: str, kind: str, size: int) -> None:
         self.total += 1

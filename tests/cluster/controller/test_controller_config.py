@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 
 from cim_place.cluster.agent.config import AgentConfigError
-from cim_place.cluster.controller.config import ControllerConfig, load_controller_config
+from cim_place.cluster.controller.config import (
+    ControllerConfig,
+    limit_part,
+    load_controller_config,
+)
 from cim_place.cluster.controller.reconcile_pass import _Budget
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "controller.yaml"
@@ -57,3 +61,27 @@ def test_snapshot_and_retention_keys_load(tmp_path: Path) -> None:
     assert (config.events_max_age, config.events_max_bytes) == (7 * 86400.0, 1 << 30)
     defaults = load_controller_config(DEPLOY)
     assert defaults.events_max_age == 0 and defaults.events_max_bytes == 0  # keep every event
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 16, 1024, 4 << 30])
+@pytest.mark.parametrize("shards", [2, 3, 4, 7])
+def test_the_shard_leaders_parts_add_up_to_the_domain_limit(limit: int, shards: int) -> None:
+    for led in range(1, shards):
+        # ``led`` shards in one process, the others one each in their own process.
+        parts = limit_part(limit, led, shards) + (shards - led) * limit_part(limit, 1, shards)
+        assert parts <= max(limit, shards)  # above ``limit`` only through the floor of one
+        if limit >= shards:
+            assert parts <= limit
+        assert limit_part(limit, led, shards) >= 1
+    assert limit_part(limit, shards, shards) == limit
+    assert limit_part(0, 1, shards) == 0
+
+
+def test_a_budget_holds_its_part_of_the_limits() -> None:
+    config = ControllerConfig(max_tasks=10, max_tasks_per_node=4, max_bytes_per_node=1000)
+    budget = _Budget(config, (1, 2))
+    assert (budget.max_tasks, budget.max_tasks_per_node, budget.max_bytes_per_node) == (5, 2, 500)
+    budget.take("n1", "fetch", 400)
+    assert not budget.allows("n1", "fetch", 200)  # 600 bytes: above its 500
+    budget.take("n1", "drop", 0)
+    assert not budget.allows("n1", "drop", 0)  # 2 tasks on n1: its part

@@ -15,6 +15,7 @@ from cim_place.cluster.controller.reconcile_pass import RECONCILE_WINDOW
 from cim_place.cluster.controller.service import Controller, ControllerConfig
 from cim_place.cluster.events.types import ObjectStored, event_envelope
 from cim_place.cluster.nats.envelope import Envelope
+from cim_place.cluster.state.cid_shards import shard_of
 from cim_place.cluster.state.nodes import NodeRecord, VolumeStatus
 from cim_place.cluster.tasks.model import Task
 from cim_place.cluster.tasks.queue import Enqueued
@@ -114,6 +115,43 @@ async def test_the_limits_hold_with_many_reconciles_in_flight() -> None:
     assert isinstance(locations, MemoryLocations)
     assert set(locations.puts) == {to_str(cid) for cid in cids}  # every object reconciled
     assert set(locations.puts.values()) == {1}  # once
+
+
+class LeadsShards:
+    """What the controller reads of its shard leadership (controller/shards.py), without leases."""
+
+    def __init__(self, led: set[int], shards: int) -> None:
+        self.led = led
+        self.shards = shards
+
+    @property
+    def is_leader(self) -> bool:
+        return bool(self.led)
+
+    def leads(self, cid: Cid) -> bool:
+        return shard_of(cid, self.shards) in self.led
+
+    def leads_shard(self, index: int) -> bool:
+        return index in self.led
+
+
+async def test_a_shard_leader_keeps_to_its_part_of_the_limits() -> None:
+    queue = SlowQueue()
+    config = ControllerConfig(max_tasks=40, max_tasks_per_node=9, shards=2)
+    controller, cids = controller_with(config, queue)
+    sharding = LeadsShards({0}, 2)
+    controller.sharding = sharding  # type: ignore[assignment]
+    controller._shards_changed()
+    assert await controller._reconcile_each([cids])
+    assert {shard_of(task.root, 2) for task in queue.tasks} == {0}
+    assert len(queue.tasks) == 20  # half the domain's 40: the other shard's leader has the rest
+    assert max(Counter(task.node for task in queue.tasks).values()) <= 4  # 9 // 2
+    # Its peer is gone and it takes the other shard over: its part is the whole limit again.
+    sharding.led.add(1)
+    controller._shards_changed()
+    assert await controller._reconcile_each([cids])
+    assert len(queue.tasks) == 40
+    assert max(Counter(task.node for task in queue.tasks).values()) <= 9
 
 
 async def test_without_limits_every_object_gets_its_fetches_once() -> None:

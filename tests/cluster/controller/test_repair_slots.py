@@ -38,3 +38,12 @@ def test_only_repairs_of_the_same_policy_count() -> None:
     slots.take(web)
     assert not slots.allows(web)
     assert slots.allows(policy("other", 1))
+
+
+def test_a_shard_leader_keeps_to_its_part_of_a_policys_repairs() -> None:
+    web = policy("web", 4)
+    running = [task(1, "web")]
+    assert RepairSlots(running, (1, 2)).allows(web)  # its part: 2 of 4
+    assert not RepairSlots([*running, task(2, "web")], (1, 2)).allows(web)
+    assert RepairSlots([*running, task(2, "web")], (2, 2)).allows(web)  # every shard: all 4
+    assert RepairSlots([], (1, 8)).allows(web)  # never below one
