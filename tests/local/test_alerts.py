@@ -73,3 +73,49 @@ def test_rules_read_metrics_that_exist_and_cover_what_was_asked() -> None:
         assert used <= exported, f"{rule['alert']}: unknown {sorted(used - exported)}"
         annotations = rule["annotations"]
         assert isinstance(annotations, dict) and annotations.get("summary")
+
+
+def _series(shards: int, led: dict[str, int]) -> list[dict[str, str]]:
+    series = []
+    for instance, count in led.items():
+        labels = f'{{instance="{instance}"}}'
+        series.append({"series": f"cim_place_controller_shards{labels}", "values": f"{shards}x10"})
+        series.append(
+            {"series": f"cim_place_controller_shards_led{labels}", "values": f"{count}x10"}
+        )
+    return series
+
+
+def test_a_shard_without_a_leader_is_alerted_and_nothing_else_is(tmp_path: Path) -> None:
+    rule = next(r for r in _rules() if r["alert"] == "CimPlaceShardWithoutLeader")
+    annotations = rule["annotations"]
+    assert isinstance(annotations, dict)
+    fired = {
+        "exp_labels": {"severity": "critical"},
+        "exp_annotations": {
+            "summary": str(annotations["summary"]).replace("{{ $value }}", "1"),
+            "description": str(annotations["description"]),
+        },
+    }
+    cases = [
+        (_series(2, {"a": 1, "b": 0}), [fired]),  # two shards, one led
+        (_series(2, {"a": 1, "b": 1}), []),  # both led
+        (_series(4, {"a": 4}), []),  # one process leads all four
+        (_series(1, {"a": 0}), []),  # no shards: CimPlaceNoLeader's case, not this one
+    ]
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": series,
+            "alert_rule_test": [
+                {"eval_time": "5m", "alertname": "CimPlaceShardWithoutLeader", "exp_alerts": want}
+            ],
+        }
+        for series, want in cases
+    ]
+    spec = tmp_path / "shards_test.yaml"
+    spec.write_text(yaml.safe_dump({"rule_files": [str(ALERTS)], "tests": tests}))
+    done = subprocess.run(
+        [_promtool(), "test", "rules", str(spec)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

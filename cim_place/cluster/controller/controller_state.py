@@ -72,6 +72,7 @@ class ControllerState:
         self.subjects = Subjects(config.prefix)
         self.projection = Projection()
         self.metrics = ControllerMetrics()
+        self.metrics.shards.set(config.shards)
         # Input that fails validation is counted and logged here, and otherwise ignored.
         self.rejections = Rejections(self.metrics.registry, prefix=config.prefix)
         self.projection.on_reject = self.rejections.event
@@ -165,9 +166,9 @@ class ControllerState:
     def _shards_changed(self) -> None:
         # The limits' part follows the shards led: the cached budget is rebuilt with it.
         self._budget_cache = None
-        self.cached.max_fetches_per_node = limit_part(
-            self.config.max_tasks_per_node, *self._shards_led()
-        )
+        led, shards = self._shards_led()
+        self.cached.max_fetches_per_node = limit_part(self.config.max_tasks_per_node, led, shards)
+        self.metrics.shards_led.set(led)
 
     def _elected_shard(self, index: int) -> None:
         assert self.sharding is not None
@@ -200,6 +201,7 @@ class ControllerState:
     def _elected(self) -> None:
         self._acting = True
         self.metrics.leader.set(1)
+        self.metrics.shards_led.set(1)
         self.object_states.forget_written()
         self.mark_all()
         _log.info(
@@ -210,6 +212,7 @@ class ControllerState:
         # Synchronous, before anything else runs: no enqueue happens after this returns.
         self._acting = False
         self.metrics.leader.set(0)
+        self.metrics.shards_led.set(0)
         _log.warning("controller %s no longer leads", self.identity)
 
     # -- marking --------------------------------------------------------------------------------

@@ -32,6 +32,12 @@ class ControllerMetrics(Metrics):
         buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1),
     )
     leader = gauge(_PREFIX + "leader", "1 while this controller leads.")
+    shards = gauge(_PREFIX + "shards", "Shards the domain's CIDs are split into (1: no shards).")
+    shards_led = gauge(
+        _PREFIX + "shards_led",
+        "Shards this controller leads (without shards: 1 while it leads). Summed over the "
+        "controllers, below cim_place_controller_shards means a shard has no leader.",
+    )
     # For the alert rules (deploy/prometheus/alerts.yaml).
     below_min = gauge(
         _PREFIX + "objects_below_min",

@@ -142,6 +142,9 @@ async def test_a_shard_leader_keeps_to_its_part_of_the_limits() -> None:
     sharding = LeadsShards({0}, 2)
     controller.sharding = sharding  # type: ignore[assignment]
     controller._shards_changed()
+    metric = controller.metrics.registry.get_sample_value
+    assert metric("cim_place_controller_shards") == 2
+    assert metric("cim_place_controller_shards_led") == 1
     assert await controller._reconcile_each([cids])
     assert {shard_of(task.root, 2) for task in queue.tasks} == {0}
     assert len(queue.tasks) == 20  # half the domain's 40: the other shard's leader has the rest
@@ -149,6 +152,7 @@ async def test_a_shard_leader_keeps_to_its_part_of_the_limits() -> None:
     # Its peer is gone and it takes the other shard over: its part is the whole limit again.
     sharding.led.add(1)
     controller._shards_changed()
+    assert metric("cim_place_controller_shards_led") == 2
     assert await controller._reconcile_each([cids])
     assert len(queue.tasks) == 40
     assert max(Counter(task.node for task in queue.tasks).values()) <= 9
