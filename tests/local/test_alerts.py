@@ -75,47 +75,95 @@ def test_rules_read_metrics_that_exist_and_cover_what_was_asked() -> None:
         assert isinstance(annotations, dict) and annotations.get("summary")
 
 
-def _series(shards: int, led: dict[str, int]) -> list[dict[str, str]]:
+Series = list[dict[str, str]]
+Case = tuple[Series, int | None]
+"""A rule unit test's input series, and the alert's value at 15 minutes (None: it must not fire)."""
+
+
+def _controllers(shards: int, led: dict[str, int], **gauges: dict[str, int]) -> Series:
+    """Controllers (by instance) leading ``led`` of ``shards`` shards, with more gauges per
+    instance: ``name={instance: value}`` (``name`` without the ``cim_place_controller_`` prefix;
+    ``lost`` is ``objects{state="lost"}``)."""
     series = []
     for instance, count in led.items():
-        labels = f'{{instance="{instance}"}}'
-        series.append({"series": f"cim_place_controller_shards{labels}", "values": f"{shards}x10"})
+        labels = f'instance="{instance}"'
         series.append(
-            {"series": f"cim_place_controller_shards_led{labels}", "values": f"{count}x10"}
+            {"series": f"cim_place_controller_shards{{{labels}}}", "values": f"{shards}x20"}
         )
+        series.append(
+            {"series": f"cim_place_controller_shards_led{{{labels}}}", "values": f"{count}x20"}
+        )
+        for name, values in gauges.items():
+            metric = (
+                f'cim_place_controller_objects{{{labels},state="lost"}}'
+                if name == "lost"
+                else f"cim_place_controller_{name}{{{labels}}}"
+            )
+            series.append({"series": metric, "values": f"{values[instance]}x20"})
     return series
 
 
-def test_a_shard_without_a_leader_is_alerted_and_nothing_else_is(tmp_path: Path) -> None:
-    rule = next(r for r in _rules() if r["alert"] == "CimPlaceShardWithoutLeader")
+def _check_rule(tmp_path: Path, alert: str, cases: list[Case]) -> None:
+    """Run ``cases`` through promtool's rule unit tests for ``alert``, evaluated at 15 minutes
+    (past every rule's ``for``)."""
+    rule = next(r for r in _rules() if r["alert"] == alert)
     annotations = rule["annotations"]
-    assert isinstance(annotations, dict)
-    fired = {
-        "exp_labels": {"severity": "critical"},
-        "exp_annotations": {
-            "summary": str(annotations["summary"]).replace("{{ $value }}", "1"),
-            "description": str(annotations["description"]),
-        },
-    }
-    cases = [
-        (_series(2, {"a": 1, "b": 0}), [fired]),  # two shards, one led
-        (_series(2, {"a": 1, "b": 1}), []),  # both led
-        (_series(4, {"a": 4}), []),  # one process leads all four
-        (_series(1, {"a": 0}), []),  # no shards: CimPlaceNoLeader's case, not this one
-    ]
+    labels = rule["labels"]
+    assert isinstance(annotations, dict) and isinstance(labels, dict)
+
+    def fired(value: int) -> dict[str, object]:
+        return {
+            "exp_labels": dict(labels),
+            "exp_annotations": {
+                key: str(text).replace("{{ $value }}", str(value))
+                for key, text in annotations.items()
+            },
+        }
+
     tests = [
         {
             "interval": "1m",
             "input_series": series,
             "alert_rule_test": [
-                {"eval_time": "5m", "alertname": "CimPlaceShardWithoutLeader", "exp_alerts": want}
+                {
+                    "eval_time": "15m",
+                    "alertname": alert,
+                    "exp_alerts": [] if value is None else [fired(value)],
+                }
             ],
         }
-        for series, want in cases
+        for series, value in cases
     ]
-    spec = tmp_path / "shards_test.yaml"
+    spec = tmp_path / f"{alert}_test.yaml"
     spec.write_text(yaml.safe_dump({"rule_files": [str(ALERTS)], "tests": tests}))
     done = subprocess.run(
         [_promtool(), "test", "rules", str(spec)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_shard_without_a_leader_is_alerted_and_nothing_else_is(tmp_path: Path) -> None:
+    cases: list[Case] = [
+        (_controllers(2, {"a": 1, "b": 0}), 1),  # two shards, one led
+        (_controllers(2, {"a": 1, "b": 1}), None),  # both led
+        (_controllers(4, {"a": 4}), None),  # one process leads all four
+        (_controllers(1, {"a": 0}), None),  # no shards: CimPlaceNoLeader's case, not this one
+    ]
+    _check_rule(tmp_path, "CimPlaceShardWithoutLeader", cases)
+
+
+def test_object_alerts_count_what_the_leaders_say(tmp_path: Path) -> None:
+    """Summed over the controllers that lead: a deposed one's last counts are not current."""
+    lost: list[Case] = [
+        # One lease: the leader's 2, not the stale 5 of a controller that no longer leads.
+        (_controllers(1, {"a": 1, "b": 0}, lost={"a": 2, "b": 5}), 2),
+        (_controllers(1, {"a": 1, "b": 0}, lost={"a": 0, "b": 5}), None),
+        # Two shards, one leader each: the domain's lost objects are the sum.
+        (_controllers(2, {"a": 1, "b": 1}, lost={"a": 1, "b": 2}), 3),
+    ]
+    _check_rule(tmp_path, "CimPlaceObjectsLost", lost)
+    below: list[Case] = [
+        (_controllers(2, {"a": 1, "b": 1}, objects_below_min={"a": 0, "b": 4}), 4),
+        (_controllers(1, {"a": 1, "b": 0}, objects_below_min={"a": 0, "b": 4}), None),
+    ]
+    _check_rule(tmp_path, "CimPlaceObjectsBelowMin", below)
