@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cim_place.cluster.controller import status_index
+from cim_place.cluster.controller import status_columns, status_index
+from cim_place.cluster.controller.status_columns import Columns
 from cim_place.cluster.controller.status_index import StatusIndex
 from cim_place.cluster.controller.status_rows import (
     MAX_LIMIT,
@@ -252,3 +253,57 @@ def test_a_walk_while_objects_come_and_go_shows_each_once(
         after = page.next
     assert len(seen) == len(set(seen)) and seen == sorted(seen)
     assert present_throughout <= set(seen)
+
+
+def test_a_page_merges_both_runs_and_the_side_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(status_index, "MERGE_AT", 4)  # the small run is due past 16 rows
+    rng = random.Random(3)
+    index = StatusIndex()
+    model: dict[str, Row] = {}
+    for i in rng.sample(range(1000), 66):  # CIDs of each source interleave in CID order
+        s = status(i, rng)
+        index.update(s)
+        model[s.cid] = row_of(s)
+    index.remove(next(iter(model)))
+    del model[next(iter(model))]
+    sources = (index._main.live, index._recent.live, len(index._delta))
+    assert all(sources) and sum(sources) == len(model)
+    for query in (Query(limit=7), Query(state="placed", limit=3), Query(node="n2", limit=5)):
+        every = [row for _, row in sorted(model.items()) if query.matches(row)]
+        assert walk(index, query) == every
+
+
+def test_filling_an_index_copies_rows_linearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One sorted run copied every row at each merge: n * n / (2 * MERGE_AT) rows to fill it,
+    a third of the leader's first walk at 10M objects. Two runs copy a few dozen times n."""
+    merge_at, count = 64, 40_000
+    monkeypatch.setattr(status_index, "MERGE_AT", merge_at)
+    copied = 0
+    merged = Columns.merged
+
+    def counting(run: Columns, other: Columns) -> Columns:
+        nonlocal copied
+        copied += len(run) + len(other)
+        return merged(run, other)
+
+    monkeypatch.setattr(Columns, "merged", counting)
+    index = StatusIndex()
+    for i in range(count):
+        index.update(ObjectStatus(cid(i), "placed", (Location("n1", "v0"),), 1, "default"))
+    assert len(index) == count and index.get(cid(count - 1)) is not None
+    assert copied < 50 * count < count * count // (2 * merge_at)
+
+
+def test_a_merge_keeps_keys_sorted_and_drops_dead_rows() -> None:
+    def values(i: int) -> status_columns.Values:
+        return (0, 0, 1, 1, 0, i, 0, (1, 2, 3, 4, 5)[: i % 6])
+
+    even = Columns.of([(cid(i).encode(), values(i)) for i in sorted(range(0, 40, 2), key=cid)])
+    odd = Columns.of([(cid(i).encode(), values(i)) for i in sorted(range(1, 40, 2), key=cid)])
+    even.kill(even.find(cid(4).encode()))
+    both = even.merged(odd)
+    keys = both.keys.tolist()
+    assert keys == sorted(keys) and len(both) == 39 and both.dead == 0
+    assert both.find(cid(4).encode()) == -1 and both.find(cid(1000).encode()) == -1
+    at = both.find(cid(9).encode())
+    assert dict(both.gathered([at]))[cid(9).encode()] == (0, 0, 1, 1, 0, 9, 0, (1, 2, 3, 0))
