@@ -132,6 +132,8 @@ class ControllerState:
         """Set once the projection has read every event present at start."""
         self._drifting: set[tuple[str, str]] = set()
         self._budget_cache: tuple[int, _Budget, RepairSlots] | None = None
+        self._adopt_due = False
+        """Set by an election: the tasks in the task stream are counted before a reconcile."""
         self._drift_tasks: set[asyncio.Task[None]] = set()
 
     # -- leadership -----------------------------------------------------------------------------
@@ -173,6 +175,7 @@ class ControllerState:
     def _elected_shard(self, index: int) -> None:
         assert self.sharding is not None
         self._acting = True
+        self._adopt_due = True
         self._shards_changed()
         self.metrics.leader.set(1)
         self.object_states.forget_written()
@@ -200,6 +203,7 @@ class ControllerState:
 
     def _elected(self) -> None:
         self._acting = True
+        self._adopt_due = True
         self.metrics.leader.set(1)
         self.metrics.shards_led.set(1)
         self.object_states.forget_written()

@@ -25,7 +25,7 @@ from cim_place.cluster.controller.repairs import RepairSlots
 from cim_place.cluster.events.types import ObjectDeleted
 from cim_place.cluster.state.cid_shards import shard_of
 from cim_place.cluster.tasks.model import Task
-from cim_place.errors import CimPlaceError
+from cim_place.errors import CimPlaceError, TransportError
 from cim_place.objectstore.cid import Cid, to_str
 from cim_place.placement.demand_reconcile import required_input
 from cim_place.placement.reconcile_model import (
@@ -51,6 +51,8 @@ DEGRADED_RETRY = 5.0
 
 RECONCILE_WINDOW = 32
 """Reconciles one pass keeps in flight (each mostly waits on the hub: see ``_reconcile_each``)."""
+ADOPT_AT_MOST = 100_000
+"""Tasks a new leader reads back from the task stream (one request each: seconds at most)."""
 
 
 class ControllerReconcile(ControllerFeeds):
@@ -68,6 +70,9 @@ class ControllerReconcile(ControllerFeeds):
                     await self.caught_up.wait()
                     self._wake.set()
                 continue
+            if self._adopt_due:
+                self._adopt_due = False
+                await self._adopt_tasks()
             batch, self._dirty = self._dirty, set()
             if self._all_dirty:
                 # Every CID (the marks taken above are among them).
@@ -77,6 +82,38 @@ class ControllerReconcile(ControllerFeeds):
                     continue
             if not await self._reconcile_each([list(batch)]):
                 self._dirty.update(batch)
+
+    async def _adopt_tasks(self) -> None:
+        """Count the tasks in flight that a previous leader enqueued (read from the task stream)
+        against the limits, as if this process had enqueued them.
+
+        Without this, a new leader (or a process taking a shard over) knew only its own tasks
+        and could issue a whole limit's worth beside its predecessor's until their reports came
+        in. A task whose report was applied before its message was acked is counted once more
+        and forgotten at the next full pass after ``task_timeout``, like a lost report.
+        """
+        assert self._queue is not None
+        try:
+            queued = await self._queue.queued(ADOPT_AT_MOST)
+        except TransportError as exc:
+            _log.warning("could not read the tasks in flight: %s; each counts when it reports", exc)
+            return
+        adopted = 0
+        for task, at in queued:
+            if (
+                self.projection.task(task.id) is not None
+                or task.root not in self.projection
+                or not self.leads(task.root)
+            ):
+                continue
+            # A repair's fetch carries its policy's bandwidth (a ``repair`` task is one anyway);
+            # a repair fetch without a bandwidth counts as a plain fetch here.
+            repair = task.kind == "repair" or task.rate_limit is not None
+            policy = self._policy(task.root) if repair else None
+            self.projection.task_enqueued(task, at, repair_policy=policy)
+            adopted += 1
+        if adopted:
+            _log.info("controller %s counts %d tasks in flight from before", self.identity, adopted)
 
     async def _walk_all(self) -> bool:
         """Reconcile every CID, a chunk at a time; False if leadership was lost on the way.

@@ -2,11 +2,15 @@
 
 :func:`ensure_task_stream` creates the work-queue stream
 ``CIM_PLACE_TASKS`` in the hub domain; :class:`TaskQueue` publishes a task on the subject of its
-node.
+node, and reads back the tasks still in the stream (:meth:`TaskQueue.queued`): an agent acks a
+task only after its report is durable, so those are the tasks no report has ended yet, whoever
+enqueued them.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, replace
 
 import nats.errors
@@ -14,9 +18,9 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from cim_place.cluster.nats.envelope import Envelope
+from cim_place.cluster.nats.envelope import Envelope, EnvelopeError, decode
 from cim_place.cluster.nats.subjects import TASKS_STREAM, Subjects
-from cim_place.cluster.tasks.model import Task, task_envelope
+from cim_place.cluster.tasks.model import Task, decode_task, task_envelope
 from cim_place.errors import TransportError
 
 __all__ = [
@@ -25,6 +29,8 @@ __all__ = [
     "TaskQueue",
     "ensure_task_stream",
 ]
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_DUPLICATE_WINDOW = 3600.0
 """Seconds within which a repeated enqueue of the same task id is dropped by the stream.
@@ -128,3 +134,32 @@ class TaskQueue:
                 f"is stream {TASKS_STREAM} created in the hub domain (ensure_task_stream)?"
             ) from exc
         return Enqueued(task.id, ack.seq, bool(ack.duplicate))
+
+    async def queued(self, limit: int) -> list[tuple[Task, float]]:
+        """The tasks still in the stream (no report has ended them), oldest first, with the time
+        the stream stored each; at most ``limit``.
+
+        One request per message (the stream's next message after the last one read), so this is
+        for a new leader's start, not a hot path. A message that is not a task is skipped with a
+        warning: the agent's worker terminates it when it is delivered.
+        """
+        found: list[tuple[Task, float]] = []
+        sequence = 1
+        try:
+            while len(found) < limit:
+                try:
+                    msg = await self._js.get_msg(
+                        TASKS_STREAM, seq=sequence, subject=self._subjects.all_tasks, next=True
+                    )
+                except nats.js.errors.NotFoundError:
+                    break
+                sequence = (msg.seq or sequence) + 1
+                try:
+                    task = decode_task(decode(msg.data or b""))
+                except EnvelopeError as exc:
+                    _log.warning("%s message %d is not a task: %s", TASKS_STREAM, sequence - 1, exc)
+                    continue
+                found.append((task, msg.time.timestamp() if msg.time else time.time()))
+        except nats.errors.Error as exc:
+            raise TransportError(f"could not read the tasks in {TASKS_STREAM}: {exc}") from exc
+        return found

@@ -34,8 +34,10 @@ UNLIMITED = ControllerConfig(
 class SlowQueue:
     """Takes tasks after a random delay; refuses every ``refuse_every``-th one."""
 
-    def __init__(self, refuse_every: int = 0) -> None:
+    def __init__(self, refuse_every: int = 0, queued: list[Task] | None = None) -> None:
         self.tasks: list[Task] = []
+        self.before = list(queued or [])
+        """Tasks a previous leader left in the stream (what :meth:`queued` reads back)."""
         self.calls = 0
         self.refuse_every = refuse_every
         self.random = random.Random(7)
@@ -48,6 +50,10 @@ class SlowQueue:
             raise TransportError(f"could not queue task {task.id}: the hub refused it")
         self.tasks.append(task)
         return Enqueued(task.id, len(self.tasks), False)
+
+    async def queued(self, limit: int) -> list[tuple[Task, float]]:
+        await asyncio.sleep(0)
+        return [(task, time.time()) for task in [*self.before, *self.tasks][:limit]]
 
 
 class MemoryLocations:
@@ -258,3 +264,48 @@ async def test_an_unchanged_status_is_written_once_per_term() -> None:
     controller.object_states.forget_written()  # what taking the lead again does
     assert await controller._reconcile_each([cids])
     assert locations.puts == {cid: count + 1 for cid, count in written.items()}
+
+
+async def test_a_new_leader_counts_its_predecessors_tasks_against_the_limits() -> None:
+    config = ControllerConfig(max_tasks=40, max_tasks_per_node=9)
+    first = SlowQueue()
+    leader, cids = controller_with(config, first)
+    assert await leader._reconcile_each([cids])
+    assert len(first.tasks) == 40
+    # The leader is gone; its 40 tasks are still in the stream, none reported.
+    queue = SlowQueue(queued=first.tasks)
+    successor, _ = controller_with(config, queue)
+    successor._elected()  # an election asks the reconcile loop to read the stream first
+    assert successor._adopt_due
+    await successor._adopt_tasks()
+    assert successor.projection.tasks_in_flight == 40
+    assert {t.id for t in successor.projection.in_flight()} == {t.id for t in first.tasks}
+    assert await successor._reconcile_each([cids])
+    assert queue.tasks == []  # the limit is full: not one more beside the predecessor's
+    await successor._adopt_tasks()  # idempotent: nothing counted twice
+    assert successor.projection.tasks_in_flight == 40
+
+    # Without the tasks read back, the successor issued a whole limit's worth beside them.
+    blind = SlowQueue()
+    unaware, _ = controller_with(config, blind)
+    assert await unaware._reconcile_each([cids])
+    assert len(blind.tasks) == 40
+
+
+async def test_a_shard_taken_over_brings_only_its_own_tasks() -> None:
+    config = ControllerConfig(max_tasks=40, max_tasks_per_node=9, shards=2)
+    first = SlowQueue()
+    leader, cids = controller_with(config, first)
+    leader.sharding = LeadsShards({0, 1}, 2)  # type: ignore[assignment]
+    leader._shards_changed()
+    assert await leader._reconcile_each([cids])
+    queue = SlowQueue(queued=first.tasks)
+    successor, _ = controller_with(config, queue)
+    successor.sharding = LeadsShards({1}, 2)  # type: ignore[assignment]
+    successor._adopt_due = False
+    successor._elected_shard(1)
+    assert successor._adopt_due
+    await successor._adopt_tasks()
+    counted = list(successor.projection.in_flight())
+    assert counted and {shard_of(task.root, 2) for task in counted} == {1}
+    assert len(counted) == sum(1 for task in first.tasks if shard_of(task.root, 2) == 1)

@@ -7,6 +7,7 @@ from the hub's JetStream domain, as an agent does. Events go to an in-test publi
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -623,3 +624,38 @@ async def test_deliveries_that_never_finished_count_as_attempts(
         assert event.content.type == TASK_FAILED and event.causation_id == task.id
         assert "gave up after 1 deliveries" in str(event.content.body["reason"])
         assert await queued(d.hub_js) == 0
+
+
+async def test_the_tasks_no_report_has_ended_are_read_back(
+    hub1: Hub, leaf_factory: LeafFactory
+) -> None:
+    """What a new leader counts against its limits: the tasks still in the stream, whoever
+    enqueued them; a reported (acked) task is gone, a message that is no task is skipped."""
+    async with domain(hub1, leaf_factory, "n1") as d:
+        assert await d.queue.queued(10) == []
+        done = Task.create("fetch", "n1", ROOT, generation=1)
+        waiting = [
+            Task.create("fetch", "n2", ROOT, generation=1),
+            Task.create("drop", "n3", make_cid(RAW, b"another"), generation=2, volume="v1"),
+            Task.create("fetch", "n2", ROOT, generation=2, rate_limit=1 << 20),
+        ]
+        await d.queue.enqueue(done)
+        await d.queue.enqueue(waiting[0])
+        await d.hub_js.publish(SUBJECTS.task("n2"), b"\xffnot a task")
+        for task in waiting[1:]:
+            await d.queue.enqueue(task)
+        worker = await d.worker("n1", completed())
+        await until(lambda: worker.stats.completed == 1)  # reported, then acked: gone
+        await until_queued(d.hub_js, 4)
+        found = await d.queue.queued(10)
+        assert [task for task, _ in found] == waiting  # oldest first, the bad message skipped
+        assert all(abs(at - time.time()) < 60 for _, at in found)  # the stream's stored time
+        assert [task for task, _ in await d.queue.queued(2)] == waiting[:2]
+
+
+async def until_queued(js: JetStreamContext, count: int) -> None:
+    for _ in range(500):
+        if await queued(js) == count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the stream never held {count} messages")
