@@ -256,6 +256,37 @@ async def test_standby_takes_over_and_no_copy_is_dropped_twice(domain: Domain) -
     assert drops == []
 
 
+async def test_a_new_leader_counts_the_tasks_its_predecessor_left_in_flight(
+    domain: Domain,
+) -> None:
+    # The other nodes stay up (heartbeats) but run no task: what is enqueued stays in flight.
+    for name in ("n2", "n3", "n4"):
+        worker = domain.agents[name]._worker
+        assert worker is not None
+        await worker.stop(grace=0)
+        domain.agents[name]._worker = None
+    standby = Controller(controller_config(domain.hub, identity="ctl-b"))
+    await standby.start()
+    domain.controllers.append(standby)
+    leader = domain.controllers[0]
+    await until(lambda: leader.is_leader)
+    cid = await add(domain, "n1", "in-flight")
+    await until(lambda: len(leader.projection.tasks_for(cid)) == 2)  # two fetches: 3 copies
+    enqueued = {task.id: task.enqueued_at for task in leader.projection.tasks_for(cid)}
+    assert standby.projection.tasks_for(cid) == ()  # a standby knows only its own tasks
+    assert leader.election is not None
+    await leader.election.stop(release=False)  # a crash: the lease runs out
+    await leader.stop()
+    domain.controllers.remove(leader)
+    await until(lambda: standby.is_leader, timeout=30)
+    # Read back from the task stream, not enqueued again: the standby queued nothing itself.
+    ids = set(enqueued)
+    await until(lambda: {task.id for task in standby.projection.tasks_for(cid)} == ids)
+    queued = standby.metrics.registry.get_sample_value
+    assert not queued("cim_place_controller_tasks_queued_total", {"kind": "fetch"})
+    assert standby.projection.tasks_in_flight == 2
+
+
 async def test_a_new_leaf_receives_what_the_planner_says_copy_then_drop(
     domain: Domain, leaf_factory: LeafFactory
 ) -> None:
