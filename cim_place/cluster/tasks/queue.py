@@ -9,6 +9,8 @@ enqueued them.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -32,6 +34,8 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
+READERS = 16
+"""Parts of the stream :meth:`TaskQueue.queued` reads at once (each a chain of requests)."""
 DEFAULT_DUPLICATE_WINDOW = 3600.0
 """Seconds within which a repeated enqueue of the same task id is dropped by the stream.
 
@@ -140,26 +144,42 @@ class TaskQueue:
         the stream stored each; at most ``limit``.
 
         One request per message (the stream's next message after the last one read), so this is
-        for a new leader's start, not a hot path. A message that is not a task is skipped with a
-        warning: the agent's worker terminates it when it is delivered.
+        for a new leader's start, not a hot path; :data:`READERS` parts of the stream's
+        sequences are read at once. A message that is not a task is skipped with a warning: the
+        agent's worker terminates it when it is delivered.
         """
-        found: list[tuple[Task, float]] = []
-        sequence = 1
         try:
-            while len(found) < limit:
-                try:
-                    msg = await self._js.get_msg(
-                        TASKS_STREAM, seq=sequence, subject=self._subjects.all_tasks, next=True
-                    )
-                except nats.js.errors.NotFoundError:
-                    break
-                sequence = (msg.seq or sequence) + 1
-                try:
-                    task = decode_task(decode(msg.data or b""))
-                except EnvelopeError as exc:
-                    _log.warning("%s message %d is not a task: %s", TASKS_STREAM, sequence - 1, exc)
-                    continue
-                found.append((task, msg.time.timestamp() if msg.time else time.time()))
+            state = (await self._js.stream_info(TASKS_STREAM)).state
+            if not state.messages:
+                return []
+            first, span = state.first_seq, state.last_seq - state.first_seq + 1
+            parts = min(READERS, span)
+            bounds = [first + span * i // parts for i in range(parts + 1)]
+            read = await asyncio.gather(
+                *(self._read(low, high, limit) for low, high in itertools.pairwise(bounds))
+            )
         except nats.errors.Error as exc:
             raise TransportError(f"could not read the tasks in {TASKS_STREAM}: {exc}") from exc
+        return [found for part in read for found in part][:limit]
+
+    async def _read(self, low: int, high: int, limit: int) -> list[tuple[Task, float]]:
+        """Up to ``limit`` tasks stored at sequences ``low`` to ``high - 1``, in order."""
+        found: list[tuple[Task, float]] = []
+        sequence = low
+        while sequence < high and len(found) < limit:
+            try:
+                msg = await self._js.get_msg(
+                    TASKS_STREAM, seq=sequence, subject=self._subjects.all_tasks, next=True
+                )
+            except nats.js.errors.NotFoundError:
+                break
+            if msg.seq is None or msg.seq >= high:
+                break
+            sequence = msg.seq + 1
+            try:
+                task = decode_task(decode(msg.data or b""))
+            except EnvelopeError as exc:
+                _log.warning("%s message %d is not a task: %s", TASKS_STREAM, msg.seq, exc)
+                continue
+            found.append((task, msg.time.timestamp() if msg.time else time.time()))
         return found
