@@ -226,8 +226,22 @@ def plan_key(
             "the eligibility passed to the planner was computed for another rule or node map; "
             "compute it with Eligibility.of(rule, node_map) for the same inputs"
         )
-    walk = _Walk(el, key, size, frozenset(current) if keep_current else frozenset())
+    kept = frozenset(current) if keep_current else frozenset()
+    walk = _Walk(el, key, size, kept)
     walk.run()
+    if kept and rule.localities and {el.eligible[i].id for i in walk.chosen} != kept:
+        # With consumers, the walk with the copies in place can choose other volumes than it
+        # chose without them: a volume over the load cap is passed over while new but exempt
+        # once it holds a copy, and which copies count for which consumer decides how many a
+        # hard locality leaves unplaced. A placement the planner makes from scratch is kept
+        # as it is, so a re-plan never churns what the last plan placed.
+        fresh = _Walk(el, key, size, frozenset())
+        fresh.run()
+        if {el.eligible[i].id for i in fresh.chosen} == kept:
+            fresh.kept = walk.kept
+            for i in fresh.chosen:
+                fresh.verdict[i] = Verdict.KEPT
+            walk = fresh
     return walk.placement(explain)
 
 

@@ -123,7 +123,7 @@ class Columns:
         self.nodes[pos] = (*nodes[:WIDE], *([0] * (WIDE - len(nodes[:WIDE]))))
 
     def kill(self, pos: int) -> None:
-        """Mark the row at ``pos`` dead (its name number is the caller's to drop first)."""
+        """Mark the row at ``pos`` dead and clear its name number (the caller drops the name)."""
         if self.state[pos] != DEAD:
             self.state[pos] = DEAD
             self.name[pos] = 0
