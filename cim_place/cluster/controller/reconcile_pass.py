@@ -52,7 +52,8 @@ DEGRADED_RETRY = 5.0
 RECONCILE_WINDOW = 32
 """Reconciles one pass keeps in flight (each mostly waits on the hub: see ``_reconcile_each``)."""
 ADOPT_AT_MOST = 100_000
-"""Tasks a new leader reads back from the task stream (10,000 take about 2 s: TaskQueue.queued)."""
+"""Tasks a new leader reads back from the task stream, and at most twice ``max_tasks``: the
+leaders keep no more than that in flight together (10,000 take about 2 s: TaskQueue.queued)."""
 
 
 class ControllerReconcile(ControllerFeeds):
@@ -94,7 +95,10 @@ class ControllerReconcile(ControllerFeeds):
         """
         assert self._queue is not None
         try:
-            queued = await self._queue.queued(ADOPT_AT_MOST)
+            limit = self.config.max_tasks
+            queued = await self._queue.queued(
+                ADOPT_AT_MOST if limit <= 0 else min(ADOPT_AT_MOST, 2 * limit)
+            )
         except TransportError as exc:
             _log.warning("could not read the tasks in flight: %s; each counts when it reports", exc)
             return
