@@ -21,6 +21,11 @@ by the KV get that ``status CID`` does. Baseline: a raw request/reply to an echo
 
 ``.venv/bin/python bench/status_index.py --index-objects 1000000`` (about 4 minutes with the
 scan; ``--no-scan`` about 1).
+
+``--merge-rows N`` times instead the index's largest pause: merging a small run of N/32 rows
+into a large run of N synthetic rows, once on the event loop (how the index merged before) and
+once as the controller does now, in a thread, reporting the longest gap of a 1 ms ticker on
+the loop while it runs (``--merge-rows 10000000``: about a minute, 3 GiB).
 """
 
 from __future__ import annotations
@@ -34,12 +39,21 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from cim_place.cluster.controller.status_api import StatusQueries
-from cim_place.cluster.controller.status_index import MERGE_AT, RECENT_SHARE, StatusIndex
+from cim_place.cluster.controller.status_columns import WIDE, Columns
+from cim_place.cluster.controller.status_index import (
+    MERGE_AT,
+    RECENT_SHARE,
+    StatusIndex,
+    in_a_thread,
+)
 from cim_place.cluster.controller.status_rows import STATUS_API
 from cim_place.cluster.nats import kv
 from cim_place.cluster.nats.connection import connected, jetstream
@@ -120,8 +134,9 @@ def fill(count: int) -> StatusIndex:
     gc.collect()
     before = rss()
     index = StatusIndex()
-    # A merge blocks the controller's loop: the longest update is the largest merge (the small
-    # sorted run into the large one, once per 1/RECENT_SHARE of growth).
+    # A small merge blocks the controller's loop; the large one (the small sorted run into the
+    # large one, once per 1/RECENT_SHARE of growth) runs in a thread, and the updates made
+    # meanwhile wait only for the GIL.
     longest = merging = 0.0
     merges = 0
     clock = time.perf_counter
@@ -290,6 +305,49 @@ def bench_index(count: int, samples: int, scan: int) -> None:
             hub.stop()
 
 
+def synthetic_run(rows: int, seed: int) -> Columns:
+    """``rows`` sorted rows with random CID-like keys (59 bytes, as a CIDv1 in base32)."""
+    rng = np.random.default_rng(seed)
+    raw = np.empty((rows, 59), dtype=np.uint8)
+    raw[:, :7] = np.frombuffer(b"bafkrei", dtype=np.uint8)
+    raw[:, 7:] = rng.integers(ord("a"), ord("z") + 1, size=(rows, 52), dtype=np.uint8)
+    keys = np.sort(raw.view("S59").ravel())
+
+    def zeros(dtype: type[np.generic]) -> npt.NDArray[Any]:
+        return np.zeros(rows, dtype=dtype)
+
+    return Columns(
+        keys,
+        *(zeros(t) for t in (np.uint8, np.uint16, np.uint8, np.uint8, np.uint8, np.int64)),
+        zeros(np.uint32),
+        np.zeros((rows, WIDE), dtype=np.uint16),
+    )
+
+
+async def merge_pause(rows: int) -> None:
+    """The largest merge on the loop (baseline) beside the same merge in a thread."""
+    big, small = synthetic_run(rows, 1), synthetic_run(rows // RECENT_SHARE, 2)
+    print(f"== status index merge: {len(small)} rows into {len(big)}")
+    started = time.perf_counter()
+    big.merged(small)
+    held = time.perf_counter() - started
+    print(f"{'merge on the event loop (baseline)':44s} holds the loop {held:7.3f} s")
+    gaps: list[float] = []
+    started = last = time.perf_counter()
+    future = in_a_thread(lambda: big.merged(small))
+    while not future.done():
+        await asyncio.sleep(0.001)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    took = time.perf_counter() - started
+    print(
+        f"{'merge in a thread (the controller)':44s} takes {took:7.3f} s; the loop ticked "
+        f"{len(gaps)} times, the longest gap {max(gaps) * 1000:.1f} ms, "
+        f"p99 {percentile(gaps, 0.99) * 1000:.1f} ms (ticker 1 ms)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index-objects", type=int, default=100_000)
@@ -298,7 +356,11 @@ def main() -> None:
         "--scan-objects", type=int, default=None, help="statuses to scan (default: as indexed)"
     )
     parser.add_argument("--no-scan", action="store_true", help="skip the scan baseline")
+    parser.add_argument("--merge-rows", type=int, default=0, help="time the largest merge only")
     args = parser.parse_args()
+    if args.merge_rows:
+        asyncio.run(merge_pause(args.merge_rows))
+        return
     scan = 0 if args.no_scan else args.scan_objects or args.index_objects
     bench_index(args.index_objects, args.samples, scan)
 

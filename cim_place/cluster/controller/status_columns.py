@@ -207,7 +207,7 @@ class Columns:
         keys, new = run.keys.astype(width, copy=False), more.keys.astype(width, copy=False)
         at = np.searchsorted(keys, new)
         return Columns(
-            np.insert(keys, at, new),
+            _inserted(keys, at, new),
             *(
                 np.insert(a, at, b, axis=0)
                 for a, b in zip(run.columns()[1:], more.columns()[1:], strict=True)
@@ -220,3 +220,17 @@ class Columns:
             return self
         alive = self.state != DEAD
         return Columns(*(column[alive] for column in self.columns()))
+
+
+def _inserted(keys: npt.NDArray[Any], at: _Positions, new: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``np.insert(keys, at, new)`` for keys of one ``S<width>`` type, done on rows of bytes.
+
+    The index merges in a thread; numpy holds the GIL through an insert of ``S`` items (110 ms
+    at 10M rows, the event loop stalled meanwhile) but not through one of ``uint8`` rows (3 ms
+    at most; the copy itself is slower, 0.53 s instead of 0.29 s, off the loop).
+    """
+    width = keys.dtype.itemsize
+    rows = np.insert(
+        keys.view(np.uint8).reshape(-1, width), at, new.view(np.uint8).reshape(-1, width), axis=0
+    )
+    return rows.view(keys.dtype).ravel()

@@ -21,6 +21,13 @@ Layout, for a million objects in well under 100 bytes each besides the names:
   4,096 new rows moved every row: a third of the leader's first walk at 10M objects); with two
   runs, the large copies come once per 1/32 of growth (linear overall) and the small ones stay
   small. A page reads all three and keeps the first rows by CID;
+- the large merge runs in a thread (numpy's copies release the GIL: during a merge into 10M
+  rows the event loop's longest gap is 4 ms, where the merge on the loop held it 1.8 s;
+  bench/status_index.py ``--merge-rows``). While it runs, the two runs
+  it copies stay the index's rows and take updates in place; their keys are noted, and when the
+  merged run is adopted (at the next call after the thread is done) those rows are copied into
+  it again from the runs they were written to, so a write the thread saw half-done is rewritten
+  whole. New rows meanwhile go to the side table and a fresh small run;
 - a removed row is marked dead in place and dropped when its run is next merged;
 - a row holds a name number into one blob of names; a name glob is one regular expression run
   over the blob, whose matches select rows through a table of name numbers
@@ -32,6 +39,11 @@ an object added behind the cursor is simply not seen by that walk, none is shown
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
 import numpy as np
 
 from cim_place.cluster.controller.status_columns import DEAD, WIDE, Columns, Filter, Values
@@ -39,7 +51,20 @@ from cim_place.cluster.controller.status_names import NO_NAME, NameBlob
 from cim_place.cluster.controller.status_rows import MAX_LIMIT, Page, Query, Row
 from cim_place.placement.status import OBJECT_STATES, ObjectStatus
 
-__all__ = ["MAX_LIMIT", "MERGE_AT", "RECENT_SHARE", "Page", "Query", "Row", "StatusIndex"]
+__all__ = [
+    "MAX_LIMIT",
+    "MERGE_AT",
+    "RECENT_SHARE",
+    "Background",
+    "Page",
+    "Query",
+    "Row",
+    "StatusIndex",
+    "at_once",
+    "in_a_thread",
+]
+
+log = logging.getLogger(__name__)
 
 MERGE_AT = 4096
 """New rows kept aside before they are merged into the small sorted run."""
@@ -47,13 +72,43 @@ RECENT_SHARE = 32
 """The small run is merged into the large one when it holds more than 1/RECENT_SHARE of its
 rows (and more than 4 x :data:`MERGE_AT` rows)."""
 _STATE_CODE: dict[str, int] = {state: code for code, state in enumerate(OBJECT_STATES)}
+Background = Callable[[Callable[[], Columns]], "Future[Columns]"]
+"""Runs a large merge and gives its result later: :func:`in_a_thread` (the controller),
+:func:`at_once` (benches and tests that want each merge done when it is due)."""
+
+
+def in_a_thread(job: Callable[[], Columns]) -> Future[Columns]:
+    """Run ``job`` in a daemon thread (one per large merge: a few per growth of the index by
+    1/:data:`RECENT_SHARE`, so a pool would save nothing)."""
+    future: Future[Columns] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(job())
+        except BaseException as error:  # the index logs it when it adopts the result
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="status-index-merge", daemon=True).start()
+    return future
+
+
+def at_once(job: Callable[[], Columns]) -> Future[Columns]:
+    """Run ``job`` now, in the caller's thread."""
+    future: Future[Columns] = Future()
+    future.set_result(job())
+    return future
 
 
 class StatusIndex:
     """Rows by CID; see the module docstring. Not thread-safe (the controller's event loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, background: Background = in_a_thread) -> None:
+        self._background = background
         self._main = Columns.of([])
+        self._frozen: Columns | None = None  # the small run being merged into _main
+        self._merging: Future[Columns] | None = None
+        self._touched: set[bytes] = set()  # keys written in _main or _frozen during the merge
+        self._rebuild_due = False
         self._recent = Columns.of([])
         self._delta: dict[bytes, Values] = {}
         self._spill: dict[bytes, tuple[int, ...]] = {}
@@ -66,10 +121,11 @@ class StatusIndex:
     # -- writing --------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return self._main.live + self._recent.live + len(self._delta)
+        return sum(run.live for run in self._runs()) + len(self._delta)
 
     def update(self, status: ObjectStatus) -> None:
         """Record ``status`` as the row of its CID (a new row or a replaced one)."""
+        self._adopt()
         key = status.cid.encode()
         nodes = tuple(
             self._node(node) for node in dict.fromkeys(loc.node for loc in status.locations)
@@ -96,6 +152,7 @@ class StatusIndex:
                 self._merge()
         else:
             run.set(pos, values)
+            self._note(run, key)
         if len(nodes) > WIDE:
             self._spill[key] = nodes[WIDE:]
         else:
@@ -103,6 +160,7 @@ class StatusIndex:
 
     def remove(self, cid: str) -> None:
         """Forget the row of ``cid`` (the object left the domain)."""
+        self._adopt()
         key = cid.encode()
         self._spill.pop(key, None)
         old = self._delta.pop(key, None)
@@ -113,16 +171,20 @@ class StatusIndex:
         if run is not None and run.state[pos] != DEAD:
             name = int(run.name[pos])
             run.kill(pos)
+            self._note(run, key)
             self._drop_name(name)
 
     def flush(self) -> None:
-        """Merge everything into the large run now (a bench or a test that wants one run)."""
+        """Merge everything into the large run now, waiting for a merge under way (a bench or a
+        test that wants one run)."""
+        self._adopt(wait=True)
         self._merge(everything=True)
 
     # -- reading --------------------------------------------------------------------------------
 
     def get(self, cid: str) -> Row | None:
         """The row of ``cid``, or None."""
+        self._adopt()
         key = cid.encode()
         old = self._delta.get(key)
         if old is not None:
@@ -142,6 +204,7 @@ class StatusIndex:
 
     def page(self, query: Query) -> Page:
         """Up to ``query.limit`` rows after ``query.after`` that pass every filter, by CID."""
+        self._adopt()
         want = query.limit + 1  # one more tells whether a next page exists
         policy = self._policy_id.get(query.policy) if query.policy is not None else None
         node = self._node_id.get(query.node, 0) if query.node is not None else 0
@@ -157,7 +220,7 @@ class StatusIndex:
         # Each source gives its own first rows in CID order; the first of their union are the
         # page. A key lives in one source only.
         found: list[tuple[bytes, Columns | None, int]] = []
-        for run in (self._main, self._recent):
+        for run in self._runs():
             spilled = self._spilled(run, node) if node and self._spill else None
             positions = run.scan(after, where, want, spilled)
             keys = run.keys[positions].tolist()
@@ -175,7 +238,7 @@ class StatusIndex:
         found.sort(key=lambda item: item[0])
         chosen = found[: query.limit]
         built: dict[bytes, Row] = {}
-        for run in (self._main, self._recent):
+        for run in self._runs():
             positions = [pos for _, source, pos in chosen if source is run]
             built.update((row.cid.encode(), row) for row in self._rows(run, positions))
         shown = [
@@ -186,9 +249,20 @@ class StatusIndex:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _runs(self) -> tuple[Columns, ...]:
+        """The sorted runs, the one being merged into the large one included."""
+        if self._frozen is None:
+            return (self._main, self._recent)
+        return (self._main, self._frozen, self._recent)
+
+    def _note(self, run: Columns, key: bytes) -> None:
+        """Remember a row written in a run the merge under way is copying."""
+        if self._merging is not None and run is not self._recent:
+            self._touched.add(key)
+
     def _find(self, key: bytes) -> tuple[Columns | None, int]:
         """The sorted run holding ``key`` (dead or alive) and its position, or (None, -1)."""
-        for run in (self._main, self._recent):
+        for run in self._runs():
             pos = run.find(key)
             if pos >= 0:
                 return run, pos
@@ -245,26 +319,75 @@ class StatusIndex:
 
     def _drop_name(self, number: int) -> None:
         if number != NO_NAME and self._names.drop():
-            # Rewrite the blob with the names rows still use (renames and removals left others).
-            runs = [(run, run.named()) for run in (self._main, self._recent)]
-            side = [key for key, values in self._delta.items() if values[6] != NO_NAME]
-            numbers = [int(n) for run, at in runs for n in run.name[at]]
-            renumbered = self._names.rebuild(numbers + [self._delta[k][6] for k in side])
-            start = 0
-            for run, at in runs:
-                run.name[at] = renumbered[start : start + len(at)]
-                start += len(at)
-            for key, number in zip(side, renumbered[start:], strict=True):
-                values = self._delta[key]
-                self._delta[key] = (*values[:6], number, values[7])
+            if self._merging is not None:  # the rows being copied keep their numbers until then
+                self._rebuild_due = True
+            else:
+                self._rebuild_names()
+
+    def _rebuild_names(self) -> None:
+        """Rewrite the blob with the names rows still use (renames and removals left others)."""
+        runs = [(run, run.named()) for run in self._runs()]
+        side = [key for key, values in self._delta.items() if values[6] != NO_NAME]
+        numbers = [int(n) for run, at in runs for n in run.name[at]]
+        renumbered = self._names.rebuild(numbers + [self._delta[k][6] for k in side])
+        start = 0
+        for run, at in runs:
+            run.name[at] = renumbered[start : start + len(at)]
+            start += len(at)
+        for key, number in zip(side, renumbered[start:], strict=True):
+            values = self._delta[key]
+            self._delta[key] = (*values[:6], number, values[7])
 
     def _merge(self, everything: bool = False) -> None:
         """Move the side table into the small run, and that into the large one when it is due
-        (or at once with ``everything``)."""
+        (in the background) or at once with ``everything``."""
         if self._delta:
             self._recent = self._recent.merged(Columns.of(sorted(self._delta.items())))
             self._delta = {}
-        due = max(4 * MERGE_AT, len(self._main) // RECENT_SHARE)
-        if everything or len(self._recent) > due:
+        if everything:
             self._main = self._main.merged(self._recent)
             self._recent = Columns.of([])
+        elif self._merging is None and len(self._recent) > max(
+            4 * MERGE_AT, len(self._main) // RECENT_SHARE
+        ):
+            big, small = self._main, self._recent
+            self._frozen, self._recent = small, Columns.of([])
+            self._merging = self._background(lambda: big.merged(small))
+
+    def _adopt(self, wait: bool = False) -> None:
+        """Take the large merge's result once it is done (at once with ``wait``): the rows
+        written meanwhile are copied into it again from the runs they were written to."""
+        merging, frozen = self._merging, self._frozen
+        if merging is None or frozen is None or not (wait or merging.done()):
+            return
+        self._merging = self._frozen = None
+        touched, self._touched = self._touched, set()
+        try:
+            merged = merging.result()
+        except Exception:
+            # The runs it read are intact: keep them, as one small run, for a later merge.
+            log.exception("status index: merging the small run into the large one failed")
+            self._recent = frozen.merged(self._recent)
+            self._rebuild_later()
+            return
+        old = (self._main, frozen)
+        for key in touched:
+            run, pos = next((r, p) for r in old if (p := r.find(key)) >= 0)
+            at = merged.find(key)
+            if run.state[pos] == DEAD:
+                if at >= 0:
+                    merged.kill(at)
+                continue
+            values = next(iter(run.gathered([pos])))[1]
+            if at >= 0:
+                merged.set(at, values)
+            else:  # dead when the thread copied it, brought back since: all its node ids
+                inline = tuple(node for node in values[7] if node)
+                self._delta[key] = (*values[:7], inline + self._spill.get(key, ()))
+        self._main = merged
+        self._rebuild_later()
+
+    def _rebuild_later(self) -> None:
+        if self._rebuild_due:
+            self._rebuild_due = False
+            self._rebuild_names()

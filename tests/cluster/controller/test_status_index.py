@@ -6,14 +6,16 @@ from __future__ import annotations
 import fnmatch
 import json
 import random
+from collections.abc import Callable
+from concurrent.futures import Future
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cim_place.cluster.controller import status_columns, status_index
+from cim_place.cluster.controller import status_columns, status_index, status_names
 from cim_place.cluster.controller.status_columns import Columns
-from cim_place.cluster.controller.status_index import StatusIndex
+from cim_place.cluster.controller.status_index import StatusIndex, at_once, in_a_thread
 from cim_place.cluster.controller.status_rows import (
     MAX_LIMIT,
     STATUS_API,
@@ -26,7 +28,7 @@ from cim_place.cluster.controller.status_rows import (
     row_of,
 )
 from cim_place.objectstore.cid import RAW, make_cid, to_str
-from cim_place.placement.status import OBJECT_STATES, Location, ObjectStatus
+from cim_place.placement.status import OBJECT_STATES, Location, ObjectState, ObjectStatus
 
 NODES = ["n1", "n2", "n3", "n4", "n5", "n6"]
 POLICIES = ["default", "docs", "ledger"]
@@ -70,13 +72,54 @@ def walk(index: StatusIndex, query: Query) -> list[Row]:
         after = page.next
 
 
+class Held:
+    """Large merges that copy and finish at points the test's random generator picks, so
+    writes land before, during and after the copy (:func:`in_a_thread` makes that a race)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.jobs: list[tuple[Callable[[], Columns], Future[Columns], list[Columns]]] = []
+
+    def __call__(self, job: Callable[[], Columns]) -> Future[Columns]:
+        future: Future[Columns] = Future()
+        self.jobs.append((job, future, []))
+        return future
+
+    def step(self, everything: bool = False) -> None:
+        for job, future, done in self.jobs:
+            if not done and (everything or self.rng.random() < 0.2):
+                done.append(job())  # copied now, adopted at a later step
+            elif done and (everything or self.rng.random() < 0.2):
+                future.set_result(done[0])
+        self.jobs = [job for job in self.jobs if not job[1].done()]
+
+
+MODES = ["at_once", "held", "thread"]
+
+
+def background(mode: str, rng: random.Random) -> tuple[status_index.Background, Held]:
+    held = Held(rng)
+    chosen: dict[str, status_index.Background] = {
+        "at_once": at_once,
+        "held": held,
+        "thread": in_a_thread,
+    }
+    return chosen[mode], held
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("seed", range(6))
-def test_pages_equal_a_filter_over_every_row(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(status_index, "MERGE_AT", 7)  # many merges, rows in both tables
+def test_pages_equal_a_filter_over_every_row(
+    seed: int, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(status_index, "MERGE_AT", 7)  # many merges, rows in every run
+    monkeypatch.setattr(status_names, "_COMPACT_AFTER", 5)  # name rebuilds during merges
     rng = random.Random(seed)
-    index = StatusIndex()
+    merges, held = background(mode, rng)
+    index = StatusIndex(merges)
     model: dict[str, Row] = {}
     for _ in range(400):
+        held.step()
         i = rng.randrange(120)
         if rng.random() < 0.2:
             index.remove(cid(i))
@@ -86,6 +129,13 @@ def test_pages_equal_a_filter_over_every_row(seed: int, monkeypatch: pytest.Monk
             index.update(s)
             model[s.cid] = row_of(s)
         assert len(index) == len(model)
+    check_pages(index, model, rng)
+    held.step(everything=True)
+    held.step(everything=True)
+    check_pages(index, model, rng)
+
+
+def check_pages(index: StatusIndex, model: dict[str, Row], rng: random.Random) -> None:
     assert all(index.get(key) == row for key, row in model.items())
     assert index.get(cid(10_000)) is None
     queries = [Query(limit=rng.randint(1, 9))]
@@ -226,13 +276,15 @@ def test_the_operator_may_ask_and_the_controller_may_answer() -> None:
     assert allowed(controller_permissions(subjects, "hub").subscribe)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("seed", range(4))
 def test_a_walk_while_objects_come_and_go_shows_each_once(
-    seed: int, monkeypatch: pytest.MonkeyPatch
+    seed: int, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(status_index, "MERGE_AT", 5)
     rng = random.Random(seed)
-    index = StatusIndex()
+    merges, held = background(mode, rng)
+    index = StatusIndex(merges)
     for i in range(150):
         index.update(status(i, rng))
     present_throughout = {cid(i) for i in range(150)}
@@ -242,6 +294,7 @@ def test_a_walk_while_objects_come_and_go_shows_each_once(
         page = index.page(Query(after=after, limit=rng.randint(1, 12)))
         seen.extend(row.cid for row in page.rows)
         for _ in range(rng.randint(0, 6)):  # between pages: adds, changes, removals
+            held.step()
             i = rng.randrange(300)
             if rng.random() < 0.3:
                 index.remove(cid(i))
@@ -258,7 +311,7 @@ def test_a_walk_while_objects_come_and_go_shows_each_once(
 def test_a_page_merges_both_runs_and_the_side_table(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(status_index, "MERGE_AT", 4)  # the small run is due past 16 rows
     rng = random.Random(3)
-    index = StatusIndex()
+    index = StatusIndex(at_once)
     model: dict[str, Row] = {}
     for i in rng.sample(range(1000), 66):  # CIDs of each source interleave in CID order
         s = status(i, rng)
@@ -287,7 +340,7 @@ def test_filling_an_index_copies_rows_linearly(monkeypatch: pytest.MonkeyPatch) 
         return merged(run, other)
 
     monkeypatch.setattr(Columns, "merged", counting)
-    index = StatusIndex()
+    index = StatusIndex(at_once)
     for i in range(count):
         index.update(ObjectStatus(cid(i), "placed", (Location("n1", "v0"),), 1, "default"))
     assert len(index) == count and index.get(cid(count - 1)) is not None
@@ -307,3 +360,68 @@ def test_a_merge_keeps_keys_sorted_and_drops_dead_rows() -> None:
     assert both.find(cid(4).encode()) == -1 and both.find(cid(1000).encode()) == -1
     at = both.find(cid(9).encode())
     assert dict(both.gathered([at]))[cid(9).encode()] == (0, 0, 1, 1, 0, 9, 0, (1, 2, 3, 0))
+
+
+def test_rows_written_during_a_large_merge_are_in_its_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(status_index, "MERGE_AT", 4)  # the small run is due past 16 rows
+    held = Held(random.Random(0))
+    index = StatusIndex(held)
+    model: dict[str, Row] = {}
+
+    def put(
+        i: int, nodes: list[str], state: ObjectState = "placed", name: str | None = None
+    ) -> None:
+        locations = tuple(Location(n, "v0") for n in nodes)
+        s = ObjectStatus(cid(i), state, locations, 3, "default", name=name or f"o{i}")
+        index.update(s)
+        model[s.cid] = row_of(s)
+
+    for i in range(100):
+        put(i, NODES[:2])
+    held.step(everything=True)
+    held.step(everything=True)
+    index.flush()
+    index.remove(cid(1))  # dead in the large run when the merge copies it
+    del model[cid(1)]
+    for i in range(100, 120):
+        put(i, NODES[:1])
+    assert held.jobs and index._frozen is not None
+    held.step(everything=True)  # copied, not yet adopted
+    put(1, NODES, name="back")  # brought back, with node ids beyond the inline ones
+    put(2, NODES[3:], state="degraded", name="renamed")
+    index.remove(cid(3))
+    del model[cid(3)]
+    held.step(everything=True)
+    assert index.get(cid(1)) == model[cid(1)] and index._frozen is None  # adopted
+    assert [row.cid for row in walk(index, Query(node="n6"))] == sorted([cid(1), cid(2)])
+    assert walk(index, Query(limit=7)) == [row for _, row in sorted(model.items())]
+    assert len(index) == len(model) == 119
+
+
+def test_a_large_merge_that_fails_loses_no_row(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(status_index, "MERGE_AT", 4)
+    failed: list[bool] = []
+
+    def once_failing(job: Callable[[], Columns]) -> Future[Columns]:
+        if failed:
+            return at_once(job)
+        failed.append(True)
+        future: Future[Columns] = Future()
+        future.set_exception(MemoryError("no room for the copy"))
+        return future
+
+    index = StatusIndex(once_failing)
+    rng = random.Random(7)
+    model = {}
+    for i in range(300):
+        s = status(i, rng)
+        index.update(s)
+        model[s.cid] = row_of(s)
+    assert failed and "merging the small run into the large one failed" in caplog.text
+    assert walk(index, Query(limit=9)) == [row for _, row in sorted(model.items())]
+    index.flush()
+    assert index.page(Query(limit=500)).rows == [row for _, row in sorted(model.items())]
