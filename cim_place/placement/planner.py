@@ -117,6 +117,8 @@ class Eligibility:
     used_total: int
     domains: dict[SpreadLevel, list[DomainKey]]
     """Failure domain of each eligible volume at each level."""
+    position: dict[VolumeId, int]
+    """Each eligible volume's index in ``eligible`` (and the arrays)."""
 
     @classmethod
     def of(cls, rule: PlacementRule, node_map: NodeMap) -> Eligibility:
@@ -148,6 +150,7 @@ class Eligibility:
             cap_factor=cap_factor,
             used_total=sum(v.used for v in eligible),
             domains={level: [v.domain(level) for v in eligible] for level in SpreadLevel},
+            position={v.id: i for i, v in enumerate(eligible)},
         )
 
     def load_total(self, size: int) -> float:
@@ -227,6 +230,16 @@ def plan_key(
             "compute it with Eligibility.of(rule, node_map) for the same inputs"
         )
     kept = frozenset(current) if keep_current else frozenset()
+    if not explain and len(kept) == rule.replicas and not rule.localities:
+        # Most plans of a pass find an object's copies where the last plan put them. The walk
+        # takes existing copies first, so when the copies alone fill the widest spread level
+        # it chooses exactly them: rank only those (bench/controller_scale.py --walk).
+        positions = sorted(el.position.get(vid, -1) for vid in kept)
+        if positions[0] >= 0:
+            quick = _Walk(el, key, size, kept, among=positions)
+            levels = rule.spread_levels()[:1]
+            if quick.fill(quick.ranking, rule.replicas, Verdict.RANKED, levels=levels) == len(kept):
+                return quick.placement(explain)
     walk = _Walk(el, key, size, kept)
     walk.run()
     if kept and rule.localities and {el.eligible[i].id for i in walk.chosen} != kept:
@@ -251,26 +264,55 @@ _NEARNESS = {0: "at the consumer", 1: "in the consumer's zone", 2: "in the consu
 class _Walk:
     """One object's walk over the ranking (step 4-6 of the module docstring)."""
 
-    def __init__(self, el: Eligibility, key: int, size: int, current: frozenset[VolumeId]) -> None:
+    def __init__(
+        self,
+        el: Eligibility,
+        key: int,
+        size: int,
+        current: frozenset[VolumeId],
+        among: list[int] | None = None,
+    ) -> None:
+        """``among``: rank only these volumes (ascending positions, each holding a copy in
+        ``current``); the others are left out of :attr:`ranking` and keep rank 0."""
         self.el = el
         self.rule = el.rule
         self.size = size
         vols = el.eligible
         n = len(vols)
+        self.kept = [False] * n
+        for vid in current:
+            if (at := el.position.get(vid)) is not None:
+                self.kept[at] = True
+        self.full = [False] * n
+        self.over_cap = [False] * n
+        self.chosen: list[int] = []
+        self.chosen_set: set[int] = set()
+        self.verdict: dict[int, Verdict] = {}
+        self.counts: dict[SpreadLevel, dict[DomainKey, int]] = {level: {} for level in SpreadLevel}
+        # Per locality with min_local > 0, in the rule's order: copies near it, and how many
+        # a hard locality could not place.
+        self.local_count: list[int] = []
+        self.local_shortfall: list[int] = []
+        self.ranking: list[int] = []
+        self.rank: list[int] = [0] * n
+        if among is not None:
+            subset = np.array(among, dtype=np.intp)
+            draws = straw2_draws(
+                np.array([key], dtype=np.uint64), el.seeds[subset], el.weights[subset]
+            )
+            # The same draws as over every volume (elementwise), and ties in id order again.
+            self.ranking = [among[j] for j in np.argsort(-draws[0], kind="stable").tolist()]
+            for r, i in enumerate(self.ranking, 1):
+                self.rank[i] = r
+            return  # every volume ranked holds a copy: none is full or over the cap
         if n:
             draws = straw2_draws(np.array([key], dtype=np.uint64), el.seeds, el.weights)[0]
             # A stable sort of the negated draws: ties stay in id order.
             order = np.argsort(-draws, kind="stable")
             rank = np.empty(n, dtype=np.intp)
             rank[order] = np.arange(1, n + 1)
-            self.ranking: list[int] = order.tolist()
-            self.rank: list[int] = rank.tolist()
-        else:
-            self.ranking = []
-            self.rank = []
-        self.kept = [v.id in current for v in vols]
-        self.full = [False] * n
-        self.over_cap = [False] * n
+            self.ranking = order.tolist()
+            self.rank = rank.tolist()
         cap = el.cap_factor
         total = el.load_total(size)
         used = el.used.tolist()
@@ -283,14 +325,6 @@ class _Walk:
                 self.full[i] = True
             elif cap_list is not None and used[i] > total * cap_list[i]:
                 self.over_cap[i] = True
-        self.chosen: list[int] = []
-        self.chosen_set: set[int] = set()
-        self.verdict: dict[int, Verdict] = {}
-        self.counts: dict[SpreadLevel, dict[DomainKey, int]] = {level: {} for level in SpreadLevel}
-        # Per locality with min_local > 0, in the rule's order: copies near it, and how many
-        # a hard locality could not place.
-        self.local_count: list[int] = []
-        self.local_shortfall: list[int] = []
 
     def available(self, i: int) -> bool:
         return not (self.full[i] or self.over_cap[i])
@@ -315,9 +349,15 @@ class _Walk:
             counts[domain] = counts.get(domain, 0) + 1
 
     def fill(
-        self, order: Sequence[int], target: int, verdict: Verdict, spill: Sequence[int] = ()
+        self,
+        order: Sequence[int],
+        target: int,
+        verdict: Verdict,
+        spill: Sequence[int] = (),
+        levels: Sequence[SpreadLevel] | None = None,
     ) -> int:
-        """Take from ``order`` until ``target`` volumes are chosen, widest domains first.
+        """Take from ``order`` until ``target`` volumes are chosen, widest domains first
+        (``levels``: the rule's spread levels by default).
 
         ``spill``: volumes over the load cap, taken at a level only when ``order`` has no
         admissible volume left there. The cap balances load; it must never cost a copy or a
@@ -325,7 +365,7 @@ class _Walk:
         still gets the copy rather than a second zone doubling up).
         """
         taken = 0
-        for level in self.rule.spread_levels():
+        for level in self.rule.spread_levels() if levels is None else levels:
             for pool in (order, spill):
                 for i in pool:
                     if len(self.chosen) >= target:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cim_place.errors import PlacementError
+from cim_place.placement import planner
 from cim_place.placement.batch import NO_VOLUME, plan_batch
 from cim_place.placement.model import (
     FAR,
@@ -385,3 +386,24 @@ def test_planner_does_not_import_nats() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_copies_that_fill_the_spread_are_kept_without_a_full_walk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    vols = [volume(f"n{z}{h}", zone=f"z{z}") for z in range(4) for h in range(3)]
+    nm = NodeMap(vols)
+    rule = PlacementRule(replicas=3, spread=SpreadLevel.ZONE)
+    el = Eligibility.of(rule, nm)
+    current = {"n01/v0", "n12/v0", "n30/v0"}  # one copy in each of three zones
+    full = plan_key(7, 4096, rule, nm, current, eligibility=el)
+    assert set(full.desired) == current
+
+    def no_full_walk(walk: object) -> None:
+        raise AssertionError("the full walk ran")
+
+    monkeypatch.setattr(planner._Walk, "run", no_full_walk)
+    quick = plan_key(7, 4096, rule, nm, current, eligibility=el, explain=False)
+    assert quick.desired == full.desired and quick.degraded == ()
+    with pytest.raises(AssertionError, match="full walk"):  # two copies in one zone: walks
+        plan_key(7, 4096, rule, nm, {"n01/v0", "n02/v0", "n30/v0"}, eligibility=el, explain=False)

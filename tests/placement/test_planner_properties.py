@@ -246,3 +246,31 @@ def test_batch_planner_equals_scalar(
             want = plan(obj(k, size), r, nm, keep_current=False).desired
             got = tuple(nm.volumes[j].id for j in table[k].tolist() if j != NO_VOLUME)
             assert got == want
+
+
+@FAST
+@given(
+    topologies(),
+    rules(),
+    st.integers(0, 2**32),
+    st.randoms(use_true_random=False),
+    st.booleans(),
+)
+def test_copies_in_place_are_planned_as_the_full_walk_plans_them(
+    vols: list[Volume], rule: PlacementRule, i: int, rnd: random.Random, capped: bool
+) -> None:
+    """A plan without reasons ranks only the copies in place when they fill the widest spread
+    level; it must choose what the full walk (the plan with reasons) chooses, in its order."""
+    if capped:
+        rule = replace(rule, load_cap=0.1)
+    nm = NodeMap(vols)
+    el = Eligibility.of(rule, nm)
+    others = [v for v in vols if v.id not in el.position]
+    for _ in range(5):
+        chosen = rnd.sample(el.eligible, min(rule.replicas, len(el.eligible)))
+        if others and chosen and rnd.random() < 0.3:
+            chosen[0] = rnd.choice(others)  # a copy on a volume the rule refuses
+        current = {v.id for v in chosen}
+        full = plan(obj(i), rule, nm, current, eligibility=el)
+        quick = plan(obj(i), rule, nm, current, eligibility=el, explain=False)
+        assert (quick.desired, quick.degraded) == (full.desired, full.degraded)
