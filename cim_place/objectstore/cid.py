@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from functools import lru_cache
 
 from cim_place.errors import CorruptBlockError, InvalidCidError
 
@@ -150,6 +151,20 @@ def b32decode(text: str) -> bytes:
 
 def to_str(cid: Cid) -> str:
     """The canonical text form: base58btc for CIDv0, base32 lower case for CIDv1."""
+    if type(cid) is bytes:  # hashable (not a bytearray or a view): look in the recent ones
+        return _recent_text(cid)
+    return _text(cid)
+
+
+@lru_cache(maxsize=1024)
+def _recent_text(cid: bytes) -> str:
+    """:func:`_text`, remembered for the last CIDs: the controller names one CID several times
+    while it reconciles it (its status, its KV key, its policy's selectors), and base32 in
+    Python costs about 3 us a time."""
+    return _text(cid)
+
+
+def _text(cid: Cid) -> str:
     if len(cid) == 34 and cid[0] == SHA2_256 and cid[1] == _SHA2_256_LEN:
         return b58encode(cid)
     return "b" + b32encode(cid)

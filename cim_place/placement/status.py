@@ -96,6 +96,26 @@ class ObjectStatus:
     conditions: tuple[Condition, ...] = ()
     updated_at: float = 0.0
 
+    def fingerprint(self) -> int:
+        """A hash of every field (what :meth:`encode` writes) without encoding it: the
+        controller compares it with the status it last wrote, and most reconciles change
+        nothing. Salted per process, like every ``hash`` of text: never stored."""
+        return hash(
+            (
+                self.cid,
+                self.state,
+                self.locations,
+                self.desired,
+                self.policy,
+                self.name,
+                self.owner,
+                self.size,
+                tuple(sorted(self.metadata.items())),
+                self.conditions,
+                self.updated_at,
+            )
+        )
+
     @property
     def pinned(self) -> int:
         return sum(1 for location in self.locations if location.state == "pinned")

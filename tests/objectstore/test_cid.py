@@ -93,3 +93,10 @@ def test_garbage_never_decodes_silently_into_something_else(garbage: bytes) -> N
     except (ValueError, UnicodeDecodeError):
         return
     assert dagpb.encode_node(node) == garbage or garbage == b""
+
+
+def test_the_text_form_is_the_same_for_bytes_and_for_views_of_them() -> None:
+    cid = cids.make_cid(cids.RAW, b"named often")
+    text = cids.to_str(cid)
+    assert cids.to_str(cid) == text  # remembered
+    assert cids.to_str(bytearray(cid)) == cids.to_str(memoryview(cid)) == text  # type: ignore[arg-type]

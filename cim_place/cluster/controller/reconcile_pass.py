@@ -370,12 +370,11 @@ class ControllerReconcile(ControllerFeeds):
     async def _write_status(self, cid: Cid, status: ObjectStatus) -> None:
         """Write ``status`` to KV unless it is what this process last wrote for ``cid``."""
         assert self.locations is not None
-        data = status.encode()
-        written = hash(data) or 1  # 0 marks "nothing written"
+        written = status.fingerprint() or 1  # 0 marks "nothing written"
         slot = self.projection.slot(cid)
         if slot is not None and self.object_states.written(slot) == written:
             return
-        await self.locations.write(status.cid, data)
+        await self.locations.write(status.cid, status.encode())
         slot = self.projection.slot(cid)  # looked up again: the write awaited
         if slot is not None:
             self.object_states.set_written(slot, written)
