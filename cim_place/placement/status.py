@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 ObjectState = Literal["placed", "progressing", "degraded", "lost", "removed", "expired"]
@@ -223,10 +223,12 @@ def merge_conditions(
     merged = []
     for condition in current:
         old = before.get(condition.type)
-        if old is not None and old.status == condition.status:
-            merged.append(replace(condition, last_transition=old.last_transition))
-        else:
-            merged.append(replace(condition, last_transition=now))
+        # Built directly: ``dataclasses.replace`` costs several times a constructor, and this
+        # runs for every condition of every object reconciled.
+        since = old.last_transition if old is not None and old.status == condition.status else now
+        merged.append(
+            Condition(condition.type, condition.status, condition.reason, condition.message, since)
+        )
     return tuple(merged)
 
 

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import replace
 
 import nats.errors
 import nats.js.errors
@@ -192,7 +191,12 @@ class ControllerReconcile(ControllerFeeds):
         return self._compiled.get(chosen.name, self._fallback)
 
     def reconcile_input(
-        self, cid: Cid, now: float, *, rebalance: bool = False
+        self,
+        cid: Cid,
+        now: float,
+        *,
+        rebalance: bool = False,
+        previous: ObjectStatus | None = None,
     ) -> ReconcileInput | None:
         view = self.projection.object(cid)
         if view is None:
@@ -244,6 +248,7 @@ class ControllerReconcile(ControllerFeeds):
             generation=view.sequence,
             rebalance=rebalance,
             removed=_removed_note(self.projection.removal(cid)),
+            previous=previous,
         )
 
     async def reconcile_one(self, cid: Cid, *, rebalance: bool = False) -> ReconcileResult | None:
@@ -258,10 +263,9 @@ class ControllerReconcile(ControllerFeeds):
             return None
         previous = await self.locations.get(cid)
         now = time.time()
-        inp = self.reconcile_input(cid, now, rebalance=rebalance)
+        inp = self.reconcile_input(cid, now, rebalance=rebalance, previous=previous)
         if inp is None:
             return None
-        inp = replace(inp, previous=previous)
         # Cached copies and demand tasks are invisible to the reconciler (cached.py).
         cached = self.cached.volumes(cid, inp)
         result = reconcile(required_input(inp, cached))
