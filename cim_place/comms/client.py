@@ -32,7 +32,7 @@ from nats.aio.subscription import Subscription
 
 from cim_place.cluster.events.readers import EventSubscription, subscribe_events
 from cim_place.cluster.exchange.fetch_model import Labels
-from cim_place.cluster.nats.connection import connect, jetstream
+from cim_place.cluster.nats.connection import connect, flushed, jetstream
 from cim_place.cluster.nats.envelope import KINDS, Content, Envelope, EnvelopeError, Kind, decode
 from cim_place.cluster.nats.security import identity_of
 from cim_place.cluster.nats.subjects import HUB_DOMAIN, Subjects, check_node_id, outbox_stream
@@ -357,7 +357,7 @@ class Comms:
                 subscription._subs.append(
                     await self.nc.subscribe(filter_subject, queue=queue or "", cb=on_msg)
                 )
-            await self.nc.flush()
+            await flushed(self.nc)
         except BaseException:
             await subscription.stop()
             raise

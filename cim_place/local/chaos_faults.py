@@ -22,7 +22,7 @@ import yaml
 
 from cim_place.cluster.events.publisher import EventPublisher
 from cim_place.cluster.events.types import NodeJoined, ObjectStored, TaskCompleted
-from cim_place.cluster.nats.connection import connected
+from cim_place.cluster.nats.connection import connected, flushed
 from cim_place.cluster.nats.security import agent_user
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.local.domain import LocalDomain
@@ -80,7 +80,7 @@ async def malformed_events(domain: LocalDomain, node: str) -> None:
     async with connected(domain.credentials.url(agent_user(node), leaf_url(domain, node))) as nc:
         for junk in (b"", b"\xff\x00garbage", os.urandom(64)):
             await nc.publish(subject, junk)
-        await nc.flush()
+        await flushed(nc)
 
 
 async def forged_events(domain: LocalDomain, node: str, rng: random.Random) -> Cid:

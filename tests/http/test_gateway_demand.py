@@ -12,7 +12,7 @@ import aiohttp
 from http_domain import Domain, upload_to
 
 from cim_place.cluster.controller.demand import DemandIntake
-from cim_place.cluster.nats.connection import connected
+from cim_place.cluster.nats.connection import connected, flushed
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.http.gateway import Gateway
 from cim_place.http.server import HttpServers, Listener
@@ -73,7 +73,7 @@ async def test_gateway_reads_reach_a_demand_window_on_the_hub(domain: Domain) ->
     async with connected(domain.hub.url) as nc:
         intake = DemandIntake(nc, Subjects(), window)
         await intake.start()
-        await nc.flush()
+        await flushed(nc)
         async with aiohttp.ClientSession(base_url=domain.url(domain.b)) as http:
             for _ in range(5):
                 async with http.get(f"/ipfs/{to_str(root)}") as resp:

@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from cim_place.cli.placing import place_in_domain
 from cim_place.cluster.controller.demand_api import request_demand
 from cim_place.cluster.exchange.upload_client import upload
-from cim_place.cluster.nats.connection import connected, jetstream
+from cim_place.cluster.nats.connection import connected, flushed, jetstream
 from cim_place.cluster.nats.envelope import decode
 from cim_place.cluster.nats.security import CONTROLLER, READERS_KEY
 from cim_place.cluster.nats.subjects import HUB_DOMAIN, Subjects
@@ -127,7 +127,7 @@ async def test_a_read_object_gains_a_cached_copy_that_goes_when_reads_stop(
                 reports.append((time.monotonic(), report))
 
             await watcher.subscribe(Subjects().demand("leaf-5"), cb=on_report)
-            await watcher.flush()
+            await flushed(watcher)
 
             # Every status seen from here on: the three policy copies never move.
             seen: list[ObjectStatus] = []

@@ -26,6 +26,7 @@ from cim_place.cluster.exchange.block_wire import (
     decode_request_for,
     is_grant_request,
 )
+from cim_place.cluster.nats.connection import flushed
 from cim_place.cluster.nats.security import ReadAccess, requester_of
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import BlockNotFoundError, CorruptBlockError, ProtocolError
@@ -183,7 +184,7 @@ class BlockServer:
         self._sub = await self.nc.subscribe(self.subject, **kwargs)
         # The local server knows the interest when this returns; other leaves learn it through
         # the hub a moment later (``fetch.wait_for_holder`` waits for that).
-        await self.nc.flush()
+        await flushed(self.nc)
 
     async def stop(self) -> None:
         """Stop taking requests and wait for those being answered."""

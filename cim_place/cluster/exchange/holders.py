@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cim_place.cluster.exchange.fetch_model import Holder
+from cim_place.cluster.nats.connection import flushed
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import InvalidCidError, ProtocolError, StoreError
 from cim_place.interfaces import BlockSource, PinIndex
@@ -230,7 +231,7 @@ class HolderResponder:
         if self._sub is not None:
             return
         self._sub = await self.nc.subscribe(self.subject, cb=self._on_query)
-        await self.nc.flush()
+        await flushed(self.nc)
 
     async def stop(self) -> None:
         sub, self._sub = self._sub, None

@@ -54,6 +54,7 @@ from cim_place.cluster.exchange.upload_wire import (
     _split_data,
     _text,
 )
+from cim_place.cluster.nats.connection import flushed
 from cim_place.cluster.nats.security import requester_of
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.errors import StoreError, StoreFullError
@@ -154,7 +155,7 @@ class UploadService(UploadSessions):
             pending_msgs_limit=4 * self.max_sessions * self.window + 1024,
             pending_bytes_limit=2 * self.max_sessions * self.window * limit + (1 << 20),
         )
-        await self.nc.flush()
+        await flushed(self.nc)
         self._watchdog = asyncio.create_task(self._watch_idle())
 
     async def stop(self) -> None:

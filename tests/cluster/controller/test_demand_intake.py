@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from cim_place.cluster.agent.demand import DemandReporter
 from cim_place.cluster.controller.demand import DemandIntake
+from cim_place.cluster.nats.connection import flushed
 from cim_place.cluster.nats.envelope import Content, Envelope
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.local.servers import NatsServer
@@ -33,7 +34,7 @@ async def test_reads_become_one_report_in_the_controller_window(
     async with nats_client(nats_server.url) as agent_nc, nats_client(nats_server.url) as ctl_nc:
         intake = DemandIntake(ctl_nc, subjects, window)
         await intake.start()
-        await ctl_nc.flush()
+        await flushed(ctl_nc)
         reporter = DemandReporter(agent_nc, subjects, "leaf-5", interval=5.0, clock=clock)
         for _ in range(7):
             reporter.record_read(CID, "leaf-5", "shop", size=100)
