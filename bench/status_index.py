@@ -23,9 +23,9 @@ by the KV get that ``status CID`` does. Baseline: a raw request/reply to an echo
 scan; ``--no-scan`` about 1).
 
 ``--merge-rows N`` times instead the index's largest pause: merging a small run of N/32 rows
-into a large run of N synthetic rows, once on the event loop (how the index merged before) and
-once as the controller does now, in a thread, reporting the longest gap of a 1 ms ticker on
-the loop while it runs (``--merge-rows 10000000``: about a minute, 3 GiB).
+into a large run of N synthetic rows, in one piece (how the index merged before: one call held
+the event loop that long) and as the index does now, :data:`MERGE_STEP` rows a call, reporting
+the longest call (``--merge-rows 10000000``: about a minute, 3 GiB).
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from cim_place.cluster.controller.status_api import StatusQueries
-from cim_place.cluster.controller.status_columns import WIDE, Columns
+from cim_place.cluster.controller.status_columns import WIDE, Columns, Merge
 from cim_place.cluster.controller.status_index import (
     MERGE_AT,
+    MERGE_STEP,
     RECENT_SHARE,
     StatusIndex,
-    in_a_thread,
 )
 from cim_place.cluster.controller.status_rows import STATUS_API
 from cim_place.cluster.nats import kv
@@ -135,8 +135,7 @@ def fill(count: int) -> StatusIndex:
     before = rss()
     index = StatusIndex()
     # A small merge blocks the controller's loop; the large one (the small sorted run into the
-    # large one, once per 1/RECENT_SHARE of growth) runs in a thread, and the updates made
-    # meanwhile wait only for the GIL.
+    # large one, once per 1/RECENT_SHARE of growth) is made a slice per update.
     longest = merging = 0.0
     merges = 0
     clock = time.perf_counter
@@ -324,27 +323,27 @@ def synthetic_run(rows: int, seed: int) -> Columns:
     )
 
 
-async def merge_pause(rows: int) -> None:
-    """The largest merge on the loop (baseline) beside the same merge in a thread."""
+def merge_pause(rows: int) -> None:
+    """The largest merge in one piece (baseline) beside the same merge a slice a call."""
     big, small = synthetic_run(rows, 1), synthetic_run(rows // RECENT_SHARE, 2)
     print(f"== status index merge: {len(small)} rows into {len(big)}")
     started = time.perf_counter()
-    big.merged(small)
+    whole = big.merged(small)
     held = time.perf_counter() - started
-    print(f"{'merge on the event loop (baseline)':44s} holds the loop {held:7.3f} s")
-    gaps: list[float] = []
-    started = last = time.perf_counter()
-    future = in_a_thread(lambda: big.merged(small))
-    while not future.done():
-        await asyncio.sleep(0.001)
-        now = time.perf_counter()
-        gaps.append(now - last)
-        last = now
+    print(f"{'in one piece (baseline)':44s} one call of {held:7.3f} s")
+    merge, steps, longest = Merge(big, small), 0, 0.0
+    started = time.perf_counter()
+    while True:
+        begun = time.perf_counter()
+        merged = merge.step(MERGE_STEP)
+        longest, steps = max(longest, time.perf_counter() - begun), steps + 1
+        if merged is not None:
+            break
     took = time.perf_counter() - started
+    assert all((a == b).all() for a, b in zip(merged.columns(), whole.columns(), strict=True))
     print(
-        f"{'merge in a thread (the controller)':44s} takes {took:7.3f} s; the loop ticked "
-        f"{len(gaps)} times, the longest gap {max(gaps) * 1000:.1f} ms, "
-        f"p99 {percentile(gaps, 0.99) * 1000:.1f} ms (ticker 1 ms)"
+        f"{'a slice a call (the controller)':44s} {steps} calls, {took:7.3f} s in all, "
+        f"the longest {longest * 1000:.1f} ms ({MERGE_STEP} rows of the large run each)"
     )
 
 
@@ -359,7 +358,7 @@ def main() -> None:
     parser.add_argument("--merge-rows", type=int, default=0, help="time the largest merge only")
     args = parser.parse_args()
     if args.merge_rows:
-        asyncio.run(merge_pause(args.merge_rows))
+        merge_pause(args.merge_rows)
         return
     scan = 0 if args.no_scan else args.scan_objects or args.index_objects
     bench_index(args.index_objects, args.samples, scan)

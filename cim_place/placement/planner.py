@@ -230,7 +230,7 @@ def plan_key(
             "compute it with Eligibility.of(rule, node_map) for the same inputs"
         )
     kept = frozenset(current) if keep_current else frozenset()
-    if not explain and len(kept) == rule.replicas and not rule.localities:
+    if kept and not explain and len(kept) == rule.replicas and not rule.localities:
         # Most plans of a pass find an object's copies where the last plan put them. The walk
         # takes existing copies first, so when the copies alone fill the widest spread level
         # it chooses exactly them: rank only those (bench/controller_scale.py --walk).

@@ -6,7 +6,8 @@ copy counts, size, name number, node ids) beside its CID key (``S<width>``); the
 and owns the tables that turn the codes back into text. A run finds a key by binary search,
 marks a removed row dead in place, filters its rows after a cursor in growing vectorised chunks
 (:meth:`Columns.scan`), and is merged with another run into a new one (:meth:`Columns.merged`,
-one ``np.insert`` per column; dead rows are dropped on the way).
+one ``np.insert`` per column; dead rows are dropped on the way), or a slice at a time
+(:class:`Merge`) when the copy is too large to make in one call on the event loop.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["DEAD", "WIDE", "Columns", "Filter", "Values"]
+__all__ = ["DEAD", "WIDE", "Columns", "Filter", "Merge", "Values"]
 
 DEAD = 255
 """The state code of a removed row (dropped at the run's next merge)."""
@@ -207,7 +208,7 @@ class Columns:
         keys, new = run.keys.astype(width, copy=False), more.keys.astype(width, copy=False)
         at = np.searchsorted(keys, new)
         return Columns(
-            _inserted(keys, at, new),
+            np.insert(keys, at, new),
             *(
                 np.insert(a, at, b, axis=0)
                 for a, b in zip(run.columns()[1:], more.columns()[1:], strict=True)
@@ -222,15 +223,50 @@ class Columns:
         return Columns(*(column[alive] for column in self.columns()))
 
 
-def _inserted(keys: npt.NDArray[Any], at: _Positions, new: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """``np.insert(keys, at, new)`` for keys of one ``S<width>`` type, done on rows of bytes.
+class Merge:
+    """The merge of ``small`` into ``big`` made a slice of ``big`` at a time (:meth:`step`).
 
-    The index merges in a thread; numpy holds the GIL through an insert of ``S`` items (110 ms
-    at 10M rows, the event loop stalled meanwhile) but not through one of ``uint8`` rows (3 ms
-    at most; the copy itself is slower, 0.53 s instead of 0.29 s, off the loop).
+    The arrays of the result are allocated once, for every row of both runs; each step copies
+    the live rows of the next slice of ``big`` and of the rows of ``small`` that sort before its
+    end. The runs are read as they are at each step: a row written after its slice was copied is
+    the caller's to write again into the result (the index notes such rows).
     """
-    width = keys.dtype.itemsize
-    rows = np.insert(
-        keys.view(np.uint8).reshape(-1, width), at, new.view(np.uint8).reshape(-1, width), axis=0
-    )
-    return rows.view(keys.dtype).ravel()
+
+    def __init__(self, big: Columns, small: Columns) -> None:
+        self.big, self.small = big, small
+        rows = len(big) + len(small)
+        width = max(big.keys.dtype.itemsize, small.keys.dtype.itemsize)
+        self._out = [
+            np.empty((rows, *column.shape[1:]), dtype=column.dtype)
+            for column in (np.empty(0, dtype=f"S{width}"), *big.columns()[1:])
+        ]
+        self._big_at = self._small_at = self._written = 0
+
+    def step(self, rows: int) -> Columns | None:
+        """Copy the next ``rows`` rows of ``big`` (and the rows of ``small`` before them); the
+        merged run once every row is copied, else None."""
+        big, small = self.big, self.small
+        start, end = self._big_at, min(len(big), self._big_at + max(1, rows))
+        first = self._small_at
+        # Keys are unique across the runs: the small rows of this step are those below big's
+        # next key (all that are left at big's end).
+        last = len(small) if end == len(big) else int(np.searchsorted(small.keys, big.keys[end]))
+        olds = [column[start:end] for column in big.columns()]
+        news = [column[first:last] for column in small.columns()]
+        olds = [column[olds[1] != DEAD] for column in olds]
+        news = [column[news[1] != DEAD] for column in news]
+        keys = self._out[0].dtype
+        olds[0], news[0] = olds[0].astype(keys, copy=False), news[0].astype(keys, copy=False)
+        count = len(olds[0]) + len(news[0])
+        placed = np.searchsorted(olds[0], news[0]) + np.arange(len(news[0]))
+        kept = np.ones(count, dtype=bool)
+        kept[placed] = False
+        at = self._written
+        for out, old, new in zip(self._out, olds, news, strict=True):
+            part = out[at : at + count]
+            part[placed] = new
+            part[kept] = old
+        self._big_at, self._small_at, self._written = end, last, at + count
+        if end < len(big):
+            return None
+        return Columns(*(out[: self._written] for out in self._out))

@@ -21,13 +21,12 @@ Layout, for a million objects in well under 100 bytes each besides the names:
   4,096 new rows moved every row: a third of the leader's first walk at 10M objects); with two
   runs, the large copies come once per 1/32 of growth (linear overall) and the small ones stay
   small. A page reads all three and keeps the first rows by CID;
-- the large merge runs in a thread (numpy's copies release the GIL: during a merge into 10M
-  rows the event loop's longest gap is 4 ms, where the merge on the loop held it 1.8 s;
-  bench/status_index.py ``--merge-rows``). While it runs, the two runs
-  it copies stay the index's rows and take updates in place; their keys are noted, and when the
-  merged run is adopted (at the next call after the thread is done) those rows are copied into
-  it again from the runs they were written to, so a write the thread saw half-done is rewritten
-  whole. New rows meanwhile go to the side table and a fresh small run;
+- the large merge is made a slice at a time (``status_columns.Merge``, :data:`MERGE_STEP` rows
+  of the large run per call of the index), so no call holds the event loop for the whole copy
+  (1.8 s at 10M rows in one piece). While it goes on, the two runs it copies stay the index's
+  rows and take writes in place; their keys are noted, and when the merged run is adopted those
+  rows are copied into it again from the runs they were written to (a row written after its
+  slice was copied). New rows meanwhile go to the side table and a fresh small run;
 - a removed row is marked dead in place and dropped when its run is next merged;
 - a row holds a name number into one blob of names; a name glob is one regular expression run
   over the blob, whose matches select rows through a table of name numbers
@@ -40,13 +39,10 @@ an object added behind the cursor is simply not seen by that walk, none is shown
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
-from concurrent.futures import Future
 
 import numpy as np
 
-from cim_place.cluster.controller.status_columns import DEAD, WIDE, Columns, Filter, Values
+from cim_place.cluster.controller.status_columns import DEAD, WIDE, Columns, Filter, Merge, Values
 from cim_place.cluster.controller.status_names import NO_NAME, NameBlob
 from cim_place.cluster.controller.status_rows import MAX_LIMIT, Page, Query, Row
 from cim_place.placement.status import OBJECT_STATES, ObjectStatus
@@ -54,14 +50,12 @@ from cim_place.placement.status import OBJECT_STATES, ObjectStatus
 __all__ = [
     "MAX_LIMIT",
     "MERGE_AT",
+    "MERGE_STEP",
     "RECENT_SHARE",
-    "Background",
     "Page",
     "Query",
     "Row",
     "StatusIndex",
-    "at_once",
-    "in_a_thread",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,41 +66,18 @@ RECENT_SHARE = 32
 """The small run is merged into the large one when it holds more than 1/RECENT_SHARE of its
 rows (and more than 4 x :data:`MERGE_AT` rows)."""
 _STATE_CODE: dict[str, int] = {state: code for code, state in enumerate(OBJECT_STATES)}
-Background = Callable[[Callable[[], Columns]], "Future[Columns]"]
-"""Runs a large merge and gives its result later: :func:`in_a_thread` (the controller),
-:func:`at_once` (benches and tests that want each merge done when it is due)."""
-
-
-def in_a_thread(job: Callable[[], Columns]) -> Future[Columns]:
-    """Run ``job`` in a daemon thread (one per large merge: a few per growth of the index by
-    1/:data:`RECENT_SHARE`, so a pool would save nothing)."""
-    future: Future[Columns] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(job())
-        except BaseException as error:  # the index logs it when it adopts the result
-            future.set_exception(error)
-
-    threading.Thread(target=run, name="status-index-merge", daemon=True).start()
-    return future
-
-
-def at_once(job: Callable[[], Columns]) -> Future[Columns]:
-    """Run ``job`` now, in the caller's thread."""
-    future: Future[Columns] = Future()
-    future.set_result(job())
-    return future
+MERGE_STEP = 16384
+"""Rows of the large run a call copies while a large merge goes on (a few milliseconds)."""
 
 
 class StatusIndex:
     """Rows by CID; see the module docstring. Not thread-safe (the controller's event loop)."""
 
-    def __init__(self, background: Background = in_a_thread) -> None:
-        self._background = background
+    def __init__(self, merge_step: int = MERGE_STEP) -> None:
+        self._merge_step = merge_step
         self._main = Columns.of([])
         self._frozen: Columns | None = None  # the small run being merged into _main
-        self._merging: Future[Columns] | None = None
+        self._merging: Merge | None = None
         self._touched: set[bytes] = set()  # keys written in _main or _frozen during the merge
         self._rebuild_due = False
         self._recent = Columns.of([])
@@ -175,9 +146,9 @@ class StatusIndex:
             self._drop_name(name)
 
     def flush(self) -> None:
-        """Merge everything into the large run now, waiting for a merge under way (a bench or a
+        """Merge everything into the large run now, finishing a merge under way (a bench or a
         test that wants one run)."""
-        self._adopt(wait=True)
+        self._adopt(everything=True)
         self._merge(everything=True)
 
     # -- reading --------------------------------------------------------------------------------
@@ -340,7 +311,7 @@ class StatusIndex:
 
     def _merge(self, everything: bool = False) -> None:
         """Move the side table into the small run, and that into the large one when it is due
-        (in the background) or at once with ``everything``."""
+        (a slice per call from then on) or at once with ``everything``."""
         if self._delta:
             self._recent = self._recent.merged(Columns.of(sorted(self._delta.items())))
             self._delta = {}
@@ -350,26 +321,26 @@ class StatusIndex:
         elif self._merging is None and len(self._recent) > max(
             4 * MERGE_AT, len(self._main) // RECENT_SHARE
         ):
-            big, small = self._main, self._recent
-            self._frozen, self._recent = small, Columns.of([])
-            self._merging = self._background(lambda: big.merged(small))
+            try:
+                merging = Merge(self._main, self._recent)
+            except MemoryError:  # no room for the result now: the runs stay as they are
+                log.exception("status index: no memory to merge the small run into the large one")
+                return
+            self._merging, self._frozen, self._recent = merging, self._recent, Columns.of([])
+            self._adopt()
 
-    def _adopt(self, wait: bool = False) -> None:
-        """Take the large merge's result once it is done (at once with ``wait``): the rows
-        written meanwhile are copied into it again from the runs they were written to."""
+    def _adopt(self, everything: bool = False) -> None:
+        """Copy the next slice of the large merge (all of it with ``everything``) and, once
+        done, take its result: the rows written meanwhile are copied into it again from the runs
+        they were written to."""
         merging, frozen = self._merging, self._frozen
-        if merging is None or frozen is None or not (wait or merging.done()):
+        if merging is None or frozen is None:
+            return
+        merged = merging.step(len(merging.big) if everything else self._merge_step)
+        if merged is None:
             return
         self._merging = self._frozen = None
         touched, self._touched = self._touched, set()
-        try:
-            merged = merging.result()
-        except Exception:
-            # The runs it read are intact: keep them, as one small run, for a later merge.
-            log.exception("status index: merging the small run into the large one failed")
-            self._recent = frozen.merged(self._recent)
-            self._rebuild_later()
-            return
         old = (self._main, frozen)
         for key in touched:
             run, pos = next((r, p) for r in old if (p := r.find(key)) >= 0)
@@ -381,7 +352,7 @@ class StatusIndex:
             values = next(iter(run.gathered([pos])))[1]
             if at >= 0:
                 merged.set(at, values)
-            else:  # dead when the thread copied it, brought back since: all its node ids
+            else:  # dead when its slice was copied, brought back since: all its node ids
                 inline = tuple(node for node in values[7] if node)
                 self._delta[key] = (*values[:7], inline + self._spill.get(key, ()))
         self._main = merged

@@ -6,8 +6,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import random
-from collections.abc import Callable
-from concurrent.futures import Future
 
 import pytest
 from hypothesis import given, settings
@@ -15,7 +13,7 @@ from hypothesis import strategies as st
 
 from cim_place.cluster.controller import status_columns, status_index, status_names
 from cim_place.cluster.controller.status_columns import Columns
-from cim_place.cluster.controller.status_index import StatusIndex, at_once, in_a_thread
+from cim_place.cluster.controller.status_index import StatusIndex
 from cim_place.cluster.controller.status_rows import (
     MAX_LIMIT,
     STATUS_API,
@@ -72,54 +70,23 @@ def walk(index: StatusIndex, query: Query) -> list[Row]:
         after = page.next
 
 
-class Held:
-    """Large merges that copy and finish at points the test's random generator picks, so
-    writes land before, during and after the copy (:func:`in_a_thread` makes that a race)."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.jobs: list[tuple[Callable[[], Columns], Future[Columns], list[Columns]]] = []
-
-    def __call__(self, job: Callable[[], Columns]) -> Future[Columns]:
-        future: Future[Columns] = Future()
-        self.jobs.append((job, future, []))
-        return future
-
-    def step(self, everything: bool = False) -> None:
-        for job, future, done in self.jobs:
-            if not done and (everything or self.rng.random() < 0.2):
-                done.append(job())  # copied now, adopted at a later step
-            elif done and (everything or self.rng.random() < 0.2):
-                future.set_result(done[0])
-        self.jobs = [job for job in self.jobs if not job[1].done()]
+AT_ONCE = 1 << 40
+STEPS = [AT_ONCE, 1, 3]
+"""Rows of the large run per call while a large merge goes on: all of them at once, or a few
+so that a merge spans many writes and reads (rows written before and after their slice)."""
 
 
-MODES = ["at_once", "held", "thread"]
-
-
-def background(mode: str, rng: random.Random) -> tuple[status_index.Background, Held]:
-    held = Held(rng)
-    chosen: dict[str, status_index.Background] = {
-        "at_once": at_once,
-        "held": held,
-        "thread": in_a_thread,
-    }
-    return chosen[mode], held
-
-
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("seed", range(6))
 def test_pages_equal_a_filter_over_every_row(
-    seed: int, mode: str, monkeypatch: pytest.MonkeyPatch
+    seed: int, step: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(status_index, "MERGE_AT", 7)  # many merges, rows in every run
     monkeypatch.setattr(status_names, "_COMPACT_AFTER", 5)  # name rebuilds during merges
     rng = random.Random(seed)
-    merges, held = background(mode, rng)
-    index = StatusIndex(merges)
+    index = StatusIndex(step)
     model: dict[str, Row] = {}
     for _ in range(400):
-        held.step()
         i = rng.randrange(120)
         if rng.random() < 0.2:
             index.remove(cid(i))
@@ -130,8 +97,7 @@ def test_pages_equal_a_filter_over_every_row(
             model[s.cid] = row_of(s)
         assert len(index) == len(model)
     check_pages(index, model, rng)
-    held.step(everything=True)
-    held.step(everything=True)
+    index.flush()
     check_pages(index, model, rng)
 
 
@@ -276,15 +242,14 @@ def test_the_operator_may_ask_and_the_controller_may_answer() -> None:
     assert allowed(controller_permissions(subjects, "hub").subscribe)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("seed", range(4))
 def test_a_walk_while_objects_come_and_go_shows_each_once(
-    seed: int, mode: str, monkeypatch: pytest.MonkeyPatch
+    seed: int, step: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(status_index, "MERGE_AT", 5)
     rng = random.Random(seed)
-    merges, held = background(mode, rng)
-    index = StatusIndex(merges)
+    index = StatusIndex(step)
     for i in range(150):
         index.update(status(i, rng))
     present_throughout = {cid(i) for i in range(150)}
@@ -294,7 +259,6 @@ def test_a_walk_while_objects_come_and_go_shows_each_once(
         page = index.page(Query(after=after, limit=rng.randint(1, 12)))
         seen.extend(row.cid for row in page.rows)
         for _ in range(rng.randint(0, 6)):  # between pages: adds, changes, removals
-            held.step()
             i = rng.randrange(300)
             if rng.random() < 0.3:
                 index.remove(cid(i))
@@ -311,7 +275,7 @@ def test_a_walk_while_objects_come_and_go_shows_each_once(
 def test_a_page_merges_both_runs_and_the_side_table(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(status_index, "MERGE_AT", 4)  # the small run is due past 16 rows
     rng = random.Random(3)
-    index = StatusIndex(at_once)
+    index = StatusIndex(AT_ONCE)
     model: dict[str, Row] = {}
     for i in rng.sample(range(1000), 66):  # CIDs of each source interleave in CID order
         s = status(i, rng)
@@ -340,7 +304,7 @@ def test_filling_an_index_copies_rows_linearly(monkeypatch: pytest.MonkeyPatch) 
         return merged(run, other)
 
     monkeypatch.setattr(Columns, "merged", counting)
-    index = StatusIndex(at_once)
+    index = StatusIndex(AT_ONCE)
     for i in range(count):
         index.update(ObjectStatus(cid(i), "placed", (Location("n1", "v0"),), 1, "default"))
     assert len(index) == count and index.get(cid(count - 1)) is not None
@@ -366,8 +330,7 @@ def test_rows_written_during_a_large_merge_are_in_its_result(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(status_index, "MERGE_AT", 4)  # the small run is due past 16 rows
-    held = Held(random.Random(0))
-    index = StatusIndex(held)
+    index = StatusIndex(merge_step=10)
     model: dict[str, Row] = {}
 
     def put(
@@ -380,48 +343,50 @@ def test_rows_written_during_a_large_merge_are_in_its_result(
 
     for i in range(100):
         put(i, NODES[:2])
-    held.step(everything=True)
-    held.step(everything=True)
     index.flush()
-    index.remove(cid(1))  # dead in the large run when the merge copies it
-    del model[cid(1)]
+    first = sorted(model)[0]  # in the first slice the merge copies
+    last = sorted(model)[-1]  # in the last
+    number = {key: i for i in range(100) if (key := cid(i)) in (first, last)}
+    index.remove(first)  # dead when its slice is copied
+    del model[first]
     for i in range(100, 120):
         put(i, NODES[:1])
-    assert held.jobs and index._frozen is not None
-    held.step(everything=True)  # copied, not yet adopted
-    put(1, NODES, name="back")  # brought back, with node ids beyond the inline ones
-    put(2, NODES[3:], state="degraded", name="renamed")
-    index.remove(cid(3))
-    del model[cid(3)]
-    held.step(everything=True)
-    assert index.get(cid(1)) == model[cid(1)] and index._frozen is None  # adopted
-    assert [row.cid for row in walk(index, Query(node="n6"))] == sorted([cid(1), cid(2)])
+    assert index._frozen is not None  # the large merge began, its first slice copied
+    put(number[first], NODES, name="back")  # brought back after its slice: node ids spill
+    put(number[last], NODES[3:], state="degraded", name="renamed")  # before its slice
+    for i in (5, 50):  # somewhere in between
+        index.remove(cid(i))
+        del model[cid(i)]
+    while index._frozen is not None:
+        assert walk(index, Query(limit=7)) == [row for _, row in sorted(model.items())]
+    assert index.get(first) == model[first]
+    assert [row.cid for row in walk(index, Query(node="n6"))] == sorted([first, last])
     assert walk(index, Query(limit=7)) == [row for _, row in sorted(model.items())]
-    assert len(index) == len(model) == 119
+    assert len(index) == len(model) == 118
 
 
-def test_a_large_merge_that_fails_loses_no_row(
+def test_a_large_merge_without_memory_loses_no_row(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(status_index, "MERGE_AT", 4)
     failed: list[bool] = []
+    merge = status_columns.Merge
 
-    def once_failing(job: Callable[[], Columns]) -> Future[Columns]:
-        if failed:
-            return at_once(job)
-        failed.append(True)
-        future: Future[Columns] = Future()
-        future.set_exception(MemoryError("no room for the copy"))
-        return future
+    def once_failing(big: Columns, small: Columns) -> status_columns.Merge:
+        if not failed:
+            failed.append(True)
+            raise MemoryError("no room for the copy")
+        return merge(big, small)
 
-    index = StatusIndex(once_failing)
+    monkeypatch.setattr(status_index, "Merge", once_failing)
+    index = StatusIndex()
     rng = random.Random(7)
     model = {}
     for i in range(300):
         s = status(i, rng)
         index.update(s)
         model[s.cid] = row_of(s)
-    assert failed and "merging the small run into the large one failed" in caplog.text
+    assert failed and "no memory to merge the small run into the large one" in caplog.text
     assert walk(index, Query(limit=9)) == [row for _, row in sorted(model.items())]
     index.flush()
     assert index.page(Query(limit=500)).rows == [row for _, row in sorted(model.items())]
