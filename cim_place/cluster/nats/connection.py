@@ -214,7 +214,7 @@ async def flushed(nc: Client, timeout: int = 10) -> None:
     can come back before a SUB made just before has reached the server. Measured here: a
     report published by another connection right after ``subscribe`` and ``flush`` was missed
     12 times in 300. The flusher writes the queue during the first round trip; the second PING
-    follows it on the socket, so its PONG means the server has the SUB (0 missed in 300).
+    follows it on the socket, so its PONG means the server has the SUB (0 missed in 500).
     """
     await nc.flush(timeout)
     await nc.flush(timeout)

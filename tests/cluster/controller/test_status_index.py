@@ -390,3 +390,31 @@ def test_a_large_merge_without_memory_loses_no_row(
     assert walk(index, Query(limit=9)) == [row for _, row in sorted(model.items())]
     index.flush()
     assert index.page(Query(limit=500)).rows == [row for _, row in sorted(model.items())]
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 1000])
+def test_a_merge_in_slices_equals_one_in_one_piece(step: int) -> None:
+    rng = random.Random(step)
+
+    def run(keys: list[bytes]) -> Columns:
+        rows: list[tuple[bytes, status_columns.Values]] = [
+            (key, (0, 0, 1, 1, 0, len(key), 0, (1, 2))) for key in sorted(set(keys))
+        ]
+        return Columns.of(rows)
+
+    # Keys of several widths (CIDs of other hashes are longer), some rows dead on each side.
+    keys = [bytes(rng.choices(b"abcdef", k=rng.randint(3, 9))) for _ in range(400)]
+    unique = sorted(set(keys))
+    rng.shuffle(unique)
+    big, small = run(unique[:300]), run(unique[300:])
+    for r in (big, small):
+        for pos in rng.sample(range(len(r)), 20):
+            r.kill(pos)
+    merge = status_columns.Merge(big, small)
+    merged = None
+    calls = 0
+    while merged is None:
+        merged, calls = merge.step(step), calls + 1
+    whole = big.merged(small)
+    assert all((a == b).all() for a, b in zip(merged.columns(), whole.columns(), strict=True))
+    assert calls == max(1, -(-len(big) // step)) and merged.dead == 0
