@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cim_place.placement.batch import NO_VOLUME, plan_batch
+from cim_place.placement.eligibility import Eligibility, straw2_draws
 from cim_place.placement.model import (
     NodeMap,
     PlacementRule,
@@ -38,7 +39,7 @@ from cim_place.placement.model import (
     Volume,
     object_key,
 )
-from cim_place.placement.planner import Eligibility, plan_key, straw2_draws
+from cim_place.placement.planner import plan_key
 
 TIB = 2**40
 CID_PREFIX = b"\x01\x55\x12\x20"  # CIDv1, raw, sha2-256, 32 bytes

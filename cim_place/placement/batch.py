@@ -2,11 +2,12 @@
 
 :func:`plan_batch` returns, for many objects at once, exactly what :func:`planner.plan_key` returns
 with no current copies (the balanced ideal). It computes the straw2 draws of a batch of objects
-against every eligible volume as one matrix (:func:`planner.straw2_draws`, shared with the scalar
-planner so scores are bit-identical), masks volumes that are full or over the load cap, takes the
-best volume of each failure domain, and the best ``replicas`` domains. That is the first pass of
-the scalar walk; rows it cannot settle exactly (too few usable domains, exactly equal draws, a rule
-with locality) are handed to the scalar planner, so the results are identical by construction.
+against every eligible volume as one matrix (:func:`eligibility.straw2_draws`, shared with the
+scalar planner so scores are bit-identical), masks volumes that are full or over the load cap,
+takes the best volume of each failure domain, and the best ``replicas`` domains. That is the
+first pass of the scalar walk; rows it cannot settle exactly (too few usable domains, exactly
+equal draws, a rule with locality) are handed to the scalar planner, so the results are
+identical by construction.
 
 Placements come back as a ``(objects, replicas)`` uint16 matrix of indices into
 ``node_map.volumes``, with :data:`NO_VOLUME` where a replica could not be placed: with the
@@ -19,8 +20,9 @@ import numpy as np
 import numpy.typing as npt
 
 from cim_place.errors import PlacementError
+from cim_place.placement.eligibility import Eligibility, straw2_draws
 from cim_place.placement.model import NodeMap, PlacementRule, SpreadLevel
-from cim_place.placement.planner import Eligibility, plan_key, straw2_draws
+from cim_place.placement.planner import plan_key
 
 NO_VOLUME = 0xFFFF
 """Placement-table entry for a replica that could not be placed."""

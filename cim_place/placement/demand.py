@@ -43,6 +43,7 @@ from cim_place.placement.demand_cache import (
     required_current,
 )
 from cim_place.placement.demand_window import Reads
+from cim_place.placement.eligibility import Eligibility
 from cim_place.placement.model import (
     NodeMap,
     PlacementRule,
@@ -51,7 +52,6 @@ from cim_place.placement.model import (
     VolumeId,
     VolumeState,
 )
-from cim_place.placement.planner import Eligibility
 from cim_place.placement.status import Location
 from cim_place.policies.model import Consumer, Demand
 from cim_place.policies.quantities import format_duration

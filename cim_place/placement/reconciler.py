@@ -58,6 +58,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import replace
 
+from cim_place.placement.eligibility import Eligibility
 from cim_place.placement.model import (
     NodeMap,
     PlacedObject,
@@ -67,7 +68,7 @@ from cim_place.placement.model import (
     VolumeId,
     VolumeState,
 )
-from cim_place.placement.planner import Eligibility, plan
+from cim_place.placement.planner import plan
 from cim_place.placement.reconcile_model import (
     REPLACING,
     Action,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from cim_place.placement.eligibility import Eligibility
 from cim_place.placement.feasibility import unmet
 from cim_place.placement.model import NodeMap
-from cim_place.placement.planner import Eligibility
 from cim_place.placement.rules import CompiledPolicy
 
 __all__ = ["topology_warnings"]

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from cim_place.placement.demand import CacheLedger, DemandRule, decide, required_current
 from cim_place.placement.demand_window import DemandWindow, ReadRecorder
+from cim_place.placement.eligibility import Eligibility
 from cim_place.placement.model import (
     NodeMap,
     PlacedObject,
@@ -24,7 +25,7 @@ from cim_place.placement.model import (
     VolumeId,
     VolumeState,
 )
-from cim_place.placement.planner import Eligibility, plan
+from cim_place.placement.planner import plan
 
 GIB = 2**30
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,6 +14,7 @@ import pytest
 from cim_place.errors import PlacementError
 from cim_place.placement import planner
 from cim_place.placement.batch import NO_VOLUME, plan_batch
+from cim_place.placement.eligibility import Eligibility
 from cim_place.placement.model import (
     FAR,
     LabelOp,
@@ -30,7 +31,7 @@ from cim_place.placement.model import (
     VolumeState,
     object_key,
 )
-from cim_place.placement.planner import Eligibility, plan, plan_key
+from cim_place.placement.planner import plan, plan_key
 
 TIB = 2**40
 

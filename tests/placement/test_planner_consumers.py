@@ -11,6 +11,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cim_place.placement.eligibility import Eligibility
 from cim_place.placement.model import (
     FAR,
     LabelOp,
@@ -23,7 +24,7 @@ from cim_place.placement.model import (
     Volume,
     VolumeState,
 )
-from cim_place.placement.planner import Eligibility, plan
+from cim_place.placement.planner import plan
 from cim_place.placement.rules import rule_for
 from cim_place.policies.model import Consumer, Policy, Replicas
 from cim_place.policies.model import Locality as PolicyLocality

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cim_place.placement.batch import NO_VOLUME, plan_batch
+from cim_place.placement.eligibility import Eligibility
 from cim_place.placement.model import (
     LabelOp,
     LabelRequirement,
@@ -29,7 +30,7 @@ from cim_place.placement.model import (
     VolumeState,
     object_key,
 )
-from cim_place.placement.planner import Eligibility, plan
+from cim_place.placement.planner import plan
 
 TIB = 2**40
 TAGS = ("ssd", "hdd", "fast")
