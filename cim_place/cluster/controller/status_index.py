@@ -76,9 +76,8 @@ class StatusIndex:
     def __init__(self, merge_step: int = MERGE_STEP) -> None:
         self._merge_step = merge_step
         self._main = Columns.of([])
-        self._frozen: Columns | None = None  # the small run being merged into _main
-        self._merging: Merge | None = None
-        self._touched: set[bytes] = set()  # keys written in _main or _frozen during the merge
+        self._merging: Merge | None = None  # of the former small run into _main
+        self._touched: set[bytes] = set()  # keys written in the runs it copies, meanwhile
         self._rebuild_due = False
         self._recent = Columns.of([])
         self._delta: dict[bytes, Values] = {}
@@ -222,9 +221,9 @@ class StatusIndex:
 
     def _runs(self) -> tuple[Columns, ...]:
         """The sorted runs, the one being merged into the large one included."""
-        if self._frozen is None:
+        if self._merging is None:
             return (self._main, self._recent)
-        return (self._main, self._frozen, self._recent)
+        return (self._main, self._merging.small, self._recent)
 
     def _note(self, run: Columns, key: bytes) -> None:
         """Remember a row written in a run the merge under way is copying."""
@@ -326,22 +325,22 @@ class StatusIndex:
             except MemoryError:  # no room for the result now: the runs stay as they are
                 log.exception("status index: no memory to merge the small run into the large one")
                 return
-            self._merging, self._frozen, self._recent = merging, self._recent, Columns.of([])
+            self._merging, self._recent = merging, Columns.of([])
             self._adopt()
 
     def _adopt(self, everything: bool = False) -> None:
         """Copy the next slice of the large merge (all of it with ``everything``) and, once
         done, take its result: the rows written meanwhile are copied into it again from the runs
         they were written to."""
-        merging, frozen = self._merging, self._frozen
-        if merging is None or frozen is None:
+        merging = self._merging
+        if merging is None:
             return
         merged = merging.step(len(merging.big) if everything else self._merge_step)
         if merged is None:
             return
-        self._merging = self._frozen = None
+        self._merging = None
         touched, self._touched = self._touched, set()
-        old = (self._main, frozen)
+        old = (merging.big, merging.small)
         for key in touched:
             run, pos = next((r, p) for r in old if (p := r.find(key)) >= 0)
             at = merged.find(key)
@@ -356,9 +355,6 @@ class StatusIndex:
                 inline = tuple(node for node in values[7] if node)
                 self._delta[key] = (*values[:7], inline + self._spill.get(key, ()))
         self._main = merged
-        self._rebuild_later()
-
-    def _rebuild_later(self) -> None:
         if self._rebuild_due:
             self._rebuild_due = False
             self._rebuild_names()

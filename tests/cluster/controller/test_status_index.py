@@ -351,13 +351,13 @@ def test_rows_written_during_a_large_merge_are_in_its_result(
     del model[first]
     for i in range(100, 120):
         put(i, NODES[:1])
-    assert index._frozen is not None  # the large merge began, its first slice copied
+    assert index._merging is not None  # the large merge began, its first slice copied
     put(number[first], NODES, name="back")  # brought back after its slice: node ids spill
     put(number[last], NODES[3:], state="degraded", name="renamed")  # before its slice
     for i in (5, 50):  # somewhere in between
         index.remove(cid(i))
         del model[cid(i)]
-    while index._frozen is not None:
+    while index._merging is not None:
         assert walk(index, Query(limit=7)) == [row for _, row in sorted(model.items())]
     assert index.get(first) == model[first]
     assert [row.cid for row in walk(index, Query(node="n6"))] == sorted([first, last])
