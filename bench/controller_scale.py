@@ -44,7 +44,9 @@ core through its own cgroup (bench/cpu_quota.py), which emulates a core per proc
 built in process (as ``--in-process``), then one walk of every object by a real ``Controller``
 (reconcile, status index, per-object states) whose hub I/O (status reads and writes, task
 enqueues) is replaced by no-ops; the RSS growth over the walk per object is printed beside the
-bytes the projection's arrays hold::
+bytes the projection's arrays hold; then one full pass's rebalance check, every object in one
+go (as before the scan was bounded) beside the bounded scan, with the longest time each held
+the event loop::
 
     .venv/bin/python bench/controller_scale.py --walk --objects 200000          # ~2 min
 """
@@ -54,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import os
 import resource
@@ -75,6 +78,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from plan import CID_PREFIX, derive_keys, topology
 
+from cim_place.cluster.controller import periodic
 from cim_place.cluster.controller.projection import Projection
 from cim_place.cluster.controller.service import Controller, ControllerConfig
 from cim_place.cluster.events.feed import EventFeed
@@ -696,6 +700,65 @@ async def walk(domain: Domain) -> None:
     )
     print(f"{'walk':44s} {took:12.1f} s  {n / took:9,.0f} objects/s (no hub)")
     print(f"{'process RSS now / peak':44s} {mib(rss()):>12s} / {mib(peak_rss())}")
+    await rebalance_checks(controller, n)
+
+
+async def rebalance_checks(controller: Controller, n: int) -> None:
+    """One full pass's rebalance check after the walk: every object in one go without a
+    yield (the baseline: what each full pass did before the scan was bounded), then the
+    bounded scan in chunks; the time each held the event loop at most."""
+    print("\n== a full pass's rebalance check (no move is due: the objects are where planned)")
+    configured = controller.config
+    chunk = periodic.REBALANCE_CHUNK
+    runs = (
+        ("every object, in one go (before)", n, n),
+        (f"{configured.rebalance_scan_per_pass:,} objects, in chunks (now)", 0, chunk),
+    )
+    for label, scan, size in runs:
+        controller.config = dataclasses.replace(
+            configured, rebalance_scan_per_pass=scan or configured.rebalance_scan_per_pass
+        )
+        periodic.REBALANCE_CHUNK = size
+        before = controller.metrics.rebalance_scanned._value.get()
+        gaps = LoopGaps()
+        await gaps.start()
+        started = time.perf_counter()
+        moves = await controller.rebalance(time.time())
+        took = time.perf_counter() - started
+        await gaps.stop()
+        checked = controller.metrics.rebalance_scanned._value.get() - before
+        print(
+            f"{label:44s} {checked:12,.0f} checked in {took:.2f} s ({checked / took:,.0f}/s), "
+            f"{moves} moves, event loop held at most {1000 * gaps.longest:,.0f} ms"
+        )
+    periodic.REBALANCE_CHUNK = chunk
+    controller.config = configured
+
+
+class LoopGaps:
+    """The longest time the event loop went without giving this task a turn."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._done = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._tick())
+        await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        self._done = True
+        if self._task is not None:
+            await self._task
+
+    async def _tick(self) -> None:
+        last = time.perf_counter()
+        while not self._done:
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            self.longest = max(self.longest, now - last)
+            last = now
 
 
 # -- main -----------------------------------------------------------------------------------------

@@ -241,9 +241,11 @@ def rebalance_candidates(
     node_map: NodeMap,
     *,
     limit: int,
+    eligibility: Eligibility | None = None,
 ) -> list[PlacedObject]:
     """Up to ``limit`` objects whose balanced ideal differs from what the planner keeps for
-    them (``current``: their confirmed volumes), in input order.
+    them (``current``: their confirmed volumes), in input order. ``eligibility``: the rule's on
+    ``node_map``, when the caller keeps it across calls.
 
     The controller calls this after a volume joins (one rule at a time: group objects by
     policy), and reconciles each candidate with ``rebalance=True``; ``limit`` is its rate limit.
@@ -252,11 +254,11 @@ def rebalance_candidates(
     out: list[PlacedObject] = []
     if limit <= 0:
         return out
-    el = Eligibility.of(rule, node_map)
+    el = eligibility or Eligibility.of(rule, node_map)
     for obj, current in objects:
         ideal = plan(obj, rule, node_map, keep_current=False, eligibility=el, explain=False)
-        if len(ideal.desired) != rule.replicas:
-            continue
+        if len(ideal.desired) != rule.replicas or set(ideal.desired) == set(current):
+            continue  # not placeable in full (a repair's matter), or already the ideal
         kept = plan(obj, rule, node_map, current, eligibility=el, explain=False)
         if set(kept.desired) != set(ideal.desired) and _settles(ideal, current, el, obj):
             out.append(obj)

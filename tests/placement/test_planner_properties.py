@@ -275,3 +275,18 @@ def test_copies_in_place_are_planned_as_the_full_walk_plans_them(
         full = plan(obj(i), rule, nm, current, eligibility=el)
         quick = plan(obj(i), rule, nm, current, eligibility=el, explain=False)
         assert (quick.desired, quick.degraded) == (full.desired, full.degraded)
+
+
+@FAST
+@given(topologies(), rules(), st.integers(0, 2**32), st.booleans())
+def test_copies_on_the_ideal_volumes_are_kept_there(
+    vols: list[Volume], rule: PlacementRule, i: int, capped: bool
+) -> None:
+    """An object whose copies are exactly on its ideal volumes is planned to stay there: what
+    lets a rebalance check skip the second plan (``rebalance_candidates``)."""
+    if capped:
+        rule = replace(rule, load_cap=0.1)
+    nm = NodeMap(vols)
+    ideal = plan(obj(i), rule, nm, keep_current=False)
+    kept = plan(obj(i), rule, nm, set(ideal.desired))
+    assert set(kept.desired) == set(ideal.desired)

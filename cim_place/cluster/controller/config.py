@@ -15,6 +15,7 @@ Every key is optional; servers usually come from ``CIM_PLACE_SERVER`` (credentia
     max_bytes_per_node: 4GiB        # ... and bytes of fetches in flight per node
     max_tasks: 1024                 # tasks in flight in the whole domain
     rebalance_per_pass: 100
+    rebalance_scan_per_pass: 20000  # objects checked for a better placement per full pass
     metrics: 127.0.0.1:9470
     snapshot_every_events: 100000   # the leader snapshots its projection this often ...
     snapshot_every: 10m             # ... or this often (docs/SCALE.md, "Snapshots and retention")
@@ -67,6 +68,10 @@ class ControllerConfig:
     task_timeout: float = 1800.0
     """Seconds after which a task with no report is forgotten (and its work re-planned)."""
     rebalance_per_pass: int = 100
+    """Moves toward the ideal placement started per full pass, at most."""
+    rebalance_scan_per_pass: int = 20_000
+    """Objects checked for a move per full pass (in chunks, resuming where the last pass
+    stopped): the CPU a full pass spends on balance, whatever the domain's size."""
     summary_every: float = 1.0
     metrics: str | None = None
     snapshot_every_events: int = 100_000
@@ -109,6 +114,7 @@ _COUNTS = {
     "max_tasks_per_node": "max_tasks_per_node",
     "max_tasks": "max_tasks",
     "rebalance_per_pass": "rebalance_per_pass",
+    "rebalance_scan_per_pass": "rebalance_scan_per_pass",
     "snapshot_every_events": "snapshot_every_events",
     "snapshots_kept": "snapshots_kept",
     "shards": "shards",

@@ -109,6 +109,8 @@ class ControllerState:
         self._all_dirty = False
         self._walk_cursor = 0
         """The slot where a walk of every CID resumes (``ControllerReconcile._walk_all``)."""
+        self._rebalance_cursor = 0
+        """The slot where the next full pass's rebalance scan resumes (periodic.py)."""
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._scheduler: AsyncIOScheduler | None = None

@@ -31,6 +31,9 @@ class ControllerMetrics(Metrics):
         "Time to reconcile one object.",
         buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1),
     )
+    rebalance_scanned = counter(
+        _PREFIX + "rebalance_scanned", "Objects checked for a move toward the ideal placement."
+    )
     leader = gauge(_PREFIX + "leader", "1 while this controller leads.")
     shards = gauge(_PREFIX + "shards", "Shards the domain's CIDs are split into (1: no shards).")
     shards_led = gauge(

@@ -20,14 +20,19 @@ from cim_place.cluster.controller.removal import expire_name_versions
 from cim_place.cluster.controller.shards import shard_summaries, write_shard_summaries
 from cim_place.cluster.state.locations import LocationStore
 from cim_place.errors import CimPlaceError
-from cim_place.placement.model import PlacedObject
+from cim_place.objectstore.cid import Cid
+from cim_place.placement.eligibility import Eligibility
+from cim_place.placement.model import NodeMap, PlacedObject
 from cim_place.placement.reconciler import rebalance_candidates
 from cim_place.placement.rules import Liveness
 from cim_place.placement.status import Summary
 from cim_place.placement.topology import topology_warnings
 from cim_place.policies.model import BUILTIN_DEFAULT
 
-__all__ = ["ControllerPeriodic"]
+__all__ = ["REBALANCE_CHUNK", "ControllerPeriodic"]
+
+REBALANCE_CHUNK = 256
+"""Objects a rebalance scan looks at between two yields to the event loop."""
 
 _log = logging.getLogger(__name__)
 
@@ -56,10 +61,44 @@ class ControllerPeriodic(ControllerReconcile):
                     await expire_name_versions(self.js, self.removals.keep_versions)
 
     async def rebalance(self, now: float) -> int:
-        """Start at most ``rebalance_per_pass`` moves toward the ideal placement."""
-        node_map = self.node_map(now)
+        """Start at most ``rebalance_per_pass`` moves toward the ideal placement, looking at
+        about ``rebalance_scan_per_pass`` objects from where the last pass stopped.
+
+        A rebalance check plans each object twice (its ideal, and what the planner keeps), so
+        a scan of every object at every full pass held the event loop for seconds per 50,000
+        objects (lease renewals and events waited) and listed every CID at once. A bounded scan
+        a chunk at a time, yielding between chunks, costs the same every pass at any size; a
+        domain's whole balance is checked once every ``objects / rebalance_scan_per_pass``
+        full passes (docs/SCALE.md).
+        """
+        limit = self.config.rebalance_per_pass
+        budget = self.config.rebalance_scan_per_pass
+        started = scanned = 0
+        size = max(1, min(REBALANCE_CHUNK, budget))
+        rules: dict[str, Eligibility] = {}  # by policy, for this pass's node map
+        for after, chunk in self.projection.cid_chunks(size, start=self._rebalance_cursor):
+            if scanned >= budget or started >= limit or not self._acting:
+                break
+            moves = self._rebalance_moves(chunk, self.node_map(now), limit - started, rules)
+            for cid in moves:
+                await self.reconcile_one(cid, rebalance=True)
+            started += len(moves)
+            scanned += len(chunk)
+            self.metrics.rebalance_scanned.inc(len(chunk))
+            if started < limit:
+                # A chunk cut short by the limit is looked at again from its start next pass
+                # (the objects moved are skipped then: they have tasks in flight).
+                self._rebalance_cursor = after
+            await asyncio.sleep(0)  # events, lease renewals and status queries between chunks
+        return started
+
+    def _rebalance_moves(
+        self, cids: list[Cid], node_map: NodeMap, limit: int, rules: dict[str, Eligibility]
+    ) -> list[Cid]:
+        """Up to ``limit`` of ``cids`` whose ideal placement differs from what is kept
+        (``rules``: each policy's eligibility on ``node_map``, filled as policies are met)."""
         by_policy: dict[str, list[tuple[PlacedObject, frozenset[str]]]] = {}
-        for cid in self.projection.cids():
+        for cid in cids:
             view = self.projection.object(cid)
             if view is None or self.projection.tasks_for(cid) or not self.leads(cid):
                 continue
@@ -67,16 +106,19 @@ class ControllerPeriodic(ControllerReconcile):
             volumes = frozenset(f"{node}/{volume}" for node, volume in view.replicas)
             volumes -= self.cached.occupied(cid)
             by_policy.setdefault(policy.name, []).append((PlacedObject(cid, view.size), volumes))
-        started = 0
+        moves: list[Cid] = []
         for name, objects in by_policy.items():
-            budget = self.config.rebalance_per_pass - started
-            if budget <= 0:
+            if len(moves) >= limit:
                 break
-            policy = self._compiled.get(name, self._fallback)
-            for placed in rebalance_candidates(objects, policy.rule, node_map, limit=budget):
-                await self.reconcile_one(placed.cid, rebalance=True)
-                started += 1
-        return started
+            rule = self._compiled.get(name, self._fallback).rule
+            known = rules.get(name)
+            if known is None or known.node_map is not node_map or known.rule is not rule:
+                rules[name] = Eligibility.of(rule, node_map)
+            found = rebalance_candidates(
+                objects, rule, node_map, limit=limit - len(moves), eligibility=rules[name]
+            )
+            moves.extend(placed.cid for placed in found)
+        return moves
 
     async def _summary_loop(self) -> None:
         while True:
