@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 from collections.abc import Iterable
@@ -109,6 +110,8 @@ class ControllerState:
         self._all_dirty = False
         self._walk_cursor = 0
         """The slot where a walk of every CID resumes (``ControllerReconcile._walk_all``)."""
+        self._walk_warned = -math.inf
+        """When (monotonic) a walk longer than the full pass was last warned of."""
         self._rebalance_cursor = 0
         """The slot where the next full pass's rebalance scan resumes (periodic.py)."""
         self._wake = asyncio.Event()

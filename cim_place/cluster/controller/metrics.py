@@ -31,6 +31,11 @@ class ControllerMetrics(Metrics):
         "Time to reconcile one object.",
         buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1),
     )
+    walk_seconds = gauge(
+        _PREFIX + "walk_seconds",
+        "Seconds the last complete walk of every object took (above the full pass's period: "
+        "the leader walks without pause).",
+    )
     rebalance_scanned = counter(
         _PREFIX + "rebalance_scanned", "Objects checked for a move toward the ideal placement."
     )

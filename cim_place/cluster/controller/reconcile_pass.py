@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Iterable
 
@@ -41,7 +42,7 @@ from cim_place.placement.status import ObjectStatus
 from cim_place.policies.model import Policy
 from cim_place.policies.selectors import ObjectFacts, match_policy
 
-__all__ = ["DEGRADED_RETRY", "RECONCILE_WINDOW", "ControllerReconcile"]
+__all__ = ["DEGRADED_RETRY", "RECONCILE_WINDOW", "WALK_WARN_EVERY", "ControllerReconcile"]
 
 _log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ DEGRADED_RETRY = 5.0
 
 RECONCILE_WINDOW = 32
 """Reconciles one pass keeps in flight (each mostly waits on the hub: see ``_reconcile_each``)."""
+WALK_WARN_EVERY = 3600.0
+"""Seconds between two warnings that walks of every object last longer than the full pass."""
 ADOPT_AT_MOST = 100_000
 """Tasks a new leader reads back from the task stream, and at most twice ``max_tasks``: the
 leaders keep no more than that in flight together (10,000 take about 2 s: TaskQueue.queued)."""
@@ -77,7 +80,7 @@ class ControllerReconcile(ControllerFeeds):
             if self._all_dirty:
                 # Every CID (the marks taken above are among them).
                 self._all_dirty = False
-                if not await self._walk_all():
+                if not await self._timed_walk():
                     self._all_dirty = True
                     continue
             if not await self._reconcile_each([list(batch)]):
@@ -117,6 +120,27 @@ class ControllerReconcile(ControllerFeeds):
             adopted += 1
         if adopted:
             _log.info("controller %s counts %d tasks in flight from before", self.identity, adopted)
+
+    async def _timed_walk(self) -> bool:
+        """:meth:`_walk_all`, timed: a walk longer than the full pass's period means the leader
+        walks every object without pause (the next full pass has asked for another walk before
+        this one ends), spending a core on it; the operator is told, at most once an hour."""
+        started = time.monotonic()
+        if not await self._walk_all():
+            return False
+        took = time.monotonic() - started
+        self.metrics.walk_seconds.set(took)
+        if took > self.config.full_pass_every and started - self._walk_warned >= WALK_WARN_EVERY:
+            self._walk_warned = started
+            _log.warning(
+                "a walk of every object (%d) took %.0f s, longer than full_pass (%.0f s): the "
+                "leader walks without pause; set full_pass to at least %.0f s (docs/SCALE.md)",
+                len(self.projection),
+                took,
+                self.config.full_pass_every,
+                math.ceil(2 * took),
+            )
+        return True
 
     async def _walk_all(self) -> bool:
         """Reconcile every CID, a chunk at a time; False if leadership was lost on the way.

@@ -1,16 +1,18 @@
 """The full pass's rebalance check looks at a bounded number of objects per pass, resumes where
-the last pass stopped, and gives the event loop a turn between chunks (pure: the controller of
+the last pass stopped, and gives the event loop a turn between chunks; a walk of every object
+that lasts longer than the full pass is reported (pure: the controller of
 ``test_reconcile_window`` with an in-memory task queue and status store)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import replace
 
 import pytest
 
-from cim_place.cluster.controller import periodic
+from cim_place.cluster.controller import periodic, reconcile_pass
 from cim_place.cluster.controller.service import Controller
 from cim_place.objectstore.cid import Cid
 from cim_place.placement.eligibility import Eligibility
@@ -82,7 +84,7 @@ async def test_a_chunk_cut_short_by_the_limit_is_looked_at_again() -> None:
 async def test_the_event_loop_runs_between_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(periodic, "REBALANCE_CHUNK", 16)
     config = replace(UNLIMITED, rebalance_scan_per_pass=OBJECTS, rebalance_per_pass=1000)
-    controller, cids = controller_with(config, SlowQueue())
+    controller, _ = controller_with(config, SlowQueue())
     looked, _ = noting(controller)
     seen: list[int] = []
 
@@ -116,3 +118,24 @@ async def test_a_pass_stops_when_leadership_is_lost(monkeypatch: pytest.MonkeyPa
     await controller.rebalance(time.time())
     assert looked == [cids[:16]]
     assert controller._rebalance_cursor == 16  # the next leader's pass goes on from there
+
+
+async def test_a_walk_longer_than_the_full_pass_is_reported_once_an_hour(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    controller, _ = controller_with(replace(UNLIMITED, full_pass_every=3600.0), SlowQueue())
+    caplog.set_level(logging.WARNING, logger="cim_place.cluster.controller.reconcile_pass")
+    assert await controller._timed_walk()
+    took = controller.metrics.walk_seconds._value.get()
+    assert took > 0
+    assert not caplog.records  # shorter than the full pass: nothing to say
+    controller.config = replace(controller.config, full_pass_every=took / 1000)
+    assert await controller._timed_walk()
+    assert await controller._timed_walk()
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1, warned  # once an hour, not at every walk
+    assert f"walk of every object ({OBJECTS})" in warned[0]
+    assert "set full_pass to at least" in warned[0]
+    controller._walk_warned -= reconcile_pass.WALK_WARN_EVERY
+    assert await controller._timed_walk()
+    assert len(caplog.records) == 2
