@@ -4,8 +4,9 @@ This module owns :class:`ControllerState`: the projection and the handles of the
 services once started, the dirty CIDs and their wake-up (:meth:`ControllerState.mark`), the
 compiled policies, node liveness, the per-object states the summary counts, and leadership (one
 lease, or one per shard: ``is_leader``, ``leads``, the elected and deposed hooks). The inputs
-that mark CIDs are in :mod:`cim_place.cluster.controller.feeds`, the reconcile pass in
-:mod:`cim_place.cluster.controller.reconcile_pass`, the full pass and the summary in
+that mark CIDs are in :mod:`cim_place.cluster.controller.feeds`, the reconcile of one object in
+:mod:`cim_place.cluster.controller.reconcile_pass`, which objects when in
+:mod:`cim_place.cluster.controller.reconcile_loop`, the full pass and the summary in
 :mod:`cim_place.cluster.controller.periodic`;
 :class:`~cim_place.cluster.controller.service.Controller` starts and stops it all.
 """
@@ -109,7 +110,7 @@ class ControllerState:
         # of every CID, which at 10M objects would be a gigabyte of bytes objects.
         self._all_dirty = False
         self._walk_cursor = 0
-        """The slot where a walk of every CID resumes (``ControllerReconcile._walk_all``)."""
+        """The slot where a walk of every CID resumes (``ControllerLoop._walk_all``)."""
         self._walk_warned = -math.inf
         """When (monotonic) a walk longer than the full pass was last warned of."""
         self._rebalance_cursor = 0

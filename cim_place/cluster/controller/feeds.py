@@ -5,7 +5,7 @@ each inventory digest), the watches of the applied policy set, of the nodes buck
 drain flags (KV ``cim-place-drain``; :func:`set_drain` and :func:`draining_nodes` for the CLI),
 and node liveness (late, down, departed) with the node map the planner reads. Each input marks
 the CIDs it concerns (:meth:`~cim_place.cluster.controller.controller_state.ControllerState.mark`);
-the reconcile pass that follows is :mod:`cim_place.cluster.controller.reconcile_pass`.
+the reconcile loop that follows is :mod:`cim_place.cluster.controller.reconcile_loop`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ import time
 import nats.errors
 import nats.js.errors
 
-from cim_place.cluster.controller.reconcile_pass import ControllerReconcile, _facts
+from cim_place.cluster.controller.reconcile_loop import ControllerLoop
+from cim_place.cluster.controller.reconcile_pass import _facts
 from cim_place.cluster.controller.removal import expire_name_versions
 from cim_place.cluster.controller.shards import shard_summaries, write_shard_summaries
 from cim_place.cluster.state.locations import LocationStore
@@ -37,7 +38,7 @@ REBALANCE_CHUNK = 256
 _log = logging.getLogger(__name__)
 
 
-class ControllerPeriodic(ControllerReconcile):
+class ControllerPeriodic(ControllerLoop):
     """The controller's full pass and summary (see :class:`ControllerState`)."""
 
     # -- periodic work --------------------------------------------------------------------------

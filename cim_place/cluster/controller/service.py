@@ -23,8 +23,9 @@ a late node is not acted on); this module only wires state and I/O around it.
 
 This module owns :class:`Controller`'s lifecycle: it opens the streams and buckets, starts the
 background tasks and leadership, and stops them. Its parts: state and leadership
-(controller_state.py), inputs and liveness (feeds.py), the reconcile pass (reconcile_pass.py),
-the full pass and summary (periodic.py); the settings are in config.py.
+(controller_state.py), inputs and liveness (feeds.py), one object's reconcile (reconcile_pass.py),
+which objects when (reconcile_loop.py), the full pass and summary (periodic.py); the settings are
+in config.py.
 """
 
 from __future__ import annotations

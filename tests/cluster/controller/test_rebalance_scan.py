@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from cim_place.cluster.controller import periodic, reconcile_pass
+from cim_place.cluster.controller import periodic, reconcile_loop
 from cim_place.cluster.controller.service import Controller
 from cim_place.objectstore.cid import Cid
 from cim_place.placement.eligibility import Eligibility
@@ -124,7 +124,7 @@ async def test_a_walk_longer_than_the_full_pass_is_reported_once_an_hour(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     controller, _ = controller_with(replace(UNLIMITED, full_pass_every=3600.0), SlowQueue())
-    caplog.set_level(logging.WARNING, logger="cim_place.cluster.controller.reconcile_pass")
+    caplog.set_level(logging.WARNING, logger="cim_place.cluster.controller.reconcile_loop")
     assert await controller._timed_walk()
     took = controller.metrics.walk_seconds._value.get()
     assert took > 0
@@ -136,6 +136,6 @@ async def test_a_walk_longer_than_the_full_pass_is_reported_once_an_hour(
     assert len(warned) == 1, warned  # once an hour, not at every walk
     assert f"walk of every object ({OBJECTS})" in warned[0]
     assert "set full_pass to at least" in warned[0]
-    controller._walk_warned -= reconcile_pass.WALK_WARN_EVERY
+    controller._walk_warned -= reconcile_loop.WALK_WARN_EVERY
     assert await controller._timed_walk()
     assert len(caplog.records) == 2

@@ -11,7 +11,7 @@ import random
 import time
 from collections import Counter
 
-from cim_place.cluster.controller.reconcile_pass import RECONCILE_WINDOW
+from cim_place.cluster.controller.reconcile_loop import RECONCILE_WINDOW
 from cim_place.cluster.controller.service import Controller, ControllerConfig
 from cim_place.cluster.events.types import ObjectStored, event_envelope
 from cim_place.cluster.nats.envelope import Envelope
