@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -141,6 +142,8 @@ class ControllerState:
         self._adopt_due = False
         """Set by an election: the tasks in the task stream are counted before a reconcile."""
         self._drift_tasks: set[asyncio.Task[None]] = set()
+        self._forgetting: set[asyncio.Task[None]] = set()
+        """Shards no longer led being forgotten (``shards.forget_shard``)."""
 
     # -- leadership -----------------------------------------------------------------------------
 
@@ -196,16 +199,33 @@ class ControllerState:
         assert self.sharding is not None
         self._acting = self.sharding.is_leader
         self._shards_changed()
-        # Its new leader answers for them now: its rows leave this process's status index.
-        forget_shard(
+        # Its new leader answers for them now: its rows leave this process's status index, a
+        # chunk at a time (the shards still led must keep renewing their leases meanwhile).
+        forgetting = asyncio.create_task(
+            self._forget_shard(index), name=f"cim-place-controller-forget-{index}"
+        )
+        self._forgetting.add(forgetting)
+        forgetting.add_done_callback(self._forgetting.discard)
+        self.metrics.leader.set(1 if self._acting else 0)
+        _log.warning("controller %s no longer leads shard %d", self.identity, index)
+
+    async def _forget_shard(self, index: int) -> None:
+        started = time.monotonic()
+        forgotten = await forget_shard(
             index,
             self.object_states,
             self.projection.keys_at,
             (self._under, self._below_min),
             self.status_index,
+            won_back=lambda: self.sharding is not None and self.sharding.leads_shard(index),
         )
-        self.metrics.leader.set(1 if self._acting else 0)
-        _log.warning("controller %s no longer leads shard %d", self.identity, index)
+        _log.info(
+            "controller %s forgot %d objects of shard %d in %.1f s",
+            self.identity,
+            forgotten,
+            index,
+            time.monotonic() - started,
+        )
 
     def _elected(self) -> None:
         self._acting = True

@@ -90,6 +90,13 @@ class ObjectStates:
         """The noted slots of ``shard``."""
         return np.flatnonzero((self._state != NOT_NOTED) & (self._shard == shard))
 
+    def of_shard(self, slots: npt.NDArray[np.intp], shard: int) -> npt.NDArray[np.intp]:
+        """Those of ``slots`` noted and of ``shard``."""
+        kept: npt.NDArray[np.intp] = slots[
+            (self._state[slots] != NOT_NOTED) & (self._shard[slots] == shard)
+        ]
+        return kept
+
     def shards_of(self, slots: npt.NDArray[np.intp]) -> npt.NDArray[np.uint16]:
         return self._shard[slots]
 

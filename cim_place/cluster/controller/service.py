@@ -208,6 +208,7 @@ class Controller(ControllerPeriodic):
         if self.sharding is not None:
             with contextlib.suppress(Exception):
                 await self.sharding.stop()
+        await cancel_and_wait(list(self._forgetting))
         if self.removals is not None:
             await self.removals.stop()
         if self.status_queries is not None:
