@@ -191,8 +191,15 @@ def inventory_digest(roots: Iterable[Cid]) -> bytes:
     controller's locations projection; a difference means drift, and only then does the controller
     ask for the full list.
     """
+    ordered = sorted(set(roots))
+    widths = {len(root) for root in ordered}
+    if len(widths) == 1:
+        # One width (the usual case: every CID of the same version and hash): the prefixed
+        # roots are one join, hashed in one call (a volume of 300,000 roots at 10M objects).
+        prefix = widths.pop().to_bytes(2, "big")
+        return hashlib.sha256(prefix + prefix.join(ordered)).digest()
     digest = hashlib.sha256()
-    for root in sorted(set(roots)):
+    for root in ordered:
         digest.update(len(root).to_bytes(2, "big"))
         digest.update(root)
     return digest.digest()

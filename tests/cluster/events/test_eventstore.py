@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -231,6 +232,25 @@ def test_inventory_digest_ignores_order_and_repeats() -> None:
     assert inventory_digest([a, b, c]) == inventory_digest([c, a, b, a])
     assert inventory_digest([a, b]) != inventory_digest([a, b, c])
     assert len(inventory_digest([])) == 32
+
+
+@given(
+    st.lists(
+        st.one_of(st.binary(min_size=34, max_size=34), st.binary(min_size=36, max_size=36)),
+        max_size=40,
+    ),
+    st.booleans(),
+)
+def test_inventory_digest_is_its_definition(roots: list[bytes], one_width: bool) -> None:
+    """The digest of one join (every root of one width) equals the definition, root by root:
+    SHA-256 over the sorted distinct roots, each after its length in two bytes."""
+    if one_width:
+        roots = [root for root in roots if len(root) == 36]
+    reference = hashlib.sha256()
+    for root in sorted(set(roots)):
+        reference.update(len(root).to_bytes(2, "big") + root)
+    assert inventory_digest(roots) == reference.digest()
+    assert inventory_digest([*roots, *roots[:3]]) == reference.digest()
 
 
 # -- helpers on real servers -------------------------------------------------------------------
