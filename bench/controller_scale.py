@@ -46,7 +46,8 @@ built in process (as ``--in-process``), then one walk of every object by a real 
 enqueues) is replaced by no-ops; the RSS growth over the walk per object is printed beside the
 bytes the projection's arrays hold; then one full pass's rebalance check, every object in one
 go (as before the scan was bounded) beside the bounded scan, with the longest time each held
-the event loop::
+the event loop; then the forgetting of a shard no longer led (every object: the bench has one
+shard), its whole time beside the longest hold of the loop::
 
     .venv/bin/python bench/controller_scale.py --walk --objects 200000          # ~2 min
 """
@@ -81,6 +82,7 @@ from plan import CID_PREFIX, derive_keys, topology
 from cim_place.cluster.controller import periodic
 from cim_place.cluster.controller.projection import Projection
 from cim_place.cluster.controller.service import Controller, ControllerConfig
+from cim_place.cluster.controller.shards import FORGET_CHUNK, forget_shard
 from cim_place.cluster.events.feed import EventFeed
 from cim_place.cluster.events.readers import StoredEvent
 from cim_place.cluster.events.store import ensure_event_store
@@ -701,6 +703,7 @@ async def walk(domain: Domain) -> None:
     print(f"{'walk':44s} {took:12.1f} s  {n / took:9,.0f} objects/s (no hub)")
     print(f"{'process RSS now / peak':44s} {mib(rss()):>12s} / {mib(peak_rss())}")
     await rebalance_checks(controller, n)
+    await forget_checks(controller)
 
 
 async def rebalance_checks(controller: Controller, n: int) -> None:
@@ -733,6 +736,34 @@ async def rebalance_checks(controller: Controller, n: int) -> None:
         )
     periodic.REBALANCE_CHUNK = chunk
     controller.config = configured
+
+
+async def forget_checks(controller: Controller) -> None:
+    """What a process does when it stops leading a shard: forget its objects' states and
+    status rows, a chunk at a time (the bench's single shard: every object). In one go the
+    loop would be held for the whole time, the baseline beside the longest hold in chunks."""
+    gaps = LoopGaps()
+    await gaps.start()
+    started = time.perf_counter()
+    forgotten = await forget_shard(
+        0,
+        controller.object_states,
+        controller.projection.keys_at,
+        (controller._under, controller._below_min),
+        controller.status_index,
+        won_back=lambda: False,
+    )
+    took = time.perf_counter() - started
+    await gaps.stop()
+    print("\n== a shard no longer led, forgotten (states, status rows)")
+    print(
+        f"{'forgotten':44s} {forgotten:12,} objects in {took:.2f} s "
+        f"({1e6 * took / max(forgotten, 1):.1f} us/object): in one go the loop is held that long"
+    )
+    print(
+        f"{'in chunks of ' + format(FORGET_CHUNK, ',') + ', loop held at most':44s} "
+        f"{1000 * gaps.longest:12,.0f} ms"
+    )
 
 
 class LoopGaps:
