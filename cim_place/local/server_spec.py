@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import sys
@@ -45,13 +46,54 @@ def find_nats_server() -> Path:
 
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now (never a well-known NATS port)."""
+    """Return a TCP port on 127.0.0.1 that is free right now (never a well-known NATS port).
+
+    Chosen at random below the kernel's ephemeral range where there is room: a port is chosen
+    here and bound later by another process (a server, an agent's gateway), and a port from the
+    ephemeral range could be taken in between by any socket bound to port 0, every outgoing
+    connection included (seen: an agent's gateway port held that way, the agent restarted for a
+    minute with "Address already in use"). Else (no such range known) a port the kernel gives.
+    """
+    span = _below_ephemeral()
+    if span is not None:
+        for _ in range(200):
+            port = _RANDOM.randint(*span)
+            if port not in _RESERVED_PORTS and _bindable(port):
+                return port
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((LOCALHOST, 0))
-            port: int = sock.getsockname()[1]
+            port = int(sock.getsockname()[1])
         if port not in _RESERVED_PORTS:
             return port
+
+
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_CHOSEN = 10_000
+# Not the `random` module's generator: a test run may seed it, and then every run on the
+# machine would try the same ports in the same order.
+_RANDOM = random.SystemRandom()
+
+
+def _below_ephemeral() -> tuple[int, int] | None:
+    """The ports from 10,000 up to the kernel's ephemeral range (Linux), or None when that
+    is unknown or leaves fewer than 1,000 ports."""
+    try:
+        low = int(_EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if low - _LOWEST_CHOSEN < 1000:
+        return None
+    return _LOWEST_CHOSEN, low - 1
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((LOCALHOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def _quote(value: str) -> str:

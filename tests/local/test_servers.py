@@ -21,6 +21,7 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.errors import TransportError
+from cim_place.local import server_spec
 from cim_place.local.link_proxy import LinkProxy
 from cim_place.local.server_spec import ServerSpec, free_port
 from cim_place.local.servers import NatsServer
@@ -95,6 +96,25 @@ def test_leaf_spec_renders_remotes_and_a_subsecond_reconnect(tmp_path: Path) -> 
 
 def test_free_port_never_returns_the_default_nats_port() -> None:
     assert all(free_port() != 4222 for _ in range(50))
+
+
+def test_free_ports_are_chosen_below_the_ephemeral_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port chosen now and bound later by another process: never one a socket bound to port
+    0 (an outgoing connection) can take in between, when the kernel says which those are."""
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("32768\t60999\n")
+    monkeypatch.setattr(server_spec, "_EPHEMERAL", ranges)
+    ports = [free_port() for _ in range(50)]
+    assert all(10_000 <= port < 32768 and port not in (4222, 6222, 7422, 8222) for port in ports)
+    assert len(set(ports)) > 40  # at random, not in one order every run
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", ports[0]))  # free indeed
+    ranges.write_text("1024\t65535\n")  # no room below: what the kernel gives
+    assert 1 <= free_port() < 65536
+    monkeypatch.setattr(server_spec, "_EPHEMERAL", tmp_path / "absent")
+    assert 1 <= free_port() < 65536
 
 
 async def test_single_server_pubsub_and_kv(nats_server: NatsServer) -> None:

@@ -114,6 +114,11 @@ class ControllerState:
         """The slot where a walk of every CID resumes (``ControllerLoop._walk_all``)."""
         self._walk_warned = -math.inf
         """When (monotonic) a walk longer than the full pass was last warned of."""
+        self._walking = False
+        self._walk_ended = -math.inf
+        """When (monotonic) the last complete walk of every object ended ..."""
+        self._walk_took = 0.0
+        """... and how long it took (``ControllerLoop.walk_wanted`` spaces walks by it)."""
         self._rebalance_cursor = 0
         """The slot where the next full pass's rebalance scan resumes (periodic.py)."""
         self._wake = asyncio.Event()

@@ -44,10 +44,12 @@ class ControllerPeriodic(ControllerLoop):
     # -- periodic work --------------------------------------------------------------------------
 
     async def full_pass(self) -> None:
-        """Mark everything, forget lost tasks, start a bounded number of rebalance moves."""
+        """Mark everything (when a walk is due: :meth:`walk_wanted`), forget lost tasks, start
+        a bounded number of rebalance moves."""
         now = time.time()
         self.mark(self.projection.expire_tasks(now - self.config.task_timeout))
-        self.mark_all()
+        if self.walk_wanted(time.monotonic()):
+            self.mark_all()
         if self._acting and self.caught_up.is_set():
             await self.rebalance(now)
             policies = self.projection.policies.policies

@@ -2,10 +2,10 @@
 
 This module owns :class:`ControllerLoop`: the loop over the dirty CIDs (leader only; a standby
 keeps the marks), walks of every object (an election, the full pass) a chunk at a time with the
-marks made meanwhile taken between chunks, the warning when walks last longer than the full
-pass, reading a predecessor's tasks in flight back after an election, and
-:data:`RECONCILE_WINDOW` reconciles in flight at once. One object's reconcile is
-:mod:`cim_place.cluster.controller.reconcile_pass`.
+marks made meanwhile taken between chunks, spaced by their own length when the full pass asks
+for them, the warning when walks last longer than the full pass, reading a predecessor's tasks
+in flight back after an election, and :data:`RECONCILE_WINDOW` reconciles in flight at once.
+One object's reconcile is :mod:`cim_place.cluster.controller.reconcile_pass`.
 """
 
 from __future__ import annotations
@@ -97,25 +97,43 @@ class ControllerLoop(ControllerReconcile):
             _log.info("controller %s counts %d tasks in flight from before", self.identity, adopted)
 
     async def _timed_walk(self) -> bool:
-        """:meth:`_walk_all`, timed: a walk longer than the full pass's period means the leader
-        walks every object without pause (the next full pass has asked for another walk before
-        this one ends), spending a core on it; the operator is told, at most once an hour."""
+        """:meth:`_walk_all`, timed. The full pass spaces the walks it asks for by their length
+        (:meth:`walk_wanted`); a walk longer than the full pass's period means the period is
+        not what the operator set, who is told, at most once an hour."""
         started = time.monotonic()
-        if not await self._walk_all():
-            return False
-        took = time.monotonic() - started
+        self._walking = True
+        try:
+            if not await self._walk_all():
+                return False
+        finally:
+            self._walking = False
+        ended = time.monotonic()
+        took = ended - started
+        self._walk_ended, self._walk_took = ended, took
         self.metrics.walk_seconds.set(took)
         if took > self.config.full_pass_every and started - self._walk_warned >= WALK_WARN_EVERY:
             self._walk_warned = started
             _log.warning(
-                "a walk of every object (%d) took %.0f s, longer than full_pass (%.0f s): the "
-                "leader walks without pause; set full_pass to at least %.0f s (docs/SCALE.md)",
+                "a walk of every object (%d) took %.0f s, longer than full_pass (%.0f s): full "
+                "passes start a walk at most every %.0f s (each walk, then as long without); set "
+                "full_pass to at least that (docs/SCALE.md)",
                 len(self.projection),
                 took,
                 self.config.full_pass_every,
                 math.ceil(2 * took),
             )
         return True
+
+    def walk_wanted(self, now: float) -> bool:
+        """Whether a full pass at ``now`` (monotonic) asks for a walk of every object: not
+        while one is under way or asked for, nor sooner after the last one ended than it
+        lasted. At millions of objects a walk outlasts the full pass's period (a walk of 10M
+        objects takes hours), and a walk asked for at every pass kept a core busy for good;
+        spaced so, walks take at most half the leader's time. Elections, policy changes and
+        every event still mark what they concern at once."""
+        if self._walking or self._all_dirty:
+            return False
+        return now - self._walk_ended >= self._walk_took
 
     async def _walk_all(self) -> bool:
         """Reconcile every CID, a chunk at a time; False if leadership was lost on the way.

@@ -139,3 +139,34 @@ async def test_a_walk_longer_than_the_full_pass_is_reported_once_an_hour(
     controller._walk_warned -= reconcile_loop.WALK_WARN_EVERY
     assert await controller._timed_walk()
     assert len(caplog.records) == 2
+
+
+async def test_full_passes_space_the_walks_they_ask_for_by_their_length() -> None:
+    controller, _ = controller_with(replace(UNLIMITED, full_pass_every=3600.0), SlowQueue())
+    assert controller.walk_wanted(time.monotonic())  # none yet
+    controller.mark_all()
+    assert not controller.walk_wanted(time.monotonic())  # one is asked for already
+    controller._all_dirty = False
+    walked: list[bool] = []
+
+    async def walk_all() -> bool:
+        # Asked in the middle of a walk, the full pass does not ask for another one.
+        walked.append(controller.walk_wanted(time.monotonic()))
+        await asyncio.sleep(0.05)
+        return True
+
+    controller._walk_all = walk_all  # type: ignore[method-assign]
+    assert await controller._timed_walk()
+    assert walked == [False]
+    took, ended = controller._walk_took, controller._walk_ended
+    assert took >= 0.05
+    assert not controller.walk_wanted(ended + took / 2)  # as long idle as the walk lasted
+    assert controller.walk_wanted(ended + took)
+    # A full pass: an hour after an hour-long walk, and a moment after it.
+    controller._walk_took, controller._walk_ended = 3600.0, time.monotonic() - 3600.0
+    await controller.full_pass()
+    assert controller._all_dirty
+    controller._all_dirty = False
+    controller._walk_ended = time.monotonic()
+    await controller.full_pass()
+    assert not controller._all_dirty
