@@ -51,8 +51,9 @@ def free_port() -> int:
     Chosen at random below the kernel's ephemeral range where there is room: a port is chosen
     here and bound later by another process (a server, an agent's gateway), and a port from the
     ephemeral range could be taken in between by any socket bound to port 0, every outgoing
-    connection included (seen: an agent's gateway port held that way, the agent restarted for a
-    minute with "Address already in use"). Else (no such range known) a port the kernel gives.
+    connection included (seen in a test run: an agent's gateway port was taken in between, and
+    the agent restarted for a minute with "Address already in use"). Else (no such range known)
+    a port the kernel gives.
     """
     span = _below_ephemeral()
     if span is not None:
