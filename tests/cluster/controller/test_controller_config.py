@@ -34,6 +34,19 @@ def test_every_problem_is_reported_with_its_position(tmp_path: Path) -> None:
     assert f"{bad}:3:1" in text and "unknown key 'maximum'" in text
 
 
+def test_the_rebalance_scan_is_a_positive_count(tmp_path: Path) -> None:
+    path = tmp_path / "controller.yaml"
+    path.write_text("rebalance_scan_per_pass: 5000\n")
+    assert load_controller_config(path).rebalance_scan_per_pass == 5000
+    assert load_controller_config(DEPLOY).rebalance_scan_per_pass == 20_000
+    for bad in ("0", "-3", "many"):
+        path.write_text(f"rebalance_scan_per_pass: {bad}\n")
+        with pytest.raises(AgentConfigError) as caught:
+            load_controller_config(path)
+        assert f"{path}:1:26" in str(caught.value)
+        assert "rebalance_scan_per_pass" in str(caught.value)
+
+
 def test_budget_limits_tasks_per_node_bytes_per_node_and_the_domain() -> None:
     budget = _Budget(ControllerConfig(max_tasks_per_node=2, max_bytes_per_node=100, max_tasks=3))
     assert budget.allows("a", "fetch", 500)  # the first fetch passes whatever its size
