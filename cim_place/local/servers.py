@@ -66,6 +66,10 @@ class NatsServer(Closing):
         self.link: LinkProxy | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file: BinaryIO | None = None
+        # The status of a process that ended by itself while it was awaited (see
+        # _raise_if_exited): it is cleaned up at once, but its exit must still show in
+        # returncode(), or a supervisor would take the server for running and never restart it.
+        self._ended: int | None = None
 
     # -- identity ---------------------------------------------------------------------------------
     @property
@@ -104,7 +108,9 @@ class NatsServer(Closing):
 
     def returncode(self) -> int | None:
         """The exit status once the process has ended (negative: the signal); None while it runs."""
-        return self._process.poll() if self._process is not None else None
+        if self._process is None:
+            return self._ended
+        return self._process.poll()
 
     def __repr__(self) -> str:
         return f"NatsServer(name={self.name!r}, url={self.url!r}, domain={self.domain!r})"
@@ -115,6 +121,7 @@ class NatsServer(Closing):
         if self.is_running():
             return self
         binary = find_nats_server()
+        self._ended = None
         self.directory.mkdir(parents=True, exist_ok=True)
         self.spec.store_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.spec.render())
@@ -220,6 +227,7 @@ class NatsServer(Closing):
             return
         tail = self.log_tail()
         self._terminate(1.0)
+        self._ended = code
         if "address already in use" in tail:
             raise PortTakenError(f"nats-server {self.name}: a port was taken:\n{tail}")
         raise TransportError(

@@ -1,6 +1,7 @@
 """The supervisor of a local domain's processes: a killed child comes back with a new pid, the
 restart is logged with the exit status, context listeners hear of it, back-off grows for a
-child that keeps dying, and stop leaves nothing running."""
+child that keeps dying, a server killed again while it starts comes back too, and stop leaves
+nothing running."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from cim_place.local import supervisor as sup
-from cim_place.local.supervisor import Command, Supervisor, backoff, describe_exit
+from cim_place.local.server_spec import ServerSpec
+from cim_place.local.servers import NatsServer
+from cim_place.local.supervisor import Command, Supervised, Supervisor, backoff, describe_exit
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 
@@ -112,3 +116,43 @@ async def test_stop_ends_every_child_in_reverse_order(tmp_path: Path) -> None:
     assert all(_alive(pid) for pid in pids)
     await supervisor.stop(timeout=5)
     assert not any(_alive(pid) for pid in pids)
+
+
+@pytest.mark.nats
+async def test_a_server_killed_again_while_it_starts_is_restarted_once_more(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A leaf server killed twice in a row: the second kill lands while the supervisor waits for
+    # the restarted process to be ready. That wait cleans the dead process up; the server must
+    # still count as exited, or it is never started again.
+    monkeypatch.setattr(sup, "FIRST_DELAY", 0.05)
+    killed_while_starting: list[int] = []
+
+    def ready_again(supervised: Supervised) -> None:
+        server = supervised.child
+        assert isinstance(server, NatsServer) and server.pid is not None
+        if not killed_while_starting:
+            killed_while_starting.append(server.pid)
+            os.kill(server.pid, signal.SIGKILL)
+            while _alive(killed_while_starting[0]):
+                time.sleep(0.01)
+        server.wait_ready(30)
+
+    server = NatsServer(ServerSpec(server_name="leaf-1", store_dir=tmp_path / "js"), tmp_path)
+    supervisor = Supervisor(after_restart=ready_again)
+    entry = supervisor.add("leaf-server", "leaf-1", server)
+    supervisor.start()
+    try:
+        server.wait_ready(30)
+        first = server.pid
+        assert first is not None
+        with caplog.at_level(logging.WARNING, logger="cim_place.local.supervisor"):
+            os.kill(first, signal.SIGKILL)
+            await _until(lambda: entry.restarts == 2, "a second restart", tries=600)
+        assert killed_while_starting and server.pid not in (first, killed_while_starting[0])
+        assert server.returncode() is None
+        await asyncio.to_thread(server.wait_ready, 30)
+        assert "restarted but not ready" in caplog.text
+    finally:
+        await supervisor.stop(timeout=5)
+    assert not server.is_running()
