@@ -16,35 +16,21 @@ port bookkeeping shared with the leaves (:class:`Ports`).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
 from cim_place.errors import CimPlaceError, PortTakenError, TransportError
-from cim_place.local.server_spec import LOCALHOST, ServerSpec, free_port
+from cim_place.local.server_spec import LOCALHOST, ServerSpec, free_port, port_free
 from cim_place.local.servers import NatsServer
 from cim_place.local.topologies import Hub
 
-__all__ = ["HUB_CLUSTER", "MAX_HUB_SERVERS", "Ports", "member_key", "port_free", "start_local_hub"]
+__all__ = ["HUB_CLUSTER", "MAX_HUB_SERVERS", "Ports", "member_key", "start_local_hub"]
 
 HUB_CLUSTER = "cim-place-hub"
 MAX_HUB_SERVERS = 5
 """JetStream replicas go up to 5; a bigger hub buys nothing on one machine."""
-
-
-def port_free(port: int) -> bool:
-    """Whether ``port`` can be bound on loopback now (as nats-server binds: SO_REUSEADDR)."""
-    # nats-server listens with SO_REUSEADDR, so a port left in TIME_WAIT by the previous run
-    # is usable; test the same way, or every restart would look like a conflict.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((LOCALHOST, port))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cim_place.errors import TransportError
 
-__all__ = ["LOCALHOST", "ServerSpec", "find_nats_server", "free_port"]
+__all__ = ["LOCALHOST", "ServerSpec", "find_nats_server", "free_port", "port_free"]
 
 
 LOCALHOST = "127.0.0.1"
@@ -59,7 +59,7 @@ def free_port() -> int:
     if span is not None:
         for _ in range(200):
             port = _RANDOM.randint(*span)
-            if port not in _RESERVED_PORTS and _bindable(port):
+            if port not in _RESERVED_PORTS and port_free(port, reuse=False):
                 return port
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -88,8 +88,15 @@ def _below_ephemeral() -> tuple[int, int] | None:
     return _LOWEST_CHOSEN, low - 1
 
 
-def _bindable(port: int) -> bool:
+def port_free(port: int, *, reuse: bool = True) -> bool:
+    """Whether ``port`` can be bound on loopback now.
+
+    ``reuse`` binds as nats-server does (SO_REUSEADDR), so a port left in TIME_WAIT by the
+    previous run counts as free: a saved port is then kept across restarts. A port chosen
+    afresh (:func:`free_port`) is tested without it, and so is not one still in TIME_WAIT."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOCALHOST, port))
         except OSError:

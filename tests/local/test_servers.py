@@ -23,7 +23,7 @@ from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.errors import TransportError
 from cim_place.local import server_spec
 from cim_place.local.link_proxy import LinkProxy
-from cim_place.local.server_spec import ServerSpec, free_port
+from cim_place.local.server_spec import ServerSpec, free_port, port_free
 from cim_place.local.servers import NatsServer
 from cim_place.local.topologies import Hub, add_leaf, start_hub, start_single
 from cim_place.testing import LeafFactory, nats_server_children
@@ -115,6 +115,15 @@ def test_free_ports_are_chosen_below_the_ephemeral_range(
     assert 1 <= free_port() < 65536
     monkeypatch.setattr(server_spec, "_EPHEMERAL", tmp_path / "absent")
     assert 1 <= free_port() < 65536
+
+
+def test_a_listening_port_is_not_free_and_a_closed_one_is() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        assert not port_free(port) and not port_free(port, reuse=False)
+    assert port_free(port)
 
 
 async def test_single_server_pubsub_and_kv(nats_server: NatsServer) -> None:
