@@ -13,7 +13,8 @@ seed. Invariants are checked while it runs and at the end:
 4. no object reports more verified copies than the volumes really hold (checked on disk, once
    the scrub had time to find damage injected on disk);
 5. no forged claim of a copy counts once the controller's inventory check ran;
-6. no process is left behind once the domain stops.
+6. no process is left behind once the domain stops;
+7. every process a fault killed runs again at the end (the supervisor restarted it).
 
 The faults beyond signals and link cuts live in :mod:`cim_place.local.chaos_faults`, their kinds
 and schedule in :mod:`cim_place.local.chaos_schedule`, the report in
@@ -145,6 +146,7 @@ class Chaos(RunChecks):
             await self._converge()
             await self._check_copies()
             await self._check_forgeries()
+            await self._check_running()
             pids = [p["pid"] for p in self.domain.processes() if isinstance(p["pid"], int)]
         finally:
             await self.domain.stop()

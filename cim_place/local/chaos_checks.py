@@ -2,8 +2,9 @@
 
 This module owns invariants 3 to 5 of :mod:`cim_place.local.chaos`: every acknowledged object
 converges to ``placed`` and reads back identical (``_converge``), no object reports more verified
-copies than the volumes hold (``_check_copies``, checked on disk), and no forged claim of a copy
-is still counted (``_check_forgeries``). :class:`RunChecks` is the base of the run
+copies than the volumes hold (``_check_copies``, checked on disk), no forged claim of a copy
+is still counted (``_check_forgeries``), and invariant 7: every process of the domain runs again
+(``_check_running``). :class:`RunChecks` is the base of the run
 (:class:`~cim_place.local.chaos.Chaos`), which holds the state they read and reads objects back.
 """
 
@@ -21,11 +22,14 @@ from cim_place.local.domain import LocalDomain
 from cim_place.objectstore import cid as cids
 from cim_place.objectstore.store import ObjectStore
 
-__all__ = ["SCRUB_BOUND", "RunChecks"]
+__all__ = ["RESTART_BOUND", "SCRUB_BOUND", "RunChecks"]
 
 SCRUB_BOUND = 90.0
 """Seconds after convergence within which damage on disk must be found and forged claims
 dropped (several scrub passes and inventory checks)."""
+RESTART_BOUND = 60.0
+"""Seconds after the other checks within which every killed process must run again (longer
+than the supervisor's back-off after a few quick exits)."""
 
 
 class RunChecks:
@@ -127,6 +131,23 @@ class RunChecks:
             self.report.believed = believed
             summary = await store.summary()
             self.report.rejected_events = summary.rejected_events if summary is not None else 0
+
+    async def _check_running(self) -> None:
+        """Every process of the domain runs at the end: the supervisor brought back each one a
+        fault killed. A process that stays down shows first as objects that never converge;
+        this names it (a leaf server killed again while it restarted once stayed down)."""
+        deadline = time.monotonic() + RESTART_BOUND
+        while True:
+            down = [
+                f"{s.role}{f' {s.node}' if s.node else ''} (last exit {s.last_exit}, "
+                f"{s.restarts} restart(s))"
+                for s in self.domain.supervisor.children
+                if not s.held and (s.child.pid is None or s.child.returncode() is not None)
+            ]
+            if not down or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1.0)
+        self.report.down = down
 
     def _holds(self, node: str, cid: str) -> bool:
         with ObjectStore(self._volume(node)) as store:

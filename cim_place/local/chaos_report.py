@@ -42,6 +42,8 @@ class Report:
     believed: list[str] = field(default_factory=list)
     """Forged claims of a copy that the domain still counted at the end."""
     rejected_events: int = 0
+    down: list[str] = field(default_factory=list)
+    """Supervised processes not running at the end (the supervisor failed to restart them)."""
     notes: list[str] = field(default_factory=list)
 
     def violations(self) -> list[str]:
@@ -58,6 +60,8 @@ class Report:
             problems.append(f"did not converge within {self.converge_bound:.0f} s")
         if self.believed:
             problems.append(f"forged copies still believed at the end: {self.believed}")
+        if self.down:
+            problems.append(f"processes not running again at the end: {', '.join(self.down)}")
         if self.left_behind:
             problems.append(f"processes left behind: {self.left_behind}")
         return problems

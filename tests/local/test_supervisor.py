@@ -1,7 +1,7 @@
 """The supervisor of a local domain's processes: a killed child comes back with a new pid, the
 restart is logged with the exit status, context listeners hear of it, back-off grows for a
-child that keeps dying, a server killed again while it starts comes back too, and stop leaves
-nothing running."""
+child that keeps dying, a server killed again while it starts comes back too, a chaos run names
+a process left down, and stop leaves nothing running."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from cim_place.local import chaos_checks
 from cim_place.local import supervisor as sup
+from cim_place.local.chaos_report import Report
 from cim_place.local.server_spec import ServerSpec
 from cim_place.local.servers import NatsServer
 from cim_place.local.supervisor import Command, Supervised, Supervisor, backoff, describe_exit
@@ -156,3 +159,26 @@ async def test_a_server_killed_again_while_it_starts_is_restarted_once_more(
     finally:
         await supervisor.stop(timeout=5)
     assert not server.is_running()
+
+
+async def test_a_chaos_run_names_a_process_the_supervisor_did_not_bring_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chaos_checks, "RESTART_BOUND", 0.5)
+    supervisor = Supervisor()  # not started: nothing brings the dead one back
+    running = supervisor.add("agent", "leaf-1", Command(SLEEPER, tmp_path / "a.log"))
+    dead = supervisor.add(
+        "leaf-server", "leaf-4", Command([sys.executable, "-c", "pass"], tmp_path / "b.log")
+    )
+    dead.last_exit = -9
+    checks = chaos_checks.RunChecks()
+    checks.domain = SimpleNamespace(supervisor=supervisor)  # type: ignore[assignment]
+    checks.report = Report(seed=1, faults=[])
+    try:
+        await _until(lambda: dead.child.returncode() is not None, "the short one ended")
+        await checks._check_running()
+    finally:
+        await supervisor.stop(timeout=5)
+    assert checks.report.down == ["leaf-server leaf-4 (last exit -9, 0 restart(s))"]
+    assert running.child.pid is not None
+    assert any("not running again" in p for p in checks.report.violations())
