@@ -86,6 +86,14 @@ class ObjectStates:
         counted = np.bincount(states, minlength=NOT_NOTED + 1)
         return {state: int(counted[code]) for state, code in _CODE.items()}
 
+    def counts_by_shard(self, noted: npt.NDArray[np.intp], shards: int) -> list[dict[str, int]]:
+        """Objects per state of each of ``shards`` shards, over ``noted`` (the noted slots):
+        one ``bincount`` of (shard, state) pairs, not a pass over every slot per shard."""
+        width = NOT_NOTED + 1
+        pairs = self._shard[noted].astype(np.intp) * width + self._state[noted]
+        table = np.bincount(pairs, minlength=shards * width).reshape(-1, width)
+        return [{state: int(row[code]) for state, code in _CODE.items()} for row in table[:shards]]
+
     def slots_of_shard(self, shard: int) -> npt.NDArray[np.intp]:
         """The noted slots of ``shard``."""
         return np.flatnonzero((self._state != NOT_NOTED) & (self._shard == shard))

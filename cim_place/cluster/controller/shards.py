@@ -318,6 +318,7 @@ def shard_summaries(
     noted = states.noted_slots()
     of_shard = states.shards_of(noted)
     sizes = sizes_at(noted)
+    by_shard = states.counts_by_shard(noted, shards)
     unders = dict.fromkeys(wanted, 0)
     for cid in under:
         index = shard_of(cid, shards)
@@ -325,7 +326,7 @@ def shard_summaries(
             unders[index] += 1
     parts = {}
     for i in wanted:
-        counts = states.counts(i)
+        counts = by_shard[i]
         parts[i] = replace(
             base,
             objects=sum(counts.values()),

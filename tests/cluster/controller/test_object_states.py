@@ -60,6 +60,7 @@ def test_the_columns_agree_with_a_dict(steps: list[tuple[int, str, int, bool]]) 
         else:
             states.note(slot, state, shard)
             model[slot] = (state, shard)
+    by_shard = states.counts_by_shard(states.noted_slots(), 4)
     wanted: int | None
     for wanted in [None, 0, 1, 2, 3]:
         expected: dict[str, int] = dict.fromkeys(OBJECT_STATES, 0)
@@ -67,6 +68,8 @@ def test_the_columns_agree_with_a_dict(steps: list[tuple[int, str, int, bool]]) 
             if wanted is None or of == wanted:
                 expected[state] += 1
         assert states.counts(wanted) == expected
+        if wanted is not None:
+            assert by_shard[wanted] == expected
     assert sorted(model) == states.noted_slots().tolist()
     for index in range(4):
         assert sorted(s for s, (_, of) in model.items() if of == index) == list(

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from cim_place.cli.app import app
 from cim_place.cluster.controller.config import load_controller_config
 from cim_place.cluster.controller.object_states import ObjectStates
+from cim_place.cluster.controller.periodic import SUMMARY_SHARE, summary_wait
 from cim_place.cluster.controller.shards import shard_summaries
 from cim_place.cluster.state.cid_shards import (
     MemberRecord,
@@ -136,3 +137,10 @@ def test_pages_of_several_shards_merge_in_cid_order() -> None:
     assert [row["cid"] for row in last["objects"]] == ["e"] and last["next"] is None
     one = merge_pages([{"object": None}, {"object": {"cid": "x"}}], 100)
     assert one["object"] == {"cid": "x"}
+
+
+def test_the_summary_is_spaced_when_computing_it_holds_the_loop_long() -> None:
+    assert summary_wait(1.0, 0.001) == 1.0  # a small domain: every second, as configured
+    assert summary_wait(1.0, 0.05) == 1.0
+    assert summary_wait(1.0, 0.2) == pytest.approx(0.2 / SUMMARY_SHARE)  # 10M objects: 4 s
+    assert summary_wait(5.0, 0.2) == 5.0
