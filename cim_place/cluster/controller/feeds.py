@@ -103,8 +103,13 @@ class ControllerFeeds(ControllerState):
         if wrong is not None:
             self.rejections.event(wrong, stored.node, envelope.content.type)
             return
-        if self.inventory is not None and not self.inventory.believe(stored):
-            return  # a claim an inventory check disproved (a forgery, replayed)
+        if self.inventory is not None:
+            disproved = self.inventory.disproved_root(stored)
+            if disproved is not None:
+                # A claim an inventory check disproved (a forgery, replayed): not applied, but
+                # its object is reconciled, to remove a status that still shows the copy.
+                self.mark((disproved,))
+                return
         dirty = self.projection.apply_event(envelope, node=stored.node, at=stored.stored_at)
         if dirty:
             self.mark(dirty)

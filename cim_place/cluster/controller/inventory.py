@@ -15,7 +15,9 @@ projection (:meth:`Projection.drift`), and the memory of what it found:
    the stream sequence up to which claims are disbelieved). A controller reads the bucket before
    it replays the event store, and :meth:`InventoryCheck.believe` drops those claims during the
    replay, so a restart re-believes no forgery; a later ``ObjectStored`` (a real copy made since)
-   is believed as usual.
+   is believed as usual. The root of a claim dropped so is still marked: a leader that believed
+   the claim may have written a status showing the copy, and been stopped before it wrote
+   another (the reconcile of a CID the projection does not know removes that status).
 
 Roots the node holds that the projection does not know (an ``ObjectRemoved`` that lied, forged
 or stale) are not added back here: who-has answers only for the roots asked about. The same
@@ -102,16 +104,22 @@ class InventoryCheck:
 
     def believe(self, stored: StoredEvent) -> bool:
         """False for an ``ObjectStored`` an earlier check disproved (see the module's step 4)."""
+        return self.disproved_root(stored) is None
+
+    def disproved_root(self, stored: StoredEvent) -> Cid | None:
+        """The root of ``stored`` if it is an ``ObjectStored`` an earlier check disproved."""
         if not self._disproved:
-            return True
+            return None
         content = stored.envelope.content
         if content.type != ObjectStored.TYPE:
-            return True
+            return None
         fields = object_fields(content.body)
         if fields is None:
-            return True  # validation rejects it anyway
+            return None  # validation rejects it anyway
         upto = self._disproved.get((stored.node, fields[3]), {}).get(fields[0])
-        return upto is None or (stored.envelope.sequence or 0) > upto
+        if upto is None or (stored.envelope.sequence or 0) > upto:
+            return None
+        return fields[0]
 
     def forget_disproved(self, after_sequence: int) -> int:
         """Drop the replicas disproved at or after ``after_sequence`` from a projection just

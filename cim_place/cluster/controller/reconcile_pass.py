@@ -123,6 +123,17 @@ class ControllerReconcile(ControllerFeeds):
             previous=previous,
         )
 
+    async def _forget_status(self, cid: Cid) -> None:
+        """Remove the status of a CID the caught-up projection does not track. Its only claims
+        were disproved (a forgery an inventory check caught, replayed after a restart): a
+        leader that believed them may have written a status showing the copy, then been
+        stopped before it wrote the next; nothing else would ever correct it."""
+        assert self.locations is not None
+        if self.leads(cid) and await self.locations.get(cid) is not None:
+            await self.locations.delete(cid)
+            self.status_index.remove(to_str(cid))
+            _log.info("status of %s removed: no believed event tracks it", to_str(cid))
+
     async def reconcile_one(self, cid: Cid, *, rebalance: bool = False) -> ReconcileResult | None:
         assert self.locations is not None and self._queue is not None
         started = time.perf_counter()
@@ -132,6 +143,7 @@ class ControllerReconcile(ControllerFeeds):
         # snapshot does not have yet (taken as failed: its copy then shows as an ordinary
         # surplus replica, fetching, pinned, dropped) or a drop whose copy it still has.
         if cid not in self.projection:
+            await self._forget_status(cid)
             return None
         previous = await self.locations.get(cid)
         now = time.time()
