@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 from cim_place.cluster.nats.connection import connected, jetstream
 from cim_place.cluster.nats.subjects import HUB_DOMAIN
 from cim_place.cluster.state.locations import LocationStore
+from cim_place.local.chaos_faults import holds_whole
 from cim_place.local.chaos_report import Acked, Report
 from cim_place.local.domain import LocalDomain
 from cim_place.objectstore import cid as cids
-from cim_place.objectstore.store import ObjectStore
 
 __all__ = ["RESTART_BOUND", "SCRUB_BOUND", "RunChecks"]
 
@@ -46,9 +45,6 @@ class RunChecks:
 
     async def _get(self, acked: Acked) -> bool:
         raise NotImplementedError  # the run's: one get through the CLI, bytes compared
-
-    def _volume(self, node: str) -> Path:
-        return self.domain.volume_dir(node)
 
     async def _converge(self) -> None:
         """After the last fault: every acknowledged object placed and readable, within a bound."""
@@ -150,13 +146,4 @@ class RunChecks:
         self.report.down = down
 
     def _holds(self, node: str, cid: str) -> bool:
-        with ObjectStore(self._volume(node)) as store:
-            root = cids.parse(cid)
-            if store.pins.get(root) is None:
-                return False
-            try:
-                for _ in store.cat(root):
-                    pass
-            except Exception:
-                return False
-            return True
+        return holds_whole(self.domain, node, cids.parse(cid))

@@ -27,6 +27,7 @@ from cim_place.cluster.nats.security import agent_user
 from cim_place.cluster.nats.subjects import Subjects
 from cim_place.local.domain import LocalDomain
 from cim_place.objectstore import cid as cids
+from cim_place.objectstore import dag
 from cim_place.objectstore.cid import RAW, Cid, make_cid
 from cim_place.objectstore.store import ObjectStore
 
@@ -42,24 +43,52 @@ def leaf_url(domain: LocalDomain, node: str) -> str:
 
 
 def damage_block(domain: LocalDomain, node: str, kind: str, rng: random.Random) -> str:
-    """Flip a byte of (``corrupt-block``), or delete (``delete-block``), one block the node holds;
-    returns what was done, for the run's notes."""
+    """Flip a byte of (``corrupt-block``), or delete (``delete-block``), one block of an object
+    the node holds that another node holds whole too; returns what was done, for the run's notes.
+
+    Damage to the only copy of an object not yet copied elsewhere (an add is acknowledged once
+    one node stored it) makes its loss certain, which no replication manager can undo: the run
+    would report a loss the domain could not have prevented (seed 215673 deleted the one block
+    of an object 8 s after its add, while hub and controller kills held up its copies)."""
     with ObjectStore(domain.volume_dir(node)) as store:
-        if not store.pins.list():
+        roots = sorted(pin.root for pin in store.pins.list())
+        if not roots:
             raise RuntimeError(f"{node} holds nothing yet")
-        candidates = [c for c in store.blocks.cids() if store.blocks.has(c)]
-        if not candidates:
-            raise RuntimeError(f"{node} has no blocks")
-        block = rng.choice(candidates)
-        path = store.blocks.block_path(block)
-        if kind == "delete-block":
-            path.unlink(missing_ok=True)
-        else:
-            data = bytearray(path.read_bytes())
-            if data:
-                data[len(data) // 2] ^= 0xFF
-                path.write_bytes(bytes(data))
-        return f"{kind} on {node}: block {cids.to_str(block)}"
+        rng.shuffle(roots)
+        others = [other for other in domain.node_ids() if other != node]
+        for root in roots:
+            if not any(holds_whole(domain, other, root) for other in others):
+                continue
+            try:
+                candidates = [c for c in dag.walk_cids(store.blocks, root) if store.blocks.has(c)]
+            except Exception:
+                continue  # already damaged here
+            if not candidates:
+                continue
+            block = rng.choice(candidates)
+            path = store.blocks.block_path(block)
+            if kind == "delete-block":
+                path.unlink(missing_ok=True)
+            else:
+                data = bytearray(path.read_bytes())
+                if data:
+                    data[len(data) // 2] ^= 0xFF
+                    path.write_bytes(bytes(data))
+            return f"{kind} on {node}: block {cids.to_str(block)} of {cids.to_str(root)}"
+        raise RuntimeError(f"{node} holds no object that another node holds too")
+
+
+def holds_whole(domain: LocalDomain, node: str, root: Cid) -> bool:
+    """Whether ``node``'s volume pins ``root`` and every block of it reads back verified."""
+    with ObjectStore(domain.volume_dir(node)) as store:
+        if store.pins.get(root) is None:
+            return False
+        try:
+            for _ in store.cat(root):
+                pass
+        except Exception:
+            return False
+        return True
 
 
 def destroy_object(domain: LocalDomain, cid: str) -> None:
