@@ -97,7 +97,9 @@ class RunChecks:
                         continue
                     reported = {loc.node for loc in status.locations if loc.state == "pinned"}
                     for node in sorted(reported):
-                        if not await asyncio.to_thread(self._holds, node, acked.cid):
+                        if not await asyncio.to_thread(
+                            holds_whole, self.domain, node, cids.parse(acked.cid)
+                        ):
                             wrong.setdefault(acked.cid, []).append(node)
                 pending = [a for a in pending if a.cid in wrong]
                 if not pending or time.monotonic() > deadline:
@@ -144,6 +146,3 @@ class RunChecks:
                 break
             await asyncio.sleep(1.0)
         self.report.down = down
-
-    def _holds(self, node: str, cid: str) -> bool:
-        return holds_whole(self.domain, node, cids.parse(cid))

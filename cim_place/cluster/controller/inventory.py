@@ -13,11 +13,12 @@ projection (:meth:`Projection.drift`), and the memory of what it found:
    ``ObjectStored``): its replica is forgotten and the CID marked for reconcile.
 4. Each false claim is written to KV ``cim-place-inventory`` (key ``<node>.<volume>``: root ->
    the stream sequence up to which claims are disbelieved). A controller reads the bucket before
-   it replays the event store, and :meth:`InventoryCheck.believe` drops those claims during the
-   replay, so a restart re-believes no forgery; a later ``ObjectStored`` (a real copy made since)
-   is believed as usual. The root of a claim dropped so is still marked: a leader that believed
-   the claim may have written a status showing the copy, and been stopped before it wrote
-   another (the reconcile of a CID the projection does not know removes that status).
+   it replays the event store, and :meth:`InventoryCheck.disproved_root` names those claims
+   during the replay, which are then dropped, so a restart re-believes no forgery; a later
+   ``ObjectStored`` (a real copy made since) is believed as usual. The root of a claim
+   dropped so is still marked: a leader that believed the claim may have written a status
+   showing the copy, and been stopped before it wrote another (the reconcile of a CID the
+   projection does not know removes that status).
 
 Roots the node holds that the projection does not know (an ``ObjectRemoved`` that lied, forged
 or stale) are not added back here: who-has answers only for the roots asked about. The same
@@ -102,12 +103,9 @@ class InventoryCheck:
             if entry.value:
                 self._disproved[(node, volume)] = _decode(entry.value)
 
-    def believe(self, stored: StoredEvent) -> bool:
-        """False for an ``ObjectStored`` an earlier check disproved (see the module's step 4)."""
-        return self.disproved_root(stored) is None
-
     def disproved_root(self, stored: StoredEvent) -> Cid | None:
-        """The root of ``stored`` if it is an ``ObjectStored`` an earlier check disproved."""
+        """The root of ``stored`` if it is an ``ObjectStored`` an earlier check disproved (see
+        the module's step 4): the event is then not believed."""
         if not self._disproved:
             return None
         content = stored.envelope.content
